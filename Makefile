@@ -1,0 +1,40 @@
+# The two commands of the README: `make run` and `make test`. Both set up what they need.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= config/node.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps run test demo bench lint clean
+
+setup: system-deps $(STAMP)
+
+system-deps:
+	@scripts/install-system-deps.sh $(SYSTEM_DEPS_FLAGS)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+run: setup
+	$(BIN)/dicom-node serve --config $(CONFIG)
+
+test: SYSTEM_DEPS_FLAGS = --test
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/python scripts/demo.py
+
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+lint: setup
+	$(BIN)/ruff check ai dicom_node training tests bench scripts
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

@@ -1,0 +1,119 @@
+"""MONAI classification networks by name, as a bundle's ``network`` section names them.
+
+Only ``monai.networks.nets`` (no torchvision). Each entry also knows its default Grad-CAM
+target layer: the last spatial feature map before global pooling, after its activation
+(the layer names are MONAI's own module paths, checked against MONAI 1.6).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from monai.networks import nets
+from torch import nn
+
+from ai.types import BundleError
+
+logger = logging.getLogger(__name__)
+
+
+class BuiltNetwork(NamedTuple):
+    """A freshly built network and the module name Grad-CAM should hook by default."""
+
+    module: nn.Module
+    gradcam_layer: str
+
+
+@dataclass(frozen=True)
+class _Entry:
+    factory: Callable[..., nn.Module]
+    gradcam_layer: str
+    fixed: Callable[[int], dict[str, Any]]  # arguments the node owns, by number of classes
+
+
+def _densenet_fixed(num_classes: int) -> dict[str, Any]:
+    return {"spatial_dims": 2, "in_channels": 1, "out_channels": num_classes}
+
+
+def _resnet_fixed(num_classes: int) -> dict[str, Any]:
+    return {"spatial_dims": 2, "n_input_channels": 1, "num_classes": num_classes}
+
+
+def _efficientnet_fixed(num_classes: int) -> dict[str, Any]:
+    return {
+        "model_name": "efficientnet-b0",
+        "spatial_dims": 2,
+        "in_channels": 1,
+        "num_classes": num_classes,
+        "pretrained": False,  # pretrained weights need a download the node must never do
+    }
+
+
+NETWORKS: dict[str, _Entry] = {
+    "densenet121": _Entry(nets.DenseNet121, "class_layers.relu", _densenet_fixed),
+    # generic DenseNet (MONAI defaults unless the bundle's args say otherwise), e.g. the
+    # small demo model: init_features=16, growth_rate=8, block_config=(2, 4, 6, 4)
+    "densenet": _Entry(nets.DenseNet, "class_layers.relu", _densenet_fixed),
+    "resnet18": _Entry(nets.resnet18, "layer4", _resnet_fixed),
+    "resnet50": _Entry(nets.resnet50, "layer4", _resnet_fixed),
+    # EfficientNet reuses one ``_swish`` module for stem and head; the Grad-CAM hook keeps
+    # the last call, which is the head's feature map.
+    "efficientnet-b0": _Entry(nets.EfficientNetBN, "_swish", _efficientnet_fixed),
+}
+
+
+def network_names() -> list[str]:
+    """Names a bundle's ``network.name`` may use."""
+    return sorted(NETWORKS)
+
+
+def default_gradcam_layer(name: str) -> str:
+    """The Grad-CAM target layer for a network name (BundleError when unknown)."""
+    return _entry(name).gradcam_layer
+
+
+def _entry(name: str) -> _Entry:
+    try:
+        return NETWORKS[name]
+    except KeyError:
+        raise BundleError(
+            f'network.name "{name}" is not supported; choose one of {network_names()}'
+        ) from None
+
+
+def build_network(
+    name: str, args: Mapping[str, Any] | None = None, *, num_classes: int
+) -> BuiltNetwork:
+    """Build ``name`` for 2-D, one-channel input and ``num_classes`` outputs.
+
+    ``args`` are the bundle's extra constructor arguments (e.g. ``block_config`` for the small
+    demo DenseNet). The spatial dimensions, input channels and number of outputs belong to
+    the node and the label list; an ``args`` entry that contradicts them is an error.
+    """
+    entry = _entry(name)
+    if num_classes < 1:
+        raise BundleError(f"num_classes must be >= 1, got {num_classes}")
+    fixed = entry.fixed(num_classes)
+    kwargs: dict[str, Any] = dict(args or {})
+    for key, value in fixed.items():
+        if key in kwargs and kwargs[key] != value:
+            raise BundleError(f'network.args.{key} = "{kwargs[key]}" conflicts with {value!r}')
+        kwargs[key] = value
+    if "block_config" in kwargs:  # JSON gives lists; MONAI wants a sequence of ints
+        kwargs["block_config"] = tuple(int(v) for v in kwargs["block_config"])
+    try:
+        module = entry.factory(**kwargs)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise BundleError(f'network "{name}" rejects args {dict(args or {})}: {exc}') from exc
+    return BuiltNetwork(module, entry.gradcam_layer)
+
+
+def find_layer(module: nn.Module, layer_name: str) -> nn.Module:
+    """The named submodule, or a BundleError naming the bad ``gradcam_layer``."""
+    for name, sub in module.named_modules():
+        if name == layer_name:
+            return sub
+    raise BundleError(f'gradcam_layer "{layer_name}" is not a module of the network')

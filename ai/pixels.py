@@ -1,0 +1,483 @@
+"""DICOM pixels to model input, with an exact mapping back to source pixels.
+
+The chain follows the DICOM grayscale pipeline (PS3.4 N.2): Modality LUT (rescale or LUT),
+then VOI (window or VOI LUT sequence; a percentile window when the image carries neither),
+then the MONOCHROME1 inversion, *after* VOI, because the window values are stated in the
+stored (not inverted) domain. The result is a display-like float image in [0, 1] that looks
+the same whatever the vendor wrote, which is what the model was trained on.
+
+Geometry: :class:`Letterbox` resizes keeping the aspect ratio and pads to a square. It keeps
+the per-axis scale it really used (``new / old`` pixels, an exact affine map in pixel-edge
+coordinates), so boxes and heatmaps land on the source pixels they came from.
+
+Only one grey frame is analysed: multi-frame images give their first frame (documented
+policy: CR/DX are single-frame; a multi-frame object is a rarity we tolerate, not reject).
+Colour images (RGB, YBR, palette) are converted to grey with ITU-R BT.601 luma weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+from ai.types import BoundingBox, PixelDataError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_PERCENTILE_WINDOW: tuple[float, float] = (0.5, 99.5)
+
+_J2K_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.4.92",
+        "1.2.840.10008.1.2.4.93",
+        "1.2.840.10008.1.2.4.201",
+        "1.2.840.10008.1.2.4.202",
+        "1.2.840.10008.1.2.4.203",
+    }
+)
+_JPEG_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.81",
+    }
+)
+# SOFn markers that carry the frame size (not DHT C4, JPG C8, DAC CC); F7 = JPEG-LS SOF55.
+_JPEG_SOF = frozenset(set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}) | {0xF7}
+_GREY = ("MONOCHROME1", "MONOCHROME2")
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
+# Elements the LUT functions read; they get a private copy because pydicom's LUT helpers
+# write some of them back (casts) and the node must not see its input datasets change.
+_VOI_KEYWORDS = (
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "SamplesPerPixel",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "ModalityLUTSequence",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+    "VOILUTSequence",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Size checks: before any decoder allocates
+
+
+def _int_attr(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    value = ds.get(keyword, default)
+    if value is None or value == "":
+        raise PixelDataError(f"Missing or empty {keyword}; cannot size the pixel data")
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise PixelDataError(f'Invalid {keyword} "{value}"') from exc
+
+
+def check_pixel_size(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """Refuse images whose one decoded frame would exceed ``max_pixels`` samples.
+
+    Checks the header (Rows x Columns x SamplesPerPixel; the message gives the decoded byte
+    size, x BitsAllocated / 8) and, for JPEG-family and JPEG 2000 syntaxes, the size the
+    codestream itself declares, because a decoder allocates by the codestream, not by the
+    DICOM header: a small header over a 60k x 60k codestream is a decompression bomb.
+
+    Returns:
+        (rows, columns) from the header.
+    """
+    if "PixelData" not in ds:
+        raise PixelDataError("Dataset has no Pixel Data (7FE0,0010)")
+    rows, cols = _int_attr(ds, "Rows"), _int_attr(ds, "Columns")
+    spp, bits = _int_attr(ds, "SamplesPerPixel", 1), _int_attr(ds, "BitsAllocated")
+    if rows <= 0 or cols <= 0 or spp not in (1, 3) or bits not in (1, 8, 16, 32, 64):
+        raise PixelDataError(
+            f"Implausible image header: Rows={rows}, Columns={cols}, "
+            f"SamplesPerPixel={spp}, BitsAllocated={bits}"
+        )
+    samples = rows * cols * spp
+    if samples > max_pixels:
+        nbytes = math.ceil(samples * bits / 8)
+        raise PixelDataError(
+            f"Image of {rows} x {cols} x {spp} samples ({nbytes} bytes decoded) exceeds "
+            f"max_pixels={max_pixels}; refusing to decode"
+        )
+    _check_codestream(ds, rows, cols, spp, max_pixels)
+    return rows, cols
+
+
+def _transfer_syntax(ds: Dataset) -> str:
+    meta = getattr(ds, "file_meta", None)
+    return str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+
+
+def _check_codestream(ds: Dataset, rows: int, cols: int, spp: int, max_pixels: int) -> None:
+    tsyntax = _transfer_syntax(ds)
+    if tsyntax not in _J2K_SYNTAXES and tsyntax not in _JPEG_SYNTAXES:
+        return
+    try:
+        fragment = next(generate_fragments(ds.PixelData))
+    except (StopIteration, ValueError, struct.error) as exc:
+        raise PixelDataError(f"Encapsulated Pixel Data has no readable fragment ({exc})") from exc
+    head = fragment[:65536]
+    size = _j2k_size(head) if tsyntax in _J2K_SYNTAXES else _jpeg_size(head)
+    if size is None:
+        logger.debug("No frame header found in the first fragment (syntax %s)", tsyntax)
+        return
+    c_rows, c_cols, c_comp = size
+    if c_rows * c_cols * c_comp > max_pixels or c_rows > rows or c_cols > cols:
+        raise PixelDataError(
+            f"Codestream declares {c_rows} x {c_cols} x {c_comp} samples but the header says "
+            f"{rows} x {cols} x {spp} (max_pixels={max_pixels}); refusing to decode"
+        )
+
+
+def _j2k_size(head: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from a JPEG 2000 SIZ marker segment (ISO 15444-1 A.5.1)."""
+    pos = head.find(b"\xff\x4f\xff\x51")
+    if pos < 0 or len(head) < pos + 40:
+        return None
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", head[pos + 8 : pos + 24])
+    (csiz,) = struct.unpack(">H", head[pos + 40 : pos + 42]) if len(head) >= pos + 42 else (1,)
+    return max(ysiz - yosiz, 0), max(xsiz - xosiz, 0), csiz
+
+
+def _jpeg_size(head: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from the first SOFn segment of a JPEG / JPEG-LS stream."""
+    if head[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(head):
+        if head[pos] != 0xFF:
+            return None
+        marker = head[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        (length,) = struct.unpack(">H", head[pos + 2 : pos + 4])
+        if marker in _JPEG_SOF:
+            if pos + 10 > len(head):
+                return None
+            y, x = struct.unpack(">HH", head[pos + 5 : pos + 9])
+            return y, x, head[pos + 9]
+        pos += 2 + length
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding and the grayscale pipeline
+
+
+def decode_frame(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode the first frame as stored (after colour conversion to RGB where applicable)."""
+    check_pixel_size(ds, max_pixels)
+    try:
+        arr = pydicom.pixels.pixel_array(ds, index=0)
+    except Exception as exc:  # decoders raise anything from ValueError to RuntimeError
+        tsyntax = _transfer_syntax(ds) or "unknown"
+        raise PixelDataError(
+            f"Cannot decode Pixel Data (transfer syntax {tsyntax}): {type(exc).__name__}: {exc}"
+        ) from exc
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        logger.info("Multi-frame image: analysing its first frame only")
+    return arr
+
+
+def _lut_view(ds: Dataset) -> Dataset:
+    """A private copy of the attributes pydicom's LUT helpers read (and sometimes write)."""
+    view = Dataset()
+    for keyword in _VOI_KEYWORDS:
+        if keyword in ds:
+            view[keyword] = copy.deepcopy(ds[keyword])
+    if getattr(ds, "file_meta", None) is not None:
+        view.file_meta = ds.file_meta
+    implicit, little = ds.original_encoding
+    if little is None and getattr(ds, "file_meta", None) is None:
+        implicit, little = False, True
+    view.set_original_encoding(implicit, little, ds.original_character_set)
+    return view
+
+
+def _to_grey(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric in _GREY:
+        if arr.ndim != 2:
+            raise PixelDataError(f"Expected one grey frame, got an array of shape {arr.shape}")
+        return arr
+    if photometric not in _COLOUR:
+        raise PixelDataError(f'Photometric Interpretation "{photometric}" is not supported')
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise PixelDataError(f"Expected an RGB frame, got an array of shape {arr.shape}")
+    weights = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+    return arr.astype(np.float32) @ weights
+
+
+def _has_voi(view: Dataset) -> bool:
+    lut = view.get("VOILUTSequence")
+    if lut and lut[0].get("LUTDescriptor") is not None and lut[0].get("LUTData") is not None:
+        return True
+    return view.get("WindowCenter") is not None and view.get("WindowWidth") is not None
+
+
+def _voi_output_range(view: Dataset) -> tuple[float, float]:
+    """The output range of the VOI transform, probed through the same pydicom function.
+
+    A window maps onto [y_min, y_max] (clipped at both ends), so the two extremes give it
+    exactly; a LUT maps onto its entries, so the whole input domain of the LUT gives them.
+    """
+    lut = view.get("VOILUTSequence")
+    if lut and lut[0].get("LUTDescriptor") is not None:
+        entries, first, _ = (int(v) for v in lut[0].LUTDescriptor)
+        probe = np.arange(first - 1, first + (entries or 65536) + 1, dtype=np.int64)
+    else:
+        probe = np.asarray([-1e30, 1e30], dtype=np.float64)
+    out = apply_voi_lut(probe, view).astype(np.float64)
+    return float(out.min()), float(out.max())
+
+
+def _percentile_window(arr: np.ndarray, window: Sequence[float]) -> tuple[float, float]:
+    """Percentile window on a strided sample: the same figure to 3 digits, ten times faster."""
+    step = max(1, int(math.sqrt(arr.size / 250_000)))
+    sample = arr[::step, ::step]
+    lo, hi = np.percentile(sample, [float(window[0]), float(window[1])])
+    if hi <= lo:  # flat image: avoid dividing by zero, keep it mid-grey-free (all zero)
+        hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+def _scale(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    out = (arr.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _apply_grey_pipeline(
+    arr: np.ndarray, ds: Dataset, percentile_window: Sequence[float]
+) -> np.ndarray:
+    view = _lut_view(ds)
+    arr = apply_modality_lut(arr, view)
+    if _has_voi(view):
+        try:
+            if view.get("VOILUTSequence") and arr.dtype.kind == "f":
+                arr = np.rint(arr).astype(np.int64)  # a LUT is indexed by integers
+            voi = apply_voi_lut(arr, view)
+            lo, hi = _voi_output_range(view)
+            if hi > lo:
+                return _scale(voi, lo, hi)
+            logger.warning("VOI transform has an empty output range; using a percentile window")
+        except (ValueError, NotImplementedError, AttributeError, IndexError, TypeError) as exc:
+            logger.warning("Unusable VOI attributes (%s); using a percentile window", exc)
+    return _scale(arr, *_percentile_window(arr, percentile_window))
+
+
+def load_display_image(
+    ds: Dataset,
+    *,
+    percentile_window: Sequence[float] = DEFAULT_PERCENTILE_WINDOW,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """The image as a radiologist would first see it: float32 (Rows, Columns) in [0, 1].
+
+    Bright = dense (bone white) whatever the photometric interpretation. Invalid VOI
+    attributes fall back to the percentile window with a warning rather than failing,
+    because a wrong window is a display problem, not a reason to drop a study.
+
+    Raises:
+        PixelDataError: too large, undecodable, or not a single grey/colour frame.
+    """
+    arr = decode_frame(ds, max_pixels)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    grey = _to_grey(arr, ds)
+    if photometric in _GREY:
+        out = _apply_grey_pipeline(grey, ds, percentile_window)
+    else:  # colour images carry no grayscale LUTs: they are presentation values already
+        out = _scale(grey, *_percentile_window(grey, percentile_window))
+    if photometric == "MONOCHROME1":
+        out = np.subtract(1.0, out, out=out)
+    return out
+
+
+def apply_clahe(image: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 8) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of a [0, 1] float image (16-bit)."""
+    as16 = np.round(np.clip(image, 0.0, 1.0) * 65535.0).astype(np.uint16)
+    clahe = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(tile_grid, tile_grid))
+    return clahe.apply(as16).astype(np.float32) / np.float32(65535.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Aspect-preserving resize of a (height, width) source into a ``size`` square.
+
+    The content occupies columns ``[offset_x, offset_x + new_width)`` and rows
+    ``[offset_y, offset_y + new_height)`` of the model image. In pixel-edge coordinates
+    (x = column, y = row, (0, 0) = top-left corner of the top-left pixel) the map is
+    ``x_model = x_src * scale_x + offset_x`` (same for y), exactly what ``cv2.resize`` does
+    (half-pixel centres), so a round trip is exact up to float rounding.
+    """
+
+    height: int
+    width: int
+    size: int
+
+    def __post_init__(self) -> None:
+        if self.height <= 0 or self.width <= 0 or self.size <= 0:
+            raise ValueError(f"Letterbox needs positive sizes, got {self!r}")
+
+    @property
+    def new_height(self) -> int:
+        return max(1, min(self.size, round(self.height * self.size / max(self.height, self.width))))
+
+    @property
+    def new_width(self) -> int:
+        return max(1, min(self.size, round(self.width * self.size / max(self.height, self.width))))
+
+    @property
+    def scale_x(self) -> float:
+        return self.new_width / self.width
+
+    @property
+    def scale_y(self) -> float:
+        return self.new_height / self.height
+
+    @property
+    def scale(self) -> float:
+        """Nominal scale (model pixels per source pixel) of the longer side."""
+        return self.size / max(self.height, self.width)
+
+    @property
+    def offset_x(self) -> int:
+        return (self.size - self.new_width) // 2
+
+    @property
+    def offset_y(self) -> int:
+        return (self.size - self.new_height) // 2
+
+    def to_model(self, x: float, y: float) -> tuple[float, float]:
+        """Source point (column, row) -> model point."""
+        return x * self.scale_x + self.offset_x, y * self.scale_y + self.offset_y
+
+    def to_source(self, x: float, y: float) -> tuple[float, float]:
+        """Model point (column, row) -> source point (may lie outside for padding points)."""
+        return (x - self.offset_x) / self.scale_x, (y - self.offset_y) / self.scale_y
+
+    def box_to_source(self, box: Sequence[float] | BoundingBox) -> BoundingBox | None:
+        """Model box (x0, y0, x1, y1) -> source box clipped to the image.
+
+        Returns None when nothing of the box lies on the image (all in the padding).
+        """
+        if isinstance(box, BoundingBox):
+            box = (box.x0, box.y0, box.x1, box.y1)
+        x0, y0 = self.to_source(box[0], box[1])
+        x1, y1 = self.to_source(box[2], box[3])
+        x0, x1 = max(0.0, min(x0, x1)), min(float(self.width), max(x0, x1))
+        y0, y1 = max(0.0, min(y0, y1)), min(float(self.height), max(y0, y1))
+        if x1 <= x0 or y1 <= y0:
+            return None
+        return BoundingBox(x0, y0, x1, y1)
+
+    def resize_content(self, image: np.ndarray) -> np.ndarray:
+        """Resize a (height, width) image to (new_height, new_width) float32, anti-aliased."""
+        if image.shape[:2] != (self.height, self.width):
+            raise ValueError(f"Image shape {image.shape} does not match {self!r}")
+        shrinking = self.new_width < self.width or self.new_height < self.height
+        return cv2.resize(
+            np.ascontiguousarray(image, dtype=np.float32),
+            (self.new_width, self.new_height),
+            interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR,
+        )
+
+    def pad(self, content: np.ndarray, pad_value: float = 0.0) -> np.ndarray:
+        """Place a (new_height, new_width) content image into the (size, size) square."""
+        out = np.full((self.size, self.size), pad_value, dtype=np.float32)
+        self.crop(out)[...] = content
+        return out
+
+    def apply(self, image: np.ndarray, pad_value: float = 0.0) -> np.ndarray:
+        """Resize a (height, width) image into the model square (float32)."""
+        return self.pad(self.resize_content(image), pad_value)
+
+    def crop(self, model_image: np.ndarray) -> np.ndarray:
+        """The content part (new_height, new_width) of a model-space image."""
+        if model_image.shape[-2:] != (self.size, self.size):
+            raise ValueError(f"Expected a ({self.size}, {self.size}) map, got {model_image.shape}")
+        return model_image[
+            ..., self.offset_y : self.offset_y + self.new_height,
+            self.offset_x : self.offset_x + self.new_width,
+        ]  # fmt: skip
+
+    def heatmap_to_source(self, hm_model: np.ndarray) -> np.ndarray:
+        """A (size, size) model-space map -> (height, width) float32 at source resolution."""
+        content = np.ascontiguousarray(self.crop(hm_model), dtype=np.float32)
+        return cv2.resize(content, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole chain
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    """How a bundle wants its input: from ``metadata.input`` plus the node's size limit."""
+
+    size: int = 224
+    clahe: bool = False
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: int = 8
+    percentile_window: tuple[float, float] = DEFAULT_PERCENTILE_WINDOW
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        lo, hi = self.percentile_window
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(f"percentile_window must be 0 <= lo < hi <= 100, got {lo, hi}")
+        if self.size < 16:
+            raise ValueError(f"size must be >= 16, got {self.size}")
+
+
+def preprocess_image(image: np.ndarray, params: PreprocessParams) -> tuple[np.ndarray, Letterbox]:
+    """A display image (H, W) in [0, 1] -> model input (1, size, size) and its geometry.
+
+    Training renders phantoms straight to display images and calls this, so the node and
+    training share every step after decoding.
+    """
+    box = Letterbox(int(image.shape[0]), int(image.shape[1]), params.size)
+    content = box.resize_content(image)
+    if params.clahe:  # on the content only, so the padding does not skew the tiles
+        content = apply_clahe(content, params.clahe_clip_limit, params.clahe_tile_grid)
+    return box.pad(content)[np.newaxis], box
+
+
+def preprocess(ds: Dataset, params: PreprocessParams | None = None) -> tuple[np.ndarray, Letterbox]:
+    """DICOM dataset -> (float32 (1, size, size) model input, :class:`Letterbox`)."""
+    params = params or PreprocessParams()
+    image = load_display_image(
+        ds, percentile_window=params.percentile_window, max_pixels=params.max_pixels
+    )
+    return preprocess_image(image, params)

@@ -1,0 +1,122 @@
+"""The narrow, typed interface between the DICOM service and the models.
+
+``dicom_node`` hands :func:`ai.inference.Analyzer.analyze` pydicom datasets and gets back
+:class:`ImageResult` objects: plain Python and NumPy, no tensors. Every coordinate in here
+is in *source* pixel space of the analysed image: ``x`` = column, ``y`` = row, origin at the
+top-left corner of the top-left pixel, so a box ``(0, 0, Columns, Rows)`` covers the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class AnalysisError(Exception):
+    """The model side could not analyse an input (bad pixels, unsupported bundle, ...)."""
+
+
+class BundleError(AnalysisError, ValueError):
+    """A model bundle is missing, malformed or inconsistent."""
+
+
+class PixelDataError(AnalysisError, ValueError):
+    """An image cannot be turned into model input (undecodable, too large, ...)."""
+
+
+@dataclass(frozen=True)
+class CodedConcept:
+    """A code triplet as DICOM uses it (CodeValue, CodingSchemeDesignator, CodeMeaning)."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Who produced a finding: the model bundle, as the SR device observer shows it."""
+
+    name: str
+    version: str
+    device_uid: str
+    task: str  # "classification" or "detection"
+    manufacturer: str = "CXR AI node"
+    demo: bool = False  # True for the phantom-trained demo bundles: never clinical
+
+    @property
+    def display_name(self) -> str:
+        suffix = " (DEMO, not for clinical use)" if self.demo else ""
+        return f"{self.name} {self.version}{suffix}"
+
+
+@dataclass(frozen=True)
+class BoundingBox:
+    """Axis-aligned box in source pixel coordinates (x = column, y = row), x0 < x1, y0 < y1."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    def __post_init__(self) -> None:
+        if not (self.x1 > self.x0 and self.y1 > self.y0):
+            raise ValueError(f"Degenerate box {self!r}: need x0 < x1 and y0 < y1")
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return ((self.x0 + self.x1) / 2.0, (self.y0 + self.y1) / 2.0)
+
+    def polyline(self) -> list[tuple[float, float]]:
+        """Closed 5-point polyline (column, row) as SR SCOORD and GSPS graphics need."""
+        return [
+            (self.x0, self.y0),
+            (self.x1, self.y0),
+            (self.x1, self.y1),
+            (self.x0, self.y1),
+            (self.x0, self.y0),
+        ]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One label's result on one image.
+
+    ``probability`` is the model's calibrated score in [0, 1]; ``positive`` is
+    ``probability >= threshold`` with the bundle's operating threshold. Classification
+    findings carry no box unless Grad-CAM localised one; detection findings always do.
+    """
+
+    label: str
+    concept: CodedConcept
+    probability: float
+    threshold: float
+    positive: bool
+    model: ModelIdentity
+    box: BoundingBox | None = None
+
+
+@dataclass
+class ImageResult:
+    """Everything the models say about one source image.
+
+    ``heatmap``: float32 array of shape (rows, columns) in [0, 1] at *source* resolution
+    (the Grad-CAM of the positive findings, max-combined), or None when no finding is positive
+    or no model produced one.
+    """
+
+    sop_instance_uid: str
+    rows: int
+    columns: int
+    findings: list[Finding] = field(default_factory=list)
+    heatmap: np.ndarray | None = None
+    models: list[ModelIdentity] = field(default_factory=list)
+
+    @property
+    def positive_findings(self) -> list[Finding]:
+        return [f for f in self.findings if f.positive]
+
+    @property
+    def abnormal(self) -> bool:
+        return any(f.positive for f in self.findings)

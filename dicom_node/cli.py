@@ -1,0 +1,227 @@
+"""``dicom-node``: serve, inspect and operate the node.
+
+Errors end as a one-line message on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from dicom_node import db
+from dicom_node.config import ConfigError, Destination, Settings, load_settings
+from dicom_node.errors import NodeError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path("config/node.yaml")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML settings file (default: config/node.yaml when present)")
+    p.add_argument("--data-dir", type=Path, help="override storage.data_dir")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dicom-node", description="Chest X-ray AI DICOM node: receives CR/DX images, "
+        "returns SR, secondary-capture overlay and GSPS into the same study.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the node (DICOM listener, workers, sender, web)")
+    _add_common(p)
+    p.add_argument("--port", type=int, help="override dicom.port")
+    p.add_argument("--ae-title", help="override dicom.ae_title")
+    p.add_argument("--host", help="override dicom.host (bind address)")
+    p.add_argument("--destination", action="append", default=[], metavar="AE@HOST:PORT",
+                   help="add a destination for results (repeatable)")
+    p.add_argument("--web-port", type=int, help="override web.port")
+
+    p = sub.add_parser("check-config", help="validate the configuration and print it")
+    _add_common(p)
+
+    p = sub.add_parser("status", help="counts of instances, studies, jobs and deliveries")
+    _add_common(p)
+
+    p = sub.add_parser("studies", help="list studies with their state")
+    _add_common(p)
+    p.add_argument("--state", help="only studies in this state")
+    p.add_argument("--limit", type=int, default=50)
+
+    p = sub.add_parser("results", help="list result objects (SR, SC, GSPS)")
+    _add_common(p)
+    p.add_argument("--study", help="only this Study Instance UID")
+
+    p = sub.add_parser("export", help="copy result objects into a folder")
+    _add_common(p)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--study", help="only this Study Instance UID")
+
+    p = sub.add_parser("deliveries", help="list deliveries (default: not yet sent)")
+    _add_common(p)
+    p.add_argument("--state", default=None, help="pending, sending, sent or dead")
+
+    p = sub.add_parser("resubmit", help="put dead deliveries back in the queue")
+    _add_common(p)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--all", action="store_true", help="every dead delivery")
+    g.add_argument("--id", type=int, action="append", help="a delivery id (repeatable)")
+    p.add_argument("--destination", help="only deliveries to AE@HOST:PORT")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    config = args.config
+    if config is None and DEFAULT_CONFIG.exists():
+        config = DEFAULT_CONFIG
+    overrides: dict[str, Any] = {}
+    if getattr(args, "data_dir", None):
+        overrides["storage.data_dir"] = str(args.data_dir)
+    if getattr(args, "log_level", None):
+        overrides["logging.level"] = args.log_level
+    for key, attr in (("dicom.port", "port"), ("dicom.ae_title", "ae_title"),
+                      ("dicom.host", "host"), ("web.port", "web_port")):
+        if getattr(args, attr, None) is not None:
+            overrides[key] = getattr(args, attr)
+    settings = load_settings(config, overrides=overrides)
+    extra = [Destination.parse(d) for d in getattr(args, "destination", []) or []]
+    if extra:
+        settings = settings.model_copy(update={"destinations": [*settings.destinations, *extra]})
+    return settings
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level),
+                        format="%(asctime)s %(levelname)-7s %(name)s [%(threadName)s] %(message)s")
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, getattr(logging, level)))
+
+
+def _rows(settings: Settings, query: Any) -> list[Any]:
+    engine = db.make_engine(settings.database_url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(query).all()
+    finally:
+        engine.dispose()
+
+
+def _print_table(rows: list[Any], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(getattr(r, c))) for r in rows)) if rows else len(c)
+              for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in rows:
+        print("  ".join(_fmt(getattr(r, c)).ljust(w) for c, w in zip(columns, widths,
+                                                                       strict=True)))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float) and value > 1e9:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    return "" if value is None else str(value)
+
+
+def cmd_serve(settings: Settings) -> int:
+    from dicom_node.service import Node, run_forever
+
+    run_forever(Node(settings))
+    return 0
+
+
+def cmd_status(settings: Settings) -> int:
+    out: dict[str, dict[str, int]] = {}
+    for name, table in (("studies", db.studies), ("jobs", db.jobs),
+                        ("deliveries", db.deliveries)):
+        rows = _rows(settings, select(table.c.state, func.count()).group_by(table.c.state))
+        out[name] = {r[0]: r[1] for r in rows}
+    rows = _rows(settings, select(db.instances.c.analysis_state, func.count())
+                 .group_by(db.instances.c.analysis_state))
+    out["instances"] = {r[0]: r[1] for r in rows}
+    out["quarantine"] = {"count": _rows(settings, select(func.count())
+                                        .select_from(db.quarantine))[0][0]}
+    print(json.dumps(out, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
+    q = select(db.studies).order_by(db.studies.c.last_received_at.desc()).limit(args.limit)
+    if args.state:
+        q = q.where(db.studies.c.state == args.state)
+    _print_table(_rows(settings, q), ["study_uid", "state", "reason", "last_received_at"])
+    return 0
+
+
+def _results_query(study: str | None) -> Any:
+    q = select(db.outputs).order_by(db.outputs.c.id)
+    return q.where(db.outputs.c.study_uid == study) if study else q
+
+
+def cmd_results(settings: Settings, args: argparse.Namespace) -> int:
+    _print_table(_rows(settings, _results_query(args.study)),
+                 ["id", "kind", "study_uid", "sop_instance_uid", "created_at"])
+    return 0
+
+
+def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    rows = _rows(settings, _results_query(args.study))
+    args.out.mkdir(parents=True, exist_ok=True)
+    spool_root = settings.storage.data_dir / "spool"
+    for r in rows:
+        shutil.copyfile(spool_root / r.path, args.out / f"{r.kind}_{r.sop_instance_uid}.dcm")
+    print(f"exported {len(rows)} result object(s) to {args.out}")
+    return 0
+
+
+def cmd_deliveries(settings: Settings, args: argparse.Namespace) -> int:
+    q = select(db.deliveries).order_by(db.deliveries.c.id)
+    q = q.where(db.deliveries.c.state == args.state) if args.state else q.where(
+        db.deliveries.c.state != "sent")
+    _print_table(_rows(settings, q), ["id", "destination", "state", "attempts", "last_error"])
+    return 0
+
+
+def cmd_resubmit(settings: Settings, args: argparse.Namespace) -> int:
+    from dicom_node.sender import resubmit
+
+    engine = db.make_engine(settings.database_url)
+    try:
+        n = resubmit(engine, delivery_ids=None if args.all else args.id,
+                     destination=args.destination)
+    finally:
+        engine.dispose()
+    print(f"resubmitted {n} dead deliver{'y' if n == 1 else 'ies'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        configure_logging(settings.logging.level)
+        if args.command == "serve":
+            return cmd_serve(settings)
+        if args.command == "check-config":
+            print(json.dumps(settings.model_dump(mode="json"), indent=2))
+            return 0
+        if args.command == "status":
+            return cmd_status(settings)
+        handlers = {"studies": cmd_studies, "results": cmd_results, "export": cmd_export,
+                    "deliveries": cmd_deliveries, "resubmit": cmd_resubmit}
+        return handlers[args.command](settings, args)
+    except (NodeError, ConfigError, OSError) as exc:
+        print(f"dicom-node: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

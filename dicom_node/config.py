@@ -1,0 +1,234 @@
+"""Typed node settings: loaded from YAML, overridden by environment and command line,
+validated once at start-up and passed down. Errors name the key and the bad value."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dicom_node.errors import ConfigError
+
+ENV_PREFIX = "CXR_NODE__"
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control
+
+
+def _check_ae(value: str) -> str:
+    if not _AE_RE.match(value) or not value.strip():
+        raise ValueError(f"AE title {value!r} must be 1-16 printable characters, no backslash")
+    return value.strip()
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DicomSettings(_Model):
+    ae_title: str = "CXR_AI"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_calling_aes: list[str] = Field(default_factory=list)
+    max_associations: int = Field(16, ge=1, le=1000)
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+    maximum_pdu_size: int = Field(0, ge=0)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _aes(cls, v: list[str]) -> list[str]:
+        return [_check_ae(x) for x in v]
+
+
+class StorageSettings(_Model):
+    data_dir: Path = Path("var")
+    max_instance_bytes: int = Field(512 * 1024 * 1024, gt=0)
+    min_free_bytes: int = Field(64 * 1024 * 1024, ge=0)
+
+
+class DatabaseSettings(_Model):
+    url: str | None = None  # default: sqlite:///<data_dir>/node.db
+
+
+class SelectionSettings(_Model):
+    modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+    body_parts: list[str] = Field(default_factory=lambda: ["CHEST", "THORAX", "LUNG"])
+    accept_missing_body_part: bool = True
+    view_positions: list[str] = Field(default_factory=lambda: ["PA", "AP"])
+    accept_missing_view_position: bool = True
+    min_rows: int = Field(256, ge=1)
+    min_columns: int = Field(256, ge=1)
+
+
+class StudySettings(_Model):
+    quiet_period_s: float = Field(10.0, ge=0)
+    poll_interval_s: float = Field(1.0, gt=0)
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
+
+
+class ModelSettings(_Model):
+    bundles: list[Path] = Field(default_factory=list)  # empty: the demo bundle
+    demo_dir: Path | None = None  # default: <data_dir>/models/demo
+    build_demo_if_missing: bool = True
+    device: str = "auto"
+    gradcam: bool = True
+    max_pixels: int = Field(40_000_000, gt=0)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu") and not re.match(r"^cuda(:\d+)?$", v):
+            raise ValueError(f"device {v!r} must be auto, cpu, cuda or cuda:N")
+        return v
+
+
+class WorkerSettings(_Model):
+    count: int = Field(1, ge=1, le=64)
+    lease_s: float = Field(300.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    poll_interval_s: float = Field(0.5, gt=0)
+
+
+class OutputSettingsModel(_Model):
+    sr: bool = True
+    sc: bool = True
+    gsps: bool = True
+    institution_name: str | None = None
+    heatmap_alpha: float = Field(0.35, ge=0, le=1)
+
+
+class Destination(_Model):
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = None
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+    @property
+    def name(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        """Parse ``AE@HOST:PORT`` (the ``--destination`` form)."""
+        m = re.match(r"^([^@]{1,16})@([^:]+):(\d+)$", text.strip())
+        if not m:
+            raise ConfigError(f"destination {text!r} must look like AE@HOST:PORT")
+        try:
+            return cls(ae_title=m.group(1), host=m.group(2), port=int(m.group(3)))
+        except ValidationError as exc:
+            raise ConfigError(f"destination {text!r}: {_first_error(exc)}") from exc
+
+
+class SenderSettings(_Model):
+    max_attempts: int = Field(8, ge=1)
+    backoff_initial_s: float = Field(5.0, gt=0)
+    backoff_max_s: float = Field(600.0, gt=0)
+    jitter: float = Field(0.2, ge=0, le=1)
+    timeout_s: float = Field(30.0, gt=0)
+    poll_interval_s: float = Field(0.5, gt=0)
+
+
+class WebSettings(_Model):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    token: str | None = None  # None: a random token written to <data_dir>/api-token
+
+
+class LoggingSettings(_Model):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(_Model):
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    studies: StudySettings = Field(default_factory=StudySettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    outputs: OutputSettingsModel = Field(default_factory=OutputSettingsModel)
+    destinations: list[Destination] = Field(default_factory=list)
+    sender: SenderSettings = Field(default_factory=SenderSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @model_validator(mode="after")
+    def _backoff(self) -> Settings:
+        if self.sender.backoff_max_s < self.sender.backoff_initial_s:
+            raise ValueError("sender.backoff_max_s must be >= sender.backoff_initial_s")
+        return self
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.storage.data_dir / 'node.db'}"
+
+    @property
+    def demo_bundle_dir(self) -> Path:
+        return self.models.demo_dir or (self.storage.data_dir / "models" / "demo")
+
+    @property
+    def bundle_dirs(self) -> list[Path]:
+        return list(self.models.bundles) or [self.demo_bundle_dir]
+
+
+def _first_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        parts.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(parts)
+
+
+def _set_path(tree: dict[str, Any], dotted: list[str], value: Any) -> None:
+    node = tree
+    for key in dotted[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot override {'.'.join(dotted)}: {key} is not a section")
+    node[dotted[-1]] = value
+
+
+def env_overrides(environ: dict[str, str]) -> list[tuple[list[str], Any]]:
+    """``CXR_NODE__DICOM__PORT=4242`` -> (["dicom", "port"], 4242); values parsed as YAML."""
+    out = []
+    for name, raw in sorted(environ.items()):
+        if name.startswith(ENV_PREFIX):
+            dotted = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+            out.append((dotted, yaml.safe_load(raw) if raw else raw))
+    return out
+
+
+def load_settings(
+    path: Path | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Load YAML (optional), apply environment then explicit overrides (dotted keys)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top")
+        tree = loaded or {}
+    for dotted, value in env_overrides(dict(os.environ if environ is None else environ)):
+        _set_path(tree, dotted, value)
+    for key, value in (overrides or {}).items():
+        _set_path(tree, key.split("."), value)
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {_first_error(exc)}") from exc

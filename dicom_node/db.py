@@ -1,0 +1,190 @@
+"""The node's database: SQLAlchemy Core tables and the engine.
+
+SQLite (WAL, synchronous=FULL, one writer at a time via BEGIN IMMEDIATE) is the embedded
+default; a PostgreSQL URL works unchanged (job and delivery claims use
+``FOR UPDATE SKIP LOCKED`` there). Timestamps are UNIX seconds (float, UTC).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+
+logger = logging.getLogger(__name__)
+
+metadata = MetaData()
+
+UID = String(64)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sop_instance_uid", UID, nullable=False),
+    Column("sop_class_uid", UID, nullable=False),
+    Column("study_uid", UID, nullable=False),
+    Column("series_uid", UID, nullable=True),
+    Column("transfer_syntax", UID, nullable=False),
+    Column("modality", String(16), nullable=True),
+    Column("path", Text, nullable=False),  # relative to the spool root
+    Column("size", Integer, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("calling_ae", String(16), nullable=True),
+    Column("received_at", Float, nullable=False),
+    # pending -> selected | ignored ; analysed once the job that took it is done
+    Column("analysis_state", String(16), nullable=False, default="pending"),
+    Column("reason", Text, nullable=True),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=True),
+    UniqueConstraint("sop_instance_uid", name="uq_instances_sop"),
+)
+Index("ix_instances_study", instances.c.study_uid)
+
+quarantine = Table(
+    "quarantine",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sop_instance_uid", Text, nullable=True),  # may be invalid: never used as a path
+    Column("path", Text, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("calling_ae", String(16), nullable=True),
+    Column("received_at", Float, nullable=False),
+    Column("reason", Text, nullable=False),
+)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("study_uid", UID, primary_key=True),
+    # receiving -> queued -> analysing -> done | ignored | failed
+    Column("state", String(16), nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("first_received_at", Float, nullable=False),
+    Column("last_received_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+Index("ix_studies_state", studies.c.state, studies.c.last_received_at)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid", UID, nullable=False),
+    # queued -> running -> done | failed ; running with an expired lease is claimable again
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("lease_owner", String(200), nullable=True),
+    Column("lease_expires_at", Float, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float, nullable=True),
+    Column("finished_at", Float, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("duration_s", Float, nullable=True),
+)
+Index("ix_jobs_state", jobs.c.state, jobs.c.id)
+
+findings = Table(
+    "findings",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
+    Column("sop_instance_uid", UID, nullable=False),
+    Column("label", String(64), nullable=False),
+    Column("code_value", String(64), nullable=False),
+    Column("code_scheme", String(16), nullable=False),
+    Column("code_meaning", String(64), nullable=False),
+    Column("probability", Float, nullable=False),
+    Column("threshold", Float, nullable=False),
+    Column("positive", Boolean, nullable=False),
+    Column("box_x0", Float, nullable=True),
+    Column("box_y0", Float, nullable=True),
+    Column("box_x1", Float, nullable=True),
+    Column("box_y1", Float, nullable=True),
+    Column("model_name", String(128), nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("device_uid", UID, nullable=False),
+)
+Index("ix_findings_job", findings.c.job_id)
+
+outputs = Table(
+    "outputs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
+    Column("kind", String(8), nullable=False),  # sr | sc | gsps
+    Column("sop_instance_uid", UID, nullable=False),
+    Column("sop_class_uid", UID, nullable=False),
+    Column("series_uid", UID, nullable=False),
+    Column("study_uid", UID, nullable=False),
+    Column("path", Text, nullable=False),  # relative to the outputs root
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("sop_instance_uid", name="uq_outputs_sop"),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("output_id", Integer, ForeignKey("outputs.id"), nullable=False),
+    Column("destination", String(128), nullable=False),  # AE@HOST:PORT
+    # pending -> sending -> sent | pending (retry) | dead
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("lease_expires_at", Float, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("last_status", Integer, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("sent_at", Float, nullable=True),
+    UniqueConstraint("output_id", "destination", name="uq_deliveries_output_dest"),
+)
+Index("ix_deliveries_state", deliveries.c.state, deliveries.c.next_attempt_at)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # let SQLAlchemy's "begin" event emit BEGIN
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")  # ACK only after durable: fsync every commit
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    """Create the engine and the tables (idempotent)."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    metadata.create_all(engine)
+    return engine
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"

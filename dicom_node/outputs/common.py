@@ -1,0 +1,255 @@
+"""What the three output builders share: settings, the result type, source preparation.
+
+highdicom's SR and GSPS constructors read several Type 2 patient/study attributes directly
+(``ref.PatientBirthDate`` ...), and its SR Image Library needs ``ImagerPixelSpacing`` and
+``PatientOrientation`` on CR/DX images. Real sources miss some of these (the NIH file has
+no orientation at all), so every builder works on a *copy* of the source with the gaps
+filled; the caller's dataset is never changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from ai.types import Finding, ImageResult, ModelIdentity
+from dicom_node.uids import derive_uid
+
+logger = logging.getLogger(__name__)
+
+DISCLAIMER = "AI RESULT - NOT FOR PRIMARY DIAGNOSIS"
+DEMO_BANNER = "DEMO MODEL"
+
+# Type 2 attributes (present, may be empty) that highdicom reads without a default.
+_TYPE2_DEFAULTS: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+_REQUIRED: tuple[str, ...] = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "Rows",
+    "Columns",
+)
+# Used when a projection image carries no orientation: the usual chest display (patient's
+# left to the right of the screen, feet down). Only ever written into working copies.
+DEFAULT_ORIENTATION: tuple[str, str] = ("L", "F")
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """Which objects to build and how they are labelled."""
+
+    sr: bool = True
+    sc: bool = True
+    gsps: bool = True
+    manufacturer: str = "CXR AI node"
+    institution_name: str | None = None
+    series_number_sr: int = 9901
+    series_number_sc: int = 9902
+    series_number_gsps: int = 9903
+    heatmap_alpha: float = 0.35
+    # Type 1 in the GSPS Enhanced General Equipment module: identifies this node.
+    device_serial_number: str = "1"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.heatmap_alpha <= 1.0:
+            raise ValueError(f"heatmap_alpha must be in [0, 1], got {self.heatmap_alpha!r}")
+        for name in ("series_number_sr", "series_number_sc", "series_number_gsps"):
+            value = getattr(self, name)
+            if not 0 < value < 2**31:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.manufacturer:
+            raise ValueError("manufacturer must not be empty")
+
+
+@dataclass(frozen=True)
+class OutputObject:
+    """One DICOM object ready to send."""
+
+    kind: str  # "sr" | "sc" | "gsps"
+    dataset: pydicom.Dataset
+    sop_instance_uid: str
+    sop_class_uid: str
+
+
+@dataclass
+class Source:
+    """A source image prepared for highdicom, with its result.
+
+    ``original`` is the caller's dataset (read for pixels only); ``work`` is a shallow
+    copy with missing Type 2 attributes filled; ``fabricated`` names the attributes that
+    were invented (not copied from the source) so builders can keep them out of outputs.
+    """
+
+    original: Dataset
+    work: Dataset
+    result: ImageResult
+    fabricated: set[str] = field(default_factory=set)
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.work.SOPInstanceUID)
+
+
+def software_versions(models: Sequence[ModelIdentity]) -> list[str]:
+    """SoftwareVersions values: the node first, then each model (LO, 64 chars max)."""
+    try:
+        node_version = metadata.version("cxr-ai-node")
+    except metadata.PackageNotFoundError:
+        node_version = "unknown"
+    values = [f"cxr-ai-node {node_version}"]
+    values += [f"{m.name} {m.version}"[:64] for m in models]
+    return values
+
+
+def shallow_copy(ds: Dataset) -> Dataset:
+    """A new dataset sharing the element objects, so adding elements leaves ``ds`` alone.
+
+    ``copy.copy(Dataset)`` shares the element dictionary in pydicom 3, which would leak
+    every attribute we add back into the caller's dataset.
+    """
+    copied = Dataset({elem.tag: elem for elem in ds})
+    if hasattr(ds, "file_meta"):
+        copied.file_meta = ds.file_meta
+    return copied
+
+
+def prepare_sources(items: Sequence[tuple[Dataset, ImageResult]]) -> list[Source]:
+    """Check that ``items`` form one study and return working copies of the sources."""
+    if not items:
+        raise ValueError("build_outputs() needs at least one (dataset, result) item")
+    sources = []
+    for ds, result in items:
+        missing = [kw for kw in _REQUIRED if kw not in ds]
+        if missing:
+            raise ValueError(f"Source dataset lacks required attribute(s) {missing}")
+        if str(ds.SOPInstanceUID) != result.sop_instance_uid:
+            raise ValueError(
+                f'Result for SOP Instance UID "{result.sop_instance_uid}" paired with '
+                f'dataset "{ds.SOPInstanceUID}"'
+            )
+        if (int(ds.Rows), int(ds.Columns)) != (result.rows, result.columns):
+            raise ValueError(
+                f'Result size {result.rows}x{result.columns} does not match image '
+                f'"{ds.SOPInstanceUID}" of {ds.Rows}x{ds.Columns}'
+            )
+        sources.append(_prepare(ds, result))
+    study_uids = sorted({str(s.work.StudyInstanceUID) for s in sources})
+    if len(study_uids) > 1:
+        raise ValueError(f"Items belong to more than one study: {study_uids}")
+    sop_uids = [s.sop_instance_uid for s in sources]
+    if len(set(sop_uids)) != len(sop_uids):
+        raise ValueError(f"Duplicate SOP Instance UIDs among items: {sorted(sop_uids)}")
+    return sources
+
+
+def _prepare(ds: Dataset, result: ImageResult) -> Source:
+    work = shallow_copy(ds)
+    fabricated: set[str] = set()
+    for keyword in _TYPE2_DEFAULTS:
+        if keyword not in work:
+            setattr(work, keyword, "")
+    orientation = list(work.get("PatientOrientation") or [])
+    if len(orientation) != 2 or not all(orientation):
+        work.PatientOrientation = list(DEFAULT_ORIENTATION)
+        fabricated.add("PatientOrientation")
+    if not _positive_pair(work.get("ImagerPixelSpacing")):
+        spacing = work.get("PixelSpacing")
+        if _positive_pair(spacing):
+            work.ImagerPixelSpacing = list(spacing)
+        else:
+            # Placeholder only for highdicom's Image Library; removed from the SR again.
+            work.ImagerPixelSpacing = [1, 1]
+            fabricated.add("ImagerPixelSpacing")
+    if "SamplesPerPixel" not in work:
+        work.SamplesPerPixel = 1
+    return Source(original=ds, work=work, result=result, fabricated=fabricated)
+
+
+def _positive_pair(value: object) -> bool:
+    try:
+        pair = [float(v) for v in value]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return False
+    return len(pair) == 2 and all(v > 0 for v in pair)
+
+
+def models_of(sources: Sequence[Source]) -> list[ModelIdentity]:
+    """Every model that contributed, in first-seen order (the SR's device observers)."""
+    seen: dict[str, ModelIdentity] = {}
+    for source in sources:
+        for model in [*source.result.models, *(f.model for f in source.result.findings)]:
+            seen.setdefault(model.device_uid, model)
+    return list(seen.values())
+
+
+def any_demo(sources: Sequence[Source]) -> bool:
+    return any(m.demo for m in models_of(sources))
+
+
+def finding_text(finding: Finding) -> str:
+    """Short on-image label: ``Nodule 87%``."""
+    return f"{finding.label} {finding.probability * 100:.0f}%"
+
+
+def clip_box(
+    finding: Finding, rows: int, columns: int
+) -> tuple[float, float, float, float] | None:
+    """The finding's box clipped to the image as (x0, y0, x1, y1), None if nothing is left.
+
+    Every output uses this one function so SR, GSPS and SC agree to the last digit.
+    """
+    if finding.box is None:
+        return None
+    box = finding.box
+    x0 = min(max(box.x0, 0.0), float(columns))
+    x1 = min(max(box.x1, 0.0), float(columns))
+    y0 = min(max(box.y0, 0.0), float(rows))
+    y1 = min(max(box.y1, 0.0), float(rows))
+    if x1 <= x0 or y1 <= y0:
+        logger.warning("Box of finding %r lies outside its image; reported without box",
+                       finding.label)
+        return None
+    return x0, y0, x1, y1
+
+
+def closed_polyline(x0: float, y0: float, x1: float, y1: float) -> list[tuple[float, float]]:
+    """Closed 5-point (column, row) polyline, the DICOM form of a rectangle."""
+    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]
+
+
+def series_uid(uid_seed: str, kind: str) -> str:
+    return derive_uid(uid_seed, "series", kind)
+
+
+def instance_uid(uid_seed: str, kind: str, *key: str) -> str:
+    return derive_uid(uid_seed, "instance", kind, *key)
+
+
+def tracking(uid_seed: str, source: Source, image_index: int, finding_index: int) -> tuple[str, str]:
+    """(Tracking Identifier, Tracking UID) of one finding, shared by the SR and the GSPS.
+
+    The identifier is LO in the GSPS (64 characters), so it stays short and UID-free.
+    """
+    finding = source.result.findings[finding_index]
+    text = f"{finding.label} img{image_index} #{finding_index + 1}"[:64]
+    uid = derive_uid(
+        uid_seed, "tracking", source.sop_instance_uid, finding.model.device_uid,
+        finding.label, str(finding_index),
+    )
+    return text, uid

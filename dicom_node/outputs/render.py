@@ -1,0 +1,214 @@
+"""Pixels for the secondary-capture overlay: the grey display image and what is burnt in.
+
+``render_grey`` follows the DICOM grayscale pipeline a viewer applies (PS3.4 N.2):
+modality LUT (rescale or LUT), VOI (the first window, or the VOI LUT sequence; a
+0.5-99.5 percentile window when the image has neither), then MONOCHROME1 inversion, so
+the overlay looks like the source does on a viewer. ``ai.pixels`` has its own float
+version for the model; this one produces the 8-bit image a radiologist sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi
+
+logger = logging.getLogger(__name__)
+
+HEAT_THRESHOLD = 0.2  # heat below this stays unpainted, so the anatomy stays readable
+BANNER_BACKGROUND = (150, 0, 0)
+BANNER_TEXT = (255, 255, 255)
+LABEL_BACKGROUND = (0, 0, 0)
+# Distinct, saturated box colours (RGB) that stand out on grey and on the jet heatmap.
+BOX_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (255, 255, 0),
+    (0, 255, 255),
+    (255, 0, 255),
+    (255, 128, 0),
+    (0, 255, 0),
+)
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def render_grey(ds: Dataset) -> np.ndarray:
+    """8-bit grey display rendering of a single-frame grayscale image, (rows, columns)."""
+    arr = ds.pixel_array  # fills pydicom's decode cache only, no DICOM attribute changes
+    if arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
+        arr = arr[0]  # multi-frame: the first frame is the one analysed
+    elif arr.ndim == 3:
+        arr = arr.mean(axis=-1)
+    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+    unit = _voi_unit(values, ds)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":
+        unit = 1.0 - unit
+    return np.clip(unit * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _voi_unit(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """VOI transform to [0, 1]."""
+    if "VOILUTSequence" in ds and ds.VOILUTSequence:
+        item = ds.VOILUTSequence[0]
+        out = np.asarray(apply_voi(values, ds, index=0), dtype=np.float32)
+        bits = int(item.LUTDescriptor[2])
+        top = float(2**bits - 1) if bits in range(8, 17) else float(out.max() or 1.0)
+        return np.clip(out / top, 0.0, 1.0)
+    window = _first_window(ds)
+    if window is not None:
+        center, width = window
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        return _window(values, center, width, function)
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    if hi <= lo:
+        hi = lo + 1.0
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _first_window(ds: Dataset) -> tuple[float, float] | None:
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    center, width = ds.WindowCenter, ds.WindowWidth
+    try:
+        c = float(center[0] if _is_multi(center) else center)
+        w = float(width[0] if _is_multi(width) else width)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if not (math.isfinite(c) and math.isfinite(w)) or w <= 0:
+        return None
+    return c, w
+
+
+def _is_multi(value: object) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes)
+
+
+def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """PS3.3 C.11.2.1.2 window functions, output in [0, 1]."""
+    if function == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))).astype(np.float32)
+    if function == "LINEAR_EXACT":
+        out = (values - center) / width + 0.5
+    else:  # LINEAR; width 1 degenerates to a threshold
+        out = (values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def blend_heatmap(rgb: np.ndarray, heat: np.ndarray, alpha: float) -> None:
+    """Alpha-blend a jet colour map into ``rgb`` (in place) where heat > threshold."""
+    rows, cols = rgb.shape[:2]
+    heat = np.nan_to_num(np.asarray(heat, dtype=np.float32), nan=0.0)
+    if heat.shape != (rows, cols):
+        logger.warning("Heatmap shape %s != image %s; resizing", heat.shape, (rows, cols))
+        heat = cv2.resize(heat, (cols, rows), interpolation=cv2.INTER_LINEAR)
+    heat = np.clip(heat, 0.0, 1.0)
+    mask = heat > HEAT_THRESHOLD
+    if not mask.any():
+        return
+    colour = cv2.applyColorMap((heat[mask] * 255.0).astype(np.uint8), cv2.COLORMAP_JET)
+    colour = colour.reshape(-1, 3)[:, ::-1].astype(np.float32)  # BGR -> RGB
+    base = rgb[mask].astype(np.float32)
+    rgb[mask] = np.clip(base * (1.0 - alpha) + colour * alpha + 0.5, 0, 255).astype(np.uint8)
+
+
+def line_thickness(rows: int, cols: int) -> int:
+    return max(1, round(min(rows, cols) / 500))
+
+
+def box_pixels(
+    box: tuple[float, float, float, float], rows: int, cols: int
+) -> tuple[int, int, int, int]:
+    """Inclusive pixel extent (c0, r0, c1, r1) of a box in continuous pixel coordinates.
+
+    A box edge at x lies in pixel column floor(x); the far edge x1 is exclusive, so its
+    pixel is ceil(x1) - 1. ``(0, 0, cols, rows)`` therefore outlines the image border.
+    """
+    x0, y0, x1, y1 = box
+    c0 = min(max(math.floor(x0), 0), cols - 1)
+    r0 = min(max(math.floor(y0), 0), rows - 1)
+    c1 = min(max(math.ceil(x1) - 1, c0), cols - 1)
+    r1 = min(max(math.ceil(y1) - 1, r0), rows - 1)
+    return c0, r0, c1, r1
+
+
+def draw_box(
+    rgb: np.ndarray, box: tuple[float, float, float, float], colour: tuple[int, int, int]
+) -> None:
+    """Outline drawn *inside* the box, so its outer pixels are exactly the box edges."""
+    rows, cols = rgb.shape[:2]
+    c0, r0, c1, r1 = box_pixels(box, rows, cols)
+    for i in range(line_thickness(rows, cols)):
+        if c0 + i > c1 - i or r0 + i > r1 - i:
+            break
+        cv2.rectangle(rgb, (c0 + i, r0 + i), (c1 - i, r1 - i), colour, 1, cv2.LINE_8)
+
+
+def _font_scale(text: str, max_width: float, base: float) -> tuple[float, int]:
+    scale = base
+    thickness = max(1, round(scale * 1.6))
+    (width, _), _ = cv2.getTextSize(text, _FONT, scale, thickness)
+    if width > max_width:
+        scale = max(0.25, scale * max_width / width)
+        thickness = max(1, round(scale * 1.6))
+    return scale, thickness
+
+
+def base_font_scale(rows: int, cols: int) -> float:
+    """About 1/60 of the short side in text height: readable on a 2k radiograph."""
+    return min(max(min(rows, cols) / 1100.0, 0.35), 4.0)
+
+
+def draw_label(
+    rgb: np.ndarray,
+    text: str,
+    box: tuple[float, float, float, float],
+    colour: tuple[int, int, int],
+    top_limit: int = 0,
+) -> None:
+    """Label beside the box: above it when there is room, else just inside its top edge."""
+    rows, cols = rgb.shape[:2]
+    c0, r0, _, _ = box_pixels(box, rows, cols)
+    scale, thickness = _font_scale(text, cols * 0.9, base_font_scale(rows, cols))
+    (tw, th), baseline = cv2.getTextSize(text, _FONT, scale, thickness)
+    pad = max(2, th // 4)
+    gap = line_thickness(rows, cols) + pad
+    y_base = r0 - gap - baseline
+    if y_base - th - pad < top_limit:
+        y_base = r0 + gap + th
+    x = min(max(c0, 0), max(cols - tw - pad, 0))
+    top = max(y_base - th - pad, 0)
+    bottom = min(y_base + baseline + pad // 2, rows - 1)
+    cv2.rectangle(rgb, (x, top), (min(x + tw + pad, cols - 1), bottom), LABEL_BACKGROUND, -1)
+    cv2.putText(rgb, text, (x + pad // 2, y_base), _FONT, scale, colour, thickness, cv2.LINE_AA)
+
+
+def _banner_lines(lines: Sequence[str], rows: int, cols: int) -> list[tuple]:
+    layout = []
+    for text in lines:
+        scale, thickness = _font_scale(text, cols * 0.96, base_font_scale(rows, cols))
+        (tw, th), baseline = cv2.getTextSize(text, _FONT, scale, thickness)
+        pad = max(2, th // 3)
+        layout.append((text, scale, thickness, tw, th, pad, th + baseline + 2 * pad))
+    return layout
+
+
+def banner_height(lines: Sequence[str], rows: int, cols: int) -> int:
+    """Height in pixels of the bar :func:`draw_banner` draws."""
+    return sum(entry[-1] for entry in _banner_lines(lines, rows, cols))
+
+
+def draw_banner(rgb: np.ndarray, lines: Sequence[str]) -> int:
+    """Filled bar across the top with one centred text line each; returns its height."""
+    rows, cols = rgb.shape[:2]
+    y = 0
+    for text, scale, thickness, tw, th, pad, height in _banner_lines(lines, rows, cols):
+        cv2.rectangle(rgb, (0, y), (cols - 1, min(y + height, rows) - 1), BANNER_BACKGROUND, -1)
+        x = max((cols - tw) // 2, 0)
+        cv2.putText(
+            rgb, text, (x, y + pad + th), _FONT, scale, BANNER_TEXT, thickness, cv2.LINE_AA
+        )
+        y += height
+    return y

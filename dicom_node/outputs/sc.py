@@ -1,0 +1,138 @@
+"""Secondary-capture overlay: the source as a viewer shows it, heatmap and boxes burnt in.
+
+Every viewer shows an SC, including those that ignore SR and GSPS, so this is the object
+that must carry the warning on its pixels: "AI RESULT - NOT FOR PRIMARY DIAGNOSIS" (and
+"DEMO MODEL" for the phantom-trained demo bundles), plus BurnedInAnnotation=YES.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from highdicom.sc import SCImage
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+from dicom_node.outputs import render
+from dicom_node.outputs.common import (
+    DEMO_BANNER,
+    DISCLAIMER,
+    OutputObject,
+    OutputSettings,
+    Source,
+    clip_box,
+    finding_text,
+    instance_uid,
+    series_uid,
+    software_versions,
+)
+
+logger = logging.getLogger(__name__)
+
+SERIES_DESCRIPTION = "AI overlay (CXR AI node)"
+_SOURCE_PURPOSE = ("121322", "DCM", "Source image for image processing operation")
+_LOSSY_KEYWORDS = (
+    "LossyImageCompression",
+    "LossyImageCompressionRatio",
+    "LossyImageCompressionMethod",
+)
+
+
+def build_sc(sources: Sequence[Source], settings: OutputSettings, uid_seed: str) -> list[OutputObject]:
+    """One RGB SC per source image, all in one new series."""
+    series = series_uid(uid_seed, "sc")
+    return [
+        _build_one(source, index, settings, uid_seed, series)
+        for index, source in enumerate(sources, start=1)
+    ]
+
+
+def overlay_pixels(source: Source, settings: OutputSettings) -> np.ndarray:
+    """RGB uint8 (rows, columns, 3): grey display image, heatmap, boxes, labels, banner."""
+    grey = render.render_grey(source.original)
+    rgb = np.repeat(grey[:, :, np.newaxis], 3, axis=2)
+    result = source.result
+    if result.heatmap is not None:
+        render.blend_heatmap(rgb, result.heatmap, settings.heatmap_alpha)
+    banner = [DISCLAIMER]
+    if any(m.demo for m in [*result.models, *(f.model for f in result.findings)]):
+        banner.append(DEMO_BANNER)
+    rows, cols = grey.shape
+    banner_height = render.banner_height(banner, rows, cols)  # labels stay out from under it
+    boxed = [
+        (f, box)
+        for f in result.positive_findings
+        if (box := clip_box(f, rows, cols)) is not None
+    ]
+    for index, (finding, box) in enumerate(boxed):
+        colour = render.BOX_COLOURS[index % len(render.BOX_COLOURS)]
+        render.draw_box(rgb, box, colour)
+    for index, (finding, box) in enumerate(boxed):
+        colour = render.BOX_COLOURS[index % len(render.BOX_COLOURS)]
+        render.draw_label(rgb, finding_text(finding), box, colour, top_limit=banner_height)
+    render.draw_banner(rgb, banner)
+    return rgb
+
+
+def _build_one(
+    source: Source, index: int, settings: OutputSettings, uid_seed: str, series: str
+) -> OutputObject:
+    ref = source.work
+    sop_uid = instance_uid(uid_seed, "sc", source.sop_instance_uid)
+    models = list({m.device_uid: m for m in source.result.models}.values())
+    sc = SCImage.from_ref_dataset(
+        ref_dataset=ref,
+        pixel_array=overlay_pixels(source, settings),
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=series,
+        series_number=settings.series_number_sc,
+        sop_instance_uid=sop_uid,
+        instance_number=index,
+        manufacturer=settings.manufacturer,
+        patient_orientation=tuple(ref.PatientOrientation),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=SERIES_DESCRIPTION,
+        manufacturer_model_name="CXR AI node",
+        software_versions=software_versions(models),
+        institution_name=settings.institution_name,
+    )
+    _describe(sc, source)
+    logger.debug("Built SC %s for source %s", sop_uid, source.sop_instance_uid)
+    return OutputObject("sc", sc, sop_uid, SecondaryCaptureImageStorage)
+
+
+def _describe(sc: Dataset, source: Source) -> None:
+    """Attributes highdicom leaves to us: provenance, burnt-in text, body part."""
+    ref = source.work
+    if "PatientOrientation" in source.fabricated:
+        sc.PatientOrientation = None  # Type 2C: empty rather than a guess
+    sc.ConversionType = "WSD"  # workstation: rendered by software from a source image
+    sc.BurnedInAnnotation = "YES"
+    sc.BodyPartExamined = str(ref.get("BodyPartExamined") or "CHEST")
+    if ref.get("Laterality"):
+        sc.Laterality = ref.Laterality
+    names = sorted({f"{f.model.name} {f.model.version}" for f in source.result.findings})
+    sc.DerivationDescription = (
+        "AI overlay of the source image: VOI-rendered grey image with heatmap and boxes "
+        f"of positive findings burnt in. {DISCLAIMER}."
+    )[:1024]
+    positives = ", ".join(finding_text(f) for f in source.result.positive_findings) or "none"
+    sc.ImageComments = (
+        f"{DISCLAIMER}. Models: {'; '.join(names) or 'none'}. Positive findings: {positives}."
+    )[:10240]
+    item = Dataset()
+    item.ReferencedSOPClassUID = ref.SOPClassUID
+    item.ReferencedSOPInstanceUID = ref.SOPInstanceUID
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = _SOURCE_PURPOSE
+    item.PurposeOfReferenceCodeSequence = [purpose]
+    sc.SourceImageSequence = [item]
+    if str(ref.get("LossyImageCompression", "")) == "01":
+        # Once lossy, always lossy (PS3.3 C.7.6.1.1.5): the derived image says so too.
+        for keyword in _LOSSY_KEYWORDS:
+            if keyword in ref:
+                setattr(sc, keyword, ref.get(keyword))

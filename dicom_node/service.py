@@ -1,0 +1,200 @@
+"""Wiring of the running node: listener, assembler, workers, sender (and web, scheduler).
+
+Start-up order puts the DICOM listener first: acknowledging images needs only the spool and
+the database, so a PACS can send while the model loads (or the demo bundle is built).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import Engine
+
+from ai.types import ImageResult, ModelIdentity
+from dicom_node.config import Settings
+from dicom_node.db import make_engine
+from dicom_node.errors import NodeError
+from dicom_node.ingest import Ingestor
+from dicom_node.jobs import JobQueue
+from dicom_node.outputs import OutputSettings
+from dicom_node.scp import start_scp
+from dicom_node.sender import Sender
+from dicom_node.spool import Spool
+from dicom_node.studies import StudyAssembler
+from dicom_node.worker import AnalysisWorker, Analyzer
+
+logger = logging.getLogger(__name__)
+
+
+def node_id(settings: Settings) -> str:
+    """Stable per host and data directory: the prefix of every lease this node takes."""
+    digest = hashlib.sha256(str(settings.storage.data_dir.resolve()).encode()).hexdigest()[:8]
+    return f"{socket.gethostname()}:{digest}"
+
+
+class LockedAnalyzer:
+    """Serialises calls into the model (one forward/Grad-CAM at a time per process)."""
+
+    def __init__(self, inner: Analyzer) -> None:
+        self.inner = inner
+        self._lock = threading.Lock()
+
+    @property
+    def models(self) -> list[ModelIdentity]:
+        return self.inner.models
+
+    def analyze(self, datasets: Sequence[pydicom.Dataset]) -> list[ImageResult]:
+        with self._lock:
+            return self.inner.analyze(datasets)
+
+
+def ensure_demo_bundle(settings: Settings) -> None:
+    """Build the phantom-trained demo bundle on first run, with visible progress."""
+    target = settings.demo_bundle_dir
+    if settings.models.bundles or (target / "configs" / "metadata.json").exists():
+        return
+    if not settings.models.build_demo_if_missing:
+        raise NodeError(f"demo bundle missing at {target} and models.build_demo_if_missing "
+                        "is false; configure models.bundles")
+    logger.warning("no model configured: building the DEMO bundle (phantom-trained, not for "
+                   "clinical use) into %s; this takes a few minutes once", target)
+    cmd = [sys.executable, "-m", "training", "demo-bundles", "--out", str(target)]
+    if subprocess.run(cmd, check=False).returncode != 0:
+        raise NodeError(f"building the demo bundle failed (command: {' '.join(cmd)})")
+
+
+def load_analyzer(settings: Settings) -> Analyzer:
+    from ai.inference import Analyzer as ModelAnalyzer  # heavy import: only when serving
+
+    ensure_demo_bundle(settings)
+    return LockedAnalyzer(ModelAnalyzer(settings.bundle_dirs, device=settings.models.device,
+                                        gradcam=settings.models.gradcam,
+                                        max_pixels=settings.models.max_pixels))
+
+
+def output_settings(settings: Settings) -> OutputSettings:
+    o = settings.outputs
+    return OutputSettings(sr=o.sr, sc=o.sc, gsps=o.gsps, institution_name=o.institution_name,
+                          heatmap_alpha=o.heatmap_alpha)
+
+
+class Node:
+    """The running service. ``start()`` returns once the listener is up."""
+
+    def __init__(self, settings: Settings,
+                 analyzer_factory: Callable[[Settings], Analyzer] = load_analyzer) -> None:
+        self.settings = settings
+        self.analyzer_factory = analyzer_factory
+        data_dir = settings.storage.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = make_engine(settings.database_url)
+        self.spool = Spool(data_dir / "spool", min_free_bytes=settings.storage.min_free_bytes)
+        self.ingestor = Ingestor(self.engine, self.spool,
+                                 max_instance_bytes=settings.storage.max_instance_bytes)
+        self.queue = JobQueue(self.engine, lease_s=settings.workers.lease_s,
+                              max_attempts=settings.workers.max_attempts)
+        self.assembler = StudyAssembler(self.engine, self.spool, settings.studies.selection,
+                                        settings.studies.quiet_period_s)
+        self.sender = Sender(self.engine, self.spool, settings.destinations, settings.sender,
+                             settings.dicom.ae_title)
+        self.node_id = node_id(settings)
+        self.analyzer: Analyzer | None = None
+        self.model_error: str | None = None
+        self.stop_event = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.server = None
+        self.extras: list[Callable[[], None]] = []  # stop hooks (web, scheduler)
+
+    @property
+    def ready(self) -> bool:
+        return self.server is not None and self.analyzer is not None
+
+    def start(self) -> None:
+        self.spool.clean_tmp()
+        self.queue.requeue_owned_by(self.node_id)
+        self.sender.recover()
+        self.server = start_scp(self.settings.dicom, self.ingestor)
+        self._thread("assembler", self._assembler_loop)
+        if self.settings.destinations:
+            self._thread("sender", self._sender_loop)
+        self._thread("model-loader", self._load_model_then_work)
+
+    def _thread(self, name: str, target: Callable[[], None]) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _loop(self, interval: float, step: Callable[[], object]) -> None:
+        while not self.stop_event.is_set():
+            try:
+                busy = step()
+            except Exception:  # noqa: BLE001 - a loop must survive one bad round
+                logger.exception("background step failed")
+                busy = False
+            if not busy:
+                self.stop_event.wait(interval)
+
+    def _assembler_loop(self) -> None:
+        self._loop(self.settings.studies.poll_interval_s, self.assembler.run_once)
+
+    def _sender_loop(self) -> None:
+        self._loop(self.settings.sender.poll_interval_s, self.sender.run_once)
+
+    def _load_model_then_work(self) -> None:
+        try:
+            analyzer = self.analyzer_factory(self.settings)
+        except Exception as exc:  # noqa: BLE001 - reported on /readyz and in the log
+            self.model_error = f"{type(exc).__name__}: {exc}"
+            logger.error("model could not be loaded: %s; images are still received and "
+                         "queued", self.model_error)
+            return
+        names = ", ".join(m.display_name for m in analyzer.models)
+        logger.info("models loaded: %s", names)
+        worker = AnalysisWorker(self.engine, self.spool, self.queue, analyzer,
+                                output_settings(self.settings),
+                                [d.name for d in self.settings.destinations])
+        self.analyzer = analyzer
+        for n in range(self.settings.workers.count):
+            owner = f"{self.node_id}:{os.getpid()}:{n}"
+            self._thread(f"worker-{n}", lambda o=owner: self._loop(
+                self.settings.workers.poll_interval_s, lambda: worker.process_one(o)))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        for hook in self.extras:
+            hook()
+        if self.server is not None:
+            self.server.shutdown()
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self.engine.dispose()
+
+
+def run_forever(node: Node) -> None:
+    import signal
+
+    def _stop(signum: int, _frame: object) -> None:
+        logger.info("signal %d: stopping", signum)
+        node.stop_event.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    node.start()
+    while not node.stop_event.wait(1.0):
+        pass
+    node.stop()
+
+
+def data_path(settings: Settings, *parts: str) -> Path:
+    return settings.storage.data_dir.joinpath(*parts)

@@ -1,0 +1,175 @@
+"""The analysis worker: claim a job, run the models, build SR/SC/GSPS, queue deliveries.
+
+Everything a job produces is committed in one transaction at the end, after the result
+files are on disk; output UIDs derive from the inputs and the models, so a job re-run after
+a crash rewrites the same files and the same rows instead of creating a second result set.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import pydicom
+from sqlalchemy import Engine, delete, insert, select, update
+
+from ai.types import AnalysisError, ImageResult, ModelIdentity, PixelDataError
+from dicom_node import db
+from dicom_node.jobs import ClaimedJob, JobQueue
+from dicom_node.outputs import OutputObject, OutputSettings, build_outputs
+from dicom_node.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+
+class Analyzer(Protocol):
+    """What the node needs from the model side (implemented by ``ai.inference.Analyzer``)."""
+
+    @property
+    def models(self) -> list[ModelIdentity]: ...
+
+    def analyze(self, datasets: Sequence[pydicom.Dataset]) -> list[ImageResult]: ...
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    job_id: int
+    state: str
+    outputs: int = 0
+
+
+def uid_seed(sop_uids: Sequence[str], models: Sequence[ModelIdentity]) -> str:
+    parts = sorted(sop_uids) + sorted(f"{m.name}:{m.version}:{m.device_uid}" for m in models)
+    return "|".join(parts)
+
+
+class AnalysisWorker:
+    def __init__(self, engine: Engine, spool: Spool, queue: JobQueue, analyzer: Analyzer,
+                 output_settings: OutputSettings, destinations: Sequence[str]) -> None:
+        self.engine = engine
+        self.spool = spool
+        self.queue = queue
+        self.analyzer = analyzer
+        self.output_settings = output_settings
+        self.destinations = list(destinations)
+
+    def process_one(self, owner: str) -> JobOutcome | None:
+        job = self.queue.claim(owner)
+        if job is None:
+            return None
+        started = time.monotonic()
+        try:
+            return self._run(job, started)
+        except (AnalysisError, pydicom.errors.InvalidDicomError) as exc:
+            return JobOutcome(job.id, self.queue.fail(job, f"{type(exc).__name__}: {exc}",
+                                                      permanent=True))
+        except Exception as exc:  # noqa: BLE001 - the edge: recorded, retried, never lost
+            logger.exception("job %d crashed", job.id)
+            return JobOutcome(job.id, self.queue.fail(job, f"{type(exc).__name__}: {exc}",
+                                                      permanent=False))
+
+    def _load(self, job: ClaimedJob) -> list[tuple[int, pydicom.Dataset]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(db.instances.c.id, db.instances.c.path)
+                                .where(db.instances.c.job_id == job.id)
+                                .where(db.instances.c.analysis_state.in_(("selected", "analysed")))
+                                .order_by(db.instances.c.id)).all()
+        return [(r.id, pydicom.dcmread(self.spool.path(r.path))) for r in rows]
+
+    def _analyze(self, loaded: list[tuple[int, pydicom.Dataset]]
+                 ) -> tuple[list[tuple[int, pydicom.Dataset, ImageResult]], dict[int, str]]:
+        try:
+            results = self.analyzer.analyze([ds for _, ds in loaded])
+            return [(i, ds, r) for (i, ds), r in zip(loaded, results, strict=True)], {}
+        except PixelDataError:
+            if len(loaded) == 1:
+                raise
+        good, bad = [], {}
+        for inst_id, ds in loaded:  # isolate the unreadable image(s); analyse the rest
+            try:
+                good.append((inst_id, ds, self.analyzer.analyze([ds])[0]))
+            except PixelDataError as exc:
+                bad[inst_id] = f"pixel data unusable: {exc}"
+        if not good:
+            raise PixelDataError("; ".join(bad.values()))
+        return good, bad
+
+    def _run(self, job: ClaimedJob, started: float) -> JobOutcome:
+        loaded = self._load(job)
+        if not loaded:
+            raise AnalysisError("job has no instances")
+        analysed, bad = self._analyze(loaded)
+        models = self.analyzer.models
+        seed = uid_seed([str(ds.SOPInstanceUID) for _, ds, _ in analysed], models)
+        objects = build_outputs([(ds, r) for _, ds, r in analysed], self.output_settings, seed)
+        stored = [(obj, self._write(obj)) for obj in objects]
+        self._commit(job, analysed, bad, stored, time.monotonic() - started)
+        logger.info("job %d (study %s) done: %d image(s), %d output(s) in %.2f s", job.id,
+                    job.study_uid, len(analysed), len(objects), time.monotonic() - started)
+        return JobOutcome(job.id, "done", len(objects))
+
+    def _write(self, obj: OutputObject) -> str:
+        buf = io.BytesIO()
+        pydicom.dcmwrite(buf, obj.dataset, enforce_file_format=True)
+        return self.spool.store_result(obj.sop_instance_uid, buf.getvalue()).relpath
+
+    def _commit(self, job: ClaimedJob, analysed: list[tuple[int, pydicom.Dataset, ImageResult]],
+                bad: dict[int, str], stored: list[tuple[OutputObject, str]],
+                duration: float) -> None:
+        now = time.time()
+        with self.engine.begin() as conn:
+            if not self.queue.still_owned(conn, job):
+                logger.warning("job %d lost its lease before commit; results discarded", job.id)
+                return
+            conn.execute(delete(db.findings).where(db.findings.c.job_id == job.id))
+            for _, _, result in analysed:
+                for f in result.findings:
+                    box = f.box
+                    conn.execute(insert(db.findings).values(
+                        job_id=job.id, sop_instance_uid=result.sop_instance_uid,
+                        label=f.label, code_value=f.concept.value, code_scheme=f.concept.scheme,
+                        code_meaning=f.concept.meaning, probability=float(f.probability),
+                        threshold=float(f.threshold), positive=bool(f.positive),
+                        box_x0=box.x0 if box else None, box_y0=box.y0 if box else None,
+                        box_x1=box.x1 if box else None, box_y1=box.y1 if box else None,
+                        model_name=f.model.name, model_version=f.model.version,
+                        device_uid=f.model.device_uid))
+            for obj, relpath in stored:
+                self._record_output(conn, job, obj, relpath, now)
+            for inst_id, reason in bad.items():
+                conn.execute(update(db.instances).where(db.instances.c.id == inst_id)
+                             .values(analysis_state="failed", reason=reason))
+            conn.execute(update(db.instances)
+                         .where(db.instances.c.id.in_([i for i, _, _ in analysed]))
+                         .values(analysis_state="analysed"))
+            conn.execute(update(db.jobs).where(db.jobs.c.id == job.id).values(
+                state="done", finished_at=now, lease_owner=None, lease_expires_at=None,
+                error=None, duration_s=duration))
+            conn.execute(update(db.studies).where(db.studies.c.study_uid == job.study_uid)
+                         .where(db.studies.c.state == "analysing")
+                         .values(state="done", reason=None, updated_at=now))
+
+    def _record_output(self, conn, job: ClaimedJob, obj: OutputObject,  # type: ignore[no-untyped-def]
+                       relpath: str, now: float) -> None:
+        row = conn.execute(select(db.outputs.c.id).where(
+            db.outputs.c.sop_instance_uid == obj.sop_instance_uid)).first()
+        if row is None:
+            output_id = conn.execute(insert(db.outputs).values(
+                job_id=job.id, kind=obj.kind, sop_instance_uid=obj.sop_instance_uid,
+                sop_class_uid=obj.sop_class_uid, series_uid=str(obj.dataset.SeriesInstanceUID),
+                study_uid=str(obj.dataset.StudyInstanceUID), path=relpath, created_at=now)
+            ).inserted_primary_key[0]
+        else:
+            output_id = row.id
+        for dest in self.destinations:
+            exists = conn.execute(select(db.deliveries.c.id)
+                                  .where(db.deliveries.c.output_id == output_id)
+                                  .where(db.deliveries.c.destination == dest)).first()
+            if exists is None:
+                conn.execute(insert(db.deliveries).values(
+                    output_id=output_id, destination=dest, state="pending", attempts=0,
+                    next_attempt_at=now, created_at=now))
