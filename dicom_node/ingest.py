@@ -109,8 +109,9 @@ class Ingestor:
             logger.warning("instance %s refused: %d B over the limit", rec.sop_instance_uid, size)
             return StoreStatus.OUT_OF_RESOURCES
         if not valid_uid(rec.sop_instance_uid) or not valid_uid(rec.sop_class_uid):
+            # raw body only: a file meta would have to repeat the invalid UID
             return self._quarantine(rec, "invalid SOP Instance or Class UID",
-                                    StoreStatus.CANNOT_UNDERSTAND)
+                                    StoreStatus.CANNOT_UNDERSTAND, [rec.dataset_bytes])
         lock = self._locks[hash(rec.sop_instance_uid) % len(self._locks)]
         try:
             with lock:

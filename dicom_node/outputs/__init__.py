@@ -1,0 +1,53 @@
+"""The result objects the node sends back into the analysed study: SR, SC overlay, GSPS.
+
+``build_outputs`` is the one entry point. Every UID it creates is derived from
+``uid_seed`` (the node passes the sorted input SOP Instance UIDs plus the model
+identities), so re-running a job re-creates the same objects with the same UIDs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import pydicom
+
+from ai.types import ImageResult
+from dicom_node.outputs.common import OutputObject, OutputSettings, prepare_sources
+from dicom_node.outputs.gsps import build_gsps
+from dicom_node.outputs.render import render_grey
+from dicom_node.outputs.sc import build_sc
+from dicom_node.outputs.sr import build_sr
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OutputObject", "OutputSettings", "build_outputs", "render_grey"]
+
+
+def build_outputs(
+    items: Sequence[tuple[pydicom.Dataset, ImageResult]],
+    settings: OutputSettings,
+    uid_seed: str,
+) -> list[OutputObject]:
+    """Build the enabled outputs for the analysed images of one study.
+
+    Returns the SR first, then one SC per image (in ``items`` order), then the GSPS. The
+    caller's datasets are not modified. Raises ``ValueError`` if the items span more
+    than one study, or a result does not match its dataset.
+    """
+    if not uid_seed:
+        raise ValueError("uid_seed must not be empty")
+    sources = prepare_sources(items)
+    outputs: list[OutputObject] = []
+    if settings.sr:
+        outputs.append(build_sr(sources, settings, uid_seed))
+    if settings.sc:
+        outputs.extend(build_sc(sources, settings, uid_seed))
+    if settings.gsps:
+        outputs.extend(build_gsps(sources, settings, uid_seed))
+    logger.info(
+        "Built %d output object(s) for study %s",
+        len(outputs),
+        sources[0].work.StudyInstanceUID,
+    )
+    return outputs

@@ -1,0 +1,501 @@
+"""Model bundles in the MONAI Bundle layout: ``configs/metadata.json`` + ``models/model.pt``.
+
+``metadata.json`` carries the standard MONAI keys (``version``, ``monai_version``,
+``network_data_format``, ...) so MONAI tooling recognises the bundle, plus this project's
+keys: labels with coded concepts and operating thresholds, input preprocessing, network
+name and arguments, Grad-CAM layer, device UID and the training / validation record.
+
+``model.pt`` is a plain ``state_dict`` loaded with ``weights_only=True``: a bundle from a
+PACS share must not be able to run code in the node. Its SHA-256 sits in the metadata so a
+swapped or truncated weights file is refused instead of silently changing the results.
+
+The device UID (the SR's device observer) is derived from name, version and the weights
+hash: the same bundle always reports the same UID, and a new version or new weights get a
+new one, as IHE AI Results asks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import monai
+import numpy as np
+import torch
+from pydicom.uid import UID, generate_uid
+from torch import nn
+
+from ai.codes import default_code
+from ai.networks import build_network, default_gradcam_layer, find_layer, network_names
+from ai.pixels import DEFAULT_MAX_PIXELS, PreprocessParams
+from ai.types import BundleError, CodedConcept, ModelIdentity
+
+logger = logging.getLogger(__name__)
+
+METADATA_PATH = Path("configs") / "metadata.json"
+WEIGHTS_PATH = Path("models") / "model.pt"
+MONAI_SCHEMA = (
+    "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/"
+    "0.8.1/meta_schema_20220324.json"
+)
+TASKS = ("classification", "detection")
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """One output of the model: its name, coded concept and operating threshold."""
+
+    name: str
+    code: CodedConcept
+    threshold: float = 0.5
+
+    def to_json(self) -> dict[str, Any]:
+        code = {"value": self.code.value, "scheme": self.code.scheme, "meaning": self.code.meaning}
+        return {"name": self.name, "code": code, "threshold": self.threshold}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the network expects: square size, one channel, and the preprocessing options."""
+
+    size: int = 224
+    channels: int = 1
+    clahe: bool = False
+    percentile_window: tuple[float, float] = (0.5, 99.5)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "channels": self.channels,
+            "clahe": self.clahe,
+            "percentile_window": list(self.percentile_window),
+        }
+
+    def preprocess_params(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreprocessParams:
+        return PreprocessParams(
+            size=self.size,
+            clahe=self.clahe,
+            percentile_window=self.percentile_window,
+            max_pixels=max_pixels,
+        )
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A :mod:`ai.networks` name and its extra constructor arguments."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "args": _jsonable(self.args)}
+
+
+@dataclass(frozen=True)
+class BundleMetadata:
+    """Everything the node needs to know about a model, as ``configs/metadata.json`` holds it.
+
+    ``device_uid``, ``created`` and ``weights_sha256`` may be left empty: :func:`save_bundle`
+    fills them. ``gradcam_layer`` empty means the network's default.
+    """
+
+    name: str
+    version: str
+    labels: tuple[LabelSpec, ...]
+    network: NetworkSpec
+    task: str = "classification"
+    multi_label: bool = True
+    input: InputSpec = field(default_factory=InputSpec)
+    gradcam_layer: str = ""
+    device_uid: str = ""
+    manufacturer: str = "CXR AI node"
+    demo: bool = False
+    training: dict[str, Any] = field(default_factory=dict)
+    validation_metrics: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    description: str = ""
+    authors: str = ""
+    weights_sha256: str = ""
+
+    @property
+    def label_names(self) -> list[str]:
+        return [label.name for label in self.labels]
+
+    @property
+    def target_layer(self) -> str:
+        return self.gradcam_layer or default_gradcam_layer(self.network.name)
+
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity(
+            name=self.name,
+            version=self.version,
+            device_uid=self.device_uid,
+            task=self.task,
+            manufacturer=self.manufacturer,
+            demo=self.demo,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The metadata.json document: MONAI's standard keys first, then the node's own."""
+        return {
+            "schema": MONAI_SCHEMA,
+            "version": self.version,
+            "changelog": {self.version: self.description or f"{self.name} {self.version}"},
+            "monai_version": monai.__version__,
+            "pytorch_version": torch.__version__.split("+")[0],
+            "numpy_version": np.__version__,
+            "required_packages_version": {},
+            "task": self.task,
+            "description": self.description,
+            "authors": self.authors or self.manufacturer,
+            "copyright": "",
+            "network_data_format": self._network_data_format(),
+            "name": self.name,
+            "labels": [label.to_json() for label in self.labels],
+            "multi_label": self.multi_label,
+            "input": self.input.to_json(),
+            "network": self.network.to_json(),
+            "gradcam_layer": self.target_layer,
+            "device_uid": self.device_uid,
+            "manufacturer": self.manufacturer,
+            "demo": self.demo,
+            "training": _jsonable(self.training),
+            "validation_metrics": _jsonable(self.validation_metrics),
+            "created": self.created,
+            "weights_sha256": self.weights_sha256,
+        }
+
+    def _network_data_format(self) -> dict[str, Any]:
+        size = self.input.size
+        channel_def = {str(i): label.name for i, label in enumerate(self.labels)}
+        return {
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "magnitude",
+                    "modality": "XR",
+                    "num_channels": 1,
+                    "spatial_shape": [size, size],
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": False,
+                    "channel_def": {"0": "image"},
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "probabilities",
+                    "format": "classes",
+                    "num_channels": len(self.labels),
+                    "spatial_shape": [1, len(self.labels)],
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_onehot": False,
+                    "activation": "sigmoid" if self.multi_label else "softmax",
+                    "channel_def": channel_def,
+                }
+            },
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> BundleMetadata:
+        """Parse and validate a metadata document; errors name the key and the bad value."""
+        return _parse_metadata(doc)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types only (tuples -> lists, NumPy scalars -> Python), or a BundleError."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise BundleError(f"Value {value!r} of type {type(value).__name__} cannot go into JSON")
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers: each names the key path and the bad value
+
+
+def _get(doc: Mapping[str, Any], key: str, path: str, default: Any = ...) -> Any:
+    if key in doc:
+        return doc[key]
+    if default is ...:
+        raise BundleError(f"metadata.json: missing key {path}{key}")
+    return default
+
+
+def _str(doc: Mapping[str, Any], key: str, path: str = "", default: Any = ...) -> str:
+    value = _get(doc, key, path, default)
+    if not isinstance(value, str) or (default is ... and not value.strip()):
+        raise BundleError(f'metadata.json: {path}{key} = "{value}" must be a non-empty string')
+    return value
+
+
+def _bool(doc: Mapping[str, Any], key: str, path: str = "", default: Any = ...) -> bool:
+    value = _get(doc, key, path, default)
+    if not isinstance(value, bool):
+        raise BundleError(f'metadata.json: {path}{key} = "{value}" must be true or false')
+    return value
+
+
+def _number(value: Any, where: str, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise BundleError(f'metadata.json: {where} = "{value}" must be a number in [{lo}, {hi}]')
+    return float(value)
+
+
+def _dict(doc: Mapping[str, Any], key: str, path: str = "", default: Any = ...) -> dict:
+    value = _get(doc, key, path, default)
+    if not isinstance(value, dict):
+        raise BundleError(f'metadata.json: {path}{key} = "{value}" must be an object')
+    return value
+
+
+def _parse_label(item: Any, index: int) -> LabelSpec:
+    where = f"labels[{index}]."
+    if not isinstance(item, dict):
+        raise BundleError(f'metadata.json: labels[{index}] = "{item}" must be an object')
+    name = _str(item, "name", where)
+    threshold = _number(_get(item, "threshold", where, 0.5), f"{where}threshold", 0.0, 1.0)
+    raw_code = item.get("code")
+    if raw_code is None:
+        code = default_code(name)
+        if code is None:
+            raise BundleError(
+                f'metadata.json: {where}code missing and label "{name}" has no default'
+            )
+    else:
+        if not isinstance(raw_code, dict):
+            raise BundleError(f'metadata.json: {where}code = "{raw_code}" must be an object')
+        code = CodedConcept(
+            value=_str(raw_code, "value", f"{where}code."),
+            scheme=_str(raw_code, "scheme", f"{where}code."),
+            meaning=_str(raw_code, "meaning", f"{where}code."),
+        )
+    return LabelSpec(name=name, code=code, threshold=threshold)
+
+
+def _parse_labels(doc: Mapping[str, Any]) -> tuple[LabelSpec, ...]:
+    raw = _get(doc, "labels", "")
+    if not isinstance(raw, list) or not raw:
+        raise BundleError(f'metadata.json: labels = "{raw}" must be a non-empty list')
+    labels = tuple(_parse_label(item, i) for i, item in enumerate(raw))
+    names = [label.name for label in labels]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise BundleError(f"metadata.json: labels has duplicate names {duplicates}")
+    return labels
+
+
+def _parse_input(doc: Mapping[str, Any]) -> InputSpec:
+    raw = _dict(doc, "input", "")
+    size = _get(raw, "size", "input.")
+    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 4096:
+        raise BundleError(f'metadata.json: input.size = "{size}" must be an integer in [16, 4096]')
+    channels = _get(raw, "channels", "input.", 1)
+    if channels != 1 or isinstance(channels, bool):
+        raise BundleError(f'metadata.json: input.channels = "{channels}" must be 1')
+    window = _get(raw, "percentile_window", "input.", [0.5, 99.5])
+    if not isinstance(window, list | tuple) or len(window) != 2:
+        raise BundleError(f'metadata.json: input.percentile_window = "{window}" must be [lo, hi]')
+    lo = _number(window[0], "input.percentile_window[0]", 0.0, 100.0)
+    hi = _number(window[1], "input.percentile_window[1]", 0.0, 100.0)
+    if lo >= hi:
+        raise BundleError(f'metadata.json: input.percentile_window = "{window}" needs lo < hi')
+    return InputSpec(size=size, channels=1, clahe=_bool(raw, "clahe", "input.", False),
+                     percentile_window=(lo, hi))  # fmt: skip
+
+
+def _parse_network(doc: Mapping[str, Any]) -> NetworkSpec:
+    raw = _dict(doc, "network", "")
+    name = _str(raw, "name", "network.")
+    if name not in network_names():
+        raise BundleError(f'metadata.json: network.name = "{name}" is not one of {network_names()}')
+    return NetworkSpec(name=name, args=_dict(raw, "args", "network.", {}))
+
+
+def _parse_uid(doc: Mapping[str, Any]) -> str:
+    uid = _str(doc, "device_uid", "", "")
+    if uid and not UID(uid).is_valid:
+        raise BundleError(f'metadata.json: device_uid = "{uid}" is not a valid DICOM UID')
+    return uid
+
+
+def _parse_created(doc: Mapping[str, Any]) -> str:
+    created = _str(doc, "created", "", "")
+    if created:
+        try:
+            datetime.fromisoformat(created)
+        except ValueError as exc:
+            raise BundleError(f'metadata.json: created = "{created}" is not an ISO time') from exc
+    return created
+
+
+def _parse_metadata(doc: Any) -> BundleMetadata:
+    if not isinstance(doc, dict):
+        raise BundleError("metadata.json: the document must be a JSON object")
+    task = _str(doc, "task")
+    if task not in TASKS:
+        raise BundleError(f'metadata.json: task = "{task}" must be one of {list(TASKS)}')
+    network = _parse_network(doc)
+    return BundleMetadata(
+        name=_str(doc, "name"),
+        version=_str(doc, "version"),
+        task=task,
+        labels=_parse_labels(doc),
+        multi_label=_bool(doc, "multi_label", "", True),
+        input=_parse_input(doc),
+        network=network,
+        gradcam_layer=_str(doc, "gradcam_layer", "", "") or default_gradcam_layer(network.name),
+        device_uid=_parse_uid(doc),
+        manufacturer=_str(doc, "manufacturer", "", "CXR AI node"),
+        demo=_bool(doc, "demo", "", False),
+        training=_dict(doc, "training", "", {}),
+        validation_metrics=_dict(doc, "validation_metrics", "", {}),
+        created=_parse_created(doc),
+        description=_str(doc, "description", "", ""),
+        authors=_str(doc, "authors", "", ""),
+        weights_sha256=_str(doc, "weights_sha256", "", ""),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+@dataclass
+class LoadedBundle:
+    """A validated bundle ready to run: its metadata, the network in eval mode, its identity."""
+
+    metadata: BundleMetadata
+    model: nn.Module
+    identity: ModelIdentity
+    path: Path | None = None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file and rename, so a crash never leaves half a bundle."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_model(metadata: BundleMetadata) -> nn.Module:
+    """The bundle's network, freshly initialised (weights come from :func:`load_bundle`)."""
+    if metadata.task == "detection":
+        raise BundleError(
+            f'Bundle "{metadata.name}": task "detection" is not supported yet '
+            "(RetinaNet bundles arrive in a later release)"
+        )
+    built = build_network(
+        metadata.network.name, metadata.network.args, num_classes=len(metadata.labels)
+    )
+    find_layer(built.module, metadata.target_layer)
+    return built.module
+
+
+def _load_state(model: nn.Module, state: Any, where: str) -> None:
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise BundleError(f"{where}: expected a state_dict (mapping of name -> tensor)")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BundleError(f"{where} does not fit the network: {exc}") from exc
+
+
+def save_bundle(directory: Path, metadata: BundleMetadata, model: nn.Module) -> BundleMetadata:
+    """Write ``model``'s weights and ``metadata`` as a bundle; returns the metadata written.
+
+    Fills ``weights_sha256``, ``created`` (when empty) and ``device_uid`` (when empty, derived
+    from name, version and weights). The weights are checked against a freshly built network
+    first, so a bundle that cannot load is never written.
+    """
+    directory = Path(directory)
+    metadata = BundleMetadata.from_json(metadata.to_json())  # same validation as loading
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _load_state(build_model(metadata), state, "model")
+    weights = directory / WEIGHTS_PATH
+    _atomic_write(weights, lambda fh: torch.save(state, fh))
+    sha = _sha256(weights)
+    metadata = replace(
+        metadata,
+        weights_sha256=sha,
+        created=metadata.created or datetime.now(UTC).isoformat(timespec="seconds"),
+        device_uid=metadata.device_uid
+        or generate_uid(entropy_srcs=[metadata.name, metadata.version, sha]),
+    )
+    text = json.dumps(metadata.to_json(), indent=2) + "\n"
+    _atomic_write(directory / METADATA_PATH, lambda fh: fh.write(text.encode("utf-8")))
+    logger.info("Saved bundle %s %s to %s", metadata.name, metadata.version, directory)
+    return metadata
+
+
+def read_metadata(directory: Path) -> BundleMetadata:
+    """Parse and validate ``configs/metadata.json`` of a bundle directory."""
+    path = Path(directory) / METADATA_PATH
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise BundleError(f"Bundle {directory}: missing {METADATA_PATH}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"Bundle {directory}: unreadable {METADATA_PATH}: {exc}") from exc
+    return BundleMetadata.from_json(doc)
+
+
+def load_bundle(directory: Path, *, device: str | torch.device = "cpu") -> LoadedBundle:
+    """Load and validate a bundle; the model comes back in eval mode with frozen weights."""
+    directory = Path(directory)
+    metadata = read_metadata(directory)
+    if not metadata.device_uid:
+        raise BundleError(f"Bundle {directory}: metadata.json: missing key device_uid")
+    model = build_model(metadata)
+    weights = directory / WEIGHTS_PATH
+    if not weights.is_file():
+        raise BundleError(f"Bundle {directory}: missing {WEIGHTS_PATH}")
+    if metadata.weights_sha256 and _sha256(weights) != metadata.weights_sha256:
+        raise BundleError(
+            f"Bundle {directory}: {WEIGHTS_PATH} does not match weights_sha256 "
+            f'"{metadata.weights_sha256}" (replaced or corrupted weights)'
+        )
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise BundleError(f"Bundle {directory}: cannot load {WEIGHTS_PATH}: {exc}") from exc
+    _load_state(model, state, f"Bundle {directory}: {WEIGHTS_PATH}")
+    model.eval().requires_grad_(False).to(device)
+    logger.info("Loaded bundle %s %s (%s)", metadata.name, metadata.version, metadata.device_uid)
+    return LoadedBundle(metadata, model, metadata.identity(), directory)

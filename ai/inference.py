@@ -1,0 +1,250 @@
+"""Run model bundles on DICOM datasets: the one entry point ``dicom_node`` calls.
+
+:class:`Analyzer` loads bundles once, then :meth:`Analyzer.analyze` turns pydicom datasets
+into :class:`~ai.types.ImageResult` objects (plain Python and NumPy, source pixel
+coordinates). Several bundles run on the same images and their findings are merged; each
+bundle preprocesses with its own parameters (images are decoded once per distinct set).
+
+Classification bundles give one finding per label; a positive finding gets a Grad-CAM map
+and a box around the map's largest hot region (>= half its peak), so viewers can show where.
+Detection bundles are refused with a :class:`~ai.types.BundleError` for now; the runner
+table below is where a detection runner goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from pydicom.dataset import Dataset
+
+from ai.bundle import LoadedBundle, load_bundle
+from ai.gradcam import GradCAM
+from ai.pixels import DEFAULT_MAX_PIXELS, Letterbox, PreprocessParams, preprocess
+from ai.types import AnalysisError, BundleError, Finding, ImageResult, ModelIdentity, PixelDataError
+
+logger = logging.getLogger(__name__)
+
+CAM_BOX_THRESHOLD = 0.5
+"""A positive finding's box encloses the largest region where its CAM >= this x its peak."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as torch spells it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise AnalysisError(f'device "{device}" is not a valid torch device') from exc
+
+
+def cam_box(cam: np.ndarray, rel_threshold: float = CAM_BOX_THRESHOLD) -> tuple[int, ...] | None:
+    """(x0, y0, x1, y1) pixel-edge box of the largest component of ``cam >= t * max``."""
+    peak = float(cam.max()) if cam.size else 0.0
+    if peak <= 0.0:
+        return None
+    mask = (cam >= rel_threshold * peak).astype(np.uint8)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count < 2:
+        return None
+    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    x, y, w, h = (int(v) for v in stats[best, :4])
+    return x, y, x + w, y + h
+
+
+@dataclass
+class _Prepared:
+    """One image's model input for one set of preprocessing parameters."""
+
+    tensor: np.ndarray  # (1, size, size) float32
+    letterbox: Letterbox
+
+
+@dataclass
+class _ImageOutput:
+    """What one bundle says about one image."""
+
+    findings: list[Finding]
+    heatmap: np.ndarray | None  # source resolution, or None
+
+
+class _ClassificationRunner:
+    """One classification bundle on one device, batched, optionally with Grad-CAM."""
+
+    def __init__(
+        self, bundle: LoadedBundle, device: torch.device, gradcam: bool, batch_size: int
+    ) -> None:
+        self.bundle = bundle
+        self.meta = bundle.metadata
+        self.device = device
+        self.batch_size = batch_size
+        self.thresholds = np.asarray([label.threshold for label in self.meta.labels])
+        self.cam = GradCAM(bundle.model, self.meta.target_layer) if gradcam else None
+        self._lock = threading.Lock()  # hooks and CUDA streams: one batch at a time
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return self.bundle.identity
+
+    def _probabilities(self, logits: torch.Tensor) -> np.ndarray:
+        logits = logits.detach().float()
+        probs = torch.sigmoid(logits) if self.meta.multi_label else torch.softmax(logits, 1)
+        return probs.cpu().numpy()
+
+    def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray]]:
+        if self.cam is None:
+            with torch.inference_mode():
+                return self._probabilities(self.bundle.model(batch)), {}
+        logits, activation = self.cam.forward(batch)
+        probs = self._probabilities(logits)
+        positive = probs >= self.thresholds[None, :]
+        if not positive.any():
+            return probs, {}
+        return probs, self.cam.maps(logits, activation, positive, batch.shape[2:])
+
+    def run(self, prepared: Sequence[_Prepared]) -> list[_ImageOutput]:
+        outputs: list[_ImageOutput] = []
+        for start in range(0, len(prepared), self.batch_size):
+            chunk = prepared[start : start + self.batch_size]
+            batch = torch.from_numpy(np.stack([p.tensor for p in chunk])).to(self.device)
+            with self._lock:
+                probs, cams = self._forward(batch)
+            for i, item in enumerate(chunk):
+                image_cams = {k: cam for (b, k), cam in cams.items() if b == i}
+                outputs.append(self._image_output(probs[i], image_cams, item.letterbox))
+        return outputs
+
+    def _image_output(
+        self, probs: np.ndarray, cams: dict[int, np.ndarray], letterbox: Letterbox
+    ) -> _ImageOutput:
+        findings: list[Finding] = []
+        for k, label in enumerate(self.meta.labels):
+            box = None
+            if k in cams:
+                content = np.zeros_like(cams[k])
+                letterbox.crop(content)[...] = letterbox.crop(cams[k])  # padding is not anatomy
+                model_box = cam_box(content)
+                box = letterbox.box_to_source(model_box) if model_box else None
+            findings.append(
+                Finding(
+                    label=label.name,
+                    concept=label.code,
+                    probability=float(probs[k]),
+                    threshold=label.threshold,
+                    positive=bool(probs[k] >= label.threshold),
+                    model=self.identity,
+                    box=box,
+                )
+            )
+        heatmap = None
+        if cams:
+            combined = np.max(np.stack(list(cams.values())), axis=0)
+            heatmap = np.clip(letterbox.heatmap_to_source(combined), 0.0, 1.0)
+        return _ImageOutput(findings, heatmap)
+
+
+def _make_runner(
+    bundle: LoadedBundle, device: torch.device, gradcam: bool, batch_size: int
+) -> _ClassificationRunner:
+    task = bundle.metadata.task
+    if task == "classification":
+        return _ClassificationRunner(bundle, device, gradcam, batch_size)
+    # "detection" is stopped in ai.bundle.build_model already; this guards future tasks.
+    raise BundleError(f'Bundle "{bundle.metadata.name}": task "{task}" has no runner')
+
+
+class Analyzer:
+    """Loads model bundles once and analyses chest radiographs with all of them.
+
+    Args:
+        bundle_dirs: bundle directories (MONAI layout), run in this order.
+        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda:0"``, ...
+        gradcam: compute Grad-CAM maps and boxes for positive findings.
+        max_pixels: refuse images with more samples than this (before decoding).
+        batch_size: images per forward pass.
+    """
+
+    def __init__(
+        self,
+        bundle_dirs: Sequence[Path],
+        *,
+        device: str = "auto",
+        gradcam: bool = True,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        batch_size: int = 8,
+    ) -> None:
+        if not bundle_dirs:
+            raise BundleError("Analyzer needs at least one bundle directory")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = resolve_device(device)
+        self.max_pixels = max_pixels
+        self._runners = [
+            _make_runner(load_bundle(Path(d), device=self.device), self.device, gradcam, batch_size)
+            for d in bundle_dirs
+        ]
+        uids = [r.identity.device_uid for r in self._runners]
+        if len(set(uids)) != len(uids):
+            raise BundleError(f"Two bundles share a device UID: {uids}")
+
+    @property
+    def models(self) -> list[ModelIdentity]:
+        return [runner.identity for runner in self._runners]
+
+    def _prepare(self, datasets: Sequence[Dataset], params: PreprocessParams) -> list[_Prepared]:
+        prepared = []
+        for ds in datasets:
+            try:
+                tensor, letterbox = preprocess(ds, params)
+            except PixelDataError as exc:
+                uid = ds.get("SOPInstanceUID", "unknown")
+                raise PixelDataError(f"SOP Instance {uid}: {exc}") from exc
+            prepared.append(_Prepared(tensor, letterbox))
+        return prepared
+
+    def analyze(self, datasets: Sequence[Dataset]) -> list[ImageResult]:
+        """One :class:`ImageResult` per dataset, in order; every coordinate in source pixels.
+
+        Raises:
+            PixelDataError: an image cannot be decoded or is too large (names its UID).
+        """
+        started = time.perf_counter()
+        results = [
+            ImageResult(
+                sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+                rows=int(ds.get("Rows", 0) or 0),
+                columns=int(ds.get("Columns", 0) or 0),
+                models=self.models,
+            )
+            for ds in datasets
+        ]
+        cache: dict[PreprocessParams, list[_Prepared]] = {}
+        for runner in self._runners:
+            params = runner.meta.input.preprocess_params(self.max_pixels)
+            if params not in cache:
+                cache[params] = self._prepare(datasets, params)
+            for result, output in zip(results, runner.run(cache[params]), strict=True):
+                _merge(result, output)
+        logger.debug(
+            "Analysed %d image(s) with %d bundle(s) in %.0f ms",
+            len(results), len(self._runners), 1000 * (time.perf_counter() - started),
+        )  # fmt: skip
+        return results
+
+
+def _merge(result: ImageResult, output: _ImageOutput) -> None:
+    result.findings.extend(output.findings)
+    if output.heatmap is None:
+        return
+    if result.heatmap is None:
+        result.heatmap = output.heatmap.astype(np.float32, copy=False)
+    else:
+        np.maximum(result.heatmap, output.heatmap, out=result.heatmap)

@@ -1,0 +1,111 @@
+"""Shared fixtures: free ports, real DCMTK peers, node settings on a tmp data dir."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REALDICOM = ROOT.parent / "shared" / "realdicom"
+if not REALDICOM.exists():  # CI clones next to shared/ as well; allow an override
+    REALDICOM = Path(os.environ.get("CXR_REALDICOM", "/work/shared/realdicom"))
+
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def require_tool(name: str) -> str:
+    """Tests that name a real peer fail (not skip) when it is missing: make test installs it."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists()
+                                  else None)
+    if path is None:
+        pytest.fail(f"{name} is not installed; run `make test` (it installs the Debian packages)")
+    return path
+
+
+def wait_for_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def realdicom() -> Path:
+    if not REALDICOM.exists():
+        pytest.fail(f"real DICOM folder missing: {REALDICOM}")
+    return REALDICOM
+
+
+class StoreSCP:
+    """A real DCMTK storescp destination writing what it receives to a folder."""
+
+    def __init__(self, out: Path, port: int, ae_title: str = "DEST", extra: list[str] | None = None):
+        self.out, self.port, self.ae_title = out, port, ae_title
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = [require_tool("storescp"), "-aet", ae_title, "-od", str(out), "+xa",
+               *(extra or []), str(port)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for_port(port)
+
+    @property
+    def destination(self) -> str:
+        return f"{self.ae_title}@127.0.0.1:{self.port}"
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.out.iterdir() if p.is_file())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
+    scp = StoreSCP(tmp_path / "dest", free_port())
+    yield scp
+    scp.stop()
+
+
+def storescu(port: int, files: list[Path], *, called: str = "CXR_AI", calling: str = "PACS",
+             extra: list[str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Send files with DCMTK storescu (proposing each file's own transfer syntax)."""
+    cmd = [require_tool("storescu"), "-aec", called, "-aet", calling, "-R",
+           *(extra or []), "127.0.0.1", str(port), *map(str, files)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
