@@ -103,9 +103,33 @@ def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
     scp.stop()
 
 
+_TS_FLAGS = {
+    "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.4.70": "-xs", "1.2.840.10008.1.2.4.57": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
+}
+
+
 def storescu(port: int, files: list[Path], *, called: str = "CXR_AI", calling: str = "PACS",
              extra: list[str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Send files with DCMTK storescu (proposing each file's own transfer syntax)."""
-    cmd = [require_tool("storescu"), "-aec", called, "-aet", calling, "-R",
-           *(extra or []), "127.0.0.1", str(port), *map(str, files)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    """Send files with DCMTK storescu, proposing each file's own transfer syntax.
+
+    storescu proposes one compressed syntax per run, so files are grouped by transfer
+    syntax (one association per group, as a PACS with per-syntax routing would do)."""
+    import pydicom
+
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        groups.setdefault(_TS_FLAGS.get(ts, "-xe"), []).append(f)
+    result = None
+    for flag, group in groups.items():
+        cmd = [require_tool("storescu"), "-aec", called, "-aet", calling, flag,
+               *(extra or []), "127.0.0.1", str(port), *map(str, group)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            return result
+    assert result is not None, "no files to send"
+    return result

@@ -645,3 +645,22 @@ def render_phantom(
         att, boxes, ctr = _frontal(canvas, geom, frng, wanted, mm_px)
     image = _finish(att, canvas, 0.85, rows, columns, noise, view)
     return Phantom(image, view, wanted, tuple(boxes), float(spacing), float(ctr))
+
+
+def render_ct_slice(seed: Seed, rows: int, columns: int) -> np.ndarray:
+    """A crude axial chest CT slice in Hounsfield units (int16), for "not a radiograph" tests."""
+    rng = _generators(seed)[0]
+    yy, xx = np.mgrid[0:rows, 0:columns].astype(np.float32)
+    u, v = (xx - columns / 2) / (0.42 * columns), (yy - rows * 0.52) / (0.3 * rows)
+    hu = np.full((rows, columns), -1000.0, np.float32)
+    hu[u**2 + v**2 < 1] = 40.0
+    for side in _SIDES:
+        lung = ((u - side * 0.45) / 0.35) ** 2 + ((v + 0.05) / 0.7) ** 2 < 1
+        hu[lung] = -850.0
+    hu[((u - 0.08) / 0.25) ** 2 + ((v + 0.25) / 0.35) ** 2 < 1] = 45.0  # heart
+    spine = (u / 0.1) ** 2 + ((v - 0.7) / 0.18) ** 2
+    hu[spine < 1] = 700.0
+    hu[spine < 0.5] = 250.0
+    hu[(yy > rows * 0.86) & (yy < rows * 0.89) & (np.abs(u) < 1.05)] = 300.0  # table
+    hu += rng.normal(0.0, 12.0, hu.shape).astype(np.float32)
+    return np.clip(hu, -1024, 3071).astype(np.int16)

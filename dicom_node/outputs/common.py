@@ -9,12 +9,16 @@ filled; the caller's dataset is never changed.
 
 from __future__ import annotations
 
+import copy
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from ai.types import Finding, ImageResult, ModelIdentity
@@ -37,6 +41,8 @@ _TYPE2_DEFAULTS: tuple[str, ...] = (
     "StudyTime",
     "ReferringPhysicianName",
 )
+_AGE = re.compile(r"\d{3}[DWMY]")
+_PERSON_NAMES: tuple[str, ...] = ("PatientName", "ReferringPhysicianName")
 _REQUIRED: tuple[str, ...] = (
     "StudyInstanceUID",
     "SeriesInstanceUID",
@@ -100,6 +106,7 @@ class Source:
     work: Dataset
     result: ImageResult
     fabricated: set[str] = field(default_factory=set)
+    person_names: dict[str, object] = field(default_factory=dict)
 
     @property
     def sop_instance_uid(self) -> str:
@@ -118,12 +125,13 @@ def software_versions(models: Sequence[ModelIdentity]) -> list[str]:
 
 
 def shallow_copy(ds: Dataset) -> Dataset:
-    """A new dataset sharing the element objects, so adding elements leaves ``ds`` alone.
+    """A new dataset with copied elements sharing their values (pixel data is not copied).
 
-    ``copy.copy(Dataset)`` shares the element dictionary in pydicom 3, which would leak
-    every attribute we add back into the caller's dataset.
+    ``copy.copy(Dataset)`` shares the element dictionary in pydicom 3, and setting an
+    attribute that exists assigns to the element object itself, so both the dictionary
+    and the elements must be new for edits of the copy to leave ``ds`` alone.
     """
-    copied = Dataset({elem.tag: elem for elem in ds})
+    copied = Dataset({elem.tag: copy.copy(elem) for elem in ds})
     if hasattr(ds, "file_meta"):
         copied.file_meta = ds.file_meta
     return copied
@@ -164,6 +172,10 @@ def _prepare(ds: Dataset, result: ImageResult) -> Source:
     for keyword in _TYPE2_DEFAULTS:
         if keyword not in work:
             setattr(work, keyword, "")
+    person_names = _disambiguate_person_names(work)
+    age = str(work.get("PatientAge") or "")
+    if age and not _AGE.fullmatch(age):
+        del work.PatientAge  # e.g. NIH "81": invalid AS, would make every output invalid
     orientation = list(work.get("PatientOrientation") or [])
     if len(orientation) != 2 or not all(orientation):
         work.PatientOrientation = list(DEFAULT_ORIENTATION)
@@ -178,7 +190,33 @@ def _prepare(ds: Dataset, result: ImageResult) -> Source:
             fabricated.add("ImagerPixelSpacing")
     if "SamplesPerPixel" not in work:
         work.SamplesPerPixel = 1
-    return Source(original=ds, work=work, result=result, fabricated=fabricated)
+    return Source(
+        original=ds, work=work, result=result, fabricated=fabricated, person_names=person_names
+    )
+
+
+def _disambiguate_person_names(work: Dataset) -> dict[str, object]:
+    """Add a trailing caret to single-component names; return the original values.
+
+    highdicom warns about names like "ward" and puts the name into the warning text,
+    which must never reach a log (PHI). "ward^" is the same name (PS3.5 6.2.1.2);
+    :func:`restore_person_names` puts the exact source value back into each output.
+    """
+    originals: dict[str, object] = {}
+    for keyword in _PERSON_NAMES:
+        value = work.get(keyword)
+        if value is not None and str(value) and "^" not in str(value):
+            originals[keyword] = value
+            setattr(work, keyword, f"{value}^")
+    return originals
+
+
+def restore_person_names(output: Dataset, source: Source) -> None:
+    """Give an output the exact person names of its source (see above)."""
+    for keyword, value in source.person_names.items():
+        if keyword in output:
+            # A new element: highdicom may have shared the element object with ``work``.
+            output[keyword] = DataElement(tag_for_keyword(keyword), "PN", value)
 
 
 def _positive_pair(value: object) -> bool:

@@ -46,6 +46,7 @@ from dicom_node.outputs.common import (
     finding_text,
     instance_uid,
     models_of,
+    restore_person_names,
     series_uid,
     software_versions,
     tracking,
@@ -120,6 +121,12 @@ def _build_group(
         ),
         series_description=SERIES_DESCRIPTION,
     )
+    # General Series: naming the (unpaired) body part is what makes Laterality (2C)
+    # unnecessary; copy it when the source has it anyway.
+    gsps.BodyPartExamined = str(images[0].get("BodyPartExamined") or "CHEST")
+    if images[0].get("Laterality"):
+        gsps.Laterality = images[0].Laterality
+    restore_person_names(gsps, sources[0])
     logger.debug("Built GSPS %s for %d image(s)", sop_uid, len(images))
     return OutputObject("gsps", gsps, sop_uid, GrayscaleSoftcopyPresentationStateStorage)
 

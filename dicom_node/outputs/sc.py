@@ -25,6 +25,7 @@ from dicom_node.outputs.common import (
     clip_box,
     finding_text,
     instance_uid,
+    restore_person_names,
     series_uid,
     software_versions,
 )
@@ -66,7 +67,7 @@ def overlay_pixels(source: Source, settings: OutputSettings) -> np.ndarray:
         for f in result.positive_findings
         if (box := clip_box(f, rows, cols)) is not None
     ]
-    for index, (finding, box) in enumerate(boxed):
+    for index, (_, box) in enumerate(boxed):
         colour = render.BOX_COLOURS[index % len(render.BOX_COLOURS)]
         render.draw_box(rgb, box, colour)
     for index, (finding, box) in enumerate(boxed):
@@ -101,6 +102,7 @@ def _build_one(
         institution_name=settings.institution_name,
     )
     _describe(sc, source)
+    restore_person_names(sc, source)
     logger.debug("Built SC %s for source %s", sop_uid, source.sop_instance_uid)
     return OutputObject("sc", sc, sop_uid, SecondaryCaptureImageStorage)
 

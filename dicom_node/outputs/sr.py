@@ -52,6 +52,7 @@ from dicom_node.outputs.common import (
     closed_polyline,
     instance_uid,
     models_of,
+    restore_person_names,
     series_uid,
     software_versions,
     tracking,
@@ -112,6 +113,7 @@ def build_sr(sources: Sequence[Source], settings: OutputSettings, uid_seed: str)
         manufacturer_model_name="CXR AI node",
         software_versions=software_versions(models),
     )
+    restore_person_names(sr, sources[0])
     logger.debug("Built SR %s with %d measurement groups", sop_uid, len(groups))
     return OutputObject("sr", sr, sop_uid, ComprehensiveSRStorage)
 
