@@ -138,7 +138,9 @@ def _check_codestream(ds: Dataset, rows: int, cols: int, spp: int, max_pixels: i
     if tsyntax not in _J2K_SYNTAXES and tsyntax not in _JPEG_SYNTAXES:
         return
     try:
-        fragment = next(generate_fragments(ds.PixelData))
+        fragments = generate_fragments(ds.PixelData)
+        next(fragments)  # the first item is always the Basic Offset Table (maybe empty)
+        fragment = next(fragments)
     except (StopIteration, ValueError, struct.error) as exc:
         raise PixelDataError(f"Encapsulated Pixel Data has no readable fragment ({exc})") from exc
     head = fragment[:65536]

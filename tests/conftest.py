@@ -133,3 +133,17 @@ def storescu(port: int, files: list[Path], *, called: str = "CXR_AI", calling: s
             return result
     assert result is not None, "no files to send"
     return result
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """Lines starting with ``Error`` from dicom3tools' dciodvfy (the gate for every output)."""
+    res = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True,
+                         timeout=120)
+    return [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from helpers.bundles import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny")

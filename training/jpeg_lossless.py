@@ -50,7 +50,13 @@ def encode(arr: np.ndarray, precision: int) -> bytes:
     entropy = _entropy_coded(diff.ravel(), ssss.ravel(), code_of, size_of)
     rows, cols = arr.shape
     header = _segment(DHT, bytes([0x00]) + bytes(bits[1:17]) + bytes(huffval))
-    frame = _segment(SOF3, bytes([precision]) + rows.to_bytes(2, "big") + cols.to_bytes(2, "big") + b"\x01\x01\x11\x00")
+    frame = _segment(
+        SOF3,
+        bytes([precision])
+        + rows.to_bytes(2, "big")
+        + cols.to_bytes(2, "big")
+        + b"\x01\x01\x11\x00",
+    )
     scan = _segment(SOS, bytes([1, 1, 0x00, 1, 0, 0]))
     return SOI + header + frame + scan + entropy + EOI
 
@@ -142,7 +148,9 @@ def _canonical_codes(bits: list[int], huffval: list[int]) -> tuple[np.ndarray, n
     return code_of, size_of
 
 
-def _entropy_coded(diff: np.ndarray, ssss: np.ndarray, code_of: np.ndarray, size_of: np.ndarray) -> bytes:
+def _entropy_coded(
+    diff: np.ndarray, ssss: np.ndarray, code_of: np.ndarray, size_of: np.ndarray
+) -> bytes:
     """Huffman codes plus extra bits, packed MSB first, padded with 1s, 0xFF-stuffed."""
     extra_len = np.where(ssss == 16, 0, ssss)
     extra = np.where(diff < 0, diff + (np.int64(1) << extra_len) - 1, diff).astype(np.uint64)
@@ -156,8 +164,12 @@ def _entropy_coded(diff: np.ndarray, ssss: np.ndarray, code_of: np.ndarray, size
     index = start >> 5
     shifted = word << (64 - length - (start & 31)).astype(np.uint64)
     n_words = (total + 31) // 32 + 1
-    words = np.bincount(index, weights=(shifted >> np.uint64(32)).astype(np.float64), minlength=n_words)
-    words += np.bincount(index + 1, weights=(shifted & np.uint64(0xFFFFFFFF)).astype(np.float64), minlength=n_words)
+    words = np.bincount(
+        index, weights=(shifted >> np.uint64(32)).astype(np.float64), minlength=n_words
+    )
+    words += np.bincount(
+        index + 1, weights=(shifted & np.uint64(0xFFFFFFFF)).astype(np.float64), minlength=n_words
+    )
     data = words.astype(np.uint32).astype(">u4").view(np.uint8)[: (total + 7) // 8].copy()
     if total % 8:
         data[-1] |= (1 << (8 - total % 8)) - 1

@@ -102,7 +102,9 @@ class _Canvas:
 
     def px(self, pts: np.ndarray) -> np.ndarray:
         pts = np.asarray(pts, dtype=np.float64)
-        return np.stack([self.cx + pts[..., 0] * self.scale, self.top + pts[..., 1] * self.scale], -1)
+        return np.stack(
+            [self.cx + pts[..., 0] * self.scale, self.top + pts[..., 1] * self.scale], -1
+        )
 
     def grid(self) -> tuple[np.ndarray, np.ndarray]:
         xs = (np.arange(self.w, dtype=np.float32) - self.cx) / self.scale
@@ -170,7 +172,9 @@ def _fill(canvas: _Canvas, pts: np.ndarray) -> np.ndarray:
     return (mask > 0).astype(np.uint8)
 
 
-def _stroke(layer: np.ndarray, canvas: _Canvas, pts: np.ndarray, width: float, value: float) -> None:
+def _stroke(
+    layer: np.ndarray, canvas: _Canvas, pts: np.ndarray, width: float, value: float
+) -> None:
     """Draw a polyline (thorax units) of ``width`` thorax units into ``layer``."""
     thick = max(int(round(width * canvas.scale)), 1)
     poly = np.round(canvas.px(pts) * 16).astype(np.int32)
@@ -260,7 +264,9 @@ def _body(canvas: _Canvas, an: _Anatomy) -> np.ndarray:
     body = _fill(canvas, np.asarray(right + left)).astype(np.float32)
     arms = np.zeros_like(body)
     for s in _SIDES:  # upper arms at the image edges
-        _stroke(arms, canvas, np.array([(s * (bw + 0.17), -0.1), (s * (bw + 0.22), 1.2)]), 0.16, 1.0)
+        _stroke(
+            arms, canvas, np.array([(s * (bw + 0.17), -0.1), (s * (bw + 0.22), 1.2)]), 0.16, 1.0
+        )
     return np.maximum(body, 0.8 * arms)
 
 
@@ -274,7 +280,9 @@ def _heart(canvas: _Canvas, an: _Anatomy) -> tuple[np.ndarray, tuple[float, ...]
     yc = bottom - 0.8 * b
     x, y = canvas.grid()
     r = ((x - xc) / a) ** 2 + ((y - yc) / b) ** 2
-    mask = np.clip((1.0 - r) * a * canvas.scale / 2.5, 0, 1) * (0.8 + 0.2 * np.sqrt(np.clip(1.0 - r, 0, 1)))
+    mask = np.clip((1.0 - r) * a * canvas.scale / 2.5, 0, 1) * (
+        0.8 + 0.2 * np.sqrt(np.clip(1.0 - r, 0, 1))
+    )
     return mask.astype(np.float32), (xc - a, yc - b, xc + a, min(yc + b, bottom))
 
 
@@ -282,7 +290,9 @@ def _mediastinum(canvas: _Canvas, an: _Anatomy, heart_top: float) -> np.ndarray:
     x, y = canvas.grid()
     width = an.mediastinum + 0.02 * np.clip((y - 0.1) / 0.3, 0, 1)
     band = np.clip((width - np.abs(x - 0.01)) * canvas.scale / 2, 0, 1) * (y < heart_top + 0.1)
-    knob = np.clip((0.05 - np.hypot(x - an.mediastinum - 0.03, y - heart_top + 0.02)) * canvas.scale / 2, 0, 1)
+    knob = np.clip(
+        (0.05 - np.hypot(x - an.mediastinum - 0.03, y - heart_top + 0.02)) * canvas.scale / 2, 0, 1
+    )
     return np.maximum(band, knob).astype(np.float32)
 
 
@@ -303,7 +313,9 @@ def _ribs(canvas: _Canvas, an: _Anatomy) -> np.ndarray:
         for s in _SIDES:
             lat = an.lat[s] + 0.015
             post = _bezier((s * 0.04, y0), (s * 0.28, y0 - 0.07), (s * lat, y0 + 0.10))
-            ant = _bezier((s * lat, y0 + 0.10), (s * (lat - 0.03), y0 + 0.24), (s * 0.17, y0 + 0.31))
+            ant = _bezier(
+                (s * lat, y0 + 0.10), (s * (lat - 0.03), y0 + 0.24), (s * 0.17, y0 + 0.31)
+            )
             width = 0.026 + 0.002 * i
             _stroke(layer, canvas, post, width, 1.0)
             _stroke(inner, canvas, post, width * 0.45, 0.4)
@@ -322,7 +334,13 @@ def _vessels(canvas: _Canvas, rng: np.random.Generator) -> np.ndarray:
         for base in (-100, -65, -30, 5, 40, 75):
             ang = math.radians(base if s > 0 else 180 - base) + rng.normal(0, 0.12)
             _branch(layer, canvas, rng, hilum, ang, rng.uniform(0.08, 0.12), 0.016, 4)
-        cv2.circle(layer, tuple(int(v) for v in canvas.px(hilum)), max(int(0.035 * canvas.scale), 1), 1.0, -1)
+        cv2.circle(
+            layer,
+            tuple(int(v) for v in canvas.px(hilum)),
+            max(int(0.035 * canvas.scale), 1),
+            1.0,
+            -1,
+        )
     return _blur(layer, 0.8)
 
 
@@ -343,11 +361,22 @@ def _branch(
         return
     for sign in (-1, 1):
         child = angle + sign * math.radians(rng.uniform(12, 32))
-        _branch(layer, canvas, rng, end, child, length * rng.uniform(0.65, 0.85), width * 0.72, depth - 1)
+        _branch(
+            layer,
+            canvas,
+            rng,
+            end,
+            child,
+            length * rng.uniform(0.65, 0.85),
+            width * 0.72,
+            depth - 1,
+        )
 
 
 def _texture(rng: np.random.Generator, canvas: _Canvas, cell: int) -> np.ndarray:
-    small = rng.standard_normal((max(canvas.h // cell, 2), max(canvas.w // cell, 2))).astype(np.float32)
+    small = rng.standard_normal((max(canvas.h // cell, 2), max(canvas.w // cell, 2))).astype(
+        np.float32
+    )
     return cv2.resize(small, (canvas.w, canvas.h), interpolation=cv2.INTER_CUBIC)
 
 
@@ -384,9 +413,15 @@ def _nodule(scene: _Scene, rng: np.random.Generator) -> Box | None:
     r0, c0 = spot
     yy, xx = np.ogrid[: c.h, : c.w]
     ang = np.arctan2(yy - r0, xx - c0)
-    lobes = 1 + 0.08 * np.sin(3 * ang + rng.uniform(0, 6.3)) + 0.05 * np.sin(5 * ang + rng.uniform(0, 6.3))
+    lobes = (
+        1
+        + 0.08 * np.sin(3 * ang + rng.uniform(0, 6.3))
+        + 0.05 * np.sin(5 * ang + rng.uniform(0, 6.3))
+    )
     dist = np.hypot(yy - r0, xx - c0) / (radius * lobes)
-    disc = np.clip((1.0 - dist) * radius / 1.5, 0, 1) * (0.75 + 0.25 * np.sqrt(np.clip(1 - dist**2, 0, 1)))
+    disc = np.clip((1.0 - dist) * radius / 1.5, 0, 1) * (
+        0.75 + 0.25 * np.sqrt(np.clip(1 - dist**2, 0, 1))
+    )
     scene.extra += rng.uniform(0.55, 0.8) * disc.astype(np.float32)
     scene.free &= disc < 0.05
     return c.box("nodule", disc, 0.2)
@@ -425,7 +460,7 @@ def _pneumothorax(scene: _Scene, rng: np.random.Generator) -> Box | None:
     edge = collapsed - cv2.erode(collapsed, np.ones((3, 3), np.uint8))
     near_rim = cv2.dilate(rim, np.ones((5, 5), np.uint8)) > 0
     line = _blur((edge * near_rim).astype(np.float32), 0.7)
-    scene.extra += 0.35 * line - 0.18 * _blur(rim, 1.0) + 0.06 * collapsed
+    scene.extra += 0.35 * line - 0.18 * _blur(rim, 1.0)
     scene.vessel_keep *= 1 - _blur(rim, 1.0)
     scene.free &= ~cv2.dilate(rim, np.ones((9, 9), np.uint8)).astype(bool)
     return c.box("pneumothorax", rim, 0.5)
@@ -470,7 +505,11 @@ _RENDERERS: dict[str, Callable[[_Scene, np.random.Generator], Box | None]] = {
 
 
 def _frontal(
-    c: _Canvas, geom: np.random.Generator, frng: np.random.Generator, findings: dict[str, bool], mm_px: float
+    c: _Canvas,
+    geom: np.random.Generator,
+    frng: np.random.Generator,
+    findings: dict[str, bool],
+    mm_px: float,
 ) -> tuple[np.ndarray, list[Box], float]:
     """Attenuation map of a PA/AP chest, the finding boxes and the CTR."""
     an = _anatomy(geom, findings["cardiomegaly"])
@@ -487,7 +526,16 @@ def _frontal(
     vessels = _vessels(c, geom)
     texture = _texture(geom, c, 5)
     trachea = np.clip((0.022 - np.abs(x)) * c.scale / 1.5, 0, 1) * (y < 0.3) * (y > -0.6)
-    scene = _Scene(c, an, lungs, heart, np.zeros_like(lung), np.ones_like(lung), (lung > 0.5) & (heart < 0.05), mm_px)
+    scene = _Scene(
+        c,
+        an,
+        lungs,
+        heart,
+        np.zeros_like(lung),
+        np.ones_like(lung),
+        (lung > 0.5) & (heart < 0.05),
+        mm_px,
+    )
     boxes: list[Box] = []
     if findings["cardiomegaly"]:
         p0, p1 = c.px(np.array(hbox[:2])), c.px(np.array(hbox[2:]))
@@ -525,30 +573,68 @@ def _lateral(c: _Canvas, geom: np.random.Generator) -> np.ndarray:
     an = _anatomy(geom, False)
     x, y = c.grid()
     dome = an.dome[-1] + 0.05 + 0.12 * (x / 0.35) ** 2
-    outline = [(-0.15, -0.9), (-0.2, -0.25), (-0.42, 0.05), (-0.45, 0.5), (-0.48, 1.0), (-0.47, 2.5),
-               (0.44, 2.5), (0.44, 1.0), (0.46, 0.4), (0.42, 0.0), (0.2, -0.25), (0.15, -0.9)]
+    outline = [
+        (-0.15, -0.9),
+        (-0.2, -0.25),
+        (-0.42, 0.05),
+        (-0.45, 0.5),
+        (-0.48, 1.0),
+        (-0.47, 2.5),
+        (0.44, 2.5),
+        (0.44, 1.0),
+        (0.46, 0.4),
+        (0.42, 0.0),
+        (0.2, -0.25),
+        (0.15, -0.9),
+    ]
     body = _blur(_fill(c, np.asarray(outline)).astype(np.float32), 1.5)
-    field = [(0.0, -0.02), (-0.22, 0.06), (-0.33, 0.3), (-0.33, 0.6), (-0.3, an.dome[-1] + 0.12),
-             (-0.1, an.dome[-1] + 0.06), (0.1, an.dome[-1] + 0.08), (0.3, an.cp[-1] + 0.08),
-             (0.34, 0.55), (0.3, 0.2), (0.14, 0.01)]
-    lung = _blur(_fill(c, _smooth_closed(np.asarray(field) + geom.normal(0, 0.006, (11, 2)), 8)), 1.5)
+    field = [
+        (0.0, -0.02),
+        (-0.22, 0.06),
+        (-0.33, 0.3),
+        (-0.33, 0.6),
+        (-0.3, an.dome[-1] + 0.12),
+        (-0.1, an.dome[-1] + 0.06),
+        (0.1, an.dome[-1] + 0.08),
+        (0.3, an.cp[-1] + 0.08),
+        (0.34, 0.55),
+        (0.3, 0.2),
+        (0.14, 0.01),
+    ]
+    lung = _blur(
+        _fill(c, _smooth_closed(np.asarray(field) + geom.normal(0, 0.006, (11, 2)), 8)), 1.5
+    )
     lung = lung.astype(np.float32) * (y < dome + 0.02)
-    heart = np.clip(1 - ((x + 0.13) / 0.2) ** 2 - ((y - an.dome[-1] + 0.04) / 0.17) ** 2, 0, 1) ** 0.3
+    heart = (
+        np.clip(1 - ((x + 0.13) / 0.2) ** 2 - ((y - an.dome[-1] + 0.04) / 0.17) ** 2, 0, 1) ** 0.3
+    )
     phase = (y - an.rib_y0) / an.rib_dy
-    spine = np.clip((0.06 - np.abs(x - 0.3)) * c.scale / 1.5, 0, 1) * (1 - 0.45 * np.cos(np.pi * phase) ** 16)
+    spine = np.clip((0.06 - np.abs(x - 0.3)) * c.scale / 1.5, 0, 1) * (
+        1 - 0.45 * np.cos(np.pi * phase) ** 16
+    )
     sternum = np.clip((0.012 - np.abs(x + 0.37)) * c.scale, 0, 1) * (y > 0.04) * (y < 0.6)
     vessels = np.zeros_like(lung)
     for base in (-120, -60, 0, 60, 120, 180):
         ang = math.radians(base) + geom.normal(0, 0.2)
         _branch(vessels, c, geom, np.array([0.03, 0.42]), ang, geom.uniform(0.06, 0.1), 0.014, 3)
     abdomen = np.clip((y - dome) * c.scale / 3, 0, 1)
-    att = (1.5 * body + 0.3 * abdomen * body - 0.85 * lung * (1 - 0.6 * heart) + 0.7 * heart
-           + 0.5 * spine + 0.4 * sternum + 0.2 * _blur(vessels, 0.8) * lung
-           + 0.5 * body * np.clip((0.15 - y) * 6, 0, 1) + 0.04 * _texture(geom, c, 5) * lung)
+    att = (
+        1.5 * body
+        + 0.3 * abdomen * body
+        - 0.85 * lung * (1 - 0.6 * heart)
+        + 0.7 * heart
+        + 0.5 * spine
+        + 0.4 * sternum
+        + 0.2 * _blur(vessels, 0.8) * lung
+        + 0.5 * body * np.clip((0.15 - y) * 6, 0, 1)
+        + 0.04 * _texture(geom, c, 5) * lung
+    )
     return att.astype(np.float32)
 
 
-def _canvas(geom: np.random.Generator, rows: int, columns: int, spacing: float, view: str) -> tuple[_Canvas, float]:
+def _canvas(
+    geom: np.random.Generator, rows: int, columns: int, spacing: float, view: str
+) -> tuple[_Canvas, float]:
     """Working canvas for the requested size, and its mm per working pixel."""
     f = min(1.0, MAX_WORK_SIDE / max(rows, columns))
     h, w = max(int(round(rows * f)), 16), max(int(round(columns * f)), 16)
@@ -563,7 +649,13 @@ def _canvas(geom: np.random.Generator, rows: int, columns: int, spacing: float, 
 
 
 def _finish(
-    att: np.ndarray, c: _Canvas, k: float, rows: int, columns: int, noise: np.random.Generator, view: str
+    att: np.ndarray,
+    c: _Canvas,
+    k: float,
+    rows: int,
+    columns: int,
+    noise: np.random.Generator,
+    view: str,
 ) -> np.ndarray:
     """Attenuation -> intensity, exposure gradient, marker, resize and quantum noise."""
     img = 1.0 - np.exp(-k * np.clip(att, 0, None))
@@ -575,7 +667,16 @@ def _finish(
         size = max(c.w / 600, 0.4)
         org = (int(c.w * 0.04), int(c.h * 0.06))
         mark = np.zeros((c.h, c.w), np.uint8)
-        cv2.putText(mark, letter, org, cv2.FONT_HERSHEY_SIMPLEX, size, 255, max(int(size * 2), 1), cv2.LINE_AA)
+        cv2.putText(
+            mark,
+            letter,
+            org,
+            cv2.FONT_HERSHEY_SIMPLEX,
+            size,
+            255,
+            max(int(size * 2), 1),
+            cv2.LINE_AA,
+        )
         img = np.maximum(img, mark * (0.95 / 255))
     img = img.astype(np.float32)
     if img.shape != (rows, columns):
@@ -597,11 +698,15 @@ def _resolve_findings(
 ) -> dict[str, bool]:
     draws = rng.random(len(FINDINGS)) < prevalence  # drawn always, so seeds stay comparable
     if findings is None:
-        wanted = {name: bool(d) for name, d in zip(FINDINGS, draws, strict=True)} if view != "LL" else {}
+        wanted = (
+            {name: bool(d) for name, d in zip(FINDINGS, draws, strict=True)} if view != "LL" else {}
+        )
     else:
         unknown = sorted(set(findings) - set(FINDINGS))
         if unknown:
-            raise PhantomError(f'Unknown finding "{unknown[0]}"; expected one of {", ".join(FINDINGS)}')
+            raise PhantomError(
+                f'Unknown finding "{unknown[0]}"; expected one of {", ".join(FINDINGS)}'
+            )
         wanted = {name: bool(v) for name, v in findings.items()}
         if view == "LL" and any(wanted.values()):
             raise PhantomError("Findings are only rendered on frontal (PA/AP) views, not LL")
@@ -634,6 +739,8 @@ def render_phantom(
         raise PhantomError(f"Image size {rows}x{columns} is out of range 16..8192")
     if not 0.0 <= prevalence <= 1.0:
         raise PhantomError(f"Prevalence {prevalence} is not within 0..1")
+    if isinstance(seed, int) and seed < 0:
+        raise PhantomError(f"Seed {seed} must be a non-negative integer")
     geom, frng, noise, pick = _generators(seed)
     wanted = _resolve_findings(view, findings, prevalence, pick)
     fov = geom.uniform(380.0, 430.0)

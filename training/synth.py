@@ -27,6 +27,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.pixels import get_encoder
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
@@ -203,6 +204,7 @@ class SyntheticImage:
     dataset: Dataset
     variant: Variant
     phantom: Phantom | None  # None for the CT variant
+    pixels: np.ndarray  # the stored values that were encoded (lossless: what decoding must give)
 
 
 # --------------------------------------------------------------------------- pixels
@@ -225,14 +227,14 @@ def _window(stored: np.ndarray, slope: float, intercept: float) -> tuple[float, 
 
 
 def _voi_lut(stored: np.ndarray) -> Dataset:
-    """A sigmoid VOI LUT covering the data range, 12-bit output entries."""
+    """A sigmoid VOI LUT covering the data range (16-bit entries: PS3.3 allows 8 or 16)."""
     lo, hi = (int(v) for v in np.percentile(stored[::4, ::4], [0.5, 99.8]))
     hi = min(max(hi, lo + 16), lo + 65534)
     x = np.arange(lo, hi + 1, dtype=np.float64)
     centre, width = (lo + hi) / 2, (hi - lo) / 6
-    data = np.rint(4095 / (1 + np.exp(-(x - centre) / width))).astype("<u2")
+    data = np.rint(65535 / (1 + np.exp(-(x - centre) / width))).astype("<u2")
     item = Dataset()
-    item.add_new(0x00283002, "US", [len(x), lo, 12])
+    item.add_new(0x00283002, "US", [len(x), lo, 16])
     item.LUTExplanation = "SIGMOID PHANTOM"
     item.add_new(0x00283006, "OW", data.tobytes())
     return item
@@ -247,5 +249,406 @@ def _set_pixels(ds: Dataset, stored: np.ndarray, var: Variant) -> None:
         ds.PixelData = encapsulate([jpeg_lossless.encode(stored, var.bits_stored)])
         ds["PixelData"].VR = "OB"
     else:
-        plugin = "pylibjpeg" if var.transfer_syntax == RLELossless else ""
-        ds.compress(var.transfer_syntax, stored, encoding_plugin=plugin, generate_instance_uid=False)
+        # pydicom's own RLE encoder is pure Python and slow on 3000 x 3000 images
+        fast = (
+            var.transfer_syntax == RLELossless
+            and "pylibjpeg" in get_encoder(RLELossless).available_plugins
+        )
+        plugin = "pylibjpeg" if fast else ""
+        ds.compress(
+            var.transfer_syntax, stored, encoding_plugin=plugin, generate_instance_uid=False
+        )
+
+
+# --------------------------------------------------------------------------- headers
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def _file_meta(sop_class: UID, sop_instance: UID) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "CXR_PHANTOM_1"
+    return meta
+
+
+def _common(
+    ds: Dataset, study: StudyContext, var: Variant, seed: int, rng: np.random.Generator
+) -> None:
+    """Patient, study, series, equipment and SOP common attributes."""
+    p = study.patient
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
+        p.name,
+        p.patient_id,
+        p.birth_date,
+        p.sex,
+    )
+    ds.StudyInstanceUID = study.study_instance_uid
+    ds.StudyDate, ds.StudyTime = study.study_date, study.study_time
+    ds.AccessionNumber, ds.StudyID = study.accession_number, study.study_id
+    ds.StudyDescription = study.description if var.sop != "ct" else "CT CHEST"
+    ds.ReferringPhysicianName = ""
+    ds.SeriesInstanceUID = _uid(seed, "series")
+    ds.SeriesNumber = study.next_series_number()
+    ds.InstanceNumber = 1
+    ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = study.study_date
+    ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = study.study_time
+    maker, model = _MAKERS[int(rng.integers(len(_MAKERS)))]
+    ds.Manufacturer, ds.ManufacturerModelName = maker, model
+    ds.InstitutionName = "Synthetic General Hospital"
+    ds.StationName = f"XR{int(rng.integers(1, 9))}"
+    ds.DeviceSerialNumber = str(int(rng.integers(10**5, 10**6)))
+    ds.SoftwareVersions = "phantom-1.0"
+    ds.BodyPartExamined = "CHEST"
+    ds.ImageComments = "Synthetic phantom image, not a patient"
+    ds.SOPClassUID = _SOP_CLASSES[var.sop]
+    ds.SOPInstanceUID = _uid(seed, "sop")
+    ds.file_meta = _file_meta(ds.SOPClassUID, ds.SOPInstanceUID)
+
+
+def _image_pixel(ds: Dataset, rows: int, columns: int, var: Variant) -> None:
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = var.photometric
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, var.bits_stored, var.bits_stored - 1
+    ds.PixelRepresentation = 0
+
+
+def _projection(ds: Dataset, var: Variant, phantom: Phantom, rng: np.random.Generator) -> None:
+    """CR/DX acquisition and positioning attributes."""
+    is_dx = var.sop.startswith("dx")
+    ds.Modality = "DX" if is_dx else "CR"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", ""] if is_dx else ["ORIGINAL", "PRIMARY"]
+    ds.ViewPosition = var.view
+    ds.PatientOrientation = _ORIENTATION[var.view]
+    ds.ImagerPixelSpacing = [round(phantom.pixel_spacing_mm, 6)] * 2
+    if not is_dx and rng.random() < 0.5:
+        ds.PixelSpacing = ds.ImagerPixelSpacing
+        ds.PixelSpacingCalibrationType = "GEOMETRY"
+        ds.PixelSpacingCalibrationDescription = "Phantom nominal magnification"
+    ds.KVP = f"{rng.uniform(100, 125) if var.view != 'AP' else rng.uniform(80, 95):.0f}"
+    ds.ExposureTime = int(rng.integers(3, 20))
+    ds.XRayTubeCurrent = int(rng.integers(100, 400))
+    ds.DistanceSourceToDetector = "1800" if var.view in ("PA", "LL") else "1000"
+    if is_dx:
+        _dx_modules(ds, var)
+
+
+def _dx_modules(ds: Dataset, var: Variant) -> None:
+    ds.PresentationIntentType = "FOR PROCESSING" if var.sop == "dx_proc" else "FOR PRESENTATION"
+    ds.ImageLaterality = "U"
+    ds.AnatomicRegionSequence = Sequence([_code("43799004", "SCT", "Chest")])
+    ds.ViewCodeSequence = Sequence(
+        [_code(_VIEW_CODES[var.view][0], "SCT", _VIEW_CODES[var.view][1])]
+    )
+    ds.PositionerType = ""
+    ds.DetectorType = "SCINTILLATOR"
+    ds.DetectorConfiguration = "AREA"
+    ds.AcquisitionContextSequence = Sequence()
+    ds.PixelIntensityRelationship = "LOG"
+    # +1: lower stored values = less x-ray intensity (MONOCHROME1 here)
+    ds.PixelIntensityRelationshipSign = 1 if var.photometric == "MONOCHROME1" else -1
+    ds.PresentationLUTShape = "INVERSE" if var.photometric == "MONOCHROME1" else "IDENTITY"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.PatientOrientation = _ORIENTATION[var.view]
+
+
+def _luts(ds: Dataset, stored: np.ndarray, var: Variant, rng: np.random.Generator) -> None:
+    """Modality LUT (rescale) and VOI (window / LUT sequence / none)."""
+    slope, intercept = 1.0, 0.0
+    if var.rescale:
+        slope, intercept = (
+            float(rng.choice([0.25, 0.5, 2.0])),
+            float(rng.choice([-1024.0, 0.0, 100.0])),
+        )
+    if var.rescale or var.sop.startswith("dx"):
+        ds.RescaleSlope, ds.RescaleIntercept = f"{slope:g}", f"{intercept:g}"
+        ds.RescaleType = "US"
+    if var.voi == "window":
+        centre, width = _window(stored, slope, intercept)
+        ds.WindowCenter, ds.WindowWidth = f"{centre:g}", f"{width:g}"
+        ds.WindowCenterWidthExplanation = "PHANTOM DEFAULT"
+        ds.VOILUTFunction = "LINEAR"
+    elif var.voi == "lut":
+        ds.VOILUTSequence = Sequence([_voi_lut(stored)])
+
+
+def _ct(ds: Dataset, seed: int, rows: int, columns: int) -> np.ndarray:
+    """CT Image module attributes; returns the stored pixel values."""
+    ds.Modality = "CT"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.FrameOfReferenceUID = _uid(seed, "frame-of-reference")
+    ds.PositionReferenceIndicator = ""
+    ds.PatientPosition = "HFS"
+    ds.PixelSpacing = [0.78125, 0.78125]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [-200.0, -200.0, -150.0]
+    ds.SliceThickness = "1.25"
+    ds.KVP = "120"
+    ds.AcquisitionNumber = 1
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
+    ds.WindowCenter, ds.WindowWidth = "-600", "1500"
+    hu = render_ct_slice(seed, rows, columns)
+    return (hu.astype(np.int32) + 1024).clip(0, 4095).astype(np.uint16)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def make_image(
+    variant: str,
+    *,
+    seed: int,
+    rows: int,
+    columns: int,
+    findings: dict[str, bool] | None = None,
+    study: StudyContext | None = None,
+) -> SyntheticImage:
+    """Build one instance of ``variant`` and keep its ground truth (see :func:`make_dataset`)."""
+    var = _variant(variant)
+    if seed < 0:
+        raise SynthError(f"Seed {seed} must be a non-negative integer")
+    if not (64 <= rows <= 4096 and 64 <= columns <= 4096):
+        raise SynthError(f"Image size {rows}x{columns} is out of range 64..4096")
+    if not var.analysable and findings and any(findings.values()):
+        raise SynthError(f'Variant "{variant}" is not analysable and cannot carry findings')
+    rng = np.random.default_rng([seed, 0xD1C0])
+    ds = Dataset()
+    _common(ds, study or StudyContext.from_seed(seed), var, seed, rng)
+    _image_pixel(ds, rows, columns, var)
+    phantom: Phantom | None = None
+    if var.sop == "ct":
+        stored = _ct(ds, seed, rows, columns)
+    else:
+        wanted = findings if var.analysable else {}
+        phantom = render_phantom(seed, rows, columns, view=var.view, findings=wanted)
+        stored = _stored_values(phantom.image, var, rng)
+        _projection(ds, var, phantom, rng)
+        _luts(ds, stored, var, rng)
+    _set_pixels(ds, stored, var)
+    return SyntheticImage(ds, var, phantom, stored)
+
+
+def make_dataset(
+    variant: str,
+    *,
+    seed: int,
+    rows: int,
+    columns: int,
+    findings: dict[str, bool] | None = None,
+    study: StudyContext | None = None,
+) -> Dataset:
+    """One phantom instance as a pydicom Dataset (file meta included, ready to save).
+
+    Args:
+        variant: a key of :data:`VARIANTS`.
+        seed: determines pixels, findings (when ``findings`` is None) and UIDs.
+        rows, columns: image size, 64..4096.
+        findings: findings to render (missing = absent); None draws each with
+            probability 0.3. Must be empty/None for non-analysable variants.
+        study: put the image in this study (same patient and StudyInstanceUID);
+            None makes a new study from the seed.
+    """
+    return make_image(
+        variant, seed=seed, rows=rows, columns=columns, findings=findings, study=study
+    ).dataset
+
+
+def _variant(name: str) -> Variant:
+    try:
+        return VARIANT_SPECS[name]
+    except KeyError:
+        raise SynthError(
+            f'Variant "{name}" is not known; expected one of {", ".join(VARIANTS)}'
+        ) from None
+
+
+def write_dataset(ds: Dataset, path: Path) -> None:
+    """Save as a DICOM Part 10 file (preamble, file meta), creating parent folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def safe_name(value: str) -> str:
+    """A file-system-safe path component derived from a DICOM value."""
+    cleaned = _SAFE.sub("_", value).strip("._") or "unnamed"
+    return cleaned[:64]
+
+
+# --------------------------------------------------------------------------- data sets on disk
+
+LABEL_COLUMNS: tuple[str, ...] = (
+    "sop_instance_uid",
+    "path",
+    "study_instance_uid",
+    "patient_id",
+    "view",
+    *FINDINGS,
+)
+
+
+@dataclass(frozen=True)
+class SynthSummary:
+    """What :func:`synthesize` wrote."""
+
+    out_dir: Path
+    images: int
+    studies: int
+    patients: int
+    labels_csv: Path
+    boxes_json: Path
+    classes_txt: Path
+    positives: dict[str, int]
+    variants: dict[str, int]
+
+
+def parse_size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    """Normalise ``size`` (N or (rows, columns)) and check its range."""
+    if size is None:
+        return None
+    rows, cols = (size, size) if isinstance(size, int) else size
+    if not (64 <= rows <= 4096 and 64 <= cols <= 4096):
+        raise SynthError(f"Image size {rows}x{cols} is out of range 64..4096")
+    return int(rows), int(cols)
+
+
+def _plan_sizes(
+    var: Variant, size: tuple[int, int] | None, rng: np.random.Generator
+) -> tuple[int, int]:
+    if size is not None:
+        return size
+    if var.sop == "ct":
+        return 512, 512
+    return REALISTIC_SIZES[int(rng.integers(len(REALISTIC_SIZES)))]
+
+
+def synthesize(
+    out_dir: Path,
+    count: int,
+    seed: int = 0,
+    *,
+    size: int | tuple[int, int] | None = None,
+    variants: list[str] | None = None,
+    prevalence: float = 0.3,
+    progress: Callable[[int], None] | None = None,
+) -> SynthSummary:
+    """Write ``count`` studies of phantoms with labels under ``out_dir``.
+
+    Layout: ``<patient>/<study>/<sop>.dcm`` plus ``labels.csv``, ``boxes.json``
+    (YOLO lines per relative path, empty list for negatives) and
+    ``classes.txt``.  About a quarter of the studies get a second image
+    (same study, new series) and about a quarter reuse an earlier patient, so
+    patient-level splits have something to do.  Each finding is present
+    independently with probability ``prevalence`` (same findings for all the
+    frontal images of a study; lateral and CT images carry none).  Variants are
+    used in turn so a small ``count`` still covers them all.
+
+    Args:
+        progress: called with 1 after each study (e.g. ``tqdm.update``).
+    """
+    if count < 1:
+        raise SynthError(f"Count {count} must be at least 1")
+    if seed < 0:
+        raise SynthError(f"Seed {seed} must be a non-negative integer")
+    if not 0.0 <= prevalence <= 1.0:
+        raise SynthError(f"Prevalence {prevalence} is not within 0..1")
+    names = list(variants) if variants else list(ANALYSABLE_VARIANTS)
+    for name in names:
+        _variant(name)
+    fixed = parse_size(size)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 0x5EED])
+    patients: list[Patient] = []
+    rows: list[dict[str, str | int]] = []
+    boxes: dict[str, list[str]] = {}
+    used: dict[str, int] = {}
+    for index in range(count):
+        study_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+        if patients and rng.random() < 0.25:
+            patient = patients[int(rng.integers(len(patients)))]
+        else:
+            patient = Patient.from_seed(study_seed)
+            patients.append(patient)
+        study = StudyContext.from_seed(study_seed, patient)
+        findings = {name: bool(rng.random() < prevalence) for name in FINDINGS}
+        var = _variant(names[index % len(names)])
+        for k in range(2 if rng.random() < 0.25 else 1):
+            image_seed = int(np.random.SeedSequence([seed, index, k + 1]).generate_state(1)[0])
+            shape = _plan_sizes(var, fixed, rng)
+            wanted = findings if var.analysable else None
+            img = make_image(
+                var.name,
+                seed=image_seed,
+                rows=shape[0],
+                columns=shape[1],
+                findings=wanted,
+                study=study,
+            )
+            rel = _write(out_dir, img)
+            rows.append(_label_row(img, rel))
+            boxes[rel] = [b.yolo() for b in img.phantom.boxes] if img.phantom else []
+            used[var.name] = used.get(var.name, 0) + 1
+        if progress:
+            progress(1)
+    return _write_labels(out_dir, rows, boxes, count, len(patients), used)
+
+
+def _write(out_dir: Path, img: SyntheticImage) -> str:
+    ds = img.dataset
+    rel = Path(
+        safe_name(str(ds.PatientID)),
+        safe_name(ds.StudyInstanceUID),
+        safe_name(ds.SOPInstanceUID) + ".dcm",
+    )
+    write_dataset(ds, out_dir / rel)
+    logger.debug("wrote %s (%s)", ds.SOPInstanceUID, img.variant.name)
+    return rel.as_posix()
+
+
+def _label_row(img: SyntheticImage, rel: str) -> dict[str, str | int]:
+    ds = img.dataset
+    truth = img.phantom.findings if img.phantom else {}
+    row: dict[str, str | int] = {
+        "sop_instance_uid": ds.SOPInstanceUID,
+        "path": rel,
+        "study_instance_uid": ds.StudyInstanceUID,
+        "patient_id": str(ds.PatientID),
+        "view": img.variant.view or ds.Modality,
+    }
+    row.update({name: int(truth.get(name, False)) for name in FINDINGS})
+    return row
+
+
+def _write_labels(
+    out_dir: Path,
+    rows: list[dict[str, str | int]],
+    boxes: dict[str, list[str]],
+    studies: int,
+    patients: int,
+    used: dict[str, int],
+) -> SynthSummary:
+    labels_csv, boxes_json, classes_txt = (
+        out_dir / "labels.csv",
+        out_dir / "boxes.json",
+        out_dir / "classes.txt",
+    )
+    with labels_csv.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(LABEL_COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+    boxes_json.write_text(json.dumps(boxes, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    classes_txt.write_text("\n".join(FINDINGS) + "\n", encoding="utf-8")
+    positives = {name: sum(int(r[name]) for r in rows) for name in FINDINGS}
+    logger.info("synthesized %d images in %d studies under %s", len(rows), studies, out_dir)
+    return SynthSummary(
+        out_dir, len(rows), studies, patients, labels_csv, boxes_json, classes_txt, positives, used
+    )

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 DISCLAIMER = "AI RESULT - NOT FOR PRIMARY DIAGNOSIS"
 DEMO_BANNER = "DEMO MODEL"
+NO_FINDING_TEXT = "AI: no finding above threshold"
 
 # Type 2 attributes (present, may be empty) that highdicom reads without a default.
 _TYPE2_DEFAULTS: tuple[str, ...] = (

@@ -37,6 +37,7 @@ from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage
 from dicom_node.outputs.common import (
     DEMO_BANNER,
     DISCLAIMER,
+    NO_FINDING_TEXT,
     OutputObject,
     OutputSettings,
     Source,
@@ -56,7 +57,6 @@ logger = logging.getLogger(__name__)
 
 LAYER_NAME = "AI_FINDINGS"
 CONTENT_LABEL = "AI_RESULTS"
-NO_FINDING_TEXT = "AI: no finding above threshold"
 SERIES_DESCRIPTION = "AI findings GSPS (CXR AI node)"
 _LAYER_COLOUR = CIELabColor(97.1, -21.6, 94.5)  # yellow, like the SC's first box colour
 

@@ -53,7 +53,8 @@ def _voi_unit(values: np.ndarray, ds: Dataset) -> np.ndarray:
     """VOI transform to [0, 1]."""
     if "VOILUTSequence" in ds and ds.VOILUTSequence:
         item = ds.VOILUTSequence[0]
-        out = np.asarray(apply_voi(values, ds, index=0), dtype=np.float32)
+        indices = np.rint(values).astype(np.int32)  # a LUT is indexed by integers
+        out = np.asarray(apply_voi(indices, ds, index=0), dtype=np.float32)
         bits = int(item.LUTDescriptor[2])
         top = float(2**bits - 1) if bits in range(8, 17) else float(out.max() or 1.0)
         return np.clip(out / top, 0.0, 1.0)
@@ -200,15 +201,21 @@ def banner_height(lines: Sequence[str], rows: int, cols: int) -> int:
     return sum(entry[-1] for entry in _banner_lines(lines, rows, cols))
 
 
-def draw_banner(rgb: np.ndarray, lines: Sequence[str]) -> int:
-    """Filled bar across the top with one centred text line each; returns its height."""
+def draw_banner(
+    rgb: np.ndarray,
+    lines: Sequence[str],
+    top: int = 0,
+    background: tuple[int, int, int] = BANNER_BACKGROUND,
+    colour: tuple[int, int, int] = BANNER_TEXT,
+) -> int:
+    """Filled full-width bar from ``top`` with one centred text line each; returns its bottom."""
     rows, cols = rgb.shape[:2]
-    y = 0
+    y = top
     for text, scale, thickness, tw, th, pad, height in _banner_lines(lines, rows, cols):
-        cv2.rectangle(rgb, (0, y), (cols - 1, min(y + height, rows) - 1), BANNER_BACKGROUND, -1)
+        if y >= rows:
+            break
+        cv2.rectangle(rgb, (0, y), (cols - 1, min(y + height, rows) - 1), background, -1)
         x = max((cols - tw) // 2, 0)
-        cv2.putText(
-            rgb, text, (x, y + pad + th), _FONT, scale, BANNER_TEXT, thickness, cv2.LINE_AA
-        )
+        cv2.putText(rgb, text, (x, y + pad + th), _FONT, scale, colour, thickness, cv2.LINE_AA)
         y += height
     return y

@@ -15,10 +15,12 @@ from highdicom.sc import SCImage
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
+from ai.types import ImageResult
 from dicom_node.outputs import render
 from dicom_node.outputs.common import (
     DEMO_BANNER,
     DISCLAIMER,
+    NO_FINDING_TEXT,
     OutputObject,
     OutputSettings,
     Source,
@@ -33,6 +35,7 @@ from dicom_node.outputs.common import (
 logger = logging.getLogger(__name__)
 
 SERIES_DESCRIPTION = "AI overlay (CXR AI node)"
+BOX_TEXT = render.BOX_COLOURS[0]
 _SOURCE_PURPOSE = ("121322", "DCM", "Source image for image processing operation")
 _LOSSY_KEYWORDS = (
     "LossyImageCompression",
@@ -61,7 +64,8 @@ def overlay_pixels(source: Source, settings: OutputSettings) -> np.ndarray:
     if any(m.demo for m in [*result.models, *(f.model for f in result.findings)]):
         banner.append(DEMO_BANNER)
     rows, cols = grey.shape
-    banner_height = render.banner_height(banner, rows, cols)  # labels stay out from under it
+    # Labels stay out from under the banner and the summary line below it.
+    banner_height = render.banner_height([*banner, "AI"], rows, cols)
     boxed = [
         (f, box)
         for f in result.positive_findings
@@ -73,8 +77,19 @@ def overlay_pixels(source: Source, settings: OutputSettings) -> np.ndarray:
     for index, (finding, box) in enumerate(boxed):
         colour = render.BOX_COLOURS[index % len(render.BOX_COLOURS)]
         render.draw_label(rgb, finding_text(finding), box, colour, top_limit=banner_height)
-    render.draw_banner(rgb, banner)
+    bottom = render.draw_banner(rgb, banner)
+    summary = _summary_line(result, {id(f) for f, _ in boxed})
+    if summary:
+        render.draw_banner(rgb, [summary], bottom, render.LABEL_BACKGROUND, BOX_TEXT)
     return rgb
+
+
+def _summary_line(result: ImageResult, boxed_ids: set[int]) -> str | None:
+    """Positive findings without a box (classifiers) are listed under the banner."""
+    if not result.positive_findings:
+        return NO_FINDING_TEXT
+    unboxed = [finding_text(f) for f in result.positive_findings if id(f) not in boxed_ids]
+    return "AI: " + ", ".join(unboxed) if unboxed else None
 
 
 def _build_one(
@@ -101,6 +116,9 @@ def _build_one(
         software_versions=software_versions(models),
         institution_name=settings.institution_name,
     )
+    # from_ref_dataset copies only what the SC constructor needs; the rest of the patient
+    # and study modules (StudyDescription, PatientAge, ...) keeps the study consistent.
+    sc.copy_patient_and_study_information(ref)
     _describe(sc, source)
     restore_person_names(sc, source)
     logger.debug("Built SC %s for source %s", sop_uid, source.sop_instance_uid)

@@ -1,0 +1,203 @@
+"""The ``training`` command line: one sub-command per step of the model workflow.
+
+Each sub-command is a :class:`Command` (name, help, a function that adds its
+arguments, a function that runs it) in :data:`COMMANDS`; adding ``fit`` or
+``evaluate`` means writing those two functions and appending one entry.
+Errors a user can fix (bad arguments, bad values, unwritable folders) become
+a one-line message on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+from tqdm import tqdm
+
+from training.phantoms import PhantomError
+from training.synth import VARIANTS, SynthError, parse_size, synthesize
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class CLIError(Exception):
+    """A problem the user can fix; its message is shown without a traceback."""
+
+
+class Command(NamedTuple):
+    """One sub-command: ``add_arguments(parser)`` then ``run(args) -> exit code``."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# --------------------------------------------------------------------------- argument types
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'"{text}" is not an integer') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'"{text}" is not an integer') from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be non-negative")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'"{text}" is not a number') from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not within 0..1")
+    return value
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``N`` (square) or ``RxC`` (rows x columns)."""
+    parts = text.lower().split("x")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f'"{text}" is not N or ROWSxCOLUMNS (e.g. 1024 or 2500x2048)'
+        ) from None
+    if len(numbers) not in (1, 2):
+        raise argparse.ArgumentTypeError(
+            f'"{text}" is not N or ROWSxCOLUMNS (e.g. 1024 or 2500x2048)'
+        )
+    rows, cols = numbers[0], numbers[-1]
+    try:
+        parse_size((rows, cols))
+    except SynthError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return rows, cols
+
+
+def _variant_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f'unknown variant "{unknown[0] if unknown else text}"; choose from {", ".join(VARIANTS)}'
+        )
+    return names
+
+
+# --------------------------------------------------------------------------- synth
+
+
+def _add_synth(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, help="output folder (created if missing)")
+    parser.add_argument("--count", type=_positive_int, help="number of studies to write")
+    parser.add_argument("--seed", type=_seed, default=0, help="random seed (same seed, same files)")
+    parser.add_argument(
+        "--size", type=_size, help="N or ROWSxCOLUMNS; default: realistic detector sizes"
+    )
+    parser.add_argument(
+        "--variants", type=_variant_list, help="comma-separated variants (see --list-variants)"
+    )
+    parser.add_argument(
+        "--prevalence", type=_probability, default=0.3, help="probability of each finding"
+    )
+    parser.add_argument("--list-variants", action="store_true", help="list the variants and exit")
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    if args.list_variants:
+        for name, description in VARIANTS.items():
+            print(f"{name:26s} {description}")
+        return EXIT_OK
+    if args.out is None or args.count is None:
+        raise CLIError("--out and --count are required")
+    if args.out.exists() and not args.out.is_dir():
+        raise CLIError(f'--out "{args.out}" exists and is not a folder')
+    with tqdm(total=args.count, unit="study", desc="synth", disable=args.quiet or None) as bar:
+        summary = synthesize(
+            args.out,
+            args.count,
+            args.seed,
+            size=args.size,
+            variants=args.variants,
+            prevalence=args.prevalence,
+            progress=bar.update,
+        )
+    positives = ", ".join(f"{k}={v}" for k, v in summary.positives.items())
+    print(
+        f"wrote {summary.images} images in {summary.studies} studies of {summary.patients} patients "
+        f"to {summary.out_dir}\npositives: {positives}\nlabels: {summary.labels_csv}  boxes: {summary.boxes_json}"
+    )
+    return EXIT_OK
+
+
+COMMANDS: list[Command] = [
+    Command(
+        "synth",
+        "write procedural chest-radiograph phantoms as DICOM plus labels",
+        _add_synth,
+        _run_synth,
+    ),
+]
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_parser(commands: list[Command] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="training", description="Train, evaluate and package chest X-ray models."
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in commands or COMMANDS:
+        child = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(child)
+        child.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code (argparse usage errors: 2)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed usage and the message
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args))
+    except (CLIError, SynthError, PhantomError) as exc:
+        print(f"training {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, CLIError) else EXIT_FAILURE
+    except OSError as exc:
+        print(
+            f"training {args.command}: error: {exc.strerror or exc}: {exc.filename or ''}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"training {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
