@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -30,7 +31,7 @@ from typing import Any
 import monai
 import numpy as np
 import torch
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import generate_uid
 from torch import nn
 
 from ai.codes import default_code
@@ -47,6 +48,7 @@ MONAI_SCHEMA = (
     "0.8.1/meta_schema_20220324.json"
 )
 TASKS = ("classification", "detection")
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,7 +334,7 @@ def _parse_network(doc: Mapping[str, Any]) -> NetworkSpec:
 
 def _parse_uid(doc: Mapping[str, Any]) -> str:
     uid = _str(doc, "device_uid", "", "")
-    if uid and not UID(uid).is_valid:
+    if uid and (len(uid) > 64 or not _UID_RE.fullmatch(uid)):
         raise BundleError(f'metadata.json: device_uid = "{uid}" is not a valid DICOM UID')
     return uid
 

@@ -437,7 +437,9 @@ class Letterbox:
     def heatmap_to_source(self, hm_model: np.ndarray) -> np.ndarray:
         """A (size, size) model-space map -> (height, width) float32 at source resolution."""
         content = np.ascontiguousarray(self.crop(hm_model), dtype=np.float32)
-        return cv2.resize(content, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
+        shrinking = self.width < self.new_width or self.height < self.new_height
+        interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        return cv2.resize(content, (self.width, self.height), interpolation=interp)
 
 
 # --------------------------------------------------------------------------------------------

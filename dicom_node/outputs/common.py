@@ -154,7 +154,7 @@ def prepare_sources(items: Sequence[tuple[Dataset, ImageResult]]) -> list[Source
             )
         if (int(ds.Rows), int(ds.Columns)) != (result.rows, result.columns):
             raise ValueError(
-                f'Result size {result.rows}x{result.columns} does not match image '
+                f"Result size {result.rows}x{result.columns} does not match image "
                 f'"{ds.SOPInstanceUID}" of {ds.Rows}x{ds.Columns}'
             )
         sources.append(_prepare(ds, result))
@@ -246,9 +246,7 @@ def finding_text(finding: Finding) -> str:
     return f"{finding.label} {finding.probability * 100:.0f}%"
 
 
-def clip_box(
-    finding: Finding, rows: int, columns: int
-) -> tuple[float, float, float, float] | None:
+def clip_box(finding: Finding, rows: int, columns: int) -> tuple[float, float, float, float] | None:
     """The finding's box clipped to the image as (x0, y0, x1, y1), None if nothing is left.
 
     Every output uses this one function so SR, GSPS and SC agree to the last digit.
@@ -261,8 +259,9 @@ def clip_box(
     y0 = min(max(box.y0, 0.0), float(rows))
     y1 = min(max(box.y1, 0.0), float(rows))
     if x1 <= x0 or y1 <= y0:
-        logger.warning("Box of finding %r lies outside its image; reported without box",
-                       finding.label)
+        logger.warning(
+            "Box of finding %r lies outside its image; reported without box", finding.label
+        )
         return None
     return x0, y0, x1, y1
 
@@ -280,7 +279,9 @@ def instance_uid(uid_seed: str, kind: str, *key: str) -> str:
     return derive_uid(uid_seed, "instance", kind, *key)
 
 
-def tracking(uid_seed: str, source: Source, image_index: int, finding_index: int) -> tuple[str, str]:
+def tracking(
+    uid_seed: str, source: Source, image_index: int, finding_index: int
+) -> tuple[str, str]:
     """(Tracking Identifier, Tracking UID) of one finding, shared by the SR and the GSPS.
 
     The identifier is LO in the GSPS (64 characters), so it stays short and UID-free.
@@ -288,7 +289,11 @@ def tracking(uid_seed: str, source: Source, image_index: int, finding_index: int
     finding = source.result.findings[finding_index]
     text = f"{finding.label} img{image_index} #{finding_index + 1}"[:64]
     uid = derive_uid(
-        uid_seed, "tracking", source.sop_instance_uid, finding.model.device_uid,
-        finding.label, str(finding_index),
+        uid_seed,
+        "tracking",
+        source.sop_instance_uid,
+        finding.model.device_uid,
+        finding.label,
+        str(finding_index),
     )
     return text, uid

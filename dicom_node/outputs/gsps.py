@@ -92,7 +92,9 @@ def _build_group(
     sources = [source for _, source in members]
     images = [source.work for source in sources]
     layer = GraphicLayer(
-        LAYER_NAME, order=1, description="AI results, not for primary diagnosis",
+        LAYER_NAME,
+        order=1,
+        description="AI results, not for primary diagnosis",
         display_color=_LAYER_COLOUR,
     )
     annotations = [_annotation(index, source, layer, uid_seed) for index, source in members]
@@ -116,9 +118,7 @@ def _build_group(
         graphic_layers=[layer],
         institution_name=settings.institution_name,
         voi_lut_transformations=voi or None,  # None: no source VOI, nothing to copy
-        presentation_lut_transformation=PresentationLUTTransformation(
-            presentation_lut_shape=shape
-        ),
+        presentation_lut_transformation=PresentationLUTTransformation(presentation_lut_shape=shape),
         series_description=SERIES_DESCRIPTION,
     )
     # General Series: naming the (unpaired) body part is what makes Laterality (2C)
@@ -160,6 +160,7 @@ def _annotation(
                 text_value=finding_text(finding),
                 units=AnnotationUnitsValues.PIXEL,
                 bounding_box=_label_box(box, finding_text(finding), rows, cols),
+                text_justification="LEFT",
             )
         )
     texts += _display_texts(source, unboxed)
@@ -215,7 +216,9 @@ def _voi_transformations(images: Sequence[Dataset]) -> list[SoftcopyVOILUTTransf
         refs = ReferencedImageSequence(referenced_images=[ds]) if many else None
         if "VOILUTSequence" in ds and ds.VOILUTSequence:
             luts = [_voi_lut(item) for item in ds.VOILUTSequence]
-            transformations.append(SoftcopyVOILUTTransformation(voi_luts=luts, referenced_images=refs))
+            transformations.append(
+                SoftcopyVOILUTTransformation(voi_luts=luts, referenced_images=refs)
+            )
         elif "WindowCenter" in ds and "WindowWidth" in ds:
             window = _window_transformation(ds, refs)
             if window is not None:
@@ -233,8 +236,9 @@ def _window_transformation(
         if c is not None and w is not None and float(w) > 0
     ]
     if not pairs:
-        logger.warning("Image %s has no usable VOI window; GSPS leaves VOI to the viewer",
-                       ds.SOPInstanceUID)
+        logger.warning(
+            "Image %s has no usable VOI window; GSPS leaves VOI to the viewer", ds.SOPInstanceUID
+        )
         return None
     raw = ds.get("WindowCenterWidthExplanation")
     explanations = [str(e) for e in _as_list(raw)] if raw else []

@@ -1,10 +1,8 @@
 """Pixels for the secondary-capture overlay: the grey display image and what is burnt in.
 
-``render_grey`` follows the DICOM grayscale pipeline a viewer applies (PS3.4 N.2):
-modality LUT (rescale or LUT), VOI (the first window, or the VOI LUT sequence; a
-0.5-99.5 percentile window when the image has neither), then MONOCHROME1 inversion, so
-the overlay looks like the source does on a viewer. ``ai.pixels`` has its own float
-version for the model; this one produces the 8-bit image a radiologist sees.
+``render_grey`` is the DICOM grayscale pipeline a viewer applies (PS3.4 N.2): modality
+LUT, VOI (window or VOI LUT sequence; a percentile window when the image has neither),
+then MONOCHROME1 inversion, so the overlay looks like the source does on a viewer.
 """
 
 from __future__ import annotations
@@ -16,7 +14,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi
+
+from ai.pixels import load_display_image
 
 logger = logging.getLogger(__name__)
 
@@ -36,66 +35,14 @@ _FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
 def render_grey(ds: Dataset) -> np.ndarray:
-    """8-bit grey display rendering of a single-frame grayscale image, (rows, columns)."""
-    arr = ds.pixel_array  # fills pydicom's decode cache only, no DICOM attribute changes
-    if arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
-        arr = arr[0]  # multi-frame: the first frame is the one analysed
-    elif arr.ndim == 3:
-        arr = arr.mean(axis=-1)
-    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
-    unit = _voi_unit(values, ds)
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":
-        unit = 1.0 - unit
+    """8-bit grey display rendering of the source, (rows, columns).
+
+    The model side's :func:`ai.pixels.load_display_image` already implements the
+    pipeline (with size checks before decoding); the overlay must show exactly what the
+    model saw, so it is reused rather than duplicated.
+    """
+    unit = load_display_image(ds)
     return np.clip(unit * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-
-def _voi_unit(values: np.ndarray, ds: Dataset) -> np.ndarray:
-    """VOI transform to [0, 1]."""
-    if "VOILUTSequence" in ds and ds.VOILUTSequence:
-        item = ds.VOILUTSequence[0]
-        indices = np.rint(values).astype(np.int32)  # a LUT is indexed by integers
-        out = np.asarray(apply_voi(indices, ds, index=0), dtype=np.float32)
-        bits = int(item.LUTDescriptor[2])
-        top = float(2**bits - 1) if bits in range(8, 17) else float(out.max() or 1.0)
-        return np.clip(out / top, 0.0, 1.0)
-    window = _first_window(ds)
-    if window is not None:
-        center, width = window
-        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-        return _window(values, center, width, function)
-    lo, hi = np.percentile(values, [0.5, 99.5])
-    if hi <= lo:
-        hi = lo + 1.0
-    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
-
-
-def _first_window(ds: Dataset) -> tuple[float, float] | None:
-    if "WindowCenter" not in ds or "WindowWidth" not in ds:
-        return None
-    center, width = ds.WindowCenter, ds.WindowWidth
-    try:
-        c = float(center[0] if _is_multi(center) else center)
-        w = float(width[0] if _is_multi(width) else width)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if not (math.isfinite(c) and math.isfinite(w)) or w <= 0:
-        return None
-    return c, w
-
-
-def _is_multi(value: object) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, str | bytes)
-
-
-def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    """PS3.3 C.11.2.1.2 window functions, output in [0, 1]."""
-    if function == "SIGMOID":
-        return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))).astype(np.float32)
-    if function == "LINEAR_EXACT":
-        out = (values - center) / width + 0.5
-    else:  # LINEAR; width 1 degenerates to a threshold
-        out = (values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
 def blend_heatmap(rgb: np.ndarray, heat: np.ndarray, alpha: float) -> None:
@@ -175,11 +122,14 @@ def draw_label(
     scale, thickness = _font_scale(text, cols * 0.9, base_font_scale(rows, cols))
     (tw, th), baseline = cv2.getTextSize(text, _FONT, scale, thickness)
     pad = max(2, th // 4)
-    gap = line_thickness(rows, cols) + pad
+    thickness_px = line_thickness(rows, cols)
+    gap = thickness_px + pad
     y_base = r0 - gap - baseline
-    if y_base - th - pad < top_limit:
+    x = c0
+    if y_base - th - pad < top_limit:  # no room above: inside, clear of the outline
         y_base = r0 + gap + th
-    x = min(max(c0, 0), max(cols - tw - pad, 0))
+        x = c0 + thickness_px
+    x = min(max(x, 0), max(cols - tw - pad, 0))
     top = max(y_base - th - pad, 0)
     bottom = min(y_base + baseline + pad // 2, rows - 1)
     cv2.rectangle(rgb, (x, top), (min(x + tw + pad, cols - 1), bottom), LABEL_BACKGROUND, -1)

@@ -44,7 +44,9 @@ _LOSSY_KEYWORDS = (
 )
 
 
-def build_sc(sources: Sequence[Source], settings: OutputSettings, uid_seed: str) -> list[OutputObject]:
+def build_sc(
+    sources: Sequence[Source], settings: OutputSettings, uid_seed: str
+) -> list[OutputObject]:
     """One RGB SC per source image, all in one new series."""
     series = series_uid(uid_seed, "sc")
     return [
@@ -67,9 +69,7 @@ def overlay_pixels(source: Source, settings: OutputSettings) -> np.ndarray:
     # Labels stay out from under the banner and the summary line below it.
     banner_height = render.banner_height([*banner, "AI"], rows, cols)
     boxed = [
-        (f, box)
-        for f in result.positive_findings
-        if (box := clip_box(f, rows, cols)) is not None
+        (f, box) for f in result.positive_findings if (box := clip_box(f, rows, cols)) is not None
     ]
     for index, (_, box) in enumerate(boxed):
         colour = render.BOX_COLOURS[index % len(render.BOX_COLOURS)]

@@ -33,12 +33,10 @@ def dciodvfy_errors(tmp_path: Path) -> Callable[[Dataset, str], list[str]]:
 
 @pytest.fixture(scope="session")
 def real_cr() -> Dataset:
-    """The Philips MONOCHROME1 JPEG 2000 CR (decoded once per session; tests copy it)."""
+    """The Philips MONOCHROME1 JPEG 2000 CR, read once (builds never modify a source)."""
     if not CR_J2K.exists():
         pytest.skip(f"{CR_J2K} is missing")
-    ds = pydicom.dcmread(CR_J2K)
-    ds.pixel_array  # noqa: B018 - decode once, later builds reuse pydicom's cache
-    return ds
+    return pydicom.dcmread(CR_J2K)
 
 
 @pytest.fixture(scope="session")

@@ -52,8 +52,14 @@ def test_non_str_part_is_an_error() -> None:
 
 @pytest.mark.parametrize(
     ("uid", "valid"),
-    [("1.2.3", True), ("1.02.3", False), ("1..2", False), ("1.2.a", False), ("", False),
-     ("1." + "1" * 63, False)],
+    [
+        ("1.2.3", True),
+        ("1.02.3", False),
+        ("1..2", False),
+        ("1.2.a", False),
+        ("", False),
+        ("1." + "1" * 63, False),
+    ],
 )
 def test_is_valid_uid(uid: str, valid: bool) -> None:
     assert is_valid_uid(uid) is valid

@@ -65,8 +65,11 @@ def test_every_finding_is_a_group_with_tracking_probability_and_presence(study) 
     _, sr = study
     groups = _groups(sr)
     assert len(groups) == 3  # nodule (box), cardiomegaly (negative), effusion (no box)
-    expected = {"27925004": ("91.0", "52101004"), "287272002": ("12.0", "272519000"),
-                "60046008": ("66.0", "52101004")}
+    expected = {
+        "27925004": ("91.0", "52101004"),
+        "287272002": ("12.0", "272519000"),
+        "60046008": ("66.0", "52101004"),
+    }
     tracking_uids = set()
     for group in groups:
         assert len(_children(group, "112039")) == 1  # Tracking Identifier

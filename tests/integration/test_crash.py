@@ -1,0 +1,172 @@
+"""Crash safety with a real process and kill -9: ACK ⊆ DURABLE, jobs re-run exactly once."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from conftest import StoreSCP, free_port, require_tool, storescu, wait_for_port, wait_until
+from dicom_node import db
+from helpers.node import node_settings, query, spawn_node, studies, write_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _make_study(folder: Path, n: int, *, seed: int, rows: int = 512, cols: int = 512,
+                variant: str = "dx_mono2_explicit") -> list[Path]:
+    from training.synth import StudyContext, make_dataset
+
+    study = StudyContext.from_seed(seed)
+    files = []
+    for i in range(n):
+        ds = make_dataset(variant, seed=seed * 1000 + i, rows=rows, columns=cols, study=study)
+        path = folder / f"img{i:03d}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
+def _settings(tmp_path: Path, bundle: Path, dest: str, quiet: float):  # type: ignore[no-untyped-def]
+    return node_settings(tmp_path / "node", destinations=[dest], quiet=quiet,
+                         **{"models.bundles": [str(bundle)], "models.device": "cpu",
+                            "workers.lease_s": 600})
+
+
+def _start(settings, tmp_path: Path) -> subprocess.Popen:  # type: ignore[no-untyped-def]
+    proc = spawn_node(write_config(settings, tmp_path / "node.yaml"), tmp_path / "node.log")
+    wait_for_port(settings.dicom.port, timeout=60)
+    return proc
+
+
+def _kill9(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+
+def _check_spool_integrity(settings) -> None:  # type: ignore[no-untyped-def]
+    """Every instance row points at a complete file whose hash is the recorded one."""
+    spool = settings.storage.data_dir / "spool"
+    for row in query(settings, select(db.instances)):
+        data = (spool / row.path).read_bytes()
+        assert len(data) == row.size and hashlib.sha256(data).hexdigest() == row.sha256
+    for f in (spool / "instances").rglob("*"):
+        assert not f.is_file() or f.stat().st_size > 0
+
+
+def test_kill9_during_receive_loses_no_acknowledged_instance(tmp_path: Path,
+                                                             tiny_bundle: Path) -> None:
+    files = _make_study(tmp_path / "in", 60, seed=1, rows=300, cols=300)
+    dest = StoreSCP(tmp_path / "dest", free_port())
+    settings = _settings(tmp_path, tiny_bundle, dest.destination, quiet=2.0)
+    proc = _start(settings, tmp_path)
+    acked: list[str] = []
+    try:
+        cmd = [require_tool("storescu"), "-v", "-aec", "CXR_AI", "-aet", "PACS",
+               "127.0.0.1", str(settings.dicom.port), *map(str, files)]
+        sender = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+        out_lines: list[str] = []
+        reader = threading.Thread(target=lambda: out_lines.extend(sender.stdout or []))
+        reader.start()
+        wait_until(lambda: len(query(settings, select(db.instances))) >= 20, 60,
+                   interval=0.02, what="20 instances stored")
+        _kill9(proc)
+        sender.wait(30)
+        reader.join(10)
+        current = None
+        for line in out_lines:  # storescu -v: "Sending file: X" ... "Received Store Response (Success)"
+            m = re.search(r"Sending file: (\S+)", line)
+            if m:
+                current = m.group(1)
+            elif "Received Store Response (Success)" in line and current:
+                acked.append(str(pydicom.dcmread(current, stop_before_pixels=True)
+                                 .SOPInstanceUID))
+        assert 20 <= len(acked) < 60
+        stored = {r.sop_instance_uid for r in query(settings, select(db.instances))}
+        assert set(acked) <= stored  # ACK ⊆ DURABLE
+        _check_spool_integrity(settings)
+        proc = _start(settings, tmp_path)  # restart, then the PACS re-sends the whole study
+        assert storescu(settings.dicom.port, files).returncode == 0
+        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        wait_until(lambda: studies(settings)[study].state == "done", 120, what="analysis")
+        wait_until(lambda: all(r.state == "sent" for r in query(settings, select(
+            db.deliveries))), 60, what="delivery")
+        insts = query(settings, select(db.instances))
+        assert len(insts) == 60 and {i.analysis_state for i in insts} == {"analysed"}
+        assert len({i.job_id for i in insts}) == 1  # one job with every image
+        assert len(query(settings, select(db.jobs))) == 1
+        outs = query(settings, select(db.outputs))
+        assert sorted(o.kind for o in outs).count("sc") == 60 and len(outs) == 62
+        assert not list((settings.storage.data_dir / "spool" / "tmp").iterdir())
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(20)
+        dest.stop()
+
+
+def test_kill9_during_inference_reruns_and_delivers_one_result_set(tmp_path: Path,
+                                                                   tiny_bundle: Path) -> None:
+    files = _make_study(tmp_path / "in", 6, seed=2, rows=2000, cols=1800,
+                        variant="dx_mono1_j2k")
+    dest = StoreSCP(tmp_path / "dest", free_port())
+    settings = _settings(tmp_path, tiny_bundle, dest.destination, quiet=0.5)
+    proc = _start(settings, tmp_path)
+    try:
+        assert storescu(settings.dicom.port, files).returncode == 0
+        wait_until(lambda: any(j.state == "running" for j in query(settings, select(db.jobs))),
+                   60, interval=0.01, what="job running")
+        _kill9(proc)
+        [job] = query(settings, select(db.jobs))
+        assert job.state == "running" and query(settings, select(db.outputs)) == []
+        proc = _start(settings, tmp_path)
+        wait_until(lambda: all(r.state == "sent" for r in query(settings, select(
+            db.deliveries))) and query(settings, select(db.deliveries)), 180, what="delivery")
+        [job] = query(settings, select(db.jobs))
+        assert job.state == "done" and job.attempts == 2
+        outs = query(settings, select(db.outputs))
+        assert len(outs) == 8  # 1 SR + 6 SC + 1 GSPS: one result set
+        time.sleep(0.5)
+        received = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                    for f in dest.files()]
+        assert sorted(set(received)) == sorted(o.sop_instance_uid for o in outs)
+        assert len(received) == len(set(received)) == 8
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(20)
+        dest.stop()
+
+
+def test_restart_inside_quiet_period_gives_one_job_with_every_image(tmp_path: Path,
+                                                                    tiny_bundle: Path) -> None:
+    files = _make_study(tmp_path / "in", 6, seed=3, rows=300, cols=300)
+    dest = StoreSCP(tmp_path / "dest", free_port())
+    settings = _settings(tmp_path, tiny_bundle, dest.destination, quiet=4.0)
+    proc = _start(settings, tmp_path)
+    try:
+        assert storescu(settings.dicom.port, files[:3]).returncode == 0
+        _kill9(proc)  # inside the quiet period: no job yet
+        assert query(settings, select(db.jobs)) == []
+        proc = _start(settings, tmp_path)
+        assert storescu(settings.dicom.port, files[3:]).returncode == 0
+        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        wait_until(lambda: studies(settings)[study].state == "done", 90, what="analysis")
+        [job] = query(settings, select(db.jobs))
+        insts = query(settings, select(db.instances))
+        assert len(insts) == 6 and {i.job_id for i in insts} == {job.id}
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(20)
+        dest.stop()
