@@ -51,6 +51,7 @@ _REQUIRED: tuple[str, ...] = (
     "SOPClassUID",
     "Rows",
     "Columns",
+    "PhotometricInterpretation",
 )
 # Used when a projection image carries no orientation: the usual chest display (patient's
 # left to the right of the screen, feet down). Only ever written into working copies.

@@ -76,9 +76,13 @@ def test_dcmtk_decodes_bit_exact(tmp_path: Path, precision: int) -> None:
     for i, arr in enumerate(_images(precision)):
         src = _write(arr, precision, tmp_path / f"{i}.dcm")
         out = tmp_path / f"{i}_raw.dcm"
-        res = subprocess.run([dcmdjpeg, str(src), str(out)], capture_output=True, text=True, timeout=60)
+        res = subprocess.run(
+            [dcmdjpeg, str(src), str(out)], capture_output=True, text=True, timeout=60
+        )
         assert res.returncode == 0, res.stderr
-        assert np.array_equal(pydicom.dcmread(out).pixel_array, arr), f"image {i}, precision {precision}"
+        assert np.array_equal(pydicom.dcmread(out).pixel_array, arr), (
+            f"image {i}, precision {precision}"
+        )
 
 
 def test_sixteen_bit_wraparound_uses_category_16(tmp_path: Path) -> None:

@@ -72,7 +72,9 @@ def _timed(fn) -> float:  # type: ignore[no-untyped-def]
 
 
 def test_prevalence_controls_random_findings() -> None:
-    assert not any(any(render_phantom(s, 128, 128, prevalence=0.0).findings.values()) for s in range(5))
+    assert not any(
+        any(render_phantom(s, 128, 128, prevalence=0.0).findings.values()) for s in range(5)
+    )
     drawn = [render_phantom(s, 256, 256, prevalence=1.0) for s in range(3)]
     assert all(all(p.findings.values()) for p in drawn)
     assert all(len(p.boxes) == len(FINDINGS) for p in drawn)

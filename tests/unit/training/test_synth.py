@@ -69,7 +69,12 @@ def _dcmdump_ok(path: Path) -> bool:
 def test_required_variants_are_declared() -> None:
     assert set(REQUIRED_VARIANTS) <= set(VARIANTS)
     syntaxes = {VARIANT_SPECS[v].transfer_syntax for v in VARIANTS}
-    assert {ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLosslessSV1, JPEGLSLossless} <= syntaxes
+    assert {
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        JPEGLosslessSV1,
+        JPEGLSLossless,
+    } <= syntaxes
     assert {JPEG2000Lossless, RLELossless} <= syntaxes
     assert {VARIANT_SPECS[v].bits_stored for v in VARIANTS} >= {10, 12, 14, 15, 16}
     assert "dx_lateral" not in ANALYSABLE_VARIANTS and "ct_slice" not in ANALYSABLE_VARIANTS
@@ -88,7 +93,9 @@ def test_variant_round_trips_and_validates(tmp_path: Path, variant: str) -> None
     assert (ds.Rows, ds.Columns, ds.BitsAllocated) == (160, 128, 16)
     assert ds.HighBit == ds.BitsStored - 1 and ds.PixelRepresentation == 0
     assert ds.PhotometricInterpretation == spec.photometric
-    assert np.array_equal(ds.pixel_array, img.pixels), "lossless decode differs from what was encoded"
+    assert np.array_equal(ds.pixel_array, img.pixels), (
+        "lossless decode differs from what was encoded"
+    )
     assert int(img.pixels.max()) < 1 << ds.BitsStored
     assert _dciodvfy_errors(path) == []
     assert _dcmdump_ok(path)
@@ -102,7 +109,13 @@ def test_projection_headers(variant: str) -> None:
     assert ds.BodyPartExamined == "CHEST" and ds.ViewPosition == spec.view
     assert list(ds.PatientOrientation) == (["P", "F"] if spec.view == "LL" else ["L", "F"])
     assert len(ds.ImagerPixelSpacing) == 2 and float(ds.ImagerPixelSpacing[0]) > 0
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber"):
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "AccessionNumber",
+    ):
         assert str(ds.data_element(keyword).value)
     if spec.sop.startswith("dx"):
         expected = "INVERSE" if spec.photometric == "MONOCHROME1" else "IDENTITY"
@@ -128,7 +141,9 @@ def test_rescale_variant_has_modality_lut() -> None:
 
 def test_monochrome1_is_inverted() -> None:
     """Same seed: MONOCHROME1 stores bright anatomy as low values."""
-    mono2 = make_image("dx_mono2_implicit_12bit", seed=9, rows=128, columns=128).pixels.astype(float)
+    mono2 = make_image("dx_mono2_implicit_12bit", seed=9, rows=128, columns=128).pixels.astype(
+        float
+    )
     mono1 = make_image("cr_mono1_voi_lut_seq", seed=9, rows=128, columns=128).pixels.astype(float)
     assert np.corrcoef(mono1.ravel(), mono2.ravel())[0, 1] < -0.95
 
@@ -143,7 +158,13 @@ def test_same_seed_same_uids_and_pixels() -> None:
     a = make_dataset("dx_mono1_j2k", seed=42, rows=96, columns=96)
     b = make_dataset("dx_mono1_j2k", seed=42, rows=96, columns=96)
     c = make_dataset("dx_mono1_j2k", seed=43, rows=96, columns=96)
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID", "PixelData"):
+    for keyword in (
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "PatientID",
+        "PixelData",
+    ):
         assert a[keyword].value == b[keyword].value
         assert a[keyword].value != c[keyword].value
     assert a.file_meta.MediaStorageSOPInstanceUID == a.SOPInstanceUID
@@ -212,8 +233,14 @@ def test_labels_match_files(dataset_dir: Path) -> None:
     for row in rows:
         ds = pydicom.dcmread(dataset_dir / row["path"], stop_before_pixels=True)
         assert ds.SOPInstanceUID == row["sop_instance_uid"]
-        assert ds.StudyInstanceUID == row["study_instance_uid"] and ds.PatientID == row["patient_id"]
-        assert Path(row["path"]).parts == (safe_name(ds.PatientID), ds.StudyInstanceUID, ds.SOPInstanceUID + ".dcm")
+        assert (
+            ds.StudyInstanceUID == row["study_instance_uid"] and ds.PatientID == row["patient_id"]
+        )
+        assert Path(row["path"]).parts == (
+            safe_name(ds.PatientID),
+            ds.StudyInstanceUID,
+            ds.SOPInstanceUID + ".dcm",
+        )
         assert all(row[name] in ("0", "1") for name in FINDINGS)
     assert (dataset_dir / "classes.txt").read_text().split() == list(FINDINGS)
 
@@ -237,7 +264,9 @@ def test_variety_patients_and_multi_image_studies(dataset_dir: Path) -> None:
     images_per_study: dict[str, int] = {}
     for row in rows:
         studies_per_patient.setdefault(row["patient_id"], set()).add(row["study_instance_uid"])
-        images_per_study[row["study_instance_uid"]] = images_per_study.get(row["study_instance_uid"], 0) + 1
+        images_per_study[row["study_instance_uid"]] = (
+            images_per_study.get(row["study_instance_uid"], 0) + 1
+        )
     assert len(images_per_study) == 30
     assert any(len(s) > 1 for s in studies_per_patient.values()), "no patient with two studies"
     assert any(n > 1 for n in images_per_study.values()), "no study with two images"
@@ -251,9 +280,13 @@ def test_synthesize_is_deterministic(tmp_path: Path) -> None:
     a = synthesize(tmp_path / "a", 4, seed=9, size=80, variants=["cr_mono2_jpegls", "dx_mono2_rle"])
     b = synthesize(tmp_path / "b", 4, seed=9, size=80, variants=["cr_mono2_jpegls", "dx_mono2_rle"])
     assert a.images == b.images and a.positives == b.positives
-    assert (tmp_path / "a" / "labels.csv").read_bytes() == (tmp_path / "b" / "labels.csv").read_bytes()
+    assert (tmp_path / "a" / "labels.csv").read_bytes() == (
+        tmp_path / "b" / "labels.csv"
+    ).read_bytes()
     for row in _labels(tmp_path / "a"):
-        assert (tmp_path / "a" / row["path"]).read_bytes() == (tmp_path / "b" / row["path"]).read_bytes()
+        assert (tmp_path / "a" / row["path"]).read_bytes() == (
+            tmp_path / "b" / row["path"]
+        ).read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -276,7 +309,9 @@ def test_synthesize_rejects_bad_arguments(tmp_path: Path, kwargs: dict, match: s
 
 def test_cli_synth_writes_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ds"
-    code = main(["-q", "synth", "--out", str(out), "--count", "3", "--size", "96x80", "--seed", "1"])
+    code = main(
+        ["-q", "synth", "--out", str(out), "--count", "3", "--size", "96x80", "--seed", "1"]
+    )
     assert code == 0
     assert "wrote" in capsys.readouterr().out
     assert len(_labels(out)) == len(list(out.rglob("*.dcm"))) >= 3
@@ -288,18 +323,34 @@ def test_cli_synth_writes_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[
     ("argv", "message"),
     [
         (["synth", "--count", "0", "--out", "x"], "--count: 0 must be at least 1"),
-        (["synth", "--count", "2", "--out", "x", "--size", "12x9000"], "--size: Image size 12x9000"),
+        (
+            ["synth", "--count", "2", "--out", "x", "--size", "12x9000"],
+            "--size: Image size 12x9000",
+        ),
         (["synth", "--count", "2", "--out", "x", "--size", "big"], "--size"),
-        (["synth", "--count", "2", "--out", "x", "--variants", "dx_mono2_explicit,bogus"], 'unknown variant "bogus"'),
-        (["synth", "--count", "2", "--out", "x", "--prevalence", "2"], "--prevalence: 2.0 is not within"),
-        (["synth", "--count", "2", "--out", "x", "--seed", "-4"], "--seed: -4 must be non-negative"),
+        (
+            ["synth", "--count", "2", "--out", "x", "--variants", "dx_mono2_explicit,bogus"],
+            'unknown variant "bogus"',
+        ),
+        (
+            ["synth", "--count", "2", "--out", "x", "--prevalence", "2"],
+            "--prevalence: 2.0 is not within",
+        ),
+        (
+            ["synth", "--count", "2", "--out", "x", "--seed", "-4"],
+            "--seed: -4 must be non-negative",
+        ),
         (["synth", "--count", "2"], "--out and --count are required"),
         (["nonsense"], "invalid choice"),
         ([], "required: COMMAND"),
     ],
 )
 def test_cli_bad_arguments_exit_2_with_message(
-    argv: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    argv: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
@@ -339,4 +390,6 @@ def test_python_dash_m_training(tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    assert res.returncode == 2 and "must be at least 1" in res.stderr and "Traceback" not in res.stderr
+    assert (
+        res.returncode == 2 and "must be at least 1" in res.stderr and "Traceback" not in res.stderr
+    )
