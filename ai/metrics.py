@@ -198,13 +198,12 @@ def auroc_estimate(
 
 
 def _operating_points(truth: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Distinct thresholds (descending) with the sensitivity and specificity of each."""
+    """Distinct thresholds (descending) with the true- and false-positive counts of each."""
     thresholds = np.unique(s)[::-1]
-    n_pos, n_neg = max(int(truth.sum()), 1), max(int((~truth).sum()), 1)
     pos_sorted, neg_sorted = np.sort(s[truth]), np.sort(s[~truth])
     tp = pos_sorted.size - np.searchsorted(pos_sorted, thresholds, side="left")
     fp = neg_sorted.size - np.searchsorted(neg_sorted, thresholds, side="left")
-    return thresholds, tp / n_pos, 1 - fp / n_neg
+    return thresholds, tp, fp
 
 
 def _between(thresholds: np.ndarray, i: int) -> float:
@@ -220,8 +219,10 @@ def youden_threshold(y_true: Sequence[int] | np.ndarray, scores: Sequence[float]
     truth, s = _scores(y_true, scores)
     if truth.all() or not truth.any():
         raise ValueError("Youden threshold needs both positive and negative cases")
-    thresholds, sens, spec = _operating_points(truth, s)
-    return _between(thresholds, int(np.argmax(sens + spec - 1)))
+    thresholds, tp, fp = _operating_points(truth, s)
+    n_pos, n_neg = int(truth.sum()), int((~truth).sum())
+    # J * n_pos * n_neg = tp * n_neg - fp * n_pos: integers, so ties are exact ties
+    return _between(thresholds, int(np.argmax(tp * n_neg - fp * n_pos)))
 
 
 def threshold_for_sensitivity(
@@ -234,6 +235,6 @@ def threshold_for_sensitivity(
     truth, s = _scores(y_true, scores)
     if not truth.any():
         raise ValueError("threshold_for_sensitivity needs positive cases")
-    thresholds, sens, _ = _operating_points(truth, s)
-    i = int(np.argmax(sens >= target - 1e-12))
+    thresholds, tp, _ = _operating_points(truth, s)
+    i = int(np.argmax(tp >= target * int(truth.sum()) - 1e-9))
     return _between(thresholds, i)

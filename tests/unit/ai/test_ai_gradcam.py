@@ -39,7 +39,9 @@ def test_matches_monai_gradcam(name: str, args: dict, side: int) -> None:
         ours = cam(x, k, normalize=False)
         ref = _monai_map(model, layer, x, k)
         assert ours.shape == (3, side, side)
-        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+        torch.testing.assert_close(
+            ours, ref, rtol=1e-4, atol=1e-6 * float(ref.detach().abs().max())
+        )
 
 
 def test_maps_for_selected_pairs_are_normalised() -> None:
@@ -64,22 +66,19 @@ def test_shared_module_uses_last_call() -> None:
     model, layer = _model("efficientnet-b0")
     x = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(3))
     # reference: full backward, gradient of the head activation (the last _swish call)
-    seen: list[torch.Tensor] = []
-    handle = model._swish.register_forward_hook(lambda m, i, o: seen.append(o))
     ref_model = copy.deepcopy(model)
-    handle.remove()
-    seen.clear()
-    handle = ref_model._swish.register_forward_hook(
-        lambda m, i, o: (o.retain_grad(), seen.append(o))
-    )
-    ref_model._swish.inplace = False  # MemoryEfficientSwish flag: keep outputs distinct
-    logits = ref_model(x)
-    logits[:, 2].sum().backward()
+    seen: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, _inputs: object, out: torch.Tensor) -> None:
+        out.retain_grad()
+        seen.append(out)
+
+    ref_model._swish.register_forward_hook(keep)
+    ref_model(x)[:, 2].sum().backward()
     act = seen[-1]
     weights = act.grad.mean((2, 3), keepdim=True)
-    ref = torch.relu((weights * act).sum(1, keepdim=True))
-    ref = torch.nn.functional.interpolate(ref, size=(64, 64), mode="bilinear")[:, 0].detach()
-    handle.remove()
+    ref = torch.relu((weights * act).sum(1, keepdim=True)).detach()
+    ref = torch.nn.functional.interpolate(ref, size=(64, 64), mode="bilinear")[:, 0]
     ours = GradCAM(model.requires_grad_(False), layer)(x, 2, normalize=False)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-7)
 
