@@ -188,3 +188,79 @@ def make_engine(url: str) -> Engine:
 
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation (quality officers): runs of scheduled/manual evaluation jobs, their per-label
+# figures, alerts when a figure falls below its floor, and ground truth confirmed later.
+
+evaluation_runs = Table(
+    "evaluation_runs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_name", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),  # reference | confirmed
+    Column("trigger", String(16), nullable=False),  # schedule | manual | api | catchup
+    Column("state", String(16), nullable=False),  # running | succeeded | failed
+    Column("scheduled_for", Float, nullable=True),
+    Column("started_at", Float, nullable=False),
+    Column("finished_at", Float, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("n_images", Integer, nullable=True),
+    Column("models", Text, nullable=True),  # JSON: [{name, version, device_uid, thresholds}]
+    Column("alerts", Integer, nullable=False, default=0),
+)
+Index("ix_evaluation_runs_job", evaluation_runs.c.job_name, evaluation_runs.c.started_at)
+
+evaluation_metrics = Table(
+    "evaluation_metrics",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("evaluation_runs.id"), nullable=False),
+    Column("model_name", String(128), nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("label", String(64), nullable=False),
+    Column("threshold", Float, nullable=True),
+    Column("n_pos", Integer, nullable=False),
+    Column("n_neg", Integer, nullable=False),
+    Column("tp", Integer, nullable=False),
+    Column("fp", Integer, nullable=False),
+    Column("tn", Integer, nullable=False),
+    Column("fn", Integer, nullable=False),
+    *[Column(f"{m}{suffix}", Float, nullable=True)
+      for m in ("sensitivity", "specificity", "ppv", "npv", "auroc")
+      for suffix in ("", "_lo", "_hi")],
+    Column("f1", Float, nullable=True),
+    Column("ap50", Float, nullable=True),  # detection only
+    Column("froc", Text, nullable=True),  # JSON [[fp_per_image, sensitivity], ...]
+    Column("roc", Text, nullable=True),  # JSON [[fpr, tpr], ...] for the plots
+)
+Index("ix_evaluation_metrics_run", evaluation_metrics.c.run_id)
+
+evaluation_alerts = Table(
+    "evaluation_alerts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("evaluation_runs.id"), nullable=False),
+    Column("job_name", String(64), nullable=False),
+    Column("model_name", String(128), nullable=False),
+    Column("label", String(64), nullable=False),
+    Column("metric", String(32), nullable=False),  # sensitivity | specificity
+    Column("value", Float, nullable=True),
+    Column("floor", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("acknowledged_at", Float, nullable=True),
+)
+
+confirmed_labels = Table(
+    "confirmed_labels",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("key_kind", String(8), nullable=False),  # study | sop
+    Column("key_uid", UID, nullable=False),
+    Column("label", String(64), nullable=False),
+    Column("value", Integer, nullable=False),  # 1 present, 0 absent
+    Column("source", String(16), nullable=False),  # api | csv
+    Column("received_at", Float, nullable=False),
+    UniqueConstraint("key_kind", "key_uid", "label", name="uq_confirmed_key_label"),
+)
