@@ -77,7 +77,7 @@ function OnStableStudy(studyId, tags, metadata)
     for _, instanceId in ipairs(s['Instances']) do
       local meta = ParseJson(RestApiGet('/instances/' .. instanceId .. '/metadata?expand'))
       local remote = string.upper(meta['RemoteAET'] or '')
-      if routable_modality(modality) and remote ~= NODE_AET then
+      if routable_modality(modality) and remote ~= NODE_AET and meta[ROUTED] == nil then
         table.insert(send, instanceId)
       else
         skipped = skipped + 1
