@@ -238,3 +238,118 @@ def threshold_for_sensitivity(
     thresholds, tp, _ = _operating_points(truth, s)
     i = int(np.argmax(tp >= target * int(truth.sum()) - 1e-9))
     return _between(thresholds, i)
+
+
+def roc_curve(
+    y_true: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC points ``(fpr, tpr, thresholds)`` from (0, 0) to (1, 1), thresholds descending.
+
+    Point ``i > 0`` is the operating point of ``score >= thresholds[i]``; point 0 (threshold
+    +inf) calls nothing positive. Empty arrays without both classes.
+    """
+    truth, s = _scores(y_true, scores)
+    n_pos, n_neg = int(truth.sum()), int((~truth).sum())
+    if n_pos == 0 or n_neg == 0:
+        empty = np.zeros(0)
+        return empty, empty, empty
+    thresholds, tp, fp = _operating_points(truth, s)
+    fpr = np.concatenate([[0.0], fp / n_neg])
+    tpr = np.concatenate([[0.0], tp / n_pos])
+    return fpr, tpr, np.concatenate([[np.inf], thresholds])
+
+
+# --------------------------------------------------------------------------------------------
+# Curves and average precision (for evaluation reports and their plots)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Points of a ROC or precision-recall curve, one per distinct threshold (descending).
+
+    ``x``/``y`` are (FPR, TPR) for ROC and (recall, precision) for PR; ``thresholds[i]`` is
+    the cut-off (``score >= threshold`` is positive) that gives point ``i``. The ROC curve
+    starts at (0, 0) with threshold +inf; the PR curve starts at recall 0, precision 1.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    thresholds: np.ndarray
+
+
+def roc_curve(y_true: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> Curve:
+    """ROC points (FPR, TPR) at every distinct score; needs both classes."""
+    truth, s = _scores(y_true, scores)
+    n_pos, n_neg = int(truth.sum()), int((~truth).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("roc_curve needs both positive and negative cases")
+    thresholds, tp, fp = _operating_points(truth, s)
+    return Curve(
+        x=np.concatenate([[0.0], fp / n_neg]),
+        y=np.concatenate([[0.0], tp / n_pos]),
+        thresholds=np.concatenate([[np.inf], thresholds]),
+    )
+
+
+def precision_recall_curve(
+    y_true: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray
+) -> Curve:
+    """Precision-recall points at every distinct score (descending); needs positive cases."""
+    truth, s = _scores(y_true, scores)
+    n_pos = int(truth.sum())
+    if n_pos == 0:
+        raise ValueError("precision_recall_curve needs positive cases")
+    thresholds, tp, fp = _operating_points(truth, s)
+    return Curve(
+        x=np.concatenate([[0.0], tp / n_pos]),
+        y=np.concatenate([[1.0], tp / (tp + fp)]),
+        thresholds=np.concatenate([[np.inf], thresholds]),
+    )
+
+
+def _average_precision(truth: np.ndarray, s: np.ndarray) -> float:
+    thresholds, tp, fp = _operating_points(truth, s)
+    recall = tp / int(truth.sum())
+    precision = tp / (tp + fp)
+    return float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
+
+
+def average_precision(
+    y_true: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray
+) -> float:
+    """AP = sum over distinct thresholds (descending) of (R_k - R_k-1) * P_k.
+
+    The step-wise area under the PR curve without interpolation (the definition
+    scikit-learn uses); cases with tied scores enter together. NaN without positives.
+    """
+    truth, s = _scores(y_true, scores)
+    if not truth.any():
+        return math.nan
+    return _average_precision(truth, s)
+
+
+def average_precision_estimate(
+    y_true: Sequence[int] | np.ndarray,
+    scores: Sequence[float] | np.ndarray,
+    *,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """:func:`average_precision` with a stratified percentile-bootstrap interval."""
+    truth, s = _scores(y_true, scores)
+    if not truth.any():
+        return NAN_ESTIMATE
+    value = _average_precision(truth, s)
+    if truth.all():
+        return Estimate(value, value, value)  # every case positive: AP is 1 in every resample
+    rng = np.random.default_rng(seed)
+    pos, neg = s[truth], s[~truth]
+    labels = np.concatenate([np.ones(pos.size, bool), np.zeros(neg.size, bool)])
+    boot = np.empty(n_boot)
+    for b in range(n_boot):
+        sample = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
+        boot[b] = _average_precision(labels, sample)
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(boot, [alpha, 1 - alpha])
+    return Estimate(value, float(lo), float(hi))

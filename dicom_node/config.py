@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicom_node.errors import ConfigError
+from dicom_node.evaluation.settings import EvaluationSettings
 
 ENV_PREFIX = "CXR_NODE__"
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control
@@ -159,6 +160,7 @@ class Settings(_Model):
     sender: SenderSettings = Field(default_factory=SenderSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
 
     @model_validator(mode="after")
     def _backoff(self) -> Settings:

@@ -209,8 +209,14 @@ evaluation_runs = Table(
     Column("n_images", Integer, nullable=True),
     Column("models", Text, nullable=True),  # JSON: [{name, version, device_uid, thresholds}]
     Column("alerts", Integer, nullable=False, default=0),
+    Column("owner", String(200), nullable=True),  # host:pid:token of the process running it
+    Column("summary", Text, nullable=True),  # JSON: images analysed, excluded by reason, ...
 )
 Index("ix_evaluation_runs_job", evaluation_runs.c.job_name, evaluation_runs.c.started_at)
+# At most one running run per job, enforced by the database (across processes and hosts).
+Index("uq_evaluation_runs_running", evaluation_runs.c.job_name, unique=True,
+      sqlite_where=evaluation_runs.c.state == "running",
+      postgresql_where=evaluation_runs.c.state == "running")
 
 evaluation_metrics = Table(
     "evaluation_metrics",

@@ -145,7 +145,7 @@ def lua_script(node_ae: str = NODE_MODALITY, target: str = NODE_MODALITY,
 
 def make_config(work_dir: Path, *, http_port: int, dicom_port: int, node_ae: str,
                 node_host: str, node_port: int, stable_age: int, lua_path: Path,
-                aet: str = ORTHANC_AET) -> dict[str, Any]:
+                aet: str = ORTHANC_AET, allow_any_store: bool = False) -> dict[str, Any]:
     """The Orthanc 1.10 JSON configuration (key names as in ``Orthanc --config=x.json``)."""
     storage = str((work_dir / "storage").resolve())
     return {
@@ -162,9 +162,9 @@ def make_config(work_dir: Path, *, http_port: int, dicom_port: int, node_ae: str
         "StableAge": max(1, int(stable_age)),
         "UserMetadata": {ROUTED_METADATA: ROUTED_METADATA_INDEX},
         "DicomModalities": {NODE_MODALITY: [node_ae, node_host, node_port]},
-        # Only the registered node (from its host) may C-STORE results; images come in
-        # over REST (or add modalities for real senders).
-        "DicomAlwaysAllowStore": False,
+        # By default only the registered node (from its host) may C-STORE; images come in
+        # over REST. ``allow_any_store`` accepts C-STORE from any AE (e.g. storescu).
+        "DicomAlwaysAllowStore": allow_any_store,
         "DicomAlwaysAllowEcho": True,
         "DicomCheckModalityHost": True,
         "DicomScuTimeout": 30,
@@ -183,12 +183,14 @@ class OrthancServer:
     def __init__(self, work_dir: Path, *, node_port: int, node_ae: str = NODE_MODALITY,
                  node_host: str = "127.0.0.1", http_port: int | None = None,
                  dicom_port: int | None = None, stable_age: int = 2,
-                 startup_timeout: float = 30.0, binary: str | None = None) -> None:
+                 startup_timeout: float = 30.0, binary: str | None = None,
+                 allow_any_store: bool = False) -> None:
         self.work_dir = Path(work_dir)
         self.node_port, self.node_ae, self.node_host = node_port, node_ae, node_host
         self.http_port = http_port or free_port()
         self.dicom_port = dicom_port or free_port()
         self.stable_age = stable_age
+        self.allow_any_store = allow_any_store
         self.startup_timeout = startup_timeout
         self.binary = binary or find_binary()
         self.config_path = self.work_dir / "orthanc.json"
@@ -218,7 +220,8 @@ class OrthancServer:
         config = make_config(self.work_dir, http_port=self.http_port,
                              dicom_port=self.dicom_port, node_ae=self.node_ae,
                              node_host=self.node_host, node_port=self.node_port,
-                             stable_age=self.stable_age, lua_path=self.lua_path)
+                             stable_age=self.stable_age, lua_path=self.lua_path,
+                             allow_any_store=self.allow_any_store)
         self.config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
         return self.config_path
 
@@ -344,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dicom-port", type=int, default=None,
                         help=f"default {DEFAULT_DICOM_PORT} when free, else a free port")
     parser.add_argument("--stable-age", type=int, default=5, help="seconds (StableAge)")
+    parser.add_argument("--allow-any-store", action="store_true",
+                        help="accept C-STORE from any AE (default: only the node)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     http = args.http_port or (DEFAULT_HTTP_PORT if port_is_free(DEFAULT_HTTP_PORT) else None)
@@ -352,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with OrthancServer(args.work_dir, node_port=args.node_port, node_ae=args.node_ae,
                            http_port=http, dicom_port=dicom,
-                           stable_age=args.stable_age) as pacs:
+                           stable_age=args.stable_age,
+                           allow_any_store=args.allow_any_store) as pacs:
             print(f"Orthanc explorer: {pacs.explorer_url}")
             print(f"Orthanc DICOM:    {ORTHANC_AET}@127.0.0.1:{pacs.dicom_port} "
                   f"(node destination: --destination {pacs.destination})")

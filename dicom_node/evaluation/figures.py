@@ -1,0 +1,137 @@
+"""Per-label figures of a run, from cases (truth, the node's call and its probability).
+
+A *case* is one evaluation unit (an image, or a study when the ground truth is per study)
+for one label of one model. The decision is the node's own ``positive`` flag (probability
+>= the bundle's operating threshold, as live traffic gets it); AUROC and the ROC curve use
+the probability. Proportions get Wilson 95% intervals and AUROC a stratified bootstrap,
+both from :mod:`ai.metrics`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ai.metrics import NAN_ESTIMATE, Estimate, auroc_estimate, binary_metrics, roc_curve
+
+MAX_ROC_POINTS = 256  # stored per label and run: enough for a plot, small in the database
+
+
+@dataclass(frozen=True)
+class Case:
+    """One label's call on one evaluation unit, with the reference truth."""
+
+    model_name: str
+    model_version: str
+    label: str
+    unit: str  # SOP Instance UID or Study Instance UID
+    truth: int  # 1 present, 0 absent
+    probability: float
+    positive: bool
+    threshold: float
+
+
+@dataclass(frozen=True)
+class LabelFigures:
+    """Everything stored per run, model and label (``evaluation_metrics`` row)."""
+
+    model_name: str
+    model_version: str
+    label: str
+    threshold: float | None
+    n_pos: int
+    n_neg: int
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+    sensitivity: Estimate
+    specificity: Estimate
+    ppv: Estimate
+    npv: Estimate
+    f1: float | None
+    auroc: Estimate
+    roc: list[tuple[float, float]] = field(default_factory=list)  # (fpr, tpr)
+    ap50: float | None = None  # detection only
+    froc: list[tuple[float, float]] | None = None  # detection only: (FP per image, sens)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (NaN -> None), as the API and the dashboard show it."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in (
+            "model_name", "model_version", "label", "threshold", "n_pos", "n_neg",
+            "tp", "fp", "tn", "fn", "f1", "ap50")}
+        for name in ("sensitivity", "specificity", "ppv", "npv", "auroc"):
+            out[name] = getattr(self, name).as_dict()
+        out["roc"] = [list(p) for p in self.roc]
+        out["froc"] = None if self.froc is None else [list(p) for p in self.froc]
+        return out
+
+
+def _thin(points: list[tuple[float, float]], limit: int = MAX_ROC_POINTS
+          ) -> list[tuple[float, float]]:
+    if len(points) <= limit:
+        return points
+    idx = np.unique(np.linspace(0, len(points) - 1, limit).round().astype(int))
+    return [points[i] for i in idx]
+
+
+def label_figures(cases: Sequence[Case]) -> LabelFigures:
+    """Figures of one (model, label) group of cases."""
+    first = cases[0]
+    truth = np.asarray([c.truth for c in cases], dtype=int)
+    probs = np.asarray([c.probability for c in cases], dtype=float)
+    calls = np.asarray([int(c.positive) for c in cases], dtype=int)
+    bm = binary_metrics(truth, calls)
+    auc = auroc_estimate(truth, probs) if 0 < truth.sum() < truth.size else NAN_ESTIMATE
+    fpr, tpr, _ = roc_curve(truth, probs)
+    thresholds = {c.threshold for c in cases}
+    f1 = bm.f1.value
+    cm = bm.confusion
+    return LabelFigures(
+        model_name=first.model_name, model_version=first.model_version, label=first.label,
+        threshold=thresholds.pop() if len(thresholds) == 1 else None,
+        n_pos=int(truth.sum()), n_neg=int(truth.size - truth.sum()),
+        tp=cm.tp, fp=cm.fp, tn=cm.tn, fn=cm.fn,
+        sensitivity=bm.sensitivity, specificity=bm.specificity, ppv=bm.ppv, npv=bm.npv,
+        f1=None if math.isnan(f1) else f1, auroc=auc,
+        roc=_thin([(float(a), float(b)) for a, b in zip(fpr, tpr, strict=True)]),
+    )
+
+
+def compute_figures(cases: Iterable[Case]) -> list[LabelFigures]:
+    """One :class:`LabelFigures` per (model, version, label), sorted by those keys."""
+    groups: dict[tuple[str, str, str], list[Case]] = defaultdict(list)
+    for case in cases:
+        groups[(case.model_name, case.model_version, case.label)].append(case)
+    return [label_figures(groups[key]) for key in sorted(groups)]
+
+
+def study_cases(image_cases: Iterable[tuple[str, Case]]) -> list[Case]:
+    """Aggregate image-level calls to the study: positive if any image's finding is positive,
+    probability = the maximum. Input pairs are (study UID, case with the study's truth)."""
+    grouped: dict[tuple[str, str, str, str], list[Case]] = defaultdict(list)
+    for study_uid, case in image_cases:
+        grouped[(study_uid, case.model_name, case.model_version, case.label)].append(case)
+    out = []
+    for (study_uid, *_), group in grouped.items():
+        best = max(group, key=lambda c: c.probability)
+        out.append(Case(best.model_name, best.model_version, best.label, study_uid,
+                        best.truth, best.probability, any(c.positive for c in group),
+                        best.threshold))
+    return out
+
+
+def detection_figures(*_args: Any, **_kwargs: Any) -> list[LabelFigures]:
+    """Hook for detection bundles: AP50 (``LabelFigures.ap50``) and FROC points
+    (``LabelFigures.froc``) against the reference set's ``boxes.json``.
+
+    Not implemented yet: ``ai.inference`` refuses detection bundles today. When a detection
+    runner lands, match predicted boxes to reference boxes at IoU >= 0.5 per image, compute
+    AP50 and the FROC curve (in ``ai.metrics``), and store them in the same rows.
+    """
+    raise NotImplementedError("detection evaluation (AP50, FROC) is not implemented yet")

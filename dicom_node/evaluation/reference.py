@@ -1,0 +1,265 @@
+"""Reference-set evaluation: the deployed models on a labelled folder of DICOM.
+
+Every file goes through the same steps as live traffic: the header is read, the node's
+selection rules (:func:`dicom_node.selection.rejection_reason`) decide whether it is
+analysed, and the images of one study are handed to ``Analyzer.analyze`` together, as a
+worker does with a job. What is not analysed is counted by reason, never silently dropped.
+
+The label file is the classification CSV ``training`` reads: keyed by
+``sop_instance_uid``, ``path`` (relative to ``dicom_dir``) or ``study_instance_uid``, with
+one 0/1 column per label or a single ``label`` column (multi-class). Study-keyed labels are
+evaluated per study (positive if any image is, probability = the maximum).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from ai.types import ImageResult, PixelDataError
+from dicom_node.config import SelectionSettings
+from dicom_node.evaluation.errors import EvaluationError, EvaluationInterrupted
+from dicom_node.evaluation.figures import Case, study_cases
+from dicom_node.selection import rejection_reason
+from dicom_node.worker import Analyzer
+
+logger = logging.getLogger(__name__)
+
+KeyKind = Literal["sop", "path", "study"]
+_KEY_COLUMNS: tuple[tuple[str, KeyKind], ...] = (
+    ("sop_instance_uid", "sop"), ("path", "path"), ("study_instance_uid", "study"))
+# Columns of the training label format that are neither keys nor labels.
+_META_COLUMNS = frozenset({"sop_instance_uid", "path", "study_instance_uid", "patient_id",
+                           "view", "split", "fold", "comment"})
+_BINARY = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "": None}
+
+
+def _short(value: str) -> str:
+    return repr(value if len(value) <= 16 else value[:16] + "...")
+
+
+@dataclass(frozen=True)
+class ReferenceLabels:
+    """The label file: records keyed by SOP UID, relative path or Study UID.
+
+    TODO: replace with ``ai.labels.read_classification_labels`` / ``ai.labels.match_dicom``
+    (shared with ``training``) once that module exists; this is a minimal private reader of
+    the same CSV format.
+    """
+
+    key: KeyKind
+    labels: tuple[str, ...]  # label columns (multi-label) or class names (multi-class)
+    records: dict[str, dict[str, int | None]]
+    multiclass: bool = False
+
+    def truth(self, key: str, label: str) -> int | None:
+        record = self.records.get(key)
+        if record is None:
+            return None
+        if self.multiclass:
+            return int(record.get(label) == 1)
+        return record.get(label)
+
+
+def read_reference_labels(csv_path: Path) -> ReferenceLabels:
+    """Parse the classification label CSV; errors name the line, column and value."""
+    try:
+        with Path(csv_path).open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()}
+                    for row in reader]
+    except FileNotFoundError as exc:
+        raise EvaluationError(f"reference labels_csv {str(csv_path)!r} does not exist") from exc
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise EvaluationError(f"reference labels_csv {str(csv_path)!r} is not a readable "
+                              f"UTF-8 CSV: {exc}") from exc
+    key_column, key = next(((c, k) for c, k in _KEY_COLUMNS if c in columns), (None, None))
+    if key_column is None or key is None:
+        raise EvaluationError(f"labels_csv {str(csv_path)!r} needs one of the columns "
+                              "sop_instance_uid, path, study_instance_uid")
+    multiclass = "label" in columns
+    label_cols = [c for c in columns if c not in _META_COLUMNS and c != "label"]
+    if multiclass and label_cols:
+        raise EvaluationError(f"labels_csv {str(csv_path)!r}: a 'label' column excludes "
+                              f"per-label columns (found {', '.join(label_cols)})")
+    records: dict[str, dict[str, int | None]] = {}
+    classes: set[str] = set()
+    for line, row in enumerate(rows, start=2):
+        uid = row.get(key_column, "")
+        if not uid:
+            raise EvaluationError(f"labels_csv line {line}: empty {key_column}")
+        if uid in records:
+            raise EvaluationError(f"labels_csv line {line}: {key_column} appears twice")
+        if multiclass:
+            name = row["label"]
+            classes.add(name)
+            records[uid] = {name: 1} if name else {}
+            continue
+        record: dict[str, int | None] = {}
+        for col in label_cols:
+            value = row.get(col, "")
+            if value not in _BINARY:
+                raise EvaluationError(f"labels_csv line {line}, column {col!r}: value "
+                                      f"{_short(value)} is not 0, 1 or empty")
+            record[col] = _BINARY[value]
+        records[uid] = record
+    if not records:
+        raise EvaluationError(f"labels_csv {str(csv_path)!r} has no rows")
+    labels = tuple(sorted(classes)) if multiclass else tuple(label_cols)
+    return ReferenceLabels(key=key, labels=labels, records=records, multiclass=multiclass)
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with path.open("rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+@dataclass
+class ScanResult:
+    """Which files are analysed (grouped by study) and why the others are not."""
+
+    to_analyse: dict[str, list[tuple[Path, str]]] = field(default_factory=dict)  # study -> [(path, record key)]
+    excluded: Counter[str] = field(default_factory=Counter)
+    files: int = 0
+    non_dicom_files: int = 0
+    images_without_labels: int = 0
+    matched_keys: set[str] = field(default_factory=set)
+
+
+def scan_reference(dicom_dir: Path, labels: ReferenceLabels, rules: SelectionSettings,
+                   stop: threading.Event | None = None) -> ScanResult:
+    """Read every header under ``dicom_dir``, apply the selection rules, match labels."""
+    if not Path(dicom_dir).is_dir():
+        raise EvaluationError(f"reference dicom_dir {str(dicom_dir)!r} is not a directory")
+    scan = ScanResult()
+    groups: dict[str, list[tuple[Path, str]]] = defaultdict(list)
+    for path in sorted(p for p in Path(dicom_dir).rglob("*") if p.is_file()):
+        if stop is not None and stop.is_set():
+            raise EvaluationInterrupted("interrupted: the node is stopping")
+        if not _looks_like_dicom(path):
+            scan.non_dicom_files += 1
+            continue
+        scan.files += 1
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            scan.excluded[f"header unreadable ({type(exc).__name__})"] += 1
+            continue
+        reason = rejection_reason(ds, rules)
+        if reason is not None:
+            scan.excluded[reason] += 1
+            continue
+        study = str(ds.get("StudyInstanceUID", ""))
+        key = {"sop": str(ds.get("SOPInstanceUID", "")), "study": study,
+               "path": path.relative_to(dicom_dir).as_posix()}[labels.key]
+        if key not in labels.records:
+            scan.images_without_labels += 1
+            continue
+        scan.matched_keys.add(key)
+        groups[study].append((path, key))
+    scan.to_analyse = dict(groups)
+    return scan
+
+
+def analyse_study(analyzer: Analyzer, datasets: Sequence[pydicom.Dataset]
+                  ) -> tuple[list[ImageResult | None], list[str]]:
+    """``analyze`` the study's images together, as a worker does; an image whose pixels
+    cannot be used is isolated (None) with its reason, the others still count."""
+    try:
+        return list(analyzer.analyze(datasets)), []
+    except PixelDataError:
+        if len(datasets) == 1:
+            return [None], ["pixel data unusable"]
+    results: list[ImageResult | None] = []
+    reasons = []
+    for ds in datasets:
+        try:
+            results.append(analyzer.analyze([ds])[0])
+        except PixelDataError:
+            results.append(None)
+            reasons.append("pixel data unusable")
+    return results, reasons
+
+
+@dataclass
+class ReferenceOutcome:
+    cases: list[Case]
+    results: list[ImageResult]
+    summary: dict[str, Any]
+
+
+def evaluate_reference(dicom_dir: Path, labels_csv: Path, analyzer: Analyzer,
+                       rules: SelectionSettings, stop: threading.Event | None = None
+                       ) -> ReferenceOutcome:
+    """Run ``analyzer`` over the reference set and pair every finding with its truth."""
+    labels = read_reference_labels(labels_csv)
+    scan = scan_reference(dicom_dir, labels, rules, stop)
+    image_cases: list[tuple[str, Case]] = []
+    results: list[ImageResult] = []
+    for study, items in scan.to_analyse.items():
+        if stop is not None and stop.is_set():
+            raise EvaluationInterrupted("interrupted: the node is stopping")
+        datasets = []
+        for path, _ in items:
+            try:
+                datasets.append(pydicom.dcmread(path))
+            except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+                raise EvaluationError(f"reference image of study {study} became unreadable: "
+                                      f"{type(exc).__name__}") from exc
+        analysed, reasons = analyse_study(analyzer, datasets)
+        scan.excluded.update(reasons)
+        for (_, key), result in zip(items, analysed, strict=True):
+            if result is None:
+                continue
+            results.append(result)
+            image_cases.extend((study, case) for case in _cases(result, key, labels))
+    if not results:
+        raise EvaluationError(
+            f"reference set has no analysable labelled image ({scan.files} DICOM file(s); "
+            f"excluded: {dict(scan.excluded) or 'none'}; without labels: "
+            f"{scan.images_without_labels})")
+    cases = (study_cases(image_cases) if labels.key == "study"
+             else [case for _, case in image_cases])
+    model_labels = {f.label for r in results for f in r.findings}
+    summary = {
+        "unit": "study" if labels.key == "study" else "image",
+        "files": scan.files, "non_dicom_files": scan.non_dicom_files,
+        "analysed": len(results), "excluded": dict(sorted(scan.excluded.items())),
+        "images_without_labels": scan.images_without_labels,
+        "labels_without_images": len(labels.records) - len(scan.matched_keys),
+        "labels_not_in_reference": sorted(model_labels - set(labels.labels)),
+        "cases": len(cases),
+    }
+    logger.info("reference set: %d file(s), %d analysed, %d excluded, %d without labels",
+                scan.files, len(results), sum(scan.excluded.values()),
+                scan.images_without_labels)
+    return ReferenceOutcome(cases, results, summary)
+
+
+def _cases(result: ImageResult, key: str, labels: ReferenceLabels) -> list[Case]:
+    out = []
+    for f in result.findings:
+        truth = labels.truth(key, f.label)
+        if truth is None and not labels.multiclass:
+            continue
+        if labels.multiclass and truth is None:
+            continue
+        out.append(Case(f.model.name, f.model.version, f.label, result.sop_instance_uid,
+                        int(truth), float(f.probability), bool(f.positive),
+                        float(f.threshold)))
+    return out

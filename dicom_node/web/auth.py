@@ -1,0 +1,200 @@
+"""Authentication for the API and the dashboard, and CSRF protection.
+
+* Machines: ``Authorization: Bearer <token>`` on every route but ``/healthz`` and
+  ``/readyz``. No header: 401 with ``WWW-Authenticate``; a wrong token: 403. A browser
+  never attaches this header by itself, so bearer requests need no CSRF token.
+* People: ``/dashboard/login`` takes the token once in a POST form and sets a signed,
+  HttpOnly, SameSite=Strict session cookie. The token and identifiers never go in a URL.
+  A session is valid for the dashboard only; its state-changing forms carry a per-session
+  CSRF token (checked in constant time), as does the login form itself.
+* The token comes from ``web.token`` or, when that is empty, from ``<data_dir>/api-token``
+  (created with 32 random bytes, mode 0600, on first start). The session signing key is
+  derived from the token, so changing the token ends every session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+
+from dicom_node.config import Settings
+from dicom_node.web.context import web_context
+from dicom_node.web.errors import ApiError
+
+logger = logging.getLogger(__name__)
+
+TOKEN_FILE = "api-token"
+PUBLIC_ENDPOINTS = frozenset({"health.healthz", "health.readyz", "auth.login", "static"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+LOGIN_FAILURES_ALLOWED = 10  # per client address and window
+LOGIN_WINDOW_S = 300.0
+
+bp = Blueprint("auth", __name__)
+
+
+def resolve_token(settings: Settings) -> str:
+    """The configured token, else the one in ``<data_dir>/api-token`` (created once)."""
+    if settings.web.token:
+        if len(settings.web.token) < 16:
+            logger.warning("web.token is shorter than 16 characters; use a long random value")
+        return settings.web.token
+    path = settings.storage.data_dir / TOKEN_FILE
+    token = _read_token(path)
+    if token:
+        return token
+    token = secrets.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process won the race: use its token
+        return _read_token(path) or token
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(token + "\n")
+    logger.warning("generated a web API token in %s (mode 0600); send it as "
+                   "'Authorization: Bearer <token>' or use it to log in", path)
+    return token
+
+
+def _read_token(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="ascii").strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def session_secret(token: str) -> bytes:
+    return hmac.new(token.encode(), b"cxr-node dashboard session v1", hashlib.sha256).digest()
+
+
+def _fingerprint(token: str) -> str:
+    return hashlib.sha256(b"fp:" + token.encode()).hexdigest()[:16]
+
+
+def _equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def csrf_token() -> str:
+    """The session's CSRF token (created on first use); templates put it in every form."""
+    if "csrf" not in session:
+        session["csrf"] = secrets.token_urlsafe(32)
+    return str(session["csrf"])
+
+
+def _is_dashboard() -> bool:
+    return request.blueprint in ("dashboard", "auth")
+
+
+def _check_csrf() -> None:
+    sent = request.form.get("csrf_token") or request.headers.get("X-CSRF-Token") or ""
+    expected = session.get("csrf")
+    if not expected or not _equal(sent, str(expected)):
+        raise ApiError(403, "missing or invalid CSRF token", code="csrf")
+
+
+def authenticate() -> Response | None:
+    """``before_request``: decide who is asking; public endpoints pass through."""
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return None
+    token = web_context().token
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise ApiError(401, "use 'Authorization: Bearer <token>'",
+                           headers={"WWW-Authenticate": 'Bearer realm="cxr-node"'})
+        if not _equal(value.strip(), token):
+            raise ApiError(403, "invalid token", code="invalid_token")
+        g.auth = "bearer"
+        return None
+    if _is_dashboard() and session.get("auth") and _equal(str(session.get("tfp", "")),
+                                                          _fingerprint(token)):
+        g.auth = "session"
+        if request.method not in SAFE_METHODS:
+            _check_csrf()
+        return None
+    if _is_dashboard() and request.method in SAFE_METHODS:
+        return redirect(url_for("auth.login"))  # type: ignore[return-value]
+    raise ApiError(401, "authentication required: 'Authorization: Bearer <token>'",
+                   headers={"WWW-Authenticate": 'Bearer realm="cxr-node"'})
+
+
+class LoginThrottle:
+    """Bounded failed-login attempts per client address (a token is long, but still)."""
+
+    def __init__(self) -> None:
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, who: str, now: float) -> deque[float]:
+        q = self._failures.setdefault(who, deque())
+        while q and q[0] < now - LOGIN_WINDOW_S:
+            q.popleft()
+        return q
+
+    def blocked(self, who: str) -> bool:
+        with self._lock:
+            return len(self._recent(who, time.monotonic())) >= LOGIN_FAILURES_ALLOWED
+
+    def failed(self, who: str) -> None:
+        with self._lock:
+            self._recent(who, time.monotonic()).append(time.monotonic())
+            if len(self._failures) > 10_000:  # bounded memory under a spray of addresses
+                self._failures.clear()
+
+
+_throttle = LoginThrottle()
+
+
+@bp.route("/dashboard/login", methods=["GET", "POST"])
+def login() -> Response | str | tuple[str, int]:
+    if request.method == "GET":
+        return render_template("login.html", error=None)
+    who = request.remote_addr or "?"
+    if _throttle.blocked(who):
+        raise ApiError(429, "too many failed logins; wait a few minutes")
+    _check_csrf()
+    if not _equal(request.form.get("token", "").strip(), web_context().token):
+        _throttle.failed(who)
+        logger.warning("dashboard login failed from %s", who)
+        return render_template("login.html", error="Invalid token."), 401
+    session.clear()
+    session.permanent = True
+    session["auth"] = True
+    session["tfp"] = _fingerprint(web_context().token)
+    session["csrf"] = secrets.token_urlsafe(32)
+    logger.info("dashboard login from %s", who)
+    return redirect(url_for("dashboard.overview"))  # type: ignore[return-value]
+
+
+@bp.route("/dashboard/logout", methods=["POST"])
+def logout() -> Response:
+    session.clear()
+    return redirect(url_for("auth.login"))  # type: ignore[return-value]
+
+
+def init_auth(app: Flask, token: str) -> None:
+    app.secret_key = session_secret(token)
+    app.config.update(SESSION_COOKIE_NAME="cxr_session", SESSION_COOKIE_HTTPONLY=True,
+                      SESSION_COOKIE_SAMESITE="Strict", PERMANENT_SESSION_LIFETIME=8 * 3600)
+    app.before_request(authenticate)
+    app.jinja_env.globals["csrf_token"] = csrf_token
+    app.register_blueprint(bp)

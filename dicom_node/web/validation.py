@@ -1,0 +1,141 @@
+"""Request input: query parameters, path UIDs and JSON bodies, checked with 400s that
+name the field (and never echo the value)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+from flask import request
+
+from dicom_node.web.errors import ApiError, bad_request
+
+MAX_LIMIT = 500
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.:@+/-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class Page:
+    limit: int
+    offset: int
+
+
+def int_arg(name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    if not re.fullmatch(r"[+-]?\d{1,12}", raw.strip()):
+        raise bad_request(name, f"must be an integer between {lo} and {hi}")
+    value = int(raw)
+    if not lo <= value <= hi:
+        raise bad_request(name, f"must be an integer between {lo} and {hi}")
+    return value
+
+
+def page_args(default_limit: int = 50) -> Page:
+    limit = int_arg("limit", default_limit, 1, MAX_LIMIT)
+    offset = int_arg("offset", 0, 0, 10**9)
+    assert limit is not None and offset is not None
+    return Page(limit, offset)
+
+
+def enum_arg(name: str, choices: tuple[str, ...]) -> str | None:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    if raw not in choices:
+        raise bad_request(name, f"must be one of {', '.join(choices)}")
+    return raw
+
+
+def bool_arg(name: str) -> bool | None:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    if raw.lower() in ("true", "1", "yes"):
+        return True
+    if raw.lower() in ("false", "0", "no"):
+        return False
+    raise bad_request(name, "must be true or false")
+
+
+def parse_time(raw: str, name: str) -> float:
+    """ISO 8601 date or date-time (naive = UTC), or UNIX seconds -> UNIX seconds."""
+    text = raw.strip()
+    try:
+        if re.fullmatch(r"\d{1,12}(\.\d+)?", text):
+            return float(text)
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            return datetime.combine(date.fromisoformat(text), datetime.min.time(),
+                                    UTC).timestamp()
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except (ValueError, OverflowError):
+        raise bad_request(name, "must be an ISO 8601 date or date-time, or UNIX seconds") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def time_arg(name: str) -> float | None:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    return parse_time(raw, name)
+
+
+def name_arg(name: str, max_len: int = 128) -> str | None:
+    """A configuration name (job, label, model, destination): printable, bounded."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    return check_name(raw, name, max_len)
+
+
+def check_name(value: Any, name: str, max_len: int = 128) -> str:
+    if not isinstance(value, str) or len(value) > max_len or not _NAME_RE.match(value):
+        raise bad_request(name, f"must be 1-{max_len} letters, digits or ' _.:@+/-'")
+    return value
+
+
+def uid_arg(name: str) -> str | None:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    return check_uid(raw, name)
+
+
+def check_uid(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 64 or not _UID_RE.match(value):
+        raise bad_request(name, "must be a DICOM UID (digits and dots, at most 64 characters)")
+    return value
+
+
+def time_range(lo_name: str, hi_name: str) -> tuple[float | None, float | None]:
+    lo, hi = time_arg(lo_name), time_arg(hi_name)
+    if lo is not None and hi is not None and lo > hi:
+        raise bad_request(hi_name, f"must not be before {lo_name}")
+    return lo, hi
+
+
+def json_body(*, required: bool) -> dict[str, Any]:
+    """The JSON object body; an absent body is ``{}`` unless ``required``."""
+    if not request.get_data(cache=True):
+        if required:
+            raise ApiError(400, "a JSON object body is required", code="invalid_body")
+        return {}
+    if not request.is_json:
+        raise ApiError(415, "Content-Type must be application/json")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_body")
+    return body
+
+
+def reject_unknown(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(k for k in body if k not in allowed)
+    if unknown:
+        field = unknown[0] if _NAME_RE.match(unknown[0]) and len(unknown[0]) <= 40 else "body"
+        raise bad_request(field, f"unknown field; allowed: {', '.join(allowed)}")

@@ -1,0 +1,514 @@
+"""``training evaluate``: run bundles on a labelled DICOM set and measure them.
+
+The images go through :class:`ai.inference.Analyzer`, the object the node itself calls, so
+the probabilities measured here are the probabilities the node reports on the same files
+(``predictions.csv`` can be compared with the node's output value by value). Positive calls
+use each bundle's own operating thresholds (``Finding.positive``), not a threshold chosen
+here.
+
+Pipeline: :func:`load_labelled_set` (labels matched to the DICOM tree, mismatches counted)
+-> :func:`predict` (batched, an undecodable image is skipped and counted, never fatal) ->
+:func:`evaluate_predictions` (one :class:`ModelReport` per bundle, dispatched on the bundle's
+task through :data:`TASK_EVALUATORS`) -> :mod:`training.report` writes the files.
+
+Detection bundles plug in through :data:`TASK_EVALUATORS`: their evaluator needs the
+box truth (``--boxes``) and ``ai.metrics_detection`` (mAP50, mAP50-95, FROC); until both
+exist the task is refused with a clear message instead of being measured wrongly.
+
+Nothing identifying leaves this module: reports and logs carry SOP/Study Instance UIDs and
+counts, never patient names, IDs or file paths inside the data tree.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from ai.bundle import BundleMetadata, read_metadata
+from ai.codes import normalise_label
+from ai.metrics import (
+    BinaryMetrics,
+    Curve,
+    Estimate,
+    auroc_estimate,
+    average_precision_estimate,
+    binary_metrics,
+    precision_recall_curve,
+    roc_curve,
+)
+from ai.types import ImageResult, ModelIdentity, PixelDataError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = "cxr-ai-node/evaluation/1"
+FRONTAL_MODALITIES = frozenset({"CR", "DX"})
+LATERAL_VIEWS = frozenset({"LL", "RL", "LLD", "RLD", "LAT", "LATERAL"})
+
+
+class EvaluationError(ValueError):
+    """The evaluation cannot run as asked (no labelled images, unknown task, ...)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Labelled data
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    """One DICOM file with its reference standard: label -> 1, 0 or None (not assessed)."""
+
+    path: Path
+    sop_instance_uid: str
+    study_instance_uid: str
+    truth: Mapping[str, int | None]
+    patient_key: str = ""  # only ever counted, never written
+
+
+@dataclass
+class LabelledSet:
+    """The images to evaluate, the labels they carry, and what was left out (counts only)."""
+
+    images: list[LabelledImage]
+    label_names: list[str]
+    mismatches: dict[str, int] = field(default_factory=dict)
+    labels_file: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "labels_file": self.labels_file,
+            "labelled_images": len(self.images),
+            "studies": len({i.study_instance_uid for i in self.images}),
+            "patients": len({i.patient_key for i in self.images if i.patient_key}),
+            "labels": list(self.label_names),
+            "mismatches": dict(self.mismatches),
+        }
+
+
+def load_labelled_set(data_dir: Path, labels_csv: Path) -> LabelledSet:
+    """Match ``labels_csv`` to the DICOM files under ``data_dir`` with :mod:`ai.labels`."""
+    data_dir, labels_csv = Path(data_dir), Path(labels_csv)
+    if not data_dir.is_dir():
+        raise EvaluationError(f'--data "{data_dir}" is not a folder')
+    if not labels_csv.is_file():
+        raise EvaluationError(f'--labels "{labels_csv}" is not a file')
+    from training import labelsource  # late: ai.labels may be written by a colleague
+
+    return labelsource.load(data_dir, labels_csv)
+
+
+# --------------------------------------------------------------------------------------------
+# Predictions through the node's Analyzer
+
+
+class SupportsAnalyze(Protocol):
+    """What evaluation needs from the model side: :class:`ai.inference.Analyzer` has it."""
+
+    @property
+    def models(self) -> list[ModelIdentity]: ...
+
+    def analyze(self, datasets: Sequence[Dataset]) -> list[ImageResult]: ...
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One label's score on one image from one model, with the reference standard."""
+
+    model: ModelIdentity
+    sop_instance_uid: str
+    label: str
+    probability: float
+    threshold: float
+    positive: bool
+    truth: int | None
+
+
+@dataclass
+class PredictionSet:
+    """Everything the models said, plus what could not be analysed (reason -> count)."""
+
+    predictions: list[Prediction]
+    results: list[tuple[LabelledImage, ImageResult]]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def images(self) -> int:
+        return len(self.results)
+
+
+def node_would_analyse(ds: Dataset) -> str | None:
+    """Why the node's default selection would not analyse ``ds`` (None: it would).
+
+    A lighter copy of the node's default rules (modality CR/DX, frontal view, one grey
+    frame): ``training`` does not import ``dicom_node``.
+    """
+    modality = str(ds.get("Modality", "") or "").upper()
+    if modality not in FRONTAL_MODALITIES:
+        return f"modality {modality or '<empty>'} is not CR/DX"
+    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    if view in LATERAL_VIEWS:
+        return "lateral view"
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        return "colour image"
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        return "multi-frame image"
+    return None
+
+
+def _read(image: LabelledImage) -> Dataset:
+    try:
+        return pydicom.dcmread(image.path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise PixelDataError(f"unreadable DICOM ({type(exc).__name__})") from exc
+
+
+def _analyse_chunk(
+    analyzer: SupportsAnalyze, chunk: list[tuple[LabelledImage, Dataset]], skipped: Counter
+) -> list[tuple[LabelledImage, ImageResult]]:
+    """Analyse a batch; when one image fails, retry one by one so only it is skipped."""
+    try:
+        results = analyzer.analyze([ds for _, ds in chunk])
+        return list(zip((img for img, _ in chunk), results, strict=True))
+    except PixelDataError:
+        if len(chunk) == 1:
+            skipped["undecodable pixel data"] += 1
+            logger.warning("SOP Instance %s: pixel data cannot be analysed; skipped",
+                           chunk[0][0].sop_instance_uid)  # fmt: skip
+            return []
+    out: list[tuple[LabelledImage, ImageResult]] = []
+    for item in chunk:
+        out.extend(_analyse_chunk(analyzer, [item], skipped))
+    return out
+
+
+def predict(
+    analyzer: SupportsAnalyze,
+    images: Sequence[LabelledImage],
+    *,
+    batch_size: int = 8,
+    all_images: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> PredictionSet:
+    """Run ``analyzer`` on ``images`` in batches; returns the per-label predictions.
+
+    Images the node would not analyse (lateral, CT, ...) are skipped and counted unless
+    ``all_images``; unreadable or undecodable files are skipped and counted.
+    """
+    skipped: Counter[str] = Counter()
+    results: list[tuple[LabelledImage, ImageResult]] = []
+    chunk: list[tuple[LabelledImage, Dataset]] = []
+    for index, image in enumerate(images):
+        try:
+            ds = _read(image)
+            reason = None if all_images else node_would_analyse(ds)
+        except PixelDataError as exc:
+            reason = str(exc)
+        if reason:
+            skipped[reason] += 1
+        else:
+            chunk.append((image, ds))
+        if len(chunk) >= batch_size or (index == len(images) - 1 and chunk):
+            results.extend(_analyse_chunk(analyzer, chunk, skipped))
+            chunk = []
+        if progress:
+            progress(1)
+    return PredictionSet(_flatten(results), results, dict(skipped))
+
+
+def _flatten(results: Iterable[tuple[LabelledImage, ImageResult]]) -> list[Prediction]:
+    rows = []
+    for image, result in results:
+        truth = {normalise_label(k): v for k, v in image.truth.items()}
+        for finding in result.findings:
+            rows.append(
+                Prediction(
+                    model=finding.model,
+                    sop_instance_uid=image.sop_instance_uid,
+                    label=finding.label,
+                    probability=float(finding.probability),
+                    threshold=float(finding.threshold),
+                    positive=bool(finding.positive),
+                    truth=truth.get(normalise_label(finding.label)),
+                )
+            )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+@dataclass
+class LabelMetrics:
+    """One label of one classification model: counts, operating point, ranking figures."""
+
+    label: str
+    threshold: float
+    n: int
+    n_pos: int
+    n_neg: int
+    operating_point: BinaryMetrics
+    auroc: Estimate
+    average_precision: Estimate
+    roc: Curve | None = None
+    pr: Curve | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "label": self.label,
+            "threshold": self.threshold,
+            "images": self.n,
+            "n_pos": self.n_pos,
+            "n_neg": self.n_neg,
+            "prevalence": self.n_pos / self.n if self.n else None,
+        }
+        out.update(self.operating_point.as_dict())
+        out["auroc"] = self.auroc.as_dict()
+        out["average_precision"] = self.average_precision.as_dict()
+        return out
+
+
+@dataclass
+class ModelReport:
+    """The figures of one bundle: per-label rows plus the labels it could not be scored on."""
+
+    identity: ModelIdentity
+    metadata: dict[str, Any]
+    labels: list[LabelMetrics]
+    not_evaluated: dict[str, str] = field(default_factory=dict)
+    detection: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": {**self.metadata},
+            "task": self.identity.task,
+            "metrics": {m.label: m.as_dict() for m in self.labels},
+            "not_evaluated": dict(self.not_evaluated),
+            **({"detection": self.detection} if self.detection is not None else {}),
+        }
+
+
+@dataclass
+class EvaluationReport:
+    """Everything ``training evaluate`` writes."""
+
+    models: list[ModelReport]
+    data: dict[str, Any]
+    predictions: list[Prediction]
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "created": self.created,
+            "conventions": {
+                "positive": "probability >= threshold (the bundle's operating threshold)",
+                "proportion_ci": "Wilson score 95%",
+                "f1_ci": "bootstrap of the confusion matrix 95%",
+                "auroc_ci": "stratified percentile bootstrap 95%",
+                "average_precision": "step-wise area under the PR curve (no interpolation), "
+                "stratified bootstrap 95%",
+            },
+            "data": self.data,
+            "models": [m.as_dict() for m in self.models],
+        }
+
+
+def label_metrics(
+    label: str, threshold: float, truth: np.ndarray, scores: np.ndarray, *, n_boot: int = 2000,
+    seed: int = 0, curves: bool = True,
+) -> LabelMetrics:  # fmt: skip
+    """All figures of one label from 0/1 truth and probabilities (``>= threshold`` positive)."""
+    truth = np.asarray(truth, dtype=int)
+    scores = np.asarray(scores, dtype=float)
+    n_pos = int(truth.sum())
+    both = 0 < n_pos < truth.size
+    return LabelMetrics(
+        label=label,
+        threshold=float(threshold),
+        n=int(truth.size),
+        n_pos=n_pos,
+        n_neg=int(truth.size - n_pos),
+        operating_point=binary_metrics(truth, (scores >= threshold).astype(int)),
+        auroc=auroc_estimate(truth, scores, n_boot=n_boot, seed=seed),
+        average_precision=average_precision_estimate(
+            truth, scores, n_boot=max(200, n_boot // 2), seed=seed
+        ),
+        roc=roc_curve(truth, scores) if curves and both else None,
+        pr=precision_recall_curve(truth, scores) if curves and n_pos else None,
+    )
+
+
+def _evaluate_classification(
+    identity: ModelIdentity,
+    meta: dict[str, Any],
+    predictions: Sequence[Prediction],
+    context: EvaluationContext,
+) -> ModelReport:
+    by_label: dict[str, list[Prediction]] = {}
+    for p in predictions:
+        by_label.setdefault(p.label, []).append(p)
+    report = ModelReport(identity, meta, [])
+    for label in meta.get("labels", []) or list(by_label):
+        name = label["name"] if isinstance(label, dict) else str(label)
+        rows = [p for p in by_label.get(name, []) if p.truth is not None]
+        if normalise_label(name) not in context.truth_labels:
+            report.not_evaluated[name] = "no reference column for this label in the labels file"
+            continue
+        if not rows:
+            report.not_evaluated[name] = "no image with a reference value for this label"
+            continue
+        thresholds = {p.threshold for p in rows}
+        if len(thresholds) != 1:
+            raise EvaluationError(f'label "{name}": several thresholds {sorted(thresholds)}')
+        truth = np.asarray([int(p.truth or 0) for p in rows])
+        scores = np.asarray([p.probability for p in rows])
+        metrics = label_metrics(name, rows[0].threshold, truth, scores, n_boot=context.n_boot,
+                                seed=context.seed)  # fmt: skip
+        calls = np.asarray([p.positive for p in rows])
+        if not np.array_equal(calls, scores >= rows[0].threshold):
+            raise EvaluationError(f'label "{name}": the model\'s positive calls do not follow '
+                                  "probability >= threshold")  # fmt: skip
+        report.labels.append(metrics)
+    return report
+
+
+def _evaluate_detection(
+    identity: ModelIdentity,
+    meta: dict[str, Any],
+    predictions: Sequence[Prediction],
+    context: EvaluationContext,
+) -> ModelReport:
+    """Per-class Images, Instances, P, R, mAP50, mAP50-95 and FROC from ``ai.metrics_detection``.
+
+    Wired when that module exists (``evaluate_detection(results, truth_boxes, classes)``
+    returning ``{"classes": [...rows...], "froc": {...}}``); refused clearly until then.
+    """
+    module = _detection_metrics_module()
+    if module is None or not hasattr(module, "evaluate_detection"):
+        raise EvaluationError(
+            f'Bundle "{identity.name}" {identity.version}: task "detection" cannot be evaluated '
+            "yet: ai.metrics_detection (mAP50, mAP50-95, FROC) is not available"
+        )
+    if context.boxes is None:
+        raise EvaluationError(f'Bundle "{identity.name}": detection needs --boxes (YOLO JSON)')
+    results = [(img, res) for img, res in context.results]
+    detection = module.evaluate_detection(results, context.boxes, meta.get("labels", []))
+    return ModelReport(identity, meta, [], detection=detection)
+
+
+def _detection_metrics_module() -> Any:
+    try:
+        return importlib.import_module("ai.metrics_detection")
+    except ModuleNotFoundError:
+        return None
+
+
+@dataclass
+class EvaluationContext:
+    """What a task evaluator may need beyond its own predictions."""
+
+    truth_labels: set[str]
+    results: list[tuple[LabelledImage, ImageResult]]
+    boxes: Mapping[str, Any] | None = None
+    n_boot: int = 2000
+    seed: int = 0
+
+
+TaskEvaluator = Callable[
+    [ModelIdentity, dict[str, Any], Sequence[Prediction], EvaluationContext], ModelReport
+]
+TASK_EVALUATORS: dict[str, TaskEvaluator] = {
+    "classification": _evaluate_classification,
+    "detection": _evaluate_detection,
+}
+
+
+def check_task_supported(metadata: BundleMetadata) -> None:
+    """Fail early (before loading weights) for a task this release cannot evaluate."""
+    if metadata.task not in TASK_EVALUATORS:
+        raise EvaluationError(f'Bundle "{metadata.name}": task "{metadata.task}" is unknown')
+    if metadata.task == "detection" and _detection_metrics_module() is None:
+        raise EvaluationError(
+            f'Bundle "{metadata.name}" {metadata.version}: task "detection" cannot be evaluated '
+            "yet: ai.metrics_detection (mAP50, mAP50-95, FROC) is not available"
+        )
+
+
+def bundle_summary(directory: Path) -> dict[str, Any]:
+    """Model identity for the report: what a safety officer needs to name the exact model."""
+    meta = read_metadata(directory)
+    return {
+        "name": meta.name,
+        "version": meta.version,
+        "device_uid": meta.device_uid,
+        "task": meta.task,
+        "demo": meta.demo,
+        "network": meta.network.name,
+        "weights_sha256": meta.weights_sha256,
+        "labels": [label.to_json() for label in meta.labels],
+        "input": meta.input.to_json(),
+        "bundle": str(directory),
+    }
+
+
+def evaluate_predictions(
+    predictions: PredictionSet,
+    labelled: LabelledSet,
+    model_meta: Mapping[str, dict[str, Any]] | None = None,
+    *,
+    models: Sequence[ModelIdentity] | None = None,
+    boxes: Mapping[str, Any] | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> EvaluationReport:
+    """Figures per model and label; ``model_meta`` maps device UID -> :func:`bundle_summary`."""
+    if not predictions.results:
+        raise EvaluationError("no image could be analysed: nothing to evaluate")
+    context = EvaluationContext(
+        truth_labels={normalise_label(n) for n in labelled.label_names},
+        results=predictions.results,
+        boxes=boxes,
+        n_boot=n_boot,
+        seed=seed,
+    )
+    identities = list(models or _identities(predictions.predictions))
+    reports = []
+    for identity in identities:
+        meta = dict((model_meta or {}).get(identity.device_uid) or _meta_from(identity))
+        own = [p for p in predictions.predictions if p.model.device_uid == identity.device_uid]
+        evaluator = TASK_EVALUATORS.get(identity.task)
+        if evaluator is None:
+            raise EvaluationError(f'Model "{identity.name}": task "{identity.task}" is unknown')
+        reports.append(evaluator(identity, meta, own, context))
+    data = labelled.summary()
+    data["evaluated_images"] = predictions.images
+    data["skipped"] = dict(predictions.skipped)
+    return EvaluationReport(reports, data, list(predictions.predictions))
+
+
+def _identities(predictions: Iterable[Prediction]) -> list[ModelIdentity]:
+    seen: dict[str, ModelIdentity] = {}
+    for p in predictions:
+        seen.setdefault(p.model.device_uid, p.model)
+    return list(seen.values())
+
+
+def _meta_from(identity: ModelIdentity) -> dict[str, Any]:
+    return {"name": identity.name, "version": identity.version,
+            "device_uid": identity.device_uid, "task": identity.task, "demo": identity.demo}  # fmt: skip
+
+
+def is_nan(value: float | None) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
