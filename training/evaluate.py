@@ -21,6 +21,7 @@ counts, never patient names, IDs or file paths inside the data tree.
 
 from __future__ import annotations
 
+import csv
 import importlib
 import logging
 import math
@@ -103,9 +104,97 @@ def load_labelled_set(data_dir: Path, labels_csv: Path) -> LabelledSet:
         raise EvaluationError(f'--data "{data_dir}" is not a folder')
     if not labels_csv.is_file():
         raise EvaluationError(f'--labels "{labels_csv}" is not a file')
-    from training import labelsource  # late: ai.labels may be written by a colleague
+    return _match_labels(data_dir, labels_csv)
 
-    return labelsource.load(data_dir, labels_csv)
+
+_ID_COLUMNS = ("sop_instance_uid", "path", "study_instance_uid")
+_META_COLUMNS = frozenset(
+    {*_ID_COLUMNS, "patient_id", "series_instance_uid", "view", "split", "fold", "label"}
+)
+_TRUE = frozenset({"1", "1.0", "true", "yes", "y", "positive"})
+_FALSE = frozenset({"0", "0.0", "false", "no", "n", "negative"})
+_UNKNOWN = frozenset({"", "-1", "-1.0", "na", "nan", "unknown", "u"})
+
+
+def _truth_value(text: str, where: str) -> int | None:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return 1
+    if value in _FALSE:
+        return 0
+    if value in _UNKNOWN:
+        return None
+    raise EvaluationError(f'{where}: value "{text}" is not 0, 1 or empty')
+
+
+def _read_label_rows(labels_csv: Path) -> tuple[str, list[str], dict[str, dict[str, int | None]]]:
+    """(key column, label names, key -> truth) from a one-column-per-label or ``label`` CSV."""
+    with labels_csv.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        rows = [{(k or "").strip(): (v or "") for k, v in row.items()} for row in reader]
+    key = next((c for c in _ID_COLUMNS if c in columns), None)
+    if key is None:
+        raise EvaluationError(f"{labels_csv.name}: needs one of the columns {list(_ID_COLUMNS)}")
+    multiclass = "label" in columns
+    names = sorted({r["label"].strip() for r in rows if r["label"].strip()}) if multiclass else [
+        c for c in columns if c not in _META_COLUMNS]  # fmt: skip
+    if not names:
+        raise EvaluationError(f"{labels_csv.name}: no label columns")
+    table: dict[str, dict[str, int | None]] = {}
+    for line, row in enumerate(rows, start=2):
+        ident = row[key].strip()
+        if not ident:
+            raise EvaluationError(f"{labels_csv.name} line {line}: empty {key}")
+        if multiclass:
+            cls = row["label"].strip()
+            truth: dict[str, int | None] = {n: (int(n == cls) if cls else None) for n in names}
+        else:
+            truth = {n: _truth_value(row[n], f"{labels_csv.name} line {line}, column {n}")
+                     for n in names}  # fmt: skip
+        if ident in table and table[ident] != truth:
+            raise EvaluationError(f"{labels_csv.name} line {line}: {key} repeated with other labels")
+        table[ident] = truth
+    return key, names, table
+
+
+def _index_tree(data_dir: Path) -> list[tuple[Path, Dataset]]:
+    """Every DICOM file under ``data_dir`` with the header fields matching needs."""
+    tags = ["SOPInstanceUID", "StudyInstanceUID", "PatientID"]
+    found = []
+    for path in sorted(p for p in data_dir.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue
+        if "SOPInstanceUID" in ds:
+            found.append((path, ds))
+    return found
+
+
+def _match_labels(data_dir: Path, labels_csv: Path) -> LabelledSet:
+    key, names, table = _read_label_rows(labels_csv)
+    images: list[LabelledImage] = []
+    used: set[str] = set()
+    unlabelled = 0
+    for path, ds in _index_tree(data_dir):
+        sop, study = str(ds.SOPInstanceUID), str(ds.get("StudyInstanceUID", ""))
+        ident = {"sop_instance_uid": sop, "study_instance_uid": study,
+                 "path": path.relative_to(data_dir).as_posix()}[key]  # fmt: skip
+        truth = table.get(ident)
+        if truth is None:
+            unlabelled += 1
+            continue
+        used.add(ident)
+        images.append(LabelledImage(path, sop, study, truth, str(ds.get("PatientID", ""))))
+    mismatches = {"images_without_labels": unlabelled,
+                  "labels_without_images": len(set(table) - used)}  # fmt: skip
+    for what, count in mismatches.items():
+        if count:
+            logger.warning("%s: %d %s", labels_csv.name, count, what.replace("_", " "))
+    if not images:
+        raise EvaluationError(f"no DICOM file under {data_dir} matches a row of {labels_csv.name}")
+    return LabelledSet(images, names, mismatches, labels_csv.name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ class ReferenceLabels:
 
     def truth(self, key: str, label: str) -> int | None:
         record = self.records.get(key)
-        if record is None:
+        if record is None or label not in self.labels:
             return None
         if self.multiclass:
             return int(record.get(label) == 1)
@@ -255,9 +255,7 @@ def _cases(result: ImageResult, key: str, labels: ReferenceLabels) -> list[Case]
     out = []
     for f in result.findings:
         truth = labels.truth(key, f.label)
-        if truth is None and not labels.multiclass:
-            continue
-        if labels.multiclass and truth is None:
+        if truth is None:  # label not in the reference, or unknown for this image
             continue
         out.append(Case(f.model.name, f.model.version, f.label, result.sop_instance_uid,
                         int(truth), float(f.probability), bool(f.positive),

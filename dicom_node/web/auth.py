@@ -28,6 +28,7 @@ from flask import (
     Blueprint,
     Flask,
     Response,
+    current_app,
     g,
     redirect,
     render_template,
@@ -161,7 +162,8 @@ class LoginThrottle:
                 self._failures.clear()
 
 
-_throttle = LoginThrottle()
+def _throttle() -> LoginThrottle:
+    return current_app.extensions["cxr_login_throttle"]  # type: ignore[no-any-return]
 
 
 @bp.route("/dashboard/login", methods=["GET", "POST"])
@@ -169,11 +171,11 @@ def login() -> Response | str | tuple[str, int]:
     if request.method == "GET":
         return render_template("login.html", error=None)
     who = request.remote_addr or "?"
-    if _throttle.blocked(who):
+    if _throttle().blocked(who):
         raise ApiError(429, "too many failed logins; wait a few minutes")
     _check_csrf()
     if not _equal(request.form.get("token", "").strip(), web_context().token):
-        _throttle.failed(who)
+        _throttle().failed(who)
         logger.warning("dashboard login failed from %s", who)
         return render_template("login.html", error="Invalid token."), 401
     session.clear()
@@ -195,6 +197,7 @@ def init_auth(app: Flask, token: str) -> None:
     app.secret_key = session_secret(token)
     app.config.update(SESSION_COOKIE_NAME="cxr_session", SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Strict", PERMANENT_SESSION_LIFETIME=8 * 3600)
+    app.extensions["cxr_login_throttle"] = LoginThrottle()
     app.before_request(authenticate)
     app.jinja_env.globals["csrf_token"] = csrf_token
     app.register_blueprint(bp)
