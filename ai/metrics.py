@@ -240,25 +240,6 @@ def threshold_for_sensitivity(
     return _between(thresholds, i)
 
 
-def roc_curve(
-    y_true: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ROC points ``(fpr, tpr, thresholds)`` from (0, 0) to (1, 1), thresholds descending.
-
-    Point ``i > 0`` is the operating point of ``score >= thresholds[i]``; point 0 (threshold
-    +inf) calls nothing positive. Empty arrays without both classes.
-    """
-    truth, s = _scores(y_true, scores)
-    n_pos, n_neg = int(truth.sum()), int((~truth).sum())
-    if n_pos == 0 or n_neg == 0:
-        empty = np.zeros(0)
-        return empty, empty, empty
-    thresholds, tp, fp = _operating_points(truth, s)
-    fpr = np.concatenate([[0.0], fp / n_neg])
-    tpr = np.concatenate([[0.0], tp / n_pos])
-    return fpr, tpr, np.concatenate([[np.inf], thresholds])
-
-
 # --------------------------------------------------------------------------------------------
 # Curves and average precision (for evaluation reports and their plots)
 

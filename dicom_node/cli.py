@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--all", action="store_true", help="every dead delivery")
     g.add_argument("--id", type=int, action="append", help="a delivery id (repeatable)")
     p.add_argument("--destination", help="only deliveries to AE@HOST:PORT")
+
+    p = sub.add_parser("evaluate", help="run an evaluation job now and print its table, or "
+                       "list the jobs (exit 1: run failed, 3: job already running)")
+    _add_common(p)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--now", metavar="JOB", help="run evaluation job JOB once, synchronously")
+    g.add_argument("--list", action="store_true", help="configured jobs and their last runs")
     return parser
 
 
@@ -202,6 +209,12 @@ def cmd_resubmit(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
+    from dicom_node.evaluation.commands import evaluate_command
+
+    return evaluate_command(settings, job_name=args.now, list_jobs=args.list)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -216,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return cmd_status(settings)
         handlers = {"studies": cmd_studies, "results": cmd_results, "export": cmd_export,
-                    "deliveries": cmd_deliveries, "resubmit": cmd_resubmit}
+                    "deliveries": cmd_deliveries, "resubmit": cmd_resubmit,
+                    "evaluate": cmd_evaluate}
         return handlers[args.command](settings, args)
     except (NodeError, ConfigError, OSError) as exc:
         print(f"dicom-node: error: {exc}", file=sys.stderr)

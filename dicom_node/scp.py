@@ -81,6 +81,19 @@ def _log_rejected(event: Any) -> None:
                    str(event.assoc.acceptor.ae_title).strip())
 
 
+def _release_unused_slot(event: Any) -> None:
+    """A connection closed before any A-ASSOCIATE-RQ frees its association slot now.
+
+    pynetdicom's acceptor otherwise waits the full ACSE timeout for a request that can no
+    longer come, so bare TCP connects (port scans, load-balancer health checks) would hold
+    ``max_associations`` slots and lock real senders out. An empty item on the DUL's user
+    queue is what pynetdicom's own timeout path sees: the association ends at once.
+    """
+    assoc = event.assoc
+    if assoc.is_acceptor and assoc.requestor.primitive is None:
+        assoc.dul.to_user_queue.put(None)
+
+
 def build_ae(settings: DicomSettings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
@@ -104,6 +117,7 @@ def start_scp(settings: DicomSettings, ingestor: Ingestor) -> ThreadedAssociatio
         (evt.EVT_ACCEPTED, _log_event),
         (evt.EVT_REJECTED, _log_rejected),
         (evt.EVT_ABORTED, _log_event),
+        (evt.EVT_CONN_CLOSE, _release_unused_slot),
     ]
     server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
     logger.info("DICOM SCP %r listening on %s:%d", settings.ae_title, settings.host,

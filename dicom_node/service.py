@@ -24,9 +24,11 @@ from ai.types import ImageResult, ModelIdentity
 from dicom_node.config import Settings
 from dicom_node.db import make_engine
 from dicom_node.errors import NodeError
+from dicom_node.evaluation.service import EvaluationService
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
+from dicom_node.scheduler import EvaluationScheduler, start_evaluation_scheduler
 from dicom_node.scp import start_scp
 from dicom_node.sender import Sender
 from dicom_node.spool import Spool
@@ -114,6 +116,11 @@ class Node:
         self.threads: list[threading.Thread] = []
         self.server = None
         self.extras: list[Callable[[], None]] = []  # stop hooks (web, scheduler)
+        # evaluation jobs (web API: node.evaluation); runs use the deployed analyzer
+        self.evaluation = EvaluationService(
+            self.engine, settings, deployed=lambda: self.analyzer,
+            model_error=lambda: self.model_error, stop_event=self.stop_event)
+        self.scheduler: EvaluationScheduler | None = None
 
     @property
     def ready(self) -> bool:
@@ -128,6 +135,10 @@ class Node:
         if self.settings.destinations:
             self._thread("sender", self._sender_loop)
         self._thread("model-loader", self._load_model_then_work)
+        self.scheduler = start_evaluation_scheduler(self.evaluation, self.settings.evaluation)
+        if self.scheduler is not None:
+            self.extras.append(self.scheduler.shutdown)
+        self.extras.append(self.evaluation.close)
 
     def _thread(self, name: str, target: Callable[[], None]) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)

@@ -336,6 +336,10 @@ class OrthancServer:
         return sorted(out)
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a private loopback Orthanc that "
                                      "auto-routes stable CR/DX studies to the CXR AI node.")
@@ -351,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="accept C-STORE from any AE (default: only the node)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)  # stop Orthanc on SIGTERM as on Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     http = args.http_port or (DEFAULT_HTTP_PORT if port_is_free(DEFAULT_HTTP_PORT) else None)
     dicom = args.dicom_port or (DEFAULT_DICOM_PORT if port_is_free(DEFAULT_DICOM_PORT)
                                 else None)

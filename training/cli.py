@@ -149,12 +149,92 @@ def _run_synth(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- evaluate, calibrate,
+# export, deidentify (heavy modules are imported when the command runs, so `--help` stays fast)
+
+
+class CommandFailed(Exception):
+    """A step failed for a reason its message states (bad bundle, no labelled images, ...)."""
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    """Errors of the model-side steps that become a message and exit code 1."""
+    from ai.types import AnalysisError
+    from training.calibrate import CalibrationError
+    from training.deidentify import DeidentificationError
+    from training.evaluate import EvaluationError
+    from training.export import ExportError
+
+    return AnalysisError, EvaluationError, CalibrationError, ExportError, DeidentificationError
+
+
+def _progress(args: argparse.Namespace, unit: str = "image") -> Callable[[int, str], tqdm]:
+    return lambda total, desc: tqdm(total=total, desc=desc, unit=unit,
+                                    disable=args.quiet or None)  # fmt: skip
+
+
+def _add_labelled_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="folder tree of DICOM files")
+    parser.add_argument(
+        "--labels", type=Path, required=True,
+        help="CSV keyed by sop_instance_uid, path (relative to --data) or study_instance_uid; "
+        "one 0/1 column per label or a `label` column",
+    )  # fmt: skip
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:0")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward")
+    parser.add_argument(
+        "--all-images", action="store_true",
+        help="also analyse images the node would ignore (lateral, non-CR/DX)",
+    )  # fmt: skip
+
+
+def _add_evaluate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bundle", type=Path, action="append", required=True,
+        help="model bundle folder; repeat to evaluate several (run together, as the node does)",
+    )  # fmt: skip
+    _add_labelled_data(parser)
+    parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
+    parser.add_argument("--boxes", type=Path, help="YOLO JSON box truth (detection bundles)")
+    parser.add_argument("--bootstrap", type=_positive_int, default=2000,
+                        help="bootstrap resamples for the AUROC / F1 / AP intervals")  # fmt: skip
+    parser.add_argument("--seed", type=_seed, default=0, help="bootstrap seed")
+    parser.add_argument("--no-curves", action="store_true", help="skip the ROC/PR PNGs")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import run_evaluation
+    from training.report import CLASSIFICATION_HEADERS, classification_rows, markdown_table
+
+    try:
+        report, files = run_evaluation(
+            args.bundle, args.data, args.labels, args.out, boxes_json=args.boxes,
+            device=args.device, batch_size=args.batch_size, all_images=args.all_images,
+            n_boot=args.bootstrap, seed=args.seed, curves=not args.no_curves,
+            progress=_progress(args),
+        )  # fmt: skip
+    except _failures() as exc:
+        raise CommandFailed(str(exc)) from exc
+    for model in report.models:
+        print(f"{model.identity.name} {model.identity.version} ({model.identity.device_uid})")
+        print(markdown_table(CLASSIFICATION_HEADERS, classification_rows(model.labels)))
+    print(f"report: {files['report']}  metrics: {files['metrics']}  "
+          f"predictions: {files['predictions']}  curves: {len(files['curves'])}")  # fmt: skip
+    return EXIT_OK
+
+
 COMMANDS: list[Command] = [
     Command(
         "synth",
         "write procedural chest-radiograph phantoms as DICOM plus labels",
         _add_synth,
         _run_synth,
+    ),
+    Command(
+        "evaluate",
+        "measure bundles on a labelled DICOM set: metrics.json, report.md, predictions, curves",
+        _add_evaluate,
+        _run_evaluate,
     ),
 ]
 
@@ -189,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args))
-    except (CLIError, SynthError, PhantomError) as exc:
+    except (CLIError, CommandFailed, SynthError, PhantomError) as exc:
         print(f"training {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, CLIError) else EXIT_FAILURE
     except OSError as exc:

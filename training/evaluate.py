@@ -601,3 +601,93 @@ def _meta_from(identity: ModelIdentity) -> dict[str, Any]:
 
 def is_nan(value: float | None) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+
+
+class ProgressBar(Protocol):
+    """The slice of :class:`tqdm.tqdm` used here (a context manager with ``update``)."""
+
+    def __enter__(self) -> ProgressBar: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def update(self, n: int = 1) -> object: ...
+
+
+ProgressFactory = Callable[[int, str], ProgressBar]
+
+
+def analyse_labelled_set(
+    bundles: Sequence[Path],
+    labelled: LabelledSet,
+    *,
+    device: str = "auto",
+    batch_size: int = 8,
+    all_images: bool = False,
+    progress: ProgressFactory | None = None,
+    analyzer_factory: Callable[..., SupportsAnalyze] | None = None,
+) -> tuple[PredictionSet, dict[str, dict[str, Any]], list[ModelIdentity]]:
+    """Load the bundles into the node's Analyzer (no Grad-CAM: it does not change the
+    probabilities) and predict every labelled image; returns predictions, metadata by device
+    UID and the model identities."""
+    metas = [read_metadata(Path(b)) for b in bundles]
+    for meta in metas:
+        check_task_supported(meta)
+    if analyzer_factory is None:
+        from ai.inference import Analyzer
+
+        analyzer_factory = Analyzer
+    analyzer = analyzer_factory(list(bundles), device=device, gradcam=False, batch_size=batch_size)
+    summaries = {m.device_uid: bundle_summary(Path(b)) for m, b in zip(metas, bundles, strict=True)}
+    bar = progress(len(labelled.images), "predict") if progress else None
+    if bar is None:
+        return predict(analyzer, labelled.images, batch_size=batch_size,
+                       all_images=all_images), summaries, analyzer.models  # fmt: skip
+    with bar:
+        found = predict(analyzer, labelled.images, batch_size=batch_size,
+                        all_images=all_images, progress=bar.update)  # fmt: skip
+    return found, summaries, analyzer.models
+
+
+def run_evaluation(
+    bundles: Sequence[Path],
+    data_dir: Path,
+    labels_csv: Path,
+    out_dir: Path,
+    *,
+    boxes_json: Path | None = None,
+    device: str = "auto",
+    batch_size: int = 8,
+    all_images: bool = False,
+    n_boot: int = 2000,
+    seed: int = 0,
+    curves: bool = True,
+    progress: ProgressFactory | None = None,
+) -> tuple[EvaluationReport, dict[str, Any]]:
+    """``training evaluate`` end to end; returns the report and the files written."""
+    labelled = load_labelled_set(data_dir, labels_csv)
+    boxes = _read_boxes(boxes_json) if boxes_json else None
+    found, summaries, models = analyse_labelled_set(
+        bundles, labelled, device=device, batch_size=batch_size, all_images=all_images,
+        progress=progress,
+    )  # fmt: skip
+    report = evaluate_predictions(found, labelled, summaries, models=models, boxes=boxes,
+                                  n_boot=n_boot, seed=seed)  # fmt: skip
+    from training.report import write_evaluation
+
+    return report, write_evaluation(Path(out_dir), report, curves=curves)
+
+
+def _read_boxes(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EvaluationError(f'--boxes "{path}": not readable JSON ({exc})') from exc
+    if not isinstance(doc, dict):
+        raise EvaluationError(f'--boxes "{path}": expected an object of file -> box lines')
+    return doc

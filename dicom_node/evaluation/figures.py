@@ -87,8 +87,9 @@ def label_figures(cases: Sequence[Case]) -> LabelFigures:
     probs = np.asarray([c.probability for c in cases], dtype=float)
     calls = np.asarray([int(c.positive) for c in cases], dtype=int)
     bm = binary_metrics(truth, calls)
-    auc = auroc_estimate(truth, probs) if 0 < truth.sum() < truth.size else NAN_ESTIMATE
-    fpr, tpr, _ = roc_curve(truth, probs)
+    both = 0 < truth.sum() < truth.size
+    auc = auroc_estimate(truth, probs) if both else NAN_ESTIMATE
+    roc = roc_curve(truth, probs) if both else None
     thresholds = {c.threshold for c in cases}
     f1 = bm.f1.value
     cm = bm.confusion
@@ -99,7 +100,8 @@ def label_figures(cases: Sequence[Case]) -> LabelFigures:
         tp=cm.tp, fp=cm.fp, tn=cm.tn, fn=cm.fn,
         sensitivity=bm.sensitivity, specificity=bm.specificity, ppv=bm.ppv, npv=bm.npv,
         f1=None if math.isnan(f1) else f1, auroc=auc,
-        roc=_thin([(float(a), float(b)) for a, b in zip(fpr, tpr, strict=True)]),
+        roc=_thin([(float(a), float(b)) for a, b in zip(roc.x, roc.y, strict=True)]
+                  if roc is not None else []),
     )
 
 

@@ -52,7 +52,7 @@ def bad_request(field: str, message: str) -> ApiError:
 
 
 def _wants_html() -> bool:
-    return request.path.startswith("/dashboard") and request.blueprint != "api"
+    return request.path.startswith("/dashboard")
 
 
 def error_response(err: ApiError) -> Response:

@@ -1,0 +1,81 @@
+"""State-changing operations behind the API and the dashboard buttons.
+
+Re-analysis policy
+------------------
+``reanalyse(study)`` is allowed when the study is done, ignored or failed (409 while it is
+receiving, queued or analysing). Every instance of the study goes back to ``pending`` and
+the study to ``receiving``; the study assembler (the one place that applies the selection
+rules) then builds a new job from the instances the *current* rules select. It runs at
+once in the request when the study's quiet period has passed, else on the assembler's
+next round.
+
+Output UIDs derive from the input SOP Instance UIDs and the model identities
+(``dicom_node.worker.uid_seed``). So a re-analysis with the same model(s) and inputs
+rebuilds the *same* SR/SC/GSPS (same UIDs, files rewritten) and creates no new
+deliveries: what was sent is not sent twice, and a destination added since gets its
+first copy. After a model change (new version = new device UID) the results are new
+objects in new series, delivered like any new result; the earlier ones stay valid as
+what the earlier model said. To send the same objects again, resubmit their dead
+deliveries.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from sqlalchemy import select, update
+
+from dicom_node import db
+from dicom_node.sender import resubmit
+from dicom_node.web.context import WebContext
+from dicom_node.web.errors import ApiError
+
+logger = logging.getLogger(__name__)
+
+REANALYSABLE = ("done", "ignored", "failed")
+
+
+def reanalyse(ctx: WebContext, study_uid: str) -> dict[str, Any]:
+    now = time.time()
+    with ctx.engine.begin() as conn:
+        state = conn.execute(select(db.studies.c.state)
+                             .where(db.studies.c.study_uid == study_uid)).scalar_one_or_none()
+        if state is None:
+            raise ApiError(404, "study not found")
+        if state not in REANALYSABLE:
+            raise ApiError(409, f"study is {state}; it can be re-analysed once it is "
+                           f"{', '.join(REANALYSABLE)}", code="invalid_state")
+        res = conn.execute(update(db.instances).where(db.instances.c.study_uid == study_uid)
+                           .values(analysis_state="pending", reason=None, job_id=None))
+        conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid)
+                     .values(state="receiving", reason=None, updated_at=now))
+    logger.info("re-analysis of study %s requested: %d instance(s) pending again", study_uid,
+                res.rowcount)
+    job_id = ctx.assembler().assemble(study_uid, time.time())
+    with ctx.engine.connect() as conn:
+        current = conn.execute(select(db.studies.c.state)
+                               .where(db.studies.c.study_uid == study_uid)).scalar_one()
+        if job_id is None:  # the background assembler may have been first
+            job_id = conn.execute(select(db.jobs.c.id).where(db.jobs.c.study_uid == study_uid)
+                                  .where(db.jobs.c.created_at >= now)
+                                  .order_by(db.jobs.c.id.desc()).limit(1)).scalar_one_or_none()
+    return {"study_uid": study_uid, "instances": res.rowcount, "state": current,
+            "job_id": job_id}
+
+
+def resubmit_one(ctx: WebContext, delivery_id: int) -> dict[str, Any]:
+    with ctx.engine.connect() as conn:
+        state = conn.execute(select(db.deliveries.c.state)
+                             .where(db.deliveries.c.id == delivery_id)).scalar_one_or_none()
+    if state is None:
+        raise ApiError(404, "delivery not found")
+    if state != "dead" or resubmit(ctx.engine, delivery_ids=[delivery_id]) != 1:
+        raise ApiError(409, "only a dead delivery can be resubmitted", code="invalid_state")
+    return {"resubmitted": 1}
+
+
+def resubmit_dead(ctx: WebContext, destination: str | None) -> dict[str, Any]:
+    """Every dead delivery (of one destination, when given) back to the queue."""
+    return {"resubmitted": resubmit(ctx.engine, destination=destination)}

@@ -1,0 +1,71 @@
+"""JSON API: the loaded models (identity, labels, thresholds, bundle metadata) and the
+OpenAPI document describing every route."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+from flask.typing import ResponseReturnValue
+
+from dicom_node.web.context import WebContext, web_context
+
+logger = logging.getLogger(__name__)
+
+bp = Blueprint("api_meta", __name__, url_prefix="/api/v1")
+OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
+_META_KEYS = ("task", "multi_label", "labels", "input", "network", "gradcam_layer", "created",
+              "description", "training", "validation_metrics", "weights_sha256")
+
+
+def _bundle_metadata(directory: Path) -> dict[str, Any] | None:
+    """``configs/metadata.json`` read as JSON: no torch import, no model load."""
+    try:
+        doc = json.loads((directory / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def models_info(ctx: WebContext) -> dict[str, Any]:
+    node = ctx.node
+    analyzer = getattr(node, "analyzer", None)
+    metas: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for directory in ctx.settings.bundle_dirs:
+        doc = _bundle_metadata(directory)
+        if doc is not None:
+            metas[str(doc.get("device_uid", ""))] = (directory, doc)
+    items: list[dict[str, Any]] = []
+    if analyzer is not None:
+        for m in analyzer.models:
+            item = {"name": m.name, "version": m.version, "device_uid": m.device_uid,
+                    "task": m.task, "manufacturer": m.manufacturer, "demo": m.demo,
+                    "display_name": m.display_name, "loaded": True, "bundle_dir": None}
+            found = metas.get(m.device_uid)
+            if found:
+                item["bundle_dir"] = str(found[0])
+                item.update({k: found[1].get(k) for k in _META_KEYS})
+            items.append(item)
+    else:
+        for device_uid, (directory, doc) in metas.items():
+            items.append({"name": doc.get("name"), "version": doc.get("version"),
+                          "device_uid": device_uid, "manufacturer": doc.get("manufacturer"),
+                          "demo": bool(doc.get("demo")), "display_name": doc.get("name"),
+                          "loaded": False, "bundle_dir": str(directory),
+                          **{k: doc.get(k) for k in _META_KEYS}})
+    return {"loaded": analyzer is not None,
+            "error": getattr(node, "model_error", None) if node is not None else None,
+            "items": items}
+
+
+@bp.get("/models")
+def models() -> ResponseReturnValue:
+    return jsonify(models_info(web_context()))
+
+
+@bp.get("/openapi.yaml")
+def openapi() -> ResponseReturnValue:
+    return Response(OPENAPI_PATH.read_text(encoding="utf-8"), mimetype="application/yaml")
