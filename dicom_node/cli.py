@@ -111,6 +111,8 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level),
                         format="%(asctime)s %(levelname)-7s %(name)s [%(threadName)s] %(message)s")
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, getattr(logging, level)))
+    # pydicom's warnings about malformed input can quote element values (PHI): errors only
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 def _rows(settings: Settings, query: Any) -> list[Any]:

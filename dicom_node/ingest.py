@@ -20,12 +20,12 @@ import time
 from dataclasses import dataclass
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import write_file_meta_info
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from dicom_node import db
+from dicom_node.dicomio import quiet, read_untrusted
 from dicom_node.errors import InvalidInstanceError, SpoolError, SpoolFullError
 from dicom_node.spool import Spool, StoredFile
 
@@ -79,16 +79,18 @@ def encode_part10(rec: Received) -> list[bytes]:
 def read_header(path: str) -> Header:
     """Read the few header values the node needs; raise InvalidInstanceError if unusable."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        study = ds.get("StudyInstanceUID")
-        series = ds.get("SeriesInstanceUID")
-        modality = ds.get("Modality")
-        sop = ds.get("SOPInstanceUID")
-    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
+        with quiet():
+            ds = read_untrusted(path, stop_before_pixels=True)
+            study = ds.get("StudyInstanceUID")
+            series = ds.get("SeriesInstanceUID")
+            modality = ds.get("Modality")
+            sop = ds.get("SOPInstanceUID")
+            meta_sop = ds.file_meta.get("MediaStorageSOPInstanceUID", sop)
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any parser error is a reason
         raise InvalidInstanceError(f"header unreadable: {type(exc).__name__}") from exc
     if not valid_uid(study):
         raise InvalidInstanceError("StudyInstanceUID missing or invalid")
-    if sop is not None and str(sop) != str(ds.file_meta.get("MediaStorageSOPInstanceUID", sop)):
+    if sop is not None and str(sop) != str(meta_sop):
         raise InvalidInstanceError("SOPInstanceUID differs from the C-STORE request")
     return Header(str(study), str(series) if valid_uid(series) else None,
                   str(modality)[:16] if modality else None)

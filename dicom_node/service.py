@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from sqlalchemy import Engine
@@ -116,6 +117,7 @@ class Node:
         self.threads: list[threading.Thread] = []
         self.server = None
         self.extras: list[Callable[[], None]] = []  # stop hooks (web, scheduler)
+        self.web: Any = None  # dicom_node.web.server.WebServer while web.enabled
         # evaluation jobs (web API: node.evaluation); runs use the deployed analyzer
         self.evaluation = EvaluationService(
             self.engine, settings, deployed=lambda: self.analyzer,
@@ -139,6 +141,11 @@ class Node:
         if self.scheduler is not None:
             self.extras.append(self.scheduler.shutdown)
         self.extras.append(self.evaluation.close)
+        if self.settings.web.enabled:
+            from dicom_node.web.server import start_web_server  # Flask only when enabled
+
+            self.web = start_web_server(self)
+            self.extras.insert(0, self.web.stop)  # stop serving before what it reads stops
 
     def _thread(self, name: str, target: Callable[[], None]) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 import time
 
-import pydicom
 from sqlalchemy import Engine, insert, select, update
 
 from dicom_node import db
 from dicom_node.config import SelectionSettings
+from dicom_node.dicomio import quiet, read_untrusted
 from dicom_node.selection import rejection_reason
 from dicom_node.spool import Spool
 
@@ -49,10 +49,11 @@ class StudyAssembler:
 
     def _classify(self, relpath: str) -> str | None:
         try:
-            ds = pydicom.dcmread(self.spool.path(relpath), stop_before_pixels=True)
+            with quiet():
+                ds = read_untrusted(self.spool.path(relpath), stop_before_pixels=True)
+                return rejection_reason(ds, self.rules)
         except Exception as exc:  # noqa: BLE001 - any unreadable header is a recorded reason
             return f"header unreadable ({type(exc).__name__})"
-        return rejection_reason(ds, self.rules)
 
     def assemble(self, study_uid: str, now: float) -> int | None:
         with self.engine.connect() as conn:

@@ -223,6 +223,137 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+
+def _label_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f'"{text}" names no label')
+    return names
+
+
+def _add_calibrate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, required=True, help="bundle folder to calibrate")
+    _add_labelled_data(parser)
+    rule = parser.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--target-sensitivity", type=_probability, metavar="S",
+                      help="highest threshold reaching sensitivity S (e.g. 0.9)")  # fmt: skip
+    rule.add_argument("--youden", action="store_true", help="maximise sensitivity + specificity")
+    parser.add_argument("--labels-subset", type=_label_list, metavar="A,B",
+                        help="calibrate only these labels (the others keep their thresholds)")  # fmt: skip
+    parser.add_argument("--out", type=Path,
+                        help="write the calibrated bundle here (default: update --bundle)")  # fmt: skip
+    parser.add_argument("--version", help="new version (default: bump the patch number)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from training.calibrate import run_calibration
+
+    try:
+        outcome = run_calibration(
+            args.bundle, args.data, args.labels,
+            method="youden" if args.youden else "target_sensitivity",
+            target=args.target_sensitivity, labels_subset=args.labels_subset, out=args.out,
+            version=args.version, device=args.device, batch_size=args.batch_size,
+            all_images=args.all_images, progress=_progress(args), force=args.force,
+        )  # fmt: skip
+    except _failures() as exc:
+        raise CommandFailed(str(exc)) from exc
+    before, after = outcome.before, outcome.after
+    print(f"{after.name}: {before.version} -> {after.version}, device UID {after.device_uid}")
+    for r in outcome.labels:
+        if r.threshold is None:
+            print(f"  {r.label:20s} kept {r.previous_threshold:.4g} ({r.reason})")
+        else:
+            sens, spec = (r.sensitivity or {}).get("value"), (r.specificity or {}).get("value")
+            print(f"  {r.label:20s} {r.previous_threshold:.4g} -> {r.threshold:.4g}  "
+                  f"sens {_fmt3(sens)} spec {_fmt3(spec)} (n+ {r.n_pos}, n- {r.n_neg})")  # fmt: skip
+    print(f"bundle: {outcome.bundle}")
+    return EXIT_OK
+
+
+def _fmt3(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _add_export(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", dest="run_dir", type=Path,
+                        help="training run folder holding a bundle")  # fmt: skip
+    source.add_argument("--bundle", type=Path, help="bundle folder")
+    parser.add_argument("--out", type=Path, required=True, help="exported bundle folder")
+    parser.add_argument("--name", help="model name (default: keep)")
+    parser.add_argument("--version", help="model version (default: keep)")
+    parser.add_argument("--description", help="one-line description")
+    parser.add_argument("--metrics", type=Path,
+                        help="metrics.json of `training evaluate` on this bundle")  # fmt: skip
+    parser.add_argument("--check-dicom", type=Path, metavar="FILE",
+                        help="run the exported bundle on this DICOM file as a smoke test")  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    parser.add_argument("--allow-incomplete", action="store_true",
+                        help="export without validation metrics or training record")  # fmt: skip
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from training.export import run_export
+
+    try:
+        outcome = run_export(
+            args.out, bundle=args.bundle, run=args.run_dir, name=args.name, version=args.version,
+            description=args.description, metrics_json=args.metrics,
+            check_dicom=args.check_dicom, force=args.force,
+            allow_incomplete=args.allow_incomplete,
+        )  # fmt: skip
+    except _failures() as exc:
+        raise CommandFailed(str(exc)) from exc
+    meta = outcome.metadata
+    print(f"exported {meta.name} {meta.version} (device UID {meta.device_uid}) to {outcome.out}")
+    for warning in outcome.warnings:
+        print(f"warning: {warning}")
+    if outcome.check is not None:
+        calls = ", ".join(f"{f.label} {f.probability:.3f}{'+' if f.positive else ''}"
+                          for f in outcome.check.findings)  # fmt: skip
+        print(f"check: loaded and analysed one image: {calls}")
+    return EXIT_OK
+
+
+def _add_deidentify(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--in", dest="in_dir", type=Path, required=True, help="DICOM tree")
+    parser.add_argument("--out", type=Path, required=True, help="de-identified tree (new)")
+    parser.add_argument("--salt",
+                        help="secret key for UIDs and pseudonyms (or env TRAINING_DEID_SALT); "
+                        "same salt, same mapping")  # fmt: skip
+    parser.add_argument("--labels", type=Path, help="labels CSV to rewrite onto the new tree")
+    parser.add_argument("--boxes", type=Path, help="YOLO JSON boxes to rewrite onto new paths")
+    parser.add_argument("--allow-burned-in", action="store_true",
+                        help="also write images flagged BurnedInAnnotation YES (counted)")  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
+
+
+def _run_deidentify(args: argparse.Namespace) -> int:
+    from training.deidentify import REPORT_NAME, run_deidentify, salt_from
+
+    logging.getLogger("pydicom").setLevel(logging.WARNING)  # its debug output quotes values
+    with tqdm(unit="file", desc="deidentify", disable=args.quiet or None) as bar:
+        def total(n: int) -> None:
+            bar.total = n
+            bar.refresh()
+
+        try:
+            result = run_deidentify(
+                args.in_dir, args.out, salt=salt_from(args.salt), labels_csv=args.labels,
+                boxes_json=args.boxes, allow_burned_in=args.allow_burned_in,
+                force=args.force, progress=bar.update, on_total=total,
+            )  # fmt: skip
+        except _failures() as exc:
+            raise CommandFailed(str(exc)) from exc
+    files = ", ".join(f"{v} {k}" for k, v in result.report["files"].items())
+    print(f"{result.report['instances']} instance(s), {result.report['studies']} study(ies), "
+          f"{result.report['patients']} patient(s) written to {args.out}\nfiles: {files}\n"
+          f"report: {args.out / REPORT_NAME}")  # fmt: skip
+    return EXIT_OK
+
+
 COMMANDS: list[Command] = [
     Command(
         "synth",
@@ -235,6 +366,24 @@ COMMANDS: list[Command] = [
         "measure bundles on a labelled DICOM set: metrics.json, report.md, predictions, curves",
         _add_evaluate,
         _run_evaluate,
+    ),
+    Command(
+        "calibrate",
+        "choose per-label thresholds on a validation set and write them into the bundle",
+        _add_calibrate,
+        _run_calibrate,
+    ),
+    Command(
+        "export",
+        "finalise a bundle (identity, metrics, record), check it loads, write it out",
+        _add_export,
+        _run_export,
+    ),
+    Command(
+        "deidentify",
+        "PS3.15 Basic Profile de-identification of a DICOM tree (and its labels)",
+        _add_deidentify,
+        _run_deidentify,
     ),
 ]
 

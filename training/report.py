@@ -214,13 +214,13 @@ def plot_curve(path: Path, curve: Curve, *, kind: str, title: str, summary: str,
     ax = fig.add_subplot(1, 1, 1)
     if kind == "roc":
         ax.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1)
-        ax.step(curve.x, curve.y, where="post", linewidth=1.8)
+        ax.plot(curve.x, curve.y, linewidth=1.8)  # ties give the diagonal segments
         ax.set_xlabel("1 - specificity (false-positive rate)")
         ax.set_ylabel("Sensitivity (true-positive rate)")
     else:
         if baseline is not None:
             ax.axhline(baseline, linestyle=":", color="grey", linewidth=1)
-        ax.step(curve.x, curve.y, where="post", linewidth=1.8)
+        ax.step(curve.x, curve.y, where="pre", linewidth=1.8)  # the area AP sums
         ax.set_xlabel("Recall (sensitivity)")
         ax.set_ylabel("Precision (PPV)")
     if operating is not None:

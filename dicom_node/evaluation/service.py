@@ -229,6 +229,8 @@ class EvaluationService:
         started = time.monotonic()
         try:
             figures, models, n_images, summary = self._compute(job)
+            alerts = check_floors(figures, job.floors, job.name)
+            self.store.finish_run(run_id, job.name, figures, alerts, models, n_images, summary)
         except Exception as exc:  # noqa: BLE001 - the edge: a failed-run record, never a crash
             error = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, EvaluationError):
@@ -236,8 +238,6 @@ class EvaluationService:
             logger.error("evaluation job %s run %d failed: %s", job.name, run_id, error)
             self.store.fail_run(run_id, error)
             return
-        alerts = check_floors(figures, job.floors, job.name)
-        self.store.finish_run(run_id, job.name, figures, alerts, models, n_images, summary)
         logger.info("evaluation job %s run %d succeeded: %d case unit(s), %d label(s), "
                     "%d alert(s) in %.1f s", job.name, run_id, n_images, len(figures),
                     len(alerts), time.monotonic() - started)

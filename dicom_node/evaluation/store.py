@@ -238,7 +238,7 @@ class RunStore:
         now = time.time() if now is None else now
         with self.engine.begin() as conn:
             for fig in figures:
-                conn.execute(insert(db.evaluation_metrics).values(**_metrics_values(run_id, fig)))
+                conn.execute(insert(db.evaluation_metrics).values(_metrics_values(run_id, fig)))
             for a in alerts:
                 conn.execute(insert(db.evaluation_alerts).values(
                     run_id=run_id, job_name=job_name, model_name=a.model_name, label=a.label,

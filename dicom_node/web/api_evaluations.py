@@ -36,7 +36,7 @@ bp = Blueprint("api_evaluations", __name__, url_prefix="/api/v1/evaluations")
 MAX_LABELS_PER_POST = 100
 
 
-def _service() -> EvaluationService:
+def require_service() -> EvaluationService:
     service = web_context().evaluation_service()
     if service is None:
         raise ApiError(503, "evaluation jobs are not running in this process",
@@ -44,7 +44,7 @@ def _service() -> EvaluationService:
     return service
 
 
-def _call(what: str, fn: Any, *args: Any) -> Any:
+def call_service(what: str, fn: Any, *args: Any) -> Any:
     """Run a service call; its documented errors become 4xx with a short message."""
     try:
         return fn(*args)
@@ -93,7 +93,7 @@ def trigger_run() -> ResponseReturnValue:
     if "job" not in body:
         raise bad_request("job", "is required (the name of a configured evaluation job)")
     job = check_name(body["job"], "job", 64)
-    run_id = _call("evaluation job", _service().trigger_run, job)
+    run_id = call_service("evaluation job", require_service().trigger_run, job)
     logger.info("evaluation run %s of job %s triggered through the API", run_id, job)
     return jsonify({"run_id": run_id, "job": job}), 202
 
@@ -163,6 +163,6 @@ def post_confirmed_labels() -> ResponseReturnValue:
         check_name(name, "labels", 64)
         if isinstance(value, bool) or not isinstance(value, int) or value not in (0, 1):
             raise bad_request("labels", "every value must be 0 (absent) or 1 (present)")
-    stored = _call("confirmed labels", _service().post_confirmed_labels, body["key_kind"],
+    stored = call_service("confirmed labels", require_service().post_confirmed_labels, body["key_kind"],
                    key_uid, dict(labels))
     return jsonify({"stored": stored, "key_kind": body["key_kind"], "key_uid": key_uid}), 201

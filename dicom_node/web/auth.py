@@ -113,9 +113,12 @@ def _check_csrf() -> None:
 
 def authenticate() -> Response | None:
     """``before_request``: decide who is asking; public endpoints pass through."""
-    if request.endpoint in PUBLIC_ENDPOINTS:
+    ctx = web_context()
+    if request.endpoint in PUBLIC_ENDPOINTS or (
+            request.endpoint == "metrics.metrics"
+            and getattr(ctx.settings.web, "metrics_public", False)):  # an opt-in for scrapers
         return None
-    token = web_context().token
+    token = ctx.token
     header = request.headers.get("Authorization")
     if header is not None:
         scheme, _, value = header.partition(" ")

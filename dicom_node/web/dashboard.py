@@ -206,11 +206,11 @@ def evaluation() -> ResponseReturnValue:
 
 @bp.post("/evaluation/runs")
 def trigger_run() -> ResponseReturnValue:
-    from dicom_node.web.api_evaluations import _call, _service
+    from dicom_node.web.api_evaluations import call_service, require_service
 
     job = request.form.get("job", "")
     try:
-        run_id = _call("evaluation job", _service().trigger_run, job)
+        run_id = call_service("evaluation job", require_service().trigger_run, job)
         flash(f"Evaluation run {run_id} of {job} started.", "ok")
     except ApiError as exc:
         flash(exc.message, "error")

@@ -66,17 +66,17 @@ def parse_time(raw: str, name: str) -> float:
     """ISO 8601 date or date-time (naive = UTC), or UNIX seconds -> UNIX seconds."""
     text = raw.strip()
     try:
-        if re.fullmatch(r"\d{1,12}(\.\d+)?", text):
+        if re.fullmatch(r"\d{1,12}(\.\d{1,9})?", text):
             return float(text)
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
             return datetime.combine(date.fromisoformat(text), datetime.min.time(),
                                     UTC).timestamp()
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except (ValueError, OverflowError):
+        parsed = datetime.fromisoformat(re.sub(r"[zZ]$", "+00:00", text))
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.timestamp()
+    except (ValueError, OverflowError, OSError):
         raise bad_request(name, "must be an ISO 8601 date or date-time, or UNIX seconds") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
 
 
 def time_arg(name: str) -> float | None:

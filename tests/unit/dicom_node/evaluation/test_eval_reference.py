@@ -1,0 +1,156 @@
+"""Reference-set runs: figures against hand-computed values, exclusions counted, the label
+file's keys (SOP UID, path, study) and its errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from evalhelpers import FixedAnalyzer, ReferenceSet, eval_settings, make_image, reference_job
+from sqlalchemy import Engine, select
+
+from dicom_node import db
+from dicom_node.evaluation.errors import EvaluationError
+from dicom_node.evaluation.reference import read_reference_labels
+from dicom_node.evaluation.service import EvaluationService
+from helpers.dicomfiles import write
+
+
+def _service(engine: Engine, tmp_path: Path, jobs: list[dict], analyzer: FixedAnalyzer
+             ) -> EvaluationService:
+    return EvaluationService(engine, eval_settings(tmp_path / "data", jobs),
+                             deployed=lambda: analyzer)
+
+
+def test_figures_match_hand_computed_values(engine: Engine, tmp_path: Path,
+                                            refset: ReferenceSet) -> None:
+    service = _service(engine, tmp_path, [reference_job(refset)], FixedAnalyzer(refset.probs))
+    detail = service.run_now("ref")
+    assert detail.run.state == "succeeded", detail.run.error
+    figs = {f.label: f for f in detail.figures}
+    assert set(figs) == {"nodule", "cardiomegaly"}  # pneumothorax is not in the label file
+    n = figs["nodule"]
+    assert (n.n_pos, n.n_neg, n.tp, n.fp, n.tn, n.fn) == (4, 6, 3, 2, 4, 1)
+    assert n.threshold == 0.5
+    assert n.sensitivity.value == pytest.approx(0.75)
+    assert (n.sensitivity.lower, n.sensitivity.upper) == pytest.approx((0.30064, 0.95441), abs=1e-4)
+    assert n.specificity.value == pytest.approx(4 / 6)
+    assert (n.specificity.lower, n.specificity.upper) == pytest.approx((0.29999, 0.90323), abs=1e-4)
+    assert n.ppv.value == pytest.approx(0.6)
+    assert (n.ppv.lower, n.ppv.upper) == pytest.approx((0.23072, 0.88238), abs=1e-4)
+    assert n.npv.value == pytest.approx(0.8)
+    assert (n.npv.lower, n.npv.upper) == pytest.approx((0.37553, 0.96378), abs=1e-4)
+    assert n.f1 == pytest.approx(6 / 9)
+    assert n.auroc.value == pytest.approx(20 / 24)
+    assert 0.0 <= n.auroc.lower <= 20 / 24 <= n.auroc.upper <= 1.0
+    assert n.roc[0] == (0.0, 0.0) and n.roc[-1] == (1.0, 1.0)
+    assert (2 / 6, 3 / 4) in [(pytest.approx(a), pytest.approx(b)) for a, b in n.roc]
+    c = figs["cardiomegaly"]  # no positive case: sensitivity and AUROC undefined, not 0
+    assert (c.n_pos, c.n_neg, c.tp, c.fp, c.tn, c.fn) == (0, 10, 0, 2, 8, 0)
+    assert c.sensitivity.as_dict()["value"] is None and c.auroc.as_dict()["value"] is None
+    assert c.specificity.value == pytest.approx(0.8)
+    assert c.roc == []
+
+
+def test_run_records_model_thresholds_and_exclusions(engine: Engine, tmp_path: Path,
+                                                     refset: ReferenceSet) -> None:
+    service = _service(engine, tmp_path, [reference_job(refset)], FixedAnalyzer(refset.probs))
+    run = service.run_now("ref").run
+    assert run.n_images == 10 and run.trigger == "manual" and run.kind == "reference"
+    assert run.models == [{"name": "fixed-model", "version": "2.0", "device_uid": "2.25.777",
+                           "task": "classification", "demo": False, "thresholds":
+                           {"cardiomegaly": 0.3, "nodule": 0.5, "pneumothorax": 0.5}}]
+    s = run.summary
+    assert s is not None
+    assert s["files"] == 13 and s["non_dicom_files"] == 1 and s["analysed"] == 10
+    assert sum(s["excluded"].values()) == 2
+    assert any("view position LL" in r for r in s["excluded"])
+    assert any("not a projection radiograph" in r for r in s["excluded"])
+    assert s["images_without_labels"] == 1 and s["labels_without_images"] == 3
+    assert s["labels_not_in_reference"] == ["pneumothorax"] and s["unit"] == "image"
+    with engine.connect() as conn:
+        rows = conn.execute(select(db.evaluation_metrics)).all()
+    assert {r.label for r in rows} == {"nodule", "cardiomegaly"}
+    nodule = next(r for r in rows if r.label == "nodule")
+    assert (nodule.tp, nodule.sensitivity, nodule.sensitivity_lo is not None) == (3, 0.75, True)
+    assert json.loads(nodule.roc)[0] == [0.0, 0.0]
+
+
+def test_images_of_one_study_are_analysed_together_like_a_job(
+        engine: Engine, tmp_path: Path) -> None:
+    ref = tmp_path / "ref"
+    study = "1.2.826.0.1.3680043.8.498.1"
+    a, b = make_image(study_uid=study, seed=1), make_image(study_uid=study, seed=2)
+    for ds in (a, b):
+        write(ds, ref)
+    (tmp_path / "labels.csv").write_text(f"study_instance_uid,nodule\n{study},1\n")
+    analyzer = FixedAnalyzer({a.SOPInstanceUID: {"nodule": 0.2},
+                              b.SOPInstanceUID: {"nodule": 0.7}})
+    job = {"name": "s", "kind": "reference",
+           "reference": {"dicom_dir": str(ref), "labels_csv": str(tmp_path / "labels.csv")}}
+    detail = _service(engine, tmp_path, [job], analyzer).run_now("s")
+    assert sorted(map(sorted, analyzer.calls)) == [sorted([a.SOPInstanceUID, b.SOPInstanceUID])]
+    nodule = next(f for f in detail.figures if f.label == "nodule")
+    # study-level: positive because one image is, probability the maximum
+    assert (nodule.n_pos, nodule.tp, nodule.fn) == (1, 1, 0)
+    assert detail.run.summary is not None and detail.run.summary["unit"] == "study"
+
+
+def test_path_keys_multiclass_and_unusable_pixels(engine: Engine, tmp_path: Path) -> None:
+    ref = tmp_path / "ref"
+    images = [make_image(seed=i) for i in range(3)]
+    for i, ds in enumerate(images):
+        write(ds, ref / f"d{i}", "img.dcm")
+    (tmp_path / "labels.csv").write_text(
+        "path,label\nd0/img.dcm,nodule\nd1/img.dcm,No Finding\nd2/img.dcm,nodule\n")
+    analyzer = FixedAnalyzer({images[0].SOPInstanceUID: {"nodule": 0.9},
+                              images[1].SOPInstanceUID: {"nodule": 0.1}},
+                             bad_pixels=[images[2].SOPInstanceUID])
+    job = {"name": "p", "kind": "reference",
+           "reference": {"dicom_dir": str(ref), "labels_csv": str(tmp_path / "labels.csv")}}
+    detail = _service(engine, tmp_path, [job], analyzer).run_now("p")
+    assert [f.label for f in detail.figures] == ["nodule"]
+    f = detail.figures[0]
+    assert (f.tp, f.fp, f.tn, f.fn) == (1, 0, 1, 0)
+    assert detail.run.summary is not None
+    assert detail.run.summary["excluded"] == {"pixel data unusable": 1}
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("nodule\n1\n", "needs one of the columns"),
+    ("sop_instance_uid,nodule\n1.2.3,2\n", r"line 2, column 'nodule': value '2'"),
+    ("sop_instance_uid,nodule\n1.2.3,1\n1.2.3,0\n", "line 3: sop_instance_uid appears twice"),
+    ("sop_instance_uid,nodule\n", "has no rows"),
+])
+def test_label_file_errors_name_line_column_and_value(tmp_path: Path, text: str,
+                                                      match: str) -> None:
+    path = tmp_path / "labels.csv"
+    path.write_text(text)
+    with pytest.raises(EvaluationError, match=match):
+        read_reference_labels(path)
+
+
+def test_missing_reference_fails_the_run_with_its_reason(engine: Engine, tmp_path: Path
+                                                         ) -> None:
+    job = {"name": "gone", "kind": "reference",
+           "reference": {"dicom_dir": str(tmp_path / "nope"), "labels_csv": "x.csv"}}
+    run = _service(engine, tmp_path, [job], FixedAnalyzer()).run_now("gone").run
+    assert run.state == "failed"
+    assert "reference dicom_dir" in (run.error or "") and "does not exist" in (run.error or "")
+
+
+def test_synth_label_file_is_read(tmp_path: Path) -> None:
+    from training.synth import LABEL_COLUMNS
+
+    path = tmp_path / "labels.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(LABEL_COLUMNS)
+        w.writerow(["1.2.3", "p/s/1.2.3.dcm", "1.2", "PH1", "PA", 1, 0, 0, 1, 0])
+    labels = read_reference_labels(path)
+    assert labels.key == "sop"
+    assert labels.labels == ("nodule", "cardiomegaly", "pleural_effusion", "pneumothorax",
+                             "consolidation")
+    assert labels.truth("1.2.3", "pneumothorax") == 1 and labels.truth("1.2.3", "view") is None
