@@ -4,11 +4,13 @@ Every DICOM file under ``--in`` is rewritten under ``--out`` with the actions of
 (:data:`PROFILE`, by attribute keyword) applied at every nesting level:
 
 - ``X`` remove, ``Z`` zero length, ``D`` dummy value of the VR, ``U`` new UID;
-- compound codes resolve to the least retentive choice that keeps CR/DX/SC/SR/GSPS objects
-  valid: ``X/Z``, ``X/D``, ``X/Z/D`` -> remove; ``Z/D`` -> empty (``D`` where the attribute
-  is Type 1 in those IODs, :data:`TYPE1_DUMMY`); ``X/Z/U*`` (Source/Referenced Image
-  Sequence) -> kept, with every UID inside replaced, so references keep pointing at the
-  de-identified instances;
+- compound codes resolve to a choice that leaks nothing and keeps CR/DX/SC/SR/GSPS objects
+  valid without knowing each IOD's module table: ``X/Z`` and ``X/Z/D`` -> empty (present
+  but zero length, so Type 2 attributes such as the DX Acquisition Context Sequence stay
+  valid); ``X/D`` -> remove; ``Z/D`` -> empty; a dummy instead where the attribute is Type 1
+  in those IODs (:data:`TYPE1_DUMMY`: SR Content Date/Time, GSPS Presentation Creation
+  Date/Time); ``X/Z/U*`` (Source/Referenced Image Sequence) -> kept, cleaned, with every
+  UID inside replaced, so references keep pointing at the de-identified instances;
 - Patient ID and Patient's Name (``Z``; the profile allows a dummy) become one consistent
   pseudonym per patient, so patient-level train/validation splits stay possible;
 - beyond the table, as safety nets: all private elements (and their creators), curves
@@ -225,8 +227,11 @@ PROFILE: dict[str, str] = {
     "Originator": "X", "DestinationAE": "D", "CreationDate": "X", "CreationTime": "X",
 }  # fmt: skip
 
-TYPE1_DUMMY = frozenset({"ContentDate", "ContentTime"})
-"""Z/D attributes given a dummy: Type 1 in the DX and SR document modules."""
+TYPE1_DUMMY = frozenset(
+    {"ContentDate", "ContentTime", "PresentationCreationDate", "PresentationCreationTime"}
+)
+"""Attributes given a dummy instead of being emptied or removed: Type 1 in the SR Document
+General (Content Date/Time) and Presentation State Identification modules."""
 
 KEEP_UIDS = frozenset(
     {
@@ -248,7 +253,7 @@ FILE_META_REMOVE = (
 
 _DUMMY: dict[str, Any] = {
     "DA": "19000101", "TM": "000000", "DT": "19000101000000", "AS": "000Y", "IS": "0",
-    "DS": "0", "PN": "ANONYMIZED", "LO": "ANONYMIZED", "SH": "ANONYMIZED", "LT": "ANONYMIZED",
+    "DS": "0", "PN": "ANONYMIZED^", "LO": "ANONYMIZED", "SH": "ANONYMIZED", "LT": "ANONYMIZED",
     "ST": "ANONYMIZED", "UT": "ANONYMIZED", "UC": "ANONYMIZED", "CS": "ANONYMIZED",
     "AE": "ANONYMIZED", "UR": "", "US": 0, "SS": 0, "UL": 0, "SL": 0, "FL": 0.0, "FD": 0.0,
     "UV": 0, "SV": 0,
@@ -357,10 +362,12 @@ def _dummy(ds: Dataset, elem: DataElement, ids: Pseudonymizer) -> None:
 
 def _resolve(keyword: str, action: str) -> str:
     """Compound action code -> the single action this tool takes (see module docstring)."""
-    if action in ("X/Z", "X/D", "X/Z/D"):
+    if keyword in TYPE1_DUMMY:
+        return "D"
+    if action in ("X/Z", "X/Z/D", "Z/D"):
+        return "Z"
+    if action == "X/D":
         return "X"
-    if action == "Z/D":
-        return "D" if keyword in TYPE1_DUMMY else "Z"
     if action == "X/Z/U*":
         return "U*"
     return action
@@ -370,7 +377,8 @@ def _apply(ds: Dataset, elem: DataElement, keyword: str, action: str, ctx: _Cont
     ctx.stats.actions[action] += 1
     if keyword in ("PatientID", "PatientName"):
         value = ctx.ids.patient(ctx.patient_id)
-        ds[elem.tag] = DataElement(elem.tag, elem.VR, value)
+        suffix = "^" if keyword == "PatientName" and value else ""  # family name component
+        ds[elem.tag] = DataElement(elem.tag, elem.VR, value + suffix)
     elif action == "X":
         del ds[elem.tag]
     elif action == "Z":

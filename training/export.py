@@ -245,7 +245,7 @@ def _write(model: Any, meta: BundleMetadata, out: Path, warnings: list[str],
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for warning in warnings:
-        logger.warning("export %s %s: %s", saved.name, saved.version, warning)
+        logger.info("export %s %s: %s", saved.name, saved.version, warning)
     return ExportOutcome(out, saved, warnings, check)
 
 

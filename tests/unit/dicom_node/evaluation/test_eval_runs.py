@@ -34,7 +34,7 @@ def _service(engine: Engine, tmp_path: Path, refset: ReferenceSet, analyzer: Fix
 
 def test_db_guard_refuses_a_second_running_run(engine: Engine, tmp_path: Path,
                                                refset: ReferenceSet) -> None:
-    service = _service(engine, tmp_path, refset, FixedAnalyzer(refset.probs, delay_s=0.3))
+    service = _service(engine, tmp_path, refset, FixedAnalyzer(refset.probs, delay_s=0.1))
     run_id = service.trigger_run("ref", "api")  # background thread
     with pytest.raises(EvaluationBusyError, match=rf"'ref' is already running \(run {run_id}"):
         service.trigger_run("ref", "manual")
