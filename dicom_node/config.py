@@ -28,6 +28,28 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TlsSettings(_Model):
+    """Optional second listener with TLS (DICOM PS3.15 B.9 / BCP 195): TLS 1.2 or newer,
+    client certificates signed by ``ca_file`` required unless ``require_client_cert`` is off."""
+
+    enabled: bool = False
+    port: int = Field(2762, ge=1, le=65535)
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    require_client_cert: bool = True
+
+    @model_validator(mode="after")
+    def _files(self) -> TlsSettings:
+        if self.enabled:
+            for key in ("cert_file", "key_file") + (("ca_file",) if self.require_client_cert
+                                                    else ()):
+                value = getattr(self, key)
+                if value is None or not Path(value).is_file():
+                    raise ValueError(f"dicom.tls.{key} {str(value)!r} is not a readable file")
+        return self
+
+
 class DicomSettings(_Model):
     ae_title: str = "CXR_AI"
     host: str = "127.0.0.1"
@@ -38,6 +60,7 @@ class DicomSettings(_Model):
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
     maximum_pdu_size: int = Field(0, ge=0)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 

@@ -7,6 +7,7 @@ models cannot read is refused there rather than acknowledged and lost.
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import Any
 
 from pydicom.uid import (
@@ -28,7 +29,7 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.config import DicomSettings
+from dicom_node.config import DicomSettings, TlsSettings
 from dicom_node.ingest import Ingestor, Received, StoreStatus
 
 logger = logging.getLogger(__name__)
@@ -109,8 +110,19 @@ def build_ae(settings: DicomSettings) -> AE:
     return ae
 
 
-def start_scp(settings: DicomSettings, ingestor: Ingestor) -> ThreadedAssociationServer:
-    """Start the listener in background threads; the caller shuts it down."""
+def tls_context(tls: TlsSettings) -> ssl.SSLContext:
+    """Server context: TLS 1.2+, the node's certificate, client certificates verified."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if tls.require_client_cert:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=str(tls.ca_file))
+    return ctx
+
+
+def start_scp(settings: DicomSettings, ingestor: Ingestor) -> list[ThreadedAssociationServer]:
+    """Start the listener(s) in background threads: plain, and TLS when configured."""
     ae = build_ae(settings)
     handlers = [
         (evt.EVT_C_STORE, handle_store, [ingestor]),
@@ -119,7 +131,14 @@ def start_scp(settings: DicomSettings, ingestor: Ingestor) -> ThreadedAssociatio
         (evt.EVT_ABORTED, _log_event),
         (evt.EVT_CONN_CLOSE, _release_unused_slot),
     ]
-    server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
+    servers = [ae.start_server((settings.host, settings.port), block=False,
+                               evt_handlers=handlers)]
     logger.info("DICOM SCP %r listening on %s:%d", settings.ae_title, settings.host,
-                server.server_address[1])
-    return server
+                settings.port)
+    if settings.tls.enabled:
+        servers.append(ae.start_server((settings.host, settings.tls.port), block=False,
+                                       evt_handlers=handlers,
+                                       ssl_context=tls_context(settings.tls)))
+        logger.info("DICOM SCP %r listening with TLS on %s:%d", settings.ae_title,
+                    settings.host, settings.tls.port)
+    return servers

@@ -115,7 +115,7 @@ class Node:
         self.model_error: str | None = None
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
-        self.server = None
+        self.servers: list = []  # the DICOM listeners (plain, TLS)
         self.extras: list[Callable[[], None]] = []  # stop hooks (web, scheduler)
         self.web: Any = None  # dicom_node.web.server.WebServer while web.enabled
         # evaluation jobs (web API: node.evaluation); runs use the deployed analyzer
@@ -125,14 +125,19 @@ class Node:
         self.scheduler: EvaluationScheduler | None = None
 
     @property
+    def server(self):  # type: ignore[no-untyped-def]
+        """The plain DICOM listener (None before start)."""
+        return self.servers[0] if self.servers else None
+
+    @property
     def ready(self) -> bool:
-        return self.server is not None and self.analyzer is not None
+        return bool(self.servers) and self.analyzer is not None
 
     def start(self) -> None:
         self.spool.clean_tmp()
         self.queue.requeue_owned_by(self.node_id)
         self.sender.recover()
-        self.server = start_scp(self.settings.dicom, self.ingestor)
+        self.servers = start_scp(self.settings.dicom, self.ingestor)
         self._thread("assembler", self._assembler_loop)
         if self.settings.destinations:
             self._thread("sender", self._sender_loop)
@@ -191,8 +196,8 @@ class Node:
         self.stop_event.set()
         for hook in self.extras:
             hook()
-        if self.server is not None:
-            self.server.shutdown()
+        for server in self.servers:
+            server.shutdown()
         deadline = time.monotonic() + timeout
         for t in self.threads:
             t.join(max(0.0, deadline - time.monotonic()))

@@ -6,8 +6,9 @@ Every DICOM file under ``--in`` is rewritten under ``--out`` with the actions of
 - ``X`` remove, ``Z`` zero length, ``D`` dummy value of the VR, ``U`` new UID;
 - compound codes resolve to a choice that leaks nothing and keeps CR/DX/SC/SR/GSPS objects
   valid without knowing each IOD's module table: ``X/Z`` and ``X/Z/D`` -> empty (present
-  but zero length, so Type 2 attributes such as the DX Acquisition Context Sequence stay
-  valid); ``X/D`` -> remove; ``Z/D`` -> empty; a dummy instead where the attribute is Type 1
+  but zero length, valid whether the attribute is Type 2 or 3), except sequences, which are
+  removed (a Type 3 sequence may not be empty) unless Type 2 (:data:`TYPE2_SEQUENCES`, the
+  DX Acquisition Context Sequence); ``X/D`` -> remove; ``Z/D`` -> empty; a dummy instead where the attribute is Type 1
   in those IODs (:data:`TYPE1_DUMMY`: SR Content Date/Time, GSPS Presentation Creation
   Date/Time); ``X/Z/U*`` (Source/Referenced Image Sequence) -> kept, cleaned, with every
   UID inside replaced, so references keep pointing at the de-identified instances;
@@ -233,6 +234,9 @@ TYPE1_DUMMY = frozenset(
 """Attributes given a dummy instead of being emptied or removed: Type 1 in the SR Document
 General (Content Date/Time) and Presentation State Identification modules."""
 
+TYPE2_SEQUENCES = frozenset({"AcquisitionContextSequence"})
+"""X/Z sequences kept as an empty sequence (Type 2 in the DX IODs); others are removed."""
+
 KEEP_UIDS = frozenset(
     {
         "SOPClassUID", "ReferencedSOPClassUID", "MediaStorageSOPClassUID", "TransferSyntaxUID",
@@ -360,10 +364,12 @@ def _dummy(ds: Dataset, elem: DataElement, ids: Pseudonymizer) -> None:
         _empty(ds, elem)
 
 
-def _resolve(keyword: str, action: str) -> str:
+def _resolve(keyword: str, action: str, vr: str) -> str:
     """Compound action code -> the single action this tool takes (see module docstring)."""
     if keyword in TYPE1_DUMMY:
         return "D"
+    if action in ("X/Z", "X/Z/D") and vr == "SQ":
+        return "Z" if keyword in TYPE2_SEQUENCES else "X"
     if action in ("X/Z", "X/Z/D", "Z/D"):
         return "Z"
     if action == "X/D":
@@ -416,7 +422,7 @@ def clean_dataset(ds: Dataset, ctx: _Context) -> None:
         elem = ds[tag]
         if tag in PROFILE_TAGS:
             keyword, code = PROFILE_TAGS[tag]
-            _apply(ds, elem, keyword, _resolve(keyword, code), ctx)
+            _apply(ds, elem, keyword, _resolve(keyword, code, elem.VR), ctx)
         elif elem.VR == "SQ":
             for item in elem.value or []:
                 clean_dataset(item, ctx)

@@ -288,18 +288,21 @@ def predict(
     batch_size: int = 8,
     all_images: bool = False,
     progress: Callable[[int], None] | None = None,
+    reader: Callable[[LabelledImage], Dataset] | None = None,
 ) -> PredictionSet:
     """Run ``analyzer`` on ``images`` in batches; returns the per-label predictions.
 
     Images the node would not analyse (lateral, CT, ...) are skipped and counted unless
-    ``all_images``; unreadable or undecodable files are skipped and counted.
+    ``all_images``; unreadable or undecodable files are skipped and counted. ``reader``
+    (default: ``pydicom.dcmread`` of ``image.path``) is for tests without files.
     """
+    read = reader or _read
     skipped: Counter[str] = Counter()
     results: list[tuple[LabelledImage, ImageResult]] = []
     chunk: list[tuple[LabelledImage, Dataset]] = []
     for index, image in enumerate(images):
         try:
-            ds = _read(image)
+            ds = read(image)
             reason = None if all_images else node_would_analyse(ds)
         except PixelDataError as exc:
             reason = str(exc)

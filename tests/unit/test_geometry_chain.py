@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
+from helpers.dicomfiles import make_image
 
 from ai.pixels import PreprocessParams, preprocess
-from ai.types import BoundingBox, CodedConcept, Finding, ImageResult, ModelIdentity
+from ai.types import CodedConcept, Finding, ImageResult, ModelIdentity
 from dicom_node.outputs import OutputSettings, build_outputs
-from helpers.dicomfiles import make_image
 
 MODEL = ModelIdentity("geometry-model", "1", "2.25.99", "classification", demo=True)
 SIZES = [(600, 400), (400, 600), (500, 500), (333, 517), (1955, 1841), (257, 1024)]
