@@ -147,3 +147,17 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from helpers.bundles import make_tiny_bundle
 
     return make_tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def random_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weights bundle from the model-side test helpers (tests/unit/ai/aihelpers.py).
+
+    Lives here because this must stay the only conftest.py: test modules import its helpers
+    as ``conftest``, and a second conftest.py would shadow that module name."""
+    sys.path.insert(0, str(ROOT / "tests" / "unit" / "ai"))
+    from aihelpers import make_bundle
+
+    path = tmp_path_factory.mktemp("bundles") / "random"
+    make_bundle(path)
+    return path

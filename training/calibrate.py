@@ -48,7 +48,7 @@ from training.evaluate import (
     Prediction,
     ProgressFactory,
     analyse_labelled_set,
-    load_labelled_set,
+    load_labelled_set_with_progress,
 )
 
 logger = logging.getLogger(__name__)
@@ -207,13 +207,13 @@ def write_bundle(source: Path, target: Path, metadata: BundleMetadata) -> Bundle
     try:
         saved = save_bundle(staging, metadata, loaded.model)
         load_bundle(staging, device="cpu")  # must load exactly as the node will
-        _swap_in(staging, target)
+        replace_folder(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return saved
 
 
-def _swap_in(staging: Path, target: Path) -> None:
+def replace_folder(staging: Path, target: Path) -> None:
     """Replace ``target`` with ``staging`` (rename the old one away first)."""
     old = None
     if target.exists():
@@ -272,7 +272,7 @@ def run_calibration(
     if before.task != "classification":
         raise CalibrationError(f'Bundle "{before.name}": calibration of task "{before.task}" '
                                "is not supported (classification only)")  # fmt: skip
-    labelled = labelled or load_labelled_set(data_dir, labels_csv)
+    labelled = labelled or load_labelled_set_with_progress(data_dir, labels_csv, progress)
     found, _, _ = analyse_labelled_set([bundle], labelled, device=device, batch_size=batch_size,
                                        all_images=all_images, progress=progress)  # fmt: skip
     if not found.results:
@@ -302,4 +302,3 @@ def _same(a: Path, b: Path) -> bool:
 def thresholds_of(metadata: BundleMetadata) -> dict[str, float]:
     """Label -> operating threshold."""
     return {s.name: s.threshold for s in metadata.labels}
-

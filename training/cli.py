@@ -165,10 +165,13 @@ def _failures() -> tuple[type[BaseException], ...]:
     from training.evaluate import EvaluationError
     from training.export import ExportError
 
-    return AnalysisError, EvaluationError, CalibrationError, ExportError, DeidentificationError
+    return (
+        AnalysisError, EvaluationError, CalibrationError, ExportError, DeidentificationError,
+        RuntimeError,  # torch at run time: out of memory, device errors
+    )  # fmt: skip
 
 
-def _progress(args: argparse.Namespace, unit: str = "image") -> Callable[[int, str], tqdm]:
+def _progress(args: argparse.Namespace, unit: str = "image") -> Callable[[int | None, str], tqdm]:
     return lambda total, desc: tqdm(total=total, desc=desc, unit=unit,
                                     disable=args.quiet or None)  # fmt: skip
 
@@ -221,7 +224,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     print(f"report: {files['report']}  metrics: {files['metrics']}  "
           f"predictions: {files['predictions']}  curves: {len(files['curves'])}")  # fmt: skip
     return EXIT_OK
-
 
 
 def _label_list(text: str) -> list[str]:
@@ -335,6 +337,7 @@ def _run_deidentify(args: argparse.Namespace) -> int:
 
     logging.getLogger("pydicom").setLevel(logging.WARNING)  # its debug output quotes values
     with tqdm(unit="file", desc="deidentify", disable=args.quiet or None) as bar:
+
         def total(n: int) -> None:
             bar.total = n
             bar.refresh()
@@ -354,12 +357,153 @@ def _run_deidentify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- fit
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'"{text}" is not TRAIN,VAL,TEST (e.g. 0.7,0.15,0.15)') from None
+    if len(values) != 3 or any(v < 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
+        raise argparse.ArgumentTypeError(f'"{text}" must be three fractions summing to 1')
+    return values  # type: ignore[return-value]
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f'"{text}" is not JSON: {exc}') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'"{text}" must be a JSON object')
+    return value
+
+
+def _name_tuple(text: str) -> tuple[str, ...]:
+    return tuple(n.strip().upper() for n in text.split(",") if n.strip())
+
+
+def _non_negative(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
+def _add_fit(parser: argparse.ArgumentParser) -> None:
+    # Defaults live in training.fit.FitConfig; SUPPRESS keeps unspecified options out of the
+    # namespace so --resume can tell what the user asked to change.
+    S = argparse.SUPPRESS
+    add = parser.add_argument
+    add("--data", type=Path, default=S, help="folder tree of exported DICOM")
+    add("--labels", type=Path, default=S,
+        help="CSV keyed by sop_instance_uid, path (relative to --data) or study_instance_uid; "
+        "one 0/1 column per label (multi-label) or a `label` column (multi-class)")
+    add("--out", type=Path, default=S, help="run folder (created; must not hold a run)")
+    add("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from last.pt")
+    add("--task", choices=["classification"], default=S, help="what to train (classification)")
+    add("--labels-key", choices=["auto", "sop", "path", "study"], default=S,
+        help="label CSV key column (default auto: sop, then path, then study)")
+    add("--label-names", type=lambda t: tuple(_label_list(t)), default=S, metavar="A,B",
+        help="label columns (multi-label) or class order (multi-class); default: all")
+    add("--strict", action="store_true", default=S, help="fail on any label/image mismatch")
+    add("--modalities", type=_name_tuple, default=S, metavar="CR,DX",
+        help="train on these modalities only (default CR,DX; empty string: all)")
+    add("--network", default=S,
+        help="densenet121 (default), resnet18, resnet50, efficientnet-b0, densenet (with args)")
+    add("--network-args", type=_json_object, default=S, metavar="JSON",
+        help='extra network arguments, e.g. \'{"init_features": 16, "block_config": [2, 2, 2, 2]}\'')
+    add("--pretrained", type=Path, default=S, metavar="FILE",
+        help="initial weights: a state_dict file (mismatching tensors are reported and skipped)")
+    add("--image-size", type=_positive_int, default=S, help="model input side in pixels (224)")
+    add("--clahe", action="store_true", default=S, help="CLAHE in preprocessing (node does too)")
+    add("--epochs", type=_positive_int, default=S, help="epochs (20)")
+    add("--max-steps", type=_non_negative, default=S, help="stop after N optimiser steps (0: off)")
+    add("--batch-size", type=_positive_int, default=S, help="images per step and process (16)")
+    add("--lr", type=float, default=S, help="peak AdamW learning rate (1e-3)")
+    add("--weight-decay", type=float, default=S, help="AdamW weight decay (1e-4)")
+    add("--warmup-steps", type=int, default=S, help="linear warm-up steps (-1: 5%% of all)")
+    add("--min-lr-ratio", type=float, default=S, help="cosine floor as a fraction of --lr (0.01)")
+    add("--clip-grad", type=float, default=S, help="gradient norm clip (1.0; 0: off)")
+    add("--loss", choices=["bce", "focal"], default=S, help="bce (BCE / CE) or focal")
+    add("--focal-gamma", type=float, default=S, help="focal loss gamma (2.0)")
+    add("--focal-alpha", type=_probability, default=S, help="focal loss alpha (off)")
+    add("--sampler", choices=["uniform", "weighted", "oversample"], default=S,
+        help="class imbalance: uniform, weighted (inverse frequency) or oversample (repeat rare)")
+    add("--no-augment", dest="augment", action="store_false", default=S, help="no augmentation")
+    add("--patience", type=_non_negative, default=S,
+        help="early stopping: epochs without a better val mean AUROC (5; 0: off)")
+    add("--min-delta", type=float, default=S, help="smallest improvement that counts (0)")
+    add("--split", type=_fractions, default=S, metavar="TR,VA,TE",
+        help="patient-level split fractions (0.7,0.15,0.15)")
+    add("--split-file", type=Path, default=S, help="reuse the split.json of another run")
+    add("--seed", type=_seed, default=S, help="seed for split, init, sampling, augmentation (0)")
+    add("--device", default=S, help="auto (CUDA if available), cpu, cuda, cuda:1")
+    add("--no-amp", dest="amp", action="store_false", default=S, help="no mixed precision on CUDA")
+    add("--num-workers", type=_non_negative, default=S, help="DataLoader workers per process (0)")
+    add("--threads", type=_non_negative, default=S, help="torch CPU threads (0: torch default)")
+    add("--cache-dir", type=Path, default=S, help="preprocessed-array cache (RUN_DIR/cache)")
+    add("--no-disk-cache", dest="disk_cache", action="store_false", default=S,
+        help="cache in memory only")
+    add("--cache-memory-mb", type=_non_negative, default=S, help="memory cache budget (4096)")
+    add("--name", default=S, help="bundle name (cxr-classifier)")
+    add("--version", default=S, help="bundle version (0.1.0)")
+    add("--description", default=S, help="bundle description")
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    from ai.types import AnalysisError
+    from training.checkpoint import CheckpointError
+    from training.fit import FitConfig, FitError, fit, resume_config
+    from training.split import SplitError
+
+    names = {f for f in FitConfig.__dataclass_fields__}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    given["progress"] = not args.quiet
+    try:
+        if args.resume is not None:
+            config, resume = resume_config(args.resume, given), True
+        else:
+            missing = [f"--{n}" for n in ("data", "labels", "out") if n not in given]
+            if missing:
+                raise CLIError(f"{', '.join(missing)} required (or --resume RUN_DIR)")
+            config, resume = FitConfig(**given), False
+        result = fit(config, resume=resume)
+    except (FitError, SplitError, CheckpointError, AnalysisError, FloatingPointError) as exc:
+        raise CommandFailed(str(exc)) from exc
+    if result.bundle_dir is None:  # a non-zero torchrun rank: rank 0 reports
+        return EXIT_OK
+    state = result.state
+    print(f"{state.epoch} epoch(s), {state.step} step(s); best epoch {state.best_epoch} "
+          f"({result.monitor} {state.best_metric}){' (stopped early)' if state.stopped_early else ''}")
+    for name, entry in result.metrics["per_label"].items():
+        parts = [f"{name:20s} threshold {entry['threshold']:.3f}"]
+        for split in ("val", "test"):
+            if split in entry:
+                fig = entry[split]
+                auc, sens, spec = (fig[k]["value"] for k in ("auroc", "sensitivity", "specificity"))
+                parts.append(f"{split}: AUROC {_fmt(auc)} sens {_fmt(sens)} spec {_fmt(spec)}")
+        print("  ".join(parts))
+    print(f"run: {result.run_dir}  bundle: {result.bundle_dir}")
+    return EXIT_OK
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 COMMANDS: list[Command] = [
     Command(
         "synth",
         "write procedural chest-radiograph phantoms as DICOM plus labels",
         _add_synth,
         _run_synth,
+    ),
+    Command(
+        "fit",
+        "train a classifier on exported DICOM + labels; writes a run folder and a bundle",
+        _add_fit,
+        _run_fit,
     ),
     Command(
         "evaluate",

@@ -656,7 +656,10 @@ def rewrite_labels(
         if new.get("sop_instance_uid") and new["sop_instance_uid"] not in result.written_sops:
             dropped["instance not written"] += 1
             continue
-        if new.get("study_instance_uid") and new["study_instance_uid"] not in result.written_studies:
+        if (
+            new.get("study_instance_uid")
+            and new["study_instance_uid"] not in result.written_studies
+        ):
             dropped["study not written"] += 1
             continue
         out_rows.append(new)

@@ -21,10 +21,8 @@ counts, never patient names, IDs or file paths inside the data tree.
 
 from __future__ import annotations
 
-import csv
 import importlib
 import logging
-import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -97,103 +95,44 @@ class LabelledSet:
         }
 
 
-def load_labelled_set(data_dir: Path, labels_csv: Path) -> LabelledSet:
-    """Match ``labels_csv`` to the DICOM files under ``data_dir`` with :mod:`ai.labels`."""
+def load_labelled_set(
+    data_dir: Path, labels_csv: Path, *, progress: Callable[[int], None] | None = None
+) -> LabelledSet:
+    """Match ``labels_csv`` to the DICOM files under ``data_dir`` (:mod:`ai.labels`).
+
+    Mismatches (labels without images, images without labels, unknown classes, unreadable
+    or duplicate files) are counted in the result and logged as counts; the evaluation goes
+    on with the matched images and fails only when none matched.
+    """
+    from ai.labels import index_dicom_tree, match_labels, read_classification_labels
+
     data_dir, labels_csv = Path(data_dir), Path(labels_csv)
     if not data_dir.is_dir():
         raise EvaluationError(f'--data "{data_dir}" is not a folder')
     if not labels_csv.is_file():
         raise EvaluationError(f'--labels "{labels_csv}" is not a file')
-    return _match_labels(data_dir, labels_csv)
-
-
-_ID_COLUMNS = ("sop_instance_uid", "path", "study_instance_uid")
-_META_COLUMNS = frozenset(
-    {*_ID_COLUMNS, "patient_id", "series_instance_uid", "view", "split", "fold", "label"}
-)
-_TRUE = frozenset({"1", "1.0", "true", "yes", "y", "positive"})
-_FALSE = frozenset({"0", "0.0", "false", "no", "n", "negative"})
-_UNKNOWN = frozenset({"", "-1", "-1.0", "na", "nan", "unknown", "u"})
-
-
-def _truth_value(text: str, where: str) -> int | None:
-    value = text.strip().lower()
-    if value in _TRUE:
-        return 1
-    if value in _FALSE:
-        return 0
-    if value in _UNKNOWN:
-        return None
-    raise EvaluationError(f'{where}: value "{text}" is not 0, 1 or empty')
-
-
-def _read_label_rows(labels_csv: Path) -> tuple[str, list[str], dict[str, dict[str, int | None]]]:
-    """(key column, label names, key -> truth) from a one-column-per-label or ``label`` CSV."""
-    with labels_csv.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        rows = [{(k or "").strip(): (v or "") for k, v in row.items()} for row in reader]
-    key = next((c for c in _ID_COLUMNS if c in columns), None)
-    if key is None:
-        raise EvaluationError(f"{labels_csv.name}: needs one of the columns {list(_ID_COLUMNS)}")
-    multiclass = "label" in columns
-    names = sorted({r["label"].strip() for r in rows if r["label"].strip()}) if multiclass else [
-        c for c in columns if c not in _META_COLUMNS]  # fmt: skip
-    if not names:
-        raise EvaluationError(f"{labels_csv.name}: no label columns")
-    table: dict[str, dict[str, int | None]] = {}
-    for line, row in enumerate(rows, start=2):
-        ident = row[key].strip()
-        if not ident:
-            raise EvaluationError(f"{labels_csv.name} line {line}: empty {key}")
-        if multiclass:
-            cls = row["label"].strip()
-            truth: dict[str, int | None] = {n: (int(n == cls) if cls else None) for n in names}
-        else:
-            truth = {n: _truth_value(row[n], f"{labels_csv.name} line {line}, column {n}")
-                     for n in names}  # fmt: skip
-        if ident in table and table[ident] != truth:
-            raise EvaluationError(f"{labels_csv.name} line {line}: {key} repeated with other labels")
-        table[ident] = truth
-    return key, names, table
-
-
-def _index_tree(data_dir: Path) -> list[tuple[Path, Dataset]]:
-    """Every DICOM file under ``data_dir`` with the header fields matching needs."""
-    tags = ["SOPInstanceUID", "StudyInstanceUID", "PatientID"]
-    found = []
-    for path in sorted(p for p in data_dir.rglob("*") if p.is_file()):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
-        except (InvalidDicomError, OSError, ValueError, EOFError):
-            continue
-        if "SOPInstanceUID" in ds:
-            found.append((path, ds))
-    return found
-
-
-def _match_labels(data_dir: Path, labels_csv: Path) -> LabelledSet:
-    key, names, table = _read_label_rows(labels_csv)
-    images: list[LabelledImage] = []
-    used: set[str] = set()
-    unlabelled = 0
-    for path, ds in _index_tree(data_dir):
-        sop, study = str(ds.SOPInstanceUID), str(ds.get("StudyInstanceUID", ""))
-        ident = {"sop_instance_uid": sop, "study_instance_uid": study,
-                 "path": path.relative_to(data_dir).as_posix()}[key]  # fmt: skip
-        truth = table.get(ident)
-        if truth is None:
-            unlabelled += 1
-            continue
-        used.add(ident)
-        images.append(LabelledImage(path, sop, study, truth, str(ds.get("PatientID", ""))))
-    mismatches = {"images_without_labels": unlabelled,
-                  "labels_without_images": len(set(table) - used)}  # fmt: skip
-    for what, count in mismatches.items():
-        if count:
-            logger.warning("%s: %d %s", labels_csv.name, count, what.replace("_", " "))
-    if not images:
-        raise EvaluationError(f"no DICOM file under {data_dir} matches a row of {labels_csv.name}")
+    labels = read_classification_labels(labels_csv)
+    match = match_labels(index_dicom_tree(data_dir, progress=progress), labels)
+    if match.problems:  # counts only: the detailed report names relative paths
+        logger.warning("%s: %d matched; mismatches %s", labels_csv.name, len(match.matched),
+                       match.problems)  # fmt: skip
+    if not match.matched:
+        raise EvaluationError(
+            f"no DICOM file under {data_dir} matches a row of {labels_csv.name} "
+            f"(labels keyed by {labels.key}; mismatches {match.problems})"
+        )
+    names = list(match.label_names)
+    images = [
+        LabelledImage(
+            m.image.path,
+            m.image.sop_instance_uid,
+            m.image.study_instance_uid,
+            dict(zip(names, m.targets, strict=True)),
+            m.patient_key,
+        )
+        for m in match.matched
+    ]
+    mismatches = {k.replace(" ", "_"): v for k, v in match.problems.items()}
     return LabelledSet(images, names, mismatches, labels_csv.name)
 
 
@@ -602,10 +541,6 @@ def _meta_from(identity: ModelIdentity) -> dict[str, Any]:
             "device_uid": identity.device_uid, "task": identity.task, "demo": identity.demo}  # fmt: skip
 
 
-def is_nan(value: float | None) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 # --------------------------------------------------------------------------------------------
 # The command
 
@@ -620,7 +555,7 @@ class ProgressBar(Protocol):
     def update(self, n: int = 1) -> object: ...
 
 
-ProgressFactory = Callable[[int, str], ProgressBar]
+ProgressFactory = Callable[[int | None, str], ProgressBar]
 
 
 def analyse_labelled_set(
@@ -642,6 +577,7 @@ def analyse_labelled_set(
     if analyzer_factory is None:
         from ai.inference import Analyzer
 
+        check_device(device)
         analyzer_factory = Analyzer
     analyzer = analyzer_factory(list(bundles), device=device, gradcam=False, batch_size=batch_size)
     summaries = {m.device_uid: bundle_summary(Path(b)) for m, b in zip(metas, bundles, strict=True)}
@@ -653,6 +589,16 @@ def analyse_labelled_set(
         found = predict(analyzer, labelled.images, batch_size=batch_size,
                         all_images=all_images, progress=bar.update)  # fmt: skip
     return found, summaries, analyzer.models
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA device on a machine without one (torch would assert deep inside)."""
+    import torch
+
+    from ai.inference import resolve_device
+
+    if resolve_device(device).type == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError(f'--device "{device}": CUDA is not available on this machine')
 
 
 def run_evaluation(
@@ -671,7 +617,7 @@ def run_evaluation(
     progress: ProgressFactory | None = None,
 ) -> tuple[EvaluationReport, dict[str, Any]]:
     """``training evaluate`` end to end; returns the report and the files written."""
-    labelled = load_labelled_set(data_dir, labels_csv)
+    labelled = load_labelled_set_with_progress(data_dir, labels_csv, progress)
     boxes = _read_boxes(boxes_json) if boxes_json else None
     found, summaries, models = analyse_labelled_set(
         bundles, labelled, device=device, batch_size=batch_size, all_images=all_images,
@@ -682,6 +628,16 @@ def run_evaluation(
     from training.report import write_evaluation
 
     return report, write_evaluation(Path(out_dir), report, curves=curves)
+
+
+def load_labelled_set_with_progress(
+    data_dir: Path, labels_csv: Path, progress: ProgressFactory | None
+) -> LabelledSet:
+    """:func:`load_labelled_set` with a bar over the files examined (total unknown)."""
+    if progress is None:
+        return load_labelled_set(data_dir, labels_csv)
+    with progress(None, "index") as bar:
+        return load_labelled_set(data_dir, labels_csv, progress=bar.update)
 
 
 def _read_boxes(path: Path) -> dict[str, Any]:

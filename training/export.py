@@ -10,8 +10,9 @@ The exported bundle gets:
 - validation metrics: from ``--metrics`` (a ``training evaluate`` ``metrics.json``; only the
   entry computed with *these* weights and *these* thresholds is accepted) or already in the
   metadata;
-- the run's configuration (``config.json`` / ``config.yaml`` in the run folder) when the
-  metadata lacks one, and an ``export`` record (time, source, checks done);
+- the run's configuration (``run_config.json`` as ``training fit`` writes it, or
+  ``config.json`` / ``config.yaml``) when the metadata lacks one, and an ``export`` record
+  (time, source, checks done);
 - ``docs/README.md``: a short model card with the validation table.
 
 It is written to a staging folder, loaded back with :func:`ai.bundle.load_bundle` and, with
@@ -33,12 +34,12 @@ from typing import Any
 
 from ai.bundle import METADATA_PATH, BundleMetadata, load_bundle, read_metadata, save_bundle
 from ai.types import ImageResult
-from training.calibrate import _swap_in, operating_point_uid
+from training.calibrate import operating_point_uid, replace_folder
 
 logger = logging.getLogger(__name__)
 
 RUN_BUNDLE_DIRS = ("bundle", "best", "final", ".")
-RUN_CONFIG_FILES = ("config.json", "config.yaml", "config.yml", "run.json")
+RUN_CONFIG_FILES = ("run_config.json", "config.json", "config.yaml", "config.yml", "run.json")
 
 
 class ExportError(ValueError):
@@ -63,7 +64,9 @@ def find_run_bundle(run: Path) -> Path:
     for name in RUN_BUNDLE_DIRS:
         if (run / name / METADATA_PATH).is_file():
             return (run / name).resolve() if name == "." else run / name
-    found = sorted(p.parent.parent for p in run.rglob("metadata.json") if p.parent.name == "configs")
+    found = sorted(
+        p.parent.parent for p in run.rglob("metadata.json") if p.parent.name == "configs"
+    )
     if len(found) == 1:
         return found[0]
     if not found:
@@ -86,7 +89,7 @@ def _run_config(run: Path) -> dict[str, Any] | None:
             else:
                 doc = json.loads(text)
         except (ValueError, ImportError) as exc:
-            raise ExportError(f'{path}: unreadable run configuration ({exc})') from exc
+            raise ExportError(f"{path}: unreadable run configuration ({exc})") from exc
         if isinstance(doc, dict):
             return doc
     return None
@@ -131,7 +134,10 @@ def completeness(metadata: BundleMetadata) -> tuple[list[str], list[str]]:
         missing.append("validation metrics (run training evaluate, then pass --metrics)")
     if not metadata.training:
         missing.append("training record (data summary and configuration)")
-    if "calibration" not in metadata.training:
+    calibrated = "calibration" in metadata.training or "threshold" in str(
+        metadata.validation_metrics.get("method", "")
+    )  # training calibrate's record, or training fit's own calibration on its val split
+    if not calibrated:
         warnings.append("thresholds were never calibrated (training calibrate)")
     if metadata.demo:
         warnings.append("bundle is marked demo: findings are labelled not for clinical use")
@@ -150,7 +156,7 @@ def model_card(metadata: BundleMetadata) -> str:
         *(["- **DEMO bundle: not for clinical use**"] if metadata.demo else []), "",
         "| Label | Code | Threshold | Sens | Spec | AUROC |", "|---|---|---:|---:|---:|---:|",
     ]  # fmt: skip
-    figures = metadata.validation_metrics.get("metrics", {})
+    figures = _figures_by_label(metadata.validation_metrics)
     for spec in metadata.labels:
         m = figures.get(spec.name, {})
 
@@ -166,6 +172,18 @@ def model_card(metadata: BundleMetadata) -> str:
         lines += ["", f"Validation set: {data.get('evaluated_images', '?')} images, "
                       f"{data.get('studies', '?')} studies, {data.get('patients', '?')} patients."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _figures_by_label(validation: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Label -> figures from a ``training evaluate`` record (``metrics``) or from the record
+    ``training fit`` writes (``per_label`` -> split; the held-out test split preferred)."""
+    if isinstance(validation.get("metrics"), dict):
+        return validation["metrics"]
+    out = {}
+    for label, entry in (validation.get("per_label") or {}).items():
+        if isinstance(entry, dict):
+            out[label] = entry.get("test") or entry.get("val") or {}
+    return out
 
 
 def _check_dicom(bundle: Path, dicom: Path) -> ImageResult:
@@ -241,7 +259,7 @@ def _write(model: Any, meta: BundleMetadata, out: Path, warnings: list[str],
         (staging / "docs" / "README.md").write_text(model_card(saved), encoding="utf-8")
         load_bundle(staging, device="cpu")  # exactly what the node does at start-up
         check = _check_dicom(staging, check_dicom) if check_dicom is not None else None
-        _swap_in(staging, out)
+        replace_folder(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for warning in warnings:

@@ -5,7 +5,7 @@ selection rules (:func:`dicom_node.selection.rejection_reason`) decide whether i
 analysed, and the images of one study are handed to ``Analyzer.analyze`` together, as a
 worker does with a job. What is not analysed is counted by reason, never silently dropped.
 
-The label file is the classification CSV ``training`` reads: keyed by
+The label file is the classification CSV ``training`` reads (:mod:`ai.labels`): keyed by
 ``sop_instance_uid``, ``path`` (relative to ``dicom_dir``) or ``study_instance_uid``, with
 one 0/1 column per label or a single ``label`` column (multi-class). Study-keyed labels are
 evaluated per study (positive if any image is, probability = the maximum).
@@ -13,7 +13,6 @@ evaluated per study (positive if any image is, probability = the maximum).
 
 from __future__ import annotations
 
-import csv
 import logging
 import threading
 from collections import Counter, defaultdict
@@ -25,6 +24,8 @@ from typing import Any, Literal
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from ai.codes import normalise_label
+from ai.labels import LabelError, normalise_path, read_classification_labels
 from ai.types import ImageResult, PixelDataError
 from dicom_node.config import SelectionSettings
 from dicom_node.evaluation.errors import EvaluationError, EvaluationInterrupted
@@ -35,88 +36,37 @@ from dicom_node.worker import Analyzer
 logger = logging.getLogger(__name__)
 
 KeyKind = Literal["sop", "path", "study"]
-_KEY_COLUMNS: tuple[tuple[str, KeyKind], ...] = (
-    ("sop_instance_uid", "sop"), ("path", "path"), ("study_instance_uid", "study"))
-# Columns of the training label format that are neither keys nor labels.
-_META_COLUMNS = frozenset({"sop_instance_uid", "path", "study_instance_uid", "patient_id",
-                           "view", "split", "fold", "comment"})
-_BINARY = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "": None}
-
-
-def _short(value: str) -> str:
-    return repr(value if len(value) <= 16 else value[:16] + "...")
 
 
 @dataclass(frozen=True)
 class ReferenceLabels:
-    """The label file: records keyed by SOP UID, relative path or Study UID.
+    """The label file as the evaluation uses it: per record key, 0/1 per (normalised) label.
 
-    TODO: replace with ``ai.labels.read_classification_labels`` / ``ai.labels.match_dicom``
-    (shared with ``training``) once that module exists; this is a minimal private reader of
-    the same CSV format.
+    Parsing is :func:`ai.labels.read_classification_labels`, shared with ``training``, so
+    the node reads exactly the files training reads. Multi-class files become one-hot
+    records (a class the model does not know, e.g. "No Finding", is negative for all).
     """
 
     key: KeyKind
-    labels: tuple[str, ...]  # label columns (multi-label) or class names (multi-class)
-    records: dict[str, dict[str, int | None]]
-    multiclass: bool = False
+    labels: tuple[str, ...]  # normalised label names (``normalise_label``)
+    records: dict[str, dict[str, int]]
 
     def truth(self, key: str, label: str) -> int | None:
+        """0/1 for ``label`` on the record ``key``; None if either is not in the file."""
         record = self.records.get(key)
-        if record is None or label not in self.labels:
-            return None
-        if self.multiclass:
-            return int(record.get(label) == 1)
-        return record.get(label)
+        return None if record is None else record.get(normalise_label(label))
 
 
 def read_reference_labels(csv_path: Path) -> ReferenceLabels:
-    """Parse the classification label CSV; errors name the line, column and value."""
+    """Read the classification CSV; errors name the file, line, column and value."""
     try:
-        with Path(csv_path).open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in reader.fieldnames or []]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()}
-                    for row in reader]
-    except FileNotFoundError as exc:
-        raise EvaluationError(f"reference labels_csv {str(csv_path)!r} does not exist") from exc
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise EvaluationError(f"reference labels_csv {str(csv_path)!r} is not a readable "
-                              f"UTF-8 CSV: {exc}") from exc
-    key_column, key = next(((c, k) for c, k in _KEY_COLUMNS if c in columns), (None, None))
-    if key_column is None or key is None:
-        raise EvaluationError(f"labels_csv {str(csv_path)!r} needs one of the columns "
-                              "sop_instance_uid, path, study_instance_uid")
-    multiclass = "label" in columns
-    label_cols = [c for c in columns if c not in _META_COLUMNS and c != "label"]
-    if multiclass and label_cols:
-        raise EvaluationError(f"labels_csv {str(csv_path)!r}: a 'label' column excludes "
-                              f"per-label columns (found {', '.join(label_cols)})")
-    records: dict[str, dict[str, int | None]] = {}
-    classes: set[str] = set()
-    for line, row in enumerate(rows, start=2):
-        uid = row.get(key_column, "")
-        if not uid:
-            raise EvaluationError(f"labels_csv line {line}: empty {key_column}")
-        if uid in records:
-            raise EvaluationError(f"labels_csv line {line}: {key_column} appears twice")
-        if multiclass:
-            name = row["label"]
-            classes.add(name)
-            records[uid] = {name: 1} if name else {}
-            continue
-        record: dict[str, int | None] = {}
-        for col in label_cols:
-            value = row.get(col, "")
-            if value not in _BINARY:
-                raise EvaluationError(f"labels_csv line {line}, column {col!r}: value "
-                                      f"{_short(value)} is not 0, 1 or empty")
-            record[col] = _BINARY[value]
-        records[uid] = record
-    if not records:
-        raise EvaluationError(f"labels_csv {str(csv_path)!r} has no rows")
-    labels = tuple(sorted(classes)) if multiclass else tuple(label_cols)
-    return ReferenceLabels(key=key, labels=labels, records=records, multiclass=multiclass)
+        parsed = read_classification_labels(csv_path)
+    except LabelError as exc:
+        raise EvaluationError(f"reference labels_csv: {exc}") from exc
+    names = tuple(normalise_label(n) for n in parsed.label_names)
+    records = {key: dict(zip(names, rec.targets, strict=True))
+               for key, rec in parsed.records.items()}
+    return ReferenceLabels(key=parsed.key, labels=names, records=records)  # type: ignore[arg-type]
 
 
 def _looks_like_dicom(path: Path) -> bool:
@@ -160,18 +110,19 @@ def scan_reference(dicom_dir: Path, labels: ReferenceLabels, rules: SelectionSet
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             scan.excluded[f"header unreadable ({type(exc).__name__})"] += 1
             continue
+        study = str(ds.get("StudyInstanceUID", ""))
+        key = {"sop": str(ds.get("SOPInstanceUID", "")), "study": study,
+               "path": normalise_path(path.relative_to(dicom_dir).as_posix())}[labels.key]
+        labelled = key in labels.records
+        if labelled:
+            scan.matched_keys.add(key)
         reason = rejection_reason(ds, rules)
         if reason is not None:
             scan.excluded[reason] += 1
-            continue
-        study = str(ds.get("StudyInstanceUID", ""))
-        key = {"sop": str(ds.get("SOPInstanceUID", "")), "study": study,
-               "path": path.relative_to(dicom_dir).as_posix()}[labels.key]
-        if key not in labels.records:
+        elif not labelled:
             scan.images_without_labels += 1
-            continue
-        scan.matched_keys.add(key)
-        groups[study].append((path, key))
+        else:
+            groups[study].append((path, key))
     scan.to_analyse = dict(groups)
     return scan
 
@@ -242,7 +193,8 @@ def evaluate_reference(dicom_dir: Path, labels_csv: Path, analyzer: Analyzer,
         "analysed": len(results), "excluded": dict(sorted(scan.excluded.items())),
         "images_without_labels": scan.images_without_labels,
         "labels_without_images": len(labels.records) - len(scan.matched_keys),
-        "labels_not_in_reference": sorted(model_labels - set(labels.labels)),
+        "labels_not_in_reference": sorted(label for label in model_labels
+                                          if normalise_label(label) not in labels.labels),
         "cases": len(cases),
     }
     logger.info("reference set: %d file(s), %d analysed, %d excluded, %d without labels",

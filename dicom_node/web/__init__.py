@@ -95,6 +95,7 @@ def create_app(settings: Settings, node: Any | None = None, *, engine: Engine | 
         metrics,
     )
     from dicom_node.web.errors import register_error_handlers
+    from dicom_node.web.validation import query_params
 
     if node is not None:
         engine, spool = node.engine, node.spool
@@ -103,7 +104,8 @@ def create_app(settings: Settings, node: Any | None = None, *, engine: Engine | 
         spool = Spool(settings.storage.data_dir / "spool")
     token = auth.resolve_token(settings)
     app = Flask(__name__)
-    app.config.update(TESTING=testing, MAX_CONTENT_LENGTH=1024 * 1024, JSON_SORT_KEYS=False)
+    app.config.update(TESTING=testing, MAX_CONTENT_LENGTH=1024 * 1024)
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the documented order
     app.extensions[EXTENSION_KEY] = WebContext(settings=settings, engine=engine, spool=spool,
                                                token=token, node=node, evaluation=evaluation)
     auth.init_auth(app, token)
@@ -111,7 +113,8 @@ def create_app(settings: Settings, node: Any | None = None, *, engine: Engine | 
     for bp in (health.bp, metrics.bp, api_studies.bp, api_evaluations.bp, api_meta.bp,
                dashboard.bp):
         app.register_blueprint(bp)
-    app.add_url_rule("/", "root", lambda: redirect(url_for("dashboard.overview")))
+    app.add_url_rule("/", "root", query_params()(lambda: redirect(url_for(
+        "dashboard.overview"))))
     app.after_request(_security_headers)
     app.jinja_env.filters.update(dt=_dt, da=_da, pct=_pct)
     app.jinja_env.autoescape = True

@@ -4,6 +4,7 @@ run and posting confirmed labels go to the evaluation service (503 when there is
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -26,7 +27,9 @@ from dicom_node.web.validation import (
     json_body,
     name_arg,
     page_args,
+    query_params,
     reject_unknown,
+    text_arg,
     time_range,
 )
 
@@ -53,8 +56,9 @@ def call_service(what: str, fn: Any, *args: Any) -> Any:
     except EvaluationBusyError as exc:
         raise ApiError(409, f"{what}: already running (run {exc.run_id} is in progress)",
                        code="conflict") from None
-    except ValueError as exc:  # ConfirmedLabelError names the bad argument
-        raise ApiError(400, f"{what}: {str(exc)[:300]}", code="rejected") from None
+    except ValueError as exc:  # ConfirmedLabelError names the argument and quotes the value
+        message = re.sub(r"'[^']*'|\"[^\"]*\"", "<value>", str(exc))[:300]
+        raise ApiError(400, f"{what}: {message}", code="rejected") from None
 
 
 def _next_runs(service: EvaluationService | None) -> dict[str, float | None]:
@@ -65,6 +69,7 @@ def _next_runs(service: EvaluationService | None) -> dict[str, float | None]:
 
 
 @bp.get("/jobs")
+@query_params()
 def jobs() -> ResponseReturnValue:
     ctx = web_context()
     next_run = _next_runs(ctx.evaluation_service())
@@ -74,6 +79,7 @@ def jobs() -> ResponseReturnValue:
 
 
 @bp.get("/runs")
+@query_params("limit", "offset", "job", "kind", "state", "started_from", "started_to")
 def list_runs() -> ResponseReturnValue:
     p = page_args()
     lo, hi = time_range("started_from", "started_to")
@@ -87,6 +93,7 @@ def list_runs() -> ResponseReturnValue:
 
 
 @bp.post("/runs")
+@query_params()
 def trigger_run() -> ResponseReturnValue:
     body = json_body(required=True)
     reject_unknown(body, ("job",))
@@ -99,6 +106,7 @@ def trigger_run() -> ResponseReturnValue:
 
 
 @bp.get(f"/runs/<{ID}:run_id>")
+@query_params()
 def get_run(run_id: int) -> ResponseReturnValue:
     with web_context().engine.connect() as conn:
         run = eq.get_run(conn, run_id)
@@ -108,11 +116,12 @@ def get_run(run_id: int) -> ResponseReturnValue:
 
 
 @bp.get("/labels/<label>/history")
+@query_params("job", "model", "started_from", "started_to", "limit")
 def label_history(label: str) -> ResponseReturnValue:
     check_name(label, "label", 64)
     lo, hi = time_range("started_from", "started_to")
     job = name_arg("job", 64)
-    model = name_arg("model")
+    model = text_arg("model")
     limit = int_arg("limit", 100, 1, 1000)
     assert limit is not None
     with web_context().engine.connect() as conn:
@@ -122,11 +131,12 @@ def label_history(label: str) -> ResponseReturnValue:
 
 
 @bp.get("/alerts")
+@query_params("limit", "offset", "active", "job", "label")
 def list_alerts() -> ResponseReturnValue:
     p = page_args()
     active = bool_arg("active")
     job = name_arg("job", 64)
-    label = name_arg("label", 64)
+    label = text_arg("label", 64)
     with web_context().engine.connect() as conn:
         items, total = eq.list_alerts(conn, active=active, job=job, label=label,
                                       limit=p.limit, offset=p.offset)
@@ -134,6 +144,7 @@ def list_alerts() -> ResponseReturnValue:
 
 
 @bp.post(f"/alerts/<{ID}:alert_id>/acknowledge")
+@query_params()
 def acknowledge_alert(alert_id: int) -> ResponseReturnValue:
     reject_unknown(json_body(required=False), ())
     a = db.evaluation_alerts.c
@@ -149,6 +160,7 @@ def acknowledge_alert(alert_id: int) -> ResponseReturnValue:
 
 
 @bp.post("/confirmed-labels")
+@query_params()
 def post_confirmed_labels() -> ResponseReturnValue:
     body = json_body(required=True)
     reject_unknown(body, ("key_kind", "key_uid", "labels"))

@@ -12,6 +12,7 @@ from flask import Blueprint, Response, jsonify
 from flask.typing import ResponseReturnValue
 
 from dicom_node.web.context import WebContext, web_context
+from dicom_node.web.validation import query_params
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +63,12 @@ def models_info(ctx: WebContext) -> dict[str, Any]:
 
 
 @bp.get("/models")
+@query_params()
 def models() -> ResponseReturnValue:
     return jsonify(models_info(web_context()))
 
 
 @bp.get("/openapi.yaml")
+@query_params()
 def openapi() -> ResponseReturnValue:
     return Response(OPENAPI_PATH.read_text(encoding="utf-8"), mimetype="application/yaml")

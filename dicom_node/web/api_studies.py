@@ -13,13 +13,14 @@ from dicom_node.web.context import web_context
 from dicom_node.web.errors import ApiError, bad_request
 from dicom_node.web.phi import Redactor
 from dicom_node.web.validation import (
-    check_name,
     check_uid,
     enum_arg,
     json_body,
     name_arg,
     page_args,
+    query_params,
     reject_unknown,
+    text_arg,
     time_range,
     uid_arg,
 )
@@ -33,6 +34,7 @@ def page(items: list[dict[str, Any]], total: int, limit: int, offset: int) -> di
 
 
 @bp.get("/studies")
+@query_params("limit", "offset", "state", "modality", "received_from", "received_to")
 def list_studies() -> ResponseReturnValue:
     p = page_args()
     lo, hi = time_range("received_from", "received_to")
@@ -50,6 +52,7 @@ def list_studies() -> ResponseReturnValue:
 
 
 @bp.get("/studies/<study_uid>")
+@query_params()
 def get_study(study_uid: str) -> ResponseReturnValue:
     check_uid(study_uid, "study_uid")
     ctx = web_context()
@@ -61,6 +64,7 @@ def get_study(study_uid: str) -> ResponseReturnValue:
 
 
 @bp.post("/studies/<study_uid>/reanalyse")
+@query_params()
 def reanalyse(study_uid: str) -> ResponseReturnValue:
     check_uid(study_uid, "study_uid")
     reject_unknown(json_body(required=False), ())
@@ -71,6 +75,7 @@ def reanalyse(study_uid: str) -> ResponseReturnValue:
 
 
 @bp.get("/jobs")
+@query_params("limit", "offset", "state", "study_uid", "created_from", "created_to")
 def list_jobs() -> ResponseReturnValue:
     p = page_args()
     lo, hi = time_range("created_from", "created_to")
@@ -85,6 +90,7 @@ def list_jobs() -> ResponseReturnValue:
 
 
 @bp.get(f"/jobs/<{ID}:job_id>")
+@query_params()
 def get_job(job_id: int) -> ResponseReturnValue:
     ctx = web_context()
     with ctx.engine.connect() as conn:
@@ -95,10 +101,11 @@ def get_job(job_id: int) -> ResponseReturnValue:
 
 
 @bp.get("/deliveries")
+@query_params("limit", "offset", "state", "destination", "study_uid")
 def list_deliveries() -> ResponseReturnValue:
     p = page_args()
     state = enum_arg("state", queries.DELIVERY_STATES)
-    destination = name_arg("destination")
+    destination = text_arg("destination")
     study_uid = uid_arg("study_uid")
     with web_context().engine.connect() as conn:
         items, total = queries.list_deliveries(conn, state=state, destination=destination,
@@ -108,19 +115,19 @@ def list_deliveries() -> ResponseReturnValue:
 
 
 @bp.post(f"/deliveries/<{ID}:delivery_id>/resubmit")
+@query_params()
 def resubmit_one(delivery_id: int) -> ResponseReturnValue:
     reject_unknown(json_body(required=False), ())
     return jsonify(actions.resubmit_one(web_context(), delivery_id))
 
 
 @bp.post("/deliveries/resubmit")
+@query_params()
 def resubmit_dead() -> ResponseReturnValue:
     body = json_body(required=False)
     reject_unknown(body, ("destination",))
     destination = body.get("destination")
-    if destination is not None:
-        check_name(destination, "destination")
-        configured = {d.name for d in web_context().settings.destinations}
-        if destination not in configured:
-            raise bad_request("destination", "is not a configured destination (AE@HOST:PORT)")
+    if destination is not None and (not isinstance(destination, str)
+                                    or not 0 < len(destination) <= 128):
+        raise bad_request("destination", "must be a destination name, AE@HOST:PORT")
     return jsonify(actions.resubmit_dead(web_context(), destination))

@@ -40,6 +40,7 @@ from flask import (
 from dicom_node.config import Settings
 from dicom_node.web.context import web_context
 from dicom_node.web.errors import ApiError
+from dicom_node.web.validation import query_params
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ def _throttle() -> LoginThrottle:
 
 
 @bp.route("/dashboard/login", methods=["GET", "POST"])
+@query_params()
 def login() -> Response | str | tuple[str, int]:
     if request.method == "GET":
         return render_template("login.html", error=None)
@@ -191,6 +193,7 @@ def login() -> Response | str | tuple[str, int]:
 
 
 @bp.route("/dashboard/logout", methods=["POST"])
+@query_params()
 def logout() -> Response:
     session.clear()
     return redirect(url_for("auth.login"))  # type: ignore[return-value]

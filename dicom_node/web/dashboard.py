@@ -11,7 +11,17 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from flask import Blueprint, Response, flash, redirect, render_template, request, send_file, url_for
+from flask import (
+    Blueprint,
+    Response,
+    flash,
+    g,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    url_for,
+)
 from flask.typing import ResponseReturnValue
 from sqlalchemy import Connection, func, select
 
@@ -23,10 +33,18 @@ from dicom_node.web.api_studies import ID
 from dicom_node.web.context import web_context
 from dicom_node.web.errors import ApiError
 from dicom_node.web.phi import PatientInfo, Redactor, first_instance_paths, read_patient
-from dicom_node.web.validation import enum_arg, name_arg, page_args, time_range
+from dicom_node.web.validation import (
+    check_name,
+    enum_arg,
+    name_arg,
+    page_args,
+    query_params,
+    time_range,
+)
 
 bp = Blueprint("dashboard", __name__, url_prefix="/dashboard")
 PAGE_SIZE = 25
+FILTERS = ("state", "modality", "received_from", "received_to")
 
 
 def _patients(conn: Connection, study_uids: list[str]) -> dict[str, PatientInfo | None]:
@@ -47,6 +65,7 @@ def _throughput(conn: Connection, since: float) -> dict[str, int]:
 
 
 @bp.get("/")
+@query_params()
 def overview() -> ResponseReturnValue:
     ctx = web_context()
     now = time.time()
@@ -71,7 +90,9 @@ def overview() -> ResponseReturnValue:
 
 
 @bp.get("/studies")
+@query_params("limit", "offset", "state", "modality", "received_from", "received_to")
 def studies() -> ResponseReturnValue:
+    g.empty_means_absent = FILTERS  # the filter form sends its empty fields
     p = page_args(PAGE_SIZE)
     lo, hi = time_range("received_from", "received_to")
     modality = name_arg("modality", 16)
@@ -100,6 +121,7 @@ def _key_for(conn: Connection, study_uid: str) -> int | None:
 
 
 @bp.get(f"/studies/<{ID}:study_key>")
+@query_params()
 def study(study_key: int) -> ResponseReturnValue:
     ctx = web_context()
     uid = _study_uid(study_key)
@@ -125,6 +147,7 @@ def study(study_key: int) -> ResponseReturnValue:
 
 
 @bp.post(f"/studies/<{ID}:study_key>/reanalyse")
+@query_params()
 def reanalyse(study_key: int) -> ResponseReturnValue:
     try:
         result = actions.reanalyse(web_context(), _study_uid(study_key))
@@ -139,6 +162,7 @@ def reanalyse(study_key: int) -> ResponseReturnValue:
 
 
 @bp.post(f"/deliveries/<{ID}:delivery_id>/resubmit")
+@query_params()
 def resubmit(delivery_id: int) -> ResponseReturnValue:
     ctx = web_context()
     with ctx.engine.connect() as conn:
@@ -163,11 +187,13 @@ def _png(path: Any) -> Response:
 
 
 @bp.get(f"/instances/<{ID}:instance_id>/image.png")
+@query_params()
 def instance_image(instance_id: int) -> ResponseReturnValue:
     return _png(images.instance_thumbnail(web_context(), instance_id))
 
 
 @bp.get(f"/outputs/<{ID}:output_id>/image.png")
+@query_params()
 def output_image(output_id: int) -> ResponseReturnValue:
     return _png(images.output_thumbnail(web_context(), output_id))
 
@@ -179,13 +205,14 @@ def _floors(job: str | None, label: str) -> dict[str, float | None]:
 
 
 @bp.get("/evaluation")
+@query_params("job",)
 def evaluation() -> ResponseReturnValue:
     ctx = web_context()
     with ctx.engine.connect() as conn:
         jobs = eq.evaluation_jobs(conn, ctx.settings.evaluation.jobs, {})
         names = [j["job_name"] for j in jobs]
-        job = request.args.get("job") if request.args.get("job") in names else (
-            names[0] if names else None)
+        asked = name_arg("job", 64)
+        job = asked if asked in names else (names[0] if names else None)
         runs, _ = eq.list_runs(conn, job=job, kind=None, state=None, started_from=None,
                                started_to=None, limit=15, offset=0) if job else ([], 0)
         latest_id = next((r["id"] for r in runs if r["state"] == "succeeded"), None)
@@ -205,20 +232,21 @@ def evaluation() -> ResponseReturnValue:
 
 
 @bp.post("/evaluation/runs")
+@query_params()
 def trigger_run() -> ResponseReturnValue:
     from dicom_node.web.api_evaluations import call_service, require_service
 
-    job = request.form.get("job", "")
+    job = check_name(request.form.get("job"), "job", 64)
     try:
         run_id = call_service("evaluation job", require_service().trigger_run, job)
         flash(f"Evaluation run {run_id} of {job} started.", "ok")
     except ApiError as exc:
         flash(exc.message, "error")
-    return redirect(url_for("dashboard.evaluation", job=job) if job else
-                    url_for("dashboard.evaluation"))
+    return redirect(url_for("dashboard.evaluation", job=job))
 
 
 @bp.get("/evaluation/history.png")
+@query_params("job", "label")
 def history_plot() -> ResponseReturnValue:
     job = name_arg("job", 64)
     label = name_arg("label", 64)
@@ -232,6 +260,7 @@ def history_plot() -> ResponseReturnValue:
 
 
 @bp.get(f"/evaluation/runs/<{ID}:run_id>/roc.png")
+@query_params()
 def roc_plot(run_id: int) -> ResponseReturnValue:
     with web_context().engine.connect() as conn:
         run = eq.get_run(conn, run_id)

@@ -12,16 +12,19 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.web.context import web_context
+from dicom_node.web.validation import query_params
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
+@query_params()
 def healthz() -> ResponseReturnValue:
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
+@query_params()
 def readyz() -> ResponseReturnValue:
     ctx = web_context()
     node = ctx.node

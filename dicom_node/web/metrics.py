@@ -21,6 +21,7 @@ from dicom_node import db
 from dicom_node.web import evaluation_queries as eq
 from dicom_node.web.context import WebContext, web_context
 from dicom_node.web.queries import count, counts_by, duration_histogram
+from dicom_node.web.validation import query_params
 
 bp = Blueprint("metrics", __name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -81,7 +82,7 @@ class Exposition:
     def histogram(self, name: str, help_text: str, bounds: tuple[float, ...],
                   cumulative: list[int], total: int, total_sum: float) -> None:
         self.family(name, "histogram", help_text, [])
-        buckets = [({"le": _number(b)}, float(c)) for b, c in zip(bounds, cumulative,
+        buckets = [({"le": repr(float(b))}, float(c)) for b, c in zip(bounds, cumulative,
                                                                    strict=True)]
         self._samples(f"{name}_bucket", [*buckets, ({"le": "+Inf"}, float(total))])
         self._samples(f"{name}_sum", [({}, total_sum)])
@@ -222,5 +223,6 @@ def render(ctx: WebContext) -> str:
 
 
 @bp.get("/metrics")
+@query_params()
 def metrics() -> Response:
     return Response(render(web_context()), content_type=CONTENT_TYPE)

@@ -52,7 +52,8 @@ def history_png(label: str, points: Sequence[dict[str, Any]],
         ax.set_title(f"{label}: {metric}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.tick_params(axis="x", labelsize=7, rotation=30)
-        ax.legend(fontsize=7, loc="lower left")
+        if series or floor is not None:
+            ax.legend(fontsize=7, loc="lower left")
     return _png(fig)
 
 

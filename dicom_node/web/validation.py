@@ -3,18 +3,39 @@ name the field (and never echo the value)."""
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from flask import request
+from flask import g, request
 
 from dicom_node.web.errors import ApiError, bad_request
 
+F = TypeVar("F", bound=Callable[..., Any])
 MAX_LIMIT = 500
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.:@+/-]{0,127}$")
+
+
+def arg(name: str) -> str | None:
+    """A query parameter; present but empty is a 400 (an empty filter is a client bug)."""
+    raw = request.args.get(name)
+    if raw == "":
+        if name in g.get("empty_means_absent", ()):
+            return None
+        raise bad_request(name, "must not be empty (leave the parameter out instead)")
+    return raw
+
+
+def text_arg(name: str, max_len: int = 128) -> str | None:
+    """Free text used only as an equality filter (never echoed, never a path)."""
+    raw = arg(name)
+    if raw is not None and len(raw) > max_len:
+        raise bad_request(name, f"must be at most {max_len} characters")
+    return raw
 
 
 @dataclass(frozen=True)
@@ -24,8 +45,8 @@ class Page:
 
 
 def int_arg(name: str, default: int | None, lo: int, hi: int) -> int | None:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
+    raw = arg(name)
+    if raw is None:
         return default
     if not re.fullmatch(r"[+-]?\d{1,12}", raw.strip()):
         raise bad_request(name, f"must be an integer between {lo} and {hi}")
@@ -43,8 +64,8 @@ def page_args(default_limit: int = 50) -> Page:
 
 
 def enum_arg(name: str, choices: tuple[str, ...]) -> str | None:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
+    raw = arg(name)
+    if raw is None:
         return None
     if raw not in choices:
         raise bad_request(name, f"must be one of {', '.join(choices)}")
@@ -52,8 +73,8 @@ def enum_arg(name: str, choices: tuple[str, ...]) -> str | None:
 
 
 def bool_arg(name: str) -> bool | None:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
+    raw = arg(name)
+    if raw is None:
         return None
     if raw.lower() in ("true", "1", "yes"):
         return True
@@ -80,16 +101,16 @@ def parse_time(raw: str, name: str) -> float:
 
 
 def time_arg(name: str) -> float | None:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
+    raw = arg(name)
+    if raw is None:
         return None
     return parse_time(raw, name)
 
 
 def name_arg(name: str, max_len: int = 128) -> str | None:
     """A configuration name (job, label, model, destination): printable, bounded."""
-    raw = request.args.get(name)
-    if raw is None or raw == "":
+    raw = arg(name)
+    if raw is None:
         return None
     return check_name(raw, name, max_len)
 
@@ -101,8 +122,8 @@ def check_name(value: Any, name: str, max_len: int = 128) -> str:
 
 
 def uid_arg(name: str) -> str | None:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
+    raw = arg(name)
+    if raw is None:
         return None
     return check_uid(raw, name)
 
@@ -114,10 +135,25 @@ def check_uid(value: Any, name: str) -> str:
 
 
 def time_range(lo_name: str, hi_name: str) -> tuple[float | None, float | None]:
-    lo, hi = time_arg(lo_name), time_arg(hi_name)
-    if lo is not None and hi is not None and lo > hi:
-        raise bad_request(hi_name, f"must not be before {lo_name}")
-    return lo, hi
+    """Both ends of a time filter; an empty range (``to`` before ``from``) is no error."""
+    return time_arg(lo_name), time_arg(hi_name)
+
+
+def query_params(*allowed: str) -> Callable[[F], F]:
+    """Route decorator: a query parameter the route does not know is a 400 (a typo would
+    otherwise silently widen a filter). The unknown name is not echoed."""
+    names = frozenset(allowed)
+
+    def decorate(view: F) -> F:
+        @functools.wraps(view)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            if any(k not in names for k in request.args):
+                listed = ", ".join(allowed) if allowed else "none"
+                raise ApiError(400, f"query: unknown parameter; allowed: {listed}",
+                               code="invalid_parameter", field="query")
+            return view(*args, **kwargs)
+        return checked  # type: ignore[return-value]
+    return decorate
 
 
 def json_body(*, required: bool) -> dict[str, Any]:
@@ -135,7 +171,9 @@ def json_body(*, required: bool) -> dict[str, Any]:
 
 
 def reject_unknown(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
-    unknown = sorted(k for k in body if k not in allowed)
-    if unknown:
-        field = unknown[0] if _NAME_RE.match(unknown[0]) and len(unknown[0]) <= 40 else "body"
-        raise bad_request(field, f"unknown field; allowed: {', '.join(allowed)}")
+    """Unknown keys are refused; the key itself is not echoed (a client could have put
+    anything there), the allowed ones are listed instead."""
+    if any(k not in allowed for k in body):
+        listed = ", ".join(allowed) if allowed else "none"
+        raise ApiError(400, f"body: unknown field; allowed fields: {listed}",
+                       code="invalid_parameter", field="body")

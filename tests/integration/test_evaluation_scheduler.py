@@ -15,14 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, insert, select
-
 from conftest import free_port, wait_until
-from dicom_node import db
-from dicom_node.evaluation.errors import EvaluationBusyError
-from dicom_node.evaluation.service import EvaluationService
-from dicom_node.scheduler import EvaluationScheduler, start_evaluation_scheduler
-from helpers.node import start_node
+from helpers.node import node_settings, query, start_node
+from sqlalchemy import Engine, insert, select
 from unit.dicom_node.evaluation.evalhelpers import (
     FixedAnalyzer,
     ReferenceSet,
@@ -30,6 +25,11 @@ from unit.dicom_node.evaluation.evalhelpers import (
     make_reference_set,
     reference_job,
 )
+
+from dicom_node import db
+from dicom_node.evaluation.errors import EvaluationBusyError
+from dicom_node.evaluation.service import EvaluationService
+from dicom_node.scheduler import EvaluationScheduler, start_evaluation_scheduler
 
 pytestmark = pytest.mark.integration
 
@@ -127,7 +127,7 @@ def test_runs_of_one_job_never_overlap(engine: Engine, tmp_path: Path, refset: R
     service = running.start(engine, tmp_path, [job], FixedAnalyzer(refset.probs, delay_s=0.15))
     seen_running: list[int] = []
     busy_refused = []
-    deadline = time.monotonic() + 4.5
+    deadline = time.monotonic() + 5.0  # fires at 1, 2 (skipped), 3, 4 (skipped), 5
     while time.monotonic() < deadline:
         rows = _runs(engine)
         seen_running.append(sum(r.state == "running" for r in rows))
@@ -138,10 +138,10 @@ def test_runs_of_one_job_never_overlap(engine: Engine, tmp_path: Path, refset: R
         time.sleep(0.02)
     running.stop()
     assert max(seen_running) == 1 and busy_refused
-    done = [r for r in _runs(engine) if r.state == "succeeded"]
-    assert len(done) >= 2
+    assert len(_runs(engine)) >= 2  # the last one may end "interrupted" by the stop
+    assert any(r.state == "succeeded" for r in _runs(engine))
     spans = sorted((r.started_at, r.finished_at) for r in _runs(engine) if r.finished_at)
-    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False))
     assert "maximum number of running instances reached" in caplog.text
 
 
@@ -157,12 +157,12 @@ def test_missed_run_is_caught_up_once_at_start(engine: Engine, tmp_path: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
     now = time.time()
     jobs = [reference_job(refset, "ref", schedule={"cron": "0 2 * * *"}),
-            reference_job(refset, "fresh", schedule={"cron": "0 2 * * *"}),
+            reference_job(refset, "fresh", schedule={"interval_s": 3600}),
             reference_job(refset, "new", schedule={"cron": "0 2 * * *"})]
     _old_run(engine, "ref", now - 3 * 86400)  # three nightly runs missed while down
-    _old_run(engine, "fresh", now - 60)  # ran a minute ago: nothing missed (unless 02:00 ...)
+    _old_run(engine, "fresh", now - 60)  # hourly, ran a minute ago: nothing missed
     with caplog.at_level(logging.INFO):
-        running.start(engine, tmp_path, jobs, FixedAnalyzer(refset.probs))
+        running.start(engine, tmp_path, jobs, FixedAnalyzer(refset.probs), timezone="UTC")
         _finished(engine, 2)
         time.sleep(1.0)
     runs = _runs(engine)
@@ -170,8 +170,7 @@ def test_missed_run_is_caught_up_once_at_start(engine: Engine, tmp_path: Path,
                                                     ("catchup", "succeeded")]
     assert runs[1].scheduled_for < now and runs[1].scheduled_for > now - 86400 - 60
     assert "3 scheduled run(s) missed while the node was down" in caplog.text
-    assert [r.trigger for r in _runs(engine, "fresh")] == ["schedule"] or (
-        time.gmtime(now - 60).tm_hour != time.gmtime(now).tm_hour)
+    assert [r.trigger for r in _runs(engine, "fresh")] == ["schedule"]
     assert _runs(engine, "new") == []  # never ran: nothing to catch up
 
 
@@ -221,8 +220,6 @@ def test_webhook_posts_alerts_and_a_dead_webhook_is_not_fatal(
 
 def test_node_runs_its_scheduler_and_watch_folder(tmp_path: Path, refset: ReferenceSet
                                                   ) -> None:
-    from helpers.node import node_settings
-
     drop = tmp_path / "confirmed"
     drop.mkdir()
     (drop / "truth.csv").write_text("study_instance_uid,nodule\n1.2.826.0.1.3680043.8.498.5,1\n")
@@ -240,5 +237,5 @@ def test_node_runs_its_scheduler_and_watch_folder(tmp_path: Path, refset: Refere
         assert node.evaluation.list_jobs()[0].next_run_at is not None
     finally:
         node.stop()
-    assert all(r.state != "running" for r in
-               EvaluationService(db.make_engine(settings.database_url), settings).list_runs())
+    states = [r.state for r in query(settings, select(db.evaluation_runs))]
+    assert "running" not in states  # stopped runs end as failed ("interrupted"), not hanging

@@ -78,4 +78,6 @@ def test_cli_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     demo.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["demo-bundles", "--out", str(tmp_path), "--quick"])
     assert args.func(args) == 0
-    assert calls == [(tmp_path / "cxr-demo-classifier", {"seed": 0, "progress": True, "quick": True})]
+    assert calls == [
+        (tmp_path / "cxr-demo-classifier", {"seed": 0, "progress": True, "quick": True})
+    ]

@@ -6,18 +6,18 @@ from __future__ import annotations
 import csv
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pydicom
+from helpers.dicomfiles import CT, make_image, write
 from sqlalchemy import Engine, insert
 
 from ai.types import CodedConcept, Finding, ImageResult, ModelIdentity, PixelDataError
 from dicom_node import db
 from dicom_node.config import Settings, load_settings
-from helpers.dicomfiles import CT, make_image, write
 
 MODEL = ModelIdentity(name="fixed-model", version="2.0", device_uid="2.25.777",
                       task="classification")
@@ -158,3 +158,12 @@ def add_analysed(engine: Engine, study_uid: str, images: dict[str, dict[str, flo
                     model_name=model.name, model_version=model.version,
                     device_uid=model.device_uid))
     return int(job_id)
+
+
+
+def temp_engine(tmp_path: Path) -> Iterator[Engine]:
+    """The body of each module's ``engine`` fixture (no conftest.py here: it would replace
+    the root ``conftest`` module that other test files import helpers from)."""
+    eng = db.make_engine(f"sqlite:///{tmp_path / 'data' / 'node.db'}")
+    yield eng
+    eng.dispose()

@@ -7,12 +7,17 @@ from typing import Any
 
 import pytest
 import yaml
-from evalhelpers import ReferenceSet
+from evalhelpers import ReferenceSet, make_reference_set
 from sqlalchemy import insert
 
 from dicom_node import db
 from dicom_node.cli import main
 from dicom_node.evaluation.store import process_owner
+
+
+@pytest.fixture(scope="module")
+def refset(tmp_path_factory: pytest.TempPathFactory) -> ReferenceSet:
+    return make_reference_set(tmp_path_factory.mktemp("evaluation"))
 
 
 def _config(tmp_path: Path, jobs: list[dict[str, Any]]) -> Path:

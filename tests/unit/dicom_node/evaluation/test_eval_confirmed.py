@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from evalhelpers import MODEL, add_analysed, eval_settings
+from evalhelpers import MODEL, add_analysed, eval_settings, temp_engine
 from sqlalchemy import Engine, select
 
 from dicom_node import db
@@ -19,6 +20,12 @@ from dicom_node.evaluation.service import EvaluationService
 
 STUDY = "1.2.826.0.1.3680043.8.498.10"
 SOP = "1.2.826.0.1.3680043.8.498.11"
+
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    yield from temp_engine(tmp_path)
 
 
 def _service(engine: Engine, tmp_path: Path, **evaluation: object) -> EvaluationService:

@@ -10,11 +10,19 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from evalhelpers import FixedAnalyzer, ReferenceSet, eval_settings, reference_job
+from evalhelpers import (
+    FixedAnalyzer,
+    ReferenceSet,
+    eval_settings,
+    make_reference_set,
+    reference_job,
+    temp_engine,
+)
 from sqlalchemy import Engine, create_engine, insert, select, text
 
 from dicom_node import db
@@ -23,6 +31,16 @@ from dicom_node.evaluation.service import EvaluationService
 from dicom_node.evaluation.settings import ScheduleSettings
 from dicom_node.evaluation.store import RunStore, process_owner
 from dicom_node.scheduler import missed_fire_times
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    yield from temp_engine(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def refset(tmp_path_factory: pytest.TempPathFactory) -> ReferenceSet:
+    return make_reference_set(tmp_path_factory.mktemp("evaluation"))
 
 
 def _service(engine: Engine, tmp_path: Path, refset: ReferenceSet, analyzer: FixedAnalyzer,
@@ -94,7 +112,7 @@ def test_failing_run_is_recorded_with_its_error(engine: Engine, tmp_path: Path,
         run = service.run_now("ref").run
     assert run.state == "failed" and run.error == "RuntimeError: CUDA out of memory"
     assert run.finished_at is not None
-    assert "run %d failed" % run.id in caplog.text
+    assert f"run {run.id} failed" in caplog.text
 
 
 def test_model_not_loaded_fails_with_the_reason(engine: Engine, tmp_path: Path,

@@ -1,0 +1,176 @@
+"""Test data for the web tests: a node database filled through the real code paths
+(ingest, study assembly, the analysis worker with a fake model, outputs, deliveries), plus
+evaluation runs inserted directly. Patient values are canaries that must never appear in
+an API response, an error body or /metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from sqlalchemy import Engine, insert, select, update
+
+from ai.types import AnalysisError
+from dicom_node import db
+from dicom_node.config import Settings, load_settings
+from dicom_node.ingest import Ingestor, Received
+from dicom_node.jobs import JobQueue
+from dicom_node.outputs import OutputSettings
+from dicom_node.spool import Spool
+from dicom_node.studies import StudyAssembler
+from dicom_node.worker import AnalysisWorker
+from helpers.dicomfiles import CT, make_image
+from helpers.fakes import FakeAnalyzer
+
+TOKEN = "web-test-token-0123456789abcdef"
+DEST = "DEST@127.0.0.1:11199"
+CANARY = {"PatientName": "Zyx^Canaryweb", "PatientID": "CANARYWEBPID",
+          "PatientBirthDate": "19020304", "AccessionNumber": "CANARYWEBACC"}
+CANARY_STRINGS = [*CANARY.values(), "Canaryweb", "Zyx Canaryweb"]
+
+
+@dataclass
+class WebData:
+    """UIDs and ids of what ``populate`` made."""
+
+    done: str = ""  # analysed, SR + 2 SC + GSPS, deliveries: sent, dead, pending
+    ignored: str = ""  # CT: ignored
+    failed: str = ""  # the model raised: failed (its error quotes the patient name)
+    receiving: str = ""  # just received, not assembled
+    dead_delivery: int = 0
+    sent_delivery: int = 0
+    runs: dict[str, int] = field(default_factory=dict)
+    alerts: dict[str, int] = field(default_factory=dict)
+
+
+def web_settings(data_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "storage.data_dir": str(data_dir), "storage.min_free_bytes": 0,
+        "studies.quiet_period_s": 0, "web.token": TOKEN,
+        "destinations": [{"ae_title": "DEST", "host": "127.0.0.1", "port": 11199}],
+        "evaluation.jobs": [
+            {"name": "nightly-reference", "kind": "reference",
+             "reference": {"dicom_dir": str(data_dir / "ref"),
+                           "labels_csv": str(data_dir / "ref" / "labels.csv")},
+             "floors": {"nodule": {"sensitivity": 0.8, "specificity": 0.7}}},
+            {"name": "live-confirmed", "kind": "confirmed"}],
+    }
+    values.update(overrides)
+    return load_settings(None, overrides=values, environ={})
+
+
+def received(ds: pydicom.Dataset) -> Received:
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, pydicom.Dataset(ds))
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return Received(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian, meta,
+                    fp.getvalue(), "PACS")
+
+
+def canary_image(**kwargs: Any) -> pydicom.Dataset:
+    ds = make_image(**kwargs)
+    for keyword, value in CANARY.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def populate(settings: Settings, engine: Engine) -> WebData:
+    data = WebData()
+    spool = Spool(settings.storage.data_dir / "spool")
+    ingestor = Ingestor(engine, spool, max_instance_bytes=50_000_000)
+    assembler = StudyAssembler(engine, spool, settings.studies.selection, 0.0)
+    queue = JobQueue(engine, lease_s=60, max_attempts=1)
+    outputs = OutputSettings(sr=True, sc=True, gsps=True, institution_name=None,
+                             heatmap_alpha=0.35)
+
+    def study(n: int, **kwargs: Any) -> str:
+        uid = pydicom.uid.generate_uid()
+        for i in range(n):
+            ingestor.ingest(received(canary_image(study_uid=uid, seed=i, **kwargs)))
+        return uid
+
+    data.done = study(2)
+    data.ignored = study(1, sop_class=CT, modality="CT")
+    assembler.run_once(time.time() + 1)
+    AnalysisWorker(engine, spool, queue, FakeAnalyzer(), outputs, [DEST]).process_one("t")
+    data.failed = study(1)
+    assembler.run_once(time.time() + 1)
+    boom = AnalysisError(f"model exploded on {CANARY['PatientName']} / {CANARY['PatientID']}")
+    AnalysisWorker(engine, spool, queue, FakeAnalyzer(fail_with=boom), outputs,
+                   [DEST]).process_one("t")
+    data.receiving = study(1)
+    with engine.begin() as conn:
+        ids = list(conn.execute(select(db.deliveries.c.id).order_by(db.deliveries.c.id))
+                   .scalars())
+        data.dead_delivery, data.sent_delivery = ids[0], ids[1]
+        conn.execute(update(db.deliveries).where(db.deliveries.c.id == ids[0]).values(
+            state="dead", attempts=8, last_error="association failed: connection refused"))
+        conn.execute(update(db.deliveries).where(db.deliveries.c.id == ids[1]).values(
+            state="sent", attempts=1, sent_at=time.time(), last_status=0))
+    populate_evaluation(engine, data)
+    return data
+
+
+def _figure(value: float, half: float) -> dict[str, float]:
+    return {"": value, "_lo": max(0.0, value - half), "_hi": min(1.0, value + half)}
+
+
+def insert_run(engine: Engine, job: str, started: float, figures: dict[str, tuple[float, float]],
+               *, state: str = "succeeded", error: str | None = None) -> int:
+    """One run with a metrics row per label: ``{label: (sensitivity, specificity)}``."""
+    with engine.begin() as conn:
+        run_id = conn.execute(insert(db.evaluation_runs).values(
+            job_name=job, kind="reference", trigger="schedule", state=state,
+            scheduled_for=started, started_at=started, finished_at=started + 30, error=error,
+            n_images=40, alerts=0, models=json.dumps([{"name": "fake-model", "version": "1.0",
+                                                       "thresholds": {"nodule": 0.5}}]),
+        )).inserted_primary_key[0]
+        for label, (sens, spec) in figures.items():
+            values: dict[str, Any] = {"run_id": run_id, "model_name": "fake-model",
+                                      "model_version": "1.0", "label": label, "threshold": 0.5,
+                                      "n_pos": 20, "n_neg": 20, "tp": round(20 * sens),
+                                      "fn": 20 - round(20 * sens), "tn": round(20 * spec),
+                                      "fp": 20 - round(20 * spec), "f1": 0.8, "ap50": None,
+                                      "froc": None}
+            for name, value in (("sensitivity", sens), ("specificity", spec), ("ppv", 0.8),
+                                ("npv", 0.8), ("auroc", 0.88)):
+                for suffix, v in _figure(value, 0.12).items():
+                    values[f"{name}{suffix}"] = v
+            roc = [[0.0, 0.0], [0.1, 0.5], [1 - spec, sens], [0.6, 0.95], [1.0, 1.0]]
+            values["roc"] = json.dumps(sorted(roc))
+            conn.execute(insert(db.evaluation_metrics), [values])
+    return int(run_id)
+
+
+def populate_evaluation(engine: Engine, data: WebData | None = None) -> WebData:
+    data = data or WebData()
+    now = time.time()
+    job = "nightly-reference"
+    data.runs["old"] = insert_run(engine, job, now - 3 * 86400,
+                                  {"nodule": (0.9, 0.85), "effusion": (0.8, 0.9)})
+    data.runs["mid"] = insert_run(engine, job, now - 2 * 86400,
+                                  {"nodule": (0.85, 0.8), "effusion": (0.82, 0.88)})
+    data.runs["failed"] = insert_run(engine, job, now - 86400, {}, state="failed",
+                                     error="EvaluationError: reference dicom_dir missing")
+    data.runs["latest"] = insert_run(engine, job, now - 3600,
+                                     {"nodule": (0.7, 0.82), "effusion": (0.85, 0.9)})
+    with engine.begin() as conn:
+        for key, acknowledged in (("active", None), ("acknowledged", now - 60)):
+            data.alerts[key] = int(conn.execute(insert(db.evaluation_alerts).values(
+                run_id=data.runs["latest"], job_name=job, model_name="fake-model",
+                label="nodule", metric="sensitivity", value=0.7, floor=0.8,
+                created_at=now - 3500, acknowledged_at=acknowledged)).inserted_primary_key[0])
+        conn.execute(update(db.evaluation_runs).where(
+            db.evaluation_runs.c.id == data.runs["latest"]).values(alerts=2))
+    return data
