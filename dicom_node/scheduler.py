@@ -107,6 +107,9 @@ class EvaluationScheduler:
                     _iso(missed[-1], self.tz))
                 self.service.mark_catchup(name, missed[-1])
                 options["next_run_time"] = datetime.now(self.tz)
+            elif schedule.interval_s is not None:  # keep the cadence across a restart
+                options["next_run_time"] = datetime.fromtimestamp(last + schedule.interval_s,
+                                                                  self.tz)
         self.scheduler.add_job(
             self.service.run_scheduled, build_trigger(schedule, self.tz), args=[name],
             id=f"evaluation:{name}", name=f"evaluation {name}", max_instances=1,

@@ -162,7 +162,8 @@ def test_missed_run_is_caught_up_once_at_start(engine: Engine, tmp_path: Path,
     _old_run(engine, "ref", now - 3 * 86400)  # three nightly runs missed while down
     _old_run(engine, "fresh", now - 60)  # hourly, ran a minute ago: nothing missed
     with caplog.at_level(logging.INFO):
-        running.start(engine, tmp_path, jobs, FixedAnalyzer(refset.probs), timezone="UTC")
+        service = running.start(engine, tmp_path, jobs, FixedAnalyzer(refset.probs),
+                                timezone="UTC")
         _finished(engine, 2)
         time.sleep(1.0)
     runs = _runs(engine)
@@ -171,6 +172,8 @@ def test_missed_run_is_caught_up_once_at_start(engine: Engine, tmp_path: Path,
     assert runs[1].scheduled_for < now and runs[1].scheduled_for > now - 86400 - 60
     assert "3 scheduled run(s) missed while the node was down" in caplog.text
     assert [r.trigger for r in _runs(engine, "fresh")] == ["schedule"]
+    next_run = {j.name: j.next_run_at for j in service.list_jobs()}
+    assert next_run["fresh"] == pytest.approx(now - 60 + 3600, abs=1)  # cadence kept
     assert _runs(engine, "new") == []  # never ran: nothing to catch up
 
 
