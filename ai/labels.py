@@ -199,6 +199,36 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     return fieldnames, rows
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Where a classification CSV keeps its key, labels and patient."""
+
+    source: Path
+    kind: str
+    key_column: str
+    columns: tuple[str, ...]
+    multi_label: bool
+    names: tuple[str, ...]
+    patient_column: str | None
+
+    def parse(self, row: Mapping[str, str | None], line: int) -> LabelRecord:
+        where = f"{self.source}, line {line}"
+        raw_key = (row.get(self.key_column) or "").strip()
+        if not raw_key:
+            raise LabelError(f'{where}: empty key column "{self.key_column}"')
+        key = normalise_path(raw_key) if self.kind == "path" else raw_key
+        patient = (row.get(self.patient_column) or "").strip() if self.patient_column else ""
+        if self.multi_label:
+            targets = tuple(_parse_binary(row.get(c) or "", where, c) for c in self.columns)
+            return LabelRecord(key, line, targets, None, patient or None)
+        value = (row.get(self.columns[0]) or "").strip()
+        if not value:
+            raise LabelError(f'{where}: empty "{self.columns[0]}" value')
+        wanted = normalise_label(value)
+        onehot = tuple(int(normalise_label(n) == wanted) for n in self.names)
+        return LabelRecord(key, line, onehot, value, patient or None)
+
+
 def read_classification_labels(
     csv_path: Path | str,
     label_names: Sequence[str] | None = None,
@@ -224,73 +254,32 @@ def read_classification_labels(
     fieldnames, rows = _read_csv(source)
     kind, key_column = _detect_key(fieldnames, key)
     columns, multi_label = _label_columns(fieldnames, label_names, source)
-    if not multi_label:
-        names = (
-            tuple(label_names)
-            if label_names
-            else tuple(
-                sorted(
-                    {row[columns[0]].strip() for _, row in rows if (row[columns[0]] or "").strip()}
-                )
-            )
-        )
+    if label_names:
+        names = tuple(label_names)
+    elif multi_label:
+        names = tuple(columns)
     else:
-        names = tuple(label_names) if label_names else tuple(columns)
+        names = tuple(sorted({(row[columns[0]] or "").strip() for _, row in rows} - {""}))
     if not names:
         raise LabelError(f"{source}: no labels found")
-    index = {normalise_label(n): i for i, n in enumerate(names)}
-    patient_col = {_norm_header(n): n for n in fieldnames}.get("patientid")
+    patient_column = {_norm_header(n): n for n in fieldnames}.get("patientid")
+    layout = _Layout(source, kind, key_column, tuple(columns), multi_label, names, patient_column)
     records: dict[str, LabelRecord] = {}
     duplicates: list[str] = []
     for line, row in rows:
-        record = _parse_row(row, line, source, kind, key_column, columns, multi_label, index,
-                            len(names), patient_col)  # fmt: skip
-        previous = records.get(record.key)
-        if previous is not None:
-            if previous.targets != record.targets or previous.class_name != record.class_name:
-                raise LabelError(
-                    f'{source}: key "{record.key}" on lines {previous.line} and {line} '
-                    "has different labels"
-                )
-            duplicates.append(record.key)
+        record = layout.parse(row, line)
+        previous = records.setdefault(record.key, record)
+        if previous is record:
             continue
-        records[record.key] = record
+        if (previous.targets, previous.class_name) != (record.targets, record.class_name):
+            raise LabelError(f'{source}: key "{record.key}" on lines {previous.line} and '
+                             f"{line} has different labels")  # fmt: skip
+        duplicates.append(record.key)
     if not records:
         raise LabelError(f"{source}: no label rows")
     logger.info("Read %d label rows (%s-keyed, %d labels) from %s",
                 len(records), kind, len(names), source.name)  # fmt: skip
     return ClassificationLabels(source, kind, key_column, names, multi_label, records, duplicates)
-
-
-def _parse_row(
-    row: Mapping[str, str | None],
-    line: int,
-    source: Path,
-    kind: str,
-    key_column: str,
-    columns: Sequence[str],
-    multi_label: bool,
-    index: Mapping[str, int],
-    n_labels: int,
-    patient_col: str | None,
-) -> LabelRecord:
-    where = f"{source}, line {line}"
-    raw_key = (row.get(key_column) or "").strip()
-    if not raw_key:
-        raise LabelError(f'{where}: empty key column "{key_column}"')
-    record_key = normalise_path(raw_key) if kind == "path" else raw_key
-    patient = (row.get(patient_col) or "").strip() if patient_col else ""
-    if multi_label:
-        targets = tuple(_parse_binary(row.get(c) or "", where, c) for c in columns)
-        return LabelRecord(record_key, line, targets, None, patient or None)
-    value = (row.get(columns[0]) or "").strip()
-    if not value:
-        raise LabelError(f'{where}: empty "{columns[0]}" value')
-    onehot = [0] * n_labels
-    position = index.get(normalise_label(value))
-    if position is not None:
-        onehot[position] = 1
-    return LabelRecord(record_key, line, tuple(onehot), value, patient or None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -648,7 +637,9 @@ class LabelMatch:
 
     @property
     def problems(self) -> dict[str, int]:
-        """Counts of each kind of mismatch (zero counts omitted)."""
+        """Counts of each kind of mismatch (zero counts omitted). Identical duplicate label
+        rows are a note in the report, not a mismatch (a file keyed by study but written per
+        image lists each study once per image)."""
         counts = {
             "labels without images": len(self.labels_without_images),
             "images without labels": len(self.images_without_labels),
@@ -657,7 +648,6 @@ class LabelMatch:
             "ambiguous keys": len(self.ambiguous),
             "unreadable files": len(self.unreadable),
             "duplicate images": len(self.duplicate_images),
-            "duplicate label rows": len(self.duplicate_labels),
         }
         return {k: v for k, v in counts.items() if v}
 
@@ -667,7 +657,10 @@ class LabelMatch:
 
     def summary(self) -> dict[str, Any]:
         """Counts only (no identifiers): for run configs and logs."""
-        return {"matched": len(self.matched), "key": self.key, **self.problems}
+        notes = (
+            {"duplicate label rows": len(self.duplicate_labels)} if self.duplicate_labels else {}
+        )
+        return {"matched": len(self.matched), "key": self.key, **self.problems, **notes}
 
     def report(self, limit: int = _REPORT_LIMIT) -> str:
         """A readable report: counts, then up to ``limit`` examples of each mismatch."""

@@ -261,12 +261,15 @@ def _voi_output_range(view: Dataset) -> tuple[float, float]:
     return float(out.min()), float(out.max())
 
 
-def _percentile_window(arr: np.ndarray, window: Sequence[float]) -> tuple[float, float]:
-    """Percentile window on a strided sample: the same figure to 3 digits, ten times faster."""
+def _sample(arr: np.ndarray) -> np.ndarray:
+    """A strided sample (about 250k values) for percentiles: the same figure to 3 digits."""
     step = max(1, int(math.sqrt(arr.size / 250_000)))
-    sample = arr[::step, ::step]
+    return arr[::step, ::step] if arr.ndim == 2 else arr[::step]
+
+
+def _percentile_window(sample: np.ndarray, window: Sequence[float]) -> tuple[float, float]:
     lo, hi = np.percentile(sample, [float(window[0]), float(window[1])])
-    if hi <= lo:  # flat image: avoid dividing by zero, keep it mid-grey-free (all zero)
+    if hi <= lo:  # flat image: avoid dividing by zero
         hi = lo + 1.0
     return float(lo), float(hi)
 
@@ -276,23 +279,42 @@ def _scale(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def _apply_grey_pipeline(
-    arr: np.ndarray, ds: Dataset, percentile_window: Sequence[float]
+def _grey_transform(
+    stored: np.ndarray, view: Dataset, sample: np.ndarray, window: Sequence[float]
 ) -> np.ndarray:
-    view = _lut_view(ds)
-    arr = apply_modality_lut(arr, view)
+    """Modality LUT, VOI (or the percentile window of ``sample``) and scaling to [0, 1]."""
+    values = apply_modality_lut(stored, view)
     if _has_voi(view):
         try:
-            if view.get("VOILUTSequence") and arr.dtype.kind == "f":
-                arr = np.rint(arr).astype(np.int64)  # a LUT is indexed by integers
-            voi = apply_voi_lut(arr, view)
+            if view.get("VOILUTSequence") and values.dtype.kind == "f":
+                values = np.rint(values).astype(np.int64)  # a LUT is indexed by integers
+            voi = apply_voi_lut(values, view)
             lo, hi = _voi_output_range(view)
             if hi > lo:
                 return _scale(voi, lo, hi)
             logger.warning("VOI transform has an empty output range; using a percentile window")
         except (ValueError, NotImplementedError, AttributeError, IndexError, TypeError) as exc:
             logger.warning("Unusable VOI attributes (%s); using a percentile window", exc)
-    return _scale(arr, *_percentile_window(arr, percentile_window))
+    return _scale(values, *_percentile_window(apply_modality_lut(sample, view), window))
+
+
+def _apply_grey_pipeline(
+    arr: np.ndarray, ds: Dataset, percentile_window: Sequence[float]
+) -> np.ndarray:
+    """The grayscale pipeline; for integer pixels as a table over the stored values.
+
+    Every step is a pointwise function of the stored value, so for <= 16-bit data it is
+    evaluated once per value in [min, max] (at most 65536) through the same pydicom
+    functions, and the image is looked up: exact, and several times faster on a 4 MP image.
+    """
+    view = _lut_view(ds)
+    sample = _sample(arr)
+    if arr.dtype.kind not in "iu" or arr.dtype.itemsize > 2:
+        return _grey_transform(arr, view, sample, percentile_window)
+    lo, hi = int(arr.min()), int(arr.max())
+    domain = np.arange(lo, hi + 1, dtype=np.int64)
+    table = _grey_transform(domain, view, sample.astype(np.int64), percentile_window)
+    return table[np.subtract(arr, lo, dtype=np.int32)]
 
 
 def load_display_image(
@@ -316,7 +338,7 @@ def load_display_image(
     if photometric in _GREY:
         out = _apply_grey_pipeline(grey, ds, percentile_window)
     else:  # colour images carry no grayscale LUTs: they are presentation values already
-        out = _scale(grey, *_percentile_window(grey, percentile_window))
+        out = _scale(grey, *_percentile_window(_sample(grey), percentile_window))
     if photometric == "MONOCHROME1":
         out = np.subtract(1.0, out, out=out)
     return out

@@ -41,6 +41,21 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def torch_threads(parser_: argparse.ArgumentParser) -> None:
+    parser_.add_argument(
+        "--threads", type=int,
+        help="torch intra-op threads (default: torch's, one per core, as the node runs). On a "
+             "machine shared with other work, 1 avoids OpenMP barriers waiting on a "
+             "descheduled thread, which can slow small forwards 100-fold")
+
+
+def set_torch_threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 def machine() -> dict[str, Any]:
     import numpy
     import pydicom
@@ -62,7 +77,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
         "pydicom": pydicom.__version__, "pynetdicom": pynetdicom.__version__,
-        "numpy": numpy.__version__, "dcmtk": dcmtk,
+        "numpy": numpy.__version__, "dcmtk": dcmtk, "loadavg_at_end": os.getloadavg(),
     }
 
 
@@ -74,7 +89,10 @@ def write_results(name: str, payload: dict[str, Any], enabled: bool = True) -> P
     path = RESULTS / f"{name}-{stamp}.json"
     doc = {"benchmark": name, "created": stamp, "machine": machine(), **payload}
     path.write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
-    print(f"\nresults: {path.relative_to(ROOT)}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\nload average now (1, 5, 15 min): {load} on {os.cpu_count()} CPUs; other work on "
+          "the machine shows up in every figure, less in the same-run ratios")
+    print(f"results: {path.relative_to(ROOT)}")
     return path
 
 
@@ -314,7 +332,14 @@ def make_random_bundle(directory: Path, *, network: str = "densenet", size: int 
     """
     import torch
 
-    from ai.bundle import BundleMetadata, InputSpec, LabelSpec, NetworkSpec, build_model, save_bundle
+    from ai.bundle import (
+        BundleMetadata,
+        InputSpec,
+        LabelSpec,
+        NetworkSpec,
+        build_model,
+        save_bundle,
+    )
     from ai.types import CodedConcept
 
     if (directory / "configs" / "metadata.json").exists():

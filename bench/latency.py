@@ -231,20 +231,23 @@ def report(name: str, studies: list[Study], variants: list[str], floors: dict[st
         lat = [s.latency() for s in seq]
         p50, p95 = c.percentile(lat, 50), c.percentile(lat, 95)
         floor = floors[v] + fwd
+        wait = c.median([s.times["job_started"] - s.times["last_rsp"] - quiet for s in seq])
         analysis = c.median([s.times["job_finished"] - s.times["job_started"] for s in seq])
         deliver = c.median([s.times["delivered"] - s.times["job_finished"] for s in seq])
         rec = {"variant": v, "n": len(lat), "p50_s": p50, "p95_s": p95,
                "p50_excl_quiet_s": p50 - quiet, "p95_excl_quiet_s": p95 - quiet,
-               "analysis_s": analysis, "delivery_s": deliver, "floor_s": floor,
+               "wait_s": wait, "analysis_s": analysis, "delivery_s": deliver, "floor_s": floor,
                "floor_send_s": floors[v], "floor_forward_s": fwd,
                "dest_file_p50_s": c.percentile([s.latency("dest_file") for s in seq], 50)}
         out.append(rec)
-        rows.append((v, len(lat), p50, p95, p50 - quiet, p95 - quiet, analysis, deliver,
+        rows.append((v, len(lat), p50, p95, p50 - quiet, p95 - quiet, wait, analysis, deliver,
                      1000 * floor, f"{(p50 - quiet) / floor:.1f}x"))
     c.table(["variant", "n", "p50 s", "p95 s", "p50 excl quiet", "p95 excl quiet",
-             "analysis s", "delivery s", "floor ms", "p50 excl quiet / floor"], rows,
+             "polls s", "analysis s", "delivery s", "floor ms", "p50 excl quiet / floor"], rows,
             title=f"\n{name}: one study at a time (latency = last C-STORE-RSP -> destination "
-                  f"RSP of the last result; quiet period {quiet} s)")
+                  f"RSP of the last result; quiet period {quiet} s; polls = assembler + worker "
+                  "poll lag; analysis = job run incl. result writes; delivery = job end -> "
+                  "last RSP; medians)")
     steady = [s for s in studies if s.phase == "steady"]
     if steady:
         lat = [s.latency() for s in steady]
@@ -272,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, help="steady load: seconds (default 60, quick 20)")
     p.add_argument("--quiet", type=float, default=0.5, help="studies.quiet_period_s")
     p.add_argument("--variants", nargs="*", default=list(ANALYSABLE_VARIANTS))
+    c.torch_threads(p)
     args = p.parse_args(argv)
+    c.set_torch_threads(args.threads)
     reps = args.reps or (1 if args.quick else 5)
     duration = args.duration or (20.0 if args.quick else 60.0)
     tmpl = templates(args.variants)

@@ -91,16 +91,19 @@ def pipeline(name: str, bundle: Path, blobs: list[bytes], repeats: int) -> dict[
 
     batch = len(blobs)
     analyzer = Analyzer([bundle], device="cpu", gradcam=True, batch_size=batch)
-    stage_times(analyzer, blobs)  # warm-up: allocator, lazy imports, codec handles
-    passes = [stage_times(analyzer, blobs) for _ in range(repeats)]
-    stages = {k: c.median([p[k] for p in passes]) for k in passes[0]}
     runner = analyzer._runners[0]
-    size = runner.meta.input.size
-    fwd = c.median(forward_times(runner.bundle.model, torch.rand(batch, 1, size, size),
-                                 max(5, repeats)))
+    x = torch.rand(batch, 1, size := runner.meta.input.size, size)
+    stage_times(analyzer, blobs)  # warm-up: allocator, lazy imports, codec handles
+    passes, forwards = [], []
+    for _ in range(repeats):  # interleaved: a busy spell on the machine hits both alike
+        forwards += forward_times(runner.bundle.model, x, 3)
+        passes.append(stage_times(analyzer, blobs))
+    forwards += forward_times(runner.bundle.model, x, 3)
+    stages = {k: c.median([p[k] for p in passes]) for k in passes[0]}
+    fwd = c.median(forwards)
     e2e_ips, fwd_ips = batch / stages["end_to_end"], batch / fwd
     return {"network": name, "batch": batch, "repeats": repeats, "stages_s": stages,
-            "forward_s": fwd, "end_to_end_images_per_s": e2e_ips,
+            "passes": passes, "forward_s": fwd, "forwards_s": forwards, "end_to_end_images_per_s": e2e_ips,
             "forward_images_per_s": fwd_ips, "ratio": e2e_ips / fwd_ips}
 
 
@@ -151,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--columns", type=int, default=2500)
     p.add_argument("--batches", type=int, nargs="*", help="default 1 8 (quick: 1)")
     p.add_argument("--repeats", type=int, help="default 5 (quick 2)")
+    c.torch_threads(p)
     args = p.parse_args(argv)
+    c.set_torch_threads(args.threads)
     batches = args.batches or ([1] if args.quick else [1, 8])
     repeats = args.repeats or (2 if args.quick else 5)
     nets = {

@@ -125,7 +125,9 @@ class ImageCache:
     def _file(self, sop_uid: str) -> Path | None:
         if self.directory is None:
             return None
-        name = sop_uid if _UID_FILE_RE.match(sop_uid) else hashlib.sha256(sop_uid.encode()).hexdigest()
+        name = (
+            sop_uid if _UID_FILE_RE.match(sop_uid) else hashlib.sha256(sop_uid.encode()).hexdigest()
+        )
         return self.directory / f"{name}_{self.key}.npy"
 
     def get(self, item: ImageItem) -> np.ndarray:

@@ -8,6 +8,7 @@ A run folder (``--out``) collects everything about one run:
 ``last.pt``          checkpoint after every epoch (see :mod:`training.checkpoint`)
 ``best.pt``          weights of the best validation epoch
 ``metrics.json``     per-label validation and test figures of the best model, history
+``predictions.csv``  the best model's probabilities for every validation and test image
 ``tensorboard/``     TensorBoard event files
 ``cache/``           preprocessed arrays (unless ``--cache-dir`` or ``--no-disk-cache``)
 ``bundle/``          the model bundle (:func:`ai.bundle.save_bundle`) the node loads
@@ -25,11 +26,10 @@ and the execution settings (device, workers, threads, cache, progress) may chang
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
-import platform
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -37,9 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import monai
 import numpy as np
-import pydicom
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -52,16 +50,17 @@ from ai.labels import (
     match_labels,
     read_classification_labels,
 )
-from ai.metrics import auroc_estimate, binary_metrics_at, youden_threshold
 from ai.networks import build_network, network_names
 from ai.pixels import PreprocessParams
 from ai.types import BundleError, CodedConcept, PixelDataError
 from training import checkpoint
+from training.checkpoint import clean_json, git_commit, versions, write_json
 from training.datasets import ClassificationDataset, ImageCache, ImageItem
 from training.loop import (
     DistInfo,
     barrier,
     broadcast_object,
+    calibrate_and_score,
     init_distributed,
     label_aurocs,
     make_loader,
@@ -82,6 +81,7 @@ logger = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.json"
+PREDICTIONS = "predictions.csv"
 DATA_REPORT = "data_report.txt"
 BUNDLE_DIR = "bundle"
 PRIVATE_SCHEME = "99CXRAI"  # private coding scheme for labels without a standard code
@@ -209,7 +209,9 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> FitConfig:
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))["args"]
     except FileNotFoundError:
-        raise FitError(f'--resume "{run_dir}": no {RUN_CONFIG} (not a training run folder)') from None
+        raise FitError(
+            f'--resume "{run_dir}": no {RUN_CONFIG} (not a training run folder)'
+        ) from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise FitError(f'--resume "{run_dir}": unreadable {RUN_CONFIG}: {exc}') from exc
     config = FitConfig.from_json({**saved, "out": str(run_dir)})
@@ -273,7 +275,9 @@ def _match(config: FitConfig, progress: bool) -> tuple[LabelMatch, list[str]]:
     return match, excluded
 
 
-def prepare_data(config: FitConfig, *, resume: bool, progress: bool) -> tuple[PreparedData, PatientSplit]:
+def prepare_data(
+    config: FitConfig, *, resume: bool, progress: bool
+) -> tuple[PreparedData, PatientSplit]:
     """Index, match, filter and split (rank 0 only; the result is broadcast)."""
     match, excluded = _match(config, progress)
     matched = match.matched
@@ -318,126 +322,14 @@ def _split_summary(data: PreparedData, name: str) -> dict[str, Any]:
 # Model
 
 
-def _adapt(name: str, value: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor | None:
-    """Fit a pretrained tensor to the model's shape where that is meaningful, else None.
-
-    A first convolution trained on RGB (out, 3, k, k) becomes grey (out, 1, k, k) by summing
-    its input channels: a grey image replicated three times gives the same response.
-    """
-    if value.shape == wanted.shape:
-        return value
-    if value.ndim == wanted.ndim >= 3 and value.shape[0] == wanted.shape[0] and value.shape[2:] == wanted.shape[2:]:
-        if wanted.shape[1] == 1:
-            logger.info("Pretrained %s: summed %d input channels to 1", name, value.shape[1])
-            return value.sum(dim=1, keepdim=True)
-        if value.shape[1] == 1:
-            return value.repeat(1, wanted.shape[1], *([1] * (value.ndim - 2))) / wanted.shape[1]
-    return None
-
-
-def load_pretrained(model: nn.Module, path: Path) -> dict[str, Any]:
-    """Load a user-supplied state_dict (strict=False) and report what did not fit.
-
-    Accepts a bare state_dict or one under ``state_dict`` / ``model`` (checkpoints), strips
-    ``module.`` prefixes (DDP), adapts the first convolution's input channels and skips
-    tensors whose shapes differ (e.g. a classifier head for another label set).
-    """
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FitError(f'--pretrained "{path}" does not exist') from None
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise FitError(f'--pretrained "{path}" is not a loadable state_dict: {exc}') from exc
-    for key in ("state_dict", "model"):
-        if isinstance(raw, dict) and isinstance(raw.get(key), dict):
-            raw = raw[key]
-    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise FitError(f'--pretrained "{path}" holds no state_dict of tensors')
-    own = model.state_dict()
-    state, mismatched = {}, []
-    for key, value in raw.items():
-        key = key.removeprefix("module.")
-        if key not in own:
-            state[key] = value  # reported as unexpected by load_state_dict
-            continue
-        adapted = _adapt(key, value, own[key])
-        if adapted is None:
-            mismatched.append(f"{key}: {tuple(value.shape)} vs {tuple(own[key].shape)}")
-        else:
-            state[key] = adapted.to(own[key].dtype)
-    result = model.load_state_dict(state, strict=False)
-    report = {
-        "file": str(path),
-        "loaded": len(state) - len(result.unexpected_keys),
-        "missing": list(result.missing_keys),
-        "unexpected": list(result.unexpected_keys),
-        "shape_mismatch": mismatched,
-    }
-    logger.info("Pretrained weights: %d tensors loaded, %d missing, %d unexpected, %d skipped",
-                report["loaded"], len(report["missing"]), len(report["unexpected"]),
-                len(mismatched))  # fmt: skip
-    if report["loaded"] == 0:
-        raise FitError(f'--pretrained "{path}": no tensor fits network "{model.__class__.__name__}"')
-    return report
-
-
 def _build_model(config: FitConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any] | None]:
     torch.manual_seed(config.seed)
     try:
         model = build_network(config.network, config.network_args, num_classes=num_classes).module
     except BundleError as exc:
         raise FitError(str(exc)) from exc
-    report = load_pretrained(model, config.pretrained) if config.pretrained else None
+    report = checkpoint.load_pretrained(model, config.pretrained) if config.pretrained else None
     return model, report
-
-
-# --------------------------------------------------------------------------------------------
-# Run folder records
-
-
-def _versions() -> dict[str, str]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "numpy": np.__version__,
-        "pydicom": pydicom.__version__,
-    }
-
-
-def _git_commit() -> str | None:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5, check=False)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _clean(value: Any) -> Any:
-    """NaN / inf -> None, recursively (JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,7 +406,12 @@ def fit(
     started = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
-    kind = "cuda" if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
+    kind = (
+        "cuda"
+        if config.device.startswith("cuda")
+        or (config.device == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
     info = init_distributed(kind)
     try:
         device = resolve_device(config.device, info)
@@ -538,7 +435,7 @@ def _check_run_dir(config: FitConfig, resume: bool, info: DistInfo) -> None:
         if not (out / checkpoint.LAST).is_file():
             raise FitError(f'--resume "{out}": no {checkpoint.LAST} to continue from')
         return
-    if (out / checkpoint.LAST).exists() or (out / RUN_CONFIG).exists():
+    if (out / checkpoint.LAST).exists():  # (a run_config alone: an attempt that never trained)
         raise FitError(f'--out "{out}" already holds a run; continue it with --resume {out} '
                        "or choose a new folder")  # fmt: skip
     if out.exists() and not out.is_dir():
@@ -561,13 +458,13 @@ def _prepare_on_main(config: FitConfig, resume: bool) -> PreparedData:
         raise FitError(f"the split leaves no training or no validation images: "
                        f"{data.summary['splits']}")  # fmt: skip
     record = _load_record(out) if resume else {}
-    record.update({"command": "training fit", "args": config.to_json(), "versions": _versions(),
-                   "git_commit": _git_commit(), "data": data.summary})  # fmt: skip
+    record.update({"command": "training fit", "args": config.to_json(), "versions": versions(),
+                   "git_commit": git_commit(), "data": data.summary})  # fmt: skip
     if resume:
         record.setdefault("resumes", []).append({"at": _now()})
     else:
         record["started"] = _now()
-    _write_json(out / RUN_CONFIG, _clean(record))
+    write_json(out / RUN_CONFIG, clean_json(record))
     return data
 
 
@@ -598,7 +495,7 @@ def _setup(config: FitConfig, info: DistInfo, device: torch.device, data: Prepar
     if pretrained is not None and info.is_main:
         record = _load_record(config.run_dir)
         record["pretrained"] = pretrained
-        _write_json(config.run_dir / RUN_CONFIG, _clean(record))
+        write_json(config.run_dir / RUN_CONFIG, clean_json(record))
     _warm_cache(run)
     return run
 
@@ -646,7 +543,9 @@ def _train(run: _Run, on_epoch_end: Callable[[dict[str, Any]], None] | None) -> 
     if run.main:
         from torch.utils.tensorboard import SummaryWriter  # slow import: only where used
 
-        run.writer = SummaryWriter(str(config.run_dir / "tensorboard"), purge_step=run.state.step or None)
+        run.writer = SummaryWriter(
+            str(config.run_dir / "tensorboard"), purge_step=run.state.step or None
+        )
     logger.info("Training: %d images, %d steps per epoch, %d steps in all (monitor %s)",
                 len(train_ds), per_epoch, total, run.monitor)  # fmt: skip
     state = run.state
@@ -695,7 +594,7 @@ def _epoch(run: _Run, opt: Any, sampler: EpochSampler, loader: Any, val_loader: 
               "val_loss": val_loss, "val_mean_auroc": mean_auc, "val_auroc": aurocs,
               "lr": opt.optimizer.param_groups[0]["lr"], "improved": improved,
               "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
-    state.history.append(_clean(record))
+    state.history.append(clean_json(record))
     _log_epoch(run, record)
     if run.main:
         if improved:
@@ -775,45 +674,6 @@ def _restore(run: _Run, opt: Any) -> None:
 # Calibration, metrics and the bundle
 
 
-def _label_figures(y: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any] | None:
-    if len(y) == 0:
-        return None
-    m = binary_metrics_at(y.astype(int), scores, threshold)
-    return {
-        "n_positive": int(y.sum()),
-        "n_negative": int(len(y) - y.sum()),
-        **m.as_dict(),
-        "auroc": auroc_estimate(y.astype(int), scores, n_boot=1000).as_dict(),
-    }
-
-
-def calibrate_and_score(
-    names: tuple[str, ...], predictions: dict[str, tuple[np.ndarray, np.ndarray]]
-) -> tuple[list[float], dict[str, Any]]:
-    """Youden J thresholds on ``predictions["val"]``; figures for every split given."""
-    y_val, p_val = predictions["val"]
-    thresholds: list[float] = []
-    per_label: dict[str, Any] = {}
-    for j, name in enumerate(names):
-        try:
-            threshold, method = float(youden_threshold(y_val[:, j].astype(int), p_val[:, j])), "youden"
-        except ValueError:
-            threshold, method = 0.5, "default (validation lacks positives or negatives)"
-        threshold = min(max(threshold, 0.0), 1.0)
-        thresholds.append(threshold)
-        entry: dict[str, Any] = {"threshold": threshold, "threshold_method": method}
-        for split, (y, p) in predictions.items():
-            figures = _label_figures(y[:, j], p[:, j], threshold)
-            if figures is not None:
-                entry[split] = figures
-        per_label[name] = entry
-    summary: dict[str, Any] = {}
-    for split, (y, _) in predictions.items():
-        aucs = [per_label[n].get(split, {}).get("auroc", {}).get("value") for n in names]
-        summary[split] = {"images": int(len(y)), "mean_auroc": mean_finite(a for a in aucs if a is not None)}
-    return thresholds, {"per_label": per_label, "summary": summary}
-
-
 def _code(name: str) -> CodedConcept:
     code = default_code(name)
     if code is not None:
@@ -840,27 +700,51 @@ def _finish(run: _Run, started: float) -> FitResult:
     if not run.main:
         return FitResult(config.run_dir, None, state, run.monitor, {}, seconds)
     thresholds, metrics = calibrate_and_score(run.data.label_names, predictions)
-    metrics = _clean({
+    metrics = clean_json({
         "method": "thresholds: Youden J on the validation split; test: held-out patients",
         "best_epoch": state.best_epoch, "monitor": run.monitor, "best_metric": state.best_metric,
         **metrics, "history": state.history,
     })  # fmt: skip
-    _write_json(config.run_dir / METRICS, metrics)
+    write_json(config.run_dir / METRICS, metrics)
+    _write_predictions(run, predictions)
     bundle = _write_bundle(run, thresholds, metrics, seconds)
     record = _load_record(config.run_dir)
-    record["results"] = _clean({
+    record["results"] = clean_json({
         "finished": _now(), "epochs_completed": state.epoch, "steps": state.step,
+        "world_size": run.info.world_size, "device": str(run.device),
         "best_epoch": state.best_epoch, "monitor": run.monitor, "best_metric": state.best_metric,
         "stopped_early": state.stopped_early, "seconds_this_session": round(seconds, 1),
         "summary": metrics["summary"], "bundle": str(bundle),
     })  # fmt: skip
-    _write_json(config.run_dir / RUN_CONFIG, record)
+    write_json(config.run_dir / RUN_CONFIG, record)
     return FitResult(config.run_dir, bundle, state, run.monitor, metrics, seconds)
 
 
-def _write_bundle(run: _Run, thresholds: list[float], metrics: dict[str, Any], seconds: float) -> Path:
+def _write_predictions(run: _Run, predictions: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """``predictions.csv``: the best model's probabilities per validation/test image."""
+    names = run.data.label_names
+    header = [
+        "sop_instance_uid",
+        "split",
+        *(f"true_{n}" for n in names),
+        *(f"prob_{n}" for n in names),
+    ]
+    with (run.config.run_dir / PREDICTIONS).open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for split, (truth, probs) in predictions.items():
+            for item, y, p in zip(run.data.subset(split), truth, probs, strict=True):
+                writer.writerow([item.sop_instance_uid, split, *(int(v) for v in y),
+                                 *(f"{v:.6f}" for v in p)])  # fmt: skip
+
+
+def _write_bundle(
+    run: _Run, thresholds: list[float], metrics: dict[str, Any], seconds: float
+) -> Path:
     config, state, data = run.config, run.state, run.data
-    labels = tuple(LabelSpec(n, _code(n), t) for n, t in zip(data.label_names, thresholds, strict=True))
+    labels = tuple(
+        LabelSpec(n, _code(n), t) for n, t in zip(data.label_names, thresholds, strict=True)
+    )
     training = {
         "run": config.run_dir.name, "seed": config.seed, "epochs_completed": state.epoch,
         "steps": state.step, "best_epoch": state.best_epoch, "monitor": run.monitor,

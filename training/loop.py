@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ai.metrics import auroc
+from ai.metrics import auroc, auroc_estimate, binary_metrics_at, youden_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,10 @@ def make_optimisation(
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=lr,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -283,14 +286,57 @@ def predict(
 
 def label_aurocs(targets: np.ndarray, probs: np.ndarray, names: Iterable[str]) -> dict[str, float]:
     """AUROC per label (NaN where a label lacks positives or negatives)."""
-    return {
-        name: auroc(targets[:, j].astype(int), probs[:, j]) for j, name in enumerate(names)
-    }
+    return {name: auroc(targets[:, j].astype(int), probs[:, j]) for j, name in enumerate(names)}
 
 
 def mean_finite(values: Iterable[float]) -> float:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(finite)) if finite else math.nan
+
+
+def _label_figures(y: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any] | None:
+    if len(y) == 0:
+        return None
+    m = binary_metrics_at(y.astype(int), scores, threshold)
+    return {
+        "n_positive": int(y.sum()),
+        "n_negative": int(len(y) - y.sum()),
+        **m.as_dict(),
+        "auroc": auroc_estimate(y.astype(int), scores, n_boot=1000).as_dict(),
+    }
+
+
+def calibrate_and_score(
+    names: tuple[str, ...], predictions: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> tuple[list[float], dict[str, Any]]:
+    """Youden J thresholds on ``predictions["val"]``; figures for every split given."""
+    y_val, p_val = predictions["val"]
+    thresholds: list[float] = []
+    per_label: dict[str, Any] = {}
+    for j, name in enumerate(names):
+        try:
+            threshold, method = (
+                float(youden_threshold(y_val[:, j].astype(int), p_val[:, j])),
+                "youden",
+            )
+        except ValueError:
+            threshold, method = 0.5, "default (validation lacks positives or negatives)"
+        threshold = min(max(threshold, 0.0), 1.0)
+        thresholds.append(threshold)
+        entry: dict[str, Any] = {"threshold": threshold, "threshold_method": method}
+        for split, (y, p) in predictions.items():
+            figures = _label_figures(y[:, j], p[:, j], threshold)
+            if figures is not None:
+                entry[split] = figures
+        per_label[name] = entry
+    summary: dict[str, Any] = {}
+    for split, (y, _) in predictions.items():
+        aucs = [per_label[n].get(split, {}).get("auroc", {}).get("value") for n in names]
+        summary[split] = {
+            "images": int(len(y)),
+            "mean_auroc": mean_finite(a for a in aucs if a is not None),
+        }
+    return thresholds, {"per_label": per_label, "summary": summary}
 
 
 def make_loader(

@@ -50,7 +50,9 @@ def inverse_frequency_weights(targets: np.ndarray, multi_label: bool = True) -> 
     return weights / weights.sum()
 
 
-def repeat_factors(targets: np.ndarray, multi_label: bool = True, max_factor: int = 4) -> np.ndarray:
+def repeat_factors(
+    targets: np.ndarray, multi_label: bool = True, max_factor: int = 4
+) -> np.ndarray:
     """Per-image repeat count: ``round(f_max / f_label)`` of its rarest positive label,
     at least 1 and at most ``max_factor`` (f = fraction of images positive for a label)."""
     y = np.asarray(targets) > 0
@@ -91,7 +93,9 @@ class EpochSampler(DistributedSampler):
             weights = inverse_frequency_weights(np.asarray(targets), multi_label)
             self._weights = torch.as_tensor(weights, dtype=torch.float64)
         elif mode == "oversample":
-            self._base = np.repeat(np.arange(size), repeat_factors(np.asarray(targets), multi_label, max_factor))
+            self._base = np.repeat(
+                np.arange(size), repeat_factors(np.asarray(targets), multi_label, max_factor)
+            )
         super().__init__(
             range(len(self._base)), num_replicas=num_replicas, rank=rank, shuffle=shuffle,
             seed=seed, drop_last=False,

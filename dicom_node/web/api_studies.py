@@ -127,7 +127,7 @@ def resubmit_dead() -> ResponseReturnValue:
     body = json_body(required=False)
     reject_unknown(body, ("destination",))
     destination = body.get("destination")
-    if destination is not None and (not isinstance(destination, str)
-                                    or not 0 < len(destination) <= 128):
+    if "destination" in body and (not isinstance(destination, str)
+                                  or not 0 < len(destination) <= 128):
         raise bad_request("destination", "must be a destination name, AE@HOST:PORT")
     return jsonify(actions.resubmit_dead(web_context(), destination))

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 from matplotlib.figure import Figure
 
 COLOURS = ("#1f6fb2", "#c0392b", "#27ae60", "#8e44ad", "#d68910", "#17a589")
@@ -35,6 +36,8 @@ def history_png(label: str, points: Sequence[dict[str, Any]],
                   if p.get(metric) and p[metric]["value"] is not None]
         if series:
             x = [_time(t) for t, _ in series]
+            if len(x) == 1:  # one point: a day either side, not matplotlib's default years
+                ax.set_xlim(x[0] - timedelta(days=1), x[0] + timedelta(days=1))
             y = [f["value"] for _, f in series]
             lo = [f["ci_lower"] if f["ci_lower"] is not None else f["value"] for _, f in series]
             hi = [f["ci_upper"] if f["ci_upper"] is not None else f["value"] for _, f in series]
@@ -42,8 +45,10 @@ def history_png(label: str, points: Sequence[dict[str, Any]],
             ax.plot(x, y, marker="o", color=colour, linewidth=1.5, markersize=4,
                     label=metric)
         else:
-            ax.text(0.5, 0.5, "no succeeded run yet", ha="center", va="center",
-                    transform=ax.transAxes, color="#666")
+            ax.text(0.5, 0.5, "not defined in any succeeded run\n(no such cases, or no run)",
+                    ha="center", va="center", transform=ax.transAxes, color="#666",
+                    fontsize=8)
+            ax.set_xticks([])
         floor = floors.get(metric)
         if floor is not None:
             ax.axhline(floor, color="#444", linestyle="--", linewidth=1,
@@ -51,7 +56,11 @@ def history_png(label: str, points: Sequence[dict[str, Any]],
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{label}: {metric}", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.tick_params(axis="x", labelsize=7, rotation=30)
+        if series:
+            locator = AutoDateLocator(minticks=3, maxticks=6)
+            ax.xaxis.set_major_locator(locator)
+            ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
+        ax.tick_params(axis="x", labelsize=7)
         if series or floor is not None:
             ax.legend(fontsize=7, loc="lower left")
     return _png(fig)

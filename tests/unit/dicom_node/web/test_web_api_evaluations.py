@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import pytest
-from conftest import WebEnv
 from sqlalchemy import select
+from webdata import WebEnv
 
 from dicom_node import db
 from dicom_node.evaluation.errors import EvaluationBusyError

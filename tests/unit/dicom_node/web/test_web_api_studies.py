@@ -6,16 +6,15 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import WebEnv
+from helpers.fakes import FakeAnalyzer
 from sqlalchemy import func, select
-from webdata import DEST
+from webdata import DEST, WebEnv
 
 from dicom_node import db
 from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
 from dicom_node.spool import Spool
 from dicom_node.worker import AnalysisWorker
-from helpers.fakes import FakeAnalyzer
 
 
 def uids(resp: object) -> set[str]:
@@ -60,7 +59,7 @@ def test_studies_paging_is_stable_and_complete(web_env: WebEnv) -> None:
 @pytest.mark.parametrize(("query", "field"), [
     ("limit=0", "limit"), ("limit=501", "limit"), ("limit=abc", "limit"), ("offset=-1", "offset"),
     ("state=sent", "state"), ("received_from=yesterday", "received_from"),
-    ("received_from=2026-02-01&received_to=2026-01-01", "received_to"),
+    ("received_to=", "received_to"), ("unknown=1", "query"),
     ("modality=%3Cscript%3E", "modality"), ("received_to=2026-13-45", "received_to"),
 ])
 def test_bad_query_parameters_are_400_naming_the_field(web_env: WebEnv, query: str,
@@ -151,8 +150,11 @@ def test_resubmit_one_dead_delivery(web_env: WebEnv) -> None:
 
 
 def test_resubmit_all_dead(web_env: WebEnv) -> None:
-    unknown = web_env.post("/api/v1/deliveries/resubmit", json={"destination": "NOPE@h:104"})
-    assert unknown.status_code == 400 and unknown.get_json()["error"]["field"] == "destination"
+    assert web_env.post("/api/v1/deliveries/resubmit",
+                        json={"destination": "NOPE@h:104"}).get_json() == {"resubmitted": 0}
+    for bad in (None, "", 7, "x" * 129):
+        resp = web_env.post("/api/v1/deliveries/resubmit", json={"destination": bad})
+        assert resp.status_code == 400 and resp.get_json()["error"]["field"] == "destination"
     extra = web_env.post("/api/v1/deliveries/resubmit", json={"destination": DEST, "all": 1})
     assert extra.status_code == 400 and extra.get_json()["error"]["field"] == "body"
     assert web_env.post("/api/v1/deliveries/resubmit", data="destination=x",

@@ -8,9 +8,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import AUTH, WebEnv
 from sqlalchemy import select
-from webdata import TOKEN, web_settings
+from webdata import AUTH, TOKEN, WebEnv, csrf, login, web_settings
 
 from dicom_node import db
 from dicom_node.config import WebSettings
@@ -95,18 +94,6 @@ def test_default_bind_is_loopback_and_token_file_private(tmp_path: Path) -> None
     assert resolve_token(settings) == token  # stable across restarts
 
 
-def _csrf(page: str) -> str:
-    match = re.search(r'name="csrf_token" value="([^"]+)"', page)
-    assert match, "form without CSRF token"
-    return match.group(1)
-
-
-def login(env: WebEnv, token: str = TOKEN) -> object:
-    form = env.client.get("/dashboard/login")
-    return env.client.post("/dashboard/login", data={"token": token,
-                                                     "csrf_token": _csrf(form.text)})
-
-
 def test_login_sets_a_strict_httponly_session_and_keeps_the_token_out_of_urls(
         web_env: WebEnv) -> None:
     page = web_env.client.get("/dashboard/login").text
@@ -123,7 +110,7 @@ def test_login_sets_a_strict_httponly_session_and_keeps_the_token_out_of_urls(
     assert web_env.client.get("/metrics").status_code == 401
 
 
-def test_login_refuses_bad_token_and_missing_csrf(web_env: WebEnv) -> None:
+def test_login_refuses_bad_token_and_missingcsrf(web_env: WebEnv) -> None:
     assert web_env.client.post("/dashboard/login", data={"token": TOKEN}).status_code == 403
     bad = login(web_env, "wrong-token")
     assert bad.status_code == 401 and "Invalid token" in bad.text
@@ -144,7 +131,7 @@ def test_dashboard_forms_need_the_csrf_token(web_env: WebEnv) -> None:
     assert refused.status_code == 403 and "CSRF" in refused.text
     assert web_env.client.post(url, data={"csrf_token": "forged"}).status_code == 403
     page = web_env.client.get("/dashboard/studies/1").text
-    ok = web_env.client.post(url, data={"csrf_token": _csrf(page)})
+    ok = web_env.client.post(url, data={"csrf_token": csrf(page)})
     assert ok.status_code == 302
     with web_env.engine.connect() as conn:
         assert conn.execute(select(db.deliveries.c.state)
@@ -155,7 +142,7 @@ def test_logout_ends_the_session(web_env: WebEnv) -> None:
     login(web_env)
     page = web_env.client.get("/dashboard/").text
     assert web_env.client.post("/dashboard/logout",
-                               data={"csrf_token": _csrf(page)}).status_code == 302
+                               data={"csrf_token": csrf(page)}).status_code == 302
     assert web_env.client.get("/dashboard/").status_code == 302
 
 

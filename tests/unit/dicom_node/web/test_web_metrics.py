@@ -7,8 +7,7 @@ import re
 from collections import defaultdict
 
 import pytest
-from conftest import WebEnv
-from webdata import CANARY_STRINGS, DEST
+from webdata import CANARY_STRINGS, DEST, WebEnv
 
 from dicom_node.web.metrics import _IGNORE_CATEGORIES, category
 

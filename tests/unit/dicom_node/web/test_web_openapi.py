@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 import yaml
-from conftest import WebEnv
 from openapi_spec_validator import validate
+from webdata import WebEnv
 
 from dicom_node.web.api_meta import OPENAPI_PATH
 

@@ -6,12 +6,18 @@ an API response, an error body or /metrics."""
 from __future__ import annotations
 
 import json
+import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pydicom
+from flask import Flask
+from flask.testing import FlaskClient
+from helpers.dicomfiles import CT, make_image
+from helpers.fakes import FakeAnalyzer
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -20,16 +26,16 @@ from sqlalchemy import Engine, insert, select, update
 from ai.types import AnalysisError
 from dicom_node import db
 from dicom_node.config import Settings, load_settings
+from dicom_node.evaluation.service import EvaluationService
 from dicom_node.ingest import Ingestor, Received
 from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
 from dicom_node.spool import Spool
 from dicom_node.studies import StudyAssembler
 from dicom_node.worker import AnalysisWorker
-from helpers.dicomfiles import CT, make_image
-from helpers.fakes import FakeAnalyzer
 
 TOKEN = "web-test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DEST = "DEST@127.0.0.1:11199"
 CANARY = {"PatientName": "Zyx^Canaryweb", "PatientID": "CANARYWEBPID",
           "PatientBirthDate": "19020304", "AccessionNumber": "CANARYWEBACC"}
@@ -174,3 +180,50 @@ def populate_evaluation(engine: Engine, data: WebData | None = None) -> WebData:
         conn.execute(update(db.evaluation_runs).where(
             db.evaluation_runs.c.id == data.runs["latest"]).values(alerts=2))
     return data
+
+
+@dataclass
+class WebEnv:
+    settings: Settings
+    engine: Engine
+    app: Flask
+    client: FlaskClient
+    data: WebData
+
+    def get(self, url: str, **kwargs: Any) -> Any:
+        return self.client.get(url, headers=AUTH, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> Any:
+        return self.client.post(url, headers=AUTH, **kwargs)
+
+
+class StubNode:
+    """What the web app reads from a running node: a listener that is up, a loaded (fake)
+    model, the assembler and the evaluation service."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.spool = Spool(settings.storage.data_dir / "spool")
+        self.assembler = StudyAssembler(engine, self.spool, settings.studies.selection, 0.0)
+        self.server: object | None = object()
+        self.analyzer: FakeAnalyzer | None = FakeAnalyzer()
+        self.model_error: str | None = None
+        self.stop_event = threading.Event()
+        self.evaluation = EvaluationService(engine, settings, deployed=lambda: self.analyzer,
+                                            stop_event=self.stop_event)
+
+
+def csrf(page: str) -> str:
+    """The CSRF token of the first form in a dashboard page."""
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert match, "form without CSRF token"
+    return match.group(1)
+
+
+def login(env: WebEnv, token: str = TOKEN) -> Any:
+    form = env.client.get("/dashboard/login")
+    return env.client.post("/dashboard/login", data={"token": token,
+                                                     "csrf_token": csrf(form.text)})
+
+
