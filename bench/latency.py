@@ -25,7 +25,8 @@ figures are measured in this run, after the node has stopped.
 Model: the tests' tiny random-weight DenseNet (64 px; ``nodule`` always positive, so
 Grad-CAM, boxes and the heatmap overlay are all exercised), and the bundle given with
 ``--bundle`` as well. Latencies at 1 study at a time (sequential) and at a steady load (a
-study every ``--interval`` s for ``--duration`` s, variants in turn).
+study every ``--interval`` s for ``--duration`` s, variants in turn). One warm-up study
+first (the first job pays lazy imports and first-call costs) is not counted.
 """
 
 from __future__ import annotations
@@ -162,6 +163,9 @@ def run_node(bundle: Path, variants: list[str], tmpl: dict[str, Path], *, reps: 
                     raise RuntimeError(f"model did not load: {node.model_error}")
                 time.sleep(0.05)
             called = settings.dicom.ae_title
+            warm = make_study(tmpl[variants[0]], variants[0], "warm-up", 0, run)
+            send(settings.dicom.port, warm, called)  # first job pays lazy imports: not counted
+            wait_all(probe, [warm], 300)
             for n in range(reps):  # one study at a time
                 for v in variants:
                     s = make_study(tmpl[v], v, "sequential", n, run)
@@ -202,7 +206,7 @@ def forward_s(bundle: Path, repeats: int = 20) -> float:
         return c.median(c.best_of(lambda: loaded.model(x), repeats))
 
 
-def raw_forward_s(files: list[Path], repeats: int = 3) -> float:
+def raw_forward_s(files: list[Path], repeats: int = 5) -> float:
     """storescu -> storescp of the given result files (one association), median seconds."""
     import pydicom
 
@@ -221,6 +225,37 @@ def raw_forward_s(files: list[Path], repeats: int = 3) -> float:
                                check=True, capture_output=True, env=c.DCMTK_ENV)
             times.append(time.perf_counter() - t)
     return c.median(times)
+
+
+def sender_nagle(sample: Path, count: int = 20) -> dict[str, float]:
+    """ms per C-STORE of a small result object, pynetdicom (as the node's sender) -> storescp.
+
+    pynetdicom leaves Nagle's algorithm on; a small object then waits for the destination's
+    delayed ACK. The same association with TCP_NODELAY shows what that costs per object.
+    """
+    import socket
+
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE
+
+    sop = pydicom.dcmread(sample, stop_before_pixels=True).SOPClassUID
+    out: dict[str, float] = {}
+    for nodelay in (False, True):
+        with c.StoreSCP(c.fresh_dir(c.WORK / "latency" / "nagle-dest"), ae_title="NAGLE") as scp:
+            ae = AE("CXR_AI")
+            ae.add_requested_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+            assoc = ae.associate("127.0.0.1", scp.port, ae_title="NAGLE")
+            if nodelay:
+                assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            times = []
+            for _ in range(count):
+                t = time.perf_counter()
+                assoc.send_c_store(str(sample))
+                times.append(1000 * (time.perf_counter() - t))
+            assoc.release()
+        out["nodelay_ms" if nodelay else "default_ms"] = c.median(times)
+    return out
 
 
 def report(name: str, studies: list[Study], variants: list[str], floors: dict[str, float],
@@ -270,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = c.parser(__doc__.split("\n", 1)[0])
     p.add_argument("--bundle", type=Path, help="also measure this (real) model bundle")
-    p.add_argument("--reps", type=int, help="sequential studies per variant (default 5, quick 1)")
+    p.add_argument("--reps", type=int, help="sequential studies per variant (default 5, quick 2)")
     p.add_argument("--interval", type=float, default=2.0, help="steady load: s between studies")
     p.add_argument("--duration", type=float, help="steady load: seconds (default 60, quick 20)")
     p.add_argument("--quiet", type=float, default=0.5, help="studies.quiet_period_s")
@@ -278,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     c.torch_threads(p)
     args = p.parse_args(argv)
     c.set_torch_threads(args.threads)
-    reps = args.reps or (1 if args.quick else 5)
+    reps = args.reps or (2 if args.quick else 5)
     duration = args.duration or (20.0 if args.quick else 60.0)
     tmpl = templates(args.variants)
     bundles = {"tiny random DenseNet (64 px)":
@@ -304,8 +339,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"floor = raw storescu -> storescp of the study's results (SR + SC + GSPS, "
               f"{min(sizes.values()) / 1e6:.1f}-{max(sizes.values()) / 1e6:.1f} MB, process "
               f"start included) + raw forward {1000 * fwd:.1f} ms; {os.cpu_count()} CPU cores")
+        sr = next(files[u][1] for u in studies[0].outputs if files[u][1].name.startswith("SR"))
+        nagle = sender_nagle(sr)
+        print(f"sender: one SR ({sr.stat().st_size / 1e3:.0f} kB) pynetdicom -> storescp "
+              f"{nagle['default_ms']:.1f} ms per C-STORE as the node sends (Nagle on), "
+              f"{nagle['nodelay_ms']:.1f} ms with TCP_NODELAY")
         results["models"][name] = {
             "bundle": c.rel(bundle), "rows": rows, "forward_s": fwd, "result_bytes": sizes,
+            "sender_c_store_ms": nagle,
             "studies": [{"variant": s.variant, "phase": s.phase, "send_s": s.send_s,
                          **s.times} for s in studies]}
     c.write_results("latency", results, not args.no_json)

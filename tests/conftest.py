@@ -19,6 +19,10 @@ if not REALDICOM.exists():  # CI clones next to shared/ as well; allow an overri
     REALDICOM = Path(os.environ.get("CXR_REALDICOM", "/work/shared/realdicom"))
 
 sys.path.insert(0, str(ROOT / "tests"))
+# Fixture modules of sub-suites are plugins, not conftest.py files: test modules import this
+# file's helpers as ``conftest``, and a second conftest.py would shadow that module name.
+sys.path.insert(0, str(ROOT / "tests" / "unit" / "dicom_node" / "outputs"))
+pytest_plugins = ["outputs_fixtures"]
 
 
 def free_port() -> int:

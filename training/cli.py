@@ -452,6 +452,8 @@ def _add_fit(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_fit(args: argparse.Namespace) -> int:
+    import torch
+
     from ai.types import AnalysisError
     from training.checkpoint import CheckpointError
     from training.fit import FitConfig, FitError, fit, resume_config
@@ -471,6 +473,8 @@ def _run_fit(args: argparse.Namespace) -> int:
         result = fit(config, resume=resume)
     except (FitError, SplitError, CheckpointError, AnalysisError, FloatingPointError) as exc:
         raise CommandFailed(str(exc)) from exc
+    except torch.OutOfMemoryError as exc:
+        raise CommandFailed(f"out of device memory ({exc}); lower --batch-size or --image-size") from exc
     if result.bundle_dir is None:  # a non-zero torchrun rank: rank 0 reports
         return EXIT_OK
     state = result.state

@@ -179,10 +179,11 @@ class FitConfig:
         return InputSpec(size=self.image_size, channels=1, clahe=self.clahe)
 
     def to_json(self) -> dict[str, Any]:
+        """Plain JSON; paths absolute, so ``--resume`` works from any working directory."""
         doc = asdict(self)
         for key, value in doc.items():
             if isinstance(value, Path):
-                doc[key] = str(value)
+                doc[key] = str(value.absolute())
             elif isinstance(value, tuple):
                 doc[key] = list(value)
         return doc
@@ -322,13 +323,19 @@ def _split_summary(data: PreparedData, name: str) -> dict[str, Any]:
 # Model
 
 
-def _build_model(config: FitConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any] | None]:
+def _build_model(
+    config: FitConfig, num_classes: int, *, pretrained: bool = True
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The network, seeded from ``config.seed``, with ``--pretrained`` weights (unless
+    resuming: the checkpoint has the weights then)."""
     torch.manual_seed(config.seed)
     try:
         model = build_network(config.network, config.network_args, num_classes=num_classes).module
     except BundleError as exc:
         raise FitError(str(exc)) from exc
-    report = checkpoint.load_pretrained(model, config.pretrained) if config.pretrained else None
+    if not (pretrained and config.pretrained):
+        return model, None
+    report = checkpoint.load_pretrained(model, config.pretrained)
     return model, report
 
 
@@ -374,6 +381,7 @@ class _Run:
     cache: ImageCache
     monitor: str
     state: RunState
+    resume: bool = False
     writer: Any = None
 
     @property
@@ -385,11 +393,13 @@ class _Run:
                                      seed=self.config.seed)  # fmt: skip
 
     def eval_loader(self, split: str) -> tuple[Any, int]:
+        """This rank's share of ``split`` in order (no augmentation) and the split's size."""
         ds = self.dataset(split)
         sampler = ShardSampler(len(ds), self.info.world_size, self.info.rank)
-        return make_loader(ds, sampler, batch_size=self.config.batch_size,
-                           num_workers=self.config.num_workers, drop_last=False,
-                           pin_memory=self.device.type == "cuda", seed=self.config.seed), len(ds)  # fmt: skip
+        loader = make_loader(ds, sampler, batch_size=self.config.batch_size,
+                             num_workers=self.config.num_workers, drop_last=False,
+                             pin_memory=self.device.type == "cuda", seed=self.config.seed)  # fmt: skip
+        return loader, len(ds)
 
 
 def fit(
@@ -404,17 +414,18 @@ def fit(
     written (tests use it to interrupt a run).
     """
     started = time.perf_counter()
+    threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
-    kind = (
-        "cuda"
-        if config.device.startswith("cuda")
-        or (config.device == "auto" and torch.cuda.is_available())
-        else "cpu"
+    cuda = config.device.startswith("cuda") or (
+        config.device == "auto" and torch.cuda.is_available()
     )
-    info = init_distributed(kind)
+    info = init_distributed("cuda" if cuda else "cpu")
     try:
-        device = resolve_device(config.device, info)
+        try:
+            device = resolve_device(config.device, info)
+        except (ValueError, RuntimeError) as exc:
+            raise FitError(f'--device "{config.device}": {exc}') from exc
         _check_run_dir(config, resume, info)
         prepared = None
         if info.is_main:
@@ -427,6 +438,7 @@ def fit(
         return result
     finally:
         shutdown(info)
+        torch.set_num_threads(threads)
 
 
 def _check_run_dir(config: FitConfig, resume: bool, info: DistInfo) -> None:
@@ -480,7 +492,7 @@ def _now() -> str:
 
 
 def _setup(config: FitConfig, info: DistInfo, device: torch.device, data: PreparedData, resume: bool) -> _Run:  # fmt: skip
-    model, pretrained = _build_model(config, len(data.label_names))
+    model, pretrained = _build_model(config, len(data.label_names), pretrained=not resume)
     model.to(device)
     cache_dir = config.cache_dir or (config.run_dir / "cache")
     cache = ImageCache(config.preprocess, cache_dir if config.disk_cache else None,
@@ -491,7 +503,7 @@ def _setup(config: FitConfig, info: DistInfo, device: torch.device, data: Prepar
     loss_fn = ClassificationLoss(data.multi_label, config.loss, gamma=config.focal_gamma,
                                  alpha=config.focal_alpha)  # fmt: skip
     run = _Run(config, info, device, data, wrap(model, device, info), loss_fn, cache, monitor,
-               RunState())  # fmt: skip
+               RunState(), resume)  # fmt: skip
     if pretrained is not None and info.is_main:
         record = _load_record(config.run_dir)
         record["pretrained"] = pretrained
@@ -534,7 +546,7 @@ def _train(run: _Run, on_epoch_end: Callable[[dict[str, Any]], None] | None) -> 
                             total_steps=total, warmup_steps=warmup,
                             min_lr_ratio=config.min_lr_ratio, amp=config.amp,
                             clip_grad=config.clip_grad)  # fmt: skip
-    if (config.run_dir / checkpoint.LAST).is_file():
+    if run.resume:
         _restore(run, opt)
     loader = make_loader(train_ds, sampler, batch_size=config.batch_size,
                          num_workers=config.num_workers, drop_last=drop_last,

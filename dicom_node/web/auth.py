@@ -62,7 +62,10 @@ def resolve_token(settings: Settings) -> str:
     path = settings.storage.data_dir / TOKEN_FILE
     token = _read_token(path)
     if token:
+        if path.stat().st_mode & 0o077:
+            logger.warning("%s is readable by other users; chmod 600 it", path)
         return token
+    path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -28,6 +28,7 @@ from sqlalchemy import Connection, func, select
 from dicom_node import db
 from dicom_node.web import actions, images, plots, queries
 from dicom_node.web import evaluation_queries as eq
+from dicom_node.web.api_evaluations import call_service, require_service
 from dicom_node.web.api_meta import models_info
 from dicom_node.web.api_studies import ID
 from dicom_node.web.context import web_context
@@ -204,8 +205,13 @@ def _floors(job: str | None, label: str) -> dict[str, float | None]:
     return floor.model_dump() if floor else {}
 
 
+def _runs(conn: Connection, job: str, state: str | None, limit: int) -> list[dict[str, Any]]:
+    return eq.list_runs(conn, job=job, kind=None, state=state, started_from=None,
+                        started_to=None, limit=limit, offset=0)[0]
+
+
 @bp.get("/evaluation")
-@query_params("job",)
+@query_params("job")
 def evaluation() -> ResponseReturnValue:
     ctx = web_context()
     with ctx.engine.connect() as conn:
@@ -213,16 +219,15 @@ def evaluation() -> ResponseReturnValue:
         names = [j["job_name"] for j in jobs]
         asked = name_arg("job", 64)
         job = asked if asked in names else (names[0] if names else None)
-        runs, _ = eq.list_runs(conn, job=job, kind=None, state=None, started_from=None,
-                               started_to=None, limit=15, offset=0) if job else ([], 0)
-        latest_id = next((r["id"] for r in runs if r["state"] == "succeeded"), None)
-        if latest_id is None and job:
-            found = eq.list_runs(conn, job=job, kind=None, state="succeeded",
-                                 started_from=None, started_to=None, limit=1, offset=0)[0]
-            latest_id = found[0]["id"] if found else None
-        latest = eq.get_run(conn, latest_id) if latest_id else None
-        alerts = eq.list_alerts(conn, active=True, job=job, label=None, limit=50,
-                                offset=0)[0] if job else []
+        runs: list[dict[str, Any]] = []
+        succeeded: list[dict[str, Any]] = []
+        alerts: list[dict[str, Any]] = []
+        if job:
+            runs = _runs(conn, job, None, 15)
+            succeeded = _runs(conn, job, "succeeded", 1)
+            alerts = eq.list_alerts(conn, active=True, job=job, label=None, limit=50,
+                                    offset=0)[0]
+        latest = eq.get_run(conn, succeeded[0]["id"]) if succeeded else None
     selected = next((j for j in jobs if j["job_name"] == job), None)
     can_trigger = ctx.evaluation_service() is not None and bool(selected
                                                                  and selected["configured"])
@@ -234,8 +239,6 @@ def evaluation() -> ResponseReturnValue:
 @bp.post("/evaluation/runs")
 @query_params()
 def trigger_run() -> ResponseReturnValue:
-    from dicom_node.web.api_evaluations import call_service, require_service
-
     job = check_name(request.form.get("job"), "job", 64)
     try:
         run_id = call_service("evaluation job", require_service().trigger_run, job)

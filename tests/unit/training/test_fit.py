@@ -203,6 +203,18 @@ def test_cli_resume_extends_a_finished_run(
     assert "cannot change" in capsys.readouterr().err
 
 
+def test_early_stopping_and_max_steps(data: Path, tmp_path: Path) -> None:
+    stopped = fit(_config(data, tmp_path / "early", epochs=6, patience=1, min_delta=1.0))
+    assert (
+        stopped.state.stopped_early and stopped.state.epoch == 2 and stopped.state.best_epoch == 1
+    )
+    assert json.loads((tmp_path / "early" / "run_config.json").read_text())["results"][
+        "stopped_early"
+    ]
+    capped = fit(_config(data, tmp_path / "capped", epochs=6, max_steps=3))
+    assert capped.state.step == 3 and capped.state.epoch == 1
+
+
 # ------------------------------------------------------------------ errors
 
 
@@ -270,6 +282,17 @@ def test_pretrained_weights_adapt_rgb_stem_and_report_mismatches(tmp_path: Path)
     torch.save([1, 2], tmp_path / "bad.pt")
     with pytest.raises(checkpoint.CheckpointError, match="no state_dict"):
         checkpoint.load_pretrained(model, tmp_path / "bad.pt")
+
+
+def test_cli_pretrained_from_an_earlier_bundle(
+    finished_run: dict, data: Path, tmp_path: Path
+) -> None:
+    weights = finished_run["out"] / "bundle" / "models" / "model.pt"
+    out = tmp_path / "warm"
+    assert main(_cli_args(data, out, "--pretrained", str(weights), "--max-steps", "1")) == 0
+    report = json.loads((out / "run_config.json").read_text())["pretrained"]
+    assert report["missing"] == report["unexpected"] == report["shape_mismatch"] == []
+    assert report["loaded"] == len(torch.load(weights, weights_only=True))
 
 
 def test_multiclass_focal_weighted_with_workers(data: Path, tmp_path: Path) -> None:

@@ -72,7 +72,7 @@ def test_pydicom_decodes_bit_exact(tmp_path: Path, precision: int) -> None:
 def test_dcmtk_decodes_bit_exact(tmp_path: Path, precision: int) -> None:
     dcmdjpeg = shutil.which("dcmdjpeg")
     if dcmdjpeg is None:
-        pytest.skip("DCMTK dcmdjpeg is not installed")
+        pytest.fail("DCMTK dcmdjpeg is not installed" + "; make test installs it")
     for i, arr in enumerate(_images(precision)):
         src = _write(arr, precision, tmp_path / f"{i}.dcm")
         out = tmp_path / f"{i}_raw.dcm"

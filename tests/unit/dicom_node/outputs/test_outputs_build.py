@@ -112,7 +112,7 @@ def test_missing_type2_attributes_do_not_break_and_caller_dataset_is_unchanged(
 
 def test_real_cr_dataset_is_not_mutated() -> None:
     if not CR_J2K.exists():
-        pytest.skip(f"{CR_J2K} is missing")
+        pytest.fail(f"{CR_J2K} is missing")
     ds = pydicom.dcmread(CR_J2K)
     before = copy.deepcopy(ds)
     build_outputs([(ds, make_result(ds, model=DEMO))], SETTINGS, "seed")

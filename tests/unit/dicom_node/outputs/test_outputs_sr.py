@@ -163,7 +163,7 @@ def test_cr_keeps_its_real_orientation_descriptors(real_cr: Dataset) -> None:
 
 def test_dcmtk_reads_the_sr(study, tmp_path: Path) -> None:
     if shutil.which("dsrdump") is None or shutil.which("dsr2xml") is None:
-        pytest.skip("DCMTK dsrdump/dsr2xml are not installed")
+        pytest.fail("DCMTK dsrdump/dsr2xml are not installed" + "; make test installs it")
     path = save(study[1], tmp_path / "sr.dcm")
     dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, check=False)
     assert dump.returncode == 0, dump.stderr

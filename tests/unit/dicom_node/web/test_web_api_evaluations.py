@@ -13,6 +13,8 @@ from dicom_node import db
 from dicom_node.evaluation.errors import EvaluationBusyError
 from dicom_node.evaluation.service import EvaluationService
 
+pytest_plugins = ["webfixtures"]
+
 JOB = "nightly-reference"
 
 

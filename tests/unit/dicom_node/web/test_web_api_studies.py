@@ -16,6 +16,8 @@ from dicom_node.outputs import OutputSettings
 from dicom_node.spool import Spool
 from dicom_node.worker import AnalysisWorker
 
+pytest_plugins = ["webfixtures"]
+
 
 def uids(resp: object) -> set[str]:
     return {s["study_uid"] for s in resp.get_json()["items"]}  # type: ignore[attr-defined]

@@ -16,6 +16,8 @@ from dicom_node.config import WebSettings
 from dicom_node.web import create_app
 from dicom_node.web.auth import LOGIN_FAILURES_ALLOWED, resolve_token
 
+pytest_plugins = ["webfixtures"]
+
 PUBLIC = {"/healthz", "/readyz", "/dashboard/login", "/static/<path:filename>"}
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from webdata import CANARY, WebEnv, csrf, login
 
+pytest_plugins = ["webfixtures"]
+
 HREF = re.compile(r'(?:href|src|action)="([^"]+)"')
 
 

@@ -11,6 +11,8 @@ from webdata import AUTH, CANARY, CANARY_STRINGS, WebEnv
 
 from dicom_node.web import queries
 
+pytest_plugins = ["webfixtures"]
+
 
 def assert_clean(text: str) -> None:
     assert "Traceback" not in text and 'File "' not in text

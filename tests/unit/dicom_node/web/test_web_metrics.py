@@ -11,6 +11,8 @@ from webdata import CANARY_STRINGS, DEST, WebEnv
 
 from dicom_node.web.metrics import _IGNORE_CATEGORIES, category
 
+pytest_plugins = ["webfixtures"]
+
 NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
 SAMPLE = re.compile(rf"^({NAME})(\{{(.*)\}})? (\S+)$")
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$)')

@@ -11,6 +11,8 @@ from webdata import WebEnv
 
 from dicom_node.web.api_meta import OPENAPI_PATH
 
+pytest_plugins = ["webfixtures"]
+
 METHODS = {"get", "post", "put", "patch", "delete"}
 
 

@@ -15,6 +15,8 @@ from webdata import AUTH, TOKEN, WebEnv
 
 from dicom_node.web.api_meta import OPENAPI_PATH
 
+pytest_plugins = ["webfixtures"]
+
 pytestmark = pytest.mark.slow
 
 MAX_EXAMPLES = 20

@@ -1,5 +1,5 @@
-"""Fixtures of the web tests: a populated node database (built once, copied per test) and
-a Flask test client on it; the helpers and classes are in webdata.py."""
+"""Fixtures of the web tests (a plugin module, not a conftest: a second module named
+``conftest`` would shadow tests/conftest.py when pytest is given several paths)."""
 
 from __future__ import annotations
 
