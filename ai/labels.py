@@ -502,7 +502,8 @@ class DicomIndex(Sequence[IndexedImage]):
     images: list[IndexedImage] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (relpath, sop uid)
-    skipped: int = 0  # files that are plainly not DICOM (labels, caches, readme, ...)
+    non_images: list[tuple[str, str]] = field(default_factory=list)  # (relpath, modality)
+    skipped: int = 0  # files that are plainly not DICOM (labels, caches, readme, DICOMDIR)
 
     @overload
     def __getitem__(self, i: int) -> IndexedImage: ...
@@ -524,6 +525,8 @@ def _looks_like_dicom(path: Path) -> bool:
             head = fh.read(132)
     except OSError:
         return path.suffix.lower() in _DICOM_SUFFIXES
+    if path.name.upper() == "DICOMDIR":  # a media directory, not an instance
+        return False
     return head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom", ".dic")
 
 
@@ -551,7 +554,9 @@ def index_dicom_tree(root: Path | str, *, progress: Any = None) -> DicomIndex:
 
     Files with a DICOM preamble or a DICOM-like suffix that fail to parse, or lack a SOP
     Instance UID, are listed in ``unreadable``; a second file with an already seen SOP
-    Instance UID in ``duplicates``. Other files (CSV, JSON, caches) count as ``skipped``.
+    Instance UID in ``duplicates``; objects without an image (SR, presentation states, key
+    object notes: no Rows / Columns) in ``non_images``. Other files (CSV, JSON, caches,
+    DICOMDIR) count as ``skipped``.
 
     Args:
         progress: optional callable called with 1 per file examined (e.g. ``tqdm.update``).
@@ -580,11 +585,14 @@ def index_dicom_tree(root: Path | str, *, progress: Any = None) -> DicomIndex:
             if image.sop_instance_uid in seen:
                 index.duplicates.append((rel, image.sop_instance_uid))
                 continue
+            if image.rows <= 0 or image.cols <= 0:
+                index.non_images.append((rel, image.modality))
+                continue
             seen[image.sop_instance_uid] = rel
             index.images.append(image)
-    logger.info("Indexed %d DICOM images under %s (%d unreadable, %d duplicate, %d skipped)",
-                len(index.images), root, len(index.unreadable), len(index.duplicates),
-                index.skipped)  # fmt: skip
+    logger.info("Indexed %d DICOM images under %s (%d unreadable, %d duplicate, %d non-image, "
+                "%d skipped)", len(index.images), root, len(index.unreadable),
+                len(index.duplicates), len(index.non_images), index.skipped)  # fmt: skip
     return index
 
 
@@ -632,6 +640,7 @@ class LabelMatch:
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     duplicate_images: list[tuple[str, str]] = field(default_factory=list)
     duplicate_labels: list[str] = field(default_factory=list)
+    non_images: list[tuple[str, str]] = field(default_factory=list)  # notes, not mismatches
     multi_label: bool = True
     key: str = ""
 
@@ -657,9 +666,9 @@ class LabelMatch:
 
     def summary(self) -> dict[str, Any]:
         """Counts only (no identifiers): for run configs and logs."""
-        notes = (
-            {"duplicate label rows": len(self.duplicate_labels)} if self.duplicate_labels else {}
-        )
+        notes = {"duplicate label rows": len(self.duplicate_labels),
+                 "non-image objects": len(self.non_images)}  # fmt: skip
+        notes = {k: v for k, v in notes.items() if v}
         return {"matched": len(self.matched), "key": self.key, **self.problems, **notes}
 
     def report(self, limit: int = _REPORT_LIMIT) -> str:
@@ -676,6 +685,8 @@ class LabelMatch:
             ("duplicate images (same SOP Instance UID)",
              [f"{rel} (sop={uid})" for rel, uid in self.duplicate_images]),
             ("duplicate label rows (identical, used once)", self.duplicate_labels),
+            ("non-image objects (SR, PR, KO, ...; not used)",
+             [f"{rel} ({modality or 'no modality'})" for rel, modality in self.non_images]),
         ]  # fmt: skip
         for title, items in sections:
             if not items:
@@ -729,6 +740,7 @@ def match_labels(
     if isinstance(index, DicomIndex):
         match.unreadable = list(index.unreadable)
         match.duplicate_images = list(index.duplicates)
+        match.non_images = list(index.non_images)
     return match.check(strict) if strict else match
 
 

@@ -229,7 +229,7 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> FitConfig:
 
 def _jsonish(value: Any) -> Any:
     if isinstance(value, Path):
-        return str(value)
+        return str(value.absolute())
     return list(value) if isinstance(value, tuple) else value
 
 

@@ -50,6 +50,18 @@ def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
     return path
 
 
+def _write_sr(path: Path) -> None:
+    """A header-only object without pixels (as an SR or a presentation state is)."""
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.Modality, ds.StudyInstanceUID = "SR", pydicom.uid.generate_uid()
+    ds.save_as(path, enforce_file_format=True)
+
+
 # ------------------------------------------------------------------ classification CSV
 
 
@@ -121,8 +133,11 @@ def test_mismatches_are_reported_not_dropped(tree: Path, tmp_path: Path) -> None
     shutil.copytree(tree, data)
     (data / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
     (data / "notes.txt").write_text("not DICOM")
+    _write_sr(data / "report.dcm")
+    shutil.copy(data / "report.dcm", data / "DICOMDIR")  # stands in for a media directory
     index = index_dicom_tree(data)
-    assert index.skipped >= 1 and [rel for rel, _ in index.unreadable] == ["broken.dcm"]
+    assert index.skipped >= 2 and [rel for rel, _ in index.unreadable] == ["broken.dcm"]
+    assert index.non_images == [("report.dcm", "SR")]
     match = match_labels(index, labels)
     assert len(match.matched) == len(kept)
     assert [im.sop_instance_uid for im in match.images_without_labels] == [
@@ -135,6 +150,7 @@ def test_mismatches_are_reported_not_dropped(tree: Path, tmp_path: Path) -> None
     assert match.problems == {"labels without images": 1, "images without labels": 1,
                               "unreadable files": 1}  # fmt: skip
     assert match.summary()["duplicate label rows"] == 1
+    assert match.summary()["non-image objects"] == 1 and "report.dcm (SR)" in match.report()
     report = match.report()
     for text in ("1.2.3.4.5.6.7.8", rows[0]["sop_instance_uid"], "broken.dcm", "line"):
         assert text in report

@@ -203,6 +203,14 @@ def test_cli_resume_extends_a_finished_run(
     assert "cannot change" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("network", ["densenet121", "resnet18", "resnet50", "efficientnet-b0"])
+def test_every_network_trains_and_bundles(data: Path, tmp_path: Path, network: str) -> None:
+    result = fit(_config(data, tmp_path / network, network=network, network_args={},
+                         epochs=1, max_steps=1, batch_size=4))  # fmt: skip
+    meta = load_bundle(result.bundle_dir).metadata
+    assert meta.network.name == network and result.state.step == 1
+
+
 def test_early_stopping_and_max_steps(data: Path, tmp_path: Path) -> None:
     stopped = fit(_config(data, tmp_path / "early", epochs=6, patience=1, min_delta=1.0))
     assert (
