@@ -32,6 +32,7 @@ first (the first job pays lazy imports and first-call costs) is not counted.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -349,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             "sender_c_store_ms": nagle,
             "studies": [{"variant": s.variant, "phase": s.phase, "send_s": s.send_s,
                          **s.times} for s in studies]}
+        for d in (c.WORK / "latency" / run, c.WORK / "latency" / "inputs" / run):
+            shutil.rmtree(d, ignore_errors=True)  # about 1 GB per run; templates stay
     c.write_results("latency", results, not args.no_json)
     return 0
 

@@ -31,6 +31,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import DicomSettings, TlsSettings
 from dicom_node.ingest import Ingestor, Received, StoreStatus
+from dicom_node.net import set_nodelay
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ def start_scp(settings: DicomSettings, ingestor: Ingestor) -> list[ThreadedAssoc
         (evt.EVT_REJECTED, _log_rejected),
         (evt.EVT_ABORTED, _log_event),
         (evt.EVT_CONN_CLOSE, _release_unused_slot),
+        (evt.EVT_CONN_OPEN, set_nodelay),
     ]
     servers = [ae.start_server((settings.host, settings.port), block=False,
                                evt_handlers=handlers)]

@@ -15,11 +15,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from sqlalchemy import Engine, and_, or_, select, update
 
 from dicom_node import db
 from dicom_node.config import Destination, SenderSettings
+from dicom_node.net import set_nodelay
 from dicom_node.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,8 @@ class Sender:
     def _send_batch(self, dest: Destination, items: list[Delivery]) -> int:
         ae = self._ae(items)
         try:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                                 evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
         except (OSError, RuntimeError, ValueError) as exc:
             for d in items:
                 self._failed(d, f"association failed: {exc}", None)
