@@ -35,6 +35,7 @@ from pydicom.uid import generate_uid
 from torch import nn
 
 from ai.codes import default_code
+from ai.detection import DETECTION_NETWORKS, RetinaNetSpec, build_detector
 from ai.networks import build_network, default_gradcam_layer, find_layer, network_names
 from ai.pixels import DEFAULT_MAX_PIXELS, PreprocessParams
 from ai.types import BundleError, CodedConcept, ModelIdentity
@@ -137,6 +138,9 @@ class BundleMetadata:
 
     @property
     def target_layer(self) -> str:
+        """Grad-CAM layer; empty for detection (the detector's boxes localise)."""
+        if self.task == "detection":
+            return self.gradcam_layer
         return self.gradcam_layer or default_gradcam_layer(self.network.name)
 
     def identity(self) -> ModelIdentity:
@@ -182,20 +186,21 @@ class BundleMetadata:
     def _network_data_format(self) -> dict[str, Any]:
         size = self.input.size
         channel_def = {str(i): label.name for i, label in enumerate(self.labels)}
+        if self.task == "detection":
+            pred = {
+                "type": "object",
+                "format": "boxes (x0, y0, x1, y1) in model pixels, label index, score",
+                "num_channels": len(self.labels),
+                "spatial_shape": [],
+                "dtype": "float32",
+                "value_range": [0, 1],
+                "is_onehot": False,
+                "activation": "sigmoid",
+                "channel_def": channel_def,
+            }
+            return {"inputs": self._image_input(size), "outputs": {"pred": pred}}
         return {
-            "inputs": {
-                "image": {
-                    "type": "image",
-                    "format": "magnitude",
-                    "modality": "XR",
-                    "num_channels": 1,
-                    "spatial_shape": [size, size],
-                    "dtype": "float32",
-                    "value_range": [0, 1],
-                    "is_patch_data": False,
-                    "channel_def": {"0": "image"},
-                }
-            },
+            "inputs": self._image_input(size),
             "outputs": {
                 "pred": {
                     "type": "probabilities",
@@ -209,6 +214,22 @@ class BundleMetadata:
                     "channel_def": channel_def,
                 }
             },
+        }
+
+    @staticmethod
+    def _image_input(size: int) -> dict[str, Any]:
+        return {
+            "image": {
+                "type": "image",
+                "format": "magnitude",
+                "modality": "XR",
+                "num_channels": 1,
+                "spatial_shape": [size, size],
+                "dtype": "float32",
+                "value_range": [0, 1],
+                "is_patch_data": False,
+                "channel_def": {"0": "image"},
+            }
         }
 
     @classmethod
@@ -324,9 +345,19 @@ def _parse_input(doc: Mapping[str, Any]) -> InputSpec:
                      percentile_window=(lo, hi))  # fmt: skip
 
 
-def _parse_network(doc: Mapping[str, Any]) -> NetworkSpec:
+def _parse_network(doc: Mapping[str, Any], task: str = "classification") -> NetworkSpec:
     raw = _dict(doc, "network", "")
     name = _str(raw, "name", "network.")
+    if task == "detection":
+        if name not in DETECTION_NETWORKS:
+            raise BundleError(f'metadata.json: network.name = "{name}" is not one of '
+                              f'{list(DETECTION_NETWORKS)} (task "detection")')  # fmt: skip
+        args = _dict(raw, "args", "network.", {})
+        try:
+            RetinaNetSpec.from_args(args)
+        except BundleError as exc:
+            raise BundleError(f"metadata.json: {exc}") from exc
+        return NetworkSpec(name=name, args=args)
     if name not in network_names():
         raise BundleError(f'metadata.json: network.name = "{name}" is not one of {network_names()}')
     return NetworkSpec(name=name, args=_dict(raw, "args", "network.", {}))
@@ -355,7 +386,10 @@ def _parse_metadata(doc: Any) -> BundleMetadata:
     task = _str(doc, "task")
     if task not in TASKS:
         raise BundleError(f'metadata.json: task = "{task}" must be one of {list(TASKS)}')
-    network = _parse_network(doc)
+    network = _parse_network(doc, task)
+    gradcam = _str(doc, "gradcam_layer", "", "")
+    if task == "classification":
+        gradcam = gradcam or default_gradcam_layer(network.name)
     return BundleMetadata(
         name=_str(doc, "name"),
         version=_str(doc, "version"),
@@ -364,7 +398,7 @@ def _parse_metadata(doc: Any) -> BundleMetadata:
         multi_label=_bool(doc, "multi_label", "", True),
         input=_parse_input(doc),
         network=network,
-        gradcam_layer=_str(doc, "gradcam_layer", "", "") or default_gradcam_layer(network.name),
+        gradcam_layer=gradcam,
         device_uid=_parse_uid(doc),
         manufacturer=_str(doc, "manufacturer", "", "CXR AI node"),
         demo=_bool(doc, "demo", "", False),
@@ -417,10 +451,10 @@ def _atomic_write(path: Path, write: Any) -> None:
 def build_model(metadata: BundleMetadata) -> nn.Module:
     """The bundle's network, freshly initialised (weights come from :func:`load_bundle`)."""
     if metadata.task == "detection":
-        raise BundleError(
-            f'Bundle "{metadata.name}": task "detection" is not supported yet '
-            "(RetinaNet bundles arrive in a later release)"
-        )
+        try:
+            return build_detector(metadata.network.args, num_classes=len(metadata.labels))
+        except BundleError as exc:
+            raise BundleError(f'Bundle "{metadata.name}" (task "detection"): {exc}') from exc
     built = build_network(
         metadata.network.name, metadata.network.args, num_classes=len(metadata.labels)
     )

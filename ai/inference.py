@@ -7,8 +7,14 @@ bundle preprocesses with its own parameters (images are decoded once per distinc
 
 Classification bundles give one finding per label; a positive finding gets a Grad-CAM map
 and a box around the map's largest hot region (>= half its peak), so viewers can show where.
-Detection bundles are refused with a :class:`~ai.types.BundleError` for now; the runner
-table below is where a detection runner goes.
+
+Detection bundles (MONAI RetinaNet, :mod:`ai.detection`) give one finding per detected box:
+the label and its code, the box score as ``probability``, the box mapped back to source
+pixels through the letterbox, and ``positive = score >= the label's threshold``. Boxes
+under the threshold but above the bundle's ``score_thresh`` (at most
+``detections_per_img`` per image) are kept as non-positive findings: the SR lists them as
+candidates with their certainty, GSPS and SC draw only the positive ones, and evaluation
+needs them for AP and FROC. Boxes that fall wholly into the letterbox padding are dropped.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from pydicom.dataset import Dataset
 
 from ai.bundle import LoadedBundle, load_bundle
+from ai.detection import Detections, detect
 from ai.gradcam import GradCAM
 from ai.pixels import DEFAULT_MAX_PIXELS, Letterbox, PreprocessParams, preprocess
 from ai.types import AnalysisError, BundleError, Finding, ImageResult, ModelIdentity, PixelDataError
@@ -151,13 +158,64 @@ class _ClassificationRunner:
         return _ImageOutput(findings, heatmap)
 
 
+class _DetectionRunner:
+    """One RetinaNet bundle on one device: boxes become findings in source pixels."""
+
+    def __init__(self, bundle: LoadedBundle, device: torch.device, batch_size: int) -> None:
+        self.bundle = bundle
+        self.meta = bundle.metadata
+        self.device = device
+        self.batch_size = batch_size
+        self._lock = threading.Lock()  # the detector caches anchors: one batch at a time
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return self.bundle.identity
+
+    def run(self, prepared: Sequence[_Prepared]) -> list[_ImageOutput]:
+        outputs: list[_ImageOutput] = []
+        for start in range(0, len(prepared), self.batch_size):
+            chunk = prepared[start : start + self.batch_size]
+            batch = torch.from_numpy(np.stack([p.tensor for p in chunk])).to(self.device)
+            with self._lock:
+                found = detect(self.bundle.model, batch)  # type: ignore[arg-type]
+            outputs.extend(
+                _ImageOutput(self._findings(dets, item.letterbox), None)
+                for dets, item in zip(found, chunk, strict=True)
+            )
+        return outputs
+
+    def _findings(self, dets: Detections, letterbox: Letterbox) -> list[Finding]:
+        findings: list[Finding] = []
+        for box, score, k in zip(dets.boxes, dets.scores, dets.labels, strict=True):
+            if not 0 <= int(k) < len(self.meta.labels):
+                continue
+            source = letterbox.box_to_source([float(v) for v in box])
+            if source is None:  # all in the padding: not on the image
+                continue
+            label = self.meta.labels[int(k)]
+            findings.append(
+                Finding(
+                    label=label.name,
+                    concept=label.code,
+                    probability=float(score),
+                    threshold=label.threshold,
+                    positive=bool(score >= label.threshold),
+                    model=self.identity,
+                    box=source,
+                )
+            )
+        return findings
+
+
 def _make_runner(
     bundle: LoadedBundle, device: torch.device, gradcam: bool, batch_size: int
-) -> _ClassificationRunner:
+) -> _ClassificationRunner | _DetectionRunner:
     task = bundle.metadata.task
     if task == "classification":
         return _ClassificationRunner(bundle, device, gradcam, batch_size)
-    # "detection" is stopped in ai.bundle.build_model already; this guards future tasks.
+    if task == "detection":
+        return _DetectionRunner(bundle, device, batch_size)
     raise BundleError(f'Bundle "{bundle.metadata.name}": task "{task}" has no runner')
 
 

@@ -398,10 +398,13 @@ def _add_fit(parser: argparse.ArgumentParser) -> None:
     add("--data", type=Path, default=S, help="folder tree of exported DICOM")
     add("--labels", type=Path, default=S,
         help="CSV keyed by sop_instance_uid, path (relative to --data) or study_instance_uid; "
-        "one 0/1 column per label (multi-label) or a `label` column (multi-class)")
+        "one 0/1 column per label (multi-label) or a `label` column (multi-class). "
+        "--task detection: YOLO boxes (folder of .txt or JSON map; empty list = negative "
+        "image) or an NIH box CSV (Image Index, Finding Label, x, y, w, h)")
     add("--out", type=Path, default=S, help="run folder (created; must not hold a run)")
     add("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from last.pt")
-    add("--task", choices=["classification"], default=S, help="what to train (classification)")
+    add("--task", choices=["classification", "detection"], default=S,
+        help="what to train: classification (default) or detection (MONAI RetinaNet)")
     add("--labels-key", choices=["auto", "sop", "path", "study"], default=S,
         help="label CSV key column (default auto: sop, then path, then study)")
     add("--label-names", type=lambda t: tuple(_label_list(t)), default=S, metavar="A,B",
@@ -449,9 +452,90 @@ def _add_fit(parser: argparse.ArgumentParser) -> None:
     add("--name", default=S, help="bundle name (cxr-classifier)")
     add("--version", default=S, help="bundle version (0.1.0)")
     add("--description", default=S, help="bundle description")
+    det = parser.add_argument_group("detection (--task detection)")
+    det.add_argument("--classes", type=Path, default=S,
+                     help="classes.txt naming the YOLO class indexes (default: beside --labels)")
+    det.add_argument("--train-crop", type=_non_negative, default=S, metavar="N",
+                     help="train on N px crops (half over a box), validate on whole images (0)")
+    det.add_argument("--unlabelled-as-negative", action="store_true", default=S,
+                     help="images without a label entry are negative images")
+    det.add_argument("--threshold-method", choices=["f1", "sensitivity"], default=S,
+                     help="operating threshold: max lesion F1 (default) or --target-sensitivity")
+    det.add_argument("--target-sensitivity", type=_probability, default=S,
+                     help="lesion sensitivity the threshold must reach (0.8)")
+
+
+_CLASSIFICATION_ONLY = ("labels_key", "loss", "focal_gamma", "focal_alpha", "sampler")
+_DETECTION_ONLY = ("classes", "train_crop", "unlabelled_as_negative", "threshold_method",
+                   "target_sensitivity")
+
+
+def _run_fit_detection(args: argparse.Namespace) -> int:
+    """``fit --task detection`` (or ``--resume`` of a detection run)."""
+    import torch
+
+    from ai.types import AnalysisError
+    from training.checkpoint import CheckpointError
+    from training.fit_detection import (
+        DetectionFitConfig,
+        DetectionFitError,
+        fit_detection,
+        resume_config,
+    )  # fmt: skip
+    from training.split import SplitError
+
+    wrong = [f"--{k.replace('_', '-')}" for k in _CLASSIFICATION_ONLY if k in vars(args)]
+    if wrong:
+        raise CLIError(f"{', '.join(wrong)} do not apply to --task detection")
+    names = {f for f in DetectionFitConfig.__dataclass_fields__}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    given["progress"] = not args.quiet
+    try:
+        if args.resume is not None:
+            config, resume = resume_config(args.resume, given), True
+        else:
+            missing = [f"--{n}" for n in ("data", "labels", "out") if n not in given]
+            if missing:
+                raise CLIError(f"{', '.join(missing)} required (or --resume RUN_DIR)")
+            config, resume = DetectionFitConfig(**given), False
+        result = fit_detection(config, resume=resume)
+    except (DetectionFitError, SplitError, CheckpointError, AnalysisError, FloatingPointError) as exc:
+        raise CommandFailed(str(exc)) from exc
+    except torch.OutOfMemoryError as exc:
+        raise CommandFailed(f"out of device memory ({exc}); lower --batch-size or --image-size") from exc
+    if result.bundle_dir is None:
+        return EXIT_OK
+    state = result.state
+    print(f"{state.epoch} epoch(s), {state.step} step(s); best epoch {state.best_epoch} "
+          f"({result.monitor} {state.best_metric}){' (stopped early)' if state.stopped_early else ''}")
+    for name, entry in result.metrics["per_label"].items():
+        parts = [f"{name:20s} threshold {entry['threshold']:.3f}"]
+        for split in ("val", "test"):
+            if split in entry:
+                row = entry[split]
+                parts.append(f"{split}: AP50 {_fmt(row['map50'])} AP50-95 {_fmt(row['map50_95'])} "
+                             f"P {_fmt(row['precision'])} R {_fmt(row['recall'])}")
+        print("  ".join(parts))
+    print(f"run: {result.run_dir}  bundle: {result.bundle_dir}")
+    return EXIT_OK
+
+
+def _fit_task(args: argparse.Namespace) -> str:
+    if "task" in vars(args):
+        return str(args.task)
+    if args.resume is not None:
+        from training.fit_detection import saved_task
+
+        return saved_task(args.resume)
+    return "classification"
 
 
 def _run_fit(args: argparse.Namespace) -> int:
+    if _fit_task(args) == "detection":
+        return _run_fit_detection(args)
+    wrong = [f"--{k.replace('_', '-')}" for k in _DETECTION_ONLY if k in vars(args)]
+    if wrong:
+        raise CLIError(f"{', '.join(wrong)} need --task detection")
     import torch
 
     from ai.types import AnalysisError
@@ -505,7 +589,8 @@ COMMANDS: list[Command] = [
     ),
     Command(
         "fit",
-        "train a classifier on exported DICOM + labels; writes a run folder and a bundle",
+        "train a classifier or a detector (--task detection) on exported DICOM + labels; "
+        "writes a run folder and a bundle",
         _add_fit,
         _run_fit,
     ),

@@ -290,10 +290,17 @@ def build_demo_bundle(
     params = DEMO_INPUT.preprocess_params()
     started = time.perf_counter()
     images, targets = render_training_set(plan, seed, params, progress)
+    rendered = time.perf_counter()
     model, train_record = train_model(images, targets, plan, seed, progress)
+    trained = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cxr-demo-val-") as tmp:
         scored = score_dicom(model, Path(tmp), plan, seed + 1, params, progress)
     thresholds, metrics = calibrate(scored, seed)
+    phases = {
+        "render_seconds": round(rendered - started, 1),
+        "validation_seconds": round(time.perf_counter() - trained, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
     metadata = BundleMetadata(
         name=DEMO_NAME,
         version=DEMO_VERSION if not quick else f"{DEMO_VERSION}-quick",
@@ -314,6 +321,7 @@ def build_demo_bundle(
             "quick": quick,
             "plan": asdict(plan),
             **train_record,
+            **phases,
             "total_seconds": round(time.perf_counter() - started, 1),
         },
         validation_metrics={"dicom_phantoms": plan.val_studies, **metrics},

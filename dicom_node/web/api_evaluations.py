@@ -24,8 +24,8 @@ from dicom_node.web.validation import (
     check_uid,
     enum_arg,
     int_arg,
+    job_arg,
     json_body,
-    name_arg,
     page_args,
     query_params,
     reject_unknown,
@@ -83,7 +83,7 @@ def jobs() -> ResponseReturnValue:
 def list_runs() -> ResponseReturnValue:
     p = page_args()
     lo, hi = time_range("started_from", "started_to")
-    job = name_arg("job", 64)
+    job = job_arg()
     kind = enum_arg("kind", eq.RUN_KINDS)
     state = enum_arg("state", eq.RUN_STATES)
     with web_context().engine.connect() as conn:
@@ -120,7 +120,7 @@ def get_run(run_id: int) -> ResponseReturnValue:
 def label_history(label: str) -> ResponseReturnValue:
     check_name(label, "label", 64)
     lo, hi = time_range("started_from", "started_to")
-    job = name_arg("job", 64)
+    job = job_arg()
     model = text_arg("model")
     limit = int_arg("limit", 100, 1, 1000)
     assert limit is not None
@@ -135,7 +135,7 @@ def label_history(label: str) -> ResponseReturnValue:
 def list_alerts() -> ResponseReturnValue:
     p = page_args()
     active = bool_arg("active")
-    job = name_arg("job", 64)
+    job = job_arg()
     label = text_arg("label", 64)
     with web_context().engine.connect() as conn:
         items, total = eq.list_alerts(conn, active=active, job=job, label=label,

@@ -37,6 +37,7 @@ from dicom_node.web.phi import PatientInfo, Redactor, first_instance_paths, read
 from dicom_node.web.validation import (
     check_name,
     enum_arg,
+    job_arg,
     name_arg,
     page_args,
     query_params,
@@ -217,7 +218,7 @@ def evaluation() -> ResponseReturnValue:
     with ctx.engine.connect() as conn:
         jobs = eq.evaluation_jobs(conn, ctx.settings.evaluation.jobs, {})
         names = [j["job_name"] for j in jobs]
-        asked = name_arg("job", 64)
+        asked = job_arg()
         job = asked if asked in names else (names[0] if names else None)
         runs: list[dict[str, Any]] = []
         succeeded: list[dict[str, Any]] = []
@@ -251,7 +252,7 @@ def trigger_run() -> ResponseReturnValue:
 @bp.get("/evaluation/history.png")
 @query_params("job", "label")
 def history_plot() -> ResponseReturnValue:
-    job = name_arg("job", 64)
+    job = job_arg()
     label = name_arg("label", 64)
     if label is None:
         raise ApiError(400, "label: is required", code="invalid_parameter", field="label")

@@ -121,6 +121,19 @@ def check_name(value: Any, name: str, max_len: int = 128) -> str:
     return value
 
 
+_JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as evaluation job names
+
+
+def job_arg(name: str = "job") -> str | None:
+    """An evaluation job name, with the same rule the configuration applies."""
+    raw = arg(name)
+    if raw is None:
+        return None
+    if not _JOB_RE.match(raw):
+        raise bad_request(name, "must be 1-64 letters, digits or '_.-', starting alphanumeric")
+    return raw
+
+
 def uid_arg(name: str) -> str | None:
     raw = arg(name)
     if raw is None:
