@@ -201,7 +201,14 @@ class Settings(_Model):
 
     @property
     def bundle_dirs(self) -> list[Path]:
-        return list(self.models.bundles) or [self.demo_bundle_dir]
+        """The configured bundles, or else the demo bundles present (one sub-folder each)."""
+        if self.models.bundles:
+            return list(self.models.bundles)
+        root = self.demo_bundle_dir
+        if not root.is_dir():
+            return []
+        return sorted(p for p in root.iterdir() if (p / "configs" / "metadata.json").is_file())
+
 
 
 def _first_error(exc: ValidationError) -> str:

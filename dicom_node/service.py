@@ -61,26 +61,31 @@ class LockedAnalyzer:
             return self.inner.analyze(datasets)
 
 
-def ensure_demo_bundle(settings: Settings) -> None:
-    """Build the phantom-trained demo bundle on first run, with visible progress."""
+def ensure_demo_bundle(settings: Settings) -> list[Path]:
+    """Build the phantom-trained demo bundles on first run, with visible progress."""
+    found = settings.bundle_dirs
+    if found:
+        return found
     target = settings.demo_bundle_dir
-    if settings.models.bundles or (target / "configs" / "metadata.json").exists():
-        return
     if not settings.models.build_demo_if_missing:
-        raise NodeError(f"demo bundle missing at {target} and models.build_demo_if_missing "
+        raise NodeError(f"no demo bundle under {target} and models.build_demo_if_missing "
                         "is false; configure models.bundles")
-    logger.warning("no model configured: building the DEMO bundle (phantom-trained, not for "
+    logger.warning("no model configured: building the DEMO bundles (phantom-trained, not for "
                    "clinical use) into %s; this takes a few minutes once", target)
     cmd = [sys.executable, "-m", "training", "demo-bundles", "--out", str(target)]
     if subprocess.run(cmd, check=False).returncode != 0:
-        raise NodeError(f"building the demo bundle failed (command: {' '.join(cmd)})")
+        raise NodeError(f"building the demo bundles failed (command: {' '.join(cmd)})")
+    found = settings.bundle_dirs
+    if not found:
+        raise NodeError(f"`training demo-bundles` wrote no bundle under {target}")
+    return found
 
 
 def load_analyzer(settings: Settings) -> Analyzer:
     from ai.inference import Analyzer as ModelAnalyzer  # heavy import: only when serving
 
-    ensure_demo_bundle(settings)
-    return LockedAnalyzer(ModelAnalyzer(settings.bundle_dirs, device=settings.models.device,
+    bundles = ensure_demo_bundle(settings)
+    return LockedAnalyzer(ModelAnalyzer(bundles, device=settings.models.device,
                                         gradcam=settings.models.gradcam,
                                         max_pixels=settings.models.max_pixels))
 

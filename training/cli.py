@@ -580,6 +580,23 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _add_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder that receives one sub-folder per demo bundle")
+    parser.add_argument("--quick", action="store_true",
+                        help="seconds-long build for tests (quality not required)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from training.demo import run
+
+    if args.seed < 0:
+        raise CLIError(f"--seed must be non-negative, got {args.seed}")
+    return run(args)
+
+
 COMMANDS: list[Command] = [
     Command(
         "synth",
@@ -617,6 +634,12 @@ COMMANDS: list[Command] = [
         "PS3.15 Basic Profile de-identification of a DICOM tree (and its labels)",
         _add_deidentify,
         _run_deidentify,
+    ),
+    Command(
+        "demo-bundles",
+        "train the node's DEMO bundles on phantoms (not for clinical use)",
+        _add_demo,
+        _run_demo,
     ),
 ]
 

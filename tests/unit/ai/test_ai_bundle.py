@@ -98,12 +98,11 @@ def test_missing_code_gets_default(random_bundle: Path, tmp_path: Path) -> None:
     assert read_metadata(bundle).labels[3].code == DEFAULT_CODES["pneumothorax"]
 
 
-def test_detection_is_refused_clearly(random_bundle: Path, tmp_path: Path) -> None:
+def test_detection_task_needs_a_detection_network(random_bundle: Path, tmp_path: Path) -> None:
     bundle = tmp_path / "b"
     shutil.copytree(random_bundle, bundle)
     _edit(bundle, lambda d: d.update(task="detection"))
-    assert read_metadata(bundle).task == "detection"
-    with pytest.raises(BundleError, match='task "detection" is not supported yet'):
+    with pytest.raises(BundleError, match=r'network.name = "densenet" .*task "detection"'):
         load_bundle(bundle)
 
 

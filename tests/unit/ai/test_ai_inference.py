@@ -145,7 +145,7 @@ def test_max_pixels_is_enforced(always_positive: Path) -> None:
         Analyzer([always_positive], device="cpu", max_pixels=1000).analyze([image])
 
 
-def test_detection_bundle_refused(random_bundle: Path, tmp_path: Path) -> None:
+def test_mislabelled_detection_bundle_refused(random_bundle: Path, tmp_path: Path) -> None:
     import json
 
     bundle = tmp_path / "det"
@@ -153,7 +153,7 @@ def test_detection_bundle_refused(random_bundle: Path, tmp_path: Path) -> None:
     doc = json.loads((bundle / METADATA_PATH).read_text())
     doc["task"] = "detection"
     (bundle / METADATA_PATH).write_text(json.dumps(doc))
-    with pytest.raises(BundleError, match="detection"):
+    with pytest.raises(BundleError, match='task "detection"'):
         Analyzer([bundle], device="cpu")
 
 
