@@ -51,7 +51,9 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Estimat
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half))
+    lower = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends, no 0.99999...
+    upper = 1.0 if successes == n else min(1.0, centre + half)
+    return Estimate(p, lower, upper)
 
 
 def _as_binary(y_true: Sequence[int] | np.ndarray) -> np.ndarray:

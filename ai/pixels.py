@@ -257,7 +257,8 @@ def _voi_output_range(view: Dataset) -> tuple[float, float]:
         probe = np.arange(first - 1, first + (entries or 65536) + 1, dtype=np.int64)
     else:
         probe = np.asarray([-1e30, 1e30], dtype=np.float64)
-    out = apply_voi_lut(probe, view).astype(np.float64)
+    with np.errstate(over="ignore"):  # SIGMOID at +-1e30: exp overflows to the limits
+        out = apply_voi_lut(probe, view).astype(np.float64)
     return float(out.min()), float(out.max())
 
 
@@ -288,7 +289,8 @@ def _grey_transform(
         try:
             if view.get("VOILUTSequence") and values.dtype.kind == "f":
                 values = np.rint(values).astype(np.int64)  # a LUT is indexed by integers
-            voi = apply_voi_lut(values, view)
+            with np.errstate(over="ignore"):  # a steep SIGMOID saturates: that is fine
+                voi = apply_voi_lut(values, view)
             lo, hi = _voi_output_range(view)
             if hi > lo:
                 return _scale(voi, lo, hi)

@@ -100,6 +100,7 @@ class ModelSettings(_Model):
     bundles: list[Path] = Field(default_factory=list)  # empty: the demo bundle
     demo_dir: Path | None = None  # default: <data_dir>/models/demo
     build_demo_if_missing: bool = True
+    demo_build: Literal["full", "quick"] = "full"  # quick: seconds, for tests / tiny machines
     device: str = "auto"
     gradcam: bool = True
     max_pixels: int = Field(40_000_000, gt=0)

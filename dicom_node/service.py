@@ -73,6 +73,8 @@ def ensure_demo_bundle(settings: Settings) -> list[Path]:
     logger.warning("no model configured: building the DEMO bundles (phantom-trained, not for "
                    "clinical use) into %s; this takes a few minutes once", target)
     cmd = [sys.executable, "-m", "training", "demo-bundles", "--out", str(target)]
+    if settings.models.demo_build == "quick":
+        cmd.append("--quick")
     if subprocess.run(cmd, check=False).returncode != 0:
         raise NodeError(f"building the demo bundles failed (command: {' '.join(cmd)})")
     found = settings.bundle_dirs

@@ -207,7 +207,13 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import run_evaluation
-    from training.report import CLASSIFICATION_HEADERS, classification_rows, markdown_table
+    from training.report import (
+        CLASSIFICATION_HEADERS,
+        DETECTION_HEADERS,
+        classification_rows,
+        detection_rows,
+        markdown_table,
+    )
 
     try:
         report, files = run_evaluation(
@@ -220,7 +226,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         raise CommandFailed(str(exc)) from exc
     for model in report.models:
         print(f"{model.identity.name} {model.identity.version} ({model.identity.device_uid})")
-        print(markdown_table(CLASSIFICATION_HEADERS, classification_rows(model.labels)))
+        if model.detection is not None:
+            print(markdown_table(DETECTION_HEADERS, detection_rows(model.detection)))
+        if model.labels or model.detection is None:
+            print(markdown_table(CLASSIFICATION_HEADERS, classification_rows(model.labels)))
     print(f"report: {files['report']}  metrics: {files['metrics']}  "
           f"predictions: {files['predictions']}  curves: {len(files['curves'])}")  # fmt: skip
     return EXIT_OK

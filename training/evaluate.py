@@ -12,8 +12,9 @@ Pipeline: :func:`load_labelled_set` (labels matched to the DICOM tree, mismatche
 task through :data:`TASK_EVALUATORS`) -> :mod:`training.report` writes the files.
 
 Detection bundles plug in through :data:`TASK_EVALUATORS`: their evaluator needs the
-box truth (``--boxes``) and ``ai.metrics_detection`` (mAP50, mAP50-95, FROC); until both
-exist the task is refused with a clear message instead of being measured wrongly.
+box truth (``--boxes``, a YOLO JSON map; class names from a ``classes.txt`` beside it, else
+the bundle's labels) and reports per-class Images, Instances, P, R, mAP50, mAP50-95 and
+FROC from :mod:`ai.metrics_detection`; a FROC plot per class goes into ``curves/``.
 
 Nothing identifying leaves this module: reports and logs carry SOP/Study Instance UIDs and
 counts, never patient names, IDs or file paths inside the data tree.
@@ -421,11 +422,8 @@ def _evaluate_detection(
     predictions: Sequence[Prediction],
     context: EvaluationContext,
 ) -> ModelReport:
-    """Per-class Images, Instances, P, R, mAP50, mAP50-95 and FROC from ``ai.metrics_detection``.
-
-    Wired when that module exists (``evaluate_detection(results, truth_boxes, classes)``
-    returning ``{"classes": [...rows...], "froc": {...}}``); refused clearly until then.
-    """
+    """Per-class Images, Instances, P, R, mAP50, mAP50-95 and FROC from ``ai.metrics_detection``
+    (``evaluate_detection`` returns ``{"classes": [...rows...], "froc": {...}, ...}``)."""
     module = _detection_metrics_module()
     if module is None or not hasattr(module, "evaluate_detection"):
         raise EvaluationError(
@@ -435,7 +433,11 @@ def _evaluate_detection(
     if context.boxes is None:
         raise EvaluationError(f'Bundle "{identity.name}": detection needs --boxes (YOLO JSON)')
     results = [(img, res) for img, res in context.results]
-    detection = module.evaluate_detection(results, context.boxes, meta.get("labels", []))
+    try:
+        detection = module.evaluate_detection(results, context.boxes, meta.get("labels", []),
+                                              model=identity, classes=context.box_classes)  # fmt: skip
+    except ValueError as exc:
+        raise EvaluationError(f'Bundle "{identity.name}": --boxes: {exc}') from exc
     return ModelReport(identity, meta, [], detection=detection)
 
 
@@ -455,6 +457,7 @@ class EvaluationContext:
     boxes: Mapping[str, Any] | None = None
     n_boot: int = 2000
     seed: int = 0
+    box_classes: list[str] | None = None  # the box map's class names (classes.txt)
 
 
 TaskEvaluator = Callable[
@@ -503,6 +506,7 @@ def evaluate_predictions(
     boxes: Mapping[str, Any] | None = None,
     n_boot: int = 2000,
     seed: int = 0,
+    box_classes: Sequence[str] | None = None,
 ) -> EvaluationReport:
     """Figures per model and label; ``model_meta`` maps device UID -> :func:`bundle_summary`."""
     if not predictions.results:
@@ -513,6 +517,7 @@ def evaluate_predictions(
         boxes=boxes,
         n_boot=n_boot,
         seed=seed,
+        box_classes=list(box_classes) if box_classes is not None else None,
     )
     identities = list(models or _identities(predictions.predictions))
     reports = []
@@ -619,15 +624,63 @@ def run_evaluation(
     """``training evaluate`` end to end; returns the report and the files written."""
     labelled = load_labelled_set_with_progress(data_dir, labels_csv, progress)
     boxes = _read_boxes(boxes_json) if boxes_json else None
+    box_classes = _box_classes(boxes_json) if boxes_json else None
     found, summaries, models = analyse_labelled_set(
         bundles, labelled, device=device, batch_size=batch_size, all_images=all_images,
         progress=progress,
     )  # fmt: skip
     report = evaluate_predictions(found, labelled, summaries, models=models, boxes=boxes,
-                                  n_boot=n_boot, seed=seed)  # fmt: skip
+                                  n_boot=n_boot, seed=seed, box_classes=box_classes)  # fmt: skip
     from training.report import write_evaluation
 
-    return report, write_evaluation(Path(out_dir), report, curves=curves)
+    files = write_evaluation(Path(out_dir), report, curves=curves)
+    if curves:
+        files["curves"].extend(plot_froc_curves(Path(out_dir), report))
+    return report, files
+
+
+def _box_classes(boxes_json: Path) -> list[str] | None:
+    """Class names of a YOLO map: ``classes.txt`` beside it (None: the bundle's labels)."""
+    path = Path(boxes_json).parent / "classes.txt"
+    if not path.is_file():
+        return None
+    return [n.strip() for n in path.read_text(encoding="utf-8").splitlines() if n.strip()]
+
+
+def plot_froc_curves(out_dir: Path, report: EvaluationReport) -> list[Path]:
+    """One FROC PNG per class of each detection model (sensitivity vs FP per image)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from training.report import slug
+
+    written = []
+    for model in report.models:
+        for name, froc in ((model.detection or {}).get("froc") or {}).items():
+            if not froc.get("curve"):
+                continue
+            fig = Figure(figsize=(4.5, 4.5), dpi=100)
+            FigureCanvasAgg(fig)
+            ax = fig.add_subplot(1, 1, 1)
+            x, y = zip(*froc["curve"], strict=True)
+            ax.step(x, y, where="post", linewidth=1.8)
+            ax.plot(froc["fp_per_image"], froc["sensitivity"], "o", color="crimson", markersize=4)
+            ax.set_xscale("symlog", linthresh=0.125)
+            ax.set_xlim(0, 8.5)
+            ax.set_ylim(-0.01, 1.01)
+            ax.set_xlabel("False positives per image")
+            ax.set_ylabel("Lesion sensitivity (IoU >= 0.5)")
+            ident = model.identity
+            cpm = froc.get("cpm")
+            summary = f"mean sensitivity at 1/8..8 FP/image {cpm:.3f}" if cpm is not None else ""
+            ax.set_title(f"{ident.name} {ident.version}: {name} (FROC)\n{summary}", fontsize=9)
+            ax.grid(True, alpha=0.3)
+            fig.tight_layout()
+            path = out_dir / "curves" / slug(f"{ident.name}-{ident.version}") / f"froc_{slug(name)}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path)
+            written.append(path)
+    return written
 
 
 def load_labelled_set_with_progress(

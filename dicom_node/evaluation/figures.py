@@ -9,15 +9,20 @@ both from :mod:`ai.metrics`.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from ai.metrics import NAN_ESTIMATE, Estimate, auroc_estimate, binary_metrics, roc_curve
+from ai.metrics_detection import ImageBoxes
+from ai.types import Finding, ImageResult
+
+logger = logging.getLogger(__name__)
 
 MAX_ROC_POINTS = 256  # stored per label and run: enough for a plot, small in the database
 
@@ -128,12 +133,67 @@ def study_cases(image_cases: Iterable[tuple[str, Case]]) -> list[Case]:
     return out
 
 
-def detection_figures(*_args: Any, **_kwargs: Any) -> list[LabelFigures]:
-    """Hook for detection bundles: AP50 (``LabelFigures.ap50``) and FROC points
-    (``LabelFigures.froc``) against the reference set's ``boxes.json``.
+TruthBox = tuple[str, float, float, float, float]
+"""A reference box: (label, x0, y0, x1, y1) in source pixels of its image."""
 
-    Not implemented yet: ``ai.inference`` refuses detection bundles today. When a detection
-    runner lands, match predicted boxes to reference boxes at IoU >= 0.5 per image, compute
-    AP50 and the FROC curve (in ``ai.metrics``), and store them in the same rows.
+
+def detection_figures(results: Sequence[ImageResult],
+                      truth: Mapping[str, Sequence[TruthBox]]) -> list[LabelFigures]:
+    """Figures of the detection models in ``results`` against reference boxes.
+
+    ``truth`` maps SOP Instance UID -> reference boxes (an empty list: a negative image);
+    images it does not name are not evaluated. For each (detection model, label) the row
+    holds AP50 (COCO 101-point, IoU >= 0.5) and FROC points (FP per image, lesion
+    sensitivity) at 1/8 .. 8 FP per image from :mod:`ai.metrics_detection`, plus the
+    image-level call (positive if any box is positive; probability = the best box score,
+    0 without a box) with the same sensitivity / specificity / AUROC as classification, so
+    floors and alerts work unchanged. Classification findings are ignored here.
     """
-    raise NotImplementedError("detection evaluation (AP50, FROC) is not implemented yet")
+    from ai.codes import normalise_label
+    from ai.metrics_detection import evaluate_boxes, findings_to_boxes
+
+    evaluated = [r for r in results if r.sop_instance_uid in truth]
+    groups: dict[tuple[str, str, str], list[Finding]] = defaultdict(list)
+    for result in evaluated:
+        for f in result.findings:
+            if f.model.task == "detection":
+                groups[(f.model.name, f.model.version, f.label)].append(f)
+    out = []
+    for (name, version, label), found in sorted(groups.items()):
+        uid, threshold = found[0].model.device_uid, found[0].threshold
+        cases, preds, refs = [], [], []
+        for result in evaluated:
+            mine = [f for f in result.findings if f.model.device_uid == uid and f.label == label]
+            ref = [b[1:] for b in truth[result.sop_instance_uid]
+                   if normalise_label(b[0]) == normalise_label(label)]
+            preds.append(findings_to_boxes(mine, [label]))
+            refs.append(ImageBoxes(np.asarray(ref, dtype=float).reshape(-1, 4),
+                                   np.zeros(len(ref), dtype=np.int64)))
+            cases.append(Case(name, version, label, result.sop_instance_uid, int(bool(ref)),
+                              max((f.probability for f in mine), default=0.0),
+                              any(f.positive for f in mine), threshold))
+        boxes = evaluate_boxes(preds, refs, [label], [threshold]).classes[0]
+        froc = [(float(r), float(v)) for r, v in zip(boxes.froc.rates, boxes.froc.sensitivity,
+                                                     strict=True) if not math.isnan(v)]
+        out.append(replace(label_figures(cases), ap50=None if math.isnan(boxes.ap50)
+                           else boxes.ap50, froc=froc))
+    return out
+
+
+def reference_boxes(doc: Mapping[str, Sequence[str]], images: Sequence[tuple[str, str, int, int]],
+                    classes: Sequence[str]) -> dict[str, list[TruthBox]]:
+    """The ``truth`` of :func:`detection_figures` from a YOLO JSON map (``boxes.json``).
+
+    ``images``: (SOP Instance UID, path relative to the reference folder, rows, columns);
+    ``classes``: the map's class names in index order (``classes.txt``). Images the map does
+    not name are left out (not evaluated); an empty list in the map is a negative image.
+    """
+    from ai.metrics_detection import yolo_truth
+
+    found, notes = yolo_truth(doc, [(path, rows, cols) for _, path, rows, cols in images], classes)
+    if notes:
+        logger.info("reference boxes: %s", notes)
+    return {
+        sop: [(classes[int(k)], *map(float, box)) for box, k in zip(t.boxes, t.labels, strict=True)]
+        for (sop, *_), t in zip(images, found, strict=True) if t is not None
+    }

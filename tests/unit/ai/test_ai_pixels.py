@@ -59,6 +59,14 @@ def test_rescale_then_window_in_rescaled_units() -> None:
     np.testing.assert_allclose(load_display_image(ds), expected, atol=1e-6)
 
 
+def test_sigmoid_voi_function() -> None:
+    ds = grey_dataset(RAMP, bits_stored=12, WindowCenter=2048, WindowWidth=20)
+    ds.VOILUTFunction = "SIGMOID"
+    out = load_display_image(ds)
+    expected = 1.0 / (1.0 + np.exp(np.clip(-4 * (RAMP - 2048.0) / 20, -700, 700)))
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
 def _voi_lut_item(first: int, lut: np.ndarray, bits: int) -> Dataset:
     item = Dataset()
     item.LUTDescriptor = [len(lut), first, bits]
