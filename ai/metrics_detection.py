@@ -314,9 +314,9 @@ def best_f1_threshold(tp: np.ndarray, scores: np.ndarray, n_ref: int) -> tuple[f
     """(threshold, F1) maximising lesion-level F1 over cut-offs between distinct scores.
 
     ``tp``/``scores`` are pooled and sorted as :func:`evaluate_boxes` builds them. The
-    cut-off sits halfway between the chosen score and the next lower one, so the chosen
-    detections keep their calls without the threshold sitting on a score. No detections or
-    no references: (0.5, NaN).
+    cut-off sits halfway between the chosen score and the next lower one (at the score when
+    it is the lowest), so the chosen detections keep their calls. No detections or no
+    references: (0.5, NaN).
     """
     if n_ref == 0 or tp.size == 0:
         return 0.5, math.nan
@@ -341,9 +341,11 @@ def threshold_for_lesion_sensitivity(tp: np.ndarray, scores: np.ndarray, n_ref: 
 
 
 def _between(scores: np.ndarray, ends: np.ndarray, i: int) -> float:
+    """Halfway from score group ``i`` to the next lower score (the score itself if last)."""
     here = float(scores[ends[i]])
-    below = float(scores[ends[i] + 1]) if ends[i] + 1 < scores.size else 0.0
-    return (here + below) / 2 if below < here else here
+    if ends[i] + 1 >= scores.size:
+        return here
+    return (here + float(scores[ends[i] + 1])) / 2
 
 
 def pooled_at_iou50(predictions: Sequence[ImageBoxes], truths: Sequence[ImageBoxes],
