@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
 from conftest import ROOT, free_port, storescu, wait_for_port, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

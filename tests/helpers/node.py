@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from conftest import ROOT, free_port, wait_for_port
 from sqlalchemy import select
 
-from conftest import ROOT, free_port, wait_for_port
 from dicom_node import db
 from dicom_node.config import Settings, load_settings
 from dicom_node.service import Node

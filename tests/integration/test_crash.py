@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import StoreSCP, free_port, require_tool, storescu, wait_for_port, wait_until
+from helpers.node import node_settings, query, spawn_node, studies, write_config
 from sqlalchemy import select
 
-from conftest import StoreSCP, free_port, require_tool, storescu, wait_for_port, wait_until
 from dicom_node import db
-from helpers.node import node_settings, query, spawn_node, studies, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -11,17 +11,19 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from conftest import storescu, wait_until
+from helpers.dicomfiles import make_image, write
+from helpers.node import node_settings, query, start_node, studies
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
-from conftest import storescu, wait_until
 from dicom_node import db
 from dicom_node.ingest import Received, StoreStatus
 from dicom_node.service import load_analyzer
-from helpers.dicomfiles import make_image, write
-from helpers.node import node_settings, query, start_node, studies
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

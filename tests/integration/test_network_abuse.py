@@ -10,15 +10,15 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port, storescu, wait_until
+from helpers.dicomfiles import make_image, write
+from helpers.fakes import FakeAnalyzer
+from helpers.node import node_settings, query, start_node
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from conftest import free_port, storescu, wait_until
 from dicom_node import db
-from helpers.dicomfiles import make_image, write
-from helpers.fakes import FakeAnalyzer
-from helpers.node import node_settings, query, start_node
 
 pytestmark = pytest.mark.integration
 

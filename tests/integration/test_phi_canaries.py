@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import select
-
 from conftest import StoreSCP, free_port, storescu, wait_until
-from dicom_node import db
-from dicom_node.service import load_analyzer
 from helpers.dicomfiles import CT, make_image, write
 from helpers.node import node_settings, query, start_node
+from sqlalchemy import select
+
+from dicom_node import db
+from dicom_node.service import load_analyzer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

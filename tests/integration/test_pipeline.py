@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import StoreSCP, dciodvfy_errors, free_port, storescu, wait_until
+from helpers.node import node_settings, query, start_node, studies
 from sqlalchemy import select
 
-from conftest import StoreSCP, dciodvfy_errors, free_port, storescu, wait_until
 from dicom_node import db
 from dicom_node.service import load_analyzer
-from helpers.node import node_settings, query, start_node, studies
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

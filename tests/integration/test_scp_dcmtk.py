@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import select
-
 from conftest import require_tool, storescu, wait_until
-from dicom_node import db
 from helpers.dicomfiles import make_image, write
 from helpers.fakes import FakeAnalyzer
 from helpers.node import node_settings, query, start_node, studies
+from sqlalchemy import select
+
+from dicom_node import db
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,8 @@ def test_echo_and_store_then_analysed(node, tmp_path: Path) -> None:  # type: ig
     assert sorted(r.sop_instance_uid for r in rows) == sorted(
         str(pydicom.dcmread(f).SOPInstanceUID) for f in files)
     for r, f in zip(sorted(rows, key=lambda r: r.sop_instance_uid),
-                    sorted(files, key=lambda f: str(pydicom.dcmread(f).SOPInstanceUID))):
+                    sorted(files, key=lambda f: str(pydicom.dcmread(f).SOPInstanceUID)),
+                    strict=True):
         got = pydicom.dcmread(node.spool.path(r.path))
         assert got.PixelData == pydicom.dcmread(f).PixelData
     wait_until(lambda: studies(node.settings)[study].state == "done", 30, what="analysis")

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import select
-
 from conftest import StoreSCP, free_port, storescu, wait_until
-from dicom_node import db
-from dicom_node.cli import main as cli_main
 from helpers.dicomfiles import make_image, write
 from helpers.fakes import FakeAnalyzer
 from helpers.node import node_settings, query, start_node
+from sqlalchemy import select
+
+from dicom_node import db
+from dicom_node.cli import main as cli_main
 
 pytestmark = pytest.mark.integration
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from helpers.dicomfiles import make_image
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -14,7 +15,6 @@ from sqlalchemy import select
 from dicom_node import db
 from dicom_node.ingest import Ingestor, Received, StoreStatus
 from dicom_node.spool import Spool
-from helpers.dicomfiles import make_image
 
 
 def _received(ds: pydicom.Dataset, *, sop_uid: str | None = None) -> Received:

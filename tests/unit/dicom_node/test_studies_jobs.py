@@ -7,18 +7,18 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from helpers.dicomfiles import CT, DX, make_image
 from sqlalchemy import select
+from test_ingest import _received
 
 from dicom_node import db
 from dicom_node.config import SelectionSettings, SenderSettings
-from dicom_node.ingest import Ingestor, Received, StoreStatus
+from dicom_node.ingest import Ingestor, StoreStatus
 from dicom_node.jobs import JobQueue
 from dicom_node.selection import rejection_reason
 from dicom_node.sender import backoff_delay
 from dicom_node.spool import Spool
 from dicom_node.studies import StudyAssembler
-from helpers.dicomfiles import CT, DX, make_image
-from test_ingest import _received
 
 
 @pytest.fixture
