@@ -25,6 +25,7 @@ run: setup
 
 test: SYSTEM_DEPS_FLAGS = --test
 test: setup
+	$(BIN)/ruff check ai dicom_node training tests bench scripts
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: setup
