@@ -35,7 +35,15 @@ from ai.bundle import LoadedBundle, load_bundle
 from ai.detection import Detections, detect
 from ai.gradcam import GradCAM
 from ai.pixels import DEFAULT_MAX_PIXELS, Letterbox, PreprocessParams, preprocess
-from ai.types import AnalysisError, BundleError, Finding, ImageResult, ModelIdentity, PixelDataError
+from ai.types import (
+    AnalysisError,
+    BundleError,
+    Finding,
+    ImageResult,
+    ModelIdentity,
+    PixelDataError,
+    ResourceExhaustedError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -245,10 +253,13 @@ class Analyzer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         self.max_pixels = max_pixels
+        self._bundle_dirs = [Path(d) for d in bundle_dirs]
+        self._gradcam, self._batch_size = gradcam, batch_size
         self._runners = [
-            _make_runner(load_bundle(Path(d), device=self.device), self.device, gradcam, batch_size)
-            for d in bundle_dirs
+            _make_runner(load_bundle(d, device=self.device), self.device, gradcam, batch_size)
+            for d in self._bundle_dirs
         ]
+        self._cpu_runners: dict[int, _ClassificationRunner | _DetectionRunner] = {}
         uids = [r.identity.device_uid for r in self._runners]
         if len(set(uids)) != len(uids):
             raise BundleError(f"Two bundles share a device UID: {uids}")
@@ -285,17 +296,51 @@ class Analyzer:
             for ds in datasets
         ]
         cache: dict[PreprocessParams, list[_Prepared]] = {}
-        for runner in self._runners:
+        for index, runner in enumerate(self._runners):
             params = runner.meta.input.preprocess_params(self.max_pixels)
             if params not in cache:
                 cache[params] = self._prepare(datasets, params)
-            for result, output in zip(results, runner.run(cache[params]), strict=True):
+            outputs = self._run_guarded(index, runner, cache[params])
+            for result, output in zip(results, outputs, strict=True):
                 _merge(result, output)
         logger.debug(
             "Analysed %d image(s) with %d bundle(s) in %.0f ms",
             len(results), len(self._runners), 1000 * (time.perf_counter() - started),
         )  # fmt: skip
         return results
+
+
+    def _run_guarded(self, index: int, runner: _ClassificationRunner | _DetectionRunner,
+                     prepared: list[_Prepared]) -> list[_ImageOutput]:
+        """Out of device memory: retry one image at a time, then on the CPU, then give up
+        with a transient error (the node retries the job later and keeps receiving)."""
+        try:
+            return runner.run(prepared)
+        except torch.OutOfMemoryError:
+            _release_device_memory()
+            logger.warning("Out of device memory with %d image(s): one at a time",
+                           len(prepared))
+        try:
+            return [out for p in prepared for out in runner.run([p])]
+        except torch.OutOfMemoryError as exc:
+            _release_device_memory()
+            if self.device.type == "cpu":
+                raise ResourceExhaustedError(f"out of memory on the CPU: {exc}") from exc
+        logger.warning("Out of device memory on %s: this call runs on the CPU", self.device)
+        if index not in self._cpu_runners:
+            cpu = torch.device("cpu")
+            self._cpu_runners[index] = _make_runner(
+                load_bundle(self._bundle_dirs[index], device=cpu), cpu, self._gradcam,
+                self._batch_size)
+        try:
+            return self._cpu_runners[index].run(prepared)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            raise ResourceExhaustedError(f"out of memory on {self.device} and CPU") from exc
+
+
+def _release_device_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _merge(result: ImageResult, output: _ImageOutput) -> None:

@@ -21,6 +21,11 @@ class BundleError(AnalysisError, ValueError):
     """A model bundle is missing, malformed or inconsistent."""
 
 
+class ResourceExhaustedError(AnalysisError, MemoryError):
+    """Not enough (device) memory even after retrying smaller and on the CPU: transient,
+    the caller should retry later rather than give up on the input."""
+
+
 class PixelDataError(AnalysisError, ValueError):
     """An image cannot be turned into model input (undecodable, too large, ...)."""
 

@@ -17,7 +17,13 @@ from typing import Protocol
 import pydicom
 from sqlalchemy import Engine, delete, insert, select, update
 
-from ai.types import AnalysisError, ImageResult, ModelIdentity, PixelDataError
+from ai.types import (
+    AnalysisError,
+    ImageResult,
+    ModelIdentity,
+    PixelDataError,
+    ResourceExhaustedError,
+)
 from dicom_node import db
 from dicom_node.dicomio import read_untrusted
 from dicom_node.jobs import ClaimedJob, JobQueue
@@ -65,6 +71,9 @@ class AnalysisWorker:
         started = time.monotonic()
         try:
             return self._run(job, started)
+        except ResourceExhaustedError as exc:  # out of memory: transient, retried later
+            return JobOutcome(job.id, self.queue.fail(job, f"{type(exc).__name__}: {exc}",
+                                                      permanent=False))
         except (AnalysisError, pydicom.errors.InvalidDicomError) as exc:
             return JobOutcome(job.id, self.queue.fail(job, f"{type(exc).__name__}: {exc}",
                                                       permanent=True))

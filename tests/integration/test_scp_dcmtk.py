@@ -87,3 +87,34 @@ def test_uncompressed_hip_stored_and_ignored(node, realdicom: Path) -> None:  # 
                      and s, 30, what="hip ignored")
     assert "body part HIP" in row.reason
     assert node.fake.calls == []
+
+
+def test_out_of_memory_job_is_retried_while_receiving_continues(tmp_path: Path) -> None:
+    from helpers.fakes import FakeAnalyzer as _Fake
+
+    from ai.types import ResourceExhaustedError
+
+    class FlakyAnalyzer(_Fake):
+        def analyze(self, datasets):  # type: ignore[no-untyped-def, override]
+            if len(self.calls) < 2:
+                self.calls.append(["oom"])
+                raise ResourceExhaustedError("out of memory on cuda:0 and CPU (simulated)")
+            return super().analyze(datasets)
+
+    flaky = FlakyAnalyzer()
+    settings = node_settings(tmp_path / "node", quiet=0.2)
+    node = start_node(settings, lambda s: flaky)
+    try:
+        first = make_image(seed=1)
+        assert storescu(settings.dicom.port, [write(first, tmp_path / "a")]).returncode == 0
+        wait_until(lambda: len(flaky.calls) >= 1, 30, what="first (failing) attempt")
+        second = make_image(seed=2)  # the listener keeps acknowledging meanwhile
+        assert storescu(settings.dicom.port, [write(second, tmp_path / "b")]).returncode == 0
+        wait_until(lambda: all(studies(settings).get(str(d.StudyInstanceUID)) and
+                               studies(settings)[str(d.StudyInstanceUID)].state == "done"
+                               for d in (first, second)), 60, what="both studies analysed")
+        [job1] = [j for j in query(settings, select(db.jobs))
+                  if j.study_uid == str(first.StudyInstanceUID)]
+        assert job1.attempts >= 2 and job1.state == "done"
+    finally:
+        node.stop()
