@@ -34,7 +34,14 @@ from pydicom.dataset import Dataset
 from ai.bundle import LoadedBundle, load_bundle
 from ai.detection import Detections, detect
 from ai.gradcam import GradCAM
-from ai.pixels import DEFAULT_MAX_PIXELS, Letterbox, PreprocessParams, preprocess
+from ai.pixels import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_PERCENTILE_WINDOW,
+    Letterbox,
+    PreprocessParams,
+    load_display_image,
+    preprocess_image,
+)
 from ai.types import (
     AnalysisError,
     BundleError,
@@ -268,14 +275,19 @@ class Analyzer:
     def models(self) -> list[ModelIdentity]:
         return [runner.identity for runner in self._runners]
 
-    def _prepare(self, datasets: Sequence[Dataset], params: PreprocessParams) -> list[_Prepared]:
+    def _prepare(self, datasets: Sequence[Dataset], params: PreprocessParams,
+                 results: list[ImageResult]) -> list[_Prepared]:
         prepared = []
-        for ds in datasets:
+        for ds, result in zip(datasets, results, strict=True):
             try:
-                tensor, letterbox = preprocess(ds, params)
+                image = load_display_image(ds, percentile_window=params.percentile_window,
+                                           max_pixels=params.max_pixels)
+                tensor, letterbox = preprocess_image(image, params)
             except PixelDataError as exc:
                 uid = ds.get("SOPInstanceUID", "unknown")
                 raise PixelDataError(f"SOP Instance {uid}: {exc}") from exc
+            if result.display is None and params.percentile_window == DEFAULT_PERCENTILE_WINDOW:
+                result.display = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
             prepared.append(_Prepared(tensor, letterbox))
         return prepared
 
@@ -299,7 +311,7 @@ class Analyzer:
         for index, runner in enumerate(self._runners):
             params = runner.meta.input.preprocess_params(self.max_pixels)
             if params not in cache:
-                cache[params] = self._prepare(datasets, params)
+                cache[params] = self._prepare(datasets, params, results)
             outputs = self._run_guarded(index, runner, cache[params])
             for result, output in zip(results, outputs, strict=True):
                 _merge(result, output)

@@ -109,6 +109,10 @@ class ImageResult:
     ``heatmap``: float32 array of shape (rows, columns) in [0, 1] at *source* resolution
     (the Grad-CAM of the positive findings, max-combined), or None when no finding is positive
     or no model produced one.
+
+    ``display``: uint8 (rows, columns) grey rendering of the source as the models saw it
+    (modality LUT, VOI, MONOCHROME1 inversion; before letterboxing), so the overlay can be
+    drawn without decoding the image a second time; None when not computed.
     """
 
     sop_instance_uid: str
@@ -117,6 +121,7 @@ class ImageResult:
     findings: list[Finding] = field(default_factory=list)
     heatmap: np.ndarray | None = None
     models: list[ModelIdentity] = field(default_factory=list)
+    display: np.ndarray | None = None
 
     @property
     def positive_findings(self) -> list[Finding]:

@@ -57,9 +57,11 @@ def build_sc(
 
 def overlay_pixels(source: Source, settings: OutputSettings) -> np.ndarray:
     """RGB uint8 (rows, columns, 3): grey display image, heatmap, boxes, labels, banner."""
-    grey = render.render_grey(source.original)
-    rgb = np.repeat(grey[:, :, np.newaxis], 3, axis=2)
     result = source.result
+    grey = result.display  # what the model saw, when the analysis kept it: no second decode
+    if grey is None or grey.shape != (result.rows, result.columns):
+        grey = render.render_grey(source.original)
+    rgb = np.repeat(grey[:, :, np.newaxis], 3, axis=2)
     if result.heatmap is not None:
         render.blend_heatmap(rgb, result.heatmap, settings.heatmap_alpha)
     banner = [DISCLAIMER]
