@@ -334,7 +334,7 @@ def build_demo_bundle(
 # --------------------------------------------------------------------------------------------
 # CLI hook: `training demo-bundles --out DIR [--quick]`
 
-HELP = "train the demo classifier on phantoms and write its bundle under --out"
+HELP = "train the demo classifier and nodule detector on phantoms; bundles under --out"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -353,10 +353,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build ``<out>/cxr-demo-classifier``; prints the bundle path; returns the exit code."""
+    """Build ``<out>/cxr-demo-classifier`` and ``<out>/cxr-demo-detector``; prints their paths."""
+    from training.demo_detector import DETECTOR_NAME, build_demo_detector
+
     if args.seed < 0:
         raise ValueError(f"--seed must be non-negative, got {args.seed}")
-    target = Path(args.out) / DEMO_NAME
-    build_demo_bundle(target, seed=args.seed, progress=not args.no_progress, quick=args.quick)
-    print(target)  # CLI output: where the bundle is
+    out = Path(args.out)
+    for name, build in ((DEMO_NAME, build_demo_bundle), (DETECTOR_NAME, build_demo_detector)):
+        target = out / name
+        build(target, seed=args.seed, progress=not args.no_progress, quick=args.quick)
+        print(target)  # CLI output: where each bundle is
     return 0
