@@ -236,3 +236,25 @@ def test_training_evaluate_writes_detection_table_and_froc(
     (froc,) = out.glob("curves/*/froc_nodule.png")
     assert froc.stat().st_size > 1000
     assert len(model["detection"]["froc"]["nodule"]["sensitivity"]) == 7
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(phantoms: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    root = Path(__file__).resolve().parents[3]
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "training", "-q", "fit",
+           "--task", "detection", "--data", str(phantoms), "--labels", str(phantoms / "boxes.json"),
+           "--out", str(out), "--epochs", "1", "--batch-size", "2",
+           *[a for a in FAST if a not in ("--batch-size", "4")]]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "run_config.json").read_text())
+    assert record["results"]["world_size"] == 2
+    assert load_bundle(out / "bundle").metadata.training["world_size"] == 2
+    assert proc.stdout.count("bundle:") == 1, "only rank 0 reports"
