@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -48,7 +48,6 @@ BACKBONES: dict[str, Any] = {
     "resnet34": monai_resnet.resnet34,
     "resnet50": monai_resnet.resnet50,
 }
-_BACKBONE_KEYS = ("widen_factor", "conv1_t_size", "conv1_t_stride", "no_max_pool")
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,6 @@ class RetinaNetSpec:
     hard_negative_positive_fraction: float = 0.3
     hard_negative_pool: float = 20.0
     hard_negative_min: int = 16
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def levels(self) -> int:
@@ -103,15 +101,13 @@ class RetinaNetSpec:
         return shapes
 
     def to_json(self) -> dict[str, Any]:
-        doc = asdict(self)
-        doc.pop("extra")
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in doc.items()}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any] | None) -> RetinaNetSpec:
         """Validate ``network.args``; unknown keys are an error (a typo must not be ignored)."""
         raw = dict(args or {})
-        names = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        names = set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - names)
         if unknown:
             raise BundleError(
@@ -169,7 +165,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         if isinstance(default, tuple):
             items = list(value) if isinstance(value, list | tuple) else [value]
             kind = type(default[0])
-            if any(isinstance(v, bool) or not isinstance(v, int | float) for v in items):
+            if any(isinstance(v, bool) or not isinstance(v, int | float)
+                   or (kind is int and v != int(v)) for v in items):  # fmt: skip
                 raise TypeError
             return tuple(kind(v) for v in items)
         if isinstance(default, int):
@@ -183,7 +180,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         if not isinstance(value, str):
             raise TypeError
         return value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise BundleError(f'network.args.{key} = "{value}" has the wrong type') from None
 
 

@@ -14,6 +14,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ai.bundle import load_bundle, save_bundle
 
 logger = logging.getLogger(__name__)
@@ -37,8 +39,10 @@ def build_demo_detector(out_dir: Path, *, seed: int = 0, progress: bool = True,
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cxr-demo-det-") as tmp:
         data, run = Path(tmp) / "data", Path(tmp) / "run"
-        synthesize(data, plan["count"], seed + 4, size=plan["size"], prevalence=0.5,
-                   progress=progress)
+        with tqdm(total=plan["count"], desc="demo detector: phantoms", unit="study",
+                  disable=not progress) as bar:
+            synthesize(data, plan["count"], seed + 4, size=plan["size"], prevalence=0.5,
+                       progress=bar.update)
         config = DetectionFitConfig(
             data=data, labels=data / "boxes.json", out=run, label_names=("nodule",),
             network_args=dict(NETWORK), image_size=plan["size"], epochs=plan["epochs"],

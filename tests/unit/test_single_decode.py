@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from helpers.dicomfiles import make_image
 
 import ai.pixels
 from ai.inference import Analyzer
 from dicom_node.outputs import OutputSettings, build_outputs, render_grey
-from helpers.dicomfiles import make_image
 
 
 def test_analysis_and_outputs_decode_each_image_once(tiny_bundle: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

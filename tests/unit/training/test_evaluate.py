@@ -269,23 +269,6 @@ def test_cli_errors_are_one_line(tmp_path: Path, tiny_bundle: Path, phantoms: Pa
     assert code == 1 and 'device "bogus" is not a valid torch device' in err
 
 
-def test_detection_bundle_is_refused_clearly(tmp_path: Path, tiny_bundle: Path) -> None:
-    import shutil
-
-    from training.evaluate import check_task_supported
-
-    det = tmp_path / "det"
-    shutil.copytree(tiny_bundle, det)
-    meta_path = det / "configs" / "metadata.json"
-    doc = json.loads(meta_path.read_text())
-    doc["task"] = "detection"
-    meta_path.write_text(json.dumps(doc))
-    from ai.bundle import read_metadata
-
-    with pytest.raises(EvaluationError, match='task "detection" cannot be evaluated yet'):
-        check_task_supported(read_metadata(det))
-
-
 def test_nothing_analysable_is_an_error() -> None:
     labelled, stub = _stub_set()
 
