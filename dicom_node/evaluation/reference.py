@@ -149,9 +149,12 @@ def analyse_study(analyzer: Analyzer, datasets: Sequence[pydicom.Dataset]
 
 @dataclass
 class ReferenceOutcome:
-    cases: list[Case]
+    cases: list[Case]  # classification findings only (detection: ``detection_figures``)
     results: list[ImageResult]
     summary: dict[str, Any]
+    # the analysed images: (SOP Instance UID, path relative to dicom_dir, rows, columns),
+    # as :func:`~dicom_node.evaluation.figures.reference_boxes` takes them
+    images: list[tuple[str, str, int, int]] = field(default_factory=list)
 
 
 def evaluate_reference(dicom_dir: Path, labels_csv: Path, analyzer: Analyzer,
@@ -162,6 +165,7 @@ def evaluate_reference(dicom_dir: Path, labels_csv: Path, analyzer: Analyzer,
     scan = scan_reference(dicom_dir, labels, rules, stop)
     image_cases: list[tuple[str, Case]] = []
     results: list[ImageResult] = []
+    images: list[tuple[str, str, int, int]] = []
     for study, items in scan.to_analyse.items():
         if stop is not None and stop.is_set():
             raise EvaluationInterrupted("interrupted: the node is stopping")
@@ -174,10 +178,12 @@ def evaluate_reference(dicom_dir: Path, labels_csv: Path, analyzer: Analyzer,
                                       f"{type(exc).__name__}") from exc
         analysed, reasons = analyse_study(analyzer, datasets)
         scan.excluded.update(reasons)
-        for (_, key), result in zip(items, analysed, strict=True):
+        for (path, key), result in zip(items, analysed, strict=True):
             if result is None:
                 continue
             results.append(result)
+            images.append((result.sop_instance_uid, path.relative_to(dicom_dir).as_posix(),
+                           int(result.rows), int(result.columns)))
             image_cases.extend((study, case) for case in _cases(result, key, labels))
     if not results:
         raise EvaluationError(
@@ -200,12 +206,14 @@ def evaluate_reference(dicom_dir: Path, labels_csv: Path, analyzer: Analyzer,
     logger.info("reference set: %d file(s), %d analysed, %d excluded, %d without labels",
                 scan.files, len(results), sum(scan.excluded.values()),
                 scan.images_without_labels)
-    return ReferenceOutcome(cases, results, summary)
+    return ReferenceOutcome(cases, results, summary, images)
 
 
 def _cases(result: ImageResult, key: str, labels: ReferenceLabels) -> list[Case]:
     out = []
     for f in result.findings:
+        if f.model.task == "detection":  # boxes: scored against reference boxes instead
+            continue
         truth = labels.truth(key, f.label)
         if truth is None:  # label not in the reference, or unknown for this image
             continue

@@ -35,7 +35,12 @@ from dicom_node.evaluation.errors import (
     EvaluationInterrupted,
     UnknownJobError,
 )
-from dicom_node.evaluation.figures import LabelFigures, compute_figures
+from dicom_node.evaluation.figures import (
+    LabelFigures,
+    compute_figures,
+    detection_figures,
+    reference_boxes,
+)
 from dicom_node.evaluation.reference import evaluate_reference
 from dicom_node.evaluation.settings import EvaluationJobSettings
 from dicom_node.evaluation.store import AlertInfo, RunDetail, RunInfo, RunStore
@@ -105,6 +110,32 @@ def _models_json(models: Sequence[ModelIdentity], results: Sequence[ImageResult]
     return [{"name": m.name, "version": m.version, "device_uid": m.device_uid, "task": m.task,
              "demo": m.demo, "thresholds": dict(sorted(thresholds[m.device_uid].items()))}
             for m in models]
+
+
+def _read_box_map(boxes_json: Path | None, classes_txt: Path | None
+                  ) -> tuple[dict[str, list[str]], list[str]]:
+    """The YOLO JSON map and its class names; errors name the setting."""
+    import json
+
+    from ai.labels import LabelError, read_classes
+
+    assert boxes_json is not None and classes_txt is not None
+    try:
+        doc = json.loads(boxes_json.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EvaluationError(f"reference.boxes_json {str(boxes_json)!r} cannot be read as "
+                              f"JSON: {exc}") from exc
+    if not isinstance(doc, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in doc.values()):
+        raise EvaluationError(f"reference.boxes_json {str(boxes_json)!r} must be a JSON object "
+                              "relative path -> ['class xc yc w h', ...]")
+    try:
+        classes = read_classes(classes_txt)
+    except LabelError as exc:
+        raise EvaluationError(f"reference.classes_txt: {exc}") from exc
+    if not classes:
+        raise EvaluationError(f"reference.classes_txt {str(classes_txt)!r} names no class")
+    return doc, classes
 
 
 class EvaluationService:
@@ -262,19 +293,39 @@ class EvaluationService:
                     outcome.summary)
         ref = job.reference
         assert ref is not None
-        for path, what in ((ref.dicom_dir, "dicom_dir"), (ref.labels_csv, "labels_csv")):
+        files = [(ref.dicom_dir, "dicom_dir"), (ref.labels_csv, "labels_csv")]
+        if ref.boxes_json is not None and ref.classes_path is not None:
+            files += [(ref.boxes_json, "boxes_json"), (ref.classes_path, "classes_txt")]
+        for path, what in files:
             if not path.exists():
                 raise EvaluationError(f"reference {what} {str(path)!r} does not exist")
         analyzer = self._analyzer_for(job)
         detection = [m.display_name for m in analyzer.models if m.task == "detection"]
-        if detection:
+        if detection and ref.boxes_json is None:
             raise EvaluationError(
-                f"detection bundle(s) {', '.join(detection)}: AP50/FROC evaluation is not "
-                "implemented yet (hook: dicom_node.evaluation.figures.detection_figures)")
+                f"detection bundle(s) {', '.join(detection)} need reference boxes: set "
+                f"reference.boxes_json (YOLO JSON map) in evaluation job {job.name!r}")
+        box_map = _read_box_map(ref.boxes_json, ref.classes_path) if detection else None
         result = evaluate_reference(ref.dicom_dir, ref.labels_csv, analyzer,
                                     self.settings.studies.selection, self.stop_event)
-        return (compute_figures(result.cases), _models_json(analyzer.models, result.results),
-                len(result.results), result.summary)
+        figures = compute_figures(result.cases)
+        summary = result.summary
+        if box_map is not None:
+            doc, classes = box_map
+            try:
+                truth = reference_boxes(doc, result.images, classes)
+            except ValueError as exc:
+                raise EvaluationError(f"reference.boxes_json: {exc}") from exc
+            if not truth:
+                raise EvaluationError(
+                    f"reference.boxes_json {str(ref.boxes_json)!r} names none of the "
+                    f"{len(result.images)} analysed image(s) (keys are paths relative to "
+                    "reference.dicom_dir)")
+            figures += detection_figures(result.results, truth)
+            summary = {**summary, "images_with_box_truth": len(truth),
+                       "reference_boxes": sum(len(b) for b in truth.values())}
+        return (figures, _models_json(analyzer.models, result.results), len(result.results),
+                summary)
 
     # -- models -----------------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ Example::
       jobs:
         - name: nightly-reference
           kind: reference
-          reference: {dicom_dir: /srv/refset, labels_csv: /srv/refset/labels.csv}
+          reference: {dicom_dir: /srv/refset, labels_csv: /srv/refset/labels.csv,
+                      boxes_json: /srv/refset/boxes.json}  # boxes: detection bundles only
           schedule: {cron: "0 2 * * *"}
           floors: {nodule: {sensitivity: 0.8, specificity: 0.7}}
         - name: live-confirmed
@@ -65,10 +66,41 @@ class ScheduleSettings(_Model):
 
 
 class ReferenceSetSettings(_Model):
-    """A folder of DICOM plus a label CSV in the format ``training`` reads."""
+    """A folder of DICOM plus a label CSV in the format ``training`` reads.
+
+    ``boxes_json`` (optional; needed by detection bundles): the reference boxes as the
+    YOLO JSON map ``training`` reads (path relative to ``dicom_dir`` -> ["class xc yc w h",
+    ...], an empty list for a negative image), class names from ``classes_txt`` (default:
+    ``classes.txt`` beside the map). Only images that are also in ``labels_csv`` are
+    analysed; an analysed image the map does not name is left out of the box figures.
+    """
 
     dicom_dir: Path
     labels_csv: Path
+    boxes_json: Path | None = None
+    classes_txt: Path | None = None  # None: classes.txt beside boxes_json
+
+    @field_validator("boxes_json")
+    @classmethod
+    def _boxes(cls, v: Path | None) -> Path | None:
+        if v is not None and v.suffix.lower() != ".json":
+            raise ValueError(f"reference.boxes_json {str(v)!r} must be a YOLO JSON map "
+                             "(.json file: relative path -> ['class xc yc w h', ...])")
+        return v
+
+    @model_validator(mode="after")
+    def _classes(self) -> ReferenceSetSettings:
+        if self.classes_txt is not None and self.boxes_json is None:
+            raise ValueError(f"reference.classes_txt {str(self.classes_txt)!r} is only used "
+                             "with reference.boxes_json")
+        return self
+
+    @property
+    def classes_path(self) -> Path | None:
+        """The class list of ``boxes_json`` (None without boxes)."""
+        if self.boxes_json is None:
+            return None
+        return self.classes_txt or self.boxes_json.parent / "classes.txt"
 
 
 class FloorSettings(_Model):
