@@ -44,6 +44,12 @@ def figures_rows(figures: Sequence[LabelFigures]) -> list[list[str]]:
              _num(f.f1), _ci(f.auroc)] for f in figures]
 
 
+def _detection_line(f: LabelFigures) -> str:
+    """Lesion-level figures of a detection label: AP50 and FROC sensitivities."""
+    points = ", ".join(f"{fp:g}:{sens:.3f}" for fp, sens in (f.froc or []))
+    return f"  {f.label}: AP50 {_num(f.ap50)}; FROC sensitivity at FP/image {points or '-'}"
+
+
 def format_run(detail: RunDetail) -> str:
     """The per-label table of each model, then the exclusions and alerts."""
     run = detail.run
@@ -61,6 +67,7 @@ def format_run(detail: RunDetail) -> str:
         figs = [f for f in detail.figures
                 if (f.model_name, f.model_version) == (model["name"], model["version"])]
         lines += _table(figures_rows(figs), COLUMNS) if figs else ["(no labelled case)"]
+        lines += [_detection_line(f) for f in figs if f.ap50 is not None]
     summary = run.summary or {}
     if summary.get("excluded"):
         lines.append("")

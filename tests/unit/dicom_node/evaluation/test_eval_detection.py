@@ -198,6 +198,10 @@ def test_fixed_boxes_give_the_hand_computed_ap50(engine: Engine, tmp_path: Path,
     assert row.ap50 == pytest.approx(0.5)
     assert json.loads(row.froc) == [[pytest.approx(a), pytest.approx(b)] for a, b in det.froc]
     assert not math.isnan(row.sensitivity)
+    from dicom_node.evaluation.report import format_run
+
+    text = format_run(detail)  # what `dicom-node evaluate --now` prints
+    assert "nodule: AP50 0.500; FROC sensitivity at FP/image 0.125:0.333" in text
     assert detail.run.summary is not None
     assert detail.run.summary["images_with_box_truth"] == 5
     assert detail.run.summary["reference_boxes"] == 3
