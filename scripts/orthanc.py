@@ -43,6 +43,8 @@ from types import TracebackType
 from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 logger = logging.getLogger("orthanc")
 
@@ -199,6 +201,12 @@ class OrthancServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.session = requests.Session()
         self.session.trust_env = False  # never through an HTTP proxy: loopback only
+        # Orthanc closes idle keep-alive connections; a request that reuses one just as it
+        # closes fails with RemoteDisconnected. Retry those (every call here is idempotent:
+        # GETs, lookups, and uploads that answer AlreadyStored the second time).
+        retry = Retry(total=3, connect=3, read=2, backoff_factor=0.2, allowed_methods=None,
+                      status_forcelist=())
+        self.session.mount("http://", HTTPAdapter(max_retries=retry))
 
     @property
     def url(self) -> str:
