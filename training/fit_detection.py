@@ -90,6 +90,8 @@ from training.fit import (  # the classification fit's run-folder conventions, s
     METRICS,
     RESUME_OVERRIDES,
     RUN_CONFIG,
+    FitResult,
+    RunState,
     _code,
     _jsonish,
     _load_record,
@@ -512,29 +514,8 @@ def _loader(dataset: Dataset, sampler: Any, config: DetectionFitConfig, *, drop_
 # The run
 
 
-@dataclass
-class RunState:
-    """Counters that go into every checkpoint."""
-
-    epoch: int = 0
-    step: int = 0
-    best_metric: float | None = None
-    best_epoch: int = 0
-    bad_epochs: int = 0
-    stopped_early: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class DetectionFitResult:
-    """What a finished run produced."""
-
-    run_dir: Path
-    bundle_dir: Path | None
-    state: RunState
-    monitor: str
-    metrics: dict[str, Any]
-    seconds: float
+# One run record for both trainers: the counters every checkpoint holds and the result.
+DetectionFitResult = FitResult
 
 
 @dataclass
