@@ -103,6 +103,7 @@ from training.loop import (
     broadcast_object,
     init_distributed,
     make_optimisation,
+    optimizer_step,
     resolve_device,
     shutdown,
     unwrap,
@@ -706,16 +707,7 @@ def _train_steps(run: _Run, opt: Any, loader: DataLoader, budget: int, bar: Any)
                 losses = model(images, targets)
         cls_loss, box_loss = losses["classification"].float(), losses["box_regression"].float()
         loss = cls_loss + box_loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} (lower the LR?)")
-        opt.optimizer.zero_grad(set_to_none=True)
-        opt.scaler.scale(loss).backward()
-        if opt.clip_grad > 0:
-            opt.scaler.unscale_(opt.optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_grad)
-        opt.scaler.step(opt.optimizer)
-        opt.scaler.update()
-        opt.scheduler.step()
+        optimizer_step(opt, model, loss)
         steps += 1
         state.step += 1
         values = {"loss": float(loss.detach()), "classification": float(cls_loss.detach()),

@@ -214,16 +214,7 @@ def train_steps(
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=opt.amp):
             logits = model(images)
         loss = loss_fn(logits.float(), targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} (lower the LR?)")
-        opt.optimizer.zero_grad(set_to_none=True)
-        opt.scaler.scale(loss).backward()
-        if opt.clip_grad > 0:
-            opt.scaler.unscale_(opt.optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_grad)
-        opt.scaler.step(opt.optimizer)
-        opt.scaler.update()
-        opt.scheduler.step()
+        optimizer_step(opt, model, loss)
         value = float(loss.detach())
         steps, total = steps + 1, total + value
         if on_step is not None:
@@ -360,3 +351,18 @@ def make_loader(
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def optimizer_step(opt: Any, model: torch.nn.Module, loss: torch.Tensor) -> None:
+    """One scaled (AMP) optimiser step with gradient clipping and the LR schedule; shared by
+    the classification and detection trainers. A non-finite loss stops the run."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss became {loss.item()} (lower the LR?)")
+    opt.optimizer.zero_grad(set_to_none=True)
+    opt.scaler.scale(loss).backward()
+    if opt.clip_grad > 0:
+        opt.scaler.unscale_(opt.optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_grad)
+    opt.scaler.step(opt.optimizer)
+    opt.scaler.update()
+    opt.scheduler.step()
