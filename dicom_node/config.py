@@ -59,7 +59,15 @@ class DicomSettings(_Model):
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
-    maximum_pdu_size: int = Field(0, ge=0)
+    # the receive PDU size we announce (PS3.8 9.3.3.3: 0 would mean "unlimited": refused)
+    maximum_pdu_size: int = Field(262144, ge=4096, le=16 * 1024 * 1024)
+    # one calling AE may hold at most this many of max_associations at once
+    max_associations_per_calling_ae: int = Field(8, ge=1, le=1000)
+    # an association is aborted after this long, whatever it does (a trickling peer)
+    association_deadline_s: float = Field(3600.0, gt=0)
+    # ... or when a message in transfer arrives slower than this (bytes/s over the window)
+    min_transfer_rate_bps: int = Field(16384, ge=0)
+    transfer_rate_window_s: float = Field(30.0, gt=0)
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
@@ -70,10 +78,33 @@ class DicomSettings(_Model):
         return [_check_ae(x) for x in v]
 
 
+class RetentionSettings(_Model):
+    """What may be removed from the spool; undelivered or uncommitted results never are."""
+
+    enabled: bool = True
+    max_age_days: float | None = Field(30.0, gt=0)  # None: no age limit
+    # purge oldest finished studies while the spool filesystem is fuller than this
+    max_disk_used_pct: float | None = Field(85.0, gt=0, le=100)
+    interval_s: float = Field(300.0, gt=0)
+
+
 class StorageSettings(_Model):
     data_dir: Path = Path("var")
     max_instance_bytes: int = Field(512 * 1024 * 1024, gt=0)
+    # a Deflated Explicit VR instance may inflate to at most this (a deflate bomb is refused)
+    max_inflated_bytes: int = Field(128 * 1024 * 1024, gt=0)
     min_free_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    # C-STORE answers Out of Resources once the spool filesystem is fuller than the high
+    # watermark, and accepts again once it is below the low one
+    high_watermark_pct: float = Field(95.0, gt=0, le=100)
+    low_watermark_pct: float = Field(90.0, gt=0, le=100)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+
+    @model_validator(mode="after")
+    def _watermarks(self) -> StorageSettings:
+        if self.low_watermark_pct > self.high_watermark_pct:
+            raise ValueError("storage.low_watermark_pct must be <= storage.high_watermark_pct")
+        return self
 
 
 class DatabaseSettings(_Model):
@@ -92,6 +123,9 @@ class SelectionSettings(_Model):
 
 class StudySettings(_Model):
     quiet_period_s: float = Field(10.0, ge=0)
+    # a study whose images keep arriving is analysed this long after its first image with
+    # what has arrived; later images supersede that result
+    max_wait_s: float = Field(600.0, gt=0)
     poll_interval_s: float = Field(1.0, gt=0)
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
 
@@ -116,8 +150,26 @@ class ModelSettings(_Model):
 class WorkerSettings(_Model):
     count: int = Field(1, ge=1, le=64)
     lease_s: float = Field(300.0, gt=0)
+    # a running job renews its lease this often (None: lease_s / 3)
+    heartbeat_s: float | None = Field(None, gt=0)
+    # attempts per job, counted across restarts (a job that kills the process counts too)
     max_attempts: int = Field(3, ge=1)
+    backoff_initial_s: float = Field(5.0, gt=0)
+    backoff_max_s: float = Field(300.0, gt=0)
+    jitter: float = Field(0.2, ge=0, le=1)
     poll_interval_s: float = Field(0.5, gt=0)
+
+    @model_validator(mode="after")
+    def _timers(self) -> WorkerSettings:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("workers.backoff_max_s must be >= workers.backoff_initial_s")
+        if self.heartbeat_s is not None and self.heartbeat_s >= self.lease_s:
+            raise ValueError("workers.heartbeat_s must be shorter than workers.lease_s")
+        return self
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        return self.heartbeat_s or self.lease_s / 3.0
 
 
 class OutputSettingsModel(_Model):
@@ -128,11 +180,25 @@ class OutputSettingsModel(_Model):
     heatmap_alpha: float = Field(0.35, ge=0, le=1)
 
 
+OutputKind = Literal["sr", "sc", "gsps"]
+
+
 class Destination(_Model):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = None
+    # which result objects this destination gets (many PACS refuse SR or GSPS)
+    outputs: list[OutputKind] = Field(default_factory=lambda: ["sr", "sc", "gsps"])
+    # transfer syntaxes offered for the secondary capture, in order of preference
+    # (keywords or UIDs, e.g. [RLELossless, ExplicitVRLittleEndian]); the SC is transcoded
+    # to the one the destination accepts
+    sc_transfer_syntaxes: list[str] = Field(
+        default_factory=lambda: ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian"])
+    # ask for Storage Commitment (N-ACTION) after storing; a delivery is 'committed' once
+    # the destination's N-EVENT-REPORT confirms it, and re-sent when not within the timeout
+    storage_commitment: bool = False
+    commitment_timeout_s: float = Field(600.0, gt=0)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
@@ -166,6 +232,28 @@ class WebSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     token: str | None = None  # None: a random token written to <data_dir>/api-token
+    # production WSGI server (waitress): bounded worker threads and connections
+    threads: int = Field(8, ge=1, le=256)
+    connection_limit: int = Field(100, ge=1, le=10000)
+    channel_timeout_s: float = Field(30.0, gt=0)  # an idle or stalled client is dropped
+    max_request_body_bytes: int = Field(1024 * 1024, gt=0)
+
+
+class SyslogSettings(_Model):
+    """Forward audit events as RFC 5424 messages; events wait in the database while the
+    syslog server is down, so none is dropped."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(514, ge=1, le=65535)
+    protocol: Literal["udp", "tcp"] = "udp"
+    app_name: str = "cxr-ai-node"
+    facility: int = Field(10, ge=0, le=23)  # 10 = security/authorization (authpriv)
+    poll_interval_s: float = Field(2.0, gt=0)
+
+
+class AuditSettings(_Model):
+    syslog: SyslogSettings = Field(default_factory=SyslogSettings)
 
 
 class LoggingSettings(_Model):
@@ -184,6 +272,7 @@ class Settings(_Model):
     sender: SenderSettings = Field(default_factory=SenderSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
 
     @model_validator(mode="after")

@@ -26,6 +26,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ instances = Table(
     Column("analysis_state", String(16), nullable=False, default="pending"),
     Column("reason", Text, nullable=True),
     Column("job_id", Integer, ForeignKey("jobs.id"), nullable=True),
+    # retention: when the spool file was removed (the row stays as the record)
+    Column("purged_at", Float, nullable=True),
     UniqueConstraint("sop_instance_uid", name="uq_instances_sop"),
 )
 Index("ix_instances_study", instances.c.study_uid)
@@ -98,6 +101,11 @@ jobs = Table(
     Column("finished_at", Float, nullable=True),
     Column("error", Text, nullable=True),
     Column("duration_s", Float, nullable=True),
+    # a re-queued job waits for its backoff (None: claimable at once)
+    Column("next_attempt_at", Float, nullable=True),
+    # result version of the study this job produces (1, then 2 when a late image
+    # supersedes the first result, ...)
+    Column("version", Integer, nullable=False, default=1, server_default="1"),
 )
 Index("ix_jobs_state", jobs.c.state, jobs.c.id)
 
@@ -136,6 +144,10 @@ outputs = Table(
     Column("study_uid", UID, nullable=False),
     Column("path", Text, nullable=False),  # relative to the outputs root
     Column("created_at", Float, nullable=False),
+    # a later job's outputs replace these (same series, new instances): when, and by which job
+    Column("superseded_at", Float, nullable=True),
+    Column("superseded_by_job", Integer, nullable=True),
+    Column("purged_at", Float, nullable=True),  # retention removed the file
     UniqueConstraint("sop_instance_uid", name="uq_outputs_sop"),
 )
 
@@ -145,7 +157,8 @@ deliveries = Table(
     Column("id", Integer, primary_key=True),
     Column("output_id", Integer, ForeignKey("outputs.id"), nullable=False),
     Column("destination", String(128), nullable=False),  # AE@HOST:PORT
-    # pending -> sending -> sent | pending (retry) | dead
+    # dicom_node.states.DeliveryState: pending -> sending -> sent | committed |
+    # not_accepted | retrying | dead
     Column("state", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
     Column("next_attempt_at", Float, nullable=False),
@@ -154,9 +167,45 @@ deliveries = Table(
     Column("last_status", Integer, nullable=True),
     Column("created_at", Float, nullable=False),
     Column("sent_at", Float, nullable=True),
+    Column("transfer_syntax", UID, nullable=True),  # as sent (after any transcoding)
+    # storage commitment: the request's Transaction UID, when asked, when confirmed
+    Column("commit_transaction_uid", UID, nullable=True),
+    Column("commit_requested_at", Float, nullable=True),
+    Column("committed_at", Float, nullable=True),
     UniqueConstraint("output_id", "destination", name="uq_deliveries_output_dest"),
 )
 Index("ix_deliveries_state", deliveries.c.state, deliveries.c.next_attempt_at)
+
+
+# Security-relevant and data events (IHE ATNA in spirit): who, from where, what, outcome.
+# Never patient identifiers: UIDs, internal ids, AE titles and addresses only.
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("at", Float, nullable=False),  # UNIX seconds
+    # association_accepted | association_rejected | instance_received | instance_quarantined
+    # | delivered | committed | not_accepted | dead_lettered | login_failed | config_loaded
+    # | resubmitted | retention_purged | ...
+    Column("kind", String(32), nullable=False),
+    Column("outcome", String(16), nullable=False),  # success | failure | warning
+    Column("actor", String(64), nullable=True),  # calling AE, destination, "api", "node"
+    Column("peer", String(64), nullable=True),  # network address[:port]
+    Column("subject", String(128), nullable=True),  # a UID or internal id
+    Column("detail", Text, nullable=True),  # free text without PHI
+)
+Index("ix_audit_events_at", audit_events.c.at)
+Index("ix_audit_events_kind", audit_events.c.kind, audit_events.c.id)
+
+# Forwarding cursors (e.g. syslog): the last audit event id each forwarder delivered, so an
+# unreachable syslog loses nothing: forwarding resumes from here.
+audit_cursors = Table(
+    "audit_cursors",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("last_id", Integer, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -183,7 +232,38 @@ def make_engine(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     metadata.create_all(engine)
+    add_missing_columns(engine)
     return engine
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Bring a database made by an earlier version up to the current tables.
+
+    ``create_all`` creates missing tables but never alters existing ones; columns added
+    since (all nullable or with a server default) are added here. Returns ``table.column``
+    for each column added.
+    """
+    added = []
+    with engine.begin() as conn:
+        inspector = inspect(conn)
+        existing_tables = set(inspector.get_table_names())
+        for table in metadata.sorted_tables:
+            if table.name not in existing_tables:
+                continue
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in have:
+                    continue
+                ddl = column.type.compile(dialect=engine.dialect)
+                default = (f" DEFAULT {column.server_default.arg}"
+                           if column.server_default is not None else "")
+                nullable = "" if column.nullable or default else " NOT NULL"
+                conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" '
+                                     f"{ddl}{default}{nullable}")
+                added.append(f"{table.name}.{column.name}")
+    if added:
+        logger.info("database upgraded: added column(s) %s", ", ".join(added))
+    return added
 
 
 def is_sqlite(engine: Engine) -> bool:
