@@ -1,6 +1,15 @@
-"""Ingest of one received instance: dedupe, durable write, DB row, then a status.
+"""Ingest of one received instance: admission, bounded header read, dedupe, durable move,
+DB row (with its audit event), then a status.
 
-Called from the C-STORE handler; never decodes pixel data and never runs inference.
+Called from the C-STORE handler; never decodes pixel data and never runs inference. The
+data set arrives as a Part 10 file under the spool's ``tmp/`` (pynetdicom streams it there
+as its fragments arrive, see :mod:`dicom_node.transport`), so accepting it is an fsync and
+a rename; in-memory data sets (tools, tests) are written there first.
+
+Statuses: Out of Resources (0xA700) for what may succeed later (spool above its watermark
+or below its free-space floor, an instance over ``storage.max_instance_bytes``); failures
+for what never will (unreadable header, invalid UIDs: 0xC000; a deflate bomb: 0xC100).
+
 Duplicate policy (documented in README):
 
 * same SOP Instance UID, identical bytes: acknowledged, nothing stored again, no new analysis;
@@ -12,22 +21,25 @@ Duplicate policy (documented in README):
 from __future__ import annotations
 
 import enum
-import hashlib
 import io
 import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pydicom
 from pydicom.filewriter import write_file_meta_info
-from sqlalchemy import Engine, insert, select, update
+from pydicom.uid import UID
+from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from dicom_node import db
-from dicom_node.dicomio import quiet, read_untrusted
-from dicom_node.errors import InvalidInstanceError, SpoolError, SpoolFullError
-from dicom_node.spool import Spool, StoredFile
+from dicom_node.audit import AuditKind, Outcome, record, record_now
+from dicom_node.dicomio import HEADER_PREFIX_BYTES, parse_header, quiet, read_file_meta
+from dicom_node.errors import InvalidInstanceError, SpoolError
+from dicom_node.inflate import InflateLimitError, inflate_bounded
+from dicom_node.spool import Spool, StoredFile, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +53,10 @@ class StoreStatus(enum.IntEnum):
     OUT_OF_RESOURCES = 0xA700
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     CANNOT_UNDERSTAND = 0xC000
+    # a Deflated data set that inflates beyond storage.max_inflated_bytes. A failure in the
+    # "Cannot understand" range, not Out of Resources: a PACS retries 0xA700 for ever, and
+    # the same bytes inflate the same way on every retry
+    INFLATED_TOO_LARGE = 0xC100
     PROCESSING_FAILURE = 0x0110
 
 
@@ -51,7 +67,7 @@ def valid_uid(value: object) -> bool:
 
 @dataclass(frozen=True)
 class Received:
-    """One C-STORE request as the network layer hands it over (no decoding done)."""
+    """One C-STORE with its data set in memory (tools and tests; no decoding done)."""
 
     sop_class_uid: str
     sop_instance_uid: str
@@ -59,6 +75,22 @@ class Received:
     file_meta: pydicom.dataset.FileMetaDataset
     dataset_bytes: bytes
     calling_ae: str
+    peer: str | None = None  # address:port, for the audit trail
+
+
+@dataclass(frozen=True)
+class ReceivedFile:
+    """One C-STORE whose data set is a Part 10 file under the spool's ``tmp/``.
+
+    The ingestor takes the file over: it ends in the spool, in the quarantine or removed.
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    path: Path
+    calling_ae: str
+    peer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,21 +108,40 @@ def encode_part10(rec: Received) -> list[bytes]:
     return [meta.getvalue(), rec.dataset_bytes]
 
 
-def read_header(path: str) -> Header:
-    """Read the few header values the node needs; raise InvalidInstanceError if unusable."""
+def _transfer_syntax(meta: pydicom.dataset.FileMetaDataset) -> UID:
+    ts = UID(str(meta.get("TransferSyntaxUID", "")))
     try:
-        with quiet():
-            ds = read_untrusted(path, stop_before_pixels=True)
-            study = ds.get("StudyInstanceUID")
-            series = ds.get("SeriesInstanceUID")
-            modality = ds.get("Modality")
-            sop = ds.get("SOPInstanceUID")
-            meta_sop = ds.file_meta.get("MediaStorageSOPInstanceUID", sop)
-    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any parser error is a reason
-        raise InvalidInstanceError(f"header unreadable: {type(exc).__name__}") from exc
+        ts.is_implicit_VR, ts.is_deflated  # noqa: B018 - raise for a UID that is no syntax
+    except ValueError as exc:
+        raise InvalidInstanceError("file meta names no known transfer syntax") from exc
+    return ts
+
+
+def read_header(path: Path, sop_instance_uid: str, *, max_inflated_bytes: int) -> Header:
+    """Read the few header values the node files an instance under, in bounded memory.
+
+    Only a prefix of the data set is read; a Deflated one is inflated as a stream, counted
+    and cut to that prefix (InflateLimitError above ``max_inflated_bytes``). Raises
+    InvalidInstanceError when the header is unusable.
+    """
+    meta, offset = read_file_meta(path)
+    ts = _transfer_syntax(meta)
+    with open(path, "rb") as fp:
+        fp.seek(offset)
+        if ts.is_deflated:
+            inflated = inflate_bounded(fp, limit=max_inflated_bytes, keep=HEADER_PREFIX_BYTES)
+            prefix, complete = inflated.prefix, inflated.complete
+        else:
+            prefix = fp.read(HEADER_PREFIX_BYTES + 1)
+            complete = len(prefix) <= HEADER_PREFIX_BYTES
+    ds = parse_header(prefix[:HEADER_PREFIX_BYTES], implicit_vr=ts.is_implicit_VR,
+                      little_endian=ts.is_little_endian, complete=complete)
+    with quiet():
+        study, series = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
+        modality, sop = ds.get("Modality"), ds.get("SOPInstanceUID")
     if not valid_uid(study):
         raise InvalidInstanceError("StudyInstanceUID missing or invalid")
-    if sop is not None and str(sop) != str(meta_sop):
+    if sop is not None and str(sop) != sop_instance_uid:
         raise InvalidInstanceError("SOPInstanceUID differs from the C-STORE request")
     return Header(str(study), str(series) if valid_uid(series) else None,
                   str(modality)[:16] if modality else None)
@@ -99,56 +150,86 @@ def read_header(path: str) -> Header:
 class Ingestor:
     """Turns received C-STOREs into spool files and DB rows, returning the status to send."""
 
-    def __init__(self, engine: Engine, spool: Spool, *, max_instance_bytes: int) -> None:
+    def __init__(self, engine: Engine, spool: Spool, *, max_instance_bytes: int,
+                 max_inflated_bytes: int = 128 * 1024 * 1024) -> None:
         self.engine = engine
         self.spool = spool
         self.max_instance_bytes = max_instance_bytes
+        self.max_inflated_bytes = max_inflated_bytes
         self._locks = [threading.Lock() for _ in range(64)]
 
     def ingest(self, rec: Received) -> StoreStatus:
-        size = len(rec.dataset_bytes)
-        if size > self.max_instance_bytes:
-            logger.warning("instance %s refused: %d B over the limit", rec.sop_instance_uid, size)
-            return StoreStatus.OUT_OF_RESOURCES
-        if not valid_uid(rec.sop_instance_uid) or not valid_uid(rec.sop_class_uid):
-            # raw body only: a file meta would have to repeat the invalid UID
-            return self._quarantine(rec, "invalid SOP Instance or Class UID",
-                                    StoreStatus.CANNOT_UNDERSTAND, [rec.dataset_bytes])
-        lock = self._locks[hash(rec.sop_instance_uid) % len(self._locks)]
+        """An in-memory data set: written under ``tmp/``, then ingested as a file."""
+        refusal = self._refusal(len(rec.dataset_bytes))
+        if refusal is not None:
+            return self._refuse(rec, *refusal)
+        uids_ok = valid_uid(rec.sop_instance_uid) and valid_uid(rec.sop_class_uid)
+        # a file meta would have to repeat an invalid UID: keep the raw body only
+        chunks = encode_part10(rec) if uids_ok else [rec.dataset_bytes]
         try:
-            with lock:
-                return self._ingest_locked(rec)
-        except SpoolFullError as exc:
-            logger.error("spool full, refusing %s: %s", rec.sop_instance_uid, exc)
-            return StoreStatus.OUT_OF_RESOURCES
+            path = self.spool.write_tmp(chunks)
         except SpoolError as exc:
-            logger.error("spool error for %s: %s", rec.sop_instance_uid, exc)
-            return StoreStatus.OUT_OF_RESOURCES
+            return self._refuse(rec, StoreStatus.OUT_OF_RESOURCES, str(exc))
+        return self.ingest_file(ReceivedFile(rec.sop_class_uid, rec.sop_instance_uid,
+                                             rec.transfer_syntax, path, rec.calling_ae,
+                                             rec.peer))
 
-    def _ingest_locked(self, rec: Received) -> StoreStatus:
-        chunks = encode_part10(rec)
+    def ingest_file(self, rec: ReceivedFile) -> StoreStatus:
+        """Ingest a received Part 10 file under ``tmp/``; it never stays there."""
+        try:
+            return self._ingest_file(rec)
+        except SpoolError as exc:  # full, or the filesystem failed: the sender may retry
+            return self._refuse(rec, StoreStatus.OUT_OF_RESOURCES, str(exc))
+        finally:
+            rec.path.unlink(missing_ok=True)  # gone already when stored or quarantined
+
+    def _refusal(self, size: int) -> tuple[StoreStatus, str] | None:
+        if size > self.max_instance_bytes:
+            return (StoreStatus.OUT_OF_RESOURCES,
+                    f"{size} B is over storage.max_instance_bytes ({self.max_instance_bytes} B)")
+        if self.spool.refusing():
+            return (StoreStatus.OUT_OF_RESOURCES, "spool filesystem above "
+                    f"storage.high_watermark_pct ({self.spool.watermarks.high_pct} %), "
+                    f"not yet below storage.low_watermark_pct "
+                    f"({self.spool.watermarks.low_pct} %)")
+        return None
+
+    def _ingest_file(self, rec: ReceivedFile) -> StoreStatus:
+        refusal = self._refusal(rec.path.stat().st_size)
+        if refusal is not None:
+            return self._refuse(rec, *refusal)
+        if not valid_uid(rec.sop_instance_uid) or not valid_uid(rec.sop_class_uid):
+            return self._quarantine(rec, "invalid SOP Instance or Class UID",
+                                    StoreStatus.CANNOT_UNDERSTAND)
+        try:
+            header = read_header(rec.path, rec.sop_instance_uid,
+                                 max_inflated_bytes=self.max_inflated_bytes)
+        except InflateLimitError as exc:
+            return self._quarantine(rec, f"{exc} (storage.max_inflated_bytes)",
+                                    StoreStatus.INFLATED_TOO_LARGE)
+        except InvalidInstanceError as exc:
+            return self._quarantine(rec, str(exc), StoreStatus.CANNOT_UNDERSTAND)
+        with self._locks[hash(rec.sop_instance_uid) % len(self._locks)]:
+            return self._store_locked(rec, header)
+
+    def _store_locked(self, rec: ReceivedFile, header: Header) -> StoreStatus:
+        digest = file_sha256(rec.path)
         with self.engine.connect() as conn:
             existing = conn.execute(
                 select(db.instances.c.sha256).where(
                     db.instances.c.sop_instance_uid == rec.sop_instance_uid)
             ).first()
         if existing is not None:
-            digest = hashlib.sha256(b"".join(chunks)).hexdigest()
             if digest == existing.sha256:
                 logger.info("duplicate %s with identical bytes: acknowledged", rec.sop_instance_uid)
                 return StoreStatus.SUCCESS
             return self._quarantine(rec, "conflicting duplicate: same SOP Instance UID, "
-                                    "different bytes", StoreStatus.SUCCESS, chunks)
-        stored = self.spool.store(rec.sop_instance_uid, chunks, sum(map(len, chunks)))
-        try:
-            header = read_header(str(self.spool.path(stored.relpath)))
-        except InvalidInstanceError as exc:
-            self.spool.path(stored.relpath).unlink(missing_ok=True)
-            return self._quarantine(rec, str(exc), StoreStatus.CANNOT_UNDERSTAND, chunks)
+                                    "different bytes", StoreStatus.SUCCESS)
+        stored = self.spool.adopt(rec.path, rec.sop_instance_uid, digest)
         self._commit(rec, stored, header)
         return StoreStatus.SUCCESS
 
-    def _commit(self, rec: Received, stored: StoredFile, header: Header) -> None:
+    def _commit(self, rec: ReceivedFile, stored: StoredFile, header: Header) -> None:
         now = time.time()
         with self.engine.begin() as conn:
             try:
@@ -161,27 +242,42 @@ class Ingestor:
             except IntegrityError as exc:  # only possible with several node processes
                 raise SpoolError("concurrent insert of the same SOP Instance UID") from exc
             touch_study(conn, header.study_uid, now)
+            record(conn, AuditKind.INSTANCE_RECEIVED, actor=rec.calling_ae, peer=rec.peer,
+                   subject=rec.sop_instance_uid, at=now,
+                   detail=f"study {header.study_uid}, {stored.size} B")
         logger.info("stored %s in study %s (%d B)", rec.sop_instance_uid, header.study_uid,
                     stored.size)
 
-    def _quarantine(self, rec: Received, reason: str, status: StoreStatus,
-                    chunks: list[bytes] | None = None) -> StoreStatus:
-        chunks = chunks if chunks is not None else encode_part10(rec)
+    def _quarantine(self, rec: ReceivedFile, reason: str, status: StoreStatus) -> StoreStatus:
         try:
-            stored = self.spool.quarantine(chunks, sum(map(len, chunks)))
+            stored = self.spool.quarantine_file(rec.path)
         except SpoolError as exc:
             logger.error("cannot quarantine input: %s", exc)
-            return StoreStatus.OUT_OF_RESOURCES
+            return self._refuse(rec, StoreStatus.OUT_OF_RESOURCES, f"quarantine failed: {exc}")
+        now = time.time()
         with self.engine.begin() as conn:
             conn.execute(insert(db.quarantine).values(
                 sop_instance_uid=rec.sop_instance_uid[:200], path=stored.relpath,
                 size=stored.size, sha256=stored.sha256, calling_ae=rec.calling_ae,
-                received_at=time.time(), reason=reason))
+                received_at=now, reason=reason))
+            record(conn, AuditKind.INSTANCE_QUARANTINED,
+                   Outcome.SUCCESS if status == StoreStatus.SUCCESS else Outcome.FAILURE,
+                   actor=rec.calling_ae, peer=rec.peer, subject=rec.sop_instance_uid, at=now,
+                   detail=f"status 0x{status:04X}: {reason}; kept as {stored.relpath}")
         logger.warning("quarantined input (%s): %s", stored.relpath, reason)
         return status
 
+    def _refuse(self, rec: Received | ReceivedFile, status: StoreStatus,
+                reason: str) -> StoreStatus:
+        logger.warning("instance %s refused with 0x%04X: %s", rec.sop_instance_uid, status,
+                       reason)
+        record_now(self.engine, AuditKind.INSTANCE_REFUSED, Outcome.FAILURE,
+                   actor=rec.calling_ae, peer=rec.peer, subject=rec.sop_instance_uid,
+                   detail=f"status 0x{status:04X}: {reason}")
+        return status
 
-def touch_study(conn, study_uid: str, now: float) -> None:  # type: ignore[no-untyped-def]
+
+def touch_study(conn: Connection, study_uid: str, now: float) -> None:
     """Mark a study as receiving (again) so the assembler waits for its quiet period."""
     res = conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid).values(
         state="receiving", reason=None, last_received_at=now, updated_at=now))

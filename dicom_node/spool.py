@@ -2,13 +2,20 @@
 
 Layout under ``<data_dir>/spool``::
 
-    tmp/                  partial writes (removed at start-up)
+    tmp/                  partial writes and C-STORE data sets in transfer (pynetdicom
+                          streams each received data set here, so adopting it is a rename
+                          on the same filesystem); removed at start-up
     instances/ab/<h>.dcm  accepted instances; <h> = sha256 of the SOP Instance UID
     quarantine/<h>.dcm    unusable or conflicting input, kept with a reason in the DB
     results/ab/<h>.dcm    result objects (SR, SC, GSPS) waiting for or after delivery
 
 File names never come from DICOM values: they are hashes, so a UID such as ``../x``
 cannot escape the spool.
+
+Watermarks: once the spool filesystem is fuller than the high watermark the spool stops
+accepting instances (C-STORE answers Out of Resources) and accepts again only below the low
+watermark, so a disk hovering at the limit does not flap between refusing and accepting.
+The disk-usage source is injectable (tests fake a full disk).
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from dicom_node.errors import SpoolError, SpoolFullError
 
@@ -35,6 +44,58 @@ class StoredFile:
     sha256: str
 
 
+class DiskUsage(NamedTuple):
+    """What ``shutil.disk_usage`` returns (bytes)."""
+
+    total: int
+    used: int
+    free: int
+
+    @property
+    def used_pct(self) -> float:
+        return 100.0 * self.used / self.total if self.total else 100.0
+
+
+DiskUsageSource = Callable[[Path], DiskUsage]
+
+
+def _disk_usage(path: Path) -> DiskUsage:
+    return DiskUsage(*shutil.disk_usage(path))
+
+
+class Watermarks:
+    """Refuse above ``high_pct`` used, accept again only below ``low_pct`` (hysteresis)."""
+
+    def __init__(self, high_pct: float = 100.0, low_pct: float = 100.0) -> None:
+        if low_pct > high_pct:
+            raise ValueError(f"low watermark {low_pct} % is above the high one {high_pct} %")
+        self.high_pct = high_pct
+        self.low_pct = low_pct
+        self.refusing = False
+        self._lock = threading.Lock()
+
+    def update(self, used_pct: float) -> bool:
+        """Feed the current usage; returns True while instances must be refused."""
+        with self._lock:
+            if not self.refusing and used_pct > self.high_pct:
+                self.refusing = True
+                logger.warning("spool %.1f %% used, above the high watermark %.1f %%: "
+                               "refusing instances (Out of Resources)", used_pct, self.high_pct)
+            elif self.refusing and used_pct < self.low_pct:
+                self.refusing = False
+                logger.warning("spool %.1f %% used, below the low watermark %.1f %%: "
+                               "accepting instances again", used_pct, self.low_pct)
+            return self.refusing
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -46,11 +107,27 @@ def _fsync_dir(path: Path) -> None:
 class Spool:
     """Durable file store for received instances and quarantined input."""
 
-    def __init__(self, root: Path, *, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: Path, *, min_free_bytes: int = 0,
+                 watermarks: Watermarks | None = None,
+                 disk_usage: DiskUsageSource = _disk_usage) -> None:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
+        self.watermarks = watermarks or Watermarks()
+        self.disk_usage = disk_usage
         for sub in ("tmp", "instances", "quarantine", "results"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def tmp_dir(self) -> Path:
+        """Where data sets in transfer are written: the spool's filesystem, cleaned at start."""
+        return self.root / "tmp"
+
+    def usage(self) -> DiskUsage:
+        return self.disk_usage(self.root)
+
+    def refusing(self) -> bool:
+        """True while the spool filesystem is above its watermarks (see :class:`Watermarks`)."""
+        return self.watermarks.update(self.usage().used_pct)
 
     def clean_tmp(self) -> int:
         """Remove partial writes left by a crash; returns how many were removed."""
@@ -63,7 +140,7 @@ class Spool:
         return n
 
     def free_bytes(self) -> int:
-        return shutil.disk_usage(self.root).free
+        return self.usage().free
 
     @staticmethod
     def name_for(sop_instance_uid: str) -> str:
@@ -86,10 +163,54 @@ class Spool:
             _fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpoolFullError(f"spool is full while writing {final.name}") from exc
-            raise SpoolError(f"cannot write {final.name}: {exc.strerror}") from exc
+            raise self._error(exc, final.name) from exc
         return StoredFile(str(final.relative_to(self.root)), size, digest.hexdigest())
+
+    def write_tmp(self, chunks: Iterable[bytes]) -> Path:
+        """Write bytes to a new file under ``tmp/`` (not yet durable: see :meth:`adopt`)."""
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        try:
+            with open(tmp, "wb") as fh:
+                for chunk in chunks:
+                    fh.write(chunk)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._error(exc, tmp.name) from exc
+        return tmp
+
+    def adopt(self, tmp: Path, sop_instance_uid: str, sha256: str) -> StoredFile:
+        """Make a received file under ``tmp/`` a durable instance: fsync, rename, fsync dir."""
+        name = self.name_for(sop_instance_uid)
+        return self._move(tmp, self.root / "instances" / name[:2] / f"{name}.dcm", sha256)
+
+    def quarantine_file(self, tmp: Path) -> StoredFile:
+        """Keep an unusable received file (under ``tmp/``) for inspection, durably."""
+        return self._move(tmp, self.root / "quarantine" / f"{uuid.uuid4().hex}.dcm",
+                          file_sha256(tmp))
+
+    def _move(self, tmp: Path, final: Path, sha256: str) -> StoredFile:
+        if self.tmp_dir.resolve() != tmp.resolve().parent:
+            raise SpoolError(f"{tmp.name} is not a file under the spool's tmp/")
+        try:
+            size = tmp.stat().st_size
+            self.check_space(size)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, SpoolError):
+                raise
+            raise self._error(exc, final.name) from exc
+        return StoredFile(str(final.relative_to(self.root)), size, sha256)
+
+    @staticmethod
+    def _error(exc: OSError, name: str) -> SpoolError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return SpoolFullError(f"spool is full while writing {name}")
+        return SpoolError(f"cannot write {name}: {exc.strerror}")
 
     def check_space(self, incoming: int) -> None:
         free = self.free_bytes()
