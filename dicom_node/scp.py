@@ -2,12 +2,19 @@
 
 Only transfer syntaxes the node can decode are accepted at negotiation, so an image the
 models cannot read is refused there rather than acknowledged and lost.
+
+Receiving is bounded: the servers are :class:`dicom_node.transport.GuardedAssociationServer`
+(PDU headers checked before their bodies are read; each data set streamed into the spool's
+``tmp/`` as its fragments arrive, never held in memory) and one
+:class:`dicom_node.association_guard.AssociationGuard` per listener applies the size, time,
+rate and per-calling-AE limits and audits associations.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+from pathlib import Path
 from typing import Any
 
 from pydicom.uid import (
@@ -29,9 +36,11 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.association_guard import AssociationGuard, GuardLimits
 from dicom_node.config import DicomSettings, TlsSettings
-from dicom_node.ingest import Ingestor, Received, StoreStatus
+from dicom_node.ingest import Ingestor, Received, ReceivedFile, StoreStatus
 from dicom_node.net import set_nodelay
+from dicom_node.transport import start_guarded_server
 
 logger = logging.getLogger(__name__)
 
@@ -52,19 +61,24 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 ]
 
 
-def handle_store(event: Any, ingestor: Ingestor) -> int:
-    """C-STORE: durable write + DB row, then the status. Never raises."""
+def handle_store(event: Any, ingestor: Ingestor, guard: AssociationGuard) -> int:
+    """C-STORE: durable move + DB row, then the status. Never raises, never decodes."""
     try:
+        flow = guard.flow(event.assoc)
+        if flow is not None and flow.aborted is not None:  # the last PDU of an aborted one
+            return int(StoreStatus.PROCESSING_FAILURE)
         req = event.request
-        rec = Received(
-            sop_class_uid=str(req.AffectedSOPClassUID),
-            sop_instance_uid=str(req.AffectedSOPInstanceUID),
-            transfer_syntax=str(event.context.transfer_syntax),
-            file_meta=event.file_meta,
-            dataset_bytes=req.DataSet.getvalue(),
-            calling_ae=str(event.assoc.requestor.ae_title).strip()[:16],
-        )
-        return int(ingestor.ingest(rec))
+        requestor = event.assoc.requestor
+        common = dict(sop_class_uid=str(req.AffectedSOPClassUID),
+                      sop_instance_uid=str(req.AffectedSOPInstanceUID),
+                      transfer_syntax=str(event.context.transfer_syntax),
+                      calling_ae=str(requestor.ae_title).strip()[:16],
+                      peer=f"{requestor.address}:{requestor.port}")
+        path = getattr(req, "_dataset_path", None)  # chunked receive (dicom_node.transport)
+        if path is not None:
+            return int(ingestor.ingest_file(ReceivedFile(path=Path(path), **common)))
+        return int(ingestor.ingest(Received(file_meta=event.file_meta,
+                                            dataset_bytes=req.DataSet.getvalue(), **common)))
     except Exception:  # the edge: a status, never a dropped association
         logger.exception("C-STORE handler failed")
         return int(StoreStatus.PROCESSING_FAILURE)
@@ -74,13 +88,6 @@ def _log_event(event: Any) -> None:
     peer = event.assoc.requestor
     logger.info("%s from %s:%s calling AE %r", event.event.name, peer.address, peer.port,
                 str(peer.ae_title).strip())
-
-
-def _log_rejected(event: Any) -> None:
-    peer = event.assoc.requestor
-    logger.warning("association rejected (audit): from %s:%s calling AE %r called AE %r",
-                   peer.address, peer.port, str(peer.ae_title).strip(),
-                   str(event.assoc.acceptor.ae_title).strip())
 
 
 def _release_unused_slot(event: Any) -> None:
@@ -125,22 +132,26 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext:
 def start_scp(settings: DicomSettings, ingestor: Ingestor) -> list[ThreadedAssociationServer]:
     """Start the listener(s) in background threads: plain, and TLS when configured."""
     ae = build_ae(settings)
+    guard = AssociationGuard(GuardLimits.from_settings(
+        settings, max_instance_bytes=ingestor.max_instance_bytes), ingestor.engine)
     handlers = [
-        (evt.EVT_C_STORE, handle_store, [ingestor]),
-        (evt.EVT_ACCEPTED, _log_event),
-        (evt.EVT_REJECTED, _log_rejected),
+        (evt.EVT_C_STORE, handle_store, [ingestor, guard]),
         (evt.EVT_ABORTED, _log_event),
         (evt.EVT_CONN_CLOSE, _release_unused_slot),
         (evt.EVT_CONN_OPEN, set_nodelay),
+        *guard.handlers(),  # limits, watchdog feed, audit of accepted/rejected/aborted
     ]
-    servers = [ae.start_server((settings.host, settings.port), block=False,
-                               evt_handlers=handlers)]
+    tmp_dir = ingestor.spool.tmp_dir  # received data sets stream here (same filesystem)
+    servers = [start_guarded_server(ae, (settings.host, settings.port), evt_handlers=handlers,
+                                    guard=guard, tmp_dir=tmp_dir)]
     logger.info("DICOM SCP %r listening on %s:%d", settings.ae_title, settings.host,
                 settings.port)
     if settings.tls.enabled:
-        servers.append(ae.start_server((settings.host, settings.tls.port), block=False,
-                                       evt_handlers=handlers,
-                                       ssl_context=tls_context(settings.tls)))
+        servers.append(start_guarded_server(ae, (settings.host, settings.tls.port),
+                                            evt_handlers=handlers, guard=guard,
+                                            tmp_dir=tmp_dir,
+                                            ssl_context=tls_context(settings.tls)))
         logger.info("DICOM SCP %r listening with TLS on %s:%d", settings.ae_title,
                     settings.host, settings.tls.port)
+    guard.start()
     return servers

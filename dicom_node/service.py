@@ -32,7 +32,7 @@ from dicom_node.outputs import OutputSettings
 from dicom_node.scheduler import EvaluationScheduler, start_evaluation_scheduler
 from dicom_node.scp import start_scp
 from dicom_node.sender import Sender
-from dicom_node.spool import Spool
+from dicom_node.spool import Spool, Watermarks
 from dicom_node.studies import StudyAssembler
 from dicom_node.worker import AnalysisWorker, Analyzer
 
@@ -108,9 +108,13 @@ class Node:
         data_dir = settings.storage.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = make_engine(settings.database_url)
-        self.spool = Spool(data_dir / "spool", min_free_bytes=settings.storage.min_free_bytes)
+        storage = settings.storage
+        self.spool = Spool(data_dir / "spool", min_free_bytes=storage.min_free_bytes,
+                           watermarks=Watermarks(storage.high_watermark_pct,
+                                                 storage.low_watermark_pct))
         self.ingestor = Ingestor(self.engine, self.spool,
-                                 max_instance_bytes=settings.storage.max_instance_bytes)
+                                 max_instance_bytes=storage.max_instance_bytes,
+                                 max_inflated_bytes=storage.max_inflated_bytes)
         self.queue = JobQueue(self.engine, lease_s=settings.workers.lease_s,
                               max_attempts=settings.workers.max_attempts)
         self.assembler = StudyAssembler(self.engine, self.spool, settings.studies.selection,
