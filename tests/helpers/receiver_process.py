@@ -40,11 +40,10 @@ def reset_peak(pid: int) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    from helpers.fakes import FakeAnalyzer
-
     from dicom_node.cli import configure_logging
     from dicom_node.config import load_settings
     from dicom_node.service import Node, run_forever
+    from helpers.fakes import FakeAnalyzer
 
     settings = load_settings(Path(argv[0]), environ={})
     configure_logging(settings.logging.level)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers.deflate import bomb_image, deflated_body, explicit_le, part10
+from helpers.deflate import bomb_image, deflated_body, explicit_le
 from helpers.dicomfiles import make_image
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import event, select
