@@ -156,3 +156,42 @@ def test_bare_connects_garbage_and_many_short_associations(node, tmp_path: Path)
     assert rss - base_rss < 150_000, (base_rss, rss)  # kB
     f = write(make_image(), tmp_path / "after")
     assert storescu(port, [f]).returncode == 0
+
+
+def test_calling_ae_beyond_its_share_rejected_transient_others_accepted(tmp_path: Path) -> None:
+    settings = node_settings(tmp_path / "node", **{"dicom.max_associations": 8,
+                                                    "dicom.max_associations_per_calling_ae": 2})
+    n = start_node(settings, lambda s: FakeAnalyzer())
+    held = []
+    try:
+        def associate(calling: str):  # type: ignore[no-untyped-def]
+            ae = AE(ae_title=calling)
+            ae.add_requested_context(Verification)
+            return ae.associate("127.0.0.1", settings.dicom.port, ae_title="CXR_AI")
+
+        held = [associate("BUSY_PACS") for _ in range(2)]
+        assert all(a.is_established for a in held)
+        third = associate("BUSY_PACS")
+        assert third.is_rejected
+        rj = third.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (2, 3, 2)  # transient, limit
+        other = associate("OTHER_PACS")
+        assert other.is_established  # another peer still gets a slot
+        assert int(other.send_c_echo().Status) == 0
+        other.release()
+        held[0].release()  # a slot of BUSY_PACS frees: it is accepted again
+        again = associate("BUSY_PACS")
+        assert again.is_established
+        held[0] = again
+        rows = query(settings, select(db.audit_events))
+        [rejected] = [r for r in rows if r.kind == "association_rejected"]
+        assert rejected.actor == "BUSY_PACS" and rejected.peer.startswith("127.0.0.1:")
+        assert "rejected transient" in rejected.detail
+        assert "max_associations_per_calling_ae" in rejected.detail
+        assert "called AE CXR_AI" in rejected.detail
+        accepted = [r.actor for r in rows if r.kind == "association_accepted"]
+        assert sorted(accepted) == ["BUSY_PACS"] * 3 + ["OTHER_PACS"]
+    finally:
+        for a in held:
+            a.release()
+        n.stop()

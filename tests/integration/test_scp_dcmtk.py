@@ -118,3 +118,77 @@ def test_out_of_memory_job_is_retried_while_receiving_continues(tmp_path: Path) 
         assert job1.attempts >= 2 and job1.state == "done"
     finally:
         node.stop()
+
+
+class FakeDisk:
+    """The spool's disk-usage source, at a chosen fill level (a full disk without filling one)."""
+
+    def __init__(self, used_pct: float) -> None:
+        self.used_pct = used_pct
+
+    def __call__(self, path: Path):  # type: ignore[no-untyped-def]
+        from dicom_node.spool import DiskUsage
+
+        total = 10**12
+        used = int(total * self.used_pct / 100)
+        return DiskUsage(total, used, total - used)
+
+
+def test_spool_watermarks_refuse_then_recover_with_hysteresis(tmp_path: Path) -> None:
+    settings = node_settings(tmp_path / "node", quiet=0.3, **{
+        "storage.high_watermark_pct": 95, "storage.low_watermark_pct": 90})
+    node = start_node(settings, lambda s: FakeAnalyzer())
+    disk = FakeDisk(96.0)
+    node.spool.disk_usage = disk
+    try:
+        def send(pct: float, seed: int):  # type: ignore[no-untyped-def]
+            disk.used_pct = pct
+            ds = make_image(seed=seed)
+            res = storescu(settings.dicom.port, [write(ds, tmp_path / f"in{seed}")],
+                           extra=["-v"])
+            stored = {r.sop_instance_uid for r in query(settings, select(db.instances))}
+            return res, str(ds.SOPInstanceUID) in stored
+
+        for pct, seed in ((96, 1), (92, 2)):  # above high, then between low and high
+            res, stored = send(pct, seed)
+            assert not stored
+            assert res.returncode != 0  # storescu saw the status: Refused, Out of Resources
+            assert "store response (refused: outofresources)" in res.stderr.lower(), res.stderr
+        res, stored = send(85, 3)  # below low: accepted again
+        assert res.returncode == 0 and stored, res.stderr
+        res, stored = send(93, 4)  # between the marks, coming from below: still accepted
+        assert res.returncode == 0 and stored, res.stderr
+        refused = [r for r in query(settings, select(db.audit_events))
+                   if r.kind == "instance_refused"]
+        assert len(refused) == 2 and all("0xA700" in r.detail and r.actor == "PACS"
+                                         for r in refused)
+    finally:
+        node.stop()
+
+
+def test_receiving_side_audit_trail(node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    port = node.settings.dicom.port
+    good = [write(make_image(seed=i), tmp_path / "in") for i in range(2)]
+    assert storescu(port, good).returncode == 0
+    assert storescu(port, good[:1], calling="INTRUDER").returncode != 0  # unknown calling AE
+    bad = make_image(seed=9)
+    del bad.StudyInstanceUID  # unusable: quarantined with Cannot understand
+    storescu(port, [write(bad, tmp_path / "bad")], calling="PACS2")
+    rows = query(node.settings, select(db.audit_events))
+    by_kind: dict[str, list] = {}  # type: ignore[type-arg]
+    for r in rows:
+        by_kind.setdefault(r.kind, []).append(r)
+    accepted = by_kind["association_accepted"]
+    assert {r.actor for r in accepted} == {"PACS", "PACS2"}
+    assert all(r.peer.startswith("127.0.0.1:") and "called AE CXR_AI" in r.detail
+               for r in accepted)
+    [rejected] = by_kind["association_rejected"]
+    assert rejected.actor == "INTRUDER" and "calling AE title not recognised" in rejected.detail
+    received = {r.subject for r in by_kind["instance_received"]}
+    assert received == {str(pydicom.dcmread(f).SOPInstanceUID) for f in good}
+    assert len(by_kind["instance_received"]) == len(query(node.settings, select(db.instances)))
+    [quarantined] = by_kind["instance_quarantined"]
+    assert quarantined.subject == str(bad.SOPInstanceUID) and quarantined.actor == "PACS2"
+    assert "0xC000" in quarantined.detail and "StudyInstanceUID" in quarantined.detail
+    text = " ".join(str(tuple(r)) for r in rows)
+    assert "Test^Patient" not in text and "ACC1" not in text  # no PHI in the audit trail
