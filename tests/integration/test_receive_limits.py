@@ -29,8 +29,8 @@ from helpers.rawdicom import (
     pdata_header,
 )
 from helpers.receiver_process import reset_peak, spawn, status_kib
-from pynetdicom import AE, _config
 from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pynetdicom import AE, _config
 from sqlalchemy import select
 
 from dicom_node import db
