@@ -108,3 +108,23 @@ def test_tls_settings_name_missing_files(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="dicom.tls.cert_file"):
         load_settings(None, overrides={"dicom.tls": {"enabled": True}}, environ={})
+
+
+def test_silent_tls_client_does_not_block_the_next_one(tls_node, pki: Path,  # type: ignore[no-untyped-def]
+                                                       tmp_path: Path) -> None:
+    """The handshake runs in the connection's thread: a client that connects and says
+    nothing cannot hold the accept loop (it did, for every TLS peer, before)."""
+    port = tls_node.settings.dicom.tls.port
+    silent = [socket.create_connection(("127.0.0.1", port), 10) for _ in range(3)]
+    try:
+        ds = make_image()
+        res = _storescu_tls(tls_node, pki, write(ds, tmp_path), "pacs")
+        assert res.returncode == 0, res.stderr
+    finally:
+        for s in silent:
+            s.close()
+    res = _storescu_tls(tls_node, pki, write(make_image(), tmp_path / "x"), "intruder")
+    assert res.returncode != 0
+    rows = [r for r in query(tls_node.settings, select(db.audit_events))
+            if r.kind == "association_rejected"]
+    assert any("TLS handshake failed" in r.detail for r in rows)
