@@ -6,8 +6,8 @@ models cannot read is refused there rather than acknowledged and lost.
 Receiving is bounded: the servers are :class:`dicom_node.transport.GuardedAssociationServer`
 (PDU headers checked before their bodies are read; each data set streamed into the spool's
 ``tmp/`` as its fragments arrive, never held in memory) and one
-:class:`dicom_node.association_guard.AssociationGuard` per listener applies the size, time,
-rate and per-calling-AE limits and audits associations.
+:class:`dicom_node.association_guard.AssociationGuard`, shared by the plain and TLS
+listeners, applies the size, time, rate and per-calling-AE limits and audits associations.
 """
 
 from __future__ import annotations
