@@ -174,3 +174,124 @@ def test_restart_inside_quiet_period_gives_one_job_with_every_image(tmp_path: Pa
             proc.terminate()
             proc.wait(20)
         dest.stop()
+
+
+def _acked_uids(out_lines: list[str]) -> set[str]:
+    """SOP Instance UIDs storescu -v saw answered with Success."""
+    acked, current = set(), None
+    for line in out_lines:
+        m = re.search(r"Sending file: (\S+)", line)
+        if m:
+            current = m.group(1)
+        elif "Received Store Response (Success)" in line and current:
+            acked.add(str(pydicom.dcmread(current, stop_before_pixels=True).SOPInstanceUID))
+    return acked
+
+
+def _storescu_async(port: int, files: list[Path]) -> tuple[subprocess.Popen, list[str],
+                                                             threading.Thread]:
+    cmd = [require_tool("storescu"), "-v", "-aec", "CXR_AI", "-aet", "PACS", "-to", "10",
+           "127.0.0.1", str(port), *map(str, files)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []))
+    reader.start()
+    return proc, lines, reader
+
+
+def test_kill9_at_ten_random_points_while_storescu_sends_200_images(tmp_path: Path,
+                                                                     tiny_bundle: Path) -> None:
+    """QUALITY P0 1: 200 images in 10 studies, the node killed at 10 random moments (while
+    receiving, assembling, analysing or delivering); the PACS re-sends what was not
+    acknowledged. After each kill ACK ⊆ DURABLE against what storescu saw, the database and
+    the spool; at the end every instance is in exactly one terminal state, every study has
+    one current result set, and the destination got every current result object."""
+    import random
+
+    files = [f for s in range(10) for f in _make_study(tmp_path / "in" / f"s{s}", 20,
+                                                       seed=100 + s, rows=256, cols=256)]
+    dest = StoreSCP(tmp_path / "dest", free_port())
+    settings = _settings(tmp_path, tiny_bundle, dest.destination, quiet=1.0)
+    proc = _start(settings, tmp_path)
+    rng = random.Random(20261205)
+    acked: set[str] = set()
+    uid_of = {f: str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    kills = 0
+    try:
+        while kills < 10 or set(uid_of.values()) - acked:
+            remaining = [f for f in files if uid_of[f] not in acked]
+            sender, lines, reader = _storescu_async(settings.dicom.port, remaining or files[:1])
+            if kills < 10:
+                time.sleep(rng.uniform(0.2, 3.0))  # a random moment, not a condition
+                _kill9(proc)
+                kills += 1
+            sender.wait(120)
+            reader.join(10)
+            acked |= _acked_uids(lines)
+            stored = {r.sop_instance_uid for r in query(settings, select(db.instances))}
+            assert acked <= stored, f"kill {kills}: acknowledged but not durable"
+            _check_spool_integrity(settings)
+            if proc.poll() is not None:
+                proc = _start(settings, tmp_path)
+        assert acked == set(uid_of.values())
+
+        def settled() -> bool:
+            sts = studies(settings)
+            dels = query(settings, select(db.deliveries))
+            return (len(sts) == 10 and all(s.state == "done" for s in sts.values())
+                    and bool(dels) and all(d.state == "sent" for d in dels))
+
+        wait_until(settled, 240, interval=0.5, what="every study analysed and delivered")
+        insts = query(settings, select(db.instances))
+        assert len(insts) == 200 and {i.analysis_state for i in insts} == {"analysed"}
+        jobs = {j.id: j for j in query(settings, select(db.jobs))}
+        assert {j.state for j in jobs.values()} == {"done"}
+        outs = query(settings, select(db.outputs))
+        current = [o for o in outs if o.superseded_at is None]
+        # one current result set per study: one SR, one SC per image, one GSPS
+        for study_uid in {i.study_uid for i in insts}:
+            mine = [o for o in current if o.study_uid == study_uid]
+            assert sorted(o.kind for o in mine).count("sc") == 20, study_uid
+            assert [o.kind for o in mine].count("sr") == 1, study_uid
+        received = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                    for f in dest.files()}
+        assert {o.sop_instance_uid for o in current} <= received
+        assert not list((settings.storage.data_dir / "spool" / "tmp").iterdir())
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(20)
+        dest.stop()
+
+
+def test_kill9_during_delivery_delivers_every_object_with_the_same_uids(
+        tmp_path: Path, tiny_bundle: Path) -> None:
+    """Kill -9 while the sender is mid-association with a slow destination: after the
+    restart every delivery ends `sent`, none stays `sending`, and what the destination holds
+    is exactly the node's result objects (a repeated object has the same SOP UID)."""
+    files = _make_study(tmp_path / "in", 8, seed=4, rows=300, cols=300)
+    # storescp sleeps after each stored object: the association is busy for seconds
+    dest = StoreSCP(tmp_path / "dest", free_port(), extra=["--sleep-after", "1"])
+    settings = _settings(tmp_path, tiny_bundle, dest.destination, quiet=0.5)
+    proc = _start(settings, tmp_path)
+    try:
+        assert storescu(settings.dicom.port, files).returncode == 0
+        wait_until(lambda: any(d.state == "sending" for d in query(
+            settings, select(db.deliveries))) and dest.files(), 120, interval=0.02,
+            what="a delivery in flight")
+        _kill9(proc)
+        before = query(settings, select(db.deliveries))
+        assert any(d.state == "sending" for d in before)
+        assert not all(d.state == "sent" for d in before)
+        proc = _start(settings, tmp_path)
+        wait_until(lambda: all(d.state == "sent" for d in query(settings, select(
+            db.deliveries))), 180, interval=0.2, what="every delivery sent after the restart")
+        outs = {o.sop_instance_uid for o in query(settings, select(db.outputs))}
+        received = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                    for f in dest.files()]
+        assert set(received) == outs and len(outs) == 10  # SR + 8 SC + GSPS
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(20)
+        dest.stop()
