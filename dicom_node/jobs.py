@@ -202,11 +202,12 @@ class JobQueue:
 
     # -- failure ----------------------------------------------------------------------------
 
-    def fail(self, job: ClaimedJob, error: str, *, permanent: bool) -> str:
+    def fail(self, job: ClaimedJob, error: str, *, permanent: bool,
+             now: float | None = None) -> str:
         """Record a failed try: queued again after its backoff while attempts remain, else
         failed (dead letter) with the reason on the job and the study. Returns the new state,
         or ``lost`` when the job was no longer ours."""
-        now = time.time()
+        now = time.time() if now is None else now
         dead = permanent or job.attempts >= self.max_attempts
         delay = 0.0 if dead else self.retry.delay(job.attempts, self.rng)
         with self.engine.begin() as conn:
