@@ -248,6 +248,9 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=30)
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):  # Event.wait runs on the monotonic clock
             try:
