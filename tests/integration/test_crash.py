@@ -104,14 +104,18 @@ def test_kill9_during_receive_loses_no_acknowledged_instance(tmp_path: Path,
             db.deliveries))), 60, what="delivery")
         insts = query(settings, select(db.instances))
         assert len(insts) == 60 and {i.analysis_state for i in insts} == {"analysed"}
-        # analysed exactly once: one job per instance, one overlay per instance, and (the
-        # restart may outlast the quiet period) one SR + GSPS per job
-        jobs = query(settings, select(db.jobs))
+        # one current result set: one overlay per instance, one SR and one GSPS. The restart
+        # may outlast the quiet period: then the second job analyses all 60 images and its
+        # result (version 2) supersedes the first one's
+        jobs = query(settings, select(db.jobs).order_by(db.jobs.c.id))
         assert {j.state for j in jobs} == {"done"} and {i.job_id for i in insts} == {
             j.id for j in jobs}
+        assert [j.version for j in jobs] == list(range(1, len(jobs) + 1))
         outs = query(settings, select(db.outputs))
-        assert sorted(o.kind for o in outs).count("sc") == 60
-        assert len(outs) == 60 + 2 * len(jobs)
+        current = [o for o in outs if o.superseded_at is None]
+        assert sorted(o.kind for o in current).count("sc") == 60 and len(current) == 62
+        assert {o.job_id for o in current} == {jobs[-1].id}
+        assert all(o.superseded_by_job > o.job_id for o in outs if o not in current)
         assert not list((settings.storage.data_dir / "spool" / "tmp").iterdir())
     finally:
         if proc.poll() is None:
