@@ -13,7 +13,8 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import StoreSCP, free_port, require_tool, storescu, wait_for_port, wait_until
-from helpers.node import node_settings, query, spawn_node, studies, write_config
+from helpers.dicomfiles import make_image, write
+from helpers.node import node_settings, query, spawn_fake_node, spawn_node, studies, write_config
 from sqlalchemy import select
 
 from dicom_node import db
@@ -103,14 +104,18 @@ def test_kill9_during_receive_loses_no_acknowledged_instance(tmp_path: Path,
             db.deliveries))), 60, what="delivery")
         insts = query(settings, select(db.instances))
         assert len(insts) == 60 and {i.analysis_state for i in insts} == {"analysed"}
-        # analysed exactly once: one job per instance, one overlay per instance, and (the
-        # restart may outlast the quiet period) one SR + GSPS per job
-        jobs = query(settings, select(db.jobs))
+        # one current result set: one overlay per instance, one SR and one GSPS. The restart
+        # may outlast the quiet period: then the second job analyses all 60 images and its
+        # result (version 2) supersedes the first one's
+        jobs = query(settings, select(db.jobs).order_by(db.jobs.c.id))
         assert {j.state for j in jobs} == {"done"} and {i.job_id for i in insts} == {
             j.id for j in jobs}
+        assert [j.version for j in jobs] == list(range(1, len(jobs) + 1))
         outs = query(settings, select(db.outputs))
-        assert sorted(o.kind for o in outs).count("sc") == 60
-        assert len(outs) == 60 + 2 * len(jobs)
+        current = [o for o in outs if o.superseded_at is None]
+        assert sorted(o.kind for o in current).count("sc") == 60 and len(current) == 62
+        assert {o.job_id for o in current} == {jobs[-1].id}
+        assert all(o.superseded_by_job > o.job_id for o in outs if o not in current)
         assert not list((settings.storage.data_dir / "spool" / "tmp").iterdir())
     finally:
         if proc.poll() is None:
@@ -264,6 +269,52 @@ def test_kill9_at_ten_random_points_while_storescu_sends_200_images(tmp_path: Pa
         dest.stop()
 
 
+def test_job_that_kills_the_node_every_time_ends_failed_and_nothing_loops(
+        tmp_path: Path) -> None:
+    """A poison pill: the node dies (kill -9) while running the same job, restart after
+    restart. After workers.max_attempts tries the job is failed with the reason, the study
+    shows it, and the next study is analysed."""
+    max_attempts = 3
+    settings = node_settings(tmp_path / "node", quiet=0.3, **{
+        "workers.max_attempts": max_attempts, "workers.lease_s": 600})
+    config = write_config(settings, tmp_path / "node.yaml")
+    poison = make_image(seed=1)
+    study = str(poison.StudyInstanceUID)
+
+    def start() -> subprocess.Popen:
+        proc = spawn_fake_node(config, tmp_path / "node.log", block_study=study)
+        wait_for_port(settings.dicom.port, timeout=60)
+        return proc
+
+    proc = start()
+    try:
+        assert storescu(settings.dicom.port, [write(poison, tmp_path / "in")]).returncode == 0
+        for attempt in range(1, max_attempts + 1):
+            wait_until(lambda n=attempt: [(j.state, j.attempts) for j in query(
+                settings, select(db.jobs))] == [("running", n)], 60, interval=0.05,
+                what=f"attempt {attempt} running")
+            _kill9(proc)
+            proc = start()  # start-up recovery counts the interrupted attempt
+        wait_until(lambda: [j.state for j in query(settings, select(db.jobs))] == ["failed"],
+                   30, what="poison job failed")
+        [job] = query(settings, select(db.jobs))
+        assert job.attempts == max_attempts and job.lease_owner is None
+        assert f"interrupted {max_attempts} time(s)" in job.error
+        assert studies(settings)[study].state == "failed"
+        assert f"interrupted {max_attempts} time(s)" in studies(settings)[study].reason
+        healthy = make_image(seed=2)  # the node goes on with the next study
+        assert storescu(settings.dicom.port, [write(healthy, tmp_path / "in2")]).returncode == 0
+        wait_until(lambda: studies(settings).get(str(healthy.StudyInstanceUID)) is not None
+                   and studies(settings)[str(healthy.StudyInstanceUID)].state == "done", 60,
+                   what="next study analysed")
+        poison_jobs = [j for j in query(settings, select(db.jobs)) if j.study_uid == study]
+        assert [(j.state, j.attempts) for j in poison_jobs] == [("failed", max_attempts)]
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(20)
+
+
 def test_kill9_during_delivery_delivers_every_object_with_the_same_uids(
         tmp_path: Path, tiny_bundle: Path) -> None:
     """Kill -9 while the sender is mid-association with a slow destination: after the
@@ -295,3 +346,5 @@ def test_kill9_during_delivery_delivers_every_object_with_the_same_uids(
             proc.terminate()
             proc.wait(20)
         dest.stop()
+
+
