@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, and_, or_, select, update
 
 from dicom_node import db
+from dicom_node.phi import redact
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class JobQueue:
 
     def fail(self, job: ClaimedJob, error: str, *, permanent: bool) -> str:
         """Record a failure: re-queue while attempts remain, else mark failed (dead letter)."""
+        error = redact(error) or ""  # an exception message can quote a header value
         now = time.time()
         dead = permanent or job.attempts >= self.max_attempts
         state = "failed" if dead else "queued"
