@@ -67,6 +67,10 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(Value )\".*\"( is not valid for elements with a VR of)"),
      rf'\1"{REDACTED}"\2'),
     (re.compile(r"(Invalid value )'.*'( for AT element)"), rf"\1'{REDACTED}'\2"),
+    # Python's own conversion errors, as pydicom's DS / IS / DA / TM conversions raise them
+    (re.compile(r"(could not convert string to float: |invalid literal for int\(\) with "
+                r"base \d+: ).*"), rf"\1{REDACTED}"),
+    (re.compile(r"(time data )'.*'( does not match format)"), rf"\1'{REDACTED}'\2"),
     # element / dataset repr: "(0010,0010) Patient's Name   PN: 'Doe^John'"
     (re.compile(rf"(\((?:{_TAG_ALT})\)[^\n]*?\b[A-Z]{{2}}: ).*", re.IGNORECASE),
      rf"\1{REDACTED}"),
