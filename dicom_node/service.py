@@ -22,6 +22,7 @@ import pydicom
 from sqlalchemy import Engine
 
 from ai.types import ImageResult, ModelIdentity
+from dicom_node import node_events
 from dicom_node.config import Settings
 from dicom_node.db import make_engine
 from dicom_node.errors import NodeError
@@ -141,6 +142,7 @@ class Node:
         return bool(self.servers) and self.analyzer is not None
 
     def start(self) -> None:
+        node_events.record_started(self.engine, self.settings, self.node_id)
         self.spool.clean_tmp()
         self.queue.requeue_owned_by(self.node_id)
         self.sender.recover()
@@ -208,6 +210,7 @@ class Node:
         deadline = time.monotonic() + timeout
         for t in self.threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        node_events.record_stopped(self.engine, self.node_id)
         self.engine.dispose()
 
 

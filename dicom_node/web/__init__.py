@@ -15,8 +15,10 @@ token, see :mod:`dicom_node.web.auth`; all of them are described in ``openapi.ya
 ``/api/v1/models``                         loaded model bundles, labels, thresholds
 ``/api/v1/evaluations/...``                runs, figures, label history, alerts, trigger,
                                            confirmed labels
+``/api/v1/audit``                          the audit trail (filters kind, outcome, time)
 ``/api/v1/openapi.yaml``                   the OpenAPI 3 document
-``/dashboard/...``                         login, overview, studies, study, evaluation
+``/dashboard/...``                         login, overview, studies, study, evaluation,
+                                           audit
 =========================================  ==================================================
 """
 
@@ -89,6 +91,7 @@ def create_app(settings: Settings, node: Any | None = None, *, engine: Engine | 
         api_evaluations,
         api_meta,
         api_studies,
+        audit,
         auth,
         dashboard,
         health,
@@ -111,7 +114,7 @@ def create_app(settings: Settings, node: Any | None = None, *, engine: Engine | 
     auth.init_auth(app, token)
     register_error_handlers(app)
     for bp in (health.bp, metrics.bp, api_studies.bp, api_evaluations.bp, api_meta.bp,
-               dashboard.bp):
+               audit.api_bp, dashboard.bp, audit.page_bp):
         app.register_blueprint(bp)
     app.add_url_rule("/", "root", query_params()(lambda: redirect(url_for(
         "dashboard.overview"))))
