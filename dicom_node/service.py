@@ -23,6 +23,7 @@ from sqlalchemy import Engine
 
 from ai.types import ImageResult, ModelIdentity
 from dicom_node import node_events
+from dicom_node.audit_forward import SyslogForwarder
 from dicom_node.config import Settings
 from dicom_node.db import make_engine
 from dicom_node.errors import NodeError
@@ -150,6 +151,7 @@ class Node:
         self._thread("assembler", self._assembler_loop)
         if self.settings.destinations:
             self._thread("sender", self._sender_loop)
+        self._start_housekeeping()
         self._thread("model-loader", self._load_model_then_work)
         self.scheduler = start_evaluation_scheduler(self.evaluation, self.settings.evaluation)
         if self.scheduler is not None:
@@ -175,6 +177,15 @@ class Node:
                 busy = False
             if not busy:
                 self.stop_event.wait(interval)
+
+    def _start_housekeeping(self) -> None:
+        """Audit forwarding to syslog (optional); retention of the spool."""
+        syslog = self.settings.audit.syslog
+        if syslog.enabled:
+            forwarder = SyslogForwarder(self.engine, syslog)
+            self._thread("audit-syslog", lambda: self._loop(syslog.poll_interval_s,
+                                                            forwarder.run_once))
+            self.extras.append(forwarder.close)
 
     def _assembler_loop(self) -> None:
         self._loop(self.settings.studies.poll_interval_s, self.assembler.run_once)
