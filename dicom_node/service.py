@@ -22,15 +22,17 @@ import pydicom
 from sqlalchemy import Engine
 
 from ai.types import ImageResult, ModelIdentity
-from dicom_node import node_events
+from dicom_node import disk, node_events
 from dicom_node.audit_forward import SyslogForwarder
 from dicom_node.config import Settings
 from dicom_node.db import make_engine
+from dicom_node.disk import DiskUsageSource
 from dicom_node.errors import NodeError
 from dicom_node.evaluation.service import EvaluationService
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
+from dicom_node.retention import Retention
 from dicom_node.scheduler import EvaluationScheduler, start_evaluation_scheduler
 from dicom_node.scp import start_scp
 from dicom_node.sender import Sender
@@ -132,6 +134,8 @@ class Node:
             self.engine, settings, deployed=lambda: self.analyzer,
             model_error=lambda: self.model_error, stop_event=self.stop_event)
         self.scheduler: EvaluationScheduler | None = None
+        # the spool filesystem's use (retention, /readyz, /metrics); tests may replace it
+        self.disk_usage: DiskUsageSource = lambda: disk.measure(self.spool.root)
 
     @property
     def server(self):  # type: ignore[no-untyped-def]
@@ -180,6 +184,12 @@ class Node:
 
     def _start_housekeeping(self) -> None:
         """Audit forwarding to syslog (optional); retention of the spool."""
+        kept = self.settings.storage.retention
+        if kept.enabled:
+            retention = Retention(self.engine, self.spool, kept, self.settings.destinations,
+                                  lambda: self.disk_usage(),
+                                  thumbs_dir=data_path(self.settings, "thumbs"))
+            self._thread("retention", lambda: self._loop(kept.interval_s, retention.run_once))
         syslog = self.settings.audit.syslog
         if syslog.enabled:
             forwarder = SyslogForwarder(self.engine, syslog)
