@@ -107,7 +107,7 @@ def create_app(settings: Settings, node: Any | None = None, *, engine: Engine | 
         spool = Spool(settings.storage.data_dir / "spool")
     token = auth.resolve_token(settings)
     app = Flask(__name__)
-    app.config.update(TESTING=testing, MAX_CONTENT_LENGTH=1024 * 1024)
+    app.config.update(TESTING=testing, MAX_CONTENT_LENGTH=settings.web.max_request_body_bytes)
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the documented order
     app.extensions[EXTENSION_KEY] = WebContext(settings=settings, engine=engine, spool=spool,
                                                token=token, node=node, evaluation=evaluation)
