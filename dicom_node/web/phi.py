@@ -19,7 +19,7 @@ import pydicom
 from sqlalchemy import Connection, func, select
 
 from dicom_node import db
-from dicom_node.dicomio import quiet
+from dicom_node.dicomio import quiet, read_untrusted
 from dicom_node.phi import PHI_KEYWORDS, PhiRegistry, redact, remember_phi
 from dicom_node.spool import Spool
 
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 _SHOWN = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
           "OtherPatientIDs", "StudyDate", "StudyDescription", "StudyID"]
-_KEYWORDS = sorted(set(_SHOWN) | set(PHI_KEYWORDS))
+_KEYWORDS = sorted(set(_SHOWN) | set(PHI_KEYWORDS) | {"OtherPatientIDsSequence"})
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,8 @@ class PatientInfo:
 def read_header(spool: Spool, relpath: str) -> pydicom.Dataset | None:
     """The identifying attributes of a spooled instance (registered for scrubbing)."""
     try:
-        with quiet():
-            ds = pydicom.dcmread(spool.path(relpath), stop_before_pixels=True,
-                                 specific_tags=_KEYWORDS)  # type: ignore[arg-type]
+        ds = read_untrusted(spool.path(relpath), stop_before_pixels=True,
+                            specific_tags=_KEYWORDS)
     except Exception as exc:  # noqa: BLE001 - a missing or odd file just shows no name
         logger.debug("patient header unreadable for %s: %s", relpath, type(exc).__name__)
         return None
