@@ -34,6 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicom_node import db
 from dicom_node.backoff import backoff_delay
 from dicom_node.config import WorkerSettings
+from dicom_node.phi import redact
 from dicom_node.states import JobState, StudyState
 
 logger = logging.getLogger(__name__)
@@ -207,6 +208,7 @@ class JobQueue:
         """Record a failed try: queued again after its backoff while attempts remain, else
         failed (dead letter) with the reason on the job and the study. Returns the new state,
         or ``lost`` when the job was no longer ours."""
+        error = redact(error) or ""  # an exception message can quote a header value
         now = time.time() if now is None else now
         dead = permanent or job.attempts >= self.max_attempts
         delay = 0.0 if dead else self.retry.delay(job.attempts, self.rng)

@@ -22,13 +22,17 @@ import pydicom
 from sqlalchemy import Engine
 
 from ai.types import ImageResult, ModelIdentity
+from dicom_node import disk, node_events
+from dicom_node.audit_forward import SyslogForwarder
 from dicom_node.config import Settings
 from dicom_node.db import make_engine
+from dicom_node.disk import DiskUsageSource
 from dicom_node.errors import NodeError
 from dicom_node.evaluation.service import EvaluationService
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
+from dicom_node.retention import Retention
 from dicom_node.scheduler import EvaluationScheduler, start_evaluation_scheduler
 from dicom_node.scp import start_scp
 from dicom_node.sender import Sender
@@ -130,6 +134,8 @@ class Node:
             self.engine, settings, deployed=lambda: self.analyzer,
             model_error=lambda: self.model_error, stop_event=self.stop_event)
         self.scheduler: EvaluationScheduler | None = None
+        # the spool filesystem's use (retention, /readyz, /metrics); tests may replace it
+        self.disk_usage: DiskUsageSource = lambda: disk.measure(self.spool.root)
 
     @property
     def server(self):  # type: ignore[no-untyped-def]
@@ -141,6 +147,7 @@ class Node:
         return bool(self.servers) and self.analyzer is not None
 
     def start(self) -> None:
+        node_events.record_started(self.engine, self.settings, self.node_id)
         self.spool.clean_tmp()
         self.queue.requeue_owned_by(self.node_id)
         self.sender.recover()
@@ -148,6 +155,7 @@ class Node:
         self._thread("assembler", self._assembler_loop)
         if self.settings.destinations:
             self._thread("sender", self._sender_loop)
+        self._start_housekeeping()
         self._thread("model-loader", self._load_model_then_work)
         self.scheduler = start_evaluation_scheduler(self.evaluation, self.settings.evaluation)
         if self.scheduler is not None:
@@ -173,6 +181,21 @@ class Node:
                 busy = False
             if not busy:
                 self.stop_event.wait(interval)
+
+    def _start_housekeeping(self) -> None:
+        """Audit forwarding to syslog (optional); retention of the spool."""
+        kept = self.settings.storage.retention
+        if kept.enabled:
+            retention = Retention(self.engine, self.spool, kept, self.settings.destinations,
+                                  lambda: self.disk_usage(),
+                                  thumbs_dir=data_path(self.settings, "thumbs"))
+            self._thread("retention", lambda: self._loop(kept.interval_s, retention.run_once))
+        syslog = self.settings.audit.syslog
+        if syslog.enabled:
+            forwarder = SyslogForwarder(self.engine, syslog)
+            self._thread("audit-syslog", lambda: self._loop(syslog.poll_interval_s,
+                                                            forwarder.run_once))
+            self.extras.append(forwarder.close)
 
     def _assembler_loop(self) -> None:
         self._loop(self.settings.studies.poll_interval_s, self.assembler.run_once)
@@ -208,6 +231,7 @@ class Node:
         deadline = time.monotonic() + timeout
         for t in self.threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        node_events.record_stopped(self.engine, self.node_id)
         self.engine.dispose()
 
 

@@ -28,6 +28,7 @@ from dicom_node import db
 from dicom_node.dicomio import read_untrusted
 from dicom_node.jobs import ClaimedJob, JobQueue, settle_study
 from dicom_node.outputs import OutputObject, OutputSettings, build_outputs
+from dicom_node.phi import remember_phi
 from dicom_node.spool import Spool
 from dicom_node.states import InstanceState, StudyState
 from dicom_node.versions import (
@@ -100,7 +101,7 @@ class AnalysisWorker:
                                 .where(db.instances.c.analysis_state.in_(
                                     (InstanceState.SELECTED, InstanceState.ANALYSED)))
                                 .order_by(db.instances.c.id)).all()
-        return [(r.id, read_untrusted(self.spool.path(r.path))) for r in rows]
+        return [(r.id, remember_phi(read_untrusted(self.spool.path(r.path)))) for r in rows]
 
     def _analyze(self, loaded: list[tuple[int, pydicom.Dataset]]
                  ) -> tuple[list[tuple[int, pydicom.Dataset, ImageResult]], dict[int, str]]:
