@@ -93,11 +93,14 @@ class AnalysisWorker:
 
     def _load(self, job: ClaimedJob) -> list[tuple[int, pydicom.Dataset]]:
         """Every analysable image of the study up to this job: its own new ones and those
-        earlier jobs took (a later job's result supersedes theirs)."""
+        earlier jobs took (a later job's result supersedes theirs). Images that retention
+        has removed from the spool are no longer there to analyse: the new version covers
+        the images still held."""
         with self.engine.connect() as conn:
             rows = conn.execute(select(db.instances.c.id, db.instances.c.path)
                                 .where(db.instances.c.study_uid == job.study_uid)
                                 .where(db.instances.c.job_id <= job.id)
+                                .where(db.instances.c.purged_at.is_(None))
                                 .where(db.instances.c.analysis_state.in_(
                                     (InstanceState.SELECTED, InstanceState.ANALYSED)))
                                 .order_by(db.instances.c.id)).all()

@@ -138,3 +138,23 @@ def test_same_inputs_again_recreate_the_same_objects(env: Env) -> None:
     assert all(o.superseded_at is None for o in outs)
     sr = next(o for o in outs if o.kind == "sr")
     assert "PredecessorDocumentsSequence" not in pydicom.dcmread(env.spool.path(sr.path))
+
+
+def test_late_image_after_retention_purged_the_study_analyses_what_is_still_held(
+        env: Env) -> None:
+    """Retention removed the first images' files; a late image re-opens the study and its
+    job analyses the images still on the spool instead of failing on missing files."""
+    first = make_image(seed=1)
+    study = str(first.StudyInstanceUID)
+    env.send(first)
+    env.analyse_ready()
+    [inst] = env.rows(db.instances)
+    env.spool.path(inst.path).unlink()  # what retention does, and records:
+    with env.engine.begin() as conn:
+        conn.execute(db.instances.update().values(purged_at=time.time()))
+    late = make_image(study_uid=study, seed=2)
+    env.send(late)
+    env.analyse_ready()
+    job1, job2 = env.rows(db.jobs)
+    assert job2.state == "done" and job2.version == 2
+    assert env.analyzer.calls[-1] == [str(late.SOPInstanceUID)]
