@@ -262,13 +262,9 @@ def configure_logging(log_file: Path) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
         h.close()
-    handler = logging.FileHandler(log_file)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)-7s %(name)s [%(threadName)s] %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    from dicom_node import logs
+
+    logs.configure_logging("INFO", logging.FileHandler(log_file))
 
 
 def node_settings(data_dir: Path, *, destinations: Sequence[str] = (), quiet: float = 0.5,

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from dicom_node import db
+from dicom_node import db, logs
 from dicom_node.config import ConfigError, Destination, Settings, load_settings
 from dicom_node.errors import NodeError
 
@@ -108,11 +108,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level),
-                        format="%(asctime)s %(levelname)-7s %(name)s [%(threadName)s] %(message)s")
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, getattr(logging, level)))
-    # pydicom's warnings about malformed input can quote element values (PHI): errors only
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    """Every handler scrubs patient identifiers (see :mod:`dicom_node.logs`)."""
+    logs.configure_logging(level)
 
 
 def _rows(settings: Settings, query: Any) -> list[Any]:

@@ -123,8 +123,9 @@ class SelectionSettings(_Model):
 
 class StudySettings(_Model):
     quiet_period_s: float = Field(10.0, ge=0)
-    # a study whose images keep arriving is analysed this long after its first image with
-    # what has arrived; later images supersede that result
+    # a study whose images keep arriving is analysed this long after the first image of its
+    # receiving round with what has arrived; later images start a new round whose result
+    # supersedes that one
     max_wait_s: float = Field(600.0, gt=0)
     poll_interval_s: float = Field(1.0, gt=0)
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
@@ -232,9 +233,11 @@ class WebSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     token: str | None = None  # None: a random token written to <data_dir>/api-token
-    # production WSGI server (waitress): bounded worker threads and connections
+    # production WSGI server (waitress): bounded worker threads and connections; an open
+    # connection costs a socket, not a thread, so the limit is high enough that slow or
+    # idle clients cannot lock real ones out (the open-file limit is raised to match)
     threads: int = Field(8, ge=1, le=256)
-    connection_limit: int = Field(100, ge=1, le=10000)
+    connection_limit: int = Field(1000, ge=1, le=10000)
     channel_timeout_s: float = Field(30.0, gt=0)  # an idle or stalled client is dropped
     max_request_body_bytes: int = Field(1024 * 1024, gt=0)
 

@@ -28,10 +28,28 @@ from sqlalchemy import (
     event,
     inspect,
 )
+from sqlalchemy.types import TypeDecorator
+
+from dicom_node.phi import redact
 
 logger = logging.getLogger(__name__)
 
 metadata = MetaData()
+
+
+class ScrubbedText(TypeDecorator[str]):
+    """TEXT whose values are scrubbed of patient identifiers on the way in.
+
+    For free text written from exception messages (job errors, reasons, delivery errors):
+    whichever code writes it, a value the node has seen in a header, or one quoted the way
+    pydicom quotes values, is stored as ``[redacted]`` (see :mod:`dicom_node.phi`).
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+        return redact(value) if isinstance(value, str) else value
 
 UID = String(64)
 
@@ -52,7 +70,7 @@ instances = Table(
     Column("received_at", Float, nullable=False),
     # pending -> selected | ignored ; analysed once the job that took it is done
     Column("analysis_state", String(16), nullable=False, default="pending"),
-    Column("reason", Text, nullable=True),
+    Column("reason", ScrubbedText, nullable=True),
     Column("job_id", Integer, ForeignKey("jobs.id"), nullable=True),
     # retention: when the spool file was removed (the row stays as the record)
     Column("purged_at", Float, nullable=True),
@@ -70,7 +88,7 @@ quarantine = Table(
     Column("sha256", String(64), nullable=False),
     Column("calling_ae", String(16), nullable=True),
     Column("received_at", Float, nullable=False),
-    Column("reason", Text, nullable=False),
+    Column("reason", ScrubbedText, nullable=False),
 )
 
 studies = Table(
@@ -79,10 +97,13 @@ studies = Table(
     Column("study_uid", UID, primary_key=True),
     # receiving -> queued -> analysing -> done | ignored | failed
     Column("state", String(16), nullable=False),
-    Column("reason", Text, nullable=True),
+    Column("reason", ScrubbedText, nullable=True),
     Column("first_received_at", Float, nullable=False),
     Column("last_received_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # start of the current receiving round (the first image, or the late image that
+    # re-opened the study): studies.max_wait_s counts from here
+    Column("receiving_since", Float, nullable=True),
 )
 Index("ix_studies_state", studies.c.state, studies.c.last_received_at)
 
@@ -99,7 +120,7 @@ jobs = Table(
     Column("created_at", Float, nullable=False),
     Column("started_at", Float, nullable=True),
     Column("finished_at", Float, nullable=True),
-    Column("error", Text, nullable=True),
+    Column("error", ScrubbedText, nullable=True),
     Column("duration_s", Float, nullable=True),
     # a re-queued job waits for its backoff (None: claimable at once)
     Column("next_attempt_at", Float, nullable=True),
@@ -163,7 +184,7 @@ deliveries = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("next_attempt_at", Float, nullable=False),
     Column("lease_expires_at", Float, nullable=True),
-    Column("last_error", Text, nullable=True),
+    Column("last_error", ScrubbedText, nullable=True),
     Column("last_status", Integer, nullable=True),
     Column("created_at", Float, nullable=False),
     Column("sent_at", Float, nullable=True),
@@ -192,7 +213,7 @@ audit_events = Table(
     Column("actor", String(64), nullable=True),  # calling AE, destination, "api", "node"
     Column("peer", String(64), nullable=True),  # network address[:port]
     Column("subject", String(128), nullable=True),  # a UID or internal id
-    Column("detail", Text, nullable=True),  # free text without PHI
+    Column("detail", ScrubbedText, nullable=True),  # free text without PHI
 )
 Index("ix_audit_events_at", audit_events.c.at)
 Index("ix_audit_events_kind", audit_events.c.kind, audit_events.c.id)
@@ -285,7 +306,7 @@ evaluation_runs = Table(
     Column("scheduled_for", Float, nullable=True),
     Column("started_at", Float, nullable=False),
     Column("finished_at", Float, nullable=True),
-    Column("error", Text, nullable=True),
+    Column("error", ScrubbedText, nullable=True),
     Column("n_images", Integer, nullable=True),
     Column("models", Text, nullable=True),  # JSON: [{name, version, device_uid, thresholds}]
     Column("alerts", Integer, nullable=False, default=0),

@@ -31,7 +31,7 @@ from pathlib import Path
 import pydicom
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from dicom_node import db
@@ -40,6 +40,7 @@ from dicom_node.dicomio import HEADER_PREFIX_BYTES, parse_header, quiet, read_fi
 from dicom_node.errors import InvalidInstanceError, SpoolError
 from dicom_node.inflate import InflateLimitError, inflate_bounded
 from dicom_node.spool import Spool, StoredFile, file_sha256
+from dicom_node.studies import touch_study
 
 logger = logging.getLogger(__name__)
 
@@ -275,13 +276,3 @@ class Ingestor:
                    actor=rec.calling_ae, peer=rec.peer, subject=rec.sop_instance_uid,
                    detail=f"status 0x{status:04X}: {reason}")
         return status
-
-
-def touch_study(conn: Connection, study_uid: str, now: float) -> None:
-    """Mark a study as receiving (again) so the assembler waits for its quiet period."""
-    res = conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid).values(
-        state="receiving", reason=None, last_received_at=now, updated_at=now))
-    if res.rowcount == 0:
-        conn.execute(insert(db.studies).values(
-            study_uid=study_uid, state="receiving", first_received_at=now,
-            last_received_at=now, updated_at=now))

@@ -18,7 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from sqlalchemy import Engine, and_, or_, select, update
 
-from dicom_node import db
+from dicom_node import backoff, db
 from dicom_node.config import Destination, SenderSettings
 from dicom_node.net import set_nodelay
 from dicom_node.spool import Spool
@@ -39,9 +39,9 @@ class Delivery:
 
 
 def backoff_delay(attempts: int, settings: SenderSettings, rng: random.Random) -> float:
-    """Delay before the next try after ``attempts`` failed ones: doubled, capped, jittered."""
-    base = min(settings.backoff_max_s, settings.backoff_initial_s * 2 ** max(0, attempts - 1))
-    return max(0.0, base * (1 + rng.uniform(-settings.jitter, settings.jitter)))
+    """Delay before the next try after ``attempts`` failed ones (``dicom_node.backoff``)."""
+    return backoff.backoff_delay(attempts, initial_s=settings.backoff_initial_s,
+                                 max_s=settings.backoff_max_s, jitter=settings.jitter, rng=rng)
 
 
 class Sender:

@@ -22,13 +22,17 @@ import pydicom
 from sqlalchemy import Engine
 
 from ai.types import ImageResult, ModelIdentity
+from dicom_node import disk, node_events
+from dicom_node.audit_forward import SyslogForwarder
 from dicom_node.config import Settings
 from dicom_node.db import make_engine
+from dicom_node.disk import DiskUsageSource
 from dicom_node.errors import NodeError
 from dicom_node.evaluation.service import EvaluationService
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
+from dicom_node.retention import Retention
 from dicom_node.scheduler import EvaluationScheduler, start_evaluation_scheduler
 from dicom_node.scp import start_scp
 from dicom_node.sender import Sender
@@ -111,14 +115,15 @@ class Node:
         storage = settings.storage
         self.spool = Spool(data_dir / "spool", min_free_bytes=storage.min_free_bytes,
                            watermarks=Watermarks(storage.high_watermark_pct,
-                                                 storage.low_watermark_pct))
+                                                 storage.low_watermark_pct),
+                           disk_usage=lambda: self.disk_usage())  # the one below
         self.ingestor = Ingestor(self.engine, self.spool,
                                  max_instance_bytes=storage.max_instance_bytes,
                                  max_inflated_bytes=storage.max_inflated_bytes)
-        self.queue = JobQueue(self.engine, lease_s=settings.workers.lease_s,
-                              max_attempts=settings.workers.max_attempts)
+        self.queue = JobQueue.from_settings(self.engine, settings.workers)
         self.assembler = StudyAssembler(self.engine, self.spool, settings.studies.selection,
-                                        settings.studies.quiet_period_s)
+                                        settings.studies.quiet_period_s,
+                                        max_wait_s=settings.studies.max_wait_s)
         self.sender = Sender(self.engine, self.spool, settings.destinations, settings.sender,
                              settings.dicom.ae_title)
         self.node_id = node_id(settings)
@@ -134,6 +139,9 @@ class Node:
             self.engine, settings, deployed=lambda: self.analyzer,
             model_error=lambda: self.model_error, stop_event=self.stop_event)
         self.scheduler: EvaluationScheduler | None = None
+        # the spool filesystem's use (watermarks, retention, /readyz, /metrics); tests may
+        # replace it
+        self.disk_usage: DiskUsageSource = lambda: disk.measure(self.spool.root)
 
     @property
     def server(self):  # type: ignore[no-untyped-def]
@@ -145,6 +153,7 @@ class Node:
         return bool(self.servers) and self.analyzer is not None
 
     def start(self) -> None:
+        node_events.record_started(self.engine, self.settings, self.node_id)
         self.spool.clean_tmp()
         self.queue.requeue_owned_by(self.node_id)
         self.sender.recover()
@@ -152,6 +161,7 @@ class Node:
         self._thread("assembler", self._assembler_loop)
         if self.settings.destinations:
             self._thread("sender", self._sender_loop)
+        self._start_housekeeping()
         self._thread("model-loader", self._load_model_then_work)
         self.scheduler = start_evaluation_scheduler(self.evaluation, self.settings.evaluation)
         if self.scheduler is not None:
@@ -177,6 +187,21 @@ class Node:
                 busy = False
             if not busy:
                 self.stop_event.wait(interval)
+
+    def _start_housekeeping(self) -> None:
+        """Audit forwarding to syslog (optional); retention of the spool."""
+        kept = self.settings.storage.retention
+        if kept.enabled:
+            retention = Retention(self.engine, self.spool, kept, self.settings.destinations,
+                                  lambda: self.disk_usage(),
+                                  thumbs_dir=data_path(self.settings, "thumbs"))
+            self._thread("retention", lambda: self._loop(kept.interval_s, retention.run_once))
+        syslog = self.settings.audit.syslog
+        if syslog.enabled:
+            forwarder = SyslogForwarder(self.engine, syslog)
+            self._thread("audit-syslog", lambda: self._loop(syslog.poll_interval_s,
+                                                            forwarder.run_once))
+            self.extras.append(forwarder.close)
 
     def _assembler_loop(self) -> None:
         self._loop(self.settings.studies.poll_interval_s, self.assembler.run_once)
@@ -212,6 +237,7 @@ class Node:
         deadline = time.monotonic() + timeout
         for t in self.threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        node_events.record_stopped(self.engine, self.node_id)
         self.engine.dispose()
 
 

@@ -15,7 +15,8 @@ cannot escape the spool.
 Watermarks: once the spool filesystem is fuller than the high watermark the spool stops
 accepting instances (C-STORE answers Out of Resources) and accepts again only below the low
 watermark, so a disk hovering at the limit does not flap between refusing and accepting.
-The disk-usage source is injectable (tests fake a full disk).
+The disk-usage source (:mod:`dicom_node.disk`, the node's one measurement) is injectable:
+tests fake a full disk.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ import errno
 import hashlib
 import logging
 import os
-import shutil
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
+from dicom_node import disk
+from dicom_node.disk import DiskUsage, DiskUsageSource
 from dicom_node.errors import SpoolError, SpoolFullError
 
 logger = logging.getLogger(__name__)
@@ -42,25 +43,6 @@ class StoredFile:
     relpath: str
     size: int
     sha256: str
-
-
-class DiskUsage(NamedTuple):
-    """What ``shutil.disk_usage`` returns (bytes)."""
-
-    total: int
-    used: int
-    free: int
-
-    @property
-    def used_pct(self) -> float:
-        return 100.0 * self.used / self.total if self.total else 100.0
-
-
-DiskUsageSource = Callable[[Path], DiskUsage]
-
-
-def _disk_usage(path: Path) -> DiskUsage:
-    return DiskUsage(*shutil.disk_usage(path))
 
 
 class Watermarks:
@@ -109,11 +91,11 @@ class Spool:
 
     def __init__(self, root: Path, *, min_free_bytes: int = 0,
                  watermarks: Watermarks | None = None,
-                 disk_usage: DiskUsageSource = _disk_usage) -> None:
+                 disk_usage: DiskUsageSource | None = None) -> None:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         self.watermarks = watermarks or Watermarks()
-        self.disk_usage = disk_usage
+        self.disk_usage: DiskUsageSource = disk_usage or (lambda: disk.measure(self.root))
         for sub in ("tmp", "instances", "quarantine", "results"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
@@ -123,7 +105,7 @@ class Spool:
         return self.root / "tmp"
 
     def usage(self) -> DiskUsage:
-        return self.disk_usage(self.root)
+        return self.disk_usage()
 
     def refusing(self) -> bool:
         """True while the spool filesystem is above its watermarks (see :class:`Watermarks`)."""
@@ -140,7 +122,7 @@ class Spool:
         return n
 
     def free_bytes(self) -> int:
-        return self.usage().free
+        return self.usage().free_bytes
 
     @staticmethod
     def name_for(sop_instance_uid: str) -> str:

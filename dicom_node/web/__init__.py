@@ -15,8 +15,10 @@ token, see :mod:`dicom_node.web.auth`; all of them are described in ``openapi.ya
 ``/api/v1/models``                         loaded model bundles, labels, thresholds
 ``/api/v1/evaluations/...``                runs, figures, label history, alerts, trigger,
                                            confirmed labels
+``/api/v1/audit``                          the audit trail (filters kind, outcome, time)
 ``/api/v1/openapi.yaml``                   the OpenAPI 3 document
-``/dashboard/...``                         login, overview, studies, study, evaluation
+``/dashboard/...``                         login, overview, studies, study, evaluation,
+                                           audit
 =========================================  ==================================================
 """
 
@@ -89,6 +91,7 @@ def create_app(settings: Settings, node: Any | None = None, *, engine: Engine | 
         api_evaluations,
         api_meta,
         api_studies,
+        audit,
         auth,
         dashboard,
         health,
@@ -104,14 +107,14 @@ def create_app(settings: Settings, node: Any | None = None, *, engine: Engine | 
         spool = Spool(settings.storage.data_dir / "spool")
     token = auth.resolve_token(settings)
     app = Flask(__name__)
-    app.config.update(TESTING=testing, MAX_CONTENT_LENGTH=1024 * 1024)
+    app.config.update(TESTING=testing, MAX_CONTENT_LENGTH=settings.web.max_request_body_bytes)
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the documented order
     app.extensions[EXTENSION_KEY] = WebContext(settings=settings, engine=engine, spool=spool,
                                                token=token, node=node, evaluation=evaluation)
     auth.init_auth(app, token)
     register_error_handlers(app)
     for bp in (health.bp, metrics.bp, api_studies.bp, api_evaluations.bp, api_meta.bp,
-               dashboard.bp):
+               audit.api_bp, dashboard.bp, audit.page_bp):
         app.register_blueprint(bp)
     app.add_url_rule("/", "root", query_params()(lambda: redirect(url_for(
         "dashboard.overview"))))

@@ -3,7 +3,7 @@
 Re-analysis policy
 ------------------
 ``reanalyse(study)`` is allowed when the study is done, ignored or failed (409 while it is
-receiving, queued or analysing). Every instance of the study goes back to ``pending`` and
+receiving, queued or analysing, or once retention removed its images). Every instance of the study goes back to ``pending`` and
 the study to ``receiving``; the study assembler (the one place that applies the selection
 rules) then builds a new job from the instances the *current* rules select. It runs at
 once in the request when the study's quiet period has passed, else on the assembler's
@@ -47,6 +47,10 @@ def reanalyse(ctx: WebContext, study_uid: str) -> dict[str, Any]:
         if state not in REANALYSABLE:
             raise ApiError(409, f"study is {state}; it can be re-analysed once it is "
                            f"{', '.join(REANALYSABLE)}", code="invalid_state")
+        if conn.execute(select(db.instances.c.id).where(db.instances.c.study_uid == study_uid)
+                        .where(db.instances.c.purged_at.is_not(None)).limit(1)).first():
+            raise ApiError(409, "the study's images were removed by retention; send them "
+                           "again to analyse it", code="purged")
         res = conn.execute(update(db.instances).where(db.instances.c.study_uid == study_uid)
                            .values(analysis_state="pending", reason=None, job_id=None))
         conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid)

@@ -7,6 +7,8 @@
   HttpOnly, SameSite=Strict session cookie. The token and identifiers never go in a URL.
   A session is valid for the dashboard only; its state-changing forms carry a per-session
   CSRF token (checked in constant time), as does the login form itself.
+* Failed authentications (wrong or malformed bearer token, wrong dashboard token) are in
+  the audit trail with the peer address, never with what was sent.
 * The token comes from ``web.token`` or, when that is empty, from ``<data_dir>/api-token``
   (created with 32 random bytes, mode 0600, on first start). The session signing key is
   derived from the token, so changing the token ends every session.
@@ -37,6 +39,7 @@ from flask import (
     url_for,
 )
 
+from dicom_node.audit import AuditKind, Outcome, record_now
 from dicom_node.config import Settings
 from dicom_node.web.context import web_context
 from dicom_node.web.errors import ApiError
@@ -105,7 +108,22 @@ def csrf_token() -> str:
 
 
 def _is_dashboard() -> bool:
-    return request.blueprint in ("dashboard", "auth")
+    blueprint = request.blueprint or ""
+    return blueprint == "auth" or blueprint.startswith("dashboard")
+
+
+def _audit_failure(how: str) -> None:
+    """A failed authentication, in the audit trail: the peer address and how, never what
+    was sent. A spray of failures from one address is recorded as a count, not row by row
+    (each row is a database write the DICOM receiver would have to wait for)."""
+    who = request.remote_addr or "?"
+    suppressed = current_app.extensions["cxr_audit_limiter"].admit(who)
+    if suppressed is None:
+        return
+    more = f"; {suppressed} more from this address not recorded" if suppressed else ""
+    record_now(web_context().engine, AuditKind.LOGIN_FAILED, Outcome.FAILURE, actor="web",
+               peer=who, subject=request.url_rule.rule if request.url_rule else None,
+               detail=f"{how}{more}")
 
 
 def _check_csrf() -> None:
@@ -127,9 +145,11 @@ def authenticate() -> Response | None:
     if header is not None:
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
+            _audit_failure("malformed Authorization header")
             raise ApiError(401, "use 'Authorization: Bearer <token>'",
                            headers={"WWW-Authenticate": 'Bearer realm="cxr-node"'})
         if not _equal(value.strip(), token):
+            _audit_failure("wrong bearer token")
             raise ApiError(403, "invalid token", code="invalid_token")
         g.auth = "bearer"
         return None
@@ -143,6 +163,31 @@ def authenticate() -> Response | None:
         return redirect(url_for("auth.login"))  # type: ignore[return-value]
     raise ApiError(401, "authentication required: 'Authorization: Bearer <token>'",
                    headers={"WWW-Authenticate": 'Bearer realm="cxr-node"'})
+
+
+class AuditLimiter:
+    """At most ``per_window`` audited failures per address and window; the rest counted."""
+
+    def __init__(self, per_window: int = 20, window_s: float = 60.0) -> None:
+        self.per_window = per_window
+        self.window_s = window_s
+        self._seen: dict[str, tuple[float, int, int]] = {}  # start, recorded, suppressed
+        self._lock = threading.Lock()
+
+    def admit(self, who: str) -> int | None:
+        """None: do not record; else record, mentioning this many suppressed before."""
+        now = time.monotonic()
+        with self._lock:
+            start, recorded, suppressed = self._seen.get(who, (now, 0, 0))
+            if now - start > self.window_s:
+                start, recorded = now, 0
+            if recorded >= self.per_window:
+                self._seen[who] = (start, recorded, suppressed + 1)
+                return None
+            if len(self._seen) > 10_000:  # bounded memory under a spray of addresses
+                self._seen.clear()
+            self._seen[who] = (start, recorded + 1, 0)
+            return suppressed
 
 
 class LoginThrottle:
@@ -180,10 +225,12 @@ def login() -> Response | str | tuple[str, int]:
         return render_template("login.html", error=None)
     who = request.remote_addr or "?"
     if _throttle().blocked(who):
+        _audit_failure("dashboard login refused: too many failures")
         raise ApiError(429, "too many failed logins; wait a few minutes")
     _check_csrf()
     if not _equal(request.form.get("token", "").strip(), web_context().token):
         _throttle().failed(who)
+        _audit_failure("dashboard login with a wrong token")
         logger.warning("dashboard login failed from %s", who)
         return render_template("login.html", error="Invalid token."), 401
     session.clear()
@@ -207,6 +254,7 @@ def init_auth(app: Flask, token: str) -> None:
     app.config.update(SESSION_COOKIE_NAME="cxr_session", SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Strict", PERMANENT_SESSION_LIFETIME=8 * 3600)
     app.extensions["cxr_login_throttle"] = LoginThrottle()
+    app.extensions["cxr_audit_limiter"] = AuditLimiter()
     app.before_request(authenticate)
     app.jinja_env.globals["csrf_token"] = csrf_token
     app.register_blueprint(bp)

@@ -1,7 +1,9 @@
 """Liveness and readiness, without authentication (for load balancers and systemd).
 
-``/readyz`` is 200 only when the DICOM listener is up, the model is loaded and the
-database answers; otherwise 503 with the reasons (no identifiers, no stack traces).
+``/readyz`` is 200 only when the DICOM listener is up, the model is loaded, the database
+answers and the spool's filesystem is not fuller than ``storage.high_watermark_pct``;
+otherwise 503 with the reasons (no identifiers, no stack traces). Its body also carries the
+spool's disk figures.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node.web.context import web_context
+from dicom_node.disk import DiskUsage, measure
+from dicom_node.web.context import WebContext, web_context
 from dicom_node.web.validation import query_params
 
 bp = Blueprint("health", __name__)
@@ -53,7 +56,33 @@ def readyz() -> ResponseReturnValue:
     except SQLAlchemyError:
         checks["database"] = "down"
         reasons.append("database does not answer")
+    disk = _disk_check(ctx, checks, reasons)
     ready = not reasons
     body = {"status": "ready" if ready else "not_ready", "checks": checks,
-            "reason": "; ".join(reasons) or None}
+            "reason": "; ".join(reasons) or None, "disk": disk}
     return jsonify(body), 200 if ready else 503
+
+
+def spool_disk(ctx: WebContext) -> DiskUsage:
+    """The spool filesystem's use, as the running node measures it (or measured here)."""
+    source = getattr(ctx.node, "disk_usage", None)
+    return source() if callable(source) else measure(ctx.spool.root)
+
+
+def _disk_check(ctx: WebContext, checks: dict[str, str], reasons: list[str]
+                ) -> dict[str, float | int] | None:
+    high = ctx.settings.storage.high_watermark_pct
+    try:
+        usage = spool_disk(ctx)
+    except OSError:
+        checks["disk"] = "unknown"
+        reasons.append("spool disk use cannot be measured")
+        return None
+    full = usage.used_pct > high
+    checks["disk"] = "full" if full else "ok"
+    if full:
+        reasons.append(f"spool disk {usage.used_pct:.1f} % used, above "
+                       f"storage.high_watermark_pct {high:g} %")
+    return {"total_bytes": usage.total_bytes, "used_bytes": usage.used_bytes,
+            "free_bytes": usage.free_bytes, "used_ratio": round(usage.used_ratio, 6),
+            "high_watermark_pct": high}

@@ -20,6 +20,7 @@ from sqlalchemy import Connection, and_, func, select
 from dicom_node import db
 from dicom_node.web import evaluation_queries as eq
 from dicom_node.web.context import WebContext, web_context
+from dicom_node.web.health import spool_disk
 from dicom_node.web.queries import count, counts_by, duration_histogram
 from dicom_node.web.validation import query_params
 
@@ -163,6 +164,34 @@ def _deliveries(exp: Exposition, conn: Connection, ctx: WebContext) -> None:
                [({}, float(pending))])
 
 
+def _spool_disk(exp: Exposition, ctx: WebContext) -> None:
+    """The spool filesystem (what retention and the watermarks act on)."""
+    try:
+        usage = spool_disk(ctx)
+    except OSError:
+        return  # not measurable: the families are absent rather than wrong
+    for name, kind, help_text, value in (
+            ("cxr_spool_disk_total_bytes", "gauge", "Size of the spool's filesystem.",
+             usage.total_bytes),
+            ("cxr_spool_disk_used_bytes", "gauge", "Bytes used on the spool's filesystem.",
+             usage.used_bytes),
+            ("cxr_spool_disk_free_bytes", "gauge",
+             "Bytes still available to the node on the spool's filesystem.", usage.free_bytes),
+            ("cxr_spool_disk_used_ratio", "gauge",
+             "Used share of the spool's filesystem (0-1), as df counts it.", usage.used_ratio)):
+        exp.family(name, kind, help_text, [({}, float(value))])
+
+
+def _retention(exp: Exposition, conn: Connection) -> None:
+    exp.family("cxr_retention_purged_total", "counter",
+               "Spool files removed by retention (rows kept, purged_at set), by kind: received "
+               "instances and result objects.",
+               [({"kind": "instance"}, float(count(conn, db.instances,
+                                                   db.instances.c.purged_at.is_not(None)))),
+                ({"kind": "output"}, float(count(conn, db.outputs,
+                                                 db.outputs.c.purged_at.is_not(None))))])
+
+
 def _evaluation(exp: Exposition, conn: Connection) -> None:
     latest = eq.latest_succeeded_runs(conn)
     m = db.evaluation_metrics.c
@@ -219,6 +248,8 @@ def render(ctx: WebContext) -> str:
                       "Analysis job duration (models, Grad-CAM, outputs) of done jobs.",
                       LATENCY_BUCKETS, cumulative, total, total_sum)
         _evaluation(exp, conn)
+        _retention(exp, conn)
+    _spool_disk(exp, ctx)
     return exp.text()
 
 

@@ -3,13 +3,15 @@ scrubbed from free text (job errors, reasons) before any response.
 
 The database holds no patient identifiers; they exist only in the received files. Free
 text written by other parts of the node (an exception message recorded as a job error)
-could still quote one, so API responses pass such text through :class:`Redactor`.
+is scrubbed when stored (:class:`dicom_node.db.ScrubbedText`), but a row written by an
+older version, or before the node had seen the header, could still quote one, so API
+responses pass such text through :class:`Redactor`: the matching itself is
+:mod:`dicom_node.phi`'s, with the study's own header values added.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -17,13 +19,15 @@ import pydicom
 from sqlalchemy import Connection, func, select
 
 from dicom_node import db
+from dicom_node.dicomio import quiet, read_untrusted
+from dicom_node.phi import PHI_KEYWORDS, PhiRegistry, redact, remember_phi
 from dicom_node.spool import Spool
 
 logger = logging.getLogger(__name__)
 
-_KEYWORDS = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
-             "OtherPatientIDs", "StudyDate", "StudyDescription", "StudyID"]
-REDACTED = "[redacted]"
+_SHOWN = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+          "OtherPatientIDs", "StudyDate", "StudyDescription", "StudyID"]
+_KEYWORDS = sorted(set(_SHOWN) | set(PHI_KEYWORDS) | {"OtherPatientIDsSequence"})
 
 
 @dataclass(frozen=True)
@@ -38,33 +42,36 @@ class PatientInfo:
     study_description: str = ""
     study_id: str = ""
 
-    def identifiers(self) -> list[str]:
-        """Every string that must not leave through the API or a log."""
-        values = [self.name, self.patient_id, self.birth_date, self.accession, self.study_id,
-                  *self.other_ids]
-        values += [part for part in re.split(r"[\^= ]+", self.name) if len(part) >= 3]
-        return sorted({v.strip() for v in values if len(v.strip()) >= 2}, key=len, reverse=True)
+
+def read_header(spool: Spool, relpath: str) -> pydicom.Dataset | None:
+    """The identifying attributes of a spooled instance (registered for scrubbing)."""
+    try:
+        ds = read_untrusted(spool.path(relpath), stop_before_pixels=True,
+                            specific_tags=_KEYWORDS)
+    except Exception as exc:  # noqa: BLE001 - a missing or odd file just shows no name
+        logger.debug("patient header unreadable for %s: %s", relpath, type(exc).__name__)
+        return None
+    return remember_phi(ds)
 
 
 def read_patient(spool: Spool, relpath: str) -> PatientInfo | None:
-    try:
-        ds = pydicom.dcmread(spool.path(relpath), stop_before_pixels=True,
-                             specific_tags=_KEYWORDS)  # type: ignore[arg-type]
-    except Exception as exc:  # noqa: BLE001 - a missing or odd file just shows no name
-        logger.debug("patient header unreadable for %s: %s", relpath, type(exc).__name__)
+    ds = read_header(spool, relpath)
+    if ds is None:
         return None
 
     def text(keyword: str) -> str:
         value = ds.get(keyword, "")
         return "" if value is None else str(value)
 
-    others = ds.get("OtherPatientIDs", []) or []
-    others = [others] if isinstance(others, str) else list(others)
-    return PatientInfo(name=text("PatientName"), patient_id=text("PatientID"),
-                       birth_date=text("PatientBirthDate"), sex=text("PatientSex"),
-                       accession=text("AccessionNumber"), other_ids=tuple(map(str, others)),
-                       study_date=text("StudyDate"),
-                       study_description=text("StudyDescription"), study_id=text("StudyID"))
+    with quiet():  # values convert lazily: a malformed one must not warn with its value
+        others = ds.get("OtherPatientIDs", []) or []
+        others = [others] if isinstance(others, str) else list(others)
+        return PatientInfo(name=text("PatientName"), patient_id=text("PatientID"),
+                           birth_date=text("PatientBirthDate"), sex=text("PatientSex"),
+                           accession=text("AccessionNumber"),
+                           other_ids=tuple(map(str, others)), study_date=text("StudyDate"),
+                           study_description=text("StudyDescription"),
+                           study_id=text("StudyID"))
 
 
 def first_instance_paths(conn: Connection, study_uids: Iterable[str]) -> dict[str, str]:
@@ -81,26 +88,26 @@ def first_instance_paths(conn: Connection, study_uids: Iterable[str]) -> dict[st
 
 
 class Redactor:
-    """Scrubs a study's patient identifiers from free text; reads each header once."""
+    """Scrubs free text of a study: every identifier the node has seen, plus this study's
+    own header values (read once per study, even if the node has forgotten them)."""
 
     def __init__(self, conn: Connection, spool: Spool) -> None:
         self.conn = conn
         self.spool = spool
-        self._ids: dict[str, list[str]] = {}
+        self._read: set[str] = set()
+        self._local = PhiRegistry()
 
     def prefetch(self, study_uids: Iterable[str]) -> None:
-        missing = [u for u in set(study_uids) if u not in self._ids]
-        for uid, path in first_instance_paths(self.conn, missing).items():
-            info = read_patient(self.spool, path)
-            self._ids[uid] = info.identifiers() if info else []
-        for uid in missing:
-            self._ids.setdefault(uid, [])
+        missing = [u for u in set(study_uids) if u not in self._read]
+        for path in first_instance_paths(self.conn, missing).values():
+            ds = read_header(self.spool, path)
+            if ds is not None:
+                remember_phi(ds, self._local)
+        self._read.update(missing)
 
     def __call__(self, study_uid: str, text: str | None) -> str | None:
         if not text:
             return text
-        if study_uid not in self._ids:
+        if study_uid not in self._read:
             self.prefetch([study_uid])
-        for value in self._ids[study_uid]:
-            text = re.sub(re.escape(value), REDACTED, text, flags=re.IGNORECASE)
-        return text
+        return self._local.redact(redact(text) or "")

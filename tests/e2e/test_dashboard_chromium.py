@@ -155,6 +155,7 @@ def _loaded(driver: Any, selector: str) -> int:
 
 def test_dashboard_pages_in_chromium(node: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     _prepare(node, tmp_path)
     base = f"http://127.0.0.1:{node.settings.web.port}"
@@ -191,6 +192,18 @@ def test_dashboard_pages_in_chromium(node: Any, tmp_path: Path) -> None:
 
         driver.find_element(By.CSS_SELECTOR, "button.resubmit").click()
         wait_until(lambda: "queued again" in driver.page_source, 10, what="resubmit")
+
+        assert requests.get(f"{base}/api/v1/studies", timeout=10,
+                            headers={"Authorization": "Bearer wrong"}).status_code == 403
+        driver.get(f"{base}/dashboard/audit")
+        assert "node started" in driver.find_element(By.ID, "audit-events").text
+        Select(driver.find_element(By.ID, "audit-kind")).select_by_value("login_failed")
+        driver.find_element(By.CSS_SELECTOR, "form.filters button").click()
+        wait_until(lambda: "kind=login_failed" in driver.current_url, 10, what="audit filter")
+        events = driver.find_element(By.ID, "audit-events").text
+        assert "wrong bearer token" in events and "127.0.0.1" in events
+        assert "node started" not in events and "wrong" not in driver.current_url
+        _shoot(driver, "audit")
 
         driver.get(f"{base}/dashboard/evaluation")
         wait_until(lambda: _loaded(driver, "img.history") == 3 and _loaded(driver, "img.roc")

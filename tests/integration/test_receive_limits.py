@@ -1,7 +1,7 @@
 """Bounded receiving against a real node process (QUALITY 23, 24): a deflate bomb, a PDU
 declaring 2 GiB, an instance over the size limit and two trickling peers, each while the
-node's memory is read from /proc. The model side is faked (tests/helpers/receiver_process.py)
-so the figures are the receiver's; they are printed for the closing note (run with -s)."""
+node's memory is read from /proc. The model side is faked (tests/helpers/fake_node.py) so
+the figures are the receiver's; they are printed for the closing note (run with -s)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from conftest import storescu, wait_for_port, wait_until
 from helpers.deflate import bomb_image, deflated_body, part10
 from helpers.dicomfiles import make_image, write
-from helpers.node import node_settings, query, write_config
+from helpers.node import node_settings, query, spawn_fake_node, write_config
 from helpers.rawdicom import (
     CR_STORAGE,
     VERIFICATION,
@@ -28,7 +28,6 @@ from helpers.rawdicom import (
     pdata,
     pdata_header,
 )
-from helpers.receiver_process import reset_peak, spawn, status_kib
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from sqlalchemy import select
@@ -48,6 +47,21 @@ MAX_INSTANCE = 4 * MiB
 # (64 KiB here) plus socket buffers: 32 MiB.
 BOMB_RSS_BOUND = 64 * MiB
 STREAM_RSS_BOUND = 32 * MiB
+
+
+def status_kib(pid: int, key: str) -> int:
+    """A ``/proc/<pid>/status`` figure in KiB (VmRSS, VmHWM)."""
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(key + ":"))
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not permitted."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 @dataclass
@@ -99,7 +113,7 @@ def receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Receiver]:
         "dicom.transfer_rate_window_s": 2, "storage.max_instance_bytes": MAX_INSTANCE,
         "storage.max_inflated_bytes": 128 * MiB})
     log = tmp / "node.log"
-    proc = spawn(write_config(settings, tmp / "node.yaml"), log)
+    proc = spawn_fake_node(write_config(settings, tmp / "node.yaml"), log)
     try:
         wait_for_port(settings.dicom.port, timeout=60)
         warm = [write(make_image(seed=i), tmp / "warm") for i in range(3)]

@@ -126,12 +126,12 @@ class FakeDisk:
     def __init__(self, used_pct: float) -> None:
         self.used_pct = used_pct
 
-    def __call__(self, path: Path):  # type: ignore[no-untyped-def]
-        from dicom_node.spool import DiskUsage
+    def __call__(self):  # type: ignore[no-untyped-def]
+        from dicom_node.disk import DiskUsage
 
         total = 10**12
         used = int(total * self.used_pct / 100)
-        return DiskUsage(total, used, total - used)
+        return DiskUsage(total_bytes=total, used_bytes=used, free_bytes=total - used)
 
 
 def test_spool_watermarks_refuse_then_recover_with_hysteresis(tmp_path: Path) -> None:
@@ -139,7 +139,7 @@ def test_spool_watermarks_refuse_then_recover_with_hysteresis(tmp_path: Path) ->
         "storage.high_watermark_pct": 95, "storage.low_watermark_pct": 90})
     node = start_node(settings, lambda s: FakeAnalyzer())
     disk = FakeDisk(96.0)
-    node.spool.disk_usage = disk
+    node.disk_usage = disk  # the node's one disk measurement: watermarks follow it
     try:
         def send(pct: float, seed: int):  # type: ignore[no-untyped-def]
             disk.used_pct = pct

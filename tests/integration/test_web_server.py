@@ -35,7 +35,8 @@ def test_served_on_loopback_with_the_generated_token(node) -> None:  # type: ign
     assert requests.get(f"{base}/healthz", timeout=5).json() == {"status": "ok"}
     ready = wait_until(lambda: (r := requests.get(f"{base}/readyz", timeout=5)).status_code
                        == 200 and r, 20, what="ready")
-    assert ready.json()["checks"] == {"listener": "up", "model": "loaded", "database": "up"}
+    assert ready.json()["checks"] == {"listener": "up", "model": "loaded", "database": "up",
+                                      "disk": "ok"}
     assert requests.get(f"{base}/api/v1/studies", timeout=5).status_code == 401
     assert requests.get(f"{base}/api/v1/studies", timeout=5,
                         headers={"Authorization": "Bearer nope"}).status_code == 403

@@ -16,8 +16,9 @@ from sqlalchemy import event, select
 from dicom_node import db
 from dicom_node.audit import AuditKind
 from dicom_node.dicomio import HEADER_PREFIX_BYTES
+from dicom_node.disk import DiskUsage
 from dicom_node.ingest import Ingestor, Received, StoreStatus
-from dicom_node.spool import DiskUsage, Spool, Watermarks
+from dicom_node.spool import Spool, Watermarks
 
 MiB = 1024 * 1024
 
@@ -112,10 +113,10 @@ class FakeDisk:
     def __init__(self) -> None:
         self.used_pct = 50.0
 
-    def __call__(self, path: Path) -> DiskUsage:
+    def __call__(self) -> DiskUsage:
         total = 10**12
         used = int(total * self.used_pct / 100)
-        return DiskUsage(total, used, total - used)
+        return DiskUsage(total_bytes=total, used_bytes=used, free_bytes=total - used)
 
 
 def test_watermarks_refuse_above_high_and_accept_only_below_low(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from webdata import AUTH, StubNode, WebEnv, web_settings
 
 from ai.types import ModelIdentity
+from dicom_node.disk import DiskUsage
 from dicom_node.web import create_app
 
 pytest_plugins = ["webfixtures"]
@@ -50,11 +51,14 @@ def test_configured_models_while_loading(web_env: WebEnv, tiny_bundle: Path) -> 
 
 
 def test_readiness_follows_the_node(ready_env: WebEnv) -> None:
+    node = ready_env.app.extensions["cxr_node"].node
+    node.disk_usage = lambda: DiskUsage(total_bytes=100, used_bytes=50, free_bytes=50)
     ok = ready_env.client.get("/readyz")
     assert ok.status_code == 200 and ok.get_json() == {
-        "status": "ready", "checks": {"listener": "up", "model": "loaded", "database": "up"},
-        "reason": None}
-    node = ready_env.app.extensions["cxr_node"].node
+        "status": "ready", "checks": {"listener": "up", "model": "loaded", "database": "up",
+                                      "disk": "ok"},
+        "reason": None, "disk": {"total_bytes": 100, "used_bytes": 50, "free_bytes": 50,
+                                 "used_ratio": 0.5, "high_watermark_pct": 95.0}}
     node.analyzer, node.model_error = None, "BundleError: bad weights at /srv/models/x"
     failed = ready_env.client.get("/readyz")
     assert failed.status_code == 503 and failed.get_json()["checks"]["model"] == "failed"

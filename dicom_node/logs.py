@@ -1,0 +1,73 @@
+"""Logging of the node's entry points: one format, and no patient identifier in any record.
+
+:class:`PhiRedactingFilter` sits on every handler :func:`configure_logging` installs, so it
+sees every record those handlers write, whichever logger it came from: the message (after
+``%`` formatting), the exception text and the stack text pass through
+:func:`dicom_node.phi.redact`. Python warnings become log records
+(:func:`logging.captureWarnings`), so pydicom's warnings about malformed values, which quote
+the value, are scrubbed as well instead of reaching stderr untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from dicom_node.phi import redact
+
+FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(threadName)s] %(message)s"
+_DONE = "_phi_redacted"
+
+
+def redact_record(record: logging.LogRecord) -> logging.LogRecord:
+    """Scrub one record in place (idempotent; later handlers see the scrubbed record)."""
+    if getattr(record, _DONE, False):
+        return record
+    try:
+        message = record.getMessage()
+    except Exception:  # noqa: BLE001 - a bad format string: keep what can be shown
+        message = f"{record.msg} (unformattable arguments)"
+    record.msg = redact(message) or ""
+    record.args = None
+    if record.exc_info and not record.exc_text:
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+    if record.exc_text:
+        record.exc_text = redact(record.exc_text)
+    if record.stack_info:
+        record.stack_info = redact(record.stack_info)
+    setattr(record, _DONE, True)
+    return record
+
+
+class PhiRedactingFilter(logging.Filter):
+    """A handler filter that never drops a record, only scrubs it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        redact_record(record)
+        return True
+
+
+def configure_logging(level: str, handler: logging.Handler | None = None) -> logging.Handler:
+    """A root handler (stderr unless ``handler`` is given) at ``level``, scrubbed of
+    identifiers; handlers installed earlier by someone else get the filter too.
+
+    Third-party loggers: pynetdicom at WARNING at least (its DEBUG dumps PDUs); pydicom at
+    ERROR (its warnings arrive once, through :mod:`warnings`, and its DEBUG output dumps raw
+    element bytes that no text filter can recognise).
+    """
+    handler = handler or logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(PhiRedactingFilter())
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_cxr_node", False)]:
+        root.removeHandler(old)  # called again (tests, reconfiguration): replace, not add
+    handler._cxr_node = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level))
+    for existing in root.handlers:  # handlers someone else installed get the filter too
+        if not any(isinstance(f, PhiRedactingFilter) for f in existing.filters):
+            existing.addFilter(PhiRedactingFilter())
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, getattr(logging, level)))
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logging.captureWarnings(True)
+    return handler

@@ -1,0 +1,108 @@
+"""The log filter of the entry points: every record a configured handler writes, pydicom's
+warnings included, carries no identifying value, whatever the message format."""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from test_phi import malformed_header
+
+from dicom_node import logs
+from dicom_node.cli import main
+from dicom_node.phi import REDACTED, remember_values
+
+CANARY_NAME = "Qlx^Canarylogname"
+CANARY_ID = "CANARYLOGPID31"
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """``configure_logging`` at DEBUG into a string; the global logging state restored."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    levels = {n: logging.getLogger(n).level for n in ("pydicom", "pynetdicom")}
+    stream = io.StringIO()
+    handler = logs.configure_logging("DEBUG", logging.StreamHandler(stream))
+    try:
+        yield stream
+    finally:
+        logging.captureWarnings(False)
+        root.removeHandler(handler)
+        for h in handlers:
+            h.filters = [f for f in h.filters if not isinstance(f, logs.PhiRedactingFilter)]
+        root.setLevel(level)
+        for name, lvl in levels.items():
+            logging.getLogger(name).setLevel(lvl)
+
+
+def test_messages_arguments_and_tracebacks_are_scrubbed(log_stream: io.StringIO) -> None:
+    remember_values([CANARY_ID], names=[CANARY_NAME])
+    log = logging.getLogger("dicom_node.test")
+    log.debug("study of %s (%s)", CANARY_NAME, CANARY_ID.lower())
+    try:
+        raise ValueError(f"bad header of {CANARY_NAME.replace('^', ' ')}")
+    except ValueError:
+        log.exception("job %d crashed", 7)
+    log.warning("format %s %s", "too few")  # a broken call is shown, not raised
+    text = log_stream.getvalue().lower()
+    for value in (CANARY_ID, "canarylogname", "qlx"):
+        assert value.lower() not in text, text
+    assert text.count(REDACTED) >= 3 and "job 7 crashed" in text and "traceback" in text
+    assert "valueerror: bad header of [redacted]" in text
+
+
+def test_pydicom_warnings_become_scrubbed_records(log_stream: io.StringIO) -> None:
+    """A path that does not use read_untrusted: plain dcmread, values copied into a new
+    dataset (as output building does): pydicom warns, quoting the value."""
+    source = malformed_header()  # never seen by remember_phi: only the patterns protect
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        target = Dataset()
+        target.PatientBirthDate = source.PatientBirthDate
+        target.PatientID = source.PatientID
+    text = log_stream.getvalue()
+    assert "Invalid value for VR DA: [redacted]" in text, text  # the warning did arrive
+    assert "py.warnings" in text and "canary" not in text.lower()
+
+
+def test_every_handler_of_the_root_gets_the_filter() -> None:
+    root = logging.getLogger()
+    other = logging.StreamHandler(io.StringIO())
+    root.addHandler(other)
+    mine = None
+    try:
+        mine = logs.configure_logging("INFO", logging.StreamHandler(io.StringIO()))
+        again = logs.configure_logging("INFO", logging.StreamHandler(io.StringIO()))
+        assert mine not in root.handlers and again in root.handlers  # replaced, not stacked
+        assert any(isinstance(f, logs.PhiRedactingFilter) for f in other.filters)
+        assert logging.getLogger("pydicom").level == logging.ERROR
+        mine = again
+    finally:
+        logging.captureWarnings(False)
+        root.removeHandler(other)
+        if mine is not None:
+            root.removeHandler(mine)
+
+
+def test_cli_configures_the_scrubbing_handler(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        assert main(["check-config", "--data-dir", str(tmp_path), "--log-level", "DEBUG"]) == 0
+        added = [h for h in root.handlers if h not in before]
+        assert len(added) == 1
+        assert any(isinstance(f, logs.PhiRedactingFilter) for f in added[0].filters)
+    finally:
+        logging.captureWarnings(False)
+        for h in root.handlers[:]:
+            if h not in before:
+                root.removeHandler(h)
+        for h in before:
+            h.filters = [f for f in h.filters if not isinstance(f, logs.PhiRedactingFilter)]
+    assert pydicom.__version__  # the CLI imported nothing that broke pydicom's state
