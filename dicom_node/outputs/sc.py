@@ -60,7 +60,7 @@ def overlay_pixels(source: Source, settings: OutputSettings) -> np.ndarray:
     result = source.result
     grey = result.display  # what the model saw, when the analysis kept it: no second decode
     if grey is None or grey.shape != (result.rows, result.columns):
-        grey = render.render_grey(source.original)
+        grey = render.render_grey(source.work)  # sanitised: a bad VOI value cannot break it
     rgb = np.repeat(grey[:, :, np.newaxis], 3, axis=2)
     if result.heatmap is not None:
         render.blend_heatmap(rgb, result.heatmap, settings.heatmap_alpha)
