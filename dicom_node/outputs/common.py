@@ -53,6 +53,7 @@ _REQUIRED: tuple[str, ...] = (
     "Columns",
     "PhotometricInterpretation",
 )
+SR_CANDIDATE_MODES: tuple[str, ...] = ("omit", "list")
 # Used when a projection image carries no orientation: the usual chest display (patient's
 # left to the right of the screen, feet down). Only ever written into working copies.
 DEFAULT_ORIENTATION: tuple[str, str] = ("L", "F")
@@ -73,6 +74,9 @@ class OutputSettings:
     heatmap_alpha: float = 0.35
     # Type 1 in the GSPS Enhanced General Equipment module: identifies this node.
     device_serial_number: str = "1"
+    # Detector candidates below their operating threshold: "omit" them from the SR, or
+    # "list" them (Absent, with probability, never with an image region).
+    sr_candidates: str = "omit"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.heatmap_alpha <= 1.0:
@@ -83,6 +87,10 @@ class OutputSettings:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.manufacturer:
             raise ValueError("manufacturer must not be empty")
+        if self.sr_candidates not in SR_CANDIDATE_MODES:
+            raise ValueError(
+                f"sr_candidates must be one of {SR_CANDIDATE_MODES}, got {self.sr_candidates!r}"
+            )
 
 
 @dataclass(frozen=True)
