@@ -248,6 +248,23 @@ def _positive_pair(value: object) -> bool:
     return len(pair) == 2 and all(v > 0 for v in pair)
 
 
+UNPAIRED_BODY_PART = "CHEST"
+
+
+def set_body_part(output: Dataset, source: Dataset) -> None:
+    """General Series of an output: the source's body part (CHEST when it has none), and
+    its Laterality; Laterality is Type 2C, required for any body part that may be paired,
+    and validators know only a fixed list of unpaired ones (THORAX and LUNG are not on it),
+    so it is sent empty ("unknown") with any body part but CHEST when the source gave none.
+    """
+    output.BodyPartExamined = str(source.get("BodyPartExamined") or UNPAIRED_BODY_PART)
+    laterality = source.get("Laterality")
+    if laterality:
+        output.Laterality = laterality
+    elif output.BodyPartExamined != UNPAIRED_BODY_PART:
+        output.Laterality = None
+
+
 def models_of(sources: Sequence[Source]) -> list[ModelIdentity]:
     """Every model that contributed, in first-seen order (the SR's device observers)."""
     seen: dict[str, ModelIdentity] = {}

@@ -51,6 +51,7 @@ from dicom_node.outputs.common import (
     models_of,
     restore_person_names,
     series_uid,
+    set_body_part,
     software_versions,
     tracking,
 )
@@ -124,11 +125,7 @@ def _build_group(
         presentation_lut_transformation=PresentationLUTTransformation(presentation_lut_shape=shape),
         series_description=SERIES_DESCRIPTION,
     )
-    # General Series: naming the (unpaired) body part is what makes Laterality (2C)
-    # unnecessary; copy it when the source has it anyway.
-    gsps.BodyPartExamined = str(images[0].get("BodyPartExamined") or "CHEST")
-    if images[0].get("Laterality"):
-        gsps.Laterality = images[0].Laterality
+    set_body_part(gsps, images[0])
     restore_person_names(gsps, sources[0])
     logger.debug("Built GSPS %s for %d image(s)", sop_uid, len(images))
     return OutputObject("gsps", gsps, sop_uid, GrayscaleSoftcopyPresentationStateStorage)

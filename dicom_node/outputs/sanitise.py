@@ -24,7 +24,9 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
@@ -51,6 +53,7 @@ KEPT_EXACT: frozenset[str] = frozenset(
         "SOPInstanceUID",
         "SOPClassUID",
         "FrameOfReferenceUID",
+        "Modality",  # highdicom checks it on every referenced image; outputs set their own
         "Rows",
         "Columns",
         "SamplesPerPixel",
@@ -72,11 +75,14 @@ _TEXT_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI",
      "UR", "UT"}
 )
-_FREE_TEXT_VRS = frozenset({"LT", "ST", "UT"})  # may hold TAB, LF, FF and CR (PS3.5 6.1.3)
-_CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f]")  # ESC (1B) is ISO 2022 code extension
-_FREE_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
+_FREE_TEXT_VRS = frozenset({"LT", "ST", "UT"})
+_NUMERIC_LIKE = frozenset({"AS", "DA", "DS", "DT", "IS", "TM", "UI"})  # no empty among several  # may hold TAB, LF, FF and CR (PS3.5 6.1.3)
+# C0 and C1 control characters and DEL; ESC (1B) stays (ISO 2022 code extension)
+_CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f-\x9f]")
+_FREE_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f-\x9f]")
 _ORIENTATION = re.compile(r"[APRLHF]{1,3}")  # PS3.3 C.7.6.1.1.1, biped
 _MAX_PN_COMPONENTS = 5  # family^given^middle^prefix^suffix (PS3.5 6.2.1.2)
+_PN_MAX_TOTAL = 64
 _INT32 = (-(2**31), 2**31 - 1)
 
 
@@ -93,6 +99,42 @@ _ENUMERATED: dict[str, frozenset[str]] = {
     "QualityControlSubject": frozenset({"YES", "NO"}),
     "PatientIdentityRemoved": frozenset({"YES", "NO"}),
 }
+
+
+class _ThreadSilence(logging.Filter):
+    """Drops the records of the threads that are inside :meth:`active` (others pass).
+
+    pydicom reports a bad value twice: as a warning (``dicomio.quiet`` silences those) and
+    as a WARNING record on the ``pydicom`` logger that quotes the value, which may be PHI.
+    A filter on that logger, switched per thread, keeps the worker's conversions quiet
+    without muting another thread's pydicom messages.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self._local, "depth", 0)
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._local.depth -= 1
+
+
+_PYDICOM_SILENCE = _ThreadSilence()
+logging.getLogger("pydicom").addFilter(_PYDICOM_SILENCE)
+
+
+@contextmanager
+def silent_pydicom() -> Iterator[None]:
+    """No pydicom warning and no pydicom log record (they quote values) from this thread."""
+    with quiet(), _PYDICOM_SILENCE.active():
+        yield
 
 
 @dataclass(frozen=True)
@@ -112,9 +154,11 @@ def sanitise(work: Dataset, label: str) -> list[Removal]:
     they were). ``label`` names the source in the log (a UID, never a patient value).
     """
     removals: list[Removal] = []
-    with quiet():  # converting a raw bad value makes pydicom warn, quoting the value
+    with silent_pydicom():  # converting a raw bad value makes pydicom quote the value
         charset = _check_charset(work, removals)
-        encodings = convert_encodings(charset)
+        # no Specific Character Set: the default repertoire, ASCII (pydicom would read
+        # and write Latin-1, which validators rightly refuse)
+        encodings = convert_encodings(charset) if charset else ["ascii"]
         for tag in list(work.keys()):
             keyword = keyword_for_tag(tag)
             if tag.group == 0x0002 or not keyword or keyword in KEPT_EXACT:
@@ -124,6 +168,7 @@ def sanitise(work: Dataset, label: str) -> list[Removal]:
                 continue
             action = _remove(work, tag, keyword)
             removals.append(Removal(keyword, action, reason))
+        removals += _enforce_together(work)
     for removal in removals:
         logger.warning(
             "Source %s: %s %s in the outputs (%s)",
@@ -142,6 +187,62 @@ def _remove(work: Dataset, tag: int, keyword: str) -> str:
         return "emptied"
     del work[tag]
     return "dropped"
+
+
+# Attributes that only mean something together (PS3.3 C.11.2 VOI LUT, C.11.1 Modality
+# LUT: Type 1C pairs); highdicom's GSPS refuses a centre without its width, and so on.
+_TOGETHER: tuple[tuple[str, ...], ...] = (
+    ("WindowCenter", "WindowWidth"),
+    ("RescaleSlope", "RescaleIntercept"),
+)
+_DEPENDENTS = {"WindowCenter": ("WindowCenterWidthExplanation",), "RescaleSlope": ("RescaleType",)}
+
+
+def _enforce_together(work: Dataset) -> list[Removal]:
+    """Drop a VOI window or rescale whose partner went (or never was), whose value counts
+    differ, or whose width is not positive; and an explanation that does not match."""
+    removals = []
+    for group in _TOGETHER:
+        problem = _group_problem(work, group)
+        if problem is None:
+            continue
+        for keyword in (*group, *_DEPENDENTS.get(group[0], ())):
+            if keyword in work:
+                del work[keyword]
+                removals.append(Removal(keyword, "dropped", problem))
+    explanation = work.get("WindowCenterWidthExplanation")
+    if explanation is not None and _count(explanation) != _count(work.get("WindowCenter")):
+        del work.WindowCenterWidthExplanation
+        removals.append(
+            Removal("WindowCenterWidthExplanation", "dropped", "does not match the windows")
+        )
+    return removals
+
+
+def _group_problem(work: Dataset, group: tuple[str, ...]) -> str | None:
+    present = [keyword in work for keyword in group]
+    if not any(present):
+        return None
+    if not all(present):
+        return f"{' and '.join(group)} must come together"
+    counts = {_count(work.get(keyword)) for keyword in group}
+    if 0 in counts:
+        return f"{' and '.join(group)} need values"
+    if len(counts) > 1:
+        return f"{' and '.join(group)} differ in number of values"
+    if group[0] == "WindowCenter" and any(float(w) <= 0 for w in _as_values(work.WindowWidth)):
+        return "window width not positive"
+    return None
+
+
+def _as_values(value: object) -> list:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, MultiValue) else [value]
+
+
+def _count(value: object) -> int:
+    return len(_as_values(value))
 
 
 def _check_charset(work: Dataset, removals: list[Removal]) -> list[str] | None:
@@ -180,6 +281,8 @@ def _element_problem(ds: Dataset, tag: int, encodings: list[str]) -> str | None:
     if values in ([], [""]):
         return None
     problem = _multiplicity_problem(elem.tag, len(values))
+    if problem is None and vr in _NUMERIC_LIKE and any(_text(v).strip() == "" for v in values):
+        problem = f"empty {vr} value among several"
     for value in values:
         problem = problem or _value_problem(vr, _text(value), encodings)
     keyword = keyword_for_tag(elem.tag)
@@ -224,6 +327,8 @@ def _text(value: object) -> str:
 
 
 def _value_problem(vr: str, text: str, encodings: list[str]) -> str | None:
+    if not text:
+        return None
     try:
         validate_value(vr, text, config.RAISE)
     except ValueError:
@@ -277,6 +382,10 @@ def _decimal_problem(text: str) -> str | None:
 
 
 def _person_name_problem(text: str) -> str | None:
+    if len(text) > _PN_MAX_TOTAL:
+        # PS3.5 allows 64 per component group; dciodvfy (the gate every output passes)
+        # holds the whole value to 64, so a longer name is not copied
+        return f"PN longer than {_PN_MAX_TOTAL} characters"
     for group in text.split("="):
         if group.count("^") >= _MAX_PN_COMPONENTS:
             return f"PN with more than {_MAX_PN_COMPONENTS} components"

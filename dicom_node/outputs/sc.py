@@ -30,6 +30,7 @@ from dicom_node.outputs.common import (
     instance_uid,
     restore_person_names,
     series_uid,
+    set_body_part,
     software_versions,
 )
 
@@ -150,9 +151,7 @@ def _describe(sc: Dataset, source: Source) -> None:
         sc.PatientOrientation = None  # Type 2C: empty rather than a guess
     sc.ConversionType = "WSD"  # workstation: rendered by software from a source image
     sc.BurnedInAnnotation = "YES"
-    sc.BodyPartExamined = str(ref.get("BodyPartExamined") or "CHEST")
-    if ref.get("Laterality"):
-        sc.Laterality = ref.Laterality
+    set_body_part(sc, ref)
     names = sorted({f"{f.model.name} {f.model.version}" for f in source.result.findings})
     sc.DerivationDescription = (
         "AI overlay of the source image: VOI-rendered grey image with heatmap and boxes "
