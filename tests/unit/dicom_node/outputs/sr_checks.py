@@ -61,6 +61,20 @@ def assert_truthful_sr(sr: Dataset, sources: Sequence[Source], settings: OutputS
     assert _evaluations(sr) == _expected_evaluations(sources, settings)
 
 
+def assert_regions_only_for_present_findings(sr: Dataset) -> None:
+    """What a viewer relies on, checkable without the results: every measurement group
+    has an image region and says Present, and no region sits anywhere else."""
+    report = hd.sr.ComprehensiveSR.from_dataset(sr, copy=True).content
+    assert not report.get_image_measurement_groups(), "group without image region"
+    for group in report.get_planar_roi_measurement_groups():
+        assert group.roi is not None
+        values = [e.value.value for e in group.get_qualitative_evaluations()]
+        assert values == [PRESENT], values
+    for item in walk(sr):
+        if item.ValueType in ("SCOORD", "SCOORD3D"):
+            assert _inside_present_group(sr, item), "SCOORD outside a Present finding's group"
+
+
 def _expected_regions(sources: Sequence[Source]) -> list[tuple[str, str, float]]:
     regions = []
     for source in sources:
