@@ -15,24 +15,31 @@ source images, then:
   the algorithm. Detector candidates below their operating threshold are left out, or
   listed here the same way (Absent, no region) when ``sr_candidates`` is ``"list"``.
 
-How OHIF v3 (extensions/cornerstone-dicom-sr) reads this, and why the probability NUM of a
-region group is *named after the finding*:
+How OHIF v3 reads this (OHIF/Viewers, extensions/cornerstone-dicom-sr/src, the version
+whose ``_checkIfCanAddMeasurementsToDisplaySet`` raised the field trial's TypeError), and
+why the probability NUM of a region group is *named after the finding*:
 
-* ``getSopClassHandlerModule.ts`` ``_getMeasurements`` takes every 125007 group under
-  126010 and, in ``_checkIfCanAddMeasurementsToDisplaySet``, reads
-  ``measurement.coords[0].ReferencedSOPSequence``: a group without SCOORD has no coords
-  and throws (the TypeError the field trial saw), so every group here has a region.
-* ``_processTID1410Measurement`` builds the on-image text only from the group's NUM items,
-  ``labels.push(_getLabelFromMeasuredValueSequence(ConceptNameCodeSequence, ...))`` =
-  ``{label: <NUM concept CodeMeaning>, value: "<NumericValue.toFixed(2)> <unit CodeValue>"}``
-  (plus a Finding Site, which we do not claim); the Finding (121071) item is not shown.
-* ``tools/DICOMSRDisplayTool.ts`` ``_getTextBoxLinesFromLabels`` draws each as
-  ``${label}: ${value}``; ``utils/addSRAnnotation.ts`` uses ``labels[0].value``.
+* ``getSopClassHandlerModule.ts`` ``_getMeasurements`` turns every 125007 group under
+  126010 into a measurement; ``_processNonGeometricallyDefinedMeasurement`` gives a group
+  without SCOORD ``coords: []``, and ``_checkIfCanAddMeasurementsToDisplaySet`` then reads
+  ``const referencedSOPSequence = measurement.coords[0].ReferencedSOPSequence;`` (the
+  TypeError): so every group here has a region, and nothing else is a group.
+* ``_processTID1410Measurement`` labels a region only from the group's top-level NUMs,
+  ``measurement.labels.push(_getLabelFromMeasuredValueSequence(ConceptNameCodeSequence,
+  MeasuredValueSequence))``, which returns ``{label: CodeMeaning, value:
+  `${Number(NumericValue).toFixed(2)} ${CodeValue}`}`` (plus a SCT 363698007 Finding Site,
+  which we do not claim); the Finding (121071) item is not shown on the image.
+* ``tools/DICOMSRDisplayTool.ts`` ``_getTextBoxLinesFromLabels`` draws each label as
+  ``lines.push(`${_labelToShorthand(labelEntry.label)}: ${labelEntry.value}`)`` and
+  ``utils/addSRAnnotation.ts`` sets ``label: measurement.labels?.[0]?.value``.
 
-So the group's NUM has the finding's own code as its concept name (TID 1419 $Measurement
-is a baseline context group in TID 1410, so any code is valid), "%" as unit and the
-Measurement Method "Certainty of Finding" (DCM 111012) saying what the number is: OHIF
-shows "Nodule: 97.00 %" next to the box.
+So the group's NUM has the finding's own code as concept name (TID 1419 row 5; TID 1410
+points $Measurement at CID 7469, an extensible group, so a coded finding is a documented
+extension, and highdicom's parser and DCMTK accept it), "%" as unit and the Measurement
+Method "Certainty of Finding" (DCM 111012) saying what the number is: OHIF shows
+"Nodule: 97.00 %" beside the box (before: "Certainty of Finding: 97.00 %").
+Normal studies have no Imaging Measurements container (row 6 or row 12 must be present;
+highdicom's reader fails on an empty one); the OHIF version above handles its absence.
 """
 
 from __future__ import annotations
