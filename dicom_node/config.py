@@ -179,6 +179,9 @@ class OutputSettingsModel(_Model):
     gsps: bool = True
     institution_name: str | None = None
     heatmap_alpha: float = Field(0.35, ge=0, le=1)
+    # detector candidates below their operating threshold: left out of the SR ("omit"),
+    # or listed as Absent with their probability and without an image region ("list")
+    sr_candidates: Literal["omit", "list"] = "omit"
 
 
 OutputKind = Literal["sr", "sc", "gsps"]

@@ -99,7 +99,7 @@ def load_analyzer(settings: Settings) -> Analyzer:
 def output_settings(settings: Settings) -> OutputSettings:
     o = settings.outputs
     return OutputSettings(sr=o.sr, sc=o.sc, gsps=o.gsps, institution_name=o.institution_name,
-                          heatmap_alpha=o.heatmap_alpha)
+                          heatmap_alpha=o.heatmap_alpha, sr_candidates=o.sr_candidates)
 
 
 class Node:
