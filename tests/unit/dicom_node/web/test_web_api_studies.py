@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from webdata import DEST, WebEnv
 
 from dicom_node import db
+from dicom_node.config import Destination
 from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
 from dicom_node.spool import Spool
@@ -193,7 +194,7 @@ def test_reanalyse_same_model_rebuilds_the_same_objects_and_sends_nothing_twice(
     spool = Spool(web_env.settings.storage.data_dir / "spool")
     worker = AnalysisWorker(web_env.engine, spool, JobQueue(web_env.engine, lease_s=60,
                                                             max_attempts=1),
-                            FakeAnalyzer(), OutputSettings(), [DEST])
+                            FakeAnalyzer(), OutputSettings(), [Destination.parse(DEST)])
     assert worker.process_one("test").state == "done"  # type: ignore[union-attr]
     with web_env.engine.connect() as conn:
         after = {o.sop_instance_uid for o in conn.execute(select(db.outputs)).all()}

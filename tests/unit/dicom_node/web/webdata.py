@@ -25,7 +25,7 @@ from sqlalchemy import Engine, insert, select, update
 
 from ai.types import AnalysisError
 from dicom_node import db
-from dicom_node.config import Settings, load_settings
+from dicom_node.config import Destination, Settings, load_settings
 from dicom_node.evaluation.service import EvaluationService
 from dicom_node.ingest import Ingestor, Received
 from dicom_node.jobs import JobQueue
@@ -109,12 +109,13 @@ def populate(settings: Settings, engine: Engine) -> WebData:
     data.done = study(2)
     data.ignored = study(1, sop_class=CT, modality="CT")
     assembler.run_once(time.time() + 1)
-    AnalysisWorker(engine, spool, queue, FakeAnalyzer(), outputs, [DEST]).process_one("t")
+    dests = [Destination.parse(DEST)]
+    AnalysisWorker(engine, spool, queue, FakeAnalyzer(), outputs, dests).process_one("t")
     data.failed = study(1)
     assembler.run_once(time.time() + 1)
     boom = AnalysisError(f"model exploded on {CANARY['PatientName']} / {CANARY['PatientID']}")
     AnalysisWorker(engine, spool, queue, FakeAnalyzer(fail_with=boom), outputs,
-                   [DEST]).process_one("t")
+                   dests).process_one("t")
     data.receiving = study(1)
     with engine.begin() as conn:
         ids = list(conn.execute(select(db.deliveries.c.id).order_by(db.deliveries.c.id))
