@@ -195,7 +195,8 @@ class Destination(_Model):
     # (keywords or UIDs, e.g. [RLELossless, ExplicitVRLittleEndian]); the SC is transcoded
     # to the one the destination accepts
     sc_transfer_syntaxes: list[str] = Field(
-        default_factory=lambda: ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian"])
+        default_factory=lambda: ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian"],
+        validate_default=True)
     # ask for Storage Commitment (N-ACTION) after storing; a delivery is 'committed' once
     # the destination's N-EVENT-REPORT confirms it, and re-sent when not within the timeout
     storage_commitment: bool = False

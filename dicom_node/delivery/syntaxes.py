@@ -65,9 +65,9 @@ def convert(ds: Dataset, target: UID) -> Dataset:
     if current == target:
         return ds
     if current.is_compressed:
-        ds.decompress()
+        ds.decompress(generate_instance_uid=False)
     if target.is_compressed:
-        ds.compress(target)
+        ds.compress(target, generate_instance_uid=False)  # the same object, re-encoded
     else:
         ds.file_meta.TransferSyntaxUID = target
     # pynetdicom checks that the dataset's encoding matches the file meta

@@ -16,18 +16,15 @@ from typing import Any
 import pydicom
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers.dicomfiles import CT, make_image
+from helpers.dicomfiles import CT, make_image, received
 from helpers.fakes import FakeAnalyzer
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
-from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import Engine, insert, select, update
 
 from ai.types import AnalysisError
 from dicom_node import db
 from dicom_node.config import Destination, Settings, load_settings
 from dicom_node.evaluation.service import EvaluationService
-from dicom_node.ingest import Ingestor, Received
+from dicom_node.ingest import Ingestor
 from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
 from dicom_node.spool import Spool
@@ -70,18 +67,6 @@ def web_settings(data_dir: Path, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return load_settings(None, overrides=values, environ={})
-
-
-def received(ds: pydicom.Dataset) -> Received:
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_dataset(fp, pydicom.Dataset(ds))
-    meta = pydicom.dataset.FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return Received(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian, meta,
-                    fp.getvalue(), "PACS")
 
 
 def canary_image(**kwargs: Any) -> pydicom.Dataset:
