@@ -43,12 +43,15 @@ CANARY_STRINGS = [*CANARY.values(), "Canaryweb", "Zyx Canaryweb"]
 class WebData:
     """UIDs and ids of what ``populate`` made."""
 
-    done: str = ""  # analysed, SR + 2 SC + GSPS, deliveries: sent, dead, pending
+    done: str = ""  # analysed, SR + 2 SC + GSPS, deliveries: dead, sent, not_accepted,
+    #                 retrying
     ignored: str = ""  # CT: ignored
     failed: str = ""  # the model raised: failed (its error quotes the patient name)
     receiving: str = ""  # just received, not assembled
     dead_delivery: int = 0
     sent_delivery: int = 0
+    not_accepted_delivery: int = 0
+    retrying_delivery: int = 0
     runs: dict[str, int] = field(default_factory=dict)
     alerts: dict[str, int] = field(default_factory=dict)
 
@@ -105,11 +108,19 @@ def populate(settings: Settings, engine: Engine) -> WebData:
     with engine.begin() as conn:
         ids = list(conn.execute(select(db.deliveries.c.id).order_by(db.deliveries.c.id))
                    .scalars())
-        data.dead_delivery, data.sent_delivery = ids[0], ids[1]
+        (data.dead_delivery, data.sent_delivery, data.not_accepted_delivery,
+         data.retrying_delivery) = ids
         conn.execute(update(db.deliveries).where(db.deliveries.c.id == ids[0]).values(
             state="dead", attempts=8, last_error="association failed: connection refused"))
         conn.execute(update(db.deliveries).where(db.deliveries.c.id == ids[1]).values(
-            state="sent", attempts=1, sent_at=time.time(), last_status=0))
+            state="sent", attempts=1, sent_at=time.time(), last_status=0,
+            transfer_syntax="1.2.840.10008.1.2.5"))
+        conn.execute(update(db.deliveries).where(db.deliveries.c.id == ids[2]).values(
+            state="not_accepted", attempts=1,
+            last_error=f"not accepted by {DEST}: Comprehensive SR Storage"))
+        conn.execute(update(db.deliveries).where(db.deliveries.c.id == ids[3]).values(
+            state="retrying", attempts=1, last_status=0xA700,
+            last_error="status 0xA700 (out of resources)"))
     populate_evaluation(engine, data)
     return data
 
