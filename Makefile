@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= config/node.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps run test demo bench lint clean
+.PHONY: setup system-deps run test demo bench soak lint clean
 
 setup: system-deps $(STAMP)
 
@@ -33,6 +33,11 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/run_all.py
+
+# Not part of `make test` (a 3-minute run of the same script is): SOAK_MINUTES=30 by default.
+soak: SYSTEM_DEPS_FLAGS = --test
+soak: setup
+	SOAK_MINUTES=$${SOAK_MINUTES:-30} $(BIN)/python scripts/soak.py
 
 lint: setup
 	$(BIN)/ruff check ai dicom_node training tests bench scripts

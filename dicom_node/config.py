@@ -124,8 +124,9 @@ class SelectionSettings(_Model):
 
 class StudySettings(_Model):
     quiet_period_s: float = Field(10.0, ge=0)
-    # a study whose images keep arriving is analysed this long after its first image with
-    # what has arrived; later images supersede that result
+    # a study whose images keep arriving is analysed this long after the first image of its
+    # receiving round with what has arrived; later images start a new round whose result
+    # supersedes that one
     max_wait_s: float = Field(600.0, gt=0)
     poll_interval_s: float = Field(1.0, gt=0)
     selection: SelectionSettings = Field(default_factory=SelectionSettings)

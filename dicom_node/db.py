@@ -83,6 +83,9 @@ studies = Table(
     Column("first_received_at", Float, nullable=False),
     Column("last_received_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # start of the current receiving round (the first image, or the late image that
+    # re-opened the study): studies.max_wait_s counts from here
+    Column("receiving_since", Float, nullable=True),
 )
 Index("ix_studies_state", studies.c.state, studies.c.last_received_at)
 

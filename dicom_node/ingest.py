@@ -21,13 +21,14 @@ from dataclasses import dataclass
 
 import pydicom
 from pydicom.filewriter import write_file_meta_info
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from dicom_node import db
 from dicom_node.dicomio import quiet, read_untrusted
 from dicom_node.errors import InvalidInstanceError, SpoolError, SpoolFullError
 from dicom_node.spool import Spool, StoredFile
+from dicom_node.studies import touch_study
 
 logger = logging.getLogger(__name__)
 
@@ -179,13 +180,3 @@ class Ingestor:
                 received_at=time.time(), reason=reason))
         logger.warning("quarantined input (%s): %s", stored.relpath, reason)
         return status
-
-
-def touch_study(conn, study_uid: str, now: float) -> None:  # type: ignore[no-untyped-def]
-    """Mark a study as receiving (again) so the assembler waits for its quiet period."""
-    res = conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid).values(
-        state="receiving", reason=None, last_received_at=now, updated_at=now))
-    if res.rowcount == 0:
-        conn.execute(insert(db.studies).values(
-            study_uid=study_uid, state="receiving", first_received_at=now,
-            last_received_at=now, updated_at=now))

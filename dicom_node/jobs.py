@@ -1,22 +1,45 @@
-"""Analysis jobs: claimed with a lease so that a crashed worker's job is re-run.
+"""Analysis jobs: claimed with a lease, kept alive by a heartbeat, retried with a backoff.
 
-A claim sets ``state='running'`` with ``lease_expires_at``; a running job whose lease has
-expired is claimable again. At start-up the node re-queues every running job of its own
-(no thread of a fresh process can hold one). On PostgreSQL the claim uses
-``FOR UPDATE SKIP LOCKED`` so several processes or hosts can share the queue.
+A claim sets ``state='running'`` with ``lease_expires_at`` and counts the attempt; while the
+job runs, a heartbeat thread renews the lease (only while this owner still holds the job).
+A running job whose lease has expired is claimable again (its worker died). A failed try
+goes back to ``queued`` with ``next_attempt_at`` after an exponential backoff with jitter;
+only due jobs are claimed. Attempts are counted across restarts: at start-up the node's
+own interrupted jobs keep their count, and a job that reached ``max_attempts`` (one that
+kills the process every time, say) ends ``failed`` with the reason instead of looping.
+
+Jobs of one study run one after the other (a later job waits for the earlier ones): each
+produces the next *version* of the study's result (``jobs.version``, set at claim), see
+``dicom_node.versions``.
+
+Persisted deadlines are UNIX seconds; in-process intervals (the heartbeat) are monotonic.
+On PostgreSQL the claim uses ``FOR UPDATE SKIP LOCKED`` so several processes or hosts can
+share the queue.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
 
-from sqlalchemy import Engine, and_, or_, select, update
+from sqlalchemy import Connection, Engine, and_, exists, func, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node import db
+from dicom_node.backoff import backoff_delay
+from dicom_node.config import WorkerSettings
+from dicom_node.states import JobState, StudyState
 
 logger = logging.getLogger(__name__)
+
+ACTIVE = (JobState.QUEUED, JobState.RUNNING)
+_MAX_GIVE_UPS_PER_CLAIM = 20  # exhausted jobs failed in one claim before it returns
 
 
 @dataclass(frozen=True)
@@ -25,68 +48,250 @@ class ClaimedJob:
     study_uid: str
     attempts: int
     owner: str
+    version: int = 1
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a job is tried and how long a failed try waits (``workers.*``)."""
+
+    max_attempts: int = 3
+    backoff_initial_s: float = 5.0
+    backoff_max_s: float = 300.0
+    jitter: float = 0.2
+
+    def delay(self, attempts: int, rng: random.Random) -> float:
+        return backoff_delay(attempts, initial_s=self.backoff_initial_s,
+                             max_s=self.backoff_max_s, jitter=self.jitter, rng=rng)
 
 
 class JobQueue:
-    def __init__(self, engine: Engine, *, lease_s: float, max_attempts: int) -> None:
+    def __init__(self, engine: Engine, *, lease_s: float, max_attempts: int,
+                 heartbeat_s: float | None = None, retry: RetryPolicy | None = None,
+                 rng: random.Random | None = None) -> None:
         self.engine = engine
         self.lease_s = lease_s
-        self.max_attempts = max_attempts
+        self.heartbeat_s = heartbeat_s or lease_s / 3.0
+        self.retry = replace(retry or RetryPolicy(), max_attempts=max_attempts)
+        self.rng = rng or random.Random()
+        self._held: set[int] = set()  # jobs this queue's workers are running right now
+        self._held_lock = threading.Lock()
 
-    def requeue_owned_by(self, owner_prefix: str) -> int:
-        """Start-up recovery: jobs this node was running when it died go back to the queue."""
+    @classmethod
+    def from_settings(cls, engine: Engine, settings: WorkerSettings) -> JobQueue:
+        retry = RetryPolicy(settings.max_attempts, settings.backoff_initial_s,
+                            settings.backoff_max_s, settings.jitter)
+        return cls(engine, lease_s=settings.lease_s, max_attempts=settings.max_attempts,
+                   heartbeat_s=settings.heartbeat_interval_s, retry=retry)
+
+    @property
+    def max_attempts(self) -> int:
+        return self.retry.max_attempts
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def requeue_owned_by(self, owner_prefix: str, now: float | None = None) -> int:
+        """Start-up recovery of the jobs this node was running when it died.
+
+        Each keeps its attempt count: it is queued again at once (the restart was the
+        pause), or failed with the reason once ``max_attempts`` tries were interrupted, so a
+        job that kills the process every time ends failed instead of looping. Returns how
+        many jobs were recovered (re-queued or failed).
+        """
+        now = time.time() if now is None else now
         with self.engine.begin() as conn:
-            res = conn.execute(update(db.jobs)
-                               .where(db.jobs.c.state == "running")
-                               .where(db.jobs.c.lease_owner.like(f"{owner_prefix}%"))
-                               .values(state="queued", lease_owner=None, lease_expires_at=None))
-        if res.rowcount:
-            logger.warning("re-queued %d interrupted job(s)", res.rowcount)
-        return res.rowcount
+            rows = conn.execute(select(db.jobs.c.id, db.jobs.c.study_uid, db.jobs.c.attempts)
+                                .where(db.jobs.c.state == JobState.RUNNING)
+                                .where(db.jobs.c.lease_owner.like(f"{owner_prefix}%"))).all()
+            for row in rows:
+                if row.attempts >= self.max_attempts:
+                    give_up(conn, row.id, row.study_uid,
+                            f"interrupted {row.attempts} time(s): the node stopped while "
+                            f"running it (attempts exhausted)", now)
+                else:
+                    conn.execute(update(db.jobs).where(db.jobs.c.id == row.id).values(
+                        state=JobState.QUEUED, lease_owner=None, lease_expires_at=None,
+                        next_attempt_at=None,
+                        error="interrupted: the node stopped while running it"))
+                    logger.warning("re-queued interrupted job %d (study %s) after attempt %d "
+                                   "of %d", row.id, row.study_uid, row.attempts,
+                                   self.max_attempts)
+        return len(rows)
+
+    # -- claim ----------------------------------------------------------------------------
+
+    def _claimable(self, now: float) -> Any:
+        earlier = db.jobs.alias("earlier")
+        earlier_active = exists().where(earlier.c.study_uid == db.jobs.c.study_uid,
+                                        earlier.c.id < db.jobs.c.id,
+                                        earlier.c.state.in_(ACTIVE))
+        due = or_(db.jobs.c.next_attempt_at.is_(None), db.jobs.c.next_attempt_at <= now)
+        query = (select(db.jobs.c.id, db.jobs.c.study_uid, db.jobs.c.attempts, db.jobs.c.state)
+                 .where(or_(and_(db.jobs.c.state == JobState.QUEUED, due),
+                            and_(db.jobs.c.state == JobState.RUNNING,
+                                 db.jobs.c.lease_expires_at < now)))
+                 .where(~earlier_active).order_by(db.jobs.c.id).limit(1))
+        with self._held_lock:
+            held = sorted(self._held)
+        if held:  # a thread of this process runs it: never taken over, whatever the clock
+            query = query.where(db.jobs.c.id.not_in(held))
+        if not db.is_sqlite(self.engine):
+            query = query.with_for_update(skip_locked=True, of=db.jobs)
+        return query
 
     def claim(self, owner: str, now: float | None = None) -> ClaimedJob | None:
+        """Take the oldest due job (a queued one, or a running one whose lease expired)."""
         now = time.time() if now is None else now
-        claimable = or_(db.jobs.c.state == "queued",
-                        and_(db.jobs.c.state == "running", db.jobs.c.lease_expires_at < now))
-        query = select(db.jobs.c.id, db.jobs.c.study_uid, db.jobs.c.attempts).where(
-            claimable).order_by(db.jobs.c.id).limit(1)
-        if not db.is_sqlite(self.engine):
-            query = query.with_for_update(skip_locked=True)
         with self.engine.begin() as conn:
-            row = conn.execute(query).first()
-            if row is None:
-                return None
-            attempts = row.attempts + 1
-            conn.execute(update(db.jobs).where(db.jobs.c.id == row.id).values(
-                state="running", attempts=attempts, lease_owner=owner,
-                lease_expires_at=now + self.lease_s, started_at=now))
-            conn.execute(update(db.studies).where(db.studies.c.study_uid == row.study_uid)
-                         .where(db.studies.c.state == "queued")
-                         .values(state="analysing", updated_at=now))
-        return ClaimedJob(row.id, row.study_uid, attempts, owner)
+            for _ in range(_MAX_GIVE_UPS_PER_CLAIM):
+                row = conn.execute(self._claimable(now)).first()
+                if row is None:
+                    return None
+                if row.state == JobState.RUNNING and row.attempts >= self.max_attempts:
+                    give_up(conn, row.id, row.study_uid,
+                            f"lease expired on attempt {row.attempts}: its worker stopped "
+                            f"(attempts exhausted)", now)
+                    continue
+                return self._take(conn, row, owner, now)
+        return None
 
-    def still_owned(self, conn, job: ClaimedJob) -> bool:  # type: ignore[no-untyped-def]
+    def _take(self, conn: Connection, row: Any, owner: str, now: float) -> ClaimedJob:
+        attempts = row.attempts + 1
+        version = 1 + (conn.execute(select(func.max(db.jobs.c.version))
+                                    .where(db.jobs.c.study_uid == row.study_uid)
+                                    .where(db.jobs.c.state == JobState.DONE)).scalar() or 0)
+        conn.execute(update(db.jobs).where(db.jobs.c.id == row.id).values(
+            state=JobState.RUNNING, attempts=attempts, lease_owner=owner,
+            lease_expires_at=now + self.lease_s, started_at=now, next_attempt_at=None,
+            version=version))
+        conn.execute(update(db.studies).where(db.studies.c.study_uid == row.study_uid)
+                     .where(db.studies.c.state == StudyState.QUEUED)
+                     .values(state=StudyState.ANALYSING, updated_at=now))
+        return ClaimedJob(row.id, row.study_uid, attempts, owner, version)
+
+    # -- ownership and lease ----------------------------------------------------------------
+
+    def still_owned(self, conn: Connection, job: ClaimedJob) -> bool:
         row = conn.execute(select(db.jobs.c.state, db.jobs.c.lease_owner)
                            .where(db.jobs.c.id == job.id)).one()
-        return row.state == "running" and row.lease_owner == job.owner
+        return row.state == JobState.RUNNING and row.lease_owner == job.owner
 
-    def fail(self, job: ClaimedJob, error: str, *, permanent: bool) -> str:
-        """Record a failure: re-queue while attempts remain, else mark failed (dead letter)."""
-        now = time.time()
+    def renew(self, job: ClaimedJob, now: float | None = None) -> bool:
+        """Push the lease forward; False once the job is no longer running under ``job.owner``."""
+        now = time.time() if now is None else now
+        with self.engine.begin() as conn:
+            res = conn.execute(update(db.jobs).where(db.jobs.c.id == job.id)
+                               .where(db.jobs.c.state == JobState.RUNNING)
+                               .where(db.jobs.c.lease_owner == job.owner)
+                               .values(lease_expires_at=now + self.lease_s))
+        return res.rowcount == 1
+
+    @contextmanager
+    def lease(self, job: ClaimedJob) -> Iterator[Heartbeat]:
+        """Hold ``job`` while the block runs: heartbeat renewals, no in-process takeover."""
+        heartbeat = Heartbeat(self, job, self.heartbeat_s)
+        with self._held_lock:
+            self._held.add(job.id)
+        heartbeat.start()
+        try:
+            yield heartbeat
+        finally:
+            heartbeat.stop()
+            with self._held_lock:
+                self._held.discard(job.id)
+
+    # -- failure ----------------------------------------------------------------------------
+
+    def fail(self, job: ClaimedJob, error: str, *, permanent: bool,
+             now: float | None = None) -> str:
+        """Record a failed try: queued again after its backoff while attempts remain, else
+        failed (dead letter) with the reason on the job and the study. Returns the new state,
+        or ``lost`` when the job was no longer ours."""
+        now = time.time() if now is None else now
         dead = permanent or job.attempts >= self.max_attempts
-        state = "failed" if dead else "queued"
+        delay = 0.0 if dead else self.retry.delay(job.attempts, self.rng)
         with self.engine.begin() as conn:
             if not self.still_owned(conn, job):
                 return "lost"
-            conn.execute(update(db.jobs).where(db.jobs.c.id == job.id).values(
-                state=state, error=error[:2000], lease_owner=None, lease_expires_at=None,
-                finished_at=now if dead else None))
             if dead:
-                conn.execute(update(db.studies).where(db.studies.c.study_uid == job.study_uid)
-                             .where(db.studies.c.state == "analysing")
-                             .values(state="failed", reason=f"analysis failed: {error[:500]}",
-                                     updated_at=now))
-        log = logger.error if dead else logger.warning
-        log("job %d (study %s) attempt %d failed%s: %s", job.id, job.study_uid, job.attempts,
-            " permanently" if dead else ", will retry", error)
-        return state
+                give_up(conn, job.id, job.study_uid, error, now, log=False)
+            else:
+                conn.execute(update(db.jobs).where(db.jobs.c.id == job.id).values(
+                    state=JobState.QUEUED, error=error[:2000], lease_owner=None,
+                    lease_expires_at=None, next_attempt_at=now + delay))
+        if dead:
+            logger.error("job %d (study %s) attempt %d failed permanently: %s", job.id,
+                         job.study_uid, job.attempts, error)
+            return JobState.FAILED
+        logger.warning("job %d (study %s) attempt %d of %d failed, next try in %.1f s: %s",
+                       job.id, job.study_uid, job.attempts, self.max_attempts, delay, error)
+        return JobState.QUEUED
+
+
+class Heartbeat:
+    """Renews one job's lease every ``interval_s`` (monotonic) until stopped or lost."""
+
+    def __init__(self, queue: JobQueue, job: ClaimedJob, interval_s: float) -> None:
+        self.queue = queue
+        self.job = job
+        self.interval_s = interval_s
+        self.lost = threading.Event()
+        self.renewals = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-job-{job.id}",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):  # Event.wait runs on the monotonic clock
+            try:
+                owned = self.queue.renew(self.job)
+            except SQLAlchemyError as exc:  # the database is busy or away: try next beat
+                logger.warning("job %d: lease renewal failed (%s); retrying", self.job.id,
+                               type(exc).__name__)
+                continue
+            if not owned:
+                if not self._stop.is_set():
+                    logger.warning("job %d lost its lease (taken over or cancelled); its "
+                                   "results will be discarded", self.job.id)
+                self.lost.set()
+                return
+            self.renewals += 1
+
+
+def give_up(conn: Connection, job_id: int, study_uid: str, error: str, now: float, *,
+            log: bool = True) -> None:
+    """Mark a job failed (dead letter) with ``error``; the study shows the reason."""
+    conn.execute(update(db.jobs).where(db.jobs.c.id == job_id).values(
+        state=JobState.FAILED, error=error[:2000], lease_owner=None, lease_expires_at=None,
+        next_attempt_at=None, finished_at=now))
+    settle_study(conn, study_uid, job_id, StudyState.FAILED, failure_reason(error), now)
+    if log:
+        logger.error("job %d (study %s) failed: %s", job_id, study_uid, error)
+
+
+def failure_reason(error: str | None) -> str:
+    """The reason a study shows when its analysis failed."""
+    return f"analysis failed: {(error or 'unknown error')[:500]}"
+
+
+def settle_study(conn: Connection, study_uid: str, job_id: int, outcome: StudyState,
+                 reason: str | None, now: float) -> None:
+    """After job ``job_id`` ended: the study takes ``outcome`` unless another of its jobs is
+    still to run (then it stays ``queued``) or new images re-opened it (``receiving``)."""
+    pending = conn.execute(select(db.jobs.c.id).where(db.jobs.c.study_uid == study_uid)
+                           .where(db.jobs.c.id != job_id)
+                           .where(db.jobs.c.state.in_(ACTIVE)).limit(1)).first()
+    state, why = (StudyState.QUEUED, None) if pending is not None else (outcome, reason)
+    conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid)
+                 .where(db.studies.c.state.in_((StudyState.QUEUED, StudyState.ANALYSING)))
+                 .values(state=state, reason=why, updated_at=now))

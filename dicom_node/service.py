@@ -111,10 +111,10 @@ class Node:
         self.spool = Spool(data_dir / "spool", min_free_bytes=settings.storage.min_free_bytes)
         self.ingestor = Ingestor(self.engine, self.spool,
                                  max_instance_bytes=settings.storage.max_instance_bytes)
-        self.queue = JobQueue(self.engine, lease_s=settings.workers.lease_s,
-                              max_attempts=settings.workers.max_attempts)
+        self.queue = JobQueue.from_settings(self.engine, settings.workers)
         self.assembler = StudyAssembler(self.engine, self.spool, settings.studies.selection,
-                                        settings.studies.quiet_period_s)
+                                        settings.studies.quiet_period_s,
+                                        max_wait_s=settings.studies.max_wait_s)
         self.sender = Sender(self.engine, self.spool, settings.destinations, settings.sender,
                              settings.dicom.ae_title)
         self.node_id = node_id(settings)

@@ -1,38 +1,83 @@
-"""Study assembly: a study is ready once no instance arrived for the quiet period; then the
-selection rules split its pending instances into an analysis job and recorded ignores."""
+"""Study assembly: a study is ready once no instance arrived for the quiet period, or at the
+latest ``max_wait_s`` after the start of its receiving round; then the selection rules split
+its pending instances into an analysis job and recorded ignores.
+
+A *round* starts with a study's first image, or with a late image that re-opens a study
+that was already assembled (queued, analysing, done, failed, ignored). A study that never
+becomes quiet (a modality reusing one Study Instance UID) is so analysed with what has
+arrived; the next round's job analyses every analysable image of the study again and its
+result supersedes the earlier one (``dicom_node.versions``).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Connection, Engine, case, func, insert, or_, select, update
 
 from dicom_node import db
 from dicom_node.config import SelectionSettings
 from dicom_node.dicomio import quiet, read_untrusted
+from dicom_node.jobs import failure_reason
 from dicom_node.selection import rejection_reason
 from dicom_node.spool import Spool
+from dicom_node.states import InstanceState, JobState, StudyState
 
 logger = logging.getLogger(__name__)
 
 
+def touch_study(conn: Connection, study_uid: str, now: float) -> None:
+    """An instance arrived: the study is receiving (again) and waits for its quiet period.
+
+    A study that was not receiving starts a new round at ``now``; its analysis will cover
+    the earlier images too and supersede the earlier result.
+    """
+    round_start = case((db.studies.c.state == StudyState.RECEIVING,
+                        func.coalesce(db.studies.c.receiving_since,
+                                      db.studies.c.first_received_at)), else_=now)
+    res = conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid).values(
+        state=StudyState.RECEIVING, reason=None, last_received_at=now, updated_at=now,
+        receiving_since=round_start))
+    if res.rowcount == 0:
+        conn.execute(insert(db.studies).values(
+            study_uid=study_uid, state=StudyState.RECEIVING, first_received_at=now,
+            last_received_at=now, updated_at=now, receiving_since=now))
+
+
 class StudyAssembler:
-    """Turns quiet studies into jobs. Safe to call repeatedly and after a restart."""
+    """Turns ready studies into jobs. Safe to call repeatedly and after a restart."""
 
     def __init__(self, engine: Engine, spool: Spool, rules: SelectionSettings,
-                 quiet_period_s: float) -> None:
+                 quiet_period_s: float, max_wait_s: float | None = None) -> None:
         self.engine = engine
         self.spool = spool
         self.rules = rules
         self.quiet_period_s = quiet_period_s
+        self.max_wait_s = max_wait_s
+
+    @staticmethod
+    def _round_start() -> Any:
+        return func.coalesce(db.studies.c.receiving_since, db.studies.c.first_received_at)
+
+    def _why_ready(self, row: Any, now: float) -> str | None:
+        """``quiet``, ``max wait`` or None for a receiving study's row."""
+        if row.last_received_at <= now - self.quiet_period_s:
+            return "quiet"
+        started = row.receiving_since or row.first_received_at
+        if self.max_wait_s is not None and started <= now - self.max_wait_s:
+            return "max wait"
+        return None
 
     def ready_studies(self, now: float) -> list[str]:
+        ready = db.studies.c.last_received_at <= now - self.quiet_period_s
+        if self.max_wait_s is not None:
+            ready = or_(ready, self._round_start() <= now - self.max_wait_s)
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(db.studies.c.study_uid)
-                .where(db.studies.c.state == "receiving")
-                .where(db.studies.c.last_received_at <= now - self.quiet_period_s)
+                .where(db.studies.c.state == StudyState.RECEIVING).where(ready)
                 .order_by(db.studies.c.last_received_at)
             ).all()
         return [r.study_uid for r in rows]
@@ -55,48 +100,75 @@ class StudyAssembler:
         except Exception as exc:  # noqa: BLE001 - any unreadable header is a recorded reason
             return f"header unreadable ({type(exc).__name__})"
 
+    @staticmethod
+    def _pending_ids(conn: Connection, study_uid: str) -> set[int]:
+        return set(conn.execute(select(db.instances.c.id)
+                                .where(db.instances.c.study_uid == study_uid)
+                                .where(db.instances.c.analysis_state == InstanceState.PENDING))
+                   .scalars())
+
     def assemble(self, study_uid: str, now: float) -> int | None:
         with self.engine.connect() as conn:
             pending = conn.execute(
-                select(db.instances.c.id, db.instances.c.path, db.instances.c.sop_instance_uid)
+                select(db.instances.c.id, db.instances.c.path)
                 .where(db.instances.c.study_uid == study_uid)
-                .where(db.instances.c.analysis_state == "pending")
+                .where(db.instances.c.analysis_state == InstanceState.PENDING)
             ).all()
         verdicts = {row.id: self._classify(row.path) for row in pending}
         selected = [i for i, reason in verdicts.items() if reason is None]
         with self.engine.begin() as conn:
-            state = conn.execute(select(db.studies.c.state, db.studies.c.last_received_at)
-                                 .where(db.studies.c.study_uid == study_uid)).one()
-            if state.state != "receiving" or state.last_received_at > now - self.quiet_period_s:
+            study = conn.execute(select(db.studies).where(db.studies.c.study_uid == study_uid)
+                                 ).one()
+            why = self._why_ready(study, now) if study.state == StudyState.RECEIVING else None
+            if why is None or self._pending_ids(conn, study_uid) != set(verdicts):
                 return None  # more arrived meanwhile, or another assembler took it
             for inst_id, reason in verdicts.items():
                 if reason is not None:
                     conn.execute(update(db.instances).where(db.instances.c.id == inst_id)
-                                 .values(analysis_state="ignored", reason=reason))
+                                 .values(analysis_state=InstanceState.IGNORED, reason=reason))
             job_id = None
             if selected:
                 job_id = conn.execute(insert(db.jobs).values(
-                    study_uid=study_uid, state="queued", attempts=0, created_at=now)
+                    study_uid=study_uid, state=JobState.QUEUED, attempts=0, created_at=now)
                 ).inserted_primary_key[0]
                 conn.execute(update(db.instances).where(db.instances.c.id.in_(selected))
-                             .values(analysis_state="selected", job_id=job_id))
+                             .values(analysis_state=InstanceState.SELECTED, job_id=job_id))
                 conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid)
-                             .values(state="queued", reason=None, updated_at=now))
+                             .values(state=StudyState.QUEUED, reason=None, updated_at=now))
             else:
-                reasons = sorted({r for r in verdicts.values() if r})
-                study_reason = "; ".join(reasons) or "no new instances"
-                new_state = "ignored" if not self._has_jobs(conn, study_uid) else "done"
+                state, reason = self._state_without_job(conn, study_uid, verdicts)
                 conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid)
-                             .values(state=new_state, reason=f"ignored: {study_reason}",
-                                     updated_at=now))
-        if job_id is not None:
-            logger.info("study %s ready: job %d with %d image(s), %d ignored", study_uid,
-                        job_id, len(selected), len(verdicts) - len(selected))
-        else:
-            logger.info("study %s ignored: %d image(s) not analysable", study_uid, len(verdicts))
+                             .values(state=state, reason=reason, updated_at=now))
+        started = study.receiving_since or study.first_received_at
+        self._log(study_uid, why, job_id, len(selected), len(verdicts), now - started)
         return job_id
 
     @staticmethod
-    def _has_jobs(conn, study_uid: str) -> bool:  # type: ignore[no-untyped-def]
-        return conn.execute(select(db.jobs.c.id).where(db.jobs.c.study_uid == study_uid)
-                            .limit(1)).first() is not None
+    def _state_without_job(conn: Connection, study_uid: str,
+                           verdicts: dict[int, str | None]) -> tuple[StudyState, str]:
+        """Nothing new to analyse: the study goes back to what its latest job says."""
+        reasons = sorted({r for r in verdicts.values() if r})
+        ignored = f"ignored: {'; '.join(reasons) or 'no new instances'}"
+        latest = conn.execute(select(db.jobs.c.state, db.jobs.c.error)
+                              .where(db.jobs.c.study_uid == study_uid)
+                              .order_by(db.jobs.c.id.desc()).limit(1)).first()
+        if latest is None:
+            return StudyState.IGNORED, ignored
+        if latest.state in (JobState.QUEUED, JobState.RUNNING):
+            return StudyState.QUEUED, ignored
+        if latest.state == JobState.FAILED:
+            return StudyState.FAILED, failure_reason(latest.error)
+        return StudyState.DONE, ignored
+
+    @staticmethod
+    def _log(study_uid: str, why: str, job_id: int | None, selected: int, total: int,
+             round_s: float) -> None:
+        if job_id is None:
+            logger.info("study %s ignored: %d image(s) not analysable", study_uid, total)
+        elif why == "max wait":
+            logger.info("study %s still receiving after %.1f s (max wait): job %d with %d "
+                        "new image(s), %d ignored; later images supersede the result",
+                        study_uid, round_s, job_id, selected, total - selected)
+        else:
+            logger.info("study %s ready: job %d with %d image(s), %d ignored", study_uid,
+                        job_id, selected, total - selected)

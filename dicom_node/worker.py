@@ -27,10 +27,18 @@ from ai.types import (
 from dicom_node import db
 from dicom_node.config import Destination
 from dicom_node.dicomio import read_untrusted
-from dicom_node.jobs import ClaimedJob, JobQueue
+from dicom_node.jobs import ClaimedJob, JobQueue, settle_study
 from dicom_node.outputs import OutputObject, OutputSettings, build_outputs
 from dicom_node.spool import Spool
-from dicom_node.states import DeliveryState
+from dicom_node.states import DeliveryState, InstanceState, StudyState
+from dicom_node.versions import (
+    PriorOutput,
+    current_outputs,
+    link_predecessors,
+    series_seed,
+    supersede,
+    uid_seed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +59,6 @@ class JobOutcome:
     outputs: int = 0
 
 
-def uid_seed(sop_uids: Sequence[str], models: Sequence[ModelIdentity]) -> str:
-    parts = sorted(sop_uids) + sorted(f"{m.name}:{m.version}:{m.device_uid}" for m in models)
-    return "|".join(parts)
-
-
 class AnalysisWorker:
     def __init__(self, engine: Engine, spool: Spool, queue: JobQueue, analyzer: Analyzer,
                  output_settings: OutputSettings, destinations: Sequence[Destination]) -> None:
@@ -70,6 +73,10 @@ class AnalysisWorker:
         job = self.queue.claim(owner)
         if job is None:
             return None
+        with self.queue.lease(job):  # heartbeat: the lease is renewed while the job runs
+            return self._attempt(job)
+
+    def _attempt(self, job: ClaimedJob) -> JobOutcome:
         started = time.monotonic()
         try:
             return self._run(job, started)
@@ -85,10 +92,14 @@ class AnalysisWorker:
                                                       permanent=False))
 
     def _load(self, job: ClaimedJob) -> list[tuple[int, pydicom.Dataset]]:
+        """Every analysable image of the study up to this job: its own new ones and those
+        earlier jobs took (a later job's result supersedes theirs)."""
         with self.engine.connect() as conn:
             rows = conn.execute(select(db.instances.c.id, db.instances.c.path)
-                                .where(db.instances.c.job_id == job.id)
-                                .where(db.instances.c.analysis_state.in_(("selected", "analysed")))
+                                .where(db.instances.c.study_uid == job.study_uid)
+                                .where(db.instances.c.job_id <= job.id)
+                                .where(db.instances.c.analysis_state.in_(
+                                    (InstanceState.SELECTED, InstanceState.ANALYSED)))
                                 .order_by(db.instances.c.id)).all()
         return [(r.id, read_untrusted(self.spool.path(r.path))) for r in rows]
 
@@ -117,9 +128,13 @@ class AnalysisWorker:
         analysed, bad = self._analyze(loaded)
         models = self.analyzer.models
         seed = uid_seed([str(ds.SOPInstanceUID) for _, ds, _ in analysed], models)
-        objects = build_outputs([(ds, r) for _, ds, r in analysed], self.output_settings, seed)
+        objects = build_outputs([(ds, r) for _, ds, r in analysed], self.output_settings, seed,
+                                series_seed=series_seed(job.study_uid, models))
+        with self.engine.connect() as conn:
+            prior = current_outputs(conn, job.study_uid, other_than_job=job.id)
+        link_predecessors(objects, prior)
         stored = [(obj, self._write(obj)) for obj in objects]
-        self._commit(job, analysed, bad, stored, time.monotonic() - started)
+        self._commit(job, analysed, bad, stored, prior, time.monotonic() - started)
         logger.info("job %d (study %s) done: %d image(s), %d output(s) in %.2f s", job.id,
                     job.study_uid, len(analysed), len(objects), time.monotonic() - started)
         return JobOutcome(job.id, "done", len(objects))
@@ -131,7 +146,7 @@ class AnalysisWorker:
 
     def _commit(self, job: ClaimedJob, analysed: list[tuple[int, pydicom.Dataset, ImageResult]],
                 bad: dict[int, str], stored: list[tuple[OutputObject, str]],
-                duration: float) -> None:
+                prior: list[PriorOutput], duration: float) -> None:
         now = time.time()
         with self.engine.begin() as conn:
             if not self.queue.still_owned(conn, job):
@@ -158,12 +173,15 @@ class AnalysisWorker:
             conn.execute(update(db.instances)
                          .where(db.instances.c.id.in_([i for i, _, _ in analysed]))
                          .values(analysis_state="analysed"))
+            replaced = supersede(conn, job.id, prior,
+                                 {obj.sop_instance_uid for obj, _ in stored}, now)
             conn.execute(update(db.jobs).where(db.jobs.c.id == job.id).values(
                 state="done", finished_at=now, lease_owner=None, lease_expires_at=None,
                 error=None, duration_s=duration))
-            conn.execute(update(db.studies).where(db.studies.c.study_uid == job.study_uid)
-                         .where(db.studies.c.state == "analysing")
-                         .values(state="done", reason=None, updated_at=now))
+            settle_study(conn, job.study_uid, job.id, StudyState.DONE, None, now)
+        if replaced:
+            logger.info("study %s result v%d supersedes %s (job %d)", job.study_uid,
+                        job.version, ", ".join(f"v{v}" for v in replaced), job.id)
 
     def _record_output(self, conn, job: ClaimedJob, obj: OutputObject,  # type: ignore[no-untyped-def]
                        relpath: str, now: float) -> None:

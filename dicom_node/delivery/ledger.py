@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, func, or_, select, update
 
-from dicom_node import db
+from dicom_node import backoff, db
 from dicom_node.audit import AuditKind, Outcome, record
 from dicom_node.config import SenderSettings
 from dicom_node.states import DELIVERY_DUE, DeliveryState
@@ -42,9 +42,9 @@ class Delivery:
 
 
 def backoff_delay(attempts: int, settings: SenderSettings, rng: random.Random) -> float:
-    """Delay before the next try after ``attempts`` failed ones: doubled, capped, jittered."""
-    base = min(settings.backoff_max_s, settings.backoff_initial_s * 2 ** max(0, attempts - 1))
-    return max(0.0, base * (1 + rng.uniform(-settings.jitter, settings.jitter)))
+    """Delay before the next try after ``attempts`` failed ones (``dicom_node.backoff``)."""
+    return backoff.backoff_delay(attempts, initial_s=settings.backoff_initial_s,
+                                 max_s=settings.backoff_max_s, jitter=settings.jitter, rng=rng)
 
 
 _d, _o = db.deliveries.c, db.outputs.c

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import pydicom
 
 from ai.types import ImageResult
-from dicom_node.outputs.common import OutputObject, OutputSettings, prepare_sources
+from dicom_node.outputs.common import OutputObject, OutputSettings, prepare_sources, series_uid
 from dicom_node.outputs.gsps import build_gsps
 from dicom_node.outputs.render import render_grey
 from dicom_node.outputs.sc import build_sc
@@ -28,12 +28,18 @@ def build_outputs(
     items: Sequence[tuple[pydicom.Dataset, ImageResult]],
     settings: OutputSettings,
     uid_seed: str,
+    *,
+    series_seed: str | None = None,
 ) -> list[OutputObject]:
     """Build the enabled outputs for the analysed images of one study.
 
     Returns the SR first, then one SC per image (in ``items`` order), then the GSPS. The
     caller's datasets are not modified. Raises ``ValueError`` if the items span more
     than one study, or a result does not match its dataset.
+
+    ``series_seed`` (the node passes the study UID plus the model identities) seeds the
+    Series Instance UIDs instead of ``uid_seed``, so every version of a study's result
+    lands in the same series per kind while its instance UIDs follow the inputs.
     """
     if not uid_seed:
         raise ValueError("uid_seed must not be empty")
@@ -45,6 +51,9 @@ def build_outputs(
         outputs.extend(build_sc(sources, settings, uid_seed))
     if settings.gsps:
         outputs.extend(build_gsps(sources, settings, uid_seed))
+    if series_seed is not None:
+        for output in outputs:
+            output.dataset.SeriesInstanceUID = series_uid(series_seed, output.kind)
     logger.info(
         "Built %d output object(s) for study %s",
         len(outputs),

@@ -26,6 +26,8 @@ def node_settings(data_dir: Path, *, destinations: list[str | dict[str, Any]] | 
         "studies.quiet_period_s": quiet,
         "studies.poll_interval_s": 0.1,
         "workers.poll_interval_s": 0.1,
+        "workers.backoff_initial_s": 0.2,
+        "workers.backoff_max_s": 1.0,
         "sender.poll_interval_s": 0.1,
         "sender.backoff_initial_s": 0.2,
         "sender.backoff_max_s": 1.0,
@@ -74,3 +76,14 @@ def spawn_node(config: Path, log: Path, env: dict[str, str] | None = None) -> su
         return subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config",
                                  str(config)], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
                                 env=full_env)
+
+
+def spawn_fake_node(config: Path, log: Path, *, block_study: str | None = None
+                    ) -> subprocess.Popen:
+    """The node with the fake analyzer as a real process (``tests/helpers/fake_node.py``)."""
+    cmd = [sys.executable, str(ROOT / "tests" / "helpers" / "fake_node.py"), str(config)]
+    if block_study:
+        cmd += ["--block-study", block_study]
+    with open(log, "ab") as fh:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})

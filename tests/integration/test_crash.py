@@ -13,7 +13,8 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import StoreSCP, free_port, require_tool, storescu, wait_for_port, wait_until
-from helpers.node import node_settings, query, spawn_node, studies, write_config
+from helpers.dicomfiles import make_image, write
+from helpers.node import node_settings, query, spawn_fake_node, spawn_node, studies, write_config
 from sqlalchemy import select
 
 from dicom_node import db
@@ -103,14 +104,18 @@ def test_kill9_during_receive_loses_no_acknowledged_instance(tmp_path: Path,
             db.deliveries))), 60, what="delivery")
         insts = query(settings, select(db.instances))
         assert len(insts) == 60 and {i.analysis_state for i in insts} == {"analysed"}
-        # analysed exactly once: one job per instance, one overlay per instance, and (the
-        # restart may outlast the quiet period) one SR + GSPS per job
-        jobs = query(settings, select(db.jobs))
+        # one current result set: one overlay per instance, one SR and one GSPS. The restart
+        # may outlast the quiet period: then the second job analyses all 60 images and its
+        # result (version 2) supersedes the first one's
+        jobs = query(settings, select(db.jobs).order_by(db.jobs.c.id))
         assert {j.state for j in jobs} == {"done"} and {i.job_id for i in insts} == {
             j.id for j in jobs}
+        assert [j.version for j in jobs] == list(range(1, len(jobs) + 1))
         outs = query(settings, select(db.outputs))
-        assert sorted(o.kind for o in outs).count("sc") == 60
-        assert len(outs) == 60 + 2 * len(jobs)
+        current = [o for o in outs if o.superseded_at is None]
+        assert sorted(o.kind for o in current).count("sc") == 60 and len(current) == 62
+        assert {o.job_id for o in current} == {jobs[-1].id}
+        assert all(o.superseded_by_job > o.job_id for o in outs if o not in current)
         assert not list((settings.storage.data_dir / "spool" / "tmp").iterdir())
     finally:
         if proc.poll() is None:
@@ -174,3 +179,172 @@ def test_restart_inside_quiet_period_gives_one_job_with_every_image(tmp_path: Pa
             proc.terminate()
             proc.wait(20)
         dest.stop()
+
+
+def _acked_uids(out_lines: list[str]) -> set[str]:
+    """SOP Instance UIDs storescu -v saw answered with Success."""
+    acked, current = set(), None
+    for line in out_lines:
+        m = re.search(r"Sending file: (\S+)", line)
+        if m:
+            current = m.group(1)
+        elif "Received Store Response (Success)" in line and current:
+            acked.add(str(pydicom.dcmread(current, stop_before_pixels=True).SOPInstanceUID))
+    return acked
+
+
+def _storescu_async(port: int, files: list[Path]) -> tuple[subprocess.Popen, list[str],
+                                                             threading.Thread]:
+    cmd = [require_tool("storescu"), "-v", "-aec", "CXR_AI", "-aet", "PACS", "-to", "10",
+           "127.0.0.1", str(port), *map(str, files)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []))
+    reader.start()
+    return proc, lines, reader
+
+
+def test_kill9_at_ten_random_points_while_storescu_sends_200_images(tmp_path: Path,
+                                                                     tiny_bundle: Path) -> None:
+    """QUALITY P0 1: 200 images in 10 studies, the node killed at 10 random moments (while
+    receiving, assembling, analysing or delivering); the PACS re-sends what was not
+    acknowledged. After each kill ACK ⊆ DURABLE against what storescu saw, the database and
+    the spool; at the end every instance is in exactly one terminal state, every study has
+    one current result set, and the destination got every current result object."""
+    import random
+
+    files = [f for s in range(10) for f in _make_study(tmp_path / "in" / f"s{s}", 20,
+                                                       seed=100 + s, rows=256, cols=256)]
+    dest = StoreSCP(tmp_path / "dest", free_port())
+    settings = _settings(tmp_path, tiny_bundle, dest.destination, quiet=1.0)
+    proc = _start(settings, tmp_path)
+    rng = random.Random(20261205)
+    acked: set[str] = set()
+    uid_of = {f: str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    kills = 0
+    try:
+        while kills < 10 or set(uid_of.values()) - acked:
+            remaining = [f for f in files if uid_of[f] not in acked]
+            sender, lines, reader = _storescu_async(settings.dicom.port, remaining or files[:1])
+            if kills < 10:
+                time.sleep(rng.uniform(0.2, 3.0))  # a random moment, not a condition
+                _kill9(proc)
+                kills += 1
+            sender.wait(120)
+            reader.join(10)
+            acked |= _acked_uids(lines)
+            stored = {r.sop_instance_uid for r in query(settings, select(db.instances))}
+            assert acked <= stored, f"kill {kills}: acknowledged but not durable"
+            _check_spool_integrity(settings)
+            if proc.poll() is not None:
+                proc = _start(settings, tmp_path)
+        assert acked == set(uid_of.values())
+
+        def settled() -> bool:
+            sts = studies(settings)
+            dels = query(settings, select(db.deliveries))
+            return (len(sts) == 10 and all(s.state == "done" for s in sts.values())
+                    and bool(dels) and all(d.state == "sent" for d in dels))
+
+        wait_until(settled, 240, interval=0.5, what="every study analysed and delivered")
+        insts = query(settings, select(db.instances))
+        assert len(insts) == 200 and {i.analysis_state for i in insts} == {"analysed"}
+        jobs = {j.id: j for j in query(settings, select(db.jobs))}
+        assert {j.state for j in jobs.values()} == {"done"}
+        outs = query(settings, select(db.outputs))
+        current = [o for o in outs if o.superseded_at is None]
+        # one current result set per study: one SR, one SC per image, one GSPS
+        for study_uid in {i.study_uid for i in insts}:
+            mine = [o for o in current if o.study_uid == study_uid]
+            assert sorted(o.kind for o in mine).count("sc") == 20, study_uid
+            assert [o.kind for o in mine].count("sr") == 1, study_uid
+        received = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                    for f in dest.files()}
+        assert {o.sop_instance_uid for o in current} <= received
+        assert not list((settings.storage.data_dir / "spool" / "tmp").iterdir())
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(20)
+        dest.stop()
+
+
+def test_job_that_kills_the_node_every_time_ends_failed_and_nothing_loops(
+        tmp_path: Path) -> None:
+    """A poison pill: the node dies (kill -9) while running the same job, restart after
+    restart. After workers.max_attempts tries the job is failed with the reason, the study
+    shows it, and the next study is analysed."""
+    max_attempts = 3
+    settings = node_settings(tmp_path / "node", quiet=0.3, **{
+        "workers.max_attempts": max_attempts, "workers.lease_s": 600})
+    config = write_config(settings, tmp_path / "node.yaml")
+    poison = make_image(seed=1)
+    study = str(poison.StudyInstanceUID)
+
+    def start() -> subprocess.Popen:
+        proc = spawn_fake_node(config, tmp_path / "node.log", block_study=study)
+        wait_for_port(settings.dicom.port, timeout=60)
+        return proc
+
+    proc = start()
+    try:
+        assert storescu(settings.dicom.port, [write(poison, tmp_path / "in")]).returncode == 0
+        for attempt in range(1, max_attempts + 1):
+            wait_until(lambda n=attempt: [(j.state, j.attempts) for j in query(
+                settings, select(db.jobs))] == [("running", n)], 60, interval=0.05,
+                what=f"attempt {attempt} running")
+            _kill9(proc)
+            proc = start()  # start-up recovery counts the interrupted attempt
+        wait_until(lambda: [j.state for j in query(settings, select(db.jobs))] == ["failed"],
+                   30, what="poison job failed")
+        [job] = query(settings, select(db.jobs))
+        assert job.attempts == max_attempts and job.lease_owner is None
+        assert f"interrupted {max_attempts} time(s)" in job.error
+        assert studies(settings)[study].state == "failed"
+        assert f"interrupted {max_attempts} time(s)" in studies(settings)[study].reason
+        healthy = make_image(seed=2)  # the node goes on with the next study
+        assert storescu(settings.dicom.port, [write(healthy, tmp_path / "in2")]).returncode == 0
+        wait_until(lambda: studies(settings).get(str(healthy.StudyInstanceUID)) is not None
+                   and studies(settings)[str(healthy.StudyInstanceUID)].state == "done", 60,
+                   what="next study analysed")
+        poison_jobs = [j for j in query(settings, select(db.jobs)) if j.study_uid == study]
+        assert [(j.state, j.attempts) for j in poison_jobs] == [("failed", max_attempts)]
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(20)
+
+
+def test_kill9_during_delivery_delivers_every_object_with_the_same_uids(
+        tmp_path: Path, tiny_bundle: Path) -> None:
+    """Kill -9 while the sender is mid-association with a slow destination: after the
+    restart every delivery ends `sent`, none stays `sending`, and what the destination holds
+    is exactly the node's result objects (a repeated object has the same SOP UID)."""
+    files = _make_study(tmp_path / "in", 8, seed=4, rows=300, cols=300)
+    # storescp sleeps after each stored object: the association is busy for seconds
+    dest = StoreSCP(tmp_path / "dest", free_port(), extra=["--sleep-after", "1"])
+    settings = _settings(tmp_path, tiny_bundle, dest.destination, quiet=0.5)
+    proc = _start(settings, tmp_path)
+    try:
+        assert storescu(settings.dicom.port, files).returncode == 0
+        wait_until(lambda: any(d.state == "sending" for d in query(
+            settings, select(db.deliveries))) and dest.files(), 120, interval=0.02,
+            what="a delivery in flight")
+        _kill9(proc)
+        before = query(settings, select(db.deliveries))
+        assert any(d.state == "sending" for d in before)
+        assert not all(d.state == "sent" for d in before)
+        proc = _start(settings, tmp_path)
+        wait_until(lambda: all(d.state == "sent" for d in query(settings, select(
+            db.deliveries))), 180, interval=0.2, what="every delivery sent after the restart")
+        outs = {o.sop_instance_uid for o in query(settings, select(db.outputs))}
+        received = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                    for f in dest.files()]
+        assert set(received) == outs and len(outs) == 10  # SR + 8 SC + GSPS
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(20)
+        dest.stop()
+
+

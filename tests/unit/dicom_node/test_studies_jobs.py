@@ -8,16 +8,18 @@ from pathlib import Path
 import pydicom
 import pytest
 from helpers.dicomfiles import CT, DX, make_image
-from sqlalchemy import select
+from sqlalchemy import select, update
 from test_ingest import _received
 
 from dicom_node import db
+from dicom_node.backoff import backoff_delay as shared_backoff
 from dicom_node.config import SelectionSettings, SenderSettings
 from dicom_node.ingest import Ingestor, StoreStatus
-from dicom_node.jobs import JobQueue
+from dicom_node.jobs import JobQueue, RetryPolicy, settle_study
 from dicom_node.selection import rejection_reason
 from dicom_node.sender import backoff_delay
 from dicom_node.spool import Spool
+from dicom_node.states import StudyState
 from dicom_node.studies import StudyAssembler
 
 
@@ -130,3 +132,186 @@ def test_backoff_doubles_caps_and_jitters() -> None:
     sj = SenderSettings(backoff_initial_s=10, backoff_max_s=100, jitter=0.2)
     delays = [backoff_delay(1, sj, rng) for _ in range(200)]
     assert 8 <= min(delays) < 9.5 and 10.5 < max(delays) <= 12
+
+
+# -- retries: backoff, attempts across restarts, poison pill ---------------------------------
+
+def _job(engine):  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        return conn.execute(select(db.jobs)).one()
+
+
+def _queued_study(env) -> str:  # type: ignore[no-untyped-def]
+    engine, ing, asm = env
+    ds = make_image()
+    _send(ing, ds)
+    assert asm.run_once(now=_state(engine, ds.StudyInstanceUID).last_received_at + 60)
+    return str(ds.StudyInstanceUID)
+
+
+def test_shared_backoff_grows_caps_and_jitters_within_bounds() -> None:
+    rng = random.Random(7)
+    plain = [shared_backoff(n, initial_s=1, max_s=20, jitter=0, rng=rng) for n in range(1, 8)]
+    assert plain == [1, 2, 4, 8, 16, 20, 20]
+    assert shared_backoff(10_000, initial_s=1, max_s=20, jitter=0, rng=rng) == 20  # no overflow
+    spread = [shared_backoff(3, initial_s=1, max_s=20, jitter=0.5, rng=rng) for _ in range(500)]
+    assert 2.0 <= min(spread) < 2.3 and 5.7 < max(spread) <= 6.0  # 4 s +/- 50 %
+    one, two = random.Random(11), random.Random(11)  # seeded: reproducible
+    assert [shared_backoff(3, initial_s=1, max_s=20, jitter=0.5, rng=one) for _ in range(5)] \
+        == [shared_backoff(3, initial_s=1, max_s=20, jitter=0.5, rng=two) for _ in range(5)]
+    with pytest.raises(ValueError, match="initial_s <= max_s"):
+        shared_backoff(1, initial_s=5, max_s=1, jitter=0, rng=rng)
+
+
+def test_failed_job_is_not_reclaimed_before_its_backoff(env) -> None:  # type: ignore[no-untyped-def]
+    engine = env[0]
+    study = _queued_study(env)
+    retry = RetryPolicy(backoff_initial_s=10, backoff_max_s=25, jitter=0.0)
+    q = JobQueue(engine, lease_s=30, max_attempts=5, retry=retry)
+    now, delays = 1000.0, []
+    for attempt in range(1, 5):
+        job = q.claim("w", now=now)
+        assert job is not None and job.attempts == attempt
+        assert q.fail(job, f"transient {attempt}", permanent=False, now=now) == "queued"
+        row = _job(engine)
+        assert row.state == "queued" and row.lease_owner is None
+        delays.append(row.next_attempt_at - now)
+        assert q.claim("w", now=row.next_attempt_at - 0.01) is None  # not before it is due
+        now = row.next_attempt_at
+    assert delays == [10, 20, 25, 25]  # doubled, capped
+    last = q.claim("w", now=now)
+    assert last is not None and last.attempts == 5
+    assert q.fail(last, "transient 5", permanent=False, now=now) == "failed"
+    assert _job(engine).state == "failed" and _job(engine).error == "transient 5"
+    assert _state(engine, study).state == "failed"
+    assert _state(engine, study).reason == "analysis failed: transient 5"
+
+
+def test_retry_delays_are_jittered_per_job(env) -> None:  # type: ignore[no-untyped-def]
+    engine = env[0]
+    _queued_study(env)
+    q = JobQueue(engine, lease_s=30, max_attempts=50, rng=random.Random(3),
+                 retry=RetryPolicy(backoff_initial_s=10, backoff_max_s=10, jitter=0.2))
+    delays, now = [], 0.0
+    for _ in range(20):
+        job = q.claim("w", now=now)
+        assert job is not None
+        q.fail(job, "x", permanent=False, now=now)
+        delays.append(_job(engine).next_attempt_at - now)
+        now = _job(engine).next_attempt_at
+    assert all(8.0 <= d <= 12.0 for d in delays) and len({round(d, 6) for d in delays}) > 10
+
+
+def test_interrupted_job_keeps_its_attempts_and_poison_pill_ends_failed(env) -> None:  # type: ignore[no-untyped-def]
+    engine = env[0]
+    study = _queued_study(env)
+    q = JobQueue(engine, lease_s=3600, max_attempts=3)
+    for attempt in (1, 2, 3):
+        job = q.claim(f"me:abc:{attempt}:0")  # a fresh process after each crash
+        assert job is not None and job.attempts == attempt
+        assert q.requeue_owned_by("me:abc") == 1
+    row = _job(engine)
+    assert row.state == "failed" and row.attempts == 3 and row.lease_owner is None
+    assert "interrupted 3 time(s)" in row.error and row.finished_at is not None
+    s = _state(engine, study)
+    assert s.state == "failed" and "interrupted 3 time(s)" in s.reason
+    assert q.claim("me:abc:4:0") is None and q.requeue_owned_by("me:abc") == 0  # no loop
+
+
+def test_expired_lease_with_attempts_exhausted_is_failed_not_rerun(env) -> None:  # type: ignore[no-untyped-def]
+    engine = env[0]
+    study = _queued_study(env)
+    q = JobQueue(engine, lease_s=30, max_attempts=2)
+    assert q.claim("hostA:1:0", now=1000.0) is not None
+    assert q.claim("hostB:1:0", now=1031.0) is not None  # A died: B takes over (attempt 2)
+    assert q.claim("hostC:1:0", now=1062.0) is None  # B died too: attempts exhausted
+    row = _job(engine)
+    assert row.state == "failed" and "lease expired on attempt 2" in row.error
+    assert _state(engine, study).state == "failed"
+
+
+# -- one job per study at a time, result versions ---------------------------------------------
+
+def test_jobs_of_one_study_run_in_order_with_versions(env) -> None:  # type: ignore[no-untyped-def]
+    engine, ing, asm = env
+    study = _queued_study(env)
+    q = JobQueue(engine, lease_s=30, max_attempts=3)
+    first = q.claim("w1", now=1000.0)
+    assert first is not None and first.version == 1
+    _send(ing, make_image(study_uid=study, seed=5))  # a late image re-opens the study
+    assert _state(engine, study).state == "receiving"
+    [second_id] = asm.run_once(now=_state(engine, study).last_received_at + 60)
+    assert q.claim("w2", now=1001.0) is None  # waits for the study's earlier job
+    with engine.begin() as conn:
+        conn.execute(update(db.jobs).where(db.jobs.c.id == first.id).values(state="done"))
+        settle_study(conn, study, first.id, StudyState.DONE, None, 1002.0)
+    assert _state(engine, study).state == "queued"  # the next version is still to come
+    second = q.claim("w2", now=1003.0)
+    assert second is not None and second.id == second_id and second.version == 2
+    assert _state(engine, study).state == "analysing"
+
+
+# -- maximum study wait -----------------------------------------------------------------------
+
+def test_study_that_never_gets_quiet_is_assembled_at_max_wait(env) -> None:  # type: ignore[no-untyped-def]
+    engine, ing, _ = env
+    asm = StudyAssembler(engine, ing.spool, SelectionSettings(), quiet_period_s=10,
+                         max_wait_s=5)
+    study = "1.2.3.4.6"
+    _send(ing, make_image(study_uid=study, seed=1))
+    t0 = _state(engine, study).receiving_since
+    assert t0 == _state(engine, study).first_received_at
+    _send(ing, make_image(study_uid=study, seed=2))
+    assert _state(engine, study).receiving_since == t0  # same round
+    last = _state(engine, study).last_received_at
+    assert asm.run_once(now=t0 + 4.9) == []  # neither quiet nor at max wait
+    [job1] = asm.run_once(now=t0 + 5.0)  # not quiet (last image < 10 s ago), but max wait
+    assert t0 + 5.0 - last < 10
+    _send(ing, make_image(study_uid=study, seed=3))  # keeps arriving: a new round
+    s = _state(engine, study)
+    assert s.state == "receiving" and s.receiving_since > t0
+    assert asm.run_once(now=s.receiving_since + 4.9) == []
+    [job2] = asm.run_once(now=s.receiving_since + 5.0)
+    with engine.connect() as conn:
+        by_job = {r.job_id for r in conn.execute(select(db.instances)).all()}
+    assert by_job == {job1, job2} and job2 > job1
+
+
+def test_old_database_without_round_start_uses_first_image(env) -> None:  # type: ignore[no-untyped-def]
+    engine, ing, _ = env
+    asm = StudyAssembler(engine, ing.spool, SelectionSettings(), quiet_period_s=10,
+                         max_wait_s=5)
+    ds = make_image()
+    _send(ing, ds)
+    with engine.begin() as conn:  # a row written before studies.receiving_since existed
+        conn.execute(update(db.studies).values(receiving_since=None))
+    first = _state(engine, ds.StudyInstanceUID).first_received_at
+    assert asm.run_once(now=first + 4.9) == [] and len(asm.run_once(now=first + 5.0)) == 1
+
+
+def test_image_arriving_while_assembling_is_not_left_behind(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    engine, ing, _ = env
+    asm = StudyAssembler(engine, ing.spool, SelectionSettings(), quiet_period_s=10,
+                         max_wait_s=5)
+    ds = make_image()
+    _send(ing, ds)
+    t0 = _state(engine, ds.StudyInstanceUID).receiving_since
+    classify = asm._classify
+    late = make_image(study_uid=ds.StudyInstanceUID, seed=9)
+
+    def classify_then_receive(relpath: str) -> str | None:
+        if _count_instances(engine) == 1:
+            _send(ing, late)  # arrives between reading the pending images and the commit
+        return classify(relpath)
+
+    monkeypatch.setattr(asm, "_classify", classify_then_receive)
+    assert asm.assemble(str(ds.StudyInstanceUID), t0 + 6) is None  # retried next round
+    monkeypatch.setattr(asm, "_classify", classify)
+    [job] = asm.run_once(now=t0 + 6)
+    with engine.connect() as conn:
+        assert {r.job_id for r in conn.execute(select(db.instances)).all()} == {job}
+
+
+def _count_instances(engine) -> int:  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        return len(conn.execute(select(db.instances.c.id)).all())
