@@ -132,8 +132,10 @@ class StoreSCP:
     def start(self) -> None:
         if self.proc is None:
             self.proc = subprocess.Popen(
-                [tool("storescp"), "-aet", self.ae_title, "-od", str(self.out), "+xa",
-                 *self.extra, str(self.port)], stdout=subprocess.DEVNULL,
+                [tool("storescp"), "-aet", self.ae_title, "-od", str(self.out),
+                 # +xa (accept every syntax) is not allowed with a profile (-xf)
+                 *([] if "-xf" in self.extra else ["+xa"]), *self.extra, str(self.port)],
+                stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL)
             wait_port(self.port, 20)
 
