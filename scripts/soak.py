@@ -317,7 +317,9 @@ class Traffic:
             cmd = [tool("storescu"), "-v", "-aec", NODE_AE, "-aet", "PACS", flag, "-to", "20",
                    "127.0.0.1", str(self.port), *map(str, group)]
             try:
-                out = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+                # storescu -v logs to stderr: that is where the responses are
+                out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, timeout=120).stdout
             except subprocess.TimeoutExpired:
                 out = ""
             current = None
