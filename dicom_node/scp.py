@@ -30,6 +30,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import DicomSettings, TlsSettings
+from dicom_node.delivery.commitment import CommitmentReports, add_report_context
 from dicom_node.ingest import Ingestor, Received, StoreStatus
 from dicom_node.net import set_nodelay
 
@@ -108,6 +109,7 @@ def build_ae(settings: DicomSettings) -> AE:
     ae.add_supported_context(Verification)
     for ctx in StoragePresentationContexts:
         ae.add_supported_context(ctx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+    add_report_context(ae)  # storage commitment results from the destinations
     return ae
 
 
@@ -122,7 +124,8 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext:
     return ctx
 
 
-def start_scp(settings: DicomSettings, ingestor: Ingestor) -> list[ThreadedAssociationServer]:
+def start_scp(settings: DicomSettings, ingestor: Ingestor,
+              commitment: CommitmentReports | None = None) -> list[ThreadedAssociationServer]:
     """Start the listener(s) in background threads: plain, and TLS when configured."""
     ae = build_ae(settings)
     handlers = [
@@ -132,6 +135,7 @@ def start_scp(settings: DicomSettings, ingestor: Ingestor) -> list[ThreadedAssoc
         (evt.EVT_ABORTED, _log_event),
         (evt.EVT_CONN_CLOSE, _release_unused_slot),
         (evt.EVT_CONN_OPEN, set_nodelay),
+        *(commitment.handlers if commitment else []),
     ]
     servers = [ae.start_server((settings.host, settings.port), block=False,
                                evt_handlers=handlers)]
