@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from dicom_node import db, logs
 from dicom_node.config import ConfigError, Destination, Settings, load_settings
 from dicom_node.errors import NodeError
+from dicom_node.states import DeliveryState
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--study", help="only this Study Instance UID")
 
-    p = sub.add_parser("deliveries", help="list deliveries (default: not yet sent)")
+    p = sub.add_parser("deliveries", help="list deliveries (default: those not delivered "
+                       "yet, i.e. all but sent and committed)")
     _add_common(p)
-    p.add_argument("--state", default=None, help="pending, sending, sent or dead")
+    p.add_argument("--state", default=None, choices=[*DeliveryState, "all"],
+                   help="only deliveries in this state (all: every delivery)")
 
-    p = sub.add_parser("resubmit", help="put dead deliveries back in the queue")
+    p = sub.add_parser("resubmit", help="put dead and not accepted deliveries back in the "
+                       "queue (same objects, same UIDs)")
     _add_common(p)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--all", action="store_true", help="every dead delivery")
+    g.add_argument("--all", action="store_true", help="every dead or not accepted delivery")
     g.add_argument("--id", type=int, action="append", help="a delivery id (repeatable)")
     p.add_argument("--destination", help="only deliveries to AE@HOST:PORT")
 
@@ -188,10 +192,16 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_deliveries(settings: Settings, args: argparse.Namespace) -> int:
-    q = select(db.deliveries).order_by(db.deliveries.c.id)
-    q = q.where(db.deliveries.c.state == args.state) if args.state else q.where(
-        db.deliveries.c.state != "sent")
-    _print_table(_rows(settings, q), ["id", "destination", "state", "attempts", "last_error"])
+    d, o = db.deliveries.c, db.outputs.c
+    q = (select(db.deliveries, o.kind).join(db.outputs, o.id == d.output_id).order_by(d.id))
+    if args.state is None:
+        q = q.where(d.state.not_in((DeliveryState.SENT, DeliveryState.COMMITTED)))
+    elif args.state != "all":
+        q = q.where(d.state == args.state)
+    rows = [{**r._mapping, "status": "" if r.last_status is None else f"0x{r.last_status:04X}"}
+            for r in _rows(settings, q)]
+    _print_table([argparse.Namespace(**r) for r in rows],
+                 ["id", "destination", "kind", "state", "attempts", "status", "last_error"])
     return 0
 
 
@@ -201,10 +211,10 @@ def cmd_resubmit(settings: Settings, args: argparse.Namespace) -> int:
     engine = db.make_engine(settings.database_url)
     try:
         n = resubmit(engine, delivery_ids=None if args.all else args.id,
-                     destination=args.destination)
+                     destination=args.destination, actor="cli")
     finally:
         engine.dispose()
-    print(f"resubmitted {n} dead deliver{'y' if n == 1 else 'ies'}")
+    print(f"resubmitted {n} deliver{'y' if n == 1 else 'ies'} (dead or not accepted)")
     return 0
 
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dicom_node.delivery.syntaxes import sendable
 from dicom_node.errors import ConfigError
 from dicom_node.evaluation.settings import EvaluationSettings
 
@@ -179,6 +180,9 @@ class OutputSettingsModel(_Model):
     gsps: bool = True
     institution_name: str | None = None
     heatmap_alpha: float = Field(0.35, ge=0, le=1)
+    # detector candidates below their operating threshold: left out of the SR ("omit"),
+    # or listed as Absent with their probability and without an image region ("list")
+    sr_candidates: Literal["omit", "list"] = "omit"
 
 
 OutputKind = Literal["sr", "sc", "gsps"]
@@ -195,13 +199,22 @@ class Destination(_Model):
     # (keywords or UIDs, e.g. [RLELossless, ExplicitVRLittleEndian]); the SC is transcoded
     # to the one the destination accepts
     sc_transfer_syntaxes: list[str] = Field(
-        default_factory=lambda: ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian"])
+        default_factory=lambda: ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian"],
+        validate_default=True)
     # ask for Storage Commitment (N-ACTION) after storing; a delivery is 'committed' once
     # the destination's N-EVENT-REPORT confirms it, and re-sent when not within the timeout
     storage_commitment: bool = False
     commitment_timeout_s: float = Field(600.0, gt=0)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+    @field_validator("sc_transfer_syntaxes")
+    @classmethod
+    def _sc_syntaxes(cls, v: list[str]) -> list[str]:
+        """Keywords or UIDs -> UIDs (lossless ones the node can encode), order kept."""
+        if not v:
+            raise ValueError("sc_transfer_syntaxes needs at least one transfer syntax")
+        return list(dict.fromkeys(str(sendable(name)) for name in v))
 
     @property
     def name(self) -> str:
@@ -226,6 +239,9 @@ class SenderSettings(_Model):
     jitter: float = Field(0.2, ge=0, le=1)
     timeout_s: float = Field(30.0, gt=0)
     poll_interval_s: float = Field(0.5, gt=0)
+    # after a storage commitment request, keep the association open this long for an
+    # N-EVENT-REPORT on it (a PACS may also report later on an association of its own)
+    commitment_wait_s: float = Field(5.0, ge=0)
 
 
 class WebSettings(_Model):

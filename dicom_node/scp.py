@@ -38,6 +38,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.association_guard import AssociationGuard, GuardLimits
 from dicom_node.config import DicomSettings, TlsSettings
+from dicom_node.delivery.commitment import CommitmentReports, add_report_context
 from dicom_node.ingest import Ingestor, Received, ReceivedFile, StoreStatus
 from dicom_node.net import set_nodelay
 from dicom_node.transport import start_guarded_server
@@ -115,6 +116,7 @@ def build_ae(settings: DicomSettings) -> AE:
     ae.add_supported_context(Verification)
     for ctx in StoragePresentationContexts:
         ae.add_supported_context(ctx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+    add_report_context(ae)  # storage commitment results from the destinations
     return ae
 
 
@@ -129,7 +131,8 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext:
     return ctx
 
 
-def start_scp(settings: DicomSettings, ingestor: Ingestor) -> list[ThreadedAssociationServer]:
+def start_scp(settings: DicomSettings, ingestor: Ingestor,
+              commitment: CommitmentReports | None = None) -> list[ThreadedAssociationServer]:
     """Start the listener(s) in background threads: plain, and TLS when configured."""
     ae = build_ae(settings)
     guard = AssociationGuard(GuardLimits.from_settings(
@@ -140,6 +143,7 @@ def start_scp(settings: DicomSettings, ingestor: Ingestor) -> list[ThreadedAssoc
         (evt.EVT_CONN_CLOSE, _release_unused_slot),
         (evt.EVT_CONN_OPEN, set_nodelay),
         *guard.handlers(),  # limits, watchdog feed, audit of accepted/rejected/aborted
+        *(commitment.handlers if commitment else []),
     ]
     tmp_dir = ingestor.spool.tmp_dir  # received data sets stream here (same filesystem)
     servers = [start_guarded_server(ae, (settings.host, settings.port), evt_handlers=handlers,

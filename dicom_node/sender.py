@@ -1,9 +1,16 @@
 """Delivery of result objects to the configured destinations (C-STORE SCU).
 
-Each (output, destination) pair is a persisted delivery: pending -> sending -> sent, or back
-to pending with exponential backoff and jitter after a failure, and dead after
-``max_attempts``. Dead deliveries can be resubmitted. The same file, hence the same SOP
-Instance UID, is sent on every attempt.
+Each (output, destination) pair is its own delivery with its own state machine
+(:class:`~dicom_node.states.DeliveryState`). One association per destination and batch
+proposes every object's SOP class in the syntaxes the node can send it in; after the
+negotiation each object is decided on its own: sent in the first accepted syntax
+(transcoded in memory when that is the SC's configured compressed syntax), ``not_accepted``
+when the destination takes neither its class nor a syntax, and by the response status
+class otherwise (:mod:`dicom_node.delivery.status`). Nothing one object does (a missing
+file, an encoder error, a refused status, an exception) touches another, and nothing is
+left ``sending``. The same file, hence the same SOP Instance UID, goes out on every try.
+With ``storage_commitment`` the stored objects are then committed (N-ACTION), see
+:mod:`dicom_node.delivery.commitment`.
 """
 
 from __future__ import annotations
@@ -12,169 +19,214 @@ import logging
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import Any
 
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import AE, evt
-from sqlalchemy import Engine, and_, or_, select, update
 
-from dicom_node import backoff, db
 from dicom_node.config import Destination, SenderSettings
+from dicom_node.delivery.commitment import CommitmentReports
+from dicom_node.delivery.ledger import Delivery, Ledger, backoff_delay, resubmit
+from dicom_node.delivery.negotiation import (
+    decide,
+    negotiated,
+    preferred_syntaxes,
+    requested_contexts,
+)
+from dicom_node.delivery.status import StatusClass, classify, describe
+from dicom_node.delivery.syntaxes import convert
+from dicom_node.errors import SpoolError
 from dicom_node.net import set_nodelay
 from dicom_node.spool import Spool
 
 logger = logging.getLogger(__name__)
 
-SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the storage warnings
+__all__ = ["Sender", "backoff_delay", "resubmit"]
 
 
-@dataclass(frozen=True)
-class Delivery:
-    id: int
-    destination: str
-    attempts: int
-    path: str
-    sop_class_uid: str
-    sop_instance_uid: str
-
-
-def backoff_delay(attempts: int, settings: SenderSettings, rng: random.Random) -> float:
-    """Delay before the next try after ``attempts`` failed ones (``dicom_node.backoff``)."""
-    return backoff.backoff_delay(attempts, initial_s=settings.backoff_initial_s,
-                                 max_s=settings.backoff_max_s, jitter=settings.jitter, rng=rng)
+class _Unreadable(Exception):
+    """The result file of a delivery is missing or cannot be read: dead letter at once."""
 
 
 class Sender:
-    def __init__(self, engine: Engine, spool: Spool, destinations: list[Destination],
+    def __init__(self, engine: Any, spool: Spool, destinations: list[Destination],
                  settings: SenderSettings, calling_ae: str, *, seed: int | None = None) -> None:
         self.engine = engine
         self.spool = spool
         self.destinations = {d.name: d for d in destinations}
         self.settings = settings
         self.calling_ae = calling_ae
-        self.rng = random.Random(seed)
+        self.ledger = Ledger(engine, settings, random.Random(seed))
+        # N-EVENT-REPORT handler for the sender's associations and the node's listener
+        self.reports = CommitmentReports(self.ledger, settings)
 
     def recover(self) -> int:
-        """Start-up: deliveries caught mid-send by a crash are pending again."""
-        with self.engine.begin() as conn:
-            res = conn.execute(update(db.deliveries).where(db.deliveries.c.state == "sending")
-                               .values(state="pending", lease_expires_at=None))
-        return res.rowcount
-
-    def claim(self, now: float) -> list[Delivery]:
-        lease = now + self.settings.timeout_s * 4 + 60
-        due = or_(and_(db.deliveries.c.state == "pending", db.deliveries.c.next_attempt_at <= now),
-                  and_(db.deliveries.c.state == "sending", db.deliveries.c.lease_expires_at < now))
-        query = (select(db.deliveries.c.id, db.deliveries.c.destination,
-                        db.deliveries.c.attempts, db.outputs.c.path, db.outputs.c.sop_class_uid,
-                        db.outputs.c.sop_instance_uid)
-                 .join(db.outputs, db.outputs.c.id == db.deliveries.c.output_id)
-                 .where(due).order_by(db.deliveries.c.id).limit(200))
-        if not db.is_sqlite(self.engine):
-            query = query.with_for_update(skip_locked=True, of=db.deliveries)
-        with self.engine.begin() as conn:
-            rows = conn.execute(query).all()
-            if rows:
-                conn.execute(update(db.deliveries)
-                             .where(db.deliveries.c.id.in_([r.id for r in rows]))
-                             .values(state="sending", lease_expires_at=lease))
-        return [Delivery(r.id, r.destination, r.attempts, r.path, r.sop_class_uid,
-                         r.sop_instance_uid) for r in rows]
+        """Start-up: deliveries caught mid-send by a crash are due again."""
+        return self.ledger.recover()
 
     def run_once(self, now: float | None = None) -> int:
-        """Send everything due; returns how many deliveries succeeded."""
-        batch = self.claim(time.time() if now is None else now)
+        """Re-queue overdue commitments, then send everything due; returns how many
+        objects the destinations stored."""
+        now = time.time() if now is None else now
+        for dest in self.destinations.values():
+            if dest.storage_commitment:
+                self.ledger.commitments_overdue(dest.name, dest.commitment_timeout_s, now)
         by_dest: dict[str, list[Delivery]] = defaultdict(list)
-        for d in batch:
+        for d in self.ledger.claim(now):
             by_dest[d.destination].append(d)
         sent = 0
         for name, items in by_dest.items():
             dest = self.destinations.get(name)
             if dest is None:
-                for d in items:
-                    self._failed(d, "destination is no longer configured", None)
+                self.ledger.interrupted(items, "destination is no longer configured")
                 continue
-            sent += self._send_batch(dest, items)
+            sent += _DestinationTry(self, dest, items).run()
         return sent
 
-    def _ae(self, items: list[Delivery]) -> AE:
-        ae = AE(ae_title=self.calling_ae)
-        ae.acse_timeout = self.settings.timeout_s
-        ae.dimse_timeout = self.settings.timeout_s
-        ae.network_timeout = self.settings.timeout_s
-        for sop_class in sorted({d.sop_class_uid for d in items}):
-            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        return ae
 
-    def _send_batch(self, dest: Destination, items: list[Delivery]) -> int:
-        ae = self._ae(items)
+class _DestinationTry:
+    """One association to one destination for a batch of its deliveries.
+
+    ``open`` holds the deliveries not yet decided; whatever happens, none stays
+    ``sending`` when :meth:`run` returns.
+    """
+
+    def __init__(self, sender: Sender, dest: Destination, items: Sequence[Delivery]) -> None:
+        self.sender = sender
+        self.ledger = sender.ledger
+        self.dest = dest
+        self.open: dict[int, Delivery] = {d.id: d for d in items}
+        self.stored: list[Delivery] = []
+
+    def run(self) -> int:
+        why = "interrupted"
         try:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
-                                 evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+            ready = [d for d in list(self.open.values()) if self._file_present(d)]
+            if ready:
+                self._send(ready)
+        except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the sender
+            logger.exception("delivery batch to %s failed", self.dest.name)
+            why = f"interrupted: {type(exc).__name__}: {exc}"
+        finally:
+            if self.open:
+                self.ledger.interrupted(list(self.open.values()), why)
+                self.open.clear()
+        return len(self.stored)
+
+    def _done(self, d: Delivery) -> None:
+        self.open.pop(d.id, None)
+
+    def _file_present(self, d: Delivery) -> bool:
+        try:
+            present = self.sender.spool.path(d.path).is_file()
+        except SpoolError as exc:
+            present, detail = False, str(exc)
+        else:
+            detail = f"result file {d.path} is missing"
+        if not present:
+            self.ledger.dead(d, detail)
+            self._done(d)
+        return present
+
+    # -- association ------------------------------------------------------------------------
+
+    def _associate(self, ready: Sequence[Delivery]) -> Any | None:
+        s = self.sender.settings
+        ae = AE(ae_title=self.dest.calling_ae_title or self.sender.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = s.timeout_s
+        contexts = requested_contexts(((d.kind, d.sop_class_uid) for d in ready), self.dest)
+        handlers = [(evt.EVT_CONN_OPEN, set_nodelay), *self.sender.reports.handlers]
+        try:
+            return ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title,
+                                contexts=contexts, evt_handlers=handlers)
         except (OSError, RuntimeError, ValueError) as exc:
-            for d in items:
-                self._failed(d, f"association failed: {exc}", None)
-            return 0
+            self._fail_all(ready, f"association failed: {exc}")
+            return None
+
+    def _fail_all(self, items: Sequence[Delivery], reason: str) -> None:
+        for d in items:
+            self.ledger.failed(d, reason)
+            self._done(d)
+
+    def _send(self, ready: Sequence[Delivery]) -> None:
+        assoc = self._associate(ready)
+        if assoc is None:
+            return
         if not assoc.is_established:
-            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-            for d in items:
-                self._failed(d, f"association {why} by {dest.name}", None)
-            return 0
-        sent = 0
+            if negotiated(assoc):  # the destination accepted none of the contexts
+                for d in ready:
+                    self._decide_and_store(assoc, d)
+            else:
+                why = ("rejected" if assoc.is_rejected else
+                       "aborted" if assoc.is_aborted else "failed")
+                self._fail_all(ready, f"association {why} by {self.dest.name}")
+            return
         try:
-            for i, d in enumerate(items):
+            for d in ready:
                 if not assoc.is_established:
-                    for rest in items[i:]:
-                        self._failed(rest, "association lost during the batch", None)
+                    self._fail_all([x for x in ready if x.id in self.open],
+                                   "association lost during the batch")
                     break
-                status = assoc.send_c_store(str(self.spool.path(d.path)))
-                code = int(getattr(status, "Status", -1)) if status else None
-                if code in SUCCESS_STATUSES:
-                    self._sent(d, code)
-                    sent += 1
-                else:
-                    why = ("no response (timeout or abort)" if code is None
-                           else f"status 0x{code:04X}")
-                    self._failed(d, why, code)
+                self._decide_and_store(assoc, d)
+            if self.dest.storage_commitment and self.stored and assoc.is_established:
+                self._request_commitment(assoc)
         finally:
             if assoc.is_established:
                 assoc.release()
-        return sent
 
-    def _sent(self, d: Delivery, code: int) -> None:
-        now = time.time()
-        with self.engine.begin() as conn:
-            conn.execute(update(db.deliveries).where(db.deliveries.c.id == d.id).values(
-                state="sent", attempts=d.attempts + 1, sent_at=now, last_status=code,
-                last_error=None, lease_expires_at=None))
-        logger.info("delivered %s to %s", d.sop_instance_uid, d.destination)
+    def _request_commitment(self, assoc: Any) -> None:
+        try:
+            self.sender.reports.request(assoc, self.dest.name, self.stored)
+        except Exception as exc:  # noqa: BLE001 - the objects are stored; the sweep re-sends
+            logger.exception("storage commitment request to %s failed", self.dest.name)
+            self.ledger.note(self.stored, f"storage commitment request failed: {exc}")
 
-    def _failed(self, d: Delivery, error: str, code: int | None) -> None:
-        attempts = d.attempts + 1
-        dead = attempts >= self.settings.max_attempts
-        delay = backoff_delay(attempts, self.settings, self.rng)
-        with self.engine.begin() as conn:
-            conn.execute(update(db.deliveries).where(db.deliveries.c.id == d.id).values(
-                state="dead" if dead else "pending", attempts=attempts, last_error=error[:1000],
-                last_status=code, next_attempt_at=time.time() + delay, lease_expires_at=None))
-        if dead:
-            logger.error("delivery %d of %s to %s dead after %d attempts: %s", d.id,
-                         d.sop_instance_uid, d.destination, attempts, error)
+    # -- one object -------------------------------------------------------------------------
+
+    def _decide_and_store(self, assoc: Any, d: Delivery) -> None:
+        """Everything about one object; whatever it raises ends this object only."""
+        try:
+            decision = decide(assoc, d.sop_class_uid, preferred_syntaxes(d.kind, self.dest),
+                              self.dest.name)
+            if decision.syntax is None:
+                self.ledger.not_accepted(d, decision.reason or "not accepted")
+            else:
+                self._store(assoc, d, decision.syntax)
+        except _Unreadable as exc:
+            self.ledger.dead(d, str(exc))
+        except Exception as exc:  # noqa: BLE001 - isolate the object, retry it later
+            logger.exception("delivery %d to %s failed", d.id, self.dest.name)
+            self.ledger.failed(d, f"{type(exc).__name__}: {exc}")
+        self._done(d)
+
+    def _dataset(self, d: Delivery, syntax: UID) -> Dataset:
+        try:
+            ds = pydicom.dcmread(self.sender.spool.path(d.path))
+        except (OSError, SpoolError, pydicom.errors.InvalidDicomError) as exc:
+            raise _Unreadable(f"result file {d.path} is unreadable: {exc}") from exc
+        if str(ds.get("SOPInstanceUID", "")) != d.sop_instance_uid:
+            raise _Unreadable(f"result file {d.path} holds another object")
+        try:
+            return convert(ds, syntax)
+        except Exception as exc:  # noqa: BLE001 - any encoder failure: this object only
+            raise _Unreadable(f"cannot encode {d.kind} in {syntax.name}: {exc}") from exc
+
+    def _store(self, assoc: Any, d: Delivery, syntax: UID) -> None:
+        ds = self._dataset(d, syntax)
+        status = assoc.send_c_store(ds)
+        code = int(status.Status) if status and "Status" in status else None
+        cls = classify(code)
+        if code is not None and cls in (StatusClass.SUCCESS, StatusClass.WARNING):
+            warning = (f"stored with warning: {describe(code)}" if cls is StatusClass.WARNING
+                       else None)
+            self.ledger.sent(d, code=code, syntax=str(syntax), warning=warning)
+            self.stored.append(d)
+        elif cls is StatusClass.NOT_SUPPORTED:
+            self.ledger.not_accepted(d, f"not accepted by {self.dest.name}: "
+                                        f"{UID(d.sop_class_uid).name}, {describe(code)}", code)
         else:
-            logger.warning("delivery %d to %s failed (attempt %d, retry in %.1f s): %s", d.id,
-                           d.destination, attempts, delay, error)
-
-
-def resubmit(engine: Engine, *, delivery_ids: list[int] | None = None,
-             destination: str | None = None) -> int:
-    """Put dead deliveries back in the queue (all, some ids, or one destination's)."""
-    query = update(db.deliveries).where(db.deliveries.c.state == "dead")
-    if delivery_ids:
-        query = query.where(db.deliveries.c.id.in_(delivery_ids))
-    if destination:
-        query = query.where(db.deliveries.c.destination == destination)
-    with engine.begin() as conn:
-        res = conn.execute(query.values(state="pending", attempts=0, next_attempt_at=time.time(),
-                                        last_error=None))
-    logger.info("resubmitted %d dead deliveries", res.rowcount)
-    return res.rowcount
+            self.ledger.failed(d, describe(code), code,
+                               dead_letter=cls is not StatusClass.OUT_OF_RESOURCES)

@@ -99,7 +99,7 @@ def load_analyzer(settings: Settings) -> Analyzer:
 def output_settings(settings: Settings) -> OutputSettings:
     o = settings.outputs
     return OutputSettings(sr=o.sr, sc=o.sc, gsps=o.gsps, institution_name=o.institution_name,
-                          heatmap_alpha=o.heatmap_alpha)
+                          heatmap_alpha=o.heatmap_alpha, sr_candidates=o.sr_candidates)
 
 
 class Node:
@@ -157,7 +157,8 @@ class Node:
         self.spool.clean_tmp()
         self.queue.requeue_owned_by(self.node_id)
         self.sender.recover()
-        self.servers = start_scp(self.settings.dicom, self.ingestor)
+        self.servers = start_scp(self.settings.dicom, self.ingestor,
+                                 commitment=self.sender.reports)
         self._thread("assembler", self._assembler_loop)
         if self.settings.destinations:
             self._thread("sender", self._sender_loop)
@@ -220,8 +221,7 @@ class Node:
         names = ", ".join(m.display_name for m in analyzer.models)
         logger.info("models loaded: %s", names)
         worker = AnalysisWorker(self.engine, self.spool, self.queue, analyzer,
-                                output_settings(self.settings),
-                                [d.name for d in self.settings.destinations])
+                                output_settings(self.settings), self.settings.destinations)
         self.analyzer = analyzer
         for n in range(self.settings.workers.count):
             owner = f"{self.node_id}:{os.getpid()}:{n}"

@@ -25,12 +25,13 @@ from ai.types import (
     ResourceExhaustedError,
 )
 from dicom_node import db
+from dicom_node.config import Destination
 from dicom_node.dicomio import read_untrusted
 from dicom_node.jobs import ClaimedJob, JobQueue, settle_study
 from dicom_node.outputs import OutputObject, OutputSettings, build_outputs
 from dicom_node.phi import remember_phi
 from dicom_node.spool import Spool
-from dicom_node.states import InstanceState, StudyState
+from dicom_node.states import DeliveryState, InstanceState, StudyState
 from dicom_node.versions import (
     PriorOutput,
     current_outputs,
@@ -61,7 +62,7 @@ class JobOutcome:
 
 class AnalysisWorker:
     def __init__(self, engine: Engine, spool: Spool, queue: JobQueue, analyzer: Analyzer,
-                 output_settings: OutputSettings, destinations: Sequence[str]) -> None:
+                 output_settings: OutputSettings, destinations: Sequence[Destination]) -> None:
         self.engine = engine
         self.spool = spool
         self.queue = queue
@@ -199,10 +200,12 @@ class AnalysisWorker:
         else:
             output_id = row.id
         for dest in self.destinations:
+            if obj.kind not in dest.outputs:  # this destination does not take this kind
+                continue
             exists = conn.execute(select(db.deliveries.c.id)
                                   .where(db.deliveries.c.output_id == output_id)
-                                  .where(db.deliveries.c.destination == dest)).first()
+                                  .where(db.deliveries.c.destination == dest.name)).first()
             if exists is None:
                 conn.execute(insert(db.deliveries).values(
-                    output_id=output_id, destination=dest, state="pending", attempts=0,
-                    next_attempt_at=now, created_at=now))
+                    output_id=output_id, destination=dest.name, state=DeliveryState.PENDING,
+                    attempts=0, next_attempt_at=now, created_at=now))

@@ -132,8 +132,10 @@ class StoreSCP:
     def start(self) -> None:
         if self.proc is None:
             self.proc = subprocess.Popen(
-                [tool("storescp"), "-aet", self.ae_title, "-od", str(self.out), "+xa",
-                 *self.extra, str(self.port)], stdout=subprocess.DEVNULL,
+                [tool("storescp"), "-aet", self.ae_title, "-od", str(self.out),
+                 # +xa (accept every syntax) is not allowed with a profile (-xf)
+                 *([] if "-xf" in self.extra else ["+xa"]), *self.extra, str(self.port)],
+                stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL)
             wait_port(self.port, 20)
 
@@ -315,7 +317,9 @@ class Traffic:
             cmd = [tool("storescu"), "-v", "-aec", NODE_AE, "-aet", "PACS", flag, "-to", "20",
                    "127.0.0.1", str(self.port), *map(str, group)]
             try:
-                out = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+                # storescu -v logs to stderr: that is where the responses are
+                out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, timeout=120).stdout
             except subprocess.TimeoutExpired:
                 out = ""
             current = None

@@ -79,7 +79,9 @@ class StoreSCP:
     def __init__(self, out: Path, port: int, ae_title: str = "DEST", extra: list[str] | None = None):
         self.out, self.port, self.ae_title = out, port, ae_title
         out.mkdir(parents=True, exist_ok=True)
-        cmd = [require_tool("storescp"), "-aet", ae_title, "-od", str(out), "+xa",
+        # +xa (accept every syntax) unless an association profile (-xf FILE PROFILE) decides
+        accept_all = [] if "-xf" in (extra or []) else ["+xa"]
+        cmd = [require_tool("storescp"), "-aet", ae_title, "-od", str(out), *accept_all,
                *(extra or []), str(port)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_for_port(port)
@@ -98,6 +100,8 @@ class StoreSCP:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
 
 
 @pytest.fixture

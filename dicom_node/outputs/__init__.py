@@ -8,6 +8,7 @@ identities), so re-running a job re-creates the same objects with the same UIDs.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 
 import pydicom
@@ -43,14 +44,17 @@ def build_outputs(
     """
     if not uid_seed:
         raise ValueError("uid_seed must not be empty")
-    sources = prepare_sources(items)
     outputs: list[OutputObject] = []
-    if settings.sr:
-        outputs.append(build_sr(sources, settings, uid_seed))
-    if settings.sc:
-        outputs.extend(build_sc(sources, settings, uid_seed))
-    if settings.gsps:
-        outputs.extend(build_gsps(sources, settings, uid_seed))
+    with warnings.catch_warnings():
+        # Source UIDs kept as received (e.g. "1.2.03.4"): the reference must stay exact.
+        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+        sources = prepare_sources(items)
+        if settings.sr:
+            outputs.append(build_sr(sources, settings, uid_seed))
+        if settings.sc:
+            outputs.extend(build_sc(sources, settings, uid_seed))
+        if settings.gsps:
+            outputs.extend(build_gsps(sources, settings, uid_seed))
     if series_seed is not None:
         for output in outputs:
             output.dataset.SeriesInstanceUID = series_uid(series_seed, output.kind)

@@ -3,7 +3,8 @@
 highdicom's SR and GSPS constructors read several Type 2 patient/study attributes directly
 (``ref.PatientBirthDate`` ...), and its SR Image Library needs ``ImagerPixelSpacing`` and
 ``PatientOrientation`` on CR/DX images. Real sources miss some of these (the NIH file has
-no orientation at all), so every builder works on a *copy* of the source with the gaps
+no orientation at all) and break VR rules in others, so every builder works on a *copy* of
+the source, passed through :func:`dicom_node.outputs.sanitise.sanitise`, with the gaps
 filled; the caller's dataset is never changed.
 """
 
@@ -11,17 +12,17 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 
 from ai.types import Finding, ImageResult, ModelIdentity
+from dicom_node.outputs.sanitise import Removal, sanitise
 from dicom_node.uids import derive_uid
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ _TYPE2_DEFAULTS: tuple[str, ...] = (
     "StudyTime",
     "ReferringPhysicianName",
 )
-_AGE = re.compile(r"\d{3}[DWMY]")
 _PERSON_NAMES: tuple[str, ...] = ("PatientName", "ReferringPhysicianName")
 _REQUIRED: tuple[str, ...] = (
     "StudyInstanceUID",
@@ -53,6 +53,7 @@ _REQUIRED: tuple[str, ...] = (
     "Columns",
     "PhotometricInterpretation",
 )
+SR_CANDIDATE_MODES: tuple[str, ...] = ("omit", "list")
 # Used when a projection image carries no orientation: the usual chest display (patient's
 # left to the right of the screen, feet down). Only ever written into working copies.
 DEFAULT_ORIENTATION: tuple[str, str] = ("L", "F")
@@ -73,6 +74,9 @@ class OutputSettings:
     heatmap_alpha: float = 0.35
     # Type 1 in the GSPS Enhanced General Equipment module: identifies this node.
     device_serial_number: str = "1"
+    # Detector candidates below their operating threshold: "omit" them from the SR, or
+    # "list" them (Absent, with probability, never with an image region).
+    sr_candidates: str = "omit"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.heatmap_alpha <= 1.0:
@@ -83,6 +87,10 @@ class OutputSettings:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.manufacturer:
             raise ValueError("manufacturer must not be empty")
+        if self.sr_candidates not in SR_CANDIDATE_MODES:
+            raise ValueError(
+                f"sr_candidates must be one of {SR_CANDIDATE_MODES}, got {self.sr_candidates!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -99,9 +107,10 @@ class OutputObject:
 class Source:
     """A source image prepared for highdicom, with its result.
 
-    ``original`` is the caller's dataset (read for pixels only); ``work`` is a shallow
-    copy with missing Type 2 attributes filled; ``fabricated`` names the attributes that
-    were invented (not copied from the source) so builders can keep them out of outputs.
+    ``original`` is the caller's dataset (never read by the builders); ``work`` is a
+    sanitised shallow copy with missing Type 2 attributes filled; ``fabricated`` names the
+    attributes that were invented (not copied from the source) so builders can keep them
+    out of outputs; ``removed`` lists what the sanitiser dropped or emptied.
     """
 
     original: Dataset
@@ -109,6 +118,7 @@ class Source:
     result: ImageResult
     fabricated: set[str] = field(default_factory=set)
     person_names: dict[str, object] = field(default_factory=dict)
+    removed: list[Removal] = field(default_factory=list)
 
     @property
     def sop_instance_uid(self) -> str:
@@ -131,12 +141,18 @@ def shallow_copy(ds: Dataset) -> Dataset:
 
     ``copy.copy(Dataset)`` shares the element dictionary in pydicom 3, and setting an
     attribute that exists assigns to the element object itself, so both the dictionary
-    and the elements must be new for edits of the copy to leave ``ds`` alone.
+    and the elements must be new for edits of the copy to leave ``ds`` alone. Elements
+    not yet decoded stay raw (immutable tuples): decoding them here, on the caller's
+    dataset and outside the sanitiser, would let pydicom warn with their values.
     """
-    copied = Dataset({elem.tag: copy.copy(elem) for elem in ds})
+    copied = Dataset({tag: _copy_element(ds.get_item(tag)) for tag in ds.keys()})
     if hasattr(ds, "file_meta"):
         copied.file_meta = ds.file_meta
     return copied
+
+
+def _copy_element(elem: DataElement | RawDataElement) -> DataElement | RawDataElement:
+    return elem if isinstance(elem, RawDataElement) else copy.copy(elem)
 
 
 def prepare_sources(items: Sequence[tuple[Dataset, ImageResult]]) -> list[Source]:
@@ -170,14 +186,12 @@ def prepare_sources(items: Sequence[tuple[Dataset, ImageResult]]) -> list[Source
 
 def _prepare(ds: Dataset, result: ImageResult) -> Source:
     work = shallow_copy(ds)
+    removed = sanitise(work, str(ds.SOPInstanceUID))  # e.g. NIH PatientAge "81": not AS
     fabricated: set[str] = set()
     for keyword in _TYPE2_DEFAULTS:
         if keyword not in work:
             setattr(work, keyword, "")
     person_names = _disambiguate_person_names(work)
-    age = str(work.get("PatientAge") or "")
-    if age and not _AGE.fullmatch(age):
-        del work.PatientAge  # e.g. NIH "81": invalid AS, would make every output invalid
     orientation = list(work.get("PatientOrientation") or [])
     if len(orientation) != 2 or not all(orientation):
         work.PatientOrientation = list(DEFAULT_ORIENTATION)
@@ -193,7 +207,12 @@ def _prepare(ds: Dataset, result: ImageResult) -> Source:
     if "SamplesPerPixel" not in work:
         work.SamplesPerPixel = 1
     return Source(
-        original=ds, work=work, result=result, fabricated=fabricated, person_names=person_names
+        original=ds,
+        work=work,
+        result=result,
+        fabricated=fabricated,
+        person_names=person_names,
+        removed=removed,
     )
 
 
@@ -227,6 +246,23 @@ def _positive_pair(value: object) -> bool:
     except (TypeError, ValueError):
         return False
     return len(pair) == 2 and all(v > 0 for v in pair)
+
+
+UNPAIRED_BODY_PART = "CHEST"
+
+
+def set_body_part(output: Dataset, source: Dataset) -> None:
+    """General Series of an output: the source's body part (CHEST when it has none), and
+    its Laterality; Laterality is Type 2C, required for any body part that may be paired,
+    and validators know only a fixed list of unpaired ones (THORAX and LUNG are not on it),
+    so it is sent empty ("unknown") with any body part but CHEST when the source gave none.
+    """
+    output.BodyPartExamined = str(source.get("BodyPartExamined") or UNPAIRED_BODY_PART)
+    laterality = source.get("Laterality")
+    if laterality:
+        output.Laterality = laterality
+    elif output.BodyPartExamined != UNPAIRED_BODY_PART:
+        output.Laterality = None
 
 
 def models_of(sources: Sequence[Source]) -> list[ModelIdentity]:

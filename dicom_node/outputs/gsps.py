@@ -11,6 +11,7 @@ GSPS each, all in the same series; a usual study (one size, one polarity) gets o
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,6 +35,7 @@ from highdicom.pr import (
 from pydicom.dataset import Dataset
 from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage
 
+from dicom_node.outputs import render
 from dicom_node.outputs.common import (
     DEMO_BANNER,
     DISCLAIMER,
@@ -49,6 +51,7 @@ from dicom_node.outputs.common import (
     models_of,
     restore_person_names,
     series_uid,
+    set_body_part,
     software_versions,
     tracking,
 )
@@ -56,6 +59,7 @@ from dicom_node.outputs.common import (
 logger = logging.getLogger(__name__)
 
 LAYER_NAME = "AI_FINDINGS"
+_DISPLAY_LINES = 2  # banner + summary: the pixel labels stay below both
 CONTENT_LABEL = "AI_RESULTS"
 SERIES_DESCRIPTION = "AI findings GSPS (CXR AI node)"
 _LAYER_COLOUR = CIELabColor(97.1, -21.6, 94.5)  # yellow, like the SC's first box colour
@@ -121,11 +125,7 @@ def _build_group(
         presentation_lut_transformation=PresentationLUTTransformation(presentation_lut_shape=shape),
         series_description=SERIES_DESCRIPTION,
     )
-    # General Series: naming the (unpaired) body part is what makes Laterality (2C)
-    # unnecessary; copy it when the source has it anyway.
-    gsps.BodyPartExamined = str(images[0].get("BodyPartExamined") or "CHEST")
-    if images[0].get("Laterality"):
-        gsps.Laterality = images[0].Laterality
+    set_body_part(gsps, images[0])
     restore_person_names(gsps, sources[0])
     logger.debug("Built GSPS %s for %d image(s)", sop_uid, len(images))
     return OutputObject("gsps", gsps, sop_uid, GrayscaleSoftcopyPresentationStateStorage)
@@ -136,7 +136,8 @@ def _annotation(
 ) -> GraphicAnnotation:
     ds = source.work
     rows, cols = int(ds.Rows), int(ds.Columns)
-    graphics, texts = [], []
+    graphics = []
+    boxed: list[tuple[str, tuple[float, float, float, float]]] = []
     unboxed = []
     for finding_index, finding in enumerate(source.result.findings):
         if not finding.positive:
@@ -155,21 +156,45 @@ def _annotation(
                 tracking_uid=track_uid,
             )
         )
-        texts.append(
-            TextObject(
-                text_value=finding_text(finding),
-                units=AnnotationUnitsValues.PIXEL,
-                bounding_box=_label_box(box, finding_text(finding), rows, cols),
-                text_justification="LEFT",
-            )
-        )
-    texts += _display_texts(source, unboxed)
+        boxed.append((finding_text(finding), box))
+    texts, unplaced = _label_texts(boxed, rows, cols)
+    texts += _display_texts(source, unboxed + unplaced)
     return GraphicAnnotation(
         referenced_images=[ds],
         graphic_layer=layer,
         graphic_objects=graphics or None,
         text_objects=texts,
     )
+
+
+def _label_texts(
+    boxed: list[tuple[str, tuple[float, float, float, float]]], rows: int, cols: int
+) -> tuple[list[TextObject], list[str]]:
+    """Text boxes beside the boxes, laid out like the SC's labels (never overlapping each
+    other or the banner lines); the texts that found no room go to the summary line."""
+    top_limit = math.ceil(_display_line_top(_DISPLAY_LINES) * rows)
+    layout = render.layout_labels(
+        [text for text, _ in boxed], [box for _, box in boxed], rows, cols, top_limit
+    )
+    texts, unplaced = [], []
+    for (text, _), label in zip(boxed, layout, strict=True):
+        if label is None:
+            unplaced.append(text)
+            continue
+        texts.append(
+            TextObject(
+                text_value=text,
+                units=AnnotationUnitsValues.PIXEL,
+                bounding_box=tuple(float(v) for v in label.rect),
+                text_justification="LEFT",
+            )
+        )
+    return texts, unplaced
+
+
+def _display_line_top(index: int) -> float:
+    """Top of banner line ``index`` in DISPLAY units (fraction of the displayed area)."""
+    return 0.01 + 0.045 * index
 
 
 def _display_texts(source: Source, unboxed: list[str]) -> list[TextObject]:
@@ -182,7 +207,7 @@ def _display_texts(source: Source, unboxed: list[str]) -> list[TextObject]:
         lines.append("AI: " + ", ".join(unboxed))
     texts = []
     for k, line in enumerate(lines):
-        top = 0.01 + 0.045 * k
+        top = _display_line_top(k)
         texts.append(
             TextObject(
                 text_value=line[:1024],
@@ -191,21 +216,6 @@ def _display_texts(source: Source, unboxed: list[str]) -> list[TextObject]:
             )
         )
     return texts
-
-
-def _label_box(
-    box: tuple[float, float, float, float], text: str, rows: int, cols: int
-) -> tuple[float, float, float, float]:
-    """Text box just above the finding's box, or just below it when there is no room."""
-    x0, y0, _, y1 = box
-    height = max(min(rows, cols) / 40.0, 8.0)
-    width = min(max(len(text) * height * 0.6, 1.0), float(cols))
-    left = min(x0, cols - width)
-    top = y0 - 2.0 - height
-    if top < 0.0:
-        top = min(y1 + 2.0, rows - height)
-    top = max(top, 0.0)
-    return left, top, left + width, min(top + height, float(rows))
 
 
 def _voi_transformations(images: Sequence[Dataset]) -> list[SoftcopyVOILUTTransformation]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -109,31 +110,168 @@ def base_font_scale(rows: int, cols: int) -> float:
     return min(max(min(rows, cols) / 1100.0, 0.35), 4.0)
 
 
-def draw_label(
-    rgb: np.ndarray,
-    text: str,
-    box: tuple[float, float, float, float],
-    colour: tuple[int, int, int],
+MIN_FONT_SCALE = 0.3  # about 7 px of text: the smallest label still legible on a monitor
+_SHRINK = 0.8
+
+
+@dataclass(frozen=True)
+class PlacedLabel:
+    """Where one label goes: its filled rectangle (left, top, right, bottom; right and
+    bottom exclusive) and how its text is drawn inside it."""
+
+    text: str
+    rect: tuple[int, int, int, int]
+    scale: float
+    thickness: int
+    baseline: int  # y of the text baseline (cv2.putText origin)
+    pad: int
+
+
+def layout_labels(
+    texts: Sequence[str],
+    boxes: Sequence[tuple[float, float, float, float]],
+    rows: int,
+    cols: int,
     top_limit: int = 0,
-) -> None:
-    """Label beside the box: above it when there is room, else just inside its top edge."""
-    rows, cols = rgb.shape[:2]
-    c0, r0, _, _ = box_pixels(box, rows, cols)
-    scale, thickness = _font_scale(text, cols * 0.9, base_font_scale(rows, cols))
+) -> list[PlacedLabel | None]:
+    """Place one label per box so that no two labels overlap and every label lies inside
+    the image, below ``top_limit`` (the banners).
+
+    Greedy, in the given order: around the box (above, below, inside its top edge, right,
+    left), then stacked further up or down; positions clear of the other boxes first, then
+    any free one; then the same with a smaller font, down to :data:`MIN_FONT_SCALE`; last,
+    the free spot nearest the box. ``None`` when the image has no room left (the caller
+    names such a finding elsewhere, e.g. in the summary line).
+    """
+    extents = [box_pixels(box, rows, cols) for box in boxes]
+    placed: list[PlacedLabel] = []
+    result: list[PlacedLabel | None] = []
+    for index, text in enumerate(texts):
+        others = [e for k, e in enumerate(extents) if k != index]
+        label = _place(text, extents[index], others, placed, rows, cols, top_limit)
+        if label is not None:
+            placed.append(label)
+        result.append(label)
+    return result
+
+
+def _place(
+    text: str,
+    extent: tuple[int, int, int, int],
+    other_boxes: Sequence[tuple[int, int, int, int]],
+    placed: Sequence[PlacedLabel],
+    rows: int,
+    cols: int,
+    top_limit: int,
+) -> PlacedLabel | None:
+    taken = [label.rect for label in placed]
+    scale, _ = _font_scale(text, cols * 0.9, base_font_scale(rows, cols))
+    bounds = (0, top_limit, cols, rows)
+    while True:
+        size = _label_size(text, scale)
+        candidates = list(_around(extent, size[0], size[1], line_thickness(rows, cols), rows))
+        for avoid_boxes in (True, False):
+            blocked = taken + [_outline(b) for b in other_boxes] if avoid_boxes else taken
+            for rect in candidates:
+                if _inside(rect, bounds) and not any(_overlap(rect, b) for b in blocked):
+                    return _label(text, rect, scale)
+        if scale <= MIN_FONT_SCALE:
+            break
+        scale = max(scale * _SHRINK, MIN_FONT_SCALE)
+    rect = _nearest_free(extent, _label_size(text, scale), taken, bounds)
+    return None if rect is None else _label(text, rect, scale)
+
+
+def _label_size(text: str, scale: float) -> tuple[int, int]:
+    thickness = max(1, round(scale * 1.6))
     (tw, th), baseline = cv2.getTextSize(text, _FONT, scale, thickness)
     pad = max(2, th // 4)
-    thickness_px = line_thickness(rows, cols)
-    gap = thickness_px + pad
-    y_base = r0 - gap - baseline
-    x = c0
-    if y_base - th - pad < top_limit:  # no room above: inside, clear of the outline
-        y_base = r0 + gap + th
-        x = c0 + thickness_px
-    x = min(max(x, 0), max(cols - tw - pad, 0))
-    top = max(y_base - th - pad, 0)
-    bottom = min(y_base + baseline + pad // 2, rows - 1)
-    cv2.rectangle(rgb, (x, top), (min(x + tw + pad, cols - 1), bottom), LABEL_BACKGROUND, -1)
-    cv2.putText(rgb, text, (x + pad // 2, y_base), _FONT, scale, colour, thickness, cv2.LINE_AA)
+    return tw + 2 * pad, th + baseline + 2 * pad
+
+
+def _label(text: str, rect: tuple[int, int, int, int], scale: float) -> PlacedLabel:
+    thickness = max(1, round(scale * 1.6))
+    (_, th), _ = cv2.getTextSize(text, _FONT, scale, thickness)
+    pad = max(2, th // 4)
+    return PlacedLabel(text, rect, scale, thickness, rect[1] + pad + th, pad)
+
+
+def _around(
+    extent: tuple[int, int, int, int], width: int, height: int, thickness: int, rows: int
+):  # noqa: ANN202 - generator of rectangles
+    """Candidate rectangles near a box, best first."""
+    c0, r0, c1, r1 = extent
+    gap = thickness + 1
+    above, below = r0 - gap - height, r1 + 1 + gap
+    lefts = (c0, c1 + 1 - width)  # aligned with the box's left edge, else its right edge
+    for top in (above, below):
+        for left in lefts:
+            yield left, top, left + width, top + height
+    inside = (c0 + thickness + 1, r0 + thickness + 1)
+    yield inside[0], inside[1], inside[0] + width, inside[1] + height
+    for left in (c1 + 1 + gap, c0 - gap - width):  # right, then left of the box
+        yield left, r0, left + width, r0 + height
+    step = height + 1
+    for k in range(1, rows // step + 1):  # stacked: further up, further down
+        for top in (above - k * step, below + k * step):
+            for left in lefts:
+                yield left, top, left + width, top + height
+
+
+def _nearest_free(
+    extent: tuple[int, int, int, int],
+    size: tuple[int, int],
+    taken: Sequence[tuple[int, int, int, int]],
+    bounds: tuple[int, int, int, int],
+) -> tuple[int, int, int, int] | None:
+    """The free spot (on a grid of half a label) nearest the box, anywhere in bounds."""
+    width, height = size
+    x_step, y_step = max(width // 4, 1), max(height // 2, 1)
+    cx, cy = (extent[0] + extent[2]) / 2.0, (extent[1] + extent[3]) / 2.0
+    spots = [
+        (x, y, x + width, y + height)
+        for y in range(bounds[1], bounds[3] - height + 1, y_step)
+        for x in range(bounds[0], bounds[2] - width + 1, x_step)
+    ]
+    spots.sort(key=lambda r: (r[0] + width / 2 - cx) ** 2 + (r[1] + height / 2 - cy) ** 2)
+    for rect in spots:
+        if not any(_overlap(rect, t) for t in taken):
+            return rect
+    return None
+
+
+def _outline(extent: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    c0, r0, c1, r1 = extent
+    return c0, r0, c1 + 1, r1 + 1
+
+
+def _inside(rect: tuple[int, int, int, int], bounds: tuple[int, int, int, int]) -> bool:
+    return rect[0] >= bounds[0] and rect[1] >= bounds[1] and rect[2] <= bounds[2] and (
+        rect[3] <= bounds[3]
+    )
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    """Rectangles with exclusive right/bottom edges share a pixel."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def draw_label(rgb: np.ndarray, label: PlacedLabel, colour: tuple[int, int, int]) -> None:
+    """Filled label background and its text, all inside ``label.rect``."""
+    left, top, right, bottom = label.rect
+    cv2.rectangle(rgb, (left, top), (right - 1, bottom - 1), LABEL_BACKGROUND, -1)
+    # putText may anti-alias a pixel past the metrics: draw into the label's own pixels
+    patch = rgb[top:bottom, left:right]
+    cv2.putText(
+        patch,
+        label.text,
+        (label.pad, label.baseline - top),
+        _FONT,
+        label.scale,
+        colour,
+        label.thickness,
+        cv2.LINE_AA,
+    )
 
 
 def _banner_lines(lines: Sequence[str], rows: int, cols: int) -> list[tuple]:

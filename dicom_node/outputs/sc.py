@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from highdicom.sc import SCImage
@@ -29,6 +30,7 @@ from dicom_node.outputs.common import (
     instance_uid,
     restore_person_names,
     series_uid,
+    set_body_part,
     software_versions,
 )
 
@@ -55,12 +57,22 @@ def build_sc(
     ]
 
 
-def overlay_pixels(source: Source, settings: OutputSettings) -> np.ndarray:
-    """RGB uint8 (rows, columns, 3): grey display image, heatmap, boxes, labels, banner."""
+@dataclass(frozen=True)
+class Overlay:
+    """The SC's pixels and what was burnt into them (for callers that check the layout)."""
+
+    pixels: np.ndarray  # RGB uint8 (rows, columns, 3)
+    labels: list[render.PlacedLabel]
+    banner_bottom: int  # first row below the banner and the summary line
+    summary: str | None  # the line under the banner (findings without a label on the image)
+
+
+def render_overlay(source: Source, settings: OutputSettings) -> Overlay:
+    """Grey display image, heatmap, boxes, labels laid out clear of each other, banner."""
     result = source.result
     grey = result.display  # what the model saw, when the analysis kept it: no second decode
     if grey is None or grey.shape != (result.rows, result.columns):
-        grey = render.render_grey(source.original)
+        grey = render.render_grey(source.work)  # sanitised: a bad VOI value cannot break it
     rgb = np.repeat(grey[:, :, np.newaxis], 3, axis=2)
     if result.heatmap is not None:
         render.blend_heatmap(rgb, result.heatmap, settings.heatmap_alpha)
@@ -69,29 +81,34 @@ def overlay_pixels(source: Source, settings: OutputSettings) -> np.ndarray:
         banner.append(DEMO_BANNER)
     rows, cols = grey.shape
     # Labels stay out from under the banner and the summary line below it.
-    banner_height = render.banner_height([*banner, "AI"], rows, cols)
+    top_limit = render.banner_height([*banner, "AI"], rows, cols)
     boxed = [
         (f, box) for f in result.positive_findings if (box := clip_box(f, rows, cols)) is not None
     ]
     for index, (_, box) in enumerate(boxed):
-        colour = render.BOX_COLOURS[index % len(render.BOX_COLOURS)]
-        render.draw_box(rgb, box, colour)
-    for index, (finding, box) in enumerate(boxed):
-        colour = render.BOX_COLOURS[index % len(render.BOX_COLOURS)]
-        render.draw_label(rgb, finding_text(finding), box, colour, top_limit=banner_height)
+        render.draw_box(rgb, box, render.BOX_COLOURS[index % len(render.BOX_COLOURS)])
+    layout = render.layout_labels(
+        [finding_text(f) for f, _ in boxed], [box for _, box in boxed], rows, cols, top_limit
+    )
+    for index, label in enumerate(layout):
+        if label is not None:
+            render.draw_label(rgb, label, render.BOX_COLOURS[index % len(render.BOX_COLOURS)])
+    labelled = {id(f) for (f, _), label in zip(boxed, layout, strict=True) if label is not None}
     bottom = render.draw_banner(rgb, banner)
-    summary = _summary_line(result, {id(f) for f, _ in boxed})
+    summary = _summary_line(result, labelled)
     if summary:
-        render.draw_banner(rgb, [summary], bottom, render.LABEL_BACKGROUND, BOX_TEXT)
-    return rgb
+        bottom = render.draw_banner(rgb, [summary], bottom, render.LABEL_BACKGROUND, BOX_TEXT)
+    placed = [label for label in layout if label is not None]
+    return Overlay(rgb, placed, bottom, summary)
 
 
-def _summary_line(result: ImageResult, boxed_ids: set[int]) -> str | None:
-    """Positive findings without a box (classifiers) are listed under the banner."""
+def _summary_line(result: ImageResult, labelled_ids: set[int]) -> str | None:
+    """Positive findings without a label on the image (classifiers; no room) are listed
+    under the banner."""
     if not result.positive_findings:
         return NO_FINDING_TEXT
-    unboxed = [finding_text(f) for f in result.positive_findings if id(f) not in boxed_ids]
-    return "AI: " + ", ".join(unboxed) if unboxed else None
+    unlabelled = [finding_text(f) for f in result.positive_findings if id(f) not in labelled_ids]
+    return "AI: " + ", ".join(unlabelled) if unlabelled else None
 
 
 def _build_one(
@@ -102,7 +119,7 @@ def _build_one(
     models = list({m.device_uid: m for m in source.result.models}.values())
     sc = SCImage.from_ref_dataset(
         ref_dataset=ref,
-        pixel_array=overlay_pixels(source, settings),
+        pixel_array=render_overlay(source, settings).pixels,
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
@@ -134,9 +151,7 @@ def _describe(sc: Dataset, source: Source) -> None:
         sc.PatientOrientation = None  # Type 2C: empty rather than a guess
     sc.ConversionType = "WSD"  # workstation: rendered by software from a source image
     sc.BurnedInAnnotation = "YES"
-    sc.BodyPartExamined = str(ref.get("BodyPartExamined") or "CHEST")
-    if ref.get("Laterality"):
-        sc.Laterality = ref.Laterality
+    set_body_part(sc, ref)
     names = sorted({f"{f.model.name} {f.model.version}" for f in source.result.findings})
     sc.DerivationDescription = (
         "AI overlay of the source image: VOI-rendered grey image with heatmap and boxes "

@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from dicom_node import db
-from dicom_node.sender import resubmit
+from dicom_node.delivery.ledger import RESUBMITTABLE, resubmit
 from dicom_node.web.context import WebContext
 from dicom_node.web.errors import ApiError
 
@@ -69,17 +69,21 @@ def reanalyse(ctx: WebContext, study_uid: str) -> dict[str, Any]:
             "job_id": job_id}
 
 
-def resubmit_one(ctx: WebContext, delivery_id: int) -> dict[str, Any]:
+def resubmit_one(ctx: WebContext, delivery_id: int, actor: str = "api") -> dict[str, Any]:
     with ctx.engine.connect() as conn:
         state = conn.execute(select(db.deliveries.c.state)
                              .where(db.deliveries.c.id == delivery_id)).scalar_one_or_none()
     if state is None:
         raise ApiError(404, "delivery not found")
-    if state != "dead" or resubmit(ctx.engine, delivery_ids=[delivery_id]) != 1:
-        raise ApiError(409, "only a dead delivery can be resubmitted", code="invalid_state")
+    if (state not in RESUBMITTABLE
+            or resubmit(ctx.engine, delivery_ids=[delivery_id], actor=actor) != 1):
+        raise ApiError(409, f"delivery is {state}; only a dead or not accepted delivery can "
+                       "be resubmitted", code="invalid_state")
     return {"resubmitted": 1}
 
 
-def resubmit_dead(ctx: WebContext, destination: str | None) -> dict[str, Any]:
-    """Every dead delivery (of one destination, when given) back to the queue."""
-    return {"resubmitted": resubmit(ctx.engine, destination=destination)}
+def resubmit_dead(ctx: WebContext, destination: str | None, actor: str = "api"
+                  ) -> dict[str, Any]:
+    """Every dead and not-accepted delivery (of one destination, when given) back to the
+    queue (e.g. once the PACS takes the SOP class)."""
+    return {"resubmitted": resubmit(ctx.engine, destination=destination, actor=actor)}

@@ -23,9 +23,11 @@ from flask import (
     url_for,
 )
 from flask.typing import ResponseReturnValue
+from pydicom.uid import UID
 from sqlalchemy import Connection, func, select
 
 from dicom_node import db
+from dicom_node.states import DeliveryState
 from dicom_node.web import actions, images, plots, queries
 from dicom_node.web import evaluation_queries as eq
 from dicom_node.web.api_evaluations import call_service, require_service
@@ -55,6 +57,9 @@ def _patients(conn: Connection, study_uids: list[str]) -> dict[str, PatientInfo 
             for uid, path in first_instance_paths(conn, study_uids).items()}
 
 
+DELIVERED = (DeliveryState.SENT, DeliveryState.COMMITTED)
+
+
 def _throughput(conn: Connection, since: float) -> dict[str, int]:
     i, j, d, s = db.instances.c, db.jobs.c, db.deliveries.c, db.studies.c
     return {
@@ -62,7 +67,7 @@ def _throughput(conn: Connection, since: float) -> dict[str, int]:
         "analysed": queries.count(conn, db.jobs, j.state == "done", j.finished_at >= since),
         "failed": queries.count(conn, db.jobs, j.state == "failed", j.finished_at >= since),
         "ignored": queries.count(conn, db.studies, s.state == "ignored", s.updated_at >= since),
-        "sent": queries.count(conn, db.deliveries, d.state == "sent", d.sent_at >= since),
+        "sent": queries.count(conn, db.deliveries, d.state.in_(DELIVERED), d.sent_at >= since),
     }
 
 
@@ -78,8 +83,10 @@ def overview() -> ResponseReturnValue:
                  "queued": queries.count(conn, db.jobs, j.state == "queued"),
                  "running": queries.count(conn, db.jobs, j.state == "running"),
                  "to_send": queries.count(conn, db.deliveries,
-                                          d.state.in_(("pending", "sending")))}
+                                          d.state.in_(queries.DELIVERY_OPEN))}
         dead = {"deliveries": queries.count(conn, db.deliveries, d.state == "dead"),
+                "not_accepted": queries.count(conn, db.deliveries,
+                                              d.state == "not_accepted"),
                 "jobs": queries.count(conn, db.jobs, j.state == "failed")}
         alerts, n_alerts = eq.list_alerts(conn, active=True, job=None, label=None, limit=20,
                                           offset=0)
@@ -142,10 +149,13 @@ def study(study_key: int) -> ResponseReturnValue:
         overlays[source_uid].append(output_id)
     shown = [i for i in detail["instance_list"] if i["state"] in ("analysed", "selected")
              or i["sop_instance_uid"] in findings]
+    syntaxes = {d["transfer_syntax"] for o in detail["outputs"] for d in o["deliveries"]
+                if d["transfer_syntax"]}
     return render_template("study.html", study=detail, key=study_key, patient=patient,
                            findings=findings, overlays=overlays, shown=shown,
                            reanalysable=detail["state"] in actions.REANALYSABLE,
-                           page="studies")
+                           delivery_states=queries.DELIVERY_STATES,
+                           syntax_names={u: UID(u).name for u in syntaxes}, page="studies")
 
 
 @bp.post(f"/studies/<{ID}:study_key>/reanalyse")
@@ -173,7 +183,7 @@ def resubmit(delivery_id: int) -> ResponseReturnValue:
             .where(db.deliveries.c.id == delivery_id)).scalar_one_or_none()
         key = _key_for(conn, study_uid) if study_uid else None
     try:
-        actions.resubmit_one(ctx, delivery_id)
+        actions.resubmit_one(ctx, delivery_id, actor="dashboard")
         flash(f"Delivery {delivery_id} is queued again.", "ok")
     except ApiError as exc:
         if exc.status == 404:

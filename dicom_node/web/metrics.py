@@ -18,10 +18,11 @@ from flask import Blueprint, Response
 from sqlalchemy import Connection, and_, func, select
 
 from dicom_node import db
+from dicom_node.states import DeliveryState
 from dicom_node.web import evaluation_queries as eq
 from dicom_node.web.context import WebContext, web_context
 from dicom_node.web.health import spool_disk
-from dicom_node.web.queries import count, counts_by, duration_histogram
+from dicom_node.web.queries import DELIVERY_OPEN, count, counts_by, duration_histogram
 from dicom_node.web.validation import query_params
 
 bp = Blueprint("metrics", __name__)
@@ -146,21 +147,23 @@ def _by_state(counts: dict[str, int], states: tuple[str, ...]) -> list[Sample]:
 
 def _deliveries(exp: Exposition, conn: Connection, ctx: WebContext) -> None:
     d = db.deliveries.c
-    rows = conn.execute(select(d.destination, d.state, d.attempts > 0, func.count())
-                        .group_by(d.destination, d.state, d.attempts > 0)).all()
+    rows = conn.execute(select(d.destination, d.state, func.count())
+                        .group_by(d.destination, d.state)).all()
     counts: dict[tuple[str, str], int] = defaultdict(int)
     for dest in ctx.settings.destinations:
-        for state in ("pending", "retrying", "sending", "sent", "dead"):
-            counts[(dest.name, state)] += 0
-    for dest, state, retried, n in rows:
-        counts[(dest, "retrying" if state == "pending" and retried else state)] += n
+        for state in DeliveryState:
+            counts[(dest.name, state.value)] += 0
+    for dest, state, n in rows:
+        counts[(dest, state)] += n
     exp.family("cxr_deliveries", "gauge",
-               "Result deliveries by destination and state (retrying = pending after a "
-               "failed attempt; dead = dead letter).",
+               "Result deliveries by destination and state (retrying = waiting for the next "
+               "try after a failure; not_accepted = the destination does not take the "
+               "object; dead = dead letter; committed = storage commitment confirmed).",
                [({"destination": k[0], "state": k[1]}, float(v))
                 for k, v in sorted(counts.items())])
-    pending = count(conn, db.deliveries, d.state.in_(("pending", "sending")))
-    exp.family("cxr_delivery_queue_depth", "gauge", "Deliveries not yet sent nor dead.",
+    pending = count(conn, db.deliveries, d.state.in_(DELIVERY_OPEN))
+    exp.family("cxr_delivery_queue_depth", "gauge",
+               "Deliveries the sender still has to try (pending, sending, retrying).",
                [({}, float(pending))])
 
 

@@ -14,11 +14,14 @@ from typing import Any
 from sqlalchemy import Connection, and_, case, exists, func, select
 
 from dicom_node import db
+from dicom_node.states import DeliveryState
 from dicom_node.web.phi import Redactor
 
 STUDY_STATES = ("receiving", "queued", "analysing", "done", "ignored", "failed")
 JOB_STATES = ("queued", "running", "done", "failed")
-DELIVERY_STATES = ("pending", "sending", "sent", "dead")
+DELIVERY_STATES = tuple(s.value for s in DeliveryState)
+# not yet at an end: the sender still has work to do
+DELIVERY_OPEN = (DeliveryState.PENDING, DeliveryState.SENDING, DeliveryState.RETRYING)
 INSTANCE_STATES = ("pending", "selected", "ignored", "analysed", "failed")
 
 
@@ -92,14 +95,17 @@ def summarise_studies(conn: Connection, rows: list[Any]) -> list[dict[str, Any]]
 
 def derive_status(state: str, deliveries: dict[str, int]) -> str:
     """One word for people: received, queued, analysing, ignored, failed, dead_letter,
-    sending, sent, or analysed (done with no destination configured)."""
+    sending, sent (stored, or committed), not_accepted (no destination took any result
+    object), or analysed (done with no destination configured)."""
     if state != "done":
         return {"receiving": "received"}.get(state, state)
-    if deliveries.get("dead"):
+    if deliveries.get(DeliveryState.DEAD):
         return "dead_letter"
-    if deliveries.get("pending") or deliveries.get("sending"):
+    if any(deliveries.get(s) for s in DELIVERY_OPEN):
         return "sending"
-    return "sent" if deliveries.get("sent") else "analysed"
+    if deliveries.get(DeliveryState.SENT) or deliveries.get(DeliveryState.COMMITTED):
+        return "sent"
+    return "not_accepted" if deliveries.get(DeliveryState.NOT_ACCEPTED) else "analysed"
 
 
 def _instance_stats(conn: Connection, uids: list[str]) -> dict[str, dict[str, Any]]:
@@ -214,7 +220,11 @@ def delivery_dict(r: Any) -> dict[str, Any]:
     return {"id": r.id, "output_id": r.output_id, "destination": r.destination,
             "state": r.state, "attempts": r.attempts, "last_status": r.last_status,
             "last_error": r.last_error, "next_attempt_at": iso(r.next_attempt_at),
-            "created_at": iso(r.created_at), "sent_at": iso(r.sent_at)}
+            "created_at": iso(r.created_at), "sent_at": iso(r.sent_at),
+            "transfer_syntax": r.transfer_syntax,
+            "commit_transaction_uid": r.commit_transaction_uid,
+            "commit_requested_at": iso(r.commit_requested_at),
+            "committed_at": iso(r.committed_at)}
 
 
 def _outputs(conn: Connection, study_uid: str) -> list[dict[str, Any]]:

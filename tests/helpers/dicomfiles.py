@@ -6,7 +6,11 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dicom_node.ingest import Received
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -55,3 +59,16 @@ def write(ds: Dataset, folder: Path, name: str | None = None) -> Path:
     path = folder / (name or f"{ds.SOPInstanceUID}.dcm")
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def received(ds: Dataset, calling_ae: str = "PACS") -> Received:
+    """``ds`` as the listener hands it to the ingestor (Explicit VR Little Endian)."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, Dataset(ds))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return Received(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian, meta,
+                    fp.getvalue(), calling_ae)

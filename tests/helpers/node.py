@@ -17,8 +17,9 @@ from dicom_node.config import Settings, load_settings
 from dicom_node.service import Node
 
 
-def node_settings(data_dir: Path, *, destinations: list[str] | None = None,
+def node_settings(data_dir: Path, *, destinations: list[str | dict[str, Any]] | None = None,
                   quiet: float = 0.5, **overrides: Any) -> Settings:
+    """Settings for a test node; a destination is ``AE@HOST:PORT`` or a full mapping."""
     values: dict[str, Any] = {
         "storage.data_dir": str(data_dir),
         "dicom.port": free_port(),
@@ -33,7 +34,8 @@ def node_settings(data_dir: Path, *, destinations: list[str] | None = None,
         "sender.timeout_s": 5,
         "storage.min_free_bytes": 0,
         "web.enabled": False,
-        "destinations": [{"ae_title": d.split("@")[0], "host": d.split("@")[1].split(":")[0],
+        "destinations": [d if isinstance(d, dict) else
+                         {"ae_title": d.split("@")[0], "host": d.split("@")[1].split(":")[0],
                           "port": int(d.rsplit(":", 1)[1])} for d in destinations or []],
     }
     values.update(overrides)

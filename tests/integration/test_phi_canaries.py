@@ -36,7 +36,7 @@ CANARIES = {
     "AccessionNumber": "CANARYACC99",
     "OtherPatientIDs": "CANARYOTHER",
     "InstitutionName": "Canary Institute",
-    "ReferringPhysicianName": "Canarydoc^Ref",
+    "ReferringPhysicianName": "Canarydoc^Refcanaryq",
 }
 
 

@@ -123,7 +123,7 @@ def test_destination_down_then_up_delivers_once_with_same_uids(tmp_path: Path,
             path, enforce_file_format=True)
         assert storescu(settings.dicom.port, [path]).returncode == 0
         wait_until(lambda: (rows := query(settings, select(db.deliveries))) and all(
-            r.attempts >= 2 and r.state == "pending" for r in rows), 60,
+            r.attempts >= 2 and r.state == "retrying" for r in rows), 60,
             what="failed delivery attempts while the destination is down")
         first_uids = sorted(r.sop_instance_uid for r in query(settings, select(db.outputs)))
         dest = StoreSCP(tmp_path / "dest", dest_port)

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, select, update
 from test_ingest import _received
 
 from dicom_node import db
-from dicom_node.config import SelectionSettings
+from dicom_node.config import Destination, SelectionSettings
 from dicom_node.ingest import Ingestor, StoreStatus
 from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
@@ -65,7 +65,8 @@ def test_long_job_is_not_taken_over_by_a_second_worker(queued) -> None:  # type:
     def worker() -> AnalysisWorker:  # each with its own queue, like another process
         return AnalysisWorker(engine, spool, JobQueue(engine, lease_s=1.0, max_attempts=3,
                                                       heartbeat_s=0.25),
-                              analyzer, OutputSettings(), ["DEST@127.0.0.1:104"])
+                              analyzer, OutputSettings(),
+                              [Destination.parse("DEST@127.0.0.1:104")])
 
     first: list[JobOutcome | None] = []
     running = threading.Thread(target=lambda: first.append(worker().process_one("a:1:0")))

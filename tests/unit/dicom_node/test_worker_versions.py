@@ -15,7 +15,7 @@ from sqlalchemy import Engine, select
 from test_ingest import _received
 
 from dicom_node import db
-from dicom_node.config import SelectionSettings
+from dicom_node.config import Destination, SelectionSettings
 from dicom_node.ingest import Ingestor, StoreStatus
 from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
@@ -55,7 +55,7 @@ def env(tmp_path: Path) -> Env:
     spool = Spool(tmp_path / "spool")
     analyzer = FakeAnalyzer()
     worker = AnalysisWorker(engine, spool, JobQueue(engine, lease_s=60, max_attempts=2),
-                            analyzer, OutputSettings(), [DEST])
+                            analyzer, OutputSettings(), [Destination.parse(DEST)])
     return Env(engine, spool, Ingestor(engine, spool, max_instance_bytes=50_000_000),
                StudyAssembler(engine, spool, SelectionSettings(), quiet_period_s=5,
                               max_wait_s=30), analyzer, worker)

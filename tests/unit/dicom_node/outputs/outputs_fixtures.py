@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pydicom
 import pytest
 from outputs_helpers import CR_J2K, NIH_SC, save
 from pydicom.dataset import Dataset
+from sr_checks import assert_truthful_sr
 
 
 @pytest.fixture
@@ -44,3 +46,19 @@ def real_nih() -> Dataset:
     if not NIH_SC.exists():
         pytest.fail(f"{NIH_SC} is missing")
     return pydicom.dcmread(NIH_SC)
+
+
+@pytest.fixture(autouse=True)
+def every_sr_tells_the_truth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every SR any test builds is parsed with highdicom and checked (sr_checks.py)."""
+    outputs = sys.modules.get("dicom_node.outputs")
+    if outputs is None:
+        return  # nothing in this test can build outputs
+    build_sr = outputs.build_sr
+
+    def checked(sources, settings, uid_seed):  # type: ignore[no-untyped-def]
+        built = build_sr(sources, settings, uid_seed)
+        assert_truthful_sr(built.dataset, sources, settings)
+        return built
+
+    monkeypatch.setattr(outputs, "build_sr", checked)

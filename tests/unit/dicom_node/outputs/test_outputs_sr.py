@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from outputs_helpers import DEMO, DETECTOR, make_result, make_source, save
+from outputs_helpers import DEMO, DETECTOR, NODULE, make_result, make_source, save
 from pydicom.dataset import Dataset
+from sr_checks import dsrdump_problems
 
-from ai.types import BoundingBox
+from ai.types import BoundingBox, Finding
 from dicom_node.outputs import OutputSettings, build_outputs
 
 BOX = BoundingBox(20, 40, 120, 140)
@@ -61,54 +62,102 @@ def test_root_is_imaging_measurement_report_with_image_library(study) -> None:
     ]
 
 
-def test_every_finding_is_a_group_with_tracking_probability_and_presence(study) -> None:
+def test_only_the_positive_boxed_finding_is_a_measurement_group(study) -> None:
     _, sr = study
-    groups = _groups(sr)
-    assert len(groups) == 3  # nodule (box), cardiomegaly (negative), effusion (no box)
-    expected = {
-        "27925004": ("91.0", "52101004"),
-        "287272002": ("12.0", "272519000"),
-        "60046008": ("66.0", "52101004"),
-    }
-    tracking_uids = set()
-    for group in groups:
-        assert len(_children(group, "112039")) == 1  # Tracking Identifier
-        (uid_item,) = _children(group, "112040")  # Tracking Unique Identifier
-        tracking_uids.add(uid_item.UID)
-        (finding,) = _children(group, "121071")
-        code = finding.ConceptCodeSequence[0].CodeValue
-        probability, presence = expected[code]
-        (num,) = _children(group, "111012")
+    (group,) = _groups(sr)  # nodule (box, present); not the absent / unboxed findings
+    assert len(_children(group, "112039")) == 1  # Tracking Identifier
+    assert len(_children(group, "112040")) == 1  # Tracking Unique Identifier
+    (finding,) = _children(group, "121071")
+    assert finding.ConceptCodeSequence[0].CodeValue == "27925004"
+    named = _children(group, "27925004")  # presence (CODE) and probability (NUM)
+    assert sorted(i.ValueType for i in named) == ["CODE", "NUM"]
+    (evaluation,) = [i for i in named if i.ValueType == "CODE"]
+    assert evaluation.ConceptCodeSequence[0].CodeValue == "52101004"  # Present
+    assert _children(group, "111001"), "AlgorithmIdentification on the group"
+    (num,) = [c for c in group.ContentSequence if c.ValueType == "NUM"]
+    assert _children(num, "111001"), "AlgorithmIdentification on the measurement"
+    (method,) = _children(num, "370129005")  # Measurement Method: Certainty of Finding
+    assert method.ConceptCodeSequence[0].CodeValue == "111012"
+
+
+def test_ohif_labels_the_box_with_the_finding_name_and_probability(study) -> None:
+    """What OHIF v3 draws beside a TID 1410 region: each NUM of the group as
+    ``f"{CodeMeaning}: {NumericValue:.2f} {unit CodeValue}"`` (see sr.py's docstring)."""
+    _, sr = study
+    (group,) = _groups(sr)
+    nums = [c for c in group.ContentSequence if c.ValueType == "NUM"]
+    labels = [
+        f"{n.ConceptNameCodeSequence[0].CodeMeaning}: "
+        f"{float(n.MeasuredValueSequence[0].NumericValue):.2f} "
+        f"{n.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue}"
+        for n in nums
+    ]
+    assert labels == ["Nodule: 91.00 %"]
+
+
+def _evaluations(sr: Dataset) -> dict[str, Dataset]:
+    (container,) = _children(sr, "C0034375")
+    return {_code(i): i for i in container.ContentSequence if _code(i) != "121073"}
+
+
+def test_findings_without_box_are_qualitative_evaluations_with_probability(study) -> None:
+    ds, sr = study
+    evaluations = _evaluations(sr)
+    assert set(evaluations) == {"287272002", "60046008"}  # cardiomegaly, effusion
+    expected = {"287272002": ("272519000", "12.0"), "60046008": ("52101004", "66.0")}
+    for code, item in evaluations.items():
+        presence, probability = expected[code]
+        assert item.ConceptCodeSequence[0].CodeValue == presence
+        (num,) = _children(item, "111012")  # Certainty of Finding
         measured = num.MeasuredValueSequence[0]
         assert str(measured.NumericValue) == probability
         assert measured.MeasurementUnitsCodeSequence[0].CodeValue == "%"
-        assert _children(num, "111001"), "AlgorithmIdentification on the measurement"
-        (evaluation,) = _children(group, code)  # presence, named after the finding
-        assert evaluation.ConceptCodeSequence[0].CodeValue == presence
-        assert _children(group, "111001"), "AlgorithmIdentification on the group"
-    assert len(tracking_uids) == 3
-
-
-def test_box_is_an_image_region_polyline_in_source_pixels(study) -> None:
-    ds, sr = study
-    scoords = [i for i in _walk(sr) if i.ValueType == "SCOORD"]
-    assert len(scoords) == 1
-    (region,) = scoords
-    assert _code(region) == "111030" and region.GraphicType == "POLYLINE"
-    assert [float(v) for v in region.GraphicData] == [20, 40, 120, 40, 120, 140, 20, 140, 20, 40]
-    (source,) = region.ContentSequence
-    assert source.RelationshipType == "SELECTED FROM"
-    assert source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
-    assert not [i for i in _walk(sr) if i.ValueType == "SCOORD3D"]
-
-
-def test_finding_without_box_references_its_image(study) -> None:
-    ds, sr = study
-    unboxed = [g for g in _groups(sr) if not [i for i in _walk(g) if i.ValueType == "SCOORD"]]
-    assert len(unboxed) == 2
-    for group in unboxed:
-        (source,) = _children(group, "121112")
+        (source,) = _children(item, "121112")  # Source of Measurement
+        assert source.RelationshipType == "INFERRED FROM"
         assert source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+        assert _children(item, "111001"), "AlgorithmIdentification"
+        assert not [i for i in _walk(item) if i.ValueType == "SCOORD"]
+
+
+def _with_candidate(ds: Dataset):
+    result = make_result(ds, box=BOX)
+    candidate = Finding("Nodule", NODULE, 0.21, 0.5, False, DETECTOR, BoundingBox(150, 200, 190, 260))
+    result.findings.append(candidate)
+    return result
+
+
+def test_below_threshold_candidates_are_omitted_by_default() -> None:
+    ds = make_source()
+    sr = _sr([(ds, _with_candidate(ds))])
+    scoords = [i for i in _walk(sr) if i.ValueType == "SCOORD"]
+    assert len(scoords) == 1  # the positive nodule only
+    assert "27925004" not in _evaluations(sr)
+
+
+def test_candidates_are_listed_without_region_when_asked() -> None:
+    ds = make_source()
+    settings = OutputSettings(sc=False, gsps=False, sr_candidates="list")
+    sr = build_outputs([(ds, _with_candidate(ds))], settings, "seed")[0].dataset
+    assert len([i for i in _walk(sr) if i.ValueType == "SCOORD"]) == 1
+    candidate = _evaluations(sr)["27925004"]
+    assert candidate.ConceptCodeSequence[0].CodeValue == "272519000"  # Absent
+    (num,) = _children(candidate, "111012")
+    assert str(num.MeasuredValueSequence[0].NumericValue) == "21.0"
+    assert dsrdump_problems(sr) == []
+
+
+def test_normal_study_has_no_region_and_no_imaging_measurements_container() -> None:
+    ds = make_source()
+    sr = _sr([(ds, make_result(ds, box=BOX, positive=False))])
+    assert not [i for i in _walk(sr) if i.ValueType == "SCOORD"]
+    assert not _children(sr, "126010")  # TID 1500 row 12 alone is valid
+    assert set(_evaluations(sr)) == {"287272002", "60046008"}
+    assert dsrdump_problems(sr) == []
+
+
+def test_unknown_candidate_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="sr_candidates"):
+        OutputSettings(sr_candidates="draw")
 
 
 def _impression(sr: Dataset) -> str:
@@ -143,7 +192,7 @@ def test_each_model_is_a_device_observer_and_demo_is_marked() -> None:
     observers = _observers(sr)
     assert [uid for uid, _ in observers] == [DETECTOR.device_uid, DEMO.device_uid]
     assert "DEMO" in observers[1][1]
-    assert len(_groups(sr)) == 6
+    assert len(_groups(sr)) == 1  # the first image's boxed nodule; the second has no box
 
 
 def test_nih_image_library_has_no_invented_descriptors(real_nih: Dataset) -> None:
@@ -173,3 +222,4 @@ def test_dcmtk_reads_the_sr(study, tmp_path: Path) -> None:
     assert xml.returncode == 0, xml.stderr
     assert DETECTOR.device_uid in xml.stdout
     assert pydicom.dcmread(path).SOPInstanceUID == study[1].SOPInstanceUID
+    assert dsrdump_problems(study[1]) == []  # -Ee -Ec: no encoding or content errors

@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from webdata import DEST, WebEnv
 
 from dicom_node import db
+from dicom_node.config import Destination
 from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
 from dicom_node.spool import Spool
@@ -41,7 +42,9 @@ def test_studies_status_words(web_env: WebEnv) -> None:
     items = {s["study_uid"]: s for s in web_env.get("/api/v1/studies").get_json()["items"]}
     d = web_env.data
     assert items[d.done]["status"] == "dead_letter"  # one delivery is dead
-    assert items[d.done]["deliveries"] == {"pending": 2, "sending": 0, "sent": 1, "dead": 1}
+    assert items[d.done]["deliveries"] == {"pending": 0, "sending": 0, "sent": 1,
+                                           "committed": 0, "not_accepted": 1, "retrying": 1,
+                                           "dead": 1}
     assert items[d.done]["positive_findings"] == 2
     assert items[d.ignored]["status"] == "ignored" and "not a projection" in items[
         d.ignored]["reason"]
@@ -83,8 +86,9 @@ def test_one_study_with_everything(web_env: WebEnv) -> None:
     assert f1["positive"] and len(f1["box"]) == 4 and f1["code"]["value"] == "27925004"
     assert sorted(o["kind"] for o in study["outputs"]) == ["gsps", "sc", "sc", "sr"]
     assert all(len(o["deliveries"]) == 1 for o in study["outputs"])
-    assert study["deliveries_by_destination"] == {DEST: {"pending": 2, "sending": 0, "sent": 1,
-                                                          "dead": 1}}
+    assert study["deliveries_by_destination"] == {DEST: {
+        "pending": 0, "sending": 0, "sent": 1, "committed": 0, "not_accepted": 1,
+        "retrying": 1, "dead": 1}}
     ignored = web_env.get(f"/api/v1/studies/{web_env.data.ignored}").get_json()
     assert ignored["instance_list"][0]["state"] == "ignored"
     assert ignored["instance_list"][0]["reason"].startswith("SOP class")
@@ -130,6 +134,15 @@ def test_deliveries_list(web_env: WebEnv) -> None:
     assert [d["id"] for d in dead] == [web_env.data.dead_delivery]
     assert dead[0]["last_error"] and dead[0]["study_uid"] == web_env.data.done
     assert web_env.get(f"/api/v1/deliveries?destination={DEST}").get_json()["total"] == 4
+    [refused] = web_env.get("/api/v1/deliveries?state=not_accepted").get_json()["items"]
+    assert refused["id"] == web_env.data.not_accepted_delivery
+    assert refused["last_error"] == f"not accepted by {DEST}: Comprehensive SR Storage"
+    [retrying] = web_env.get("/api/v1/deliveries?state=retrying").get_json()["items"]
+    assert retrying["last_status"] == 0xA700 and retrying["attempts"] == 1
+    [sent] = web_env.get("/api/v1/deliveries?state=sent").get_json()["items"]
+    assert sent["transfer_syntax"] == "1.2.840.10008.1.2.5" and sent["committed_at"] is None
+    bad = web_env.get("/api/v1/deliveries?state=stuck")
+    assert bad.status_code == 400 and bad.get_json()["error"]["field"] == "state"
     assert web_env.get("/api/v1/deliveries?destination=X@h:1").get_json()["total"] == 0
 
 
@@ -147,7 +160,15 @@ def test_resubmit_one_dead_delivery(web_env: WebEnv) -> None:
     again = web_env.post(f"/api/v1/deliveries/{dead}/resubmit")
     assert again.status_code == 409 and again.get_json()["error"]["code"] == "invalid_state"
     sent = web_env.post(f"/api/v1/deliveries/{web_env.data.sent_delivery}/resubmit")
-    assert sent.status_code == 409
+    assert sent.status_code == 409 and "delivery is sent" in sent.get_json()["error"]["message"]
+    refused = web_env.post(f"/api/v1/deliveries/{web_env.data.not_accepted_delivery}/resubmit")
+    assert refused.status_code == 200  # e.g. once the PACS takes Comprehensive SR
+    assert _delivery(web_env, web_env.data.not_accepted_delivery).state == "pending"  # type: ignore[attr-defined]
+    with web_env.engine.connect() as conn:
+        events = conn.execute(select(db.audit_events).where(
+            db.audit_events.c.kind == "resubmitted")).all()
+    assert [(e.actor, e.detail.endswith(w)) for e, w in zip(
+        events, ("was dead", "was not_accepted"), strict=True)] == [("api", True)] * 2
     assert web_env.post("/api/v1/deliveries/12345/resubmit").status_code == 404
 
 
@@ -162,7 +183,7 @@ def test_resubmit_all_dead(web_env: WebEnv) -> None:
     assert web_env.post("/api/v1/deliveries/resubmit", data="destination=x",
                         content_type="text/plain").status_code == 415
     resp = web_env.post("/api/v1/deliveries/resubmit", json={"destination": DEST})
-    assert resp.get_json() == {"resubmitted": 1}
+    assert resp.get_json() == {"resubmitted": 2}  # the dead one and the not accepted one
     assert web_env.post("/api/v1/deliveries/resubmit").get_json() == {"resubmitted": 0}
     assert _delivery(web_env, web_env.data.dead_delivery).state == "pending"  # type: ignore[attr-defined]
 
@@ -193,7 +214,7 @@ def test_reanalyse_same_model_rebuilds_the_same_objects_and_sends_nothing_twice(
     spool = Spool(web_env.settings.storage.data_dir / "spool")
     worker = AnalysisWorker(web_env.engine, spool, JobQueue(web_env.engine, lease_s=60,
                                                             max_attempts=1),
-                            FakeAnalyzer(), OutputSettings(), [DEST])
+                            FakeAnalyzer(), OutputSettings(), [Destination.parse(DEST)])
     assert worker.process_one("test").state == "done"  # type: ignore[union-attr]
     with web_env.engine.connect() as conn:
         after = {o.sop_instance_uid for o in conn.execute(select(db.outputs)).all()}

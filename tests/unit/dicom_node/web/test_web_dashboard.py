@@ -54,6 +54,8 @@ def test_overview(session: WebEnv) -> None:
                  "1 active", "Recent studies"):
         assert text in page, text
     assert re.search(r"images received</td><td class=\"num\">5<", page)
+    assert re.search(r"not accepted by a destination</td><td class=\"num\">1<", page)
+    assert re.search(r"objects to send</td><td class=\"num\">1<", page)  # retrying
 
 
 def test_studies_list_filters_and_paging(session: WebEnv) -> None:
@@ -72,7 +74,9 @@ def test_study_page(session: WebEnv) -> None:
     assert CANARY["AccessionNumber"] in page and "1902-03-04" in page  # birth date, shown
     assert page.count('class="original"') == 2 and page.count('class="overlay"') == 2
     assert re.search(r"<td>nodule</td>.*?90\.0 %.*?50\.0 %", page, re.S)
-    assert "Resubmit" in page and "Re-analyse" in page
+    assert page.count("Resubmit</button>") == 2 and "Re-analyse" in page  # dead, not accepted
+    assert "Comprehensive SR Storage" in page and "0xA700" in page and "RLE Lossless" in page
+    assert '<span class="badge s-not_accepted">not accepted</span>' in page
     failed = session.client.get("/dashboard/studies/4").text  # 4: the failed study's image
     assert "model exploded on [redacted]" in failed
 

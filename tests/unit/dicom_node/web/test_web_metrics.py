@@ -75,8 +75,11 @@ def test_exposition_format_and_values(web_env: WebEnv) -> None:
     assert value(s, "cxr_analysis_queue_depth") == 1  # the study still receiving
     assert value(s, "cxr_deliveries", destination=DEST, state="dead") == 1
     assert value(s, "cxr_deliveries", destination=DEST, state="sent") == 1
-    assert value(s, "cxr_deliveries", destination=DEST, state="pending") == 2
-    assert value(s, "cxr_delivery_queue_depth") == 2
+    assert value(s, "cxr_deliveries", destination=DEST, state="not_accepted") == 1
+    assert value(s, "cxr_deliveries", destination=DEST, state="retrying") == 1
+    for state in ("pending", "sending", "committed"):
+        assert value(s, "cxr_deliveries", destination=DEST, state=state) == 0
+    assert value(s, "cxr_delivery_queue_depth") == 1  # the retrying one
     job = {"job": "nightly-reference", "model": "fake-model", "label": "nodule"}
     assert value(s, "cxr_evaluation_sensitivity", **job) == pytest.approx(0.7)
     assert value(s, "cxr_evaluation_sensitivity_ci_lower", **job) == pytest.approx(0.58)

@@ -16,18 +16,15 @@ from typing import Any
 import pydicom
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers.dicomfiles import CT, make_image
+from helpers.dicomfiles import CT, make_image, received
 from helpers.fakes import FakeAnalyzer
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
-from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import Engine, insert, select, update
 
 from ai.types import AnalysisError
 from dicom_node import db
-from dicom_node.config import Settings, load_settings
+from dicom_node.config import Destination, Settings, load_settings
 from dicom_node.evaluation.service import EvaluationService
-from dicom_node.ingest import Ingestor, Received
+from dicom_node.ingest import Ingestor
 from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
 from dicom_node.spool import Spool
@@ -46,12 +43,15 @@ CANARY_STRINGS = [*CANARY.values(), "Canaryweb", "Zyx Canaryweb"]
 class WebData:
     """UIDs and ids of what ``populate`` made."""
 
-    done: str = ""  # analysed, SR + 2 SC + GSPS, deliveries: sent, dead, pending
+    done: str = ""  # analysed, SR + 2 SC + GSPS, deliveries: dead, sent, not_accepted,
+    #                 retrying
     ignored: str = ""  # CT: ignored
     failed: str = ""  # the model raised: failed (its error quotes the patient name)
     receiving: str = ""  # just received, not assembled
     dead_delivery: int = 0
     sent_delivery: int = 0
+    not_accepted_delivery: int = 0
+    retrying_delivery: int = 0
     runs: dict[str, int] = field(default_factory=dict)
     alerts: dict[str, int] = field(default_factory=dict)
 
@@ -70,18 +70,6 @@ def web_settings(data_dir: Path, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return load_settings(None, overrides=values, environ={})
-
-
-def received(ds: pydicom.Dataset) -> Received:
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_dataset(fp, pydicom.Dataset(ds))
-    meta = pydicom.dataset.FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return Received(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian, meta,
-                    fp.getvalue(), "PACS")
 
 
 def canary_image(**kwargs: Any) -> pydicom.Dataset:
@@ -109,21 +97,30 @@ def populate(settings: Settings, engine: Engine) -> WebData:
     data.done = study(2)
     data.ignored = study(1, sop_class=CT, modality="CT")
     assembler.run_once(time.time() + 1)
-    AnalysisWorker(engine, spool, queue, FakeAnalyzer(), outputs, [DEST]).process_one("t")
+    dests = [Destination.parse(DEST)]
+    AnalysisWorker(engine, spool, queue, FakeAnalyzer(), outputs, dests).process_one("t")
     data.failed = study(1)
     assembler.run_once(time.time() + 1)
     boom = AnalysisError(f"model exploded on {CANARY['PatientName']} / {CANARY['PatientID']}")
     AnalysisWorker(engine, spool, queue, FakeAnalyzer(fail_with=boom), outputs,
-                   [DEST]).process_one("t")
+                   dests).process_one("t")
     data.receiving = study(1)
     with engine.begin() as conn:
         ids = list(conn.execute(select(db.deliveries.c.id).order_by(db.deliveries.c.id))
                    .scalars())
-        data.dead_delivery, data.sent_delivery = ids[0], ids[1]
+        (data.dead_delivery, data.sent_delivery, data.not_accepted_delivery,
+         data.retrying_delivery) = ids
         conn.execute(update(db.deliveries).where(db.deliveries.c.id == ids[0]).values(
             state="dead", attempts=8, last_error="association failed: connection refused"))
         conn.execute(update(db.deliveries).where(db.deliveries.c.id == ids[1]).values(
-            state="sent", attempts=1, sent_at=time.time(), last_status=0))
+            state="sent", attempts=1, sent_at=time.time(), last_status=0,
+            transfer_syntax="1.2.840.10008.1.2.5"))
+        conn.execute(update(db.deliveries).where(db.deliveries.c.id == ids[2]).values(
+            state="not_accepted", attempts=1,
+            last_error=f"not accepted by {DEST}: Comprehensive SR Storage"))
+        conn.execute(update(db.deliveries).where(db.deliveries.c.id == ids[3]).values(
+            state="retrying", attempts=1, last_status=0xA700,
+            last_error="status 0xA700 (out of resources)"))
     populate_evaluation(engine, data)
     return data
 

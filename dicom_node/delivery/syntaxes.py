@@ -1,0 +1,76 @@
+"""Transfer syntaxes the node may send, and the transcoding of a result into one of them.
+
+Only lossless syntaxes are allowed: a result object is evidence and must reach the PACS
+exactly as the node made it (the secondary capture decodes to the same pixels). The
+compressed ones need a pydicom encoder installed: RLE Lossless (pylibjpeg-rle or numpy),
+JPEG-LS Lossless (pyjpegls), JPEG 2000 Lossless (pylibjpeg-openjpeg).
+"""
+
+from __future__ import annotations
+
+import pydicom.uid as uids
+from pydicom.dataset import Dataset
+from pydicom.pixels import get_encoder
+from pydicom.uid import UID
+
+UNCOMPRESSED = (uids.ExplicitVRLittleEndian, uids.ImplicitVRLittleEndian)
+
+# Lossless syntaxes the node can produce; compressed ones only with an encoder installed.
+LOSSLESS = (*UNCOMPRESSED, uids.DeflatedExplicitVRLittleEndian, uids.RLELossless,
+            uids.JPEGLSLossless, uids.JPEG2000Lossless)
+_LOSSLESS_ELSEWHERE = frozenset({uids.JPEGLossless, uids.JPEGLosslessSV1,
+                                 uids.HTJ2KLossless, uids.HTJ2KLosslessRPCL,
+                                 uids.ExplicitVRBigEndian})
+
+
+_KNOWN = {key: ts for ts in uids.AllTransferSyntaxes for key in (str(ts), ts.keyword)}
+
+
+def resolve(name: str) -> UID:
+    """A transfer syntax from its pydicom keyword (``RLELossless``) or its UID.
+
+    Raises ``ValueError`` naming the value when it is neither.
+    """
+    text = str(name).strip()
+    candidate = _KNOWN.get(text)
+    if candidate is None:
+        raise ValueError(f"transfer syntax {text!r} is unknown (use a pydicom keyword such as "
+                         f"'RLELossless' or a transfer syntax UID)")
+    return candidate
+
+
+def sendable(name: str) -> UID:
+    """A syntax the node can send a result in, or ``ValueError`` saying why not."""
+    uid = resolve(name)
+    if uid not in LOSSLESS:
+        why = ("is lossless but the node does not send it" if uid in _LOSSLESS_ELSEWHERE
+               else "is lossy or not an image encoding; only lossless syntaxes are allowed")
+        raise ValueError(f"transfer syntax {name!r} ({uid.name}) {why}; choose from "
+                         f"{', '.join(u.keyword for u in LOSSLESS)}")
+    if uid.is_compressed and not get_encoder(uid).is_available:
+        raise ValueError(f"transfer syntax {name!r} ({uid.name}) needs a pixel data encoder "
+                         f"that is not installed: "
+                         f"{'; '.join(get_encoder(uid).missing_dependencies)}")
+    return uid
+
+
+def convert(ds: Dataset, target: UID) -> Dataset:
+    """Re-encode ``ds`` (read from a result file) for sending in ``target``, in memory.
+
+    Uncompressed syntaxes only change the encoding; a compressed target compresses the
+    pixel data (decompressing first when the file is compressed). The SOP Instance UID
+    never changes. Raises what pydicom raises when an encoder fails.
+    """
+    current = UID(ds.file_meta.TransferSyntaxUID)
+    if current == target:
+        return ds
+    if current.is_compressed:
+        ds.decompress(generate_instance_uid=False)
+    if target.is_compressed:
+        ds.compress(target, generate_instance_uid=False)  # the same object, re-encoded
+    else:
+        ds.file_meta.TransferSyntaxUID = target
+    # pynetdicom checks that the dataset's encoding matches the file meta
+    ds.set_original_encoding(target.is_implicit_VR, target.is_little_endian,
+                             ds.original_character_set)
+    return ds
