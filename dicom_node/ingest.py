@@ -39,6 +39,7 @@ from dicom_node.audit import AuditKind, Outcome, record, record_now
 from dicom_node.dicomio import HEADER_PREFIX_BYTES, parse_header, quiet, read_file_meta
 from dicom_node.errors import InvalidInstanceError, SpoolError
 from dicom_node.inflate import InflateLimitError, inflate_bounded
+from dicom_node.phi import remember_phi
 from dicom_node.spool import Spool, StoredFile, file_sha256
 from dicom_node.studies import touch_study
 
@@ -137,6 +138,7 @@ def read_header(path: Path, sop_instance_uid: str, *, max_inflated_bytes: int) -
             complete = len(prefix) <= HEADER_PREFIX_BYTES
     ds = parse_header(prefix[:HEADER_PREFIX_BYTES], implicit_vr=ts.is_implicit_VR,
                       little_endian=ts.is_little_endian, complete=complete)
+    remember_phi(ds)  # from here on, no log line or stored text can carry these values
     with quiet():
         study, series = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
         modality, sop = ds.get("Modality"), ds.get("SOPInstanceUID")

@@ -78,11 +78,16 @@ def _disk_check(ctx: WebContext, checks: dict[str, str], reasons: list[str]
         checks["disk"] = "unknown"
         reasons.append("spool disk use cannot be measured")
         return None
-    full = usage.used_pct > high
+    # the running node's spool decides, with the hysteresis C-STORE uses (refusing from the
+    # high watermark until below the low one); without a node, the high watermark alone
+    watermarks = getattr(getattr(ctx.node, "spool", None), "watermarks", None)
+    full = watermarks.update(usage.used_pct) if watermarks is not None else (
+        usage.used_pct > high)
     checks["disk"] = "full" if full else "ok"
     if full:
-        reasons.append(f"spool disk {usage.used_pct:.1f} % used, above "
-                       f"storage.high_watermark_pct {high:g} %")
+        reasons.append(f"spool disk {usage.used_pct:.1f} % used: instances are refused "
+                       f"above storage.high_watermark_pct {high:g} % until below "
+                       f"storage.low_watermark_pct {ctx.settings.storage.low_watermark_pct:g} %")
     return {"total_bytes": usage.total_bytes, "used_bytes": usage.used_bytes,
             "free_bytes": usage.free_bytes, "used_ratio": round(usage.used_ratio, 6),
             "high_watermark_pct": high}

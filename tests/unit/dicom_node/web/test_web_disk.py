@@ -35,8 +35,15 @@ def test_readyz_reports_disk_and_turns_not_ready_above_the_high_watermark(
     set_disk(ready_env, used=96 * GIB, free=4 * GIB)
     full = ready_env.client.get("/readyz")
     assert full.status_code == 503 and full.json["checks"]["disk"] == "full"
-    assert full.json["reason"] == ("spool disk 96.0 % used, above "
-                                   "storage.high_watermark_pct 95 %")
+    assert full.json["reason"] == ("spool disk 96.0 % used: instances are refused above "
+                                   "storage.high_watermark_pct 95 % until below "
+                                   "storage.low_watermark_pct 90 %")
+    # the same hysteresis as C-STORE: still refusing between the watermarks ...
+    set_disk(ready_env, used=92 * GIB, free=8 * GIB)
+    assert ready_env.client.get("/readyz").status_code == 503
+    # ... ready again below the low one
+    set_disk(ready_env, used=89 * GIB, free=11 * GIB)
+    assert ready_env.client.get("/readyz").status_code == 200
 
 
 def test_readyz_measures_the_real_spool_without_a_node(web_env: WebEnv) -> None:

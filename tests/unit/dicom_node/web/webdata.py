@@ -27,7 +27,7 @@ from dicom_node.evaluation.service import EvaluationService
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
-from dicom_node.spool import Spool
+from dicom_node.spool import Spool, Watermarks
 from dicom_node.studies import StudyAssembler
 from dicom_node.worker import AnalysisWorker
 
@@ -201,7 +201,9 @@ class StubNode:
     def __init__(self, settings: Settings, engine: Engine) -> None:
         self.settings = settings
         self.engine = engine
-        self.spool = Spool(settings.storage.data_dir / "spool")
+        storage = settings.storage
+        self.spool = Spool(storage.data_dir / "spool", watermarks=Watermarks(
+            storage.high_watermark_pct, storage.low_watermark_pct))
         self.assembler = StudyAssembler(engine, self.spool, settings.studies.selection, 0.0)
         self.server: object | None = object()
         self.analyzer: FakeAnalyzer | None = FakeAnalyzer()
