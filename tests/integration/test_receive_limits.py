@@ -17,6 +17,7 @@ import pytest
 from conftest import storescu, wait_for_port, wait_until
 from helpers.deflate import bomb_image, deflated_body, part10
 from helpers.dicomfiles import make_image, write
+from helpers.hostile import MAX_PDU, Trickler, reset_peak, status_kib
 from helpers.node import node_settings, query, spawn_fake_node, write_config
 from helpers.rawdicom import (
     CR_STORAGE,
@@ -38,7 +39,6 @@ from dicom_node.config import Settings
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MiB = 1024 * 1024
-MAX_PDU = 64 * 1024
 MAX_INSTANCE = 4 * MiB
 # Bounds on the receiver's RSS growth. The bomb inflates to 300 MiB; the node keeps a 4 MiB
 # header prefix, one 1 MiB inflate step and zlib's window, and pydicom parses only that
@@ -47,21 +47,6 @@ MAX_INSTANCE = 4 * MiB
 # (64 KiB here) plus socket buffers: 32 MiB.
 BOMB_RSS_BOUND = 64 * MiB
 STREAM_RSS_BOUND = 32 * MiB
-
-
-def status_kib(pid: int, key: str) -> int:
-    """A ``/proc/<pid>/status`` figure in KiB (VmRSS, VmHWM)."""
-    with open(f"/proc/{pid}/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith(key + ":"))
-
-
-def reset_peak(pid: int) -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not permitted."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -211,41 +196,6 @@ def test_instance_over_the_limit_aborted_while_it_arrives(receiver: Receiver,
                 if r.sop_instance_uid == uid]
     wait_until(lambda: not _spool(receiver, "tmp"), 5, what="partial data set removed")
     _still_serves(receiver, tmp_path / "after")
-
-
-class Trickler(threading.Thread):
-    """A peer that sends one small PDU every ``every`` s, under the network timeout."""
-
-    def __init__(self, port: int, calling: str, first: bytes | None,
-                 next_pdu: Callable[[int], bytes], context: str, every: float = 2.5) -> None:
-        super().__init__(daemon=True)
-        self.port, self.calling, self.first, self.next_pdu = port, calling, first, next_pdu
-        self.context, self.every = context, every
-        self.connected = threading.Event()
-        self.lasted: float | None = None
-        self.sent = 0
-
-    def run(self) -> None:
-        sock = associate(self.port, self.calling, self.context, max_pdu=MAX_PDU)
-        started = time.monotonic()
-        self.connected.set()
-        try:
-            if self.first:
-                sock.sendall(self.first)
-            last = 0.0
-            while time.monotonic() - started < 60:
-                if closed_or_aborted(sock):
-                    self.lasted = time.monotonic() - started
-                    return
-                if time.monotonic() - last >= self.every:
-                    sock.sendall(self.next_pdu(self.sent))
-                    self.sent += 1
-                    last = time.monotonic()
-                time.sleep(0.05)
-        except OSError:
-            self.lasted = time.monotonic() - started
-        finally:
-            sock.close()
 
 
 def test_trickling_peers_aborted_while_a_pacs_is_served(receiver: Receiver,

@@ -18,6 +18,7 @@ import requests
 from conftest import require_tool, storescu, wait_until
 from helpers.dicomfiles import make_image, write
 from helpers.fakes import FakeAnalyzer
+from helpers.hostile import stalled_clients
 from helpers.node import node_settings, start_node
 
 from dicom_node.service import Node
@@ -36,15 +37,6 @@ def node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Node]:
     n = start_node(node_settings(tmp_path / "node", **overrides), lambda s: FakeAnalyzer())
     yield n
     n.stop()
-
-
-def stalled_clients(port: int, n: int) -> list[socket.socket]:
-    socks = []
-    for _ in range(n):
-        s = socket.create_connection(("127.0.0.1", port), timeout=5)
-        s.sendall(b"GET /healthz HTT")  # half a request line, then nothing
-        socks.append(s)
-    return socks
 
 
 def closed_by_server(s: socket.socket) -> bool:
