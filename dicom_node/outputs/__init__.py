@@ -3,10 +3,20 @@
 ``build_outputs`` is the one entry point. Every UID it creates is derived from
 ``uid_seed`` (the node passes the sorted input SOP Instance UIDs plus the model
 identities), so re-running a job re-creates the same objects with the same UIDs.
+
+Dates are not derived: every object of one set carries the moment the set was built as
+SeriesDate/Time, Content (or Presentation Creation) Date/Time and Instance Creation
+Date/Time, one instant for the whole set. A re-run keeps the UIDs and takes the new time:
+the dates say when this content was made, and the findings (the meaning) are the same. A
+job killed before its commit was never sent, so nobody sees the first dates; a
+re-analysis of a delivered study rebuilds the same UIDs and does not send them again
+(``dicom_node.web.actions``), so the destination keeps the first dates and the node's copy
+has the later ones. A caller that needs byte-identical re-runs passes ``created``.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import warnings
 from collections.abc import Sequence
@@ -14,7 +24,13 @@ from collections.abc import Sequence
 import pydicom
 
 from ai.types import ImageResult
-from dicom_node.outputs.common import OutputObject, OutputSettings, prepare_sources, series_uid
+from dicom_node.outputs.common import (
+    OutputObject,
+    OutputSettings,
+    prepare_sources,
+    series_uid,
+    stamp_created,
+)
 from dicom_node.outputs.gsps import build_gsps
 from dicom_node.outputs.render import render_grey
 from dicom_node.outputs.sc import build_sc
@@ -31,6 +47,7 @@ def build_outputs(
     uid_seed: str,
     *,
     series_seed: str | None = None,
+    created: datetime.datetime | None = None,
 ) -> list[OutputObject]:
     """Build the enabled outputs for the analysed images of one study.
 
@@ -41,6 +58,8 @@ def build_outputs(
     ``series_seed`` (the node passes the study UID plus the model identities) seeds the
     Series Instance UIDs instead of ``uid_seed``, so every version of a study's result
     lands in the same series per kind while its instance UIDs follow the inputs.
+
+    ``created`` (default: now) dates every object of the set (see the module docstring).
     """
     if not uid_seed:
         raise ValueError("uid_seed must not be empty")
@@ -55,8 +74,10 @@ def build_outputs(
             outputs.extend(build_sc(sources, settings, uid_seed))
         if settings.gsps:
             outputs.extend(build_gsps(sources, settings, uid_seed))
-    if series_seed is not None:
-        for output in outputs:
+    created = created or datetime.datetime.now()
+    for output in outputs:
+        stamp_created(output, created)
+        if series_seed is not None:
             output.dataset.SeriesInstanceUID = series_uid(series_seed, output.kind)
     logger.info(
         "Built %d output object(s) for study %s",

@@ -11,6 +11,7 @@ filled; the caller's dataset is never changed.
 from __future__ import annotations
 
 import copy
+import datetime
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -283,6 +284,16 @@ def finding_text(finding: Finding) -> str:
     return f"{finding.label} {finding.probability * 100:.0f}%"
 
 
+def model_tag(model: ModelIdentity) -> str:
+    """The model as a finding names it: ``cxr-demo-detector 1.0.0, DEMO``."""
+    return f"{model.name} {model.version}" + (", DEMO" if model.demo else "")
+
+
+def finding_with_model(finding: Finding) -> str:
+    """A finding and the model that made it: ``Nodule 97% (cxr-demo-detector 1.0.0, DEMO)``."""
+    return f"{finding_text(finding)} ({model_tag(finding.model)})"
+
+
 def clip_box(finding: Finding, rows: int, columns: int) -> tuple[float, float, float, float] | None:
     """The finding's box clipped to the image as (x0, y0, x1, y1), None if nothing is left.
 
@@ -306,6 +317,36 @@ def clip_box(finding: Finding, rows: int, columns: int) -> tuple[float, float, f
 def closed_polyline(x0: float, y0: float, x1: float, y1: float) -> list[tuple[float, float]]:
     """Closed 5-point (column, row) polyline, the DICOM form of a rectangle."""
     return [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]
+
+
+# The (date, time) attribute pairs that say when an object of each kind was made, besides
+# SeriesDate/SeriesTime (every kind). The GSPS IOD has no Content Date; its Presentation
+# Creation Date is the same statement (PS3.3 C.11.10).
+_CREATION_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
+    "sr": (("ContentDate", "ContentTime"),),
+    "sc": (("ContentDate", "ContentTime"), ("DateOfSecondaryCapture", "TimeOfSecondaryCapture")),
+    "gsps": (("PresentationCreationDate", "PresentationCreationTime"),),
+}
+
+
+def stamp_created(output: OutputObject, created: datetime.datetime) -> None:
+    """Date the object with the moment its result was made, one instant for the whole set.
+
+    Without SeriesDate/SeriesTime (Type 3) a PACS files the AI series under "?"; highdicom
+    leaves them out and stamps each object with its own ``now()``. DICOM dates carry no
+    zone: an aware ``created`` is written in the node's local time, as highdicom does.
+    """
+    if created.tzinfo is not None:
+        created = created.astimezone().replace(tzinfo=None)
+    date, time = created.strftime("%Y%m%d"), created.strftime("%H%M%S.%f")
+    pairs = (
+        ("SeriesDate", "SeriesTime"),
+        ("InstanceCreationDate", "InstanceCreationTime"),
+        *_CREATION_PAIRS[output.kind],
+    )
+    for date_keyword, time_keyword in pairs:
+        setattr(output.dataset, date_keyword, date)
+        setattr(output.dataset, time_keyword, time)
 
 
 def series_uid(uid_seed: str, kind: str) -> str:

@@ -284,6 +284,12 @@ def _banner_lines(lines: Sequence[str], rows: int, cols: int) -> list[tuple]:
     return layout
 
 
+def banner_fits(text: str, rows: int, cols: int) -> bool:
+    """Whether :func:`draw_banner` writes ``text`` at its full size (not shrunk to fit)."""
+    base = base_font_scale(rows, cols)
+    return _font_scale(text, cols * 0.96, base)[0] == base
+
+
 def banner_height(lines: Sequence[str], rows: int, cols: int) -> int:
     """Height in pixels of the bar :func:`draw_banner` draws."""
     return sum(entry[-1] for entry in _banner_lines(lines, rows, cols))

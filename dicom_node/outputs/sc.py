@@ -16,7 +16,7 @@ from highdicom.sc import SCImage
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
-from ai.types import ImageResult
+from ai.types import Finding, ImageResult
 from dicom_node.outputs import render
 from dicom_node.outputs.common import (
     DEMO_BANNER,
@@ -27,7 +27,10 @@ from dicom_node.outputs.common import (
     Source,
     clip_box,
     finding_text,
+    finding_with_model,
     instance_uid,
+    model_tag,
+    models_of,
     restore_person_names,
     series_uid,
     set_body_part,
@@ -95,20 +98,32 @@ def render_overlay(source: Source, settings: OutputSettings) -> Overlay:
             render.draw_label(rgb, label, render.BOX_COLOURS[index % len(render.BOX_COLOURS)])
     labelled = {id(f) for (f, _), label in zip(boxed, layout, strict=True) if label is not None}
     bottom = render.draw_banner(rgb, banner)
-    summary = _summary_line(result, labelled)
+    summary = _summary_line(result, labelled, rows, cols)
     if summary:
         bottom = render.draw_banner(rgb, [summary], bottom, render.LABEL_BACKGROUND, BOX_TEXT)
     placed = [label for label in layout if label is not None]
     return Overlay(rgb, placed, bottom, summary)
 
 
-def _summary_line(result: ImageResult, labelled_ids: set[int]) -> str | None:
+def _summary_line(
+    result: ImageResult, labelled_ids: set[int], rows: int, cols: int
+) -> str | None:
     """Positive findings without a label on the image (classifiers; no room) are listed
-    under the banner."""
+    under the banner, each with its model when the line still fits at full size."""
     if not result.positive_findings:
         return NO_FINDING_TEXT
-    unlabelled = [finding_text(f) for f in result.positive_findings if id(f) not in labelled_ids]
-    return "AI: " + ", ".join(unlabelled) if unlabelled else None
+    unlabelled = [f for f in result.positive_findings if id(f) not in labelled_ids]
+    if not unlabelled:
+        return None
+    by_model: dict[str, list[Finding]] = {}
+    for finding in unlabelled:
+        by_model.setdefault(model_tag(finding.model), []).append(finding)
+    named = "; ".join(
+        ", ".join(finding_text(f) for f in findings) + f" ({tag})"
+        for tag, findings in by_model.items()
+    )
+    short = ", ".join(finding_text(f) for f in unlabelled)
+    return "AI: " + (named if render.banner_fits("AI: " + named, rows, cols) else short)
 
 
 def _build_one(
@@ -152,14 +167,14 @@ def _describe(sc: Dataset, source: Source) -> None:
     sc.ConversionType = "WSD"  # workstation: rendered by software from a source image
     sc.BurnedInAnnotation = "YES"
     set_body_part(sc, ref)
-    names = sorted({f"{f.model.name} {f.model.version}" for f in source.result.findings})
+    models = "; ".join(model_tag(m) for m in models_of([source])) or "none"
     sc.DerivationDescription = (
         "AI overlay of the source image: VOI-rendered grey image with heatmap and boxes "
         f"of positive findings burnt in. {DISCLAIMER}."
     )[:1024]
-    positives = ", ".join(finding_text(f) for f in source.result.positive_findings) or "none"
+    positives = ", ".join(finding_with_model(f) for f in source.result.positive_findings)
     sc.ImageComments = (
-        f"{DISCLAIMER}. Models: {'; '.join(names) or 'none'}. Positive findings: {positives}."
+        f"{DISCLAIMER}. Models: {models}. Positive findings: {positives or 'none'}."
     )[:10240]
     item = Dataset()
     item.ReferencedSOPClassUID = ref.SOPClassUID
