@@ -1,7 +1,9 @@
-"""A tiny, randomly initialised classification bundle for service tests.
+"""Tiny, randomly initialised bundles for service and model tests.
 
-Quality is irrelevant here; the thresholds make ``nodule`` always positive (so Grad-CAM,
-boxes and heatmaps are exercised) and ``pneumothorax`` never positive.
+Quality is irrelevant here. The classifier's thresholds make ``nodule`` always positive (so
+Grad-CAM, boxes and heatmaps are exercised) and ``pneumothorax`` never positive; the
+detector (quarter-width ResNet-10, 16-channel FPN, one head convolution) reports confident
+boxes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ai.bundle import BundleMetadata, InputSpec, LabelSpec, NetworkSpec, build_model, save_bundle
+from ai.codes import default_code
 from ai.types import CodedConcept
 
 LABELS = [
@@ -33,4 +36,23 @@ def make_tiny_bundle(directory: Path, *, version: str = "0.0.1", seed: int = 0) 
         description="random weights, for tests only",
     )
     save_bundle(directory, meta, build_model(meta))
+    return directory
+
+
+TINY_DETECTOR = {"backbone": "resnet10", "widen_factor": 0.25, "fpn_channels": 16,
+                 "head_convs": 1, "anchor_sizes": [16, 32], "detections_per_img": 3}  # fmt: skip
+
+
+def make_detector_bundle(directory: Path, *, bias: float = 6.0, threshold: float = 0.5) -> Path:
+    """A random detector whose every anchor scores sigmoid(bias): NMS keeps 3 boxes."""
+    torch.manual_seed(0)
+    meta = BundleMetadata(
+        name="tiny-test-detector", version="0.0.1", task="detection",
+        labels=(LabelSpec("nodule", default_code("nodule"), threshold),),  # type: ignore[arg-type]
+        network=NetworkSpec("retinanet", TINY_DETECTOR), input=InputSpec(size=64), demo=True,
+    )  # fmt: skip
+    model = build_model(meta)
+    with torch.no_grad():
+        model.network.classification_head.cls_logits.bias.fill_(bias)
+    save_bundle(directory, meta, model)
     return directory

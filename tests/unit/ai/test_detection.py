@@ -18,19 +18,14 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from helpers.bundles import make_tiny_bundle
+from helpers.bundles import TINY_DETECTOR as TINY
+from helpers.bundles import make_detector_bundle, make_tiny_bundle
 
 from ai import detection_shims
 from ai.bundle import (
     METADATA_PATH,
-    BundleMetadata,
-    InputSpec,
-    LabelSpec,
-    NetworkSpec,
-    build_model,
     load_bundle,
     read_metadata,
-    save_bundle,
 )
 from ai.codes import default_code
 from ai.detection import (
@@ -47,24 +42,6 @@ from ai.types import BoundingBox, BundleError, ImageResult, ModelIdentity
 from dicom_node.evaluation.figures import detection_figures, reference_boxes
 from dicom_node.outputs import OutputSettings, build_outputs
 from training.synth import make_dataset
-
-TINY = {"backbone": "resnet10", "widen_factor": 0.25, "fpn_channels": 16, "head_convs": 1,
-        "anchor_sizes": [16, 32], "detections_per_img": 3}  # fmt: skip
-
-
-def make_detector_bundle(directory: Path, *, bias: float = 6.0, threshold: float = 0.5) -> Path:
-    """A random detector whose every anchor scores sigmoid(bias): NMS keeps 3 boxes."""
-    torch.manual_seed(0)
-    meta = BundleMetadata(
-        name="tiny-test-detector", version="0.0.1", task="detection",
-        labels=(LabelSpec("nodule", default_code("nodule"), threshold),),  # type: ignore[arg-type]
-        network=NetworkSpec("retinanet", TINY), input=InputSpec(size=64), demo=True,
-    )  # fmt: skip
-    model = build_model(meta)
-    with torch.no_grad():
-        model.network.classification_head.cls_logits.bias.fill_(bias)
-    save_bundle(directory, meta, model)
-    return directory
 
 
 @pytest.fixture(scope="module")
