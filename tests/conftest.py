@@ -24,6 +24,24 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "unit" / "dicom_node" / "outputs"))
 pytest_plugins = ["outputs_fixtures"]
 
+GPU_SKIP_REASON = ("needs CUDA: torch.cuda.is_available() is False here; "
+                   "run `pytest -m gpu` on a machine with an NVIDIA GPU")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` run wherever torch sees CUDA and are skipped, with the reason,
+    elsewhere (torch is imported only when such a test was collected)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=GPU_SKIP_REASON)
+    for item in gpu_items:
+        item.add_marker(skip)
+
 
 def free_port() -> int:
     with socket.socket() as s:
