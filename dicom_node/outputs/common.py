@@ -284,9 +284,11 @@ def finding_text(finding: Finding) -> str:
     return f"{finding.label} {finding.probability * 100:.0f}%"
 
 
-def model_tag(model: ModelIdentity) -> str:
-    """The model as a finding names it: ``cxr-demo-detector 1.0.0, DEMO``."""
-    return f"{model.name} {model.version}" + (", DEMO" if model.demo else "")
+def model_tag(model: ModelIdentity, *, version: bool = True) -> str:
+    """The model as a finding names it: ``cxr-demo-detector 1.0.0, DEMO`` (without the
+    version where space is short: ``cxr-demo-detector, DEMO``)."""
+    name = f"{model.name} {model.version}" if version else model.name
+    return name + (", DEMO" if model.demo else "")
 
 
 def finding_with_model(finding: Finding) -> str:

@@ -109,21 +109,28 @@ def _summary_line(
     result: ImageResult, labelled_ids: set[int], rows: int, cols: int
 ) -> str | None:
     """Positive findings without a label on the image (classifiers; no room) are listed
-    under the banner, each with its model when the line still fits at full size."""
+    under the banner with their models, as long as the line fits at full size: with the
+    model versions, else with the model names, else without models (ImageComments always
+    names them)."""
     if not result.positive_findings:
         return NO_FINDING_TEXT
     unlabelled = [f for f in result.positive_findings if id(f) not in labelled_ids]
     if not unlabelled:
         return None
-    by_model: dict[str, list[Finding]] = {}
-    for finding in unlabelled:
-        by_model.setdefault(model_tag(finding.model), []).append(finding)
-    named = "; ".join(
-        ", ".join(finding_text(f) for f in findings) + f" ({tag})"
-        for tag, findings in by_model.items()
-    )
-    short = ", ".join(finding_text(f) for f in unlabelled)
-    return "AI: " + (named if render.banner_fits("AI: " + named, rows, cols) else short)
+    for version in (True, False):
+        line = "AI: " + _grouped_by_model(unlabelled, version=version)
+        if render.banner_fits(line, rows, cols):
+            return line
+    return "AI: " + ", ".join(finding_text(f) for f in unlabelled)
+
+
+def _grouped_by_model(findings: list[Finding], *, version: bool) -> str:
+    """``nodule 50%, effusion 45% (cxr-demo-classifier 1.0.0, DEMO); Mass 70% (...)``."""
+    groups: dict[str, list[str]] = {}
+    for finding in findings:
+        tag = model_tag(finding.model, version=version)
+        groups.setdefault(tag, []).append(finding_text(finding))
+    return "; ".join(f"{', '.join(texts)} ({tag})" for tag, texts in groups.items())
 
 
 def _build_one(
