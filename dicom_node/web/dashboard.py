@@ -31,7 +31,7 @@ from dicom_node.states import DeliveryState
 from dicom_node.web import actions, images, plots, queries
 from dicom_node.web import evaluation_queries as eq
 from dicom_node.web.api_evaluations import call_service, require_service
-from dicom_node.web.api_meta import models_info
+from dicom_node.web.api_meta import display_names, models_info
 from dicom_node.web.api_studies import ID
 from dicom_node.web.context import web_context
 from dicom_node.web.errors import ApiError
@@ -155,7 +155,8 @@ def study(study_key: int) -> ResponseReturnValue:
                            findings=findings, overlays=overlays, shown=shown,
                            reanalysable=detail["state"] in actions.REANALYSABLE,
                            delivery_states=queries.DELIVERY_STATES,
-                           syntax_names={u: UID(u).name for u in syntaxes}, page="studies")
+                           syntax_names={u: UID(u).name for u in syntaxes},
+                           model_names=display_names(ctx), page="studies")
 
 
 @bp.post(f"/studies/<{ID}:study_key>/reanalyse")

@@ -81,6 +81,19 @@ def test_study_page(session: WebEnv) -> None:
     assert "model exploded on [redacted]" in failed
 
 
+def _model_cells(page: str) -> list[str]:
+    return re.findall(r'<td class="small model">([^<]*)</td>', page)
+
+
+def test_study_page_names_the_model_as_the_sr_does(ready_env: WebEnv, web_env: WebEnv) -> None:
+    login(ready_env)  # the node's loaded (fake, demo) model: its display name, DEMO included
+    cells = _model_cells(ready_env.client.get("/dashboard/studies/1").text)
+    assert cells and set(cells) == {"fake-model 1.0 (DEMO, not for clinical use)"}
+    login(web_env)  # no node and no bundle that knows this model: name and version only
+    assert set(_model_cells(web_env.client.get("/dashboard/studies/1").text)) == {
+        "fake-model 1.0"}
+
+
 def test_thumbnails_are_cached_pngs(session: WebEnv) -> None:
     original = png(session.client.get("/dashboard/instances/1/image.png").data)
     assert original.ndim == 2 and max(original.shape) <= 512
