@@ -4,11 +4,16 @@ behind the login, no identifier in any URL, thumbnails and plots as PNG."""
 from __future__ import annotations
 
 import re
+import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from webdata import CANARY, WebEnv, csrf, login
+from webdata import CANARY, WebData, WebEnv, csrf, login, web_settings
+
+from dicom_node import db
+from dicom_node.web import create_app
 
 pytest_plugins = ["webfixtures"]
 
@@ -105,6 +110,33 @@ def test_thumbnails_are_cached_pngs(session: WebEnv) -> None:
     assert len(list(thumbs.glob("*.png"))) == 2
     assert session.client.get("/dashboard/outputs/1/image.png").status_code == 404  # the SR
     assert session.client.get("/dashboard/instances/999/image.png").status_code == 404
+
+
+def test_images_load_with_the_shipped_relative_data_dir(
+        web_template: tuple[Path, WebData], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``storage.data_dir: var`` (config/node.yaml) with the working directory elsewhere
+    than the package: send_file must get absolute paths (it took them relative to the
+    package folder and answered 500)."""
+    source, data = web_template
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(source, tmp_path / "var", ignore=shutil.ignore_patterns("thumbs"))
+    settings = web_settings(Path("var"))
+    assert settings.storage.data_dir == tmp_path / "var"
+    engine = db.make_engine(settings.database_url)
+    try:
+        app = create_app(settings, engine=engine, testing=True)
+        env = WebEnv(settings, engine, app, app.test_client(), data)
+        login(env)
+        page = env.client.get("/dashboard/studies/1").text
+        urls = re.findall(r'<img class="(?:original|overlay)" src="([^"]+)"', page)
+        assert len(urls) == 4
+        for url in urls:
+            resp = env.client.get(url)
+            assert resp.status_code == 200, url
+            png(resp.data)
+    finally:
+        engine.dispose()
 
 
 def test_dashboard_actions(session: WebEnv) -> None:
