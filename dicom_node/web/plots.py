@@ -88,15 +88,16 @@ def history_figure(label: str, points: Sequence[dict[str, Any]],
     fig = Figure(figsize=(7.0, 3.2), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     models = {p["model_name"] for p in points}
-    subject = f"{next(iter(models))} / {label}" if len(models) == 1 else label
+    fig.suptitle(f"{next(iter(models))} / {label}" if len(models) == 1 else label,
+                 fontsize=10)
     for ax, metric in zip(axes, ("sensitivity", "specificity"), strict=True):
         drawn = _metric_panel(ax, metric, series, floors.get(metric))
         ax.set_ylim(0, 1.02)
-        ax.set_title(f"{subject}: {metric}", fontsize=10)
+        ax.set_title(metric, fontsize=9)
         ax.grid(alpha=0.3)
         ax.tick_params(axis="x", labelsize=7)
         if drawn or floors.get(metric) is not None:
-            ax.legend(fontsize=7, loc="lower left", title="95% CI bands", title_fontsize=7)
+            ax.legend(fontsize=7, loc="lower left", title="bands: 95% CI", title_fontsize=7)
     return fig
 
 

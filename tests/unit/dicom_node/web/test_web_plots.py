@@ -62,7 +62,8 @@ def test_history_query_and_figure_keep_models_apart(two_models: WebEnv) -> None:
     assert high - low < timedelta(days=4)  # the three runs, not years
     one = plots.history_figure("nodule", detector, {})
     assert list(_series(one.axes[0])) == ["cxr-demo-detector 1.0.0"]
-    assert one.axes[0].get_title() == "cxr-demo-detector / nodule: sensitivity"
+    assert one.get_suptitle() == "cxr-demo-detector / nodule"
+    assert [ax.get_title() for ax in one.axes] == ["sensitivity", "specificity"]
 
 
 def test_a_single_run_of_two_models_is_two_points_on_a_two_day_axis(
