@@ -149,7 +149,7 @@ def _to_login() -> Response:
     """Redirect to the login; it sends the browser back to this page afterwards."""
     wanted = request.path + (f"?{request.query_string.decode('latin-1')}"
                              if request.query_string else "")
-    if request.endpoint == ROOT_ENDPOINT or safe_next(wanted) is None:
+    if wanted == url_for("dashboard.overview") or safe_next(wanted) is None:
         return redirect(url_for("auth.login"))  # the overview after the login
     return redirect(url_for("auth.login", next=wanted))
 

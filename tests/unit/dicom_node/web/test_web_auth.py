@@ -192,6 +192,8 @@ def test_a_browser_at_the_root_is_led_to_the_login_and_on_to_the_overview(
         web_env: WebEnv) -> None:
     root = web_env.client.get("/", headers=BROWSER)
     assert root.status_code == 302 and root.headers["Location"] == "/dashboard/login"
+    overview = web_env.client.get("/dashboard/", headers=BROWSER)  # the default: no next
+    assert overview.headers["Location"] == "/dashboard/login"
     done = _login_to(web_env, root.headers["Location"])
     assert done.status_code == 302 and done.headers["Location"] == "/dashboard/"
     again = web_env.client.get("/", headers=BROWSER)  # with the session: straight on
