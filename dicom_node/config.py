@@ -1,5 +1,12 @@
 """Typed node settings: loaded from YAML, overridden by environment and command line,
-validated once at start-up and passed down. Errors name the key and the bad value."""
+validated once at start-up and passed down. Errors name the key and the bad value.
+
+Every path setting (``storage.data_dir``, ``models.bundles``, ``dicom.tls.*_file``, the
+evaluation jobs' folders and files, ...) may be written relative: :func:`load_settings`
+makes each one absolute once, against the working directory the node was started in
+(``~`` is expanded), so no code downstream ever sees a relative path. Flask's
+``send_file``, for one, would resolve a relative path against the package folder.
+"""
 
 from __future__ import annotations
 
@@ -320,6 +327,39 @@ class Settings(_Model):
 
 
 
+def _absolute_path(path: Path, base: Path) -> Path:
+    return Path(os.path.normpath(base / path.expanduser()))
+
+
+def _with_absolute_paths(value: Any, base: Path) -> Any:
+    """``value`` with every :class:`Path` inside it (fields of nested models, lists, dicts)
+    made absolute against ``base``; unchanged parts are returned as they are."""
+    if isinstance(value, Path):
+        return _absolute_path(value, base)
+    if isinstance(value, BaseModel):
+        updates = {}
+        for name in type(value).model_fields:
+            old = getattr(value, name)
+            new = _with_absolute_paths(old, base)
+            if new is not old:
+                updates[name] = new
+        return value.model_copy(update=updates) if updates else value
+    if isinstance(value, (list, tuple)):
+        items = [_with_absolute_paths(v, base) for v in value]
+        changed = any(a is not b for a, b in zip(items, value, strict=True))
+        return type(value)(items) if changed else value
+    if isinstance(value, dict):
+        pairs = {k: _with_absolute_paths(v, base) for k, v in value.items()}
+        return pairs if any(pairs[k] is not value[k] for k in value) else value
+    return value
+
+
+def resolve_paths(settings: Settings, base: Path | None = None) -> Settings:
+    """The settings with every path absolute: relative ones are taken against ``base``
+    (default: the current working directory), ``~`` is expanded."""
+    return _with_absolute_paths(settings, Path.cwd() if base is None else base)  # type: ignore[no-any-return]
+
+
 def _first_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -353,7 +393,8 @@ def load_settings(
     overrides: dict[str, Any] | None = None,
     environ: dict[str, str] | None = None,
 ) -> Settings:
-    """Load YAML (optional), apply environment then explicit overrides (dotted keys)."""
+    """Load YAML (optional), apply environment then explicit overrides (dotted keys), and
+    make every path absolute against the working directory (see :func:`resolve_paths`)."""
     tree: dict[str, Any] = {}
     if path is not None:
         try:
@@ -370,6 +411,7 @@ def load_settings(
     for key, value in (overrides or {}).items():
         _set_path(tree, key.split("."), value)
     try:
-        return Settings.model_validate(tree)
+        settings = Settings.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration: {_first_error(exc)}") from exc
+    return resolve_paths(settings)

@@ -116,8 +116,8 @@ def create_app(settings: Settings, node: Any | None = None, *, engine: Engine | 
     for bp in (health.bp, metrics.bp, api_studies.bp, api_evaluations.bp, api_meta.bp,
                audit.api_bp, dashboard.bp, audit.page_bp):
         app.register_blueprint(bp)
-    app.add_url_rule("/", "root", query_params()(lambda: redirect(url_for(
-        "dashboard.overview"))))
+    app.add_url_rule("/", auth.ROOT_ENDPOINT, query_params()(lambda: redirect(url_for(
+        "dashboard.overview"))))  # a browser without a session goes to the login first
     app.after_request(_security_headers)
     app.jinja_env.filters.update(dt=_dt, da=_da, pct=_pct)
     app.jinja_env.autoescape = True

@@ -11,6 +11,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 from flask.typing import ResponseReturnValue
 
+from ai.types import ModelIdentity
 from dicom_node.web.context import WebContext, web_context
 from dicom_node.web.validation import query_params
 
@@ -52,14 +53,24 @@ def models_info(ctx: WebContext) -> dict[str, Any]:
             items.append(item)
     else:
         for device_uid, (directory, doc) in metas.items():
+            identity = ModelIdentity(name=str(doc.get("name")), version=str(doc.get("version")),
+                                     device_uid=device_uid, task=str(doc.get("task", "")),
+                                     demo=bool(doc.get("demo")))
             items.append({"name": doc.get("name"), "version": doc.get("version"),
                           "device_uid": device_uid, "manufacturer": doc.get("manufacturer"),
-                          "demo": bool(doc.get("demo")), "display_name": doc.get("name"),
+                          "demo": identity.demo, "display_name": identity.display_name,
                           "loaded": False, "bundle_dir": str(directory),
                           **{k: doc.get(k) for k in _META_KEYS}})
     return {"loaded": analyzer is not None,
             "error": getattr(node, "model_error", None) if node is not None else None,
             "items": items}
+
+
+def display_names(ctx: WebContext) -> dict[str, str]:
+    """Device UID -> the name the SR gives the model ("name version", plus "(DEMO, not for
+    clinical use)" for a demo bundle), for every model loaded or found in a bundle folder."""
+    return {str(m["device_uid"]): str(m["display_name"]) for m in models_info(ctx)["items"]
+            if m.get("device_uid")}
 
 
 @bp.get("/models")

@@ -5,6 +5,10 @@
   never attaches this header by itself, so bearer requests need no CSRF token.
 * People: ``/dashboard/login`` takes the token once in a POST form and sets a signed,
   HttpOnly, SameSite=Strict session cookie. The token and identifiers never go in a URL.
+  A browser without a session (a GET that prefers ``text/html``) asking for ``/`` or a
+  dashboard page is redirected to the login, which then returns it to the page it asked
+  for (``next``: a dashboard path of this app, nothing else); API clients (no ``Accept``,
+  ``*/*`` or JSON) keep getting JSON 401s.
   A session is valid for the dashboard only; its state-changing forms carry a per-session
   CSRF token (checked in constant time), as does the login form itself.
 * Failed authentications (wrong or malformed bearer token, wrong dashboard token) are in
@@ -38,6 +42,7 @@ from flask import (
     session,
     url_for,
 )
+from werkzeug.exceptions import HTTPException
 
 from dicom_node.audit import AuditKind, Outcome, record_now
 from dicom_node.config import Settings
@@ -52,6 +57,10 @@ PUBLIC_ENDPOINTS = frozenset({"health.healthz", "health.readyz", "auth.login", "
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOGIN_FAILURES_ALLOWED = 10  # per client address and window
 LOGIN_WINDOW_S = 300.0
+ROOT_ENDPOINT = "root"  # "/": redirects to the dashboard overview
+MAX_NEXT_LEN = 2000
+NO_RETURN_ENDPOINTS = frozenset({"dashboard.instance_image", "dashboard.output_image",
+                                 "dashboard.history_plot", "dashboard.roc_plot"})
 
 bp = Blueprint("auth", __name__)
 
@@ -108,8 +117,41 @@ def csrf_token() -> str:
 
 
 def _is_dashboard() -> bool:
+    """A dashboard page, the login, or ``/`` (which only redirects to the overview)."""
     blueprint = request.blueprint or ""
-    return blueprint == "auth" or blueprint.startswith("dashboard")
+    return (blueprint == "auth" or blueprint.startswith("dashboard")
+            or request.endpoint == ROOT_ENDPOINT)
+
+
+def _is_browser() -> bool:
+    """The client prefers an HTML page to JSON (a browser; curl's ``*/*`` does not)."""
+    return request.accept_mimetypes.best_match(("application/json", "text/html")) == "text/html"
+
+
+def safe_next(raw: str | None) -> str | None:
+    """``raw`` when it is a dashboard page of this app to return to after the login, else
+    None: never another host, scheme or a route that is not a GET dashboard page."""
+    if not raw or len(raw) > MAX_NEXT_LEN or not raw.startswith("/dashboard/"):
+        return None
+    if "\\" in raw or any(ord(c) < 0x21 or c == "\x7f" for c in raw):
+        return None
+    path = raw.split("?", 1)[0].split("#", 1)[0]
+    try:
+        endpoint, _ = current_app.url_map.bind("localhost").match(path, method="GET")
+    except HTTPException:
+        return None
+    if not str(endpoint).startswith("dashboard.") or endpoint in NO_RETURN_ENDPOINTS:
+        return None
+    return raw
+
+
+def _to_login() -> Response:
+    """Redirect to the login; it sends the browser back to this page afterwards."""
+    wanted = request.path + (f"?{request.query_string.decode('latin-1')}"
+                             if request.query_string else "")
+    if wanted == url_for("dashboard.overview") or safe_next(wanted) is None:
+        return redirect(url_for("auth.login"))  # the overview after the login
+    return redirect(url_for("auth.login", next=wanted))
 
 
 def _audit_failure(how: str) -> None:
@@ -159,8 +201,9 @@ def authenticate() -> Response | None:
         if request.method not in SAFE_METHODS:
             _check_csrf()
         return None
-    if _is_dashboard() and request.method in SAFE_METHODS:
-        return redirect(url_for("auth.login"))  # type: ignore[return-value]
+    if request.method in SAFE_METHODS and _is_dashboard() and (
+            request.endpoint != ROOT_ENDPOINT or _is_browser()):
+        return _to_login()
     raise ApiError(401, "authentication required: 'Authorization: Bearer <token>'",
                    headers={"WWW-Authenticate": 'Bearer realm="cxr-node"'})
 
@@ -219,10 +262,12 @@ def _throttle() -> LoginThrottle:
 
 
 @bp.route("/dashboard/login", methods=["GET", "POST"])
-@query_params()
+@query_params("next")
 def login() -> Response | str | tuple[str, int]:
     if request.method == "GET":
-        return render_template("login.html", error=None)
+        return render_template("login.html", error=None,
+                               next=safe_next(request.args.get("next")))
+    wanted = safe_next(request.form.get("next"))
     who = request.remote_addr or "?"
     if _throttle().blocked(who):
         _audit_failure("dashboard login refused: too many failures")
@@ -232,14 +277,14 @@ def login() -> Response | str | tuple[str, int]:
         _throttle().failed(who)
         _audit_failure("dashboard login with a wrong token")
         logger.warning("dashboard login failed from %s", who)
-        return render_template("login.html", error="Invalid token."), 401
+        return render_template("login.html", error="Invalid token.", next=wanted), 401
     session.clear()
     session.permanent = True
     session["auth"] = True
     session["tfp"] = _fingerprint(web_context().token)
     session["csrf"] = secrets.token_urlsafe(32)
     logger.info("dashboard login from %s", who)
-    return redirect(url_for("dashboard.overview"))  # type: ignore[return-value]
+    return redirect(wanted or url_for("dashboard.overview"))  # type: ignore[return-value]
 
 
 @bp.route("/dashboard/logout", methods=["POST"])

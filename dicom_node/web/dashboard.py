@@ -31,7 +31,7 @@ from dicom_node.states import DeliveryState
 from dicom_node.web import actions, images, plots, queries
 from dicom_node.web import evaluation_queries as eq
 from dicom_node.web.api_evaluations import call_service, require_service
-from dicom_node.web.api_meta import models_info
+from dicom_node.web.api_meta import display_names, models_info
 from dicom_node.web.api_studies import ID
 from dicom_node.web.context import web_context
 from dicom_node.web.errors import ApiError
@@ -155,7 +155,8 @@ def study(study_key: int) -> ResponseReturnValue:
                            findings=findings, overlays=overlays, shown=shown,
                            reanalysable=detail["state"] in actions.REANALYSABLE,
                            delivery_states=queries.DELIVERY_STATES,
-                           syntax_names={u: UID(u).name for u in syntaxes}, page="studies")
+                           syntax_names={u: UID(u).name for u in syntaxes},
+                           model_names=display_names(ctx), page="studies")
 
 
 @bp.post(f"/studies/<{ID}:study_key>/reanalyse")
@@ -239,12 +240,15 @@ def evaluation() -> ResponseReturnValue:
             alerts = eq.list_alerts(conn, active=True, job=job, label=None, limit=50,
                                     offset=0)[0]
         latest = eq.get_run(conn, succeeded[0]["id"]) if succeeded else None
+    # one trend plot per model and label (a classifier's and a detector's "nodule": two)
+    history_series = sorted({(m["model_name"], m["label"]) for m in latest["metrics"]}
+                            if latest else ())
     selected = next((j for j in jobs if j["job_name"] == job), None)
     can_trigger = ctx.evaluation_service() is not None and bool(selected
                                                                  and selected["configured"])
     return render_template("evaluation.html", jobs=jobs, job=job, selected=selected,
-                           runs=runs, latest=latest, alerts=alerts, can_trigger=can_trigger,
-                           page="evaluation")
+                           runs=runs, latest=latest, history_series=history_series,
+                           alerts=alerts, can_trigger=can_trigger, page="evaluation")
 
 
 @bp.post("/evaluation/runs")
@@ -260,14 +264,17 @@ def trigger_run() -> ResponseReturnValue:
 
 
 @bp.get("/evaluation/history.png")
-@query_params("job", "label")
+@query_params("job", "label", "model")
 def history_plot() -> ResponseReturnValue:
+    """One label over time: of one model (``model``: its name; one line per version), or
+    of every model that measured it (one line each, never one line across models)."""
     job = job_arg()
     label = name_arg("label", 64)
     if label is None:
         raise ApiError(400, "label: is required", code="invalid_parameter", field="label")
+    model = name_arg("model", 128)
     with web_context().engine.connect() as conn:
-        points = eq.label_history(conn, label, job=job, model=None, started_from=None,
+        points = eq.label_history(conn, label, job=job, model=model, started_from=None,
                                   started_to=None, limit=200)
     png = plots.history_png(label, points, _floors(job, label))
     return Response(png, mimetype="image/png")

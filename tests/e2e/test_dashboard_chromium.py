@@ -15,6 +15,7 @@ import pydicom
 import pytest
 import requests
 from conftest import ROOT, StoreSCP, free_port, storescu, wait_for_port, wait_until
+from helpers.browser import browser, loaded, shoot
 from helpers.node import node_settings, start_node
 
 from dicom_node.service import load_analyzer
@@ -24,32 +25,8 @@ from webdata import insert_run  # noqa: E402 - the web tests' helper for history
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
 TOKEN = "e2e-dashboard-token-0123456789abcdef"
 JOB = "phantom-reference"
-
-
-def _browser(profile: Path) -> Any:
-    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
-        if not path.exists():
-            pytest.fail(f"{path} is missing: install the Debian package {package} "
-                        "(`make test` does, through scripts/install-system-deps.sh --test)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update",
-                "--no-first-run", f"--user-data-dir={profile}", "--window-size=1400,1000"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)),
-                              options=options)
-    driver.set_page_load_timeout(30)
-    return driver
 
 
 def _reference_set(root: Path) -> tuple[Path, Path]:
@@ -126,31 +103,15 @@ def _prepare(node: Any, tmp_path: Path) -> None:
 
     wait_until(settled, 90, what="studies analysed, deliveries settled")
     now = time.time()
+    model = next((m.name, m.version) for m in node.analyzer.models)  # the same model's past
     for days, (sens, spec) in ((9, (0.95, 0.7)), (6, (0.9, 0.66)), (3, (0.85, 0.62))):
         insert_run(node.engine, JOB, now - days * 86400,
-                   {"nodule": (sens, spec), "cardiomegaly": (0.8, 0.9)})
+                   {"nodule": (sens, spec), "cardiomegaly": (0.8, 0.9)}, model=model)
     run_id = _api(node, "POST", "/api/v1/evaluations/runs", json={"job": JOB})["run_id"]
     wait_until(lambda: _api(node, "GET", f"/api/v1/evaluations/runs/{run_id}")["state"]
                != "running", 90, what="evaluation run")
     run = _api(node, "GET", f"/api/v1/evaluations/runs/{run_id}")
     assert run["state"] == "succeeded", run["error"]
-
-
-def _shoot(driver: Any, name: str) -> Path:
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, min(max(int(height) + 40, 800), 6000))
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    path = SCREENSHOTS / f"{name}.png"
-    assert driver.save_screenshot(str(path)), f"screenshot of {name} failed"
-    print(f"screenshot: {path.relative_to(ROOT)}")
-    return path
-
-
-def _loaded(driver: Any, selector: str) -> int:
-    """How many images matching ``selector`` are fully loaded with real pixels."""
-    return int(driver.execute_script(
-        "return Array.from(document.querySelectorAll(arguments[0]))"
-        ".filter(i => i.complete && i.naturalWidth > 0).length", selector))
 
 
 def test_dashboard_pages_in_chromium(node: Any, tmp_path: Path) -> None:
@@ -159,11 +120,11 @@ def test_dashboard_pages_in_chromium(node: Any, tmp_path: Path) -> None:
 
     _prepare(node, tmp_path)
     base = f"http://127.0.0.1:{node.settings.web.port}"
-    driver = _browser(tmp_path / "chromium-profile")
+    driver = browser(tmp_path / "chromium-profile")
     try:
         driver.get(f"{base}/dashboard/")  # no session: the login form
         assert driver.current_url.endswith("/dashboard/login")
-        _shoot(driver, "login")
+        shoot(driver, "login")
         driver.find_element(By.ID, "token").send_keys(TOKEN)
         driver.find_element(By.ID, "login").click()
         wait_until(lambda: driver.current_url.endswith("/dashboard/"), 10, what="overview")
@@ -172,23 +133,25 @@ def test_dashboard_pages_in_chromium(node: Any, tmp_path: Path) -> None:
         overview = driver.find_element(By.TAG_NAME, "main").text
         assert "Throughput" in overview and "Evaluation alerts" in overview
         assert "nodule" in driver.find_element(By.ID, "alerts").text  # specificity < floor
-        _shoot(driver, "overview")
+        shoot(driver, "overview")
 
         driver.get(f"{base}/dashboard/studies")
         links = driver.find_elements(By.CSS_SELECTOR, "table.studies a")
         assert len(links) == 2
         patient = pydicom.dcmread(tmp_path / "in" / "11.dcm", stop_before_pixels=True)
         assert str(patient.PatientID) in driver.page_source  # shown behind the login only
-        _shoot(driver, "studies")
+        shoot(driver, "studies")
 
         links[-1].click()
         wait_until(lambda: "/dashboard/studies/" in driver.current_url, 10, what="study page")
         rows = driver.find_elements(By.CSS_SELECTOR, "table.findings tr")
         assert len(rows) >= 4 and "nodule" in rows[1].text and "%" in rows[1].text
-        wait_until(lambda: _loaded(driver, "img.overlay") == 1
-                   and _loaded(driver, "img.original") == 1, 20, what="images loaded")
+        wait_until(lambda: loaded(driver, "img.overlay") == 1
+                   and loaded(driver, "img.original") == 1, 20, what="images loaded")
         assert driver.find_elements(By.CSS_SELECTOR, "button.resubmit")  # dead letters
-        _shoot(driver, "study")
+        assert "(DEMO, not for clinical use)" in driver.find_element(
+            By.CSS_SELECTOR, "table.findings td.model").text  # named as the SR names it
+        shoot(driver, "study")
 
         driver.find_element(By.CSS_SELECTOR, "button.resubmit").click()
         wait_until(lambda: "queued again" in driver.page_source, 10, what="resubmit")
@@ -203,13 +166,13 @@ def test_dashboard_pages_in_chromium(node: Any, tmp_path: Path) -> None:
         events = driver.find_element(By.ID, "audit-events").text
         assert "wrong bearer token" in events and "127.0.0.1" in events
         assert "node started" not in events and "wrong" not in driver.current_url
-        _shoot(driver, "audit")
+        shoot(driver, "audit")
 
         driver.get(f"{base}/dashboard/evaluation")
-        wait_until(lambda: _loaded(driver, "img.history") == 3 and _loaded(driver, "img.roc")
+        wait_until(lambda: loaded(driver, "img.history") == 3 and loaded(driver, "img.roc")
                    == 1, 30, what="evaluation plots")
         assert driver.find_elements(By.CSS_SELECTOR, "table.confusion")
-        _shoot(driver, "evaluation")
+        shoot(driver, "evaluation")
         for url in (e.get_attribute("src") for e in driver.find_elements(By.TAG_NAME, "img")):
             assert "1.2." not in (url or "") and TOKEN not in (url or "")
     finally:

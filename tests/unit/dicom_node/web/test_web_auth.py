@@ -3,9 +3,12 @@ the dashboard login sets a signed session cookie and its forms need the CSRF tok
 
 from __future__ import annotations
 
+import html
 import re
 import stat
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from sqlalchemy import select
@@ -45,7 +48,7 @@ def test_every_route_but_health_needs_the_token(web_env: WebEnv) -> None:
         anonymous = web_env.client.open(url, method=method)
         if url.startswith("/dashboard") and method == "GET":
             assert anonymous.status_code == 302, url  # to the login form, nothing shown
-            assert anonymous.headers["Location"].endswith("/dashboard/login")
+            assert urlsplit(anonymous.headers["Location"]).path == "/dashboard/login"
         else:
             assert anonymous.status_code == 401, (method, url)
             assert anonymous.headers["WWW-Authenticate"].startswith("Bearer")
@@ -170,3 +173,63 @@ def test_metrics_token_can_be_waived_explicitly(web_env: WebEnv, public: bool) -
     ctx.settings = ctx.settings.model_copy(update={"web": _Web(ctx.settings.web)})
     assert web_env.client.get("/metrics").status_code == (200 if public else 401)
     assert web_env.client.get("/api/v1/studies").status_code == 401
+
+
+BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,"
+                     "image/avif,image/webp,*/*;q=0.8"}
+
+
+def _login_to(env: WebEnv, login_url: str) -> Any:
+    """Submit the login form found at ``login_url`` as a browser does (hidden fields too)."""
+    page = env.client.get(login_url, headers=BROWSER).text
+    fields = {name: html.unescape(value) for name, value in re.findall(
+        r'<input type="hidden" name="(\w+)" value="([^"]*)"', page)}
+    return env.client.post("/dashboard/login", data={**fields, "token": TOKEN},
+                           headers=BROWSER)
+
+
+def test_a_browser_at_the_root_is_led_to_the_login_and_on_to_the_overview(
+        web_env: WebEnv) -> None:
+    root = web_env.client.get("/", headers=BROWSER)
+    assert root.status_code == 302 and root.headers["Location"] == "/dashboard/login"
+    overview = web_env.client.get("/dashboard/", headers=BROWSER)  # the default: no next
+    assert overview.headers["Location"] == "/dashboard/login"
+    done = _login_to(web_env, root.headers["Location"])
+    assert done.status_code == 302 and done.headers["Location"] == "/dashboard/"
+    again = web_env.client.get("/", headers=BROWSER)  # with the session: straight on
+    assert again.status_code == 302 and again.headers["Location"] == "/dashboard/"
+    assert web_env.client.get(again.headers["Location"]).status_code == 200
+
+
+@pytest.mark.parametrize("accept", [None, "*/*", "application/json",
+                                    "application/json, text/html;q=0.5"])
+def test_api_clients_at_the_root_keep_json_401s(web_env: WebEnv, accept: str | None) -> None:
+    resp = web_env.client.get("/", headers={"Accept": accept} if accept else {})
+    assert resp.status_code == 401 and resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert resp.get_json()["error"]["code"] == "unauthorized"
+    assert web_env.client.get("/", headers=AUTH).headers["Location"] == "/dashboard/"
+
+
+def test_after_the_login_a_browser_returns_to_the_page_it_asked_for(web_env: WebEnv) -> None:
+    asked = "/dashboard/studies?state=done&modality=DX"
+    resp = web_env.client.get(asked, headers=BROWSER)
+    assert resp.status_code == 302
+    location = urlsplit(resp.headers["Location"])
+    assert location.path == "/dashboard/login" and parse_qs(location.query)["next"] == [asked]
+    done = _login_to(web_env, resp.headers["Location"])
+    assert done.status_code == 302 and done.headers["Location"] == asked
+    assert web_env.client.get(asked).status_code == 200
+
+
+@pytest.mark.parametrize("target", [
+    "//evil.example/x", "https://evil.example/", "/api/v1/studies", "/dashboard/login",
+    "/dashboard/instances/1/image.png", "/dashboard/\\evil.example", "/dashboard/nowhere",
+    "/dashboard/logout", "/dashboard/studies\r\nX-Injected: 1", "javascript:alert(1)"])
+def test_the_return_address_is_only_ever_a_dashboard_page(web_env: WebEnv,
+                                                          target: str) -> None:
+    page = web_env.client.get("/dashboard/login", query_string={"next": target}).text
+    assert 'name="next"' not in page  # not even carried into the form
+    form = web_env.client.get("/dashboard/login").text
+    done = web_env.client.post("/dashboard/login", data={
+        "token": TOKEN, "csrf_token": csrf(form), "next": target})
+    assert done.status_code == 302 and done.headers["Location"] == "/dashboard/"

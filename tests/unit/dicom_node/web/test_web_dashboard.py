@@ -4,11 +4,16 @@ behind the login, no identifier in any URL, thumbnails and plots as PNG."""
 from __future__ import annotations
 
 import re
+import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from webdata import CANARY, WebEnv, csrf, login
+from webdata import CANARY, WebData, WebEnv, csrf, login, web_settings
+
+from dicom_node import db
+from dicom_node.web import create_app
 
 pytest_plugins = ["webfixtures"]
 
@@ -81,6 +86,19 @@ def test_study_page(session: WebEnv) -> None:
     assert "model exploded on [redacted]" in failed
 
 
+def _model_cells(page: str) -> list[str]:
+    return re.findall(r'<td class="small model">([^<]*)</td>', page)
+
+
+def test_study_page_names_the_model_as_the_sr_does(ready_env: WebEnv, web_env: WebEnv) -> None:
+    login(ready_env)  # the node's loaded (fake, demo) model: its display name, DEMO included
+    cells = _model_cells(ready_env.client.get("/dashboard/studies/1").text)
+    assert cells and set(cells) == {"fake-model 1.0 (DEMO, not for clinical use)"}
+    login(web_env)  # no node and no bundle that knows this model: name and version only
+    assert set(_model_cells(web_env.client.get("/dashboard/studies/1").text)) == {
+        "fake-model 1.0"}
+
+
 def test_thumbnails_are_cached_pngs(session: WebEnv) -> None:
     original = png(session.client.get("/dashboard/instances/1/image.png").data)
     assert original.ndim == 2 and max(original.shape) <= 512
@@ -92,6 +110,33 @@ def test_thumbnails_are_cached_pngs(session: WebEnv) -> None:
     assert len(list(thumbs.glob("*.png"))) == 2
     assert session.client.get("/dashboard/outputs/1/image.png").status_code == 404  # the SR
     assert session.client.get("/dashboard/instances/999/image.png").status_code == 404
+
+
+def test_images_load_with_the_shipped_relative_data_dir(
+        web_template: tuple[Path, WebData], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``storage.data_dir: var`` (config/node.yaml) with the working directory elsewhere
+    than the package: send_file must get absolute paths (it took them relative to the
+    package folder and answered 500)."""
+    source, data = web_template
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(source, tmp_path / "var", ignore=shutil.ignore_patterns("thumbs"))
+    settings = web_settings(Path("var"))
+    assert settings.storage.data_dir == tmp_path / "var"
+    engine = db.make_engine(settings.database_url)
+    try:
+        app = create_app(settings, engine=engine, testing=True)
+        env = WebEnv(settings, engine, app, app.test_client(), data)
+        login(env)
+        page = env.client.get("/dashboard/studies/1").text
+        urls = re.findall(r'<img class="(?:original|overlay)" src="([^"]+)"', page)
+        assert len(urls) == 4
+        for url in urls:
+            resp = env.client.get(url)
+            assert resp.status_code == 200, url
+            png(resp.data)
+    finally:
+        engine.dispose()
 
 
 def test_dashboard_actions(session: WebEnv) -> None:

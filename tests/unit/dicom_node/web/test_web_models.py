@@ -47,6 +47,9 @@ def test_configured_models_while_loading(web_env: WebEnv, tiny_bundle: Path) -> 
     body = client.get("/api/v1/models", headers=AUTH).get_json()
     assert not body["loaded"]
     assert [(m["name"], m["loaded"]) for m in body["items"]] == [("tiny-test-classifier", False)]
+    # named as the SR names it, from the bundle's metadata alone
+    assert body["items"][0]["display_name"] == (
+        f"tiny-test-classifier {body['items'][0]['version']} (DEMO, not for clinical use)")
     assert client.get("/readyz").get_json()["checks"]["model"] == "loading"
 
 

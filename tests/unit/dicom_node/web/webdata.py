@@ -129,31 +129,46 @@ def _figure(value: float, half: float) -> dict[str, float]:
     return {"": value, "_lo": max(0.0, value - half), "_hi": min(1.0, value + half)}
 
 
-def insert_run(engine: Engine, job: str, started: float, figures: dict[str, tuple[float, float]],
-               *, state: str = "succeeded", error: str | None = None) -> int:
-    """One run with a metrics row per label: ``{label: (sensitivity, specificity)}``."""
+Figures = dict[str, tuple[float, float]]  # label -> (sensitivity, specificity)
+
+
+def insert_run(engine: Engine, job: str, started: float, figures: Figures, *,
+               state: str = "succeeded", error: str | None = None,
+               model: tuple[str, str] = ("fake-model", "1.0"),
+               more_models: dict[tuple[str, str], Figures] | None = None) -> int:
+    """One run with a metrics row per label of ``model`` (name, version), and of each of
+    ``more_models`` (a run of several bundles: labels may repeat across models)."""
+    per_model = {model: figures, **(more_models or {})}
     with engine.begin() as conn:
         run_id = conn.execute(insert(db.evaluation_runs).values(
             job_name=job, kind="reference", trigger="schedule", state=state,
             scheduled_for=started, started_at=started, finished_at=started + 30, error=error,
-            n_images=40, alerts=0, models=json.dumps([{"name": "fake-model", "version": "1.0",
-                                                       "thresholds": {"nodule": 0.5}}]),
+            n_images=40, alerts=0, models=json.dumps([
+                {"name": name, "version": version, "thresholds": {label: 0.5 for label in f}}
+                for (name, version), f in per_model.items()]),
         )).inserted_primary_key[0]
-        for label, (sens, spec) in figures.items():
-            values: dict[str, Any] = {"run_id": run_id, "model_name": "fake-model",
-                                      "model_version": "1.0", "label": label, "threshold": 0.5,
-                                      "n_pos": 20, "n_neg": 20, "tp": round(20 * sens),
-                                      "fn": 20 - round(20 * sens), "tn": round(20 * spec),
-                                      "fp": 20 - round(20 * spec), "f1": 0.8, "ap50": None,
-                                      "froc": None}
-            for name, value in (("sensitivity", sens), ("specificity", spec), ("ppv", 0.8),
-                                ("npv", 0.8), ("auroc", 0.88)):
-                for suffix, v in _figure(value, 0.12).items():
-                    values[f"{name}{suffix}"] = v
-            roc = [[0.0, 0.0], [0.1, 0.5], [1 - spec, sens], [0.6, 0.95], [1.0, 1.0]]
-            values["roc"] = json.dumps(sorted(roc))
-            conn.execute(insert(db.evaluation_metrics), [values])
+        rows = [_metrics_row(run_id, name, version, label, sens, spec)
+                for (name, version), model_figures in per_model.items()
+                for label, (sens, spec) in model_figures.items()]
+        if rows:
+            conn.execute(insert(db.evaluation_metrics), rows)
     return int(run_id)
+
+
+def _metrics_row(run_id: int, name: str, version: str, label: str, sens: float,
+                 spec: float) -> dict[str, Any]:
+    values: dict[str, Any] = {"run_id": run_id, "model_name": name, "model_version": version,
+                              "label": label, "threshold": 0.5, "n_pos": 20, "n_neg": 20,
+                              "tp": round(20 * sens), "fn": 20 - round(20 * sens),
+                              "tn": round(20 * spec), "fp": 20 - round(20 * spec), "f1": 0.8,
+                              "ap50": None, "froc": None}
+    for figure, value in (("sensitivity", sens), ("specificity", spec), ("ppv", 0.8),
+                          ("npv", 0.8), ("auroc", 0.88)):
+        for suffix, v in _figure(value, 0.12).items():
+            values[f"{figure}{suffix}"] = v
+    roc = [[0.0, 0.0], [0.1, 0.5], [1 - spec, sens], [0.6, 0.95], [1.0, 1.0]]
+    values["roc"] = json.dumps(sorted(roc))
+    return values
 
 
 def populate_evaluation(engine: Engine, data: WebData | None = None) -> WebData:
