@@ -58,7 +58,7 @@ def build_outputs(
     if series_seed is not None:
         for output in outputs:
             output.dataset.SeriesInstanceUID = series_uid(series_seed, output.kind)
-    logger.info(
+    logger.debug(
         "Built %d output object(s) for study %s",
         len(outputs),
         sources[0].work.StudyInstanceUID,
