@@ -61,10 +61,10 @@ class JobOutcome:
 
 
 def findings_summary(results: Sequence[ImageResult]) -> str:
-    """``2 positive finding(s): cardiomegaly, nodule`` (labels once each) for the log."""
+    """``2 positive finding(s) (cardiomegaly, nodule)``, labels once each, for the log."""
     positive = [f for r in results for f in r.positive_findings]
     labels = ", ".join(dict.fromkeys(f.label for f in positive))
-    return f"{len(positive)} positive finding(s)" + (f": {labels}" if labels else "")
+    return f"{len(positive)} positive finding(s)" + (f" ({labels})" if labels else "")
 
 
 class AnalysisWorker:

@@ -73,8 +73,11 @@ def _run_node(tmp_path: Path) -> tuple[str, list[str]]:
             uid, files = _study_files(tmp_path / "in", index)
             uids.append(uid)
             assert storescu(settings.dicom.port, files).returncode == 0
-        wait_until(lambda: len(r := query(settings, select(db.deliveries))) == 3 * STUDIES
-                   and all(d.state == "sent" for d in r), 240, what="every result delivered")
+        wait_until(lambda: len(query(settings, select(db.jobs).where(
+            db.jobs.c.state == "done"))) == STUDIES, 180, what="every study analysed")
+        wait_until(lambda: len(r := query(settings, select(db.deliveries))) == len(
+            query(settings, select(db.outputs))) and all(d.state == "sent" for d in r), 60,
+            what="every result delivered")
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -104,9 +107,10 @@ def test_a_run_of_five_studies_logs_one_line_per_event(tmp_path: Path) -> None:
         assert len(found) <= PER_STUDY, f"study {uid}: {len(found)} lines\n{joined}"
         assert f"received {IMAGES_PER_STUDY} image(s) of study {uid}" in joined, joined
         assert f"study {uid} ready" in joined, joined
-        assert re.search(rf"study {re.escape(uid)} analysed: .*\d+ positive finding", joined), \
+        assert re.search(rf"study {re.escape(uid)} analysed \(job \d+\): 2 image\(s\), \d+ "
+                         r"positive finding\(s\)", joined), \
             joined
-        assert re.search(rf"delivered 3 object\(s\) of study {re.escape(uid)} to DEST", joined), \
+        assert re.search(rf"delivered \d object\(s\) of study {re.escape(uid)} to DEST", joined), \
             joined
     assert len(other) <= FIXED, "\n".join(other)
     assert len(lines) <= FIXED + PER_STUDY * STUDIES
