@@ -177,7 +177,7 @@ class AnalysisWorker:
                         box_x0=box.x0 if box else None, box_y0=box.y0 if box else None,
                         box_x1=box.x1 if box else None, box_y1=box.y1 if box else None,
                         model_name=f.model.name, model_version=f.model.version,
-                        device_uid=f.model.device_uid))
+                        device_uid=f.model.device_uid, model_demo=f.model.demo))
             for obj, relpath in stored:
                 self._record_output(conn, job, obj, relpath, now)
             for inst_id, reason in bad.items():
