@@ -91,3 +91,22 @@ def test_demo_builds_the_bundles_once_on_the_console_then_reuses_them(tmp_path: 
                and not re.match(r"Orthanc [\d.]+ ready$", m.group(2))]
     assert not foreign, foreign
     assert "WARNING" not in out + err, out + err
+
+
+def test_make_demo_uses_the_bundle_folder_of_make_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make run` (data dir `var`, working directory the repository root) keeps its demo
+    bundles in var/models/demo; `make demo` (data dir var/demo) looks there, not under its
+    own data dir."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import demo
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    for name in [k for k in os.environ if k.startswith("CXR_NODE__")]:
+        monkeypatch.delenv(name)
+    config = ROOT / "config" / "node.yaml"
+    assert demo.parse_args([]).data_dir == ROOT / "var" / "demo"
+    assert demo.shared_bundle_dir(config, None) == ROOT / "var" / "models" / "demo"
+    monkeypatch.setenv("CXR_NODE__MODELS__DEMO_DIR", "/srv/cxr/demo-bundles")
+    assert demo.shared_bundle_dir(config, None) == Path("/srv/cxr/demo-bundles")
+    assert demo.shared_bundle_dir(config, Path("/x")) == Path("/x")
