@@ -263,7 +263,8 @@ class AssociationGuard:
         flow = self.flow(event.assoc)
         if flow is not None:
             flow.negotiated = True
-            logger.info("association accepted from %s calling AE %r", flow.peer, flow.calling_ae)
+            logger.debug("association accepted from %s calling AE %r", flow.peer,
+                         flow.calling_ae)
             self._audit(AuditKind.ASSOCIATION_ACCEPTED, Outcome.SUCCESS, flow, None)
 
     def _on_rejected(self, event: Any) -> None:

@@ -59,9 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", help="only studies in this state")
     p.add_argument("--limit", type=int, default=50)
 
-    p = sub.add_parser("results", help="list result objects (SR, SC, GSPS)")
+    p = sub.add_parser("results", help="per analysed study: the findings (label, probability, "
+                       "positive, model) and the result objects (SR, SC, GSPS) with their "
+                       "deliveries")
     _add_common(p)
     p.add_argument("--study", help="only this Study Instance UID")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="only the N most recently analysed studies")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON document for scripts (schema: README, dicom_node/results.py)")
 
     p = sub.add_parser("export", help="copy result objects into a folder")
     _add_common(p)
@@ -125,13 +131,12 @@ def _rows(settings: Settings, query: Any) -> list[Any]:
         engine.dispose()
 
 
-def _print_table(rows: list[Any], columns: list[str]) -> None:
-    widths = [max(len(c), *(len(_fmt(getattr(r, c))) for r in rows)) if rows else len(c)
-              for c in columns]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for r in rows:
-        print("  ".join(_fmt(getattr(r, c)).ljust(w) for c, w in zip(columns, widths,
-                                                                       strict=True)))
+def _print_table(rows: list[Any], columns: list[str], indent: str = "") -> None:
+    cells = [columns, *([_fmt(getattr(r, c)) for c in columns] for r in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    for row in cells:
+        print((indent + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+              .rstrip())
 
 
 def _fmt(value: Any) -> str:
@@ -176,9 +181,48 @@ def _results_query(study: str | None) -> Any:
 
 
 def cmd_results(settings: Settings, args: argparse.Namespace) -> int:
-    _print_table(_rows(settings, _results_query(args.study)),
-                 ["id", "kind", "study_uid", "sop_instance_uid", "created_at"])
+    from dicom_node.results import demo_flags, results_document
+
+    if args.limit is not None and args.limit < 1:
+        raise NodeError(f"--limit must be at least 1, got {args.limit}")
+    engine = db.make_engine(settings.database_url)
+    try:
+        with engine.connect() as conn:
+            doc = results_document(conn, study=args.study, limit=args.limit,
+                                   demo=demo_flags(settings.bundle_dirs))
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    elif not doc["studies"]:
+        print("no analysed study" + (f" {args.study}" if args.study else " yet"))
+    for study in [] if args.json else doc["studies"]:
+        _print_study(study)
     return 0
+
+
+def _print_study(study: dict[str, Any]) -> None:
+    """One study as the dashboard shows it: findings per image, then the result objects."""
+    ns = argparse.Namespace
+    print(f"study {study['study_uid']}  {study['state']}, result v{study['version']} "
+          f"(job {study['job_id']}) analysed {study['analysed_at']}: {study['images']} "
+          f"image(s), {study['positive']} positive finding(s)")
+    findings = [ns(image=f["sop_instance_uid"], label=f["label"],
+                  probability=f"{f['probability']:.3f}", threshold=f"{f['threshold']:.3f}",
+                  positive="yes" if f["positive"] else "no",
+                  box="" if f["box"] is None else ",".join(f"{v:.0f}" for v in f["box"]),
+                  model=f["model"]["display_name"]) for f in study["findings"]]
+    _print_table(findings, ["image", "label", "probability", "threshold", "positive", "box",
+                            "model"], indent="  ")
+    objects = [ns(id=r["id"], kind=r["kind"], sop_instance_uid=r["sop_instance_uid"],
+                 created_at=r["created_at"],
+                 version="superseded" if r["superseded"] else "current",
+                 deliveries=", ".join(f"{d['destination']} {d['state']}"
+                                      for d in r["deliveries"]) or "-")
+               for r in study["results"]]
+    _print_table(objects, ["id", "kind", "sop_instance_uid", "version", "created_at",
+                           "deliveries"], indent="  ")
+    print()
 
 
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:

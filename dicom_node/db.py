@@ -150,6 +150,8 @@ findings = Table(
     Column("model_name", String(128), nullable=False),
     Column("model_version", String(64), nullable=False),
     Column("device_uid", UID, nullable=False),
+    # the model is a DEMO bundle (never clinical); null in rows written before it was kept
+    Column("model_demo", Boolean, nullable=True),
 )
 Index("ix_findings_job", findings.c.job_id)
 

@@ -40,6 +40,7 @@ from dicom_node.dicomio import HEADER_PREFIX_BYTES, parse_header, quiet, read_fi
 from dicom_node.errors import InvalidInstanceError, SpoolError
 from dicom_node.inflate import InflateLimitError, inflate_bounded
 from dicom_node.phi import remember_phi
+from dicom_node.receipts import Receipts
 from dicom_node.spool import Spool, StoredFile, file_sha256
 from dicom_node.studies import touch_study
 
@@ -159,6 +160,7 @@ class Ingestor:
         self.spool = spool
         self.max_instance_bytes = max_instance_bytes
         self.max_inflated_bytes = max_inflated_bytes
+        self.receipts = Receipts()  # per association: one INFO line when it closes
         self._locks = [threading.Lock() for _ in range(64)]
 
     def ingest(self, rec: Received) -> StoreStatus:
@@ -224,7 +226,9 @@ class Ingestor:
             ).first()
         if existing is not None:
             if digest == existing.sha256:
-                logger.info("duplicate %s with identical bytes: acknowledged", rec.sop_instance_uid)
+                logger.debug("duplicate %s with identical bytes: acknowledged",
+                             rec.sop_instance_uid)
+                self.receipts.duplicate(rec.peer, rec.calling_ae, header.study_uid)
                 return StoreStatus.SUCCESS
             return self._quarantine(rec, "conflicting duplicate: same SOP Instance UID, "
                                     "different bytes", StoreStatus.SUCCESS)
@@ -248,8 +252,9 @@ class Ingestor:
             record(conn, AuditKind.INSTANCE_RECEIVED, actor=rec.calling_ae, peer=rec.peer,
                    subject=rec.sop_instance_uid, at=now,
                    detail=f"study {header.study_uid}, {stored.size} B")
-        logger.info("stored %s in study %s (%d B)", rec.sop_instance_uid, header.study_uid,
-                    stored.size)
+        logger.debug("stored %s in study %s (%d B)", rec.sop_instance_uid, header.study_uid,
+                     stored.size)
+        self.receipts.stored(rec.peer, rec.calling_ae, header.study_uid)
 
     def _quarantine(self, rec: ReceivedFile, reason: str, status: StoreStatus) -> StoreStatus:
         try:

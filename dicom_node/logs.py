@@ -47,13 +47,21 @@ class PhiRedactingFilter(logging.Filter):
         return True
 
 
+# Libraries whose INFO lines say what *they* did (highdicom: ~26 lines per result; waitress,
+# APScheduler, urllib3 retries ...): WARNING and above unless the node runs at DEBUG.
+THIRD_PARTY = ("highdicom", "pynetdicom", "urllib3", "requests", "apscheduler", "waitress",
+               "matplotlib", "PIL", "monai", "ignite", "numba", "filelock", "fsspec")
+
+
 def configure_logging(level: str, handler: logging.Handler | None = None) -> logging.Handler:
     """A root handler (stderr unless ``handler`` is given) at ``level``, scrubbed of
     identifiers; handlers installed earlier by someone else get the filter too.
 
-    Third-party loggers: pynetdicom at WARNING at least (its DEBUG dumps PDUs); pydicom at
-    ERROR (its warnings arrive once, through :mod:`warnings`, and its DEBUG output dumps raw
-    element bytes that no text filter can recognise).
+    INFO is what the node did, one line per event (received, study ready, analysed,
+    delivered); the loggers of :data:`THIRD_PARTY` libraries are held at WARNING unless
+    ``level`` is DEBUG. Always: pynetdicom at WARNING at least (its DEBUG dumps PDUs);
+    pydicom at ERROR (its warnings arrive once, through :mod:`warnings`, and its DEBUG
+    output dumps raw element bytes that no text filter can recognise).
     """
     handler = handler or logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT))
@@ -63,11 +71,15 @@ def configure_logging(level: str, handler: logging.Handler | None = None) -> log
         root.removeHandler(old)  # called again (tests, reconfiguration): replace, not add
     handler._cxr_node = True  # type: ignore[attr-defined]
     root.addHandler(handler)
-    root.setLevel(getattr(logging, level))
+    numeric = getattr(logging, level)
+    root.setLevel(numeric)
     for existing in root.handlers:  # handlers someone else installed get the filter too
         if not any(isinstance(f, PhiRedactingFilter) for f in existing.filters):
             existing.addFilter(PhiRedactingFilter())
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, getattr(logging, level)))
+    for name in THIRD_PARTY:
+        logging.getLogger(name).setLevel(logging.NOTSET if numeric <= logging.DEBUG
+                                         else max(logging.WARNING, numeric))
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, numeric))
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     logging.captureWarnings(True)
     return handler

@@ -41,6 +41,7 @@ from dicom_node.config import DicomSettings, TlsSettings
 from dicom_node.delivery.commitment import CommitmentReports, add_report_context
 from dicom_node.ingest import Ingestor, Received, ReceivedFile, StoreStatus
 from dicom_node.net import set_nodelay
+from dicom_node.receipts import Receipts
 from dicom_node.transport import start_guarded_server
 
 logger = logging.getLogger(__name__)
@@ -87,8 +88,14 @@ def handle_store(event: Any, ingestor: Ingestor, guard: AssociationGuard) -> int
 
 def _log_event(event: Any) -> None:
     peer = event.assoc.requestor
-    logger.info("%s from %s:%s calling AE %r", event.event.name, peer.address, peer.port,
+    logger.warning("%s from %s:%s calling AE %r", event.event.name, peer.address, peer.port,
                 str(peer.ae_title).strip())
+
+
+def _log_receipts(event: Any, receipts: Receipts) -> None:
+    """The connection ended: one INFO line per study it brought (dicom_node.receipts)."""
+    peer = event.assoc.requestor
+    receipts.close(f"{peer.address}:{peer.port}")
 
 
 def _release_unused_slot(event: Any) -> None:
@@ -141,6 +148,7 @@ def start_scp(settings: DicomSettings, ingestor: Ingestor,
         (evt.EVT_C_STORE, handle_store, [ingestor, guard]),
         (evt.EVT_ABORTED, _log_event),
         (evt.EVT_CONN_CLOSE, _release_unused_slot),
+        (evt.EVT_CONN_CLOSE, _log_receipts, [ingestor.receipts]),
         (evt.EVT_CONN_OPEN, set_nodelay),
         *guard.handlers(),  # limits, watchdog feed, audit of accepted/rejected/aborted
         *(commitment.handlers if commitment else []),

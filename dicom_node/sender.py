@@ -114,7 +114,18 @@ class _DestinationTry:
             if self.open:
                 self.ledger.interrupted(list(self.open.values()), why)
                 self.open.clear()
+        self._log_stored()
         return len(self.stored)
+
+    def _log_stored(self) -> None:
+        """One INFO line per study this association delivered (objects: DEBUG)."""
+        by_study: dict[str, list[str]] = defaultdict(list)
+        for d in self.stored:
+            by_study[d.study_uid].append(d.kind)
+        for study_uid, kinds in by_study.items():
+            counts = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))
+            logger.info("delivered %d object(s) of study %s to %s (%s)", len(kinds),
+                        study_uid or "?", self.dest.name, counts)
 
     def _done(self, d: Delivery) -> None:
         self.open.pop(d.id, None)

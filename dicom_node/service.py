@@ -74,8 +74,9 @@ def ensure_demo_bundle(settings: Settings) -> list[Path]:
     if not settings.models.build_demo_if_missing:
         raise NodeError(f"no demo bundle under {target} and models.build_demo_if_missing "
                         "is false; configure models.bundles")
-    logger.warning("no model configured: building the DEMO bundles (phantom-trained, not for "
-                   "clinical use) into %s; this takes a few minutes once", target)
+    logger.warning("no model configured: building the DEMO bundles (trained on synthetic "
+                   "images, not for clinical use) into %s; this takes a few minutes once",
+                   target)
     cmd = [sys.executable, "-m", "training", "demo-bundles", "--out", str(target)]
     if settings.models.demo_build == "quick":
         cmd.append("--quick")
@@ -245,7 +246,11 @@ def run_forever(node: Node) -> None:
     import signal
 
     def _stop(signum: int, _frame: object) -> None:
-        logger.info("signal %d: stopping", signum)
+        name = signal.Signals(signum).name
+        if node.stop_event.is_set():  # a second Ctrl-C / SIGTERM while stopping: once only
+            logger.debug("%s again: already stopping", name)
+            return
+        logger.info("%s: stopping", name)
         node.stop_event.set()
 
     signal.signal(signal.SIGTERM, _stop)
@@ -254,6 +259,7 @@ def run_forever(node: Node) -> None:
     while not node.stop_event.wait(1.0):
         pass
     node.stop()
+    logger.info("stopped")
 
 
 def data_path(settings: Settings, *parts: str) -> Path:

@@ -60,6 +60,13 @@ class JobOutcome:
     outputs: int = 0
 
 
+def findings_summary(results: Sequence[ImageResult]) -> str:
+    """``2 positive finding(s) (cardiomegaly, nodule)``, labels once each, for the log."""
+    positive = [f for r in results for f in r.positive_findings]
+    labels = ", ".join(dict.fromkeys(f.label for f in positive))
+    return f"{len(positive)} positive finding(s)" + (f" ({labels})" if labels else "")
+
+
 class AnalysisWorker:
     def __init__(self, engine: Engine, spool: Spool, queue: JobQueue, analyzer: Analyzer,
                  output_settings: OutputSettings, destinations: Sequence[Destination]) -> None:
@@ -139,8 +146,10 @@ class AnalysisWorker:
         link_predecessors(objects, prior)
         stored = [(obj, self._write(obj)) for obj in objects]
         self._commit(job, analysed, bad, stored, prior, time.monotonic() - started)
-        logger.info("job %d (study %s) done: %d image(s), %d output(s) in %.2f s", job.id,
-                    job.study_uid, len(analysed), len(objects), time.monotonic() - started)
+        logger.info("study %s analysed (job %d): %d image(s), %s, %d result object(s) in "
+                    "%.2f s", job.study_uid, job.id, len(analysed),
+                    findings_summary([r for _, _, r in analysed]), len(objects),
+                    time.monotonic() - started)
         return JobOutcome(job.id, "done", len(objects))
 
     def _write(self, obj: OutputObject) -> str:
@@ -168,7 +177,7 @@ class AnalysisWorker:
                         box_x0=box.x0 if box else None, box_y0=box.y0 if box else None,
                         box_x1=box.x1 if box else None, box_y1=box.y1 if box else None,
                         model_name=f.model.name, model_version=f.model.version,
-                        device_uid=f.model.device_uid))
+                        device_uid=f.model.device_uid, model_demo=f.model.demo))
             for obj, relpath in stored:
                 self._record_output(conn, job, obj, relpath, now)
             for inst_id, reason in bad.items():

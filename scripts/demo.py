@@ -5,6 +5,11 @@ Starts a private Orthanc (ports 8042/4242 when free), ``dicom-node serve`` with
 config/node.yaml and the data dir var/demo, uploads a few phantom studies to Orthanc, waits
 for the results and prints what each study now holds. Runs until Ctrl-C, or exits once the
 results are back with ``--exit-when-done``.
+
+The demo bundles are the ones ``make run`` uses (``var/models/demo``, or the configured
+``models.demo_dir``): built once by whichever of the two runs first. When they are missing,
+this script builds them in the foreground, with the build's stages and progress bars on the
+console, before it starts the node.
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ class NodeProcess:
     """``dicom-node serve`` as a subprocess with its output in a log file."""
 
     def __init__(self, config: Path, data_dir: Path, port: int, destination: str,
-                 log_path: Path, web_port: int | None = None) -> None:
+                 log_path: Path, web_port: int | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
         cmd = [sys.executable, "-m", "dicom_node", "serve", "--config", str(config),
                "--data-dir", str(data_dir), "--port", str(port), "--destination", destination]
@@ -68,7 +74,8 @@ class NodeProcess:
         self.offset = log_path.stat().st_size if log_path.exists() else 0
         with open(log_path, "ab") as fh:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                              **(env or {})},
                                          start_new_session=True)
         logger.info("node started (pid %d, DICOM port %d, log %s)", self.proc.pid, port,
                     log_path)
@@ -136,10 +143,12 @@ def make_studies(out_dir: Path, count: int, seed: int, rows: int, columns: int) 
 
 
 def wait_for_results(pacs: OrthancServer, studies: list[str], expected: int,
-                     node: NodeProcess, timeout: float) -> None:
-    """Until every study has ``expected`` series in Orthanc (prints progress)."""
+                     node: NodeProcess, timeout: float, started: float) -> None:
+    """Until every study has ``expected`` series in Orthanc (prints progress, and the time
+    from ``started`` (monotonic) to the first complete result)."""
     deadline = time.monotonic() + timeout
     last: list[int] = []
+    first = False
     while True:
         node.check()
         counts = [len(pacs.study_series(s)) for s in studies]
@@ -147,6 +156,10 @@ def wait_for_results(pacs: OrthancServer, studies: list[str], expected: int,
             done = sum(c >= expected for c in counts)
             print(f"  results back for {done}/{len(studies)} studies "
                   f"(series per study: {counts}, expecting {expected})", flush=True)
+            if done and not first:
+                first = True
+                print(f"  first result back {time.monotonic() - started:.1f} s after the "
+                      "demo started", flush=True)
             last = counts
         if all(c >= expected for c in counts):
             return
@@ -173,6 +186,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, default=ROOT / "config" / "node.yaml")
     p.add_argument("--data-dir", type=Path, default=ROOT / "var" / "demo",
                    help="node data dir; Orthanc lives in <data-dir>/orthanc")
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="demo bundle folder (default: the one `make run` uses, "
+                   "models.demo_dir or <storage.data_dir>/models/demo of --config)")
     p.add_argument("--studies", type=int, default=3, help="phantom studies to upload")
     p.add_argument("--seed", type=int, default=None, help="default: new studies each run")
     p.add_argument("--size", type=int, nargs=2, default=(1024, 896), metavar=("ROWS", "COLS"))
@@ -191,9 +207,38 @@ def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
     raise Stop
 
 
+def shared_bundle_dir(config: Path, override: Path | None) -> Path:
+    """The demo bundle folder ``make run`` uses with ``config`` (relative paths: against the
+    repository root, where make runs), or ``override``."""
+    from dicom_node.config import load_settings
+
+    folder = override if override is not None else load_settings(config).demo_bundle_dir
+    return folder if folder.is_absolute() else (ROOT / folder)
+
+
+def ensure_bundles(folder: Path, quick: bool) -> None:
+    """Build the demo bundles into ``folder`` unless they are there (console output)."""
+    if folder.is_dir() and any((p / "configs" / "metadata.json").is_file()
+                               for p in folder.iterdir()):
+        print(f"DEMO bundles: {folder} (already built, reused)", flush=True)
+        return
+    print(f"No model yet: building the DEMO bundles into {folder} (once; `make run` uses "
+          "the same folder).", flush=True)
+    cmd = [sys.executable, "-m", "training", "demo-bundles", "--out", str(folder)]
+    if quick:
+        cmd.append("--quick")
+    if subprocess.run(cmd, cwd=ROOT, check=False).returncode != 0:
+        raise DemoError(f"building the demo bundles failed (command: {' '.join(cmd)})")
+
+
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # the demo's own lines only: urllib3 (connection retries), PIL, pydicom stay quiet
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    for name in ("demo", "orthanc"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     from dicom_node.config import load_settings
@@ -205,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     node_port = pick_port(settings.dicom.port)
     web_port = None if port_is_free(settings.web.port) else free_port()
     seed = args.seed if args.seed is not None else int(time.time()) % 1_000_000
+    node_env: dict[str, str] = {}
 
     pacs = OrthancServer(data_dir / "orthanc", node_port=node_port,
                          node_ae=settings.dicom.ae_title,
@@ -212,24 +258,24 @@ def main(argv: list[str] | None = None) -> int:
                          dicom_port=pick_port(DEFAULT_DICOM_PORT), stable_age=args.stable_age)
     node: NodeProcess | None = None
     try:
+        if not settings.models.bundles:
+            models = shared_bundle_dir(args.config, args.models_dir)
+            ensure_bundles(models, quick=settings.models.demo_build == "quick")
+            node_env["CXR_NODE__MODELS__DEMO_DIR"] = str(models)
         pacs.start()
         print(f"Orthanc running: web UI {pacs.explorer_url}, DICOM {pacs.destination}",
               flush=True)
         node = NodeProcess(args.config, data_dir, node_port, pacs.destination,
-                           data_dir / "node.log", web_port)
+                           data_dir / "node.log", web_port, env=node_env)
         wait_for_port(node_port, node, 120)
         print(f"CXR AI node running: {settings.dicom.ae_title}@127.0.0.1:{node_port} "
               f"(log {node.log_path})", flush=True)
-        if not settings.models.bundles and not (
-                settings.demo_bundle_dir / "configs" / "metadata.json").exists():
-            print("No model yet: the node trains the DEMO model on phantoms first "
-                  "(several minutes, once).", flush=True)
 
         files = make_studies(data_dir / "phantoms", args.studies, seed, *args.size)
         studies = [pacs.upload(f)["ParentStudy"] for f in files]
         print(f"Uploaded {len(studies)} phantom studies to Orthanc; it routes each to the node "
               f"{args.stable_age} s after its last image.", flush=True)
-        wait_for_results(pacs, studies, expected, node, args.timeout)
+        wait_for_results(pacs, studies, expected, node, args.timeout, started)
         print_summary(pacs, studies)
         if args.exit_when_done:
             print("Done (--exit-when-done).", flush=True)
@@ -250,7 +296,6 @@ def main(argv: list[str] | None = None) -> int:
         if node is not None:
             node.stop()
         pacs.stop()
-
 
 if __name__ == "__main__":
     sys.exit(main())

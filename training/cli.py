@@ -595,7 +595,8 @@ def _add_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="seconds-long build for tests (quality not required)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (they are drawn only on a terminal anyway)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -603,6 +604,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     if args.seed < 0:
         raise CLIError(f"--seed must be non-negative, got {args.seed}")
+    args.no_progress = args.no_progress or args.quiet
     return run(args)
 
 

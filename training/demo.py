@@ -21,6 +21,7 @@ import csv
 import hashlib
 import logging
 import math
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -110,12 +111,12 @@ def _render_one(index: int, seed: int, plan: DemoPlan, params: PreprocessParams)
 
 
 def render_training_set(
-    plan: DemoPlan, seed: int, params: PreprocessParams, progress: bool
+    plan: DemoPlan, seed: int, params: PreprocessParams, progress: bool, label: str = ""
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 1, size, size) uint8 images and (N, labels) float targets."""
     images = torch.empty((plan.train_images, 1, params.size, params.size), dtype=torch.uint8)
     targets = torch.empty((plan.train_images, len(FINDINGS)), dtype=torch.float32)
-    for i in tqdm(range(plan.train_images), desc="render phantoms", disable=not progress):
+    for i in tqdm(range(plan.train_images), desc=f"{label}render phantoms", disable=not progress):
         tensor, labels = _render_one(i, seed, plan, params)
         images[i] = torch.from_numpy(np.rint(tensor * 255.0).astype(np.uint8))
         targets[i] = torch.tensor(labels, dtype=torch.float32)
@@ -145,7 +146,8 @@ def _lr_at(step: int, plan: DemoPlan) -> float:
 
 
 def train_model(
-    images: torch.Tensor, targets: torch.Tensor, plan: DemoPlan, seed: int, progress: bool
+    images: torch.Tensor, targets: torch.Tensor, plan: DemoPlan, seed: int, progress: bool,
+    label: str = "",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """AdamW with warm-up and cosine decay on sigmoid BCE; returns the model in eval mode."""
     torch.manual_seed(seed)
@@ -155,7 +157,7 @@ def train_model(
     model.train()
     losses: list[float] = []
     started = time.perf_counter()
-    bar = tqdm(range(plan.steps), desc="train demo classifier", disable=not progress)
+    bar = tqdm(range(plan.steps), desc=f"{label}train", unit="step", disable=not progress)
     for step in bar:
         idx = torch.randint(0, images.shape[0], (plan.batch_size,), generator=gen)
         x, y = _augment(images[idx], gen), targets[idx]
@@ -196,17 +198,17 @@ class Scored:
 
 def score_dicom(
     model: nn.Module, folder: Path, plan: DemoPlan, seed: int, params: PreprocessParams,
-    progress: bool,
+    progress: bool, label: str = "",
 ) -> Scored:  # fmt: skip
     """Write phantom DICOM with synth, read it back through ai.pixels, score it."""
-    with tqdm(total=plan.val_studies, desc="synth DICOM", disable=not progress) as bar:
+    with tqdm(total=plan.val_studies, desc=f"{label}validation: write DICOM", disable=not progress) as bar:
         summary = synthesize(
             folder, plan.val_studies, seed, size=plan.val_size, progress=bar.update
         )
     with summary.labels_csv.open(newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     tensors = []
-    for row in tqdm(rows, desc="preprocess DICOM", disable=not progress):
+    for row in tqdm(rows, desc=f"{label}validation: read DICOM", disable=not progress):
         tensor, _ = preprocess(pydicom.dcmread(folder / row["path"]), params)
         tensors.append(tensor)
     batch = torch.from_numpy(np.stack(tensors))
@@ -279,9 +281,11 @@ def _code(label: str) -> CodedConcept:
 
 
 def build_demo_bundle(
-    out_dir: Path, *, seed: int = 0, progress: bool = True, quick: bool = False
+    out_dir: Path, *, seed: int = 0, progress: bool = True, quick: bool = False,
+    label: str = "",
 ) -> Path:
-    """Train the demo classifier on phantoms and write it as a bundle at ``out_dir``.
+    """Train the demo classifier on phantoms and write it as a bundle at ``out_dir``
+    (``label`` prefixes the progress bars, e.g. ``"[1/2] "``).
 
     Full mode takes about two to three minutes on two CPU cores; ``quick=True`` takes
     seconds and makes no promise about quality (for tests). Returns ``out_dir``.
@@ -289,12 +293,12 @@ def build_demo_bundle(
     plan = QUICK if quick else FULL
     params = DEMO_INPUT.preprocess_params()
     started = time.perf_counter()
-    images, targets = render_training_set(plan, seed, params, progress)
+    images, targets = render_training_set(plan, seed, params, progress, label)
     rendered = time.perf_counter()
-    model, train_record = train_model(images, targets, plan, seed, progress)
+    model, train_record = train_model(images, targets, plan, seed, progress, label)
     trained = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cxr-demo-val-") as tmp:
-        scored = score_dicom(model, Path(tmp), plan, seed + 1, params, progress)
+        scored = score_dicom(model, Path(tmp), plan, seed + 1, params, progress, label)
     thresholds, metrics = calibrate(scored, seed)
     phases = {
         "render_seconds": round(rendered - started, 1),
@@ -332,16 +336,98 @@ def build_demo_bundle(
 
 
 # --------------------------------------------------------------------------------------------
+# What a build reached, for the console
+
+
+def _ci(figure: dict[str, Any] | None) -> str:
+    """``0.92 (0.81-0.97)`` from ``{"value", "lower", "upper"}``; ``n/a`` when undefined."""
+    if not figure or figure.get("value") is None:
+        return "n/a"
+    if figure.get("lower") is None or figure.get("upper") is None:
+        return f"{figure['value']:.2f}"
+    return f"{figure['value']:.2f} ({figure['lower']:.2f}-{figure['upper']:.2f})"
+
+
+def classifier_figures(meta: BundleMetadata) -> list[str]:
+    """Per label: threshold, sensitivity, specificity, AUROC on the held-out DICOM half."""
+    from training.report import text_table
+
+    v = meta.validation_metrics
+    rows = []
+    for label, entry in v.get("per_label", {}).items():
+        test = entry.get("test", {})
+        rows.append([label, f"{entry.get('threshold', float('nan')):.2f}",
+                     f"{test.get('n_positive', 0)}/{test.get('n_negative', 0)}",
+                     _ci(test.get("sensitivity")), _ci(test.get("specificity")),
+                     _ci(test.get("auroc"))])
+    head = (f"held-out DICOM phantoms: {v.get('test_images', '?')} images (thresholds: "
+            f"Youden J on the other {v.get('calibration_images', '?')})")
+    return [head, *text_table(("label", "threshold", "pos/neg", "sensitivity (95% CI)",
+                               "specificity (95% CI)", "AUROC (95% CI)"), rows)]
+
+
+def detector_figures(meta: BundleMetadata) -> list[str]:
+    """Per class, validation and held-out test split: P, R at the threshold, AP50, AP50-95."""
+    from training.report import text_table
+
+    rows, notes = [], []
+    for label, entry in meta.validation_metrics.get("per_label", {}).items():
+        notes.append(f"{label}: threshold {entry.get('threshold', float('nan')):.2f} "
+                     f"({entry.get('threshold_method', '?')})")
+        for split in ("val", "test"):
+            row = entry.get(split)
+            if row:
+                rows.append([label, split, str(row.get("images", "")),
+                             str(row.get("instances", "")),
+                             *(_num(row.get(k)) for k in ("precision", "recall", "map50",
+                                                          "map50_95"))])
+    return [*notes, *text_table(("class", "split", "images", "instances", "P", "R", "AP50",
+                                 "AP50-95"), rows)]
+
+
+def _num(value: object) -> str:
+    return f"{value:.2f}" if isinstance(value, int | float) else "n/a"
+
+
+# --------------------------------------------------------------------------------------------
 # CLI hook: `training demo-bundles --out DIR [--quick]`
 
 HELP = "train the demo classifier and nodule detector on phantoms; bundles under --out"
+
+
+@dataclass(frozen=True)
+class _Stage:
+    name: str  # bundle folder name
+    title: str
+    plan: str
+    build: Any  # (out_dir, *, seed, progress, quick, label) -> Path
+    figures: Any  # (BundleMetadata) -> list[str]
+
+
+def _stages(quick: bool) -> list[_Stage]:
+    from training import demo_detector as det
+
+    plan = QUICK if quick else FULL
+    dplan = det.QUICK if quick else det.FULL
+    return [
+        _Stage(DEMO_NAME, f"demo classifier (DenseNet, {DEMO_INPUT.size} px, "
+               f"{len(FINDINGS)} labels)",
+               f"{plan.train_images} rendered phantoms, {plan.steps} training steps of "
+               f"{plan.batch_size}, validation on {plan.val_studies} DICOM phantom studies",
+               build_demo_bundle, classifier_figures),
+        _Stage(det.DETECTOR_NAME, f"demo nodule detector (RetinaNet, ResNet-10 + FPN, "
+               f"{dplan['size']} px)",
+               f"{dplan['count']} DICOM phantom studies, {dplan['epochs']} epoch(s)",
+               det.build_demo_detector, detector_figures),
+    ]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the demo bundles")
     parser.add_argument("--quick", action="store_true", help="seconds-long build for tests")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (they are drawn only on a terminal anyway)")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -352,15 +438,38 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _say(text: str = "") -> None:
+    print(text, flush=True)  # CLI output: stage lines and figures, also into a log file
+
+
 def run(args: argparse.Namespace) -> int:
-    """Build ``<out>/cxr-demo-classifier`` and ``<out>/cxr-demo-detector``; prints their paths."""
-    from training.demo_detector import DETECTOR_NAME, build_demo_detector
+    """Build ``<out>/cxr-demo-classifier`` and ``<out>/cxr-demo-detector``, saying what is
+    being built (stage N of M) and the validation figures each bundle reached.
+
+    Progress bars go to stderr only when it is a terminal: written to a log file (the node
+    runs this with its output in its log), each redraw would append to one long line.
+    """
+    from ai.bundle import read_metadata
 
     if args.seed < 0:
         raise ValueError(f"--seed must be non-negative, got {args.seed}")
     out = Path(args.out)
-    for name, build in ((DEMO_NAME, build_demo_bundle), (DETECTOR_NAME, build_demo_detector)):
-        target = out / name
-        build(target, seed=args.seed, progress=not args.no_progress, quick=args.quick)
-        print(target)  # CLI output: where each bundle is
+    quick = bool(args.quick)
+    progress = not args.no_progress and sys.stderr.isatty()
+    stages = _stages(quick)
+    started = time.perf_counter()
+    _say(f"Building the DEMO bundles (trained on phantoms, not for clinical use) into {out} "
+         f"({'quick' if quick else 'full'} build, {len(stages)} stages)")
+    for n, stage in enumerate(stages, 1):
+        tag = f"[{n}/{len(stages)}]"
+        _say(f"{tag} {stage.title}: {stage.plan}")
+        t0 = time.perf_counter()
+        target = stage.build(out / stage.name, seed=args.seed, progress=progress, quick=quick,
+                             label=f"{tag} ")
+        meta = read_metadata(target)
+        _say(f"{tag} {meta.name} {meta.version} written to {target} in "
+             f"{time.perf_counter() - t0:.0f} s; validation:")
+        for line in stage.figures(meta):
+            _say(f"      {line}")
+    _say(f"DEMO bundles ready in {time.perf_counter() - started:.0f} s under {out}")
     return 0

@@ -30,8 +30,9 @@ QUICK = {"count": 16, "size": 128, "epochs": 1}
 
 
 def build_demo_detector(out_dir: Path, *, seed: int = 0, progress: bool = True,
-                        quick: bool = False, threads: int = 0) -> Path:
-    """Synthesize phantoms, fit the detector, write the bundle at ``out_dir``."""
+                        quick: bool = False, threads: int = 0, label: str = "") -> Path:
+    """Synthesize phantoms, fit the detector, write the bundle at ``out_dir`` (``label``
+    prefixes the progress bars, e.g. ``"[2/2] "``)."""
     from training.fit_detection import DetectionFitConfig, fit_detection
     from training.synth import synthesize
 
@@ -39,7 +40,7 @@ def build_demo_detector(out_dir: Path, *, seed: int = 0, progress: bool = True,
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cxr-demo-det-") as tmp:
         data, run = Path(tmp) / "data", Path(tmp) / "run"
-        with tqdm(total=plan["count"], desc="demo detector: phantoms", unit="study",
+        with tqdm(total=plan["count"], desc=f"{label}phantoms", unit="study",
                   disable=not progress) as bar:
             synthesize(data, plan["count"], seed + 4, size=plan["size"], prevalence=0.5,
                        progress=bar.update)
@@ -47,7 +48,7 @@ def build_demo_detector(out_dir: Path, *, seed: int = 0, progress: bool = True,
             data=data, labels=data / "boxes.json", out=run, label_names=("nodule",),
             network_args=dict(NETWORK), image_size=plan["size"], epochs=plan["epochs"],
             batch_size=8, split=(0.6, 0.2, 0.2), patience=0, seed=seed + 4,
-            threads=threads, progress=progress, name=DETECTOR_NAME,
+            threads=threads, progress=progress, progress_label=label, name=DETECTOR_NAME,
             version=DETECTOR_VERSION if not quick else f"{DETECTOR_VERSION}-quick",
             description="Demo nodule detector trained on procedural phantoms. "
             "DEMO, not for clinical use.")

@@ -172,6 +172,7 @@ class DetectionFitConfig:
     version: str = "0.1.0"
     description: str = ""
     progress: bool = True
+    progress_label: str = ""  # prefixes the progress bars, e.g. "[2/2] " in the demo build
     log_every: int = 10
 
     def __post_init__(self) -> None:
@@ -324,7 +325,7 @@ def read_boxes(config: DetectionFitConfig) -> tuple[dict[str, list[Any]], tuple[
 
 
 def _match(config: DetectionFitConfig, progress: bool) -> tuple[LabelMatch, int, int]:
-    with tqdm(desc="index DICOM", unit="file", disable=not progress) as bar:
+    with tqdm(desc=f"{config.progress_label}index DICOM", unit="file", disable=not progress) as bar:
         index = index_dicom_tree(config.data, progress=bar.update)
     boxes, names, other = read_boxes(config)
     match = match_labels(index, boxes, classes=names, strict=config.strict)
@@ -634,7 +635,7 @@ def _setup(config: DetectionFitConfig, info: DistInfo, device: torch.device,
     run = _Run(config, info, device, data, _wrap(detector, device, info), cache, monitor,
                resume=resume)  # fmt: skip
     mine = data.items[info.rank :: info.world_size]
-    for item in tqdm(mine, desc="preprocess", unit="img", disable=not (config.progress and run.main)):
+    for item in tqdm(mine, desc=f"{config.progress_label}preprocess", unit="img", disable=not (config.progress and run.main)):
         try:
             cache.get(item)
         except PixelDataError as exc:
@@ -750,7 +751,7 @@ def _epoch(run: _Run, opt: Any, sampler: EpochSampler, loader: DataLoader, budge
     config, state = run.config, run.state
     sampler.set_epoch(state.epoch)
     t0 = time.perf_counter()
-    bar = tqdm(total=budget, desc=f"epoch {state.epoch + 1}/{config.epochs}", unit="step",
+    bar = tqdm(total=budget, desc=f"{config.progress_label}epoch {state.epoch + 1}/{config.epochs}", unit="step",
                disable=not (config.progress and run.main), leave=False)  # fmt: skip
     with bar:
         losses = _train_steps(run, opt, loader, budget, bar)

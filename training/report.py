@@ -102,6 +102,14 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str
     return "\n".join(lines)
 
 
+def text_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """Lines of a plain-text table for the console, columns padded to their widest cell."""
+    cells = [list(map(str, headers)), *(list(map(str, r)) for r in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in cells]
+
+
 # --------------------------------------------------------------------------------------------
 # Report sections
 

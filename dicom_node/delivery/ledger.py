@@ -39,6 +39,7 @@ class Delivery:
     kind: str
     sop_class_uid: str
     sop_instance_uid: str
+    study_uid: str = ""  # for the log's one line per study and destination
 
 
 def backoff_delay(attempts: int, settings: SenderSettings, rng: random.Random) -> float:
@@ -49,12 +50,12 @@ def backoff_delay(attempts: int, settings: SenderSettings, rng: random.Random) -
 
 _d, _o = db.deliveries.c, db.outputs.c
 _CLAIM_COLUMNS = (_d.id, _d.destination, _d.attempts, _o.path, _o.kind, _o.sop_class_uid,
-                  _o.sop_instance_uid)
+                  _o.sop_instance_uid, _o.study_uid)
 
 
 def _delivery(row: Any) -> Delivery:
     return Delivery(row.id, row.destination, row.attempts, row.path, row.kind,
-                    row.sop_class_uid, row.sop_instance_uid)
+                    row.sop_class_uid, row.sop_instance_uid, row.study_uid or "")
 
 
 class Ledger:
@@ -100,8 +101,8 @@ class Ledger:
             record(conn, AuditKind.DELIVERED, Outcome.WARNING if warning else Outcome.SUCCESS,
                    actor=d.destination, subject=d.sop_instance_uid,
                    detail=warning or f"{d.kind} in {syntax}")
-        logger.info("delivered %s (%s) to %s%s", d.sop_instance_uid, d.kind, d.destination,
-                    f": {warning}" if warning else "")
+        logger.log(logging.WARNING if warning else logging.DEBUG, "delivered %s (%s) to %s%s",
+                   d.sop_instance_uid, d.kind, d.destination, f": {warning}" if warning else "")
 
     def not_accepted(self, d: Delivery, reason: str, code: int | None = None) -> None:
         """Terminal: the destination does not take this object (class or syntax)."""

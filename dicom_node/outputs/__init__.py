@@ -79,7 +79,7 @@ def build_outputs(
         stamp_created(output, created)
         if series_seed is not None:
             output.dataset.SeriesInstanceUID = series_uid(series_seed, output.kind)
-    logger.info(
+    logger.debug(
         "Built %d output object(s) for study %s",
         len(outputs),
         sources[0].work.StudyInstanceUID,

@@ -77,7 +77,7 @@ def build_gsps(
     for number, members in enumerate(groups.values(), start=1):
         outputs.append(_build_group(members, number, settings, uid_seed, series))
     if len(outputs) > 1:
-        logger.info("Study needs %d GSPS (images differ in size or polarity)", len(outputs))
+        logger.debug("Study needs %d GSPS (images differ in size or polarity)", len(outputs))
     return outputs
 
 

@@ -3,8 +3,9 @@
 ``{"error": {"code": "...", "message": "...", "field": "..."}}``; ``field`` names the bad
 input when there is one. Messages name fields and constraints but never echo the value a
 client sent (it could be a patient identifier). Dashboard pages get the same information
-as a plain HTML page. Unexpected exceptions are logged with an incident id and their
-frames only: an exception's message may quote data, so it stays out of logs and bodies.
+as a plain HTML page. Unexpected exceptions are logged as one line (request path, error
+class, incident id; the frames at DEBUG): an exception's message may quote data, so it
+stays out of logs and bodies.
 """
 
 from __future__ import annotations
@@ -80,11 +81,14 @@ def _from_http(exc: HTTPException) -> ApiError:
 
 
 def _unexpected(exc: Exception) -> Response:
+    """One ERROR line per failed request (method, path, error class, incident); the frames
+    only at DEBUG. The path holds internal ids and UIDs, never the query string."""
     incident = uuid.uuid4().hex[:12]
-    rule = request.url_rule.rule if request.url_rule else "<unrouted>"
-    frames = "".join(traceback.format_tb(exc.__traceback__))
-    logger.error("unhandled %s in %s %s (incident %s); frames:\n%s", type(exc).__name__,
-                 request.method, rule, incident, frames)
+    logger.error("%s %s failed: %s (incident %s)", request.method, request.path,
+                 type(exc).__name__, incident)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("incident %s frames:\n%s", incident,
+                     "".join(traceback.format_tb(exc.__traceback__)))
     return error_response(ApiError(500, f"internal error (incident {incident} is in the "
                                    "node log)"))
 

@@ -61,8 +61,15 @@ def test_serve_with_embedded_defaults_then_results_and_export(tmp_path: Path) ->
                 path, enforce_file_format=True)
             files.append(path)
             assert storescu(port, [path]).returncode == 0
-        wait_until(lambda: _cli("results", "--data-dir", str(data)).stdout.count("\n") >= 7,
-                   120, interval=1, what="3 results per study listed by `dicom-node results`")
+        def listed() -> bool:
+            doc = json.loads(_cli("results", "--data-dir", str(data), "--json").stdout)
+            return len(doc["studies"]) == 2 and all(
+                len(s["results"]) == 3 and s["findings"] for s in doc["studies"])
+
+        wait_until(listed, 120, interval=1,
+                   what="2 studies with findings and 3 results each in `dicom-node results`")
+        text = _cli("results", "--data-dir", str(data)).stdout
+        assert text.count("(DEMO, not for clinical use)") >= 2 * 5, text  # 5 labels each
         out = _cli("export", "--data-dir", str(data), "--out", str(tmp_path / "export"))
         assert out.returncode == 0, out.stderr
         exported = [pydicom.dcmread(p) for p in (tmp_path / "export").glob("*.dcm")]

@@ -26,7 +26,7 @@ def log_stream() -> Iterator[io.StringIO]:
     """``configure_logging`` at DEBUG into a string; the global logging state restored."""
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
-    levels = {n: logging.getLogger(n).level for n in ("pydicom", "pynetdicom")}
+    levels = {n: logging.getLogger(n).level for n in ("pydicom", *logs.THIRD_PARTY)}
     stream = io.StringIO()
     handler = logs.configure_logging("DEBUG", logging.StreamHandler(stream))
     try:
@@ -106,3 +106,34 @@ def test_cli_configures_the_scrubbing_handler(tmp_path, capsys) -> None:  # type
         for h in before:
             h.filters = [f for f in h.filters if not isinstance(f, logs.PhiRedactingFilter)]
     assert pydicom.__version__  # the CLI imported nothing that broke pydicom's state
+
+
+def test_third_party_info_is_held_back_unless_debug() -> None:
+    """highdicom says ~26 INFO lines per result, waitress, APScheduler and urllib3 theirs:
+    at INFO the node's handler sees none of them, at DEBUG all (pynetdicom: WARNING)."""
+    root = logging.getLogger()
+    levels = {n: logging.getLogger(n).level for n in ("pydicom", *logs.THIRD_PARTY)}
+    stream = io.StringIO()
+    try:
+        logs.configure_logging("INFO", logging.StreamHandler(stream))
+        for name in ("highdicom.base", "waitress", "apscheduler.scheduler",
+                     "urllib3.connectionpool", "matplotlib.font_manager", "PIL.PngImagePlugin",
+                     "monai", "pynetdicom.assoc"):
+            logging.getLogger(name).info("library chatter from %s", name)
+        logging.getLogger("highdicom.sr").warning("a library warning")
+        logging.getLogger("dicom_node.worker").info("study 1.2.3 analysed")
+        lines = stream.getvalue().splitlines()
+        assert [line.split(None, 3)[3] for line in lines] == [
+            "highdicom.sr [MainThread] a library warning",
+            "dicom_node.worker [MainThread] study 1.2.3 analysed"]
+        logs.configure_logging("DEBUG", logging.StreamHandler(stream))
+        logging.getLogger("highdicom.base").info("copy attributes of module")
+        logging.getLogger("pynetdicom.assoc").info("pdu dump")
+        text = stream.getvalue()
+        assert "copy attributes of module" in text and "pdu dump" not in text
+    finally:
+        logging.captureWarnings(False)
+        for h in [h for h in root.handlers if getattr(h, "_cxr_node", False)]:
+            root.removeHandler(h)
+        for name, lvl in levels.items():
+            logging.getLogger(name).setLevel(lvl)

@@ -1,13 +1,26 @@
-"""The demo bundle builder: a quick build loads in the node's Analyzer and is marked DEMO."""
+"""The demo bundle builder: a quick build loads in the node's Analyzer and is marked DEMO;
+``training demo-bundles`` says what it builds (stage N of M), labels its progress bars, draws
+them only on a terminal, and prints the validation figures each bundle reached."""
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from conftest import ROOT
 
 from ai.bundle import load_bundle
 from ai.codes import DEFAULT_CODES
@@ -16,11 +29,49 @@ from training import demo
 from training.phantoms import FINDINGS
 
 
+@dataclass(frozen=True)
+class Build:
+    out: Path
+    stdout: str  # a pipe, as when the node runs the build with its output in its log
+    terminal: str  # stderr on a pseudo-terminal: where the progress bars go
+
+
+def _read_all(fd: int, into: list[bytes]) -> None:
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            return
+        if not data:
+            return
+        into.append(data)
+
+
 @pytest.fixture(scope="module")
-def quick_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return demo.build_demo_bundle(
-        tmp_path_factory.mktemp("demo") / "bundle", seed=0, progress=False, quick=True
-    )
+def quick_build(tmp_path_factory: pytest.TempPathFactory) -> Build:
+    """``training demo-bundles --quick`` as a process: stdout a pipe, stderr a terminal."""
+    out = tmp_path_factory.mktemp("demo") / "bundles"
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # 160 columns
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=_read_all, args=(master, chunks), daemon=True)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "training", "demo-bundles", "--quick",
+                                 "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=slave, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        os.close(slave)
+        reader.start()
+        stdout, _ = proc.communicate(timeout=300)
+        reader.join(30)
+    finally:
+        os.close(master)
+    assert proc.returncode == 0, stdout.decode() + b"".join(chunks).decode(errors="replace")
+    return Build(out, stdout.decode(), b"".join(chunks).decode("utf-8", errors="replace"))
+
+
+@pytest.fixture(scope="module")
+def quick_bundle(quick_build: Build) -> Path:
+    return quick_build.out / "cxr-demo-classifier"
 
 
 def test_quick_bundle_metadata(quick_bundle: Path) -> None:
@@ -66,18 +117,53 @@ def test_display_like_stays_in_range() -> None:
         assert 0.0 <= out.min() and out.max() <= 1.0
 
 
-def test_cli_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[Path, dict]] = []
+def test_build_says_what_it_builds_and_what_each_bundle_reached(quick_build: Build) -> None:
+    out = quick_build.stdout
+    assert "\r" not in out  # stage lines and figures only: a log file reads them as lines
+    lines = out.splitlines()
+    assert lines[0].startswith("Building the DEMO bundles") and "quick build, 2 stages" in lines[0]
+    assert re.search(r"^\[1/2\] demo classifier \(DenseNet, 224 px, 5 labels\): 64 rendered "
+                     r"phantoms, 8 training steps", out, re.MULTILINE), out
+    assert re.search(r"^\[2/2\] demo nodule detector \(RetinaNet, .*128 px\): 16 DICOM "
+                     r"phantom studies, 1 epoch", out, re.MULTILINE), out
+    figure = r"(\d\.\d\d \(\d\.\d\d-\d\.\d\d\)|n/a)"
+    for label in FINDINGS:  # threshold, pos/neg, sensitivity, specificity, AUROC per label
+        assert re.search(rf"^ +{label} +\d\.\d\d +\d+/\d+ +{figure} +{figure} +{figure}$",
+                         out, re.MULTILINE), (label, out)
+    assert re.search(r"^ +class +split +images +instances +P +R +AP50 +AP50-95$", out,
+                     re.MULTILINE), out
+    for split in ("val", "test"):
+        assert re.search(rf"^ +nodule +{split} +\d+ +\d+ +(\d\.\d\d|n/a)( +\d\.\d\d){{3}}$",
+                         out, re.MULTILINE), (split, out)
+    assert re.search(r"^DEMO bundles ready in \d+ s under ", lines[-1]), out
+    for name in ("cxr-demo-classifier", "cxr-demo-detector"):
+        assert (quick_build.out / name / "configs" / "metadata.json").is_file()
+        assert re.search(rf"{name} 1\.0\.0-quick written to .*{name} in \d+ s", out), out
+
+
+def test_progress_bars_are_labelled_on_a_terminal(quick_build: Build) -> None:
+    bars = quick_build.terminal
+    assert "\r" in bars  # drawn: stderr is a terminal
+    for desc in ("[1/2] render phantoms", "[1/2] train", "[1/2] validation: write DICOM",
+                 "[2/2] phantoms", "[2/2] preprocess", "[2/2] epoch 1/1"):
+        assert desc in bars, (desc, bars[-2000:])
+
+
+def test_no_progress_bars_into_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """stderr not a terminal (the node's log file): the builders get progress=False."""
+    seen: list[tuple[Path, dict]] = []
 
     def fake_build(out_dir: Path, **kwargs: object) -> Path:
-        calls.append((out_dir, kwargs))
-        return out_dir
+        seen.append((out_dir, kwargs))
+        raise SystemExit(0)  # the arguments are what this test is about
 
     monkeypatch.setattr(demo, "build_demo_bundle", fake_build)
     parser = argparse.ArgumentParser(prog="training")
     demo.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["demo-bundles", "--out", str(tmp_path), "--quick"])
-    assert args.func(args) == 0
-    assert calls == [
-        (tmp_path / "cxr-demo-classifier", {"seed": 0, "progress": True, "quick": True})
-    ]
+    with pytest.raises(SystemExit):
+        args.func(args)
+    assert seen == [(tmp_path / "cxr-demo-classifier",
+                     {"seed": 0, "progress": False, "quick": True, "label": "[1/2] "})]
+    assert capsys.readouterr().out.startswith("Building the DEMO bundles")

@@ -42,6 +42,31 @@ def test_injected_exception_is_a_clean_500(web_env: WebEnv, caplog: pytest.LogCa
     assert_clean(page.text)
 
 
+
+def test_a_failing_image_request_logs_one_line(web_env: WebEnv,
+                                               caplog: pytest.LogCaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``make run`` did with a relative data dir: ``send_file`` of a missing PNG
+    (FileNotFoundError). At INFO: one ERROR line with the method, path, error class and
+    incident; no traceback, no frames."""
+    from dicom_node.web import images
+
+    monkeypatch.setattr(images, "instance_thumbnail",
+                        lambda ctx, instance_id: web_env.settings.storage.data_dir / "no.png")
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        assert web_env.get("/dashboard/instances/1/image.png").status_code == 500
+    records = [r for r in caplog.records if r.name.startswith("dicom_node.web")]
+    assert len(records) == 3, [r.getMessage() for r in records]
+    for record in records:
+        message = record.getMessage()
+        assert record.levelno == logging.ERROR and "\n" not in message, message
+        assert re.fullmatch(r"GET /dashboard/instances/1/image\.png failed: "
+                            r"FileNotFoundError \(incident \w+\)", message), message
+        assert record.exc_info is None
+    assert "Traceback" not in caplog.text and 'File "' not in caplog.text
+
+
 def test_404_405_413_415_are_json(web_env: WebEnv) -> None:
     missing = web_env.get("/api/v1/nothing-here")
     assert missing.status_code == 404 and missing.get_json()["error"]["code"] == "not_found"
