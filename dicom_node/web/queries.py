@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, case, exists, func, select
 
+from ai.types import ModelIdentity
 from dicom_node import db
 from dicom_node.states import DeliveryState
 from dicom_node.web.phi import Redactor
@@ -211,9 +212,19 @@ def _findings(conn: Connection, job_ids: list[int]) -> list[dict[str, Any]]:
                                    "meaning": r.code_meaning},
         "probability": r.probability, "threshold": r.threshold, "positive": bool(r.positive),
         "box": ([r.box_x0, r.box_y0, r.box_x1, r.box_y1] if r.box_x0 is not None else None),
-        "model": {"name": r.model_name, "version": r.model_version,
-                  "device_uid": r.device_uid},
+        "model": _model(r),
     } for r in rows]
+
+
+def _model(r: Any) -> dict[str, Any]:
+    """The model of a finding; ``demo`` and ``display_name`` (as the SR names it) when the
+    worker recorded whether it was a demo bundle (older rows: None)."""
+    demo = None if r.model_demo is None else bool(r.model_demo)
+    name = None if demo is None else ModelIdentity(
+        name=r.model_name, version=r.model_version, device_uid=r.device_uid,
+        task="", demo=demo).display_name
+    return {"name": r.model_name, "version": r.model_version, "device_uid": r.device_uid,
+            "demo": demo, "display_name": name}
 
 
 def delivery_dict(r: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from sqlalchemy import update
 from webdata import CANARY, WebData, WebEnv, csrf, login, web_settings
 
 from dicom_node import db
@@ -94,7 +95,11 @@ def test_study_page_names_the_model_as_the_sr_does(ready_env: WebEnv, web_env: W
     login(ready_env)  # the node's loaded (fake, demo) model: its display name, DEMO included
     cells = _model_cells(ready_env.client.get("/dashboard/studies/1").text)
     assert cells and set(cells) == {"fake-model 1.0 (DEMO, not for clinical use)"}
-    login(web_env)  # no node and no bundle that knows this model: name and version only
+    login(web_env)  # no node and no bundle: the worker recorded that the model was a demo
+    assert set(_model_cells(web_env.client.get("/dashboard/studies/1").text)) == {
+        "fake-model 1.0 (DEMO, not for clinical use)"}
+    with web_env.engine.begin() as conn:  # rows of older versions recorded no flag:
+        conn.execute(update(db.findings).values(model_demo=None))  # name and version only
     assert set(_model_cells(web_env.client.get("/dashboard/studies/1").text)) == {
         "fake-model 1.0"}
 
