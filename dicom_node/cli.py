@@ -117,11 +117,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def configure_logging(level: str) -> None:
-    """Every handler scrubs patient identifiers (see :mod:`dicom_node.logs`)."""
-    logs.configure_logging(level)
-
-
 def _rows(settings: Settings, query: Any) -> list[Any]:
     engine = db.make_engine(settings.database_url)
     try:
@@ -273,21 +268,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = settings_from_args(args)
-        configure_logging(settings.logging.level)
-        if args.command == "serve":
-            return cmd_serve(settings)
-        if args.command == "check-config":
-            print(json.dumps(settings.model_dump(mode="json"), indent=2))
-            return 0
-        if args.command == "status":
-            return cmd_status(settings)
-        handlers = {"studies": cmd_studies, "results": cmd_results, "export": cmd_export,
-                    "deliveries": cmd_deliveries, "resubmit": cmd_resubmit,
-                    "evaluate": cmd_evaluate}
-        return handlers[args.command](settings, args)
+        with logs.logging_configured(settings.logging.level):
+            return _run(settings, args)
     except (NodeError, ConfigError, OSError) as exc:
         print(f"dicom-node: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        return cmd_serve(settings)
+    if args.command == "check-config":
+        print(json.dumps(settings.model_dump(mode="json"), indent=2))
+        return 0
+    if args.command == "status":
+        return cmd_status(settings)
+    handlers = {"studies": cmd_studies, "results": cmd_results, "export": cmd_export,
+                "deliveries": cmd_deliveries, "resubmit": cmd_resubmit,
+                "evaluate": cmd_evaluate}
+    return handlers[args.command](settings, args)
 
 
 if __name__ == "__main__":

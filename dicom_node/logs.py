@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from dicom_node.phi import redact
 
@@ -83,3 +85,31 @@ def configure_logging(level: str, handler: logging.Handler | None = None) -> log
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     logging.captureWarnings(True)
     return handler
+
+
+@contextmanager
+def logging_configured(level: str, handler: logging.Handler | None = None
+                       ) -> Iterator[logging.Handler]:
+    """:func:`configure_logging` for the length of one command, then logging as it was.
+
+    A command run in-process (tests, tools calling ``dicom_node.cli.main``) must not leave
+    its handler behind: it would hold the stderr of that moment (a test's capture, closed
+    later) and write the next test's records into it.
+    """
+    root = logging.getLogger()
+    libraries = {name: logging.getLogger(name).level
+                 for name in (*THIRD_PARTY, "pynetdicom", "pydicom")}
+    filters = {h: list(h.filters) for h in root.handlers}
+    level_before = root.level
+    capturing = logging._warnings_showwarning is not None  # type: ignore[attr-defined]
+    handler = configure_logging(level, handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level_before)
+        for name, lib_level in libraries.items():
+            logging.getLogger(name).setLevel(lib_level)
+        for h, kept in filters.items():
+            h.filters[:] = kept
+        logging.captureWarnings(capturing)

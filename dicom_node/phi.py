@@ -9,8 +9,11 @@ Two complementary nets, because a message format cannot be known in advance:
   ``(0010,0010) Patient's Name  PN: '...'``). The quoted value is replaced whatever it is.
 * **Values seen**: :func:`remember_phi` registers the identifying values of every header the
   node parses (ingest, worker, dashboard) in a bounded, thread-safe registry; any later text
-  that contains one of them, in whatever wording, has it replaced. Person names also register
-  their words, since messages reorder or re-join them. Values shorter than
+  that contains one of them, with any separators, has it replaced. A person name is
+  registered as written (family^given^middle) and in the given-first order messages use
+  ("John Q Doe"); its single words are not: a patient called "Test^First" must not turn
+  every "first" and "test" in the logs into noise (libraries quote whole values, and the
+  pattern net above catches how they quote them). Values shorter than
   :data:`MIN_LENGTH` characters are not registered: redacting every "M" or "12" would make
   logs unreadable and protect nothing.
 
@@ -131,10 +134,14 @@ class PhiRegistry:
                 self._by_first_word.pop(first, None)
 
     def add_name(self, value: str) -> None:
-        """A person name: the whole name and each of its words."""
-        self.add(value)
-        for word in _TOKEN.findall(value):
-            self.add(word)
+        """A person name (PS3.5 PN: component groups split by ``=``, components by ``^``):
+        each group as written and given-first (given middle family)."""
+        for group in value.split("="):
+            self.add(group)
+            parts = [p for p in group.split("^")]
+            given_first = [*parts[1:3], parts[0]] if len(parts) > 1 else []
+            if given_first:
+                self.add(" ".join(p for p in given_first if p))
 
     def redact(self, text: str) -> str:
         """``text`` with every registered value replaced by :data:`REDACTED`."""

@@ -39,7 +39,7 @@ from dicom_node.delivery.negotiation import (
 from dicom_node.delivery.status import StatusClass, classify, describe
 from dicom_node.delivery.syntaxes import convert
 from dicom_node.errors import SpoolError
-from dicom_node.net import set_nodelay
+from dicom_node.net import release_or_abort, set_nodelay
 from dicom_node.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class _DestinationTry:
                 self._request_commitment(assoc)
         finally:
             if assoc.is_established:
-                assoc.release()
+                release_or_abort(assoc, self.sender.settings.timeout_s, self.dest.name)
 
     def _request_commitment(self, assoc: Any) -> None:
         try:

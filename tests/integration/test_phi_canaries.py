@@ -115,18 +115,9 @@ def assert_no_canary(text: str, canaries: dict[str, str], where: str) -> None:
 @pytest.fixture
 def node_logging() -> Iterator[io.StringIO]:
     """The entry points' logging (dicom_node.logs) at DEBUG, into a string; undone after."""
-    root = logging.getLogger()
-    level, before = root.level, list(root.handlers)
     stream = io.StringIO()
-    handler = logs.configure_logging("DEBUG", logging.StreamHandler(stream))
-    try:
+    with logs.logging_configured("DEBUG", logging.StreamHandler(stream)):
         yield stream
-    finally:
-        logging.captureWarnings(False)
-        root.removeHandler(handler)
-        for h in before:
-            h.filters = [f for f in h.filters if not isinstance(f, logs.PhiRedactingFilter)]
-        root.setLevel(level)
 
 
 JOB_CANARIES = {"PatientName": "Qwv^Canaryjobname", "PatientID": "CANARYJOBPID58",

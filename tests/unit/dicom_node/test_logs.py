@@ -24,21 +24,21 @@ CANARY_ID = "CANARYLOGPID31"
 @pytest.fixture
 def log_stream() -> Iterator[io.StringIO]:
     """``configure_logging`` at DEBUG into a string; the global logging state restored."""
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    levels = {n: logging.getLogger(n).level for n in ("pydicom", *logs.THIRD_PARTY)}
     stream = io.StringIO()
-    handler = logs.configure_logging("DEBUG", logging.StreamHandler(stream))
-    try:
+    with logs.logging_configured("DEBUG", logging.StreamHandler(stream)):
         yield stream
-    finally:
-        logging.captureWarnings(False)
-        root.removeHandler(handler)
-        for h in handlers:
-            h.filters = [f for f in h.filters if not isinstance(f, logs.PhiRedactingFilter)]
-        root.setLevel(level)
-        for name, lvl in levels.items():
-            logging.getLogger(name).setLevel(lvl)
+
+
+def test_an_in_process_command_leaves_logging_as_it_was(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The CLI called in-process (tests, tools) must not leave its stderr handler, levels or
+    warnings capture behind: a later test's closed capture stream would get its records."""
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level, logging.getLogger("highdicom").level,
+              logging._warnings_showwarning)  # type: ignore[attr-defined]
+    assert main(["status", "--data-dir", str(tmp_path / "node")]) == 0
+    after = (list(root.handlers), root.level, logging.getLogger("highdicom").level,
+             logging._warnings_showwarning)  # type: ignore[attr-defined]
+    assert after == before
 
 
 def test_messages_arguments_and_tracebacks_are_scrubbed(log_stream: io.StringIO) -> None:
@@ -90,21 +90,22 @@ def test_every_handler_of_the_root_gets_the_filter() -> None:
             root.removeHandler(mine)
 
 
-def test_cli_configures_the_scrubbing_handler(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_cli_configures_the_scrubbing_handler(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from dicom_node import cli
+
     root = logging.getLogger()
     before = list(root.handlers)
-    try:
-        assert main(["check-config", "--data-dir", str(tmp_path), "--log-level", "DEBUG"]) == 0
-        added = [h for h in root.handlers if h not in before]
-        assert len(added) == 1
-        assert any(isinstance(f, logs.PhiRedactingFilter) for f in added[0].filters)
-    finally:
-        logging.captureWarnings(False)
-        for h in root.handlers[:]:
-            if h not in before:
-                root.removeHandler(h)
-        for h in before:
-            h.filters = [f for f in h.filters if not isinstance(f, logs.PhiRedactingFilter)]
+    seen: list[logging.Handler] = []
+    command = cli._run
+
+    def spy(settings, args):  # type: ignore[no-untyped-def]
+        seen.extend(h for h in root.handlers if h not in before)  # while the command runs
+        return command(settings, args)
+
+    monkeypatch.setattr(cli, "_run", spy)
+    assert main(["check-config", "--data-dir", str(tmp_path), "--log-level", "DEBUG"]) == 0
+    assert len(seen) == 1
+    assert any(isinstance(f, logs.PhiRedactingFilter) for f in seen[0].filters)
     assert pydicom.__version__  # the CLI imported nothing that broke pydicom's state
 
 
