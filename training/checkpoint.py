@@ -35,6 +35,8 @@ import pydicom
 import torch
 from torch import nn
 
+from training.errors import TrainingError
+
 logger = logging.getLogger(__name__)
 
 LAST = "last.pt"
@@ -42,7 +44,7 @@ BEST = "best.pt"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TrainingError, ValueError):
     """A checkpoint is missing, unreadable or from another kind of run."""
 
 

@@ -56,6 +56,7 @@ from ai.types import BundleError, CodedConcept, PixelDataError
 from training import checkpoint
 from training.checkpoint import clean_json, git_commit, versions, write_json
 from training.datasets import ClassificationDataset, ImageCache, ImageItem
+from training.errors import FitError
 from training.loop import (
     DistInfo,
     barrier,
@@ -89,10 +90,6 @@ RESUME_OVERRIDES = frozenset(
     {"epochs", "max_steps", "patience", "device", "num_workers", "threads", "cache_dir",
      "disk_cache", "cache_memory_mb", "progress", "log_every"}
 )  # fmt: skip
-
-
-class FitError(ValueError):
-    """A problem with the run's inputs or state that the user can fix."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ from ai.types import BundleError, PixelDataError
 from training import checkpoint
 from training.checkpoint import clean_json, git_commit, versions, write_json
 from training.datasets import ImageCache, ImageItem
+from training.errors import FitError
 from training.fit import (  # the classification fit's run-folder conventions, shared
     BUNDLE_DIR,
     DATA_REPORT,
@@ -116,10 +117,6 @@ logger = logging.getLogger(__name__)
 DETECTIONS = "detections.csv"
 THRESHOLD_METHODS = ("f1", "sensitivity")
 NO_ANCHOR_WARNING = "No anchor is matched with GT boxes"
-
-
-class DetectionFitError(ValueError):
-    """A problem with the run's inputs or state that the user can fix."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,7 +176,7 @@ class DetectionFitConfig:
         try:
             spec = RetinaNetSpec.from_args(self.network_args)
         except BundleError as exc:
-            raise DetectionFitError(str(exc)) from exc
+            raise FitError(str(exc)) from exc
         checks = [
             (self.task == "detection", f'task "{self.task}": this trainer fits detection'),
             (self.network == "retinanet", f'network "{self.network}" must be retinanet'),
@@ -201,7 +198,7 @@ class DetectionFitConfig:
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
-                raise DetectionFitError(message)
+                raise FitError(message)
 
     @property
     def run_dir(self) -> Path:
@@ -252,14 +249,14 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> DetectionFitConfi
     try:
         saved = json.loads((Path(run_dir) / RUN_CONFIG).read_text(encoding="utf-8"))["args"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DetectionFitError(f'--resume "{run_dir}": no readable {RUN_CONFIG} ({exc})') from exc
+        raise FitError(f'--resume "{run_dir}": no readable {RUN_CONFIG} ({exc})') from exc
     config = DetectionFitConfig.from_json({**saved, "out": str(run_dir)})
     current = config.to_json()
     changed = {k: v for k, v in overrides.items()
                if k != "out" and current.get(k) != _jsonish(v)}  # fmt: skip
     refused = sorted(set(changed) - RESUME_OVERRIDES)
     if refused:
-        raise DetectionFitError(f"--resume continues the saved run; these settings cannot "
+        raise FitError(f"--resume continues the saved run; these settings cannot "
                                 f"change: {refused} (allowed: {sorted(RESUME_OVERRIDES)})")  # fmt: skip
     return replace(config, **changed)
 
@@ -295,7 +292,7 @@ def _classes_file(config: DetectionFitConfig) -> Path:
     labels = Path(config.labels)
     folder = labels if labels.is_dir() else labels.parent
     if not (folder / "classes.txt").is_file():
-        raise DetectionFitError(f'YOLO labels "{labels}": no --classes and no classes.txt in {folder}')
+        raise FitError(f'YOLO labels "{labels}": no --classes and no classes.txt in {folder}')
     return folder / "classes.txt"
 
 
@@ -314,7 +311,7 @@ def read_boxes(config: DetectionFitConfig) -> tuple[dict[str, list[Any]], tuple[
     known = {normalise_label(n) for n in found}
     missing = sorted(n for n in names if normalise_label(n) not in known)
     if missing:
-        raise DetectionFitError(f"--label-names {missing} are not classes of {labels.name} ({found})")
+        raise FitError(f"--label-names {missing} are not classes of {labels.name} ({found})")
     kept: dict[str, list[Any]] = {}
     other = 0
     for key, boxes in raw.items():
@@ -560,7 +557,7 @@ def fit_detection(
         try:
             device = resolve_device(config.device, info)
         except (ValueError, RuntimeError) as exc:
-            raise DetectionFitError(f'--device "{config.device}": {exc}') from exc
+            raise FitError(f'--device "{config.device}": {exc}') from exc
         _check_run_dir(config, resume)
         prepared = _prepare_on_main(config, resume) if info.is_main else None
         data: DetectionData = broadcast_object(prepared, info)
@@ -578,15 +575,15 @@ def _check_run_dir(config: DetectionFitConfig, resume: bool) -> None:
     out = config.run_dir
     if resume:
         if not (out / checkpoint.LAST).is_file():
-            raise DetectionFitError(f'--resume "{out}": no {checkpoint.LAST} to continue from')
+            raise FitError(f'--resume "{out}": no {checkpoint.LAST} to continue from')
         return
     if (out / checkpoint.LAST).exists():
-        raise DetectionFitError(f'--out "{out}" already holds a run; continue it with '
+        raise FitError(f'--out "{out}" already holds a run; continue it with '
                                 f"--resume {out} or choose a new folder")  # fmt: skip
     if not Path(config.data).is_dir():
-        raise DetectionFitError(f'--data "{config.data}" is not a folder')
+        raise FitError(f'--data "{config.data}" is not a folder')
     if not Path(config.labels).exists():
-        raise DetectionFitError(f'--labels "{config.labels}" does not exist')
+        raise FitError(f'--labels "{config.labels}" does not exist')
 
 
 def _prepare_on_main(config: DetectionFitConfig, resume: bool) -> DetectionData:
@@ -597,7 +594,7 @@ def _prepare_on_main(config: DetectionFitConfig, resume: bool) -> DetectionData:
     if not resume:
         split.save(out)
     if not data.splits.get("train") or not data.splits.get("val"):
-        raise DetectionFitError(f"the split leaves no training or no validation images: "
+        raise FitError(f"the split leaves no training or no validation images: "
                                 f"{data.summary['splits']}")  # fmt: skip
     record = _load_record(out) if resume else {}
     record.update({"command": "training fit --task detection", "args": config.to_json(),
@@ -619,7 +616,7 @@ def _setup(config: DetectionFitConfig, info: DistInfo, device: torch.device,
         detector = build_detector(config.network_args, num_classes=len(data.label_names))
         configure_for_training(detector, config.network_args)
     except BundleError as exc:
-        raise DetectionFitError(str(exc)) from exc
+        raise FitError(str(exc)) from exc
     if config.pretrained and not resume:
         report = checkpoint.load_pretrained(detector, config.pretrained)
         if info.is_main:
@@ -639,7 +636,7 @@ def _setup(config: DetectionFitConfig, info: DistInfo, device: torch.device,
         try:
             cache.get(item)
         except PixelDataError as exc:
-            raise DetectionFitError(f"cannot preprocess an image: {exc}") from exc
+            raise FitError(f"cannot preprocess an image: {exc}") from exc
     barrier(info)
     return run
 
@@ -812,7 +809,7 @@ def _restore(run: _Run, opt: Any) -> None:
         unwrap(run.model).load_state_dict(payload["model"])
         opt.load_state_dict(payload)
     except (RuntimeError, KeyError, ValueError) as exc:
-        raise DetectionFitError(f"{checkpoint.LAST} does not fit this run's model: {exc}") from exc
+        raise FitError(f"{checkpoint.LAST} does not fit this run's model: {exc}") from exc
     run.state = RunState(
         epoch=int(payload["epoch"]), step=int(payload["step"]), best_metric=payload["best_metric"],
         best_epoch=int(payload["best_epoch"]), bad_epochs=int(payload["bad_epochs"]),
@@ -937,7 +934,7 @@ def _write_bundle(run: _Run, thresholds: list[float], metrics: dict[str, Any], s
     try:
         save_bundle(target, meta, unwrap(run.model).cpu())
     except BundleError as exc:
-        raise DetectionFitError(f"cannot write the bundle: {exc}") from exc
+        raise FitError(f"cannot write the bundle: {exc}") from exc
     finally:
         unwrap(run.model).to(run.device)
     logger.info("Bundle written to %s", target)
