@@ -397,7 +397,7 @@ def _non_negative(text: str) -> int:
 
 
 def _add_fit(parser: argparse.ArgumentParser) -> None:
-    # Defaults live in training.fit.FitConfig; SUPPRESS keeps unspecified options out of the
+    # Defaults live in the task configurations (training.fit.classification.FitConfig, ...); SUPPRESS keeps unspecified options out of the
     # namespace so --resume can tell what the user asked to change.
     S = argparse.SUPPRESS
     add = parser.add_argument
@@ -480,21 +480,21 @@ def _fit_task(args: argparse.Namespace) -> str:
     if "task" in vars(args):
         return str(args.task)
     if args.resume is not None:
-        from training.fit_detection import saved_task
+        from training.fit.engine import saved_task
 
         return saved_task(args.resume)
     return "classification"
 
 
-def _fit_api(task: str) -> tuple[type, Callable[..., Any], Callable[..., Any]]:
-    """(config class, fit function, resume_config) of ``task``."""
+def _fit_api(task: str) -> tuple[Any, Callable[..., Any]]:
+    """(config class, fit function) of ``task``."""
     if task == "detection":
-        from training.fit_detection import DetectionFitConfig, fit_detection, resume_config
+        from training.fit.detection import DetectionFitConfig, fit_detection
 
-        return DetectionFitConfig, fit_detection, resume_config
-    from training.fit import FitConfig, fit, resume_config
+        return DetectionFitConfig, fit_detection
+    from training.fit.classification import FitConfig, fit
 
-    return FitConfig, fit, resume_config
+    return FitConfig, fit
 
 
 def _run_fit(args: argparse.Namespace) -> int:
@@ -509,13 +509,13 @@ def _run_fit(args: argparse.Namespace) -> int:
 
     from ai.types import AnalysisError
 
-    config_class, fit, resume_config = _fit_api("detection" if detection else "classification")
+    config_class, fit = _fit_api("detection" if detection else "classification")
     names = {f for f in config_class.__dataclass_fields__}
     given = {k: v for k, v in vars(args).items() if k in names}
     given["progress"] = not args.quiet
     try:
         if args.resume is not None:
-            config, resume = resume_config(args.resume, given), True
+            config, resume = config_class.from_run(args.resume, given), True
         else:
             missing = [f"--{n}" for n in ("data", "labels", "out") if n not in given]
             if missing:

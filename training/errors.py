@@ -2,7 +2,7 @@
 builtin (as :mod:`dicom_node.errors` does), so ``except ValueError`` keeps working.
 
 Each step keeps its own error next to its code (``training.split.SplitError``,
-``training.checkpoint.CheckpointError``, ...), re-based on :class:`TrainingError`; the
+``training.fit.checkpoint.CheckpointError``, ...), re-based on :class:`TrainingError`; the
 ``training`` CLI catches :class:`TrainingError` once instead of listing every class. The
 error of both fit tasks lives here because the fit engine and both task hooks raise it.
 """

@@ -16,10 +16,10 @@ import torch
 
 from ai.bundle import load_bundle
 from ai.pixels import Letterbox
-from training import checkpoint
 from training.cli import main
 from training.errors import FitError
-from training.fit_detection import (
+from training.fit import checkpoint
+from training.fit.detection import (
     DetectionDataset,
     DetectionFitConfig,
     affine_jitter,

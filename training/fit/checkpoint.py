@@ -195,7 +195,7 @@ def versions() -> dict[str, str]:
 
 def git_commit() -> str | None:
     """The commit of this checkout, when it is a git checkout."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=5, check=False)  # fmt: skip

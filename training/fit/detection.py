@@ -1,10 +1,10 @@
 """``training fit --task detection``: exported DICOM + boxes -> a RetinaNet detection bundle.
 
-The classification fit (:mod:`training.fit`) sets the pattern; this module reuses its parts
-(the node's preprocessing and array cache, the patient-level split, the DDP/AMP engine of
-:mod:`training.loop`, checkpoints, ``run_config.json``, TensorBoard) and adds what boxes need.
-The run folder holds the same files as a classification run (``predictions.csv`` becomes
-``detections.csv``: every validation and test detection in source pixels).
+The detection task of the fit engine (:mod:`training.fit.engine`: run folder, epoch loop,
+DDP/AMP, checkpoints and resume, ``run_config.json``, TensorBoard, bundle writing); this
+module adds what boxes need. The run folder holds the same files as a classification run
+(``predictions.csv`` becomes ``detections.csv``: every validation and test detection in
+source pixels).
 
 Labels: YOLO boxes (a folder of per-image ``.txt`` files or a JSON map ``file -> ["C xc yc w
 h"]``, class names from ``--classes`` or a ``classes.txt`` beside the labels) or an NIH box
@@ -30,18 +30,20 @@ validation split choose each label's operating threshold (the score maximising l
 F1, or the highest reaching ``--target-sensitivity``) and the held-out test split gives the
 figures to trust (:mod:`ai.metrics_detection`: AP50, AP50-95, P/R, FROC), written to
 ``metrics.json`` and the bundle's ``validation_metrics``.
+
+(The issue's layout names this module after the task; its public names,
+``DetectionFitConfig`` and ``fit_detection``, are those of the former
+``training/fit_detection.py``.)
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
-import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +52,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ai.bundle import BundleMetadata, InputSpec, LabelSpec, NetworkSpec, save_bundle
+from ai.bundle import BundleMetadata, LabelSpec, NetworkSpec
 from ai.codes import normalise_label
 from ai.detection import (
     RetinaNetSpec,
@@ -79,37 +80,15 @@ from ai.metrics_detection import (
     pooled_at_iou50,
     threshold_for_lesion_sensitivity,
 )
-from ai.pixels import Letterbox, PreprocessParams
-from ai.types import BundleError, PixelDataError
-from training import checkpoint
-from training.checkpoint import clean_json, git_commit, versions, write_json
+from ai.pixels import Letterbox
+from ai.types import BundleError
 from training.datasets import ImageCache, ImageItem
 from training.errors import FitError
-from training.fit import (  # the classification fit's run-folder conventions, shared
-    BUNDLE_DIR,
-    DATA_REPORT,
-    METRICS,
-    RESUME_OVERRIDES,
-    RUN_CONFIG,
-    FitResult,
-    RunState,
-    _code,
-    _jsonish,
-    _load_record,
-    _now,
-)
-from training.loop import (
-    DistInfo,
-    barrier,
-    broadcast_object,
-    init_distributed,
-    make_optimisation,
-    optimizer_step,
-    resolve_device,
-    shutdown,
-    unwrap,
-)
-from training.sampling import EpochSampler, ShardSampler
+from training.fit import checkpoint
+from training.fit.distributed import unwrap
+from training.fit.engine import FitResult, Run, RunConfig, run_fit
+from training.fit.optimisation import Optimisation, optimizer_step
+from training.sampling import EpochSampler
 from training.split import DEFAULT_FRACTIONS, SPLITS, PatientSplit, apply_split, patient_split
 
 logger = logging.getLogger(__name__)
@@ -124,7 +103,7 @@ NO_ANCHOR_WARNING = "No anchor is matched with GT boxes"
 
 
 @dataclass(frozen=True)
-class DetectionFitConfig:
+class DetectionFitConfig(RunConfig):
     """Everything one detection run depends on (saved in ``run_config.json``)."""
 
     data: Path
@@ -196,70 +175,7 @@ class DetectionFitConfig:
             (len(self.split) == 3 and abs(sum(self.split) - 1) < 1e-6 and self.split[1] > 0,
              f"split {list(self.split)} must be train,val,test fractions summing to 1, val > 0"),
         ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise FitError(message)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out)
-
-    @property
-    def input_spec(self) -> InputSpec:
-        return InputSpec(size=self.image_size, channels=1, clahe=self.clahe)
-
-    @property
-    def preprocess(self) -> PreprocessParams:
-        return self.input_spec.preprocess_params()
-
-    def to_json(self) -> dict[str, Any]:
-        doc = asdict(self)
-        for key, value in doc.items():
-            if isinstance(value, Path):
-                doc[key] = str(value.absolute())
-            elif isinstance(value, tuple):
-                doc[key] = list(value)
-        return doc
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> DetectionFitConfig:
-        kinds = {f.name: str(f.type) for f in fields(cls)}
-        values = {}
-        for key, value in doc.items():
-            if key in kinds:
-                if "Path" in kinds[key] and value is not None:
-                    value = Path(value)
-                elif "tuple" in kinds[key] and value is not None:
-                    value = tuple(value)
-                values[key] = value
-        return cls(**values)
-
-
-def saved_task(run_dir: Path) -> str:
-    """The task of the run in ``run_dir`` (``classification`` when unknown)."""
-    try:
-        doc = json.loads((Path(run_dir) / RUN_CONFIG).read_text(encoding="utf-8"))
-        return str(doc["args"].get("task", "classification"))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return "classification"
-
-
-def resume_config(run_dir: Path, overrides: dict[str, Any]) -> DetectionFitConfig:
-    """The saved configuration of ``run_dir`` with the allowed ``overrides`` applied."""
-    try:
-        saved = json.loads((Path(run_dir) / RUN_CONFIG).read_text(encoding="utf-8"))["args"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise FitError(f'--resume "{run_dir}": no readable {RUN_CONFIG} ({exc})') from exc
-    config = DetectionFitConfig.from_json({**saved, "out": str(run_dir)})
-    current = config.to_json()
-    changed = {k: v for k, v in overrides.items()
-               if k != "out" and current.get(k) != _jsonish(v)}  # fmt: skip
-    refused = sorted(set(changed) - RESUME_OVERRIDES)
-    if refused:
-        raise FitError(f"--resume continues the saved run; these settings cannot "
-                                f"change: {refused} (allowed: {sorted(RESUME_OVERRIDES)})")  # fmt: skip
-    return replace(config, **changed)
-
+        self.check(checks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,43 +417,8 @@ def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _loader(dataset: Dataset, sampler: Any, config: DetectionFitConfig, *, drop_last: bool,
-            cuda: bool) -> DataLoader:  # fmt: skip
-    return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
-                      num_workers=config.num_workers, drop_last=drop_last, pin_memory=cuda,
-                      persistent_workers=config.num_workers > 0, collate_fn=collate,
-                      generator=torch.Generator().manual_seed(config.seed))  # fmt: skip
-
-
 # --------------------------------------------------------------------------------------------
 # The run
-
-
-# One run record for both trainers: the counters every checkpoint holds and the result.
-DetectionFitResult = FitResult
-
-
-@dataclass
-class _Run:
-    config: DetectionFitConfig
-    info: DistInfo
-    device: torch.device
-    data: DetectionData
-    model: nn.Module  # the RetinaNetDetector, DDP-wrapped under torchrun
-    cache: ImageCache
-    monitor: str
-    state: RunState = field(default_factory=RunState)
-    resume: bool = False
-    writer: Any = None
-
-    @property
-    def main(self) -> bool:
-        return self.info.is_main
-
-    def eval_loader(self, split: str) -> DataLoader:
-        ds = DetectionDataset(self.data.subset(split), self.data, self.cache)
-        sampler = ShardSampler(len(ds), self.info.world_size, self.info.rank)
-        return _loader(ds, sampler, self.config, drop_last=False, cuda=self.device.type == "cuda")
 
 
 def fit_detection(
@@ -545,149 +426,149 @@ def fit_detection(
     *,
     resume: bool = False,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-) -> DetectionFitResult:
+) -> FitResult:
     """Train (or continue) a detection run; see the module docstring."""
-    started = time.perf_counter()
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
-    info = init_distributed("cuda" if cuda else "cpu")
-    try:
+    return run_fit(DetectionRun, config, resume=resume, on_epoch_end=on_epoch_end)
+
+
+@dataclass
+class DetectionRun(Run):
+    """The detection hooks of the engine's run (``model``: the RetinaNetDetector)."""
+
+    command = "training fit --task detection"
+    metrics_method = ("detections matched at IoU >= 0.5 (mAP50-95: 0.50:0.05:0.95), COCO "
+                      "101-point AP; thresholds on the validation split; test: held-out patients")  # fmt: skip
+    # A batch without any box gives a box loss that does not depend on the regression head,
+    # which plain DDP refuses.
+    find_unused_parameters = True
+    checkpoint_tags = {"task": "detection"}  # noqa: RUF012 (read only)
+
+    @classmethod
+    def check_labels(cls, config: Any) -> None:
+        if not Path(config.labels).exists():
+            raise FitError(f'--labels "{config.labels}" does not exist')
+
+    @classmethod
+    def prepare(cls, config: Any, *, resume: bool, progress: bool) -> tuple[Any, PatientSplit]:
+        return prepare_data(config, resume=resume, progress=progress)
+
+    @classmethod
+    def build_model(cls, config: Any, data: Any, resume: bool) -> tuple[nn.Module, dict | None]:
+        torch.manual_seed(config.seed)
         try:
-            device = resolve_device(config.device, info)
-        except (ValueError, RuntimeError) as exc:
-            raise FitError(f'--device "{config.device}": {exc}') from exc
-        _check_run_dir(config, resume)
-        prepared = _prepare_on_main(config, resume) if info.is_main else None
-        data: DetectionData = broadcast_object(prepared, info)
-        run = _setup(config, info, device, data, resume)
-        _train(run, on_epoch_end)
-        result = _finish(run, started)
-        barrier(info)
-        return result
-    finally:
-        shutdown(info)
-        torch.set_num_threads(threads)
+            detector = build_detector(config.network_args, num_classes=len(data.label_names))
+            configure_for_training(detector, config.network_args)
+        except BundleError as exc:
+            raise FitError(str(exc)) from exc
+        report = None
+        if config.pretrained and not resume:
+            report = checkpoint.load_pretrained(detector, config.pretrained)
+        return detector, report
+
+    @classmethod
+    def choose_monitor(cls, data: Any) -> str:
+        has_val_boxes = any(len(data.boxes[i]) for i in data.subset("val"))
+        return "val_map50" if has_val_boxes else "last_epoch"
+
+    def collate_fn(self) -> Callable[[Any], Any] | None:
+        return collate
+
+    def eval_dataset(self, split: str) -> DetectionDataset:
+        return DetectionDataset(self.data.subset(split), self.data, self.cache)
+
+    def train_parts(self) -> tuple[DetectionDataset, EpochSampler]:
+        config, info = self.config, self.info
+        train_ds = DetectionDataset(self.data.subset("train"), self.data, self.cache,
+                                    augment=config.augment, crop=config.train_crop,
+                                    seed=config.seed)  # fmt: skip
+        sampler = EpochSampler(len(train_ds), num_replicas=info.world_size, rank=info.rank,
+                               seed=config.seed)  # fmt: skip
+        return train_ds, sampler
+
+    def train_epoch(self, opt: Optimisation, loader: Any, budget: int, bar: Any) -> dict[str, float]:
+        losses = _train_steps(self, opt, loader, budget, bar)
+        return {"train_loss": losses["loss"], "train_cls_loss": losses["classification"],
+                "train_box_loss": losses["box_regression"]}  # fmt: skip
+
+    def validate(self, opt: Optimisation) -> tuple[float, dict[str, Any]]:
+        report = evaluate_boxes(self.predict("val"), self.data.truth("val"), self.data.label_names)
+        map50 = report.all_row()["map50"]
+        return map50, {"val_map50": map50, "val_ap50": {c.name: c.ap50 for c in report.classes}}
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        map50 = record["val_map50"]
+        logger.info("epoch %d step %d: train loss %.4f (cls %.4f, box %.4f), val mAP50 %.4f%s",
+                    record["epoch"], record["step"], record["train_loss"],
+                    record["train_cls_loss"], record["train_box_loss"], map50,
+                    " (best)" if record["improved"] else "")  # fmt: skip
+        writer, step = self.writer, record["step"]
+        if writer is not None:
+            writer.add_scalar("train/epoch_loss", record["train_loss"], step)
+            if math.isfinite(map50):
+                writer.add_scalar("val/map50", map50, step)
+            for name, value in record["val_ap50"].items():
+                if math.isfinite(value):
+                    writer.add_scalar(f"val_ap50/{name}", value, step)
+            writer.flush()
+
+    def predict(self, split: str) -> list[ImageBoxes]:
+        return predict_split(self, split)
+
+    def score(self, predictions: dict[str, Any]) -> tuple[list[float], dict[str, Any]]:
+        data, names = self.data, self.data.label_names
+        thresholds, methods = choose_thresholds(self.config, names, predictions["val"],
+                                                data.truth("val"))  # fmt: skip
+        reports = {s: evaluate_boxes(p, data.truth(s), names, thresholds)
+                   for s, p in predictions.items()}  # fmt: skip
+        per_label = {
+            name: {"threshold": thresholds[k], "threshold_method": methods[k],
+                   **{s: _class_entry(r, name) for s, r in reports.items()}}
+            for k, name in enumerate(names)
+        }  # fmt: skip
+        return thresholds, {"per_label": per_label,
+                            "summary": {s: r.all_row() for s, r in reports.items()}}  # fmt: skip
+
+    def write_predictions(self, predictions: dict[str, Any]) -> None:
+        """``detections.csv``: every validation/test detection, boxes in source pixels."""
+        data, names = self.data, self.data.label_names
+        with (self.config.run_dir / DETECTIONS).open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["sop_instance_uid", "split", "label", "score", "x0", "y0", "x1", "y1"])
+            for split, found in predictions.items():
+                for i, det in zip(data.subset(split), found, strict=True):
+                    for box, k, score in zip(det.boxes, det.labels, det.scores, strict=True):
+                        src = data.letterboxes[i].box_to_source([float(v) for v in box])
+                        if src is not None:
+                            writer.writerow([data.items[i].sop_instance_uid, split, names[k],
+                                             f"{score:.6f}", *(f"{v:.2f}" for v in
+                                                               (src.x0, src.y0, src.x1, src.y1))])  # fmt: skip
+
+    def training_record(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "optimizer": "AdamW", "learning_rate": config.lr, "schedule": "linear warm-up + cosine",
+            "batch_size": config.batch_size, "train_crop": config.train_crop,
+            "augment": config.augment, "matcher": "ATSS", "sampler": "hard negatives",
+        }  # fmt: skip
+
+    def metadata(self, labels: tuple[LabelSpec, ...], training: dict[str, Any],
+                 metrics: dict[str, Any]) -> BundleMetadata:  # fmt: skip
+        config = self.config
+        validation = {k: metrics[k] for k in ("method", "per_label", "summary")}
+        validation["ap50"] = {n: e.get("val", {}).get("map50")
+                              for n, e in metrics["per_label"].items()}  # fmt: skip
+        args = RetinaNetSpec.from_args(config.network_args).to_json()
+        return BundleMetadata(
+            name=config.name, version=config.version, labels=labels, task="detection",
+            network=NetworkSpec("retinanet", args), input=config.input_spec,
+            description=config.description or f"RetinaNet ({args['backbone']}) trained by training fit",
+            training=training, validation_metrics=validation,
+        )  # fmt: skip
 
 
-def _check_run_dir(config: DetectionFitConfig, resume: bool) -> None:
-    out = config.run_dir
-    if resume:
-        if not (out / checkpoint.LAST).is_file():
-            raise FitError(f'--resume "{out}": no {checkpoint.LAST} to continue from')
-        return
-    if (out / checkpoint.LAST).exists():
-        raise FitError(f'--out "{out}" already holds a run; continue it with '
-                                f"--resume {out} or choose a new folder")  # fmt: skip
-    if not Path(config.data).is_dir():
-        raise FitError(f'--data "{config.data}" is not a folder')
-    if not Path(config.labels).exists():
-        raise FitError(f'--labels "{config.labels}" does not exist')
-
-
-def _prepare_on_main(config: DetectionFitConfig, resume: bool) -> DetectionData:
-    out = config.run_dir
-    out.mkdir(parents=True, exist_ok=True)
-    data, split = prepare_data(config, resume=resume, progress=config.progress)
-    (out / DATA_REPORT).write_text(data.report + "\n", encoding="utf-8")
-    if not resume:
-        split.save(out)
-    if not data.splits.get("train") or not data.splits.get("val"):
-        raise FitError(f"the split leaves no training or no validation images: "
-                                f"{data.summary['splits']}")  # fmt: skip
-    record = _load_record(out) if resume else {}
-    record.update({"command": "training fit --task detection", "args": config.to_json(),
-                   "versions": versions(), "git_commit": git_commit(), "data": data.summary})  # fmt: skip
-    if resume:
-        record.setdefault("resumes", []).append({"at": _now()})
-    else:
-        record["started"] = _now()
-    write_json(out / RUN_CONFIG, clean_json(record))
-    return data
-
-
-
-
-def _setup(config: DetectionFitConfig, info: DistInfo, device: torch.device,
-           data: DetectionData, resume: bool) -> _Run:  # fmt: skip
-    torch.manual_seed(config.seed)
-    try:
-        detector = build_detector(config.network_args, num_classes=len(data.label_names))
-        configure_for_training(detector, config.network_args)
-    except BundleError as exc:
-        raise FitError(str(exc)) from exc
-    if config.pretrained and not resume:
-        report = checkpoint.load_pretrained(detector, config.pretrained)
-        if info.is_main:
-            record = _load_record(config.run_dir)
-            record["pretrained"] = report
-            write_json(config.run_dir / RUN_CONFIG, clean_json(record))
-    detector.to(device)
-    cache_dir = config.cache_dir or (config.run_dir / "cache")
-    cache = ImageCache(config.preprocess, cache_dir if config.disk_cache else None,
-                       memory_bytes=config.cache_memory_mb << 20)  # fmt: skip
-    has_val_boxes = any(len(data.boxes[i]) for i in data.subset("val"))
-    monitor = "val_map50" if has_val_boxes else "last_epoch"
-    run = _Run(config, info, device, data, _wrap(detector, device, info), cache, monitor,
-               resume=resume)  # fmt: skip
-    mine = data.items[info.rank :: info.world_size]
-    for item in tqdm(mine, desc=f"{config.progress_label}preprocess", unit="img", disable=not (config.progress and run.main)):
-        try:
-            cache.get(item)
-        except PixelDataError as exc:
-            raise FitError(f"cannot preprocess an image: {exc}") from exc
-    barrier(info)
-    return run
-
-
-def _wrap(detector: nn.Module, device: torch.device, info: DistInfo) -> nn.Module:
-    """DDP under torchrun. ``find_unused_parameters``: a batch without any box gives a box
-    loss that does not depend on the regression head, which plain DDP refuses."""
-    if not info.distributed:
-        return detector
-    ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(detector, device_ids=ids, find_unused_parameters=True)
-
-
-def _train(run: _Run, on_epoch_end: Callable[[dict[str, Any]], None] | None) -> None:
-    config, info = run.config, run.info
-    train_ds = DetectionDataset(run.data.subset("train"), run.data, run.cache,
-                                augment=config.augment, crop=config.train_crop, seed=config.seed)  # fmt: skip
-    sampler = EpochSampler(len(train_ds), num_replicas=info.world_size, rank=info.rank,
-                           seed=config.seed)  # fmt: skip
-    drop_last = len(sampler) > config.batch_size
-    per_epoch = max(1, len(sampler) // config.batch_size if drop_last
-                    else math.ceil(len(sampler) / config.batch_size))  # fmt: skip
-    total = per_epoch * config.epochs
-    total = min(total, config.max_steps) if config.max_steps else total
-    warmup = config.warmup_steps if config.warmup_steps >= 0 else round(0.05 * total)
-    opt = make_optimisation(run.model, run.device, lr=config.lr, weight_decay=config.weight_decay,
-                            total_steps=total, warmup_steps=warmup,
-                            min_lr_ratio=config.min_lr_ratio, amp=config.amp,
-                            clip_grad=config.clip_grad)  # fmt: skip
-    if run.resume:
-        _restore(run, opt)
-    loader = _loader(train_ds, sampler, config, drop_last=drop_last, cuda=run.device.type == "cuda")
-    if run.main:
-        from torch.utils.tensorboard import SummaryWriter  # slow import: only where used
-
-        run.writer = SummaryWriter(str(config.run_dir / "tensorboard"),
-                                   purge_step=run.state.step or None)  # fmt: skip
-    logger.info("Detection training: %d images, %d steps per epoch, %d steps in all",
-                len(train_ds), per_epoch, total)  # fmt: skip
-    state = run.state
-    try:
-        while state.epoch < config.epochs and state.step < total and not state.stopped_early:
-            _epoch(run, opt, sampler, loader, min(per_epoch, total - state.step))
-            if on_epoch_end is not None:
-                on_epoch_end(dict(state.history[-1]))
-    finally:
-        if run.writer is not None:
-            run.writer.close()
-
-
-def _train_steps(run: _Run, opt: Any, loader: DataLoader, budget: int, bar: Any) -> dict[str, float]:
+def _train_steps(run: DetectionRun, opt: Optimisation, loader: DataLoader, budget: int, bar: Any) -> dict[str, float]:
     """Up to ``budget`` optimiser steps; returns mean losses."""
     model, device, state = run.model, run.device, run.state
     model.train()
@@ -722,7 +603,7 @@ def _train_steps(run: _Run, opt: Any, loader: DataLoader, budget: int, bar: Any)
 
 
 @torch.no_grad()
-def predict_split(run: _Run, split: str) -> list[ImageBoxes]:
+def predict_split(run: DetectionRun, split: str) -> list[ImageBoxes]:
     """Detections (model pixels) of every image of ``split``, in split order, all ranks."""
     detector = unwrap(run.model)
     detector.eval()
@@ -744,87 +625,8 @@ def predict_split(run: _Run, split: str) -> list[ImageBoxes]:
     return [found[i] for i in range(n)]
 
 
-def _epoch(run: _Run, opt: Any, sampler: EpochSampler, loader: DataLoader, budget: int) -> None:
-    config, state = run.config, run.state
-    sampler.set_epoch(state.epoch)
-    t0 = time.perf_counter()
-    bar = tqdm(total=budget, desc=f"{config.progress_label}epoch {state.epoch + 1}/{config.epochs}", unit="step",
-               disable=not (config.progress and run.main), leave=False)  # fmt: skip
-    with bar:
-        losses = _train_steps(run, opt, loader, budget, bar)
-    report = evaluate_boxes(predict_split(run, "val"), run.data.truth("val"), run.data.label_names)
-    ap50 = {c.name: c.ap50 for c in report.classes}
-    map50 = report.all_row()["map50"]
-    state.epoch += 1
-    if run.monitor == "last_epoch":
-        improved = True
-    elif not math.isfinite(map50):
-        improved = state.best_metric is None
-    else:
-        improved = state.best_metric is None or map50 > state.best_metric + config.min_delta
-    if improved:
-        state.best_metric = None if not math.isfinite(map50) else float(map50)
-        state.best_epoch, state.bad_epochs = state.epoch, 0
-    else:
-        state.bad_epochs += 1
-    state.stopped_early = bool(config.patience and state.bad_epochs >= config.patience)
-    record = {"epoch": state.epoch, "step": state.step, "train_loss": losses["loss"],
-              "train_cls_loss": losses["classification"], "train_box_loss": losses["box_regression"],
-              "val_map50": map50, "val_ap50": ap50, "lr": opt.optimizer.param_groups[0]["lr"],
-              "improved": improved, "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
-    state.history.append(clean_json(record))
-    if run.main:
-        logger.info("epoch %d step %d: train loss %.4f (cls %.4f, box %.4f), val mAP50 %.4f%s",
-                    state.epoch, state.step, losses["loss"], losses["classification"],
-                    losses["box_regression"], map50, " (best)" if improved else "")  # fmt: skip
-        if run.writer is not None:
-            run.writer.add_scalar("train/epoch_loss", losses["loss"], state.step)
-            if math.isfinite(map50):
-                run.writer.add_scalar("val/map50", map50, state.step)
-            for name, value in ap50.items():
-                if math.isfinite(value):
-                    run.writer.add_scalar(f"val_ap50/{name}", value, state.step)
-            run.writer.flush()
-        if improved:
-            checkpoint.save(run.config.run_dir / checkpoint.BEST,
-                            {"model": unwrap(run.model).state_dict(), "epoch": state.epoch})  # fmt: skip
-        _save_last(run, opt)
-    barrier(run.info)
-
-
-def _save_last(run: _Run, opt: Any) -> None:
-    state = run.state
-    checkpoint.save(run.config.run_dir / checkpoint.LAST, {
-        "model": unwrap(run.model).state_dict(), **opt.state_dict(), "epoch": state.epoch,
-        "step": state.step, "best_metric": state.best_metric, "best_epoch": state.best_epoch,
-        "bad_epochs": state.bad_epochs, "stopped_early": state.stopped_early,
-        "monitor": run.monitor, "history": json.dumps(state.history),
-        "rng": checkpoint.rng_state(), "task": "detection",
-    })  # fmt: skip
-
-
-def _restore(run: _Run, opt: Any) -> None:
-    payload = checkpoint.load(run.config.run_dir / checkpoint.LAST, map_location=run.device)
-    try:
-        unwrap(run.model).load_state_dict(payload["model"])
-        opt.load_state_dict(payload)
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise FitError(f"{checkpoint.LAST} does not fit this run's model: {exc}") from exc
-    run.state = RunState(
-        epoch=int(payload["epoch"]), step=int(payload["step"]), best_metric=payload["best_metric"],
-        best_epoch=int(payload["best_epoch"]), bad_epochs=int(payload["bad_epochs"]),
-        stopped_early=bool(payload["stopped_early"]) and run.config.patience > 0
-        and int(payload["bad_epochs"]) >= run.config.patience,
-        history=json.loads(payload["history"]),
-    )  # fmt: skip
-    run.monitor = str(payload.get("monitor", run.monitor))
-    checkpoint.set_rng_state(payload["rng"])
-    logger.info("Resumed at epoch %d, step %d (best %s at epoch %d)", run.state.epoch,
-                run.state.step, run.state.best_metric, run.state.best_epoch)  # fmt: skip
-
-
 # --------------------------------------------------------------------------------------------
-# Thresholds, metrics and the bundle
+# Thresholds and metrics
 
 
 def choose_thresholds(config: DetectionFitConfig, names: Sequence[str], preds: Sequence[ImageBoxes],
@@ -849,93 +651,3 @@ def choose_thresholds(config: DetectionFitConfig, names: Sequence[str], preds: S
 def _class_entry(report: DetectionReport, name: str) -> dict[str, Any]:
     result = report.by_name(name)
     return {**result.row(), "froc": result.froc.as_dict()}
-
-
-def _finish(run: _Run, started: float) -> DetectionFitResult:
-    config, state, data = run.config, run.state, run.data
-    barrier(run.info)
-    best = config.run_dir / checkpoint.BEST
-    if best.is_file():
-        unwrap(run.model).load_state_dict(checkpoint.load(best, map_location=run.device)["model"])
-    preds = {s: predict_split(run, s) for s in ("val", "test") if data.splits.get(s)}
-    seconds = time.perf_counter() - started
-    if not run.main:
-        return DetectionFitResult(config.run_dir, None, state, run.monitor, {}, seconds)
-    names = data.label_names
-    thresholds, methods = choose_thresholds(config, names, preds["val"], data.truth("val"))
-    reports = {s: evaluate_boxes(p, data.truth(s), names, thresholds) for s, p in preds.items()}
-    per_label = {
-        name: {"threshold": thresholds[k], "threshold_method": methods[k],
-               **{s: _class_entry(r, name) for s, r in reports.items()}}
-        for k, name in enumerate(names)
-    }  # fmt: skip
-    metrics = clean_json({
-        "method": "detections matched at IoU >= 0.5 (mAP50-95: 0.50:0.05:0.95), COCO 101-point "
-                  "AP; thresholds on the validation split; test: held-out patients",
-        "best_epoch": state.best_epoch, "monitor": run.monitor, "best_metric": state.best_metric,
-        "per_label": per_label, "summary": {s: r.all_row() for s, r in reports.items()},
-        "history": state.history,
-    })  # fmt: skip
-    write_json(config.run_dir / METRICS, metrics)
-    _write_detections(run, preds)
-    bundle = _write_bundle(run, thresholds, metrics, seconds)
-    record = _load_record(config.run_dir)
-    record["results"] = clean_json({
-        "finished": _now(), "epochs_completed": state.epoch, "steps": state.step,
-        "world_size": run.info.world_size, "device": str(run.device),
-        "best_epoch": state.best_epoch, "monitor": run.monitor, "best_metric": state.best_metric,
-        "stopped_early": state.stopped_early, "seconds_this_session": round(seconds, 1),
-        "summary": metrics["summary"], "bundle": str(bundle),
-    })  # fmt: skip
-    write_json(config.run_dir / RUN_CONFIG, record)
-    return DetectionFitResult(config.run_dir, bundle, state, run.monitor, metrics, seconds)
-
-
-def _write_detections(run: _Run, preds: dict[str, list[ImageBoxes]]) -> None:
-    """``detections.csv``: every validation/test detection, boxes in source pixels."""
-    names = run.data.label_names
-    with (run.config.run_dir / DETECTIONS).open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["sop_instance_uid", "split", "label", "score", "x0", "y0", "x1", "y1"])
-        for split, found in preds.items():
-            for i, det in zip(run.data.subset(split), found, strict=True):
-                for box, k, score in zip(det.boxes, det.labels, det.scores, strict=True):
-                    src = run.data.letterboxes[i].box_to_source([float(v) for v in box])
-                    if src is not None:
-                        writer.writerow([run.data.items[i].sop_instance_uid, split, names[k],
-                                         f"{score:.6f}", *(f"{v:.2f}" for v in
-                                                           (src.x0, src.y0, src.x1, src.y1))])  # fmt: skip
-
-
-
-def _write_bundle(run: _Run, thresholds: list[float], metrics: dict[str, Any], seconds: float) -> Path:
-    config, state, data = run.config, run.state, run.data
-    labels = tuple(LabelSpec(n, _code(n), t) for n, t in zip(data.label_names, thresholds, strict=True))
-    training = {
-        "run": config.run_dir.name, "seed": config.seed, "epochs_completed": state.epoch,
-        "steps": state.step, "best_epoch": state.best_epoch, "monitor": run.monitor,
-        "optimizer": "AdamW", "learning_rate": config.lr, "schedule": "linear warm-up + cosine",
-        "batch_size": config.batch_size, "train_crop": config.train_crop,
-        "augment": config.augment, "matcher": "ATSS", "sampler": "hard negatives",
-        "pretrained": bool(config.pretrained), "data": data.summary,
-        "world_size": run.info.world_size, "device": run.device.type,
-        "seconds_last_session": round(seconds, 1),
-    }  # fmt: skip
-    validation = {k: metrics[k] for k in ("method", "per_label", "summary")}
-    validation["ap50"] = {n: e.get("val", {}).get("map50") for n, e in metrics["per_label"].items()}
-    args = RetinaNetSpec.from_args(config.network_args).to_json()
-    meta = BundleMetadata(
-        name=config.name, version=config.version, labels=labels, task="detection",
-        network=NetworkSpec("retinanet", args), input=config.input_spec,
-        description=config.description or f"RetinaNet ({args['backbone']}) trained by training fit",
-        training=training, validation_metrics=validation,
-    )  # fmt: skip
-    target = config.run_dir / BUNDLE_DIR
-    try:
-        save_bundle(target, meta, unwrap(run.model).cpu())
-    except BundleError as exc:
-        raise FitError(f"cannot write the bundle: {exc}") from exc
-    finally:
-        unwrap(run.model).to(run.device)
-    logger.info("Bundle written to %s", target)
-    return target
