@@ -49,7 +49,7 @@ from training.fit.engine import FitResult, Run, RunConfig, run_fit
 from training.fit.optimisation import Optimisation, optimizer_step
 from training.losses import LOSSES, ClassificationLoss
 from training.sampling import SAMPLER_MODES, EpochSampler
-from training.split import DEFAULT_FRACTIONS, SPLITS, PatientSplit, apply_split, patient_split
+from training.split import SPLITS, PatientSplit, apply_split, patient_split
 
 logger = logging.getLogger(__name__)
 
@@ -60,53 +60,23 @@ PREDICTIONS = "predictions.csv"
 # Configuration
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FitConfig(RunConfig):
     """Everything one ``training fit`` run depends on (saved in ``run_config.json``)."""
 
-    data: Path
-    labels: Path
-    out: Path
     task: str = "classification"
-    labels_key: str = "auto"
-    label_names: tuple[str, ...] = ()
-    strict: bool = False
-    modalities: tuple[str, ...] = ("CR", "DX")
     network: str = "densenet121"
-    network_args: dict[str, Any] = field(default_factory=dict)
-    pretrained: Path | None = None
     image_size: int = 224
-    clahe: bool = False
     epochs: int = 20
-    max_steps: int = 0  # 0: no limit
     batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = -1  # -1: 5 % of all steps
-    min_lr_ratio: float = 0.01
-    clip_grad: float = 1.0  # 0: off
+    clip_grad: float = 1.0
+    patience: int = 5
+    name: str = "cxr-classifier"
+    labels_key: str = "auto"
     loss: str = "bce"
     focal_gamma: float = 2.0
     focal_alpha: float | None = None
     sampler: str = "uniform"
-    augment: bool = True
-    patience: int = 5  # 0: no early stopping
-    min_delta: float = 0.0
-    split: tuple[float, float, float] = DEFAULT_FRACTIONS
-    split_file: Path | None = None
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    num_workers: int = 0
-    threads: int = 0  # 0: torch's default
-    cache_dir: Path | None = None  # default: RUN_DIR/cache
-    disk_cache: bool = True
-    cache_memory_mb: int = 4096
-    name: str = "cxr-classifier"
-    version: str = "0.1.0"
-    description: str = ""
-    progress: bool = True
-    log_every: int = 10
 
     def __post_init__(self) -> None:
         checks = [

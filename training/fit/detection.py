@@ -43,7 +43,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,7 @@ from training.fit.distributed import unwrap
 from training.fit.engine import FitResult, Run, RunConfig, run_fit
 from training.fit.optimisation import Optimisation, optimizer_step
 from training.sampling import EpochSampler
-from training.split import DEFAULT_FRACTIONS, SPLITS, PatientSplit, apply_split, patient_split
+from training.split import SPLITS, PatientSplit, apply_split, patient_split
 
 logger = logging.getLogger(__name__)
 
@@ -102,54 +102,24 @@ NO_ANCHOR_WARNING = "No anchor is matched with GT boxes"
 # Configuration
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DetectionFitConfig(RunConfig):
     """Everything one detection run depends on (saved in ``run_config.json``)."""
 
-    data: Path
-    labels: Path
-    out: Path
     task: str = "detection"
-    classes: Path | None = None
-    label_names: tuple[str, ...] = ()
-    strict: bool = False
-    unlabelled_as_negative: bool = False
-    modalities: tuple[str, ...] = ("CR", "DX")
     network: str = "retinanet"
-    network_args: dict[str, Any] = field(default_factory=dict)
-    pretrained: Path | None = None
     image_size: int = 512
-    clahe: bool = False
-    train_crop: int = 0  # 0: whole images
     epochs: int = 30
-    max_steps: int = 0
     batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = -1
-    min_lr_ratio: float = 0.01
     clip_grad: float = 5.0
-    augment: bool = True
     patience: int = 10
-    min_delta: float = 0.0
+    name: str = "cxr-detector"
+    classes: Path | None = None
+    unlabelled_as_negative: bool = False
+    train_crop: int = 0  # 0: whole images
     threshold_method: str = "f1"
     target_sensitivity: float = 0.8
-    split: tuple[float, float, float] = DEFAULT_FRACTIONS
-    split_file: Path | None = None
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    num_workers: int = 0
-    threads: int = 0
-    cache_dir: Path | None = None
-    disk_cache: bool = True
-    cache_memory_mb: int = 4096
-    name: str = "cxr-detector"
-    version: str = "0.1.0"
-    description: str = ""
-    progress: bool = True
     progress_label: str = ""  # prefixes the progress bars, e.g. "[2/2] " in the demo build
-    log_every: int = 10
 
     def __post_init__(self) -> None:
         try:

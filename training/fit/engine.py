@@ -70,7 +70,7 @@ from training.fit.distributed import (
 )
 from training.fit.optimisation import Optimisation, make_optimisation
 from training.sampling import EpochSampler, ShardSampler
-from training.split import PatientSplit
+from training.split import DEFAULT_FRACTIONS, PatientSplit
 
 logger = logging.getLogger(__name__)
 
@@ -89,51 +89,52 @@ RESUME_OVERRIDES = frozenset(
 # Configuration
 
 
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """What the task configurations (frozen dataclasses inheriting this) have in common.
+    """What one fit run depends on whatever its task (saved in ``run_config.json``).
 
-    Each task's dataclass declares its own fields and defaults (their order is the order of
-    ``run_config.json``); the annotations here only name the fields the engine reads.
+    Each task's configuration (a frozen dataclass inheriting this) sets the defaults of the
+    fields left without one here and adds its own fields after these.
     """
 
     data: Path
     labels: Path
     out: Path
     task: str
-    strict: bool
-    modalities: tuple[str, ...]
+    label_names: tuple[str, ...] = ()
+    strict: bool = False
+    modalities: tuple[str, ...] = ("CR", "DX")
     network: str
-    network_args: dict[str, Any]
-    pretrained: Path | None
+    network_args: dict[str, Any] = field(default_factory=dict)
+    pretrained: Path | None = None
     image_size: int
-    clahe: bool
+    clahe: bool = False
     epochs: int
-    max_steps: int
+    max_steps: int = 0  # 0: no limit
     batch_size: int
-    lr: float
-    weight_decay: float
-    warmup_steps: int
-    min_lr_ratio: float
-    clip_grad: float
-    augment: bool
-    patience: int
-    min_delta: float
-    split: tuple[float, float, float]
-    split_file: Path | None
-    seed: int
-    device: str
-    amp: bool
-    num_workers: int
-    threads: int
-    cache_dir: Path | None
-    disk_cache: bool
-    cache_memory_mb: int
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = -1  # -1: 5 % of all steps
+    min_lr_ratio: float = 0.01
+    clip_grad: float  # 0: off
+    augment: bool = True
+    patience: int  # 0: no early stopping
+    min_delta: float = 0.0
+    split: tuple[float, float, float] = DEFAULT_FRACTIONS
+    split_file: Path | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int = 0
+    threads: int = 0  # 0: torch's default
+    cache_dir: Path | None = None  # default: RUN_DIR/cache
+    disk_cache: bool = True
+    cache_memory_mb: int = 4096
     name: str
-    version: str
-    description: str
-    progress: bool
-    log_every: int
-    progress_label: str = ""  # a field of the detection config (the demo build sets it)
+    version: str = "0.1.0"
+    description: str = ""
+    progress: bool = True
+    log_every: int = 10
 
     @staticmethod
     def check(checks: list[tuple[bool, str]]) -> None:
@@ -156,7 +157,7 @@ class RunConfig:
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON; paths absolute, so ``--resume`` works from any working directory."""
-        doc = asdict(self)  # type: ignore[call-overload]
+        doc = asdict(self)
         for key, value in doc.items():
             if isinstance(value, Path):
                 doc[key] = str(value.absolute())
@@ -166,7 +167,7 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Self:
-        kinds = {f.name: str(f.type) for f in fields(cls)}  # type: ignore[arg-type]
+        kinds = {f.name: str(f.type) for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, value in doc.items():
             if key not in kinds:
@@ -200,7 +201,7 @@ class RunConfig:
                 f"--resume continues the saved run; these settings cannot change: {refused} "
                 f"(allowed: {sorted(RESUME_OVERRIDES)}); start a new run with a new --out instead"
             )
-        return replace(config, **changed)  # type: ignore[type-var]
+        return replace(config, **changed)
 
 
 def _jsonish(value: Any) -> Any:
@@ -407,7 +408,8 @@ class Run:
         return self.info.is_main
 
     def bar_label(self, text: str) -> str:
-        return f"{self.config.progress_label}{text}"
+        """``text`` behind the configuration's ``progress_label`` (a detection field)."""
+        return f"{getattr(self.config, 'progress_label', '')}{text}"
 
     def loader(self, dataset: Dataset, sampler: Any, *, drop_last: bool) -> DataLoader:
         config = self.config
