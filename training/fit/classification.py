@@ -45,11 +45,11 @@ from training.datasets import ClassificationDataset, ImageItem
 from training.errors import FitError
 from training.fit import checkpoint
 from training.fit.distributed import DistInfo
-from training.fit.engine import FitResult, Run, RunConfig, run_fit
+from training.fit.engine import FitResult, Run, RunConfig, run_fit, run_split
 from training.fit.optimisation import Optimisation, optimizer_step
 from training.losses import LOSSES, ClassificationLoss
 from training.sampling import SAMPLER_MODES, EpochSampler
-from training.split import SPLITS, PatientSplit, apply_split, patient_split
+from training.split import SPLITS, PatientSplit, apply_split
 
 logger = logging.getLogger(__name__)
 
@@ -148,14 +148,8 @@ def prepare_data(
     items = [ImageItem(m.image.path, m.image.sop_instance_uid, tuple(float(t) for t in m.targets))
              for m in matched]  # fmt: skip
     sops = [item.sop_instance_uid for item in items]
-    source = config.run_dir if resume else config.split_file
-    if source is not None:
-        split = PatientSplit.load(Path(source))
-    else:
-        split = patient_split(
-            sops, [m.patient_key for m in matched], [m.targets for m in matched],
-            fractions=config.split, seed=config.seed, label_names=match.label_names,
-        )  # fmt: skip
+    split = run_split(config, resume=resume, sops=sops, matched=matched,
+                      label_names=match.label_names)  # fmt: skip
     indexes = apply_split(split, sops)
     report = match.report()
     if excluded:

@@ -86,10 +86,10 @@ from training.datasets import ImageCache, ImageItem
 from training.errors import FitError
 from training.fit import checkpoint
 from training.fit.distributed import unwrap
-from training.fit.engine import FitResult, Run, RunConfig, run_fit
+from training.fit.engine import FitResult, Run, RunConfig, run_fit, run_split
 from training.fit.optimisation import Optimisation, optimizer_step
 from training.sampling import EpochSampler
-from training.split import SPLITS, PatientSplit, apply_split, patient_split
+from training.split import SPLITS, PatientSplit, apply_split
 
 logger = logging.getLogger(__name__)
 
@@ -236,13 +236,8 @@ def prepare_data(config: DetectionFitConfig, *, resume: bool,
         boxes.append(np.asarray(rows, dtype=np.float32).reshape(-1, 5))
         letterboxes.append(box)
     sops = [item.sop_instance_uid for item in items]
-    source = config.run_dir if resume else config.split_file
-    if source is not None:
-        split = PatientSplit.load(Path(source))
-    else:
-        split = patient_split(sops, [m.patient_key for m in match.matched],
-                              [m.targets for m in match.matched], fractions=config.split,
-                              seed=config.seed, label_names=match.label_names)  # fmt: skip
+    split = run_split(config, resume=resume, sops=sops, matched=match.matched,
+                      label_names=match.label_names)  # fmt: skip
     data = DetectionData(tuple(match.label_names), items, boxes, letterboxes,
                          apply_split(split, sops), {}, match.report())  # fmt: skip
     data.summary = {

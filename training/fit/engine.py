@@ -39,7 +39,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from ai.bundle import BundleMetadata, InputSpec, LabelSpec, save_bundle
 from ai.codes import default_code, normalise_label
+from ai.labels import MatchedImage
 from ai.pixels import PreprocessParams
 from ai.types import BundleError, CodedConcept, PixelDataError
 from training.datasets import ImageCache
@@ -70,7 +71,7 @@ from training.fit.distributed import (
 )
 from training.fit.optimisation import Optimisation, make_optimisation
 from training.sampling import EpochSampler, ShardSampler
-from training.split import DEFAULT_FRACTIONS, PatientSplit
+from training.split import DEFAULT_FRACTIONS, PatientSplit, patient_split
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +243,17 @@ def label_code(name: str) -> CodedConcept:
         return code
     logger.warning('Label "%s" has no standard code; using private scheme %s', name, PRIVATE_SCHEME)
     return CodedConcept(normalise_label(name).upper()[:16], PRIVATE_SCHEME, name)
+
+
+def run_split(config: RunConfig, *, resume: bool, sops: list[str], matched: list[MatchedImage],
+              label_names: Sequence[str]) -> PatientSplit:  # fmt: skip
+    """The run's patient-level split: the saved one when resuming, ``--split-file``'s when
+    given, else a new one of ``matched`` (one per image of ``sops``)."""
+    source = config.run_dir if resume else config.split_file
+    if source is not None:
+        return PatientSplit.load(Path(source))
+    return patient_split(sops, [m.patient_key for m in matched], [m.targets for m in matched],
+                         fractions=config.split, seed=config.seed, label_names=label_names)  # fmt: skip
 
 
 def make_loader(
