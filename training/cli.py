@@ -397,8 +397,9 @@ def _non_negative(text: str) -> int:
 
 
 def _add_fit(parser: argparse.ArgumentParser) -> None:
-    # Defaults live in the task configurations (training.fit.classification.FitConfig, ...); SUPPRESS keeps unspecified options out of the
-    # namespace so --resume can tell what the user asked to change.
+    # Defaults live in the task configurations (training.fit.classification.FitConfig,
+    # training.fit.detection.DetectionFitConfig); SUPPRESS keeps unspecified options out of
+    # the namespace so --resume can tell what the user asked to change.
     S = argparse.SUPPRESS
     add = parser.add_argument
     add("--data", type=Path, default=S, help="folder tree of exported DICOM")
