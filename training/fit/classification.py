@@ -262,7 +262,9 @@ class ClassificationRun(Run):
                                rank=info.rank, seed=config.seed)  # fmt: skip
         return train_ds, sampler
 
-    def train_epoch(self, opt: Optimisation, loader: Any, budget: int, bar: Any) -> dict[str, float]:
+    def train_epoch(
+        self, opt: Optimisation, loader: Any, budget: int, bar: Any
+    ) -> dict[str, float]:
         state, writer, every = self.state, self.writer, max(self.config.log_every, 1)
 
         def on_step(loss: float, lr: float) -> None:

@@ -232,7 +232,9 @@ def prepare_data(config: DetectionFitConfig, *, resume: bool,
     for m in match.matched:
         box = Letterbox(m.image.rows, m.image.cols, config.image_size)
         rows = [(*box.to_model(x0, y0), *box.to_model(x1, y1), k) for k, x0, y0, x1, y1 in m.boxes]
-        items.append(ImageItem(m.image.path, m.image.sop_instance_uid, tuple(float(t) for t in m.targets)))
+        items.append(
+            ImageItem(m.image.path, m.image.sop_instance_uid, tuple(float(t) for t in m.targets))
+        )
         boxes.append(np.asarray(rows, dtype=np.float32).reshape(-1, 5))
         letterboxes.append(box)
     sops = [item.sop_instance_uid for item in items]
@@ -263,7 +265,7 @@ def _split_summary(data: DetectionData, name: str) -> dict[str, Any]:
 def _check_box_sizes(config: DetectionFitConfig, data: DetectionData) -> None:
     """Warn when boxes are far outside the anchor sizes (the matcher would miss them)."""
     spec = RetinaNetSpec.from_args(config.network_args)
-    lo, hi = min(spec.anchor_sizes) / 2, max(spec.anchor_sizes) * 2 ** spec.levels
+    lo, hi = min(spec.anchor_sizes) / 2, max(spec.anchor_sizes) * 2**spec.levels
     sides = np.concatenate([np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) for b in data.boxes])
     outside = int(((sides < lo) | (sides > hi)).sum()) if sides.size else 0
     if outside:
@@ -275,7 +277,9 @@ def _check_box_sizes(config: DetectionFitConfig, data: DetectionData) -> None:
 # Dataset and augmentation
 
 
-def _keep_visible(boxes: np.ndarray, before: np.ndarray, size: int, min_visible: float = 0.5) -> np.ndarray:
+def _keep_visible(
+    boxes: np.ndarray, before: np.ndarray, size: int, min_visible: float = 0.5
+) -> np.ndarray:
     """Clip boxes to the ``size`` square; drop those that kept < ``min_visible`` of their area."""
     clipped = boxes.copy()
     clipped[:, :4] = np.clip(clipped[:, :4], 0, size)
@@ -450,7 +454,9 @@ class DetectionRun(Run):
                                seed=config.seed)  # fmt: skip
         return train_ds, sampler
 
-    def train_epoch(self, opt: Optimisation, loader: Any, budget: int, bar: Any) -> dict[str, float]:
+    def train_epoch(
+        self, opt: Optimisation, loader: Any, budget: int, bar: Any
+    ) -> dict[str, float]:
         losses = _train_steps(self, opt, loader, budget, bar)
         return {"train_loss": losses["loss"], "train_cls_loss": losses["classification"],
                 "train_box_loss": losses["box_regression"]}  # fmt: skip
@@ -533,7 +539,9 @@ class DetectionRun(Run):
         )  # fmt: skip
 
 
-def _train_steps(run: DetectionRun, opt: Optimisation, loader: DataLoader, budget: int, bar: Any) -> dict[str, float]:
+def _train_steps(
+    run: DetectionRun, opt: Optimisation, loader: DataLoader, budget: int, bar: Any
+) -> dict[str, float]:
     """Up to ``budget`` optimiser steps; returns mean losses."""
     model, device, state = run.model, run.device, run.state
     model.train()

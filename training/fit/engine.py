@@ -547,7 +547,9 @@ class Run:
         barrier(self.info)
         best = config.run_dir / checkpoint.BEST
         if best.is_file():
-            unwrap(self.model).load_state_dict(checkpoint.load(best, map_location=self.device)["model"])
+            unwrap(self.model).load_state_dict(
+                checkpoint.load(best, map_location=self.device)["model"]
+            )
         predictions = {s: self.predict(s) for s in ("val", "test") if self.data.splits.get(s)}
         seconds = time.perf_counter() - started
         if not self.main:
@@ -573,7 +575,9 @@ class Run:
         write_json(config.run_dir / RUN_CONFIG, record)
         return FitResult(config.run_dir, bundle, state, self.monitor, metrics, seconds)
 
-    def write_bundle(self, thresholds: list[float], metrics: dict[str, Any], seconds: float) -> Path:
+    def write_bundle(
+        self, thresholds: list[float], metrics: dict[str, Any], seconds: float
+    ) -> Path:
         config, state = self.config, self.state
         labels = tuple(LabelSpec(n, label_code(n), t)
                        for n, t in zip(self.data.label_names, thresholds, strict=True))  # fmt: skip
