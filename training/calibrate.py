@@ -43,6 +43,7 @@ from pydicom.uid import generate_uid
 from ai.bundle import BundleMetadata, load_bundle, read_metadata, save_bundle
 from ai.codes import normalise_label
 from ai.metrics import binary_metrics_at, threshold_for_sensitivity, youden_threshold
+from training.errors import TrainingError
 from training.evaluate import (
     LabelledSet,
     Prediction,
@@ -57,7 +58,7 @@ METHODS = ("target_sensitivity", "youden")
 _SEMVER = re.compile(r"(\d+)\.(\d+)\.(\d+)(?:[-+].*)?")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(TrainingError, ValueError):
     """Thresholds cannot be chosen as asked (no positives, unknown label, bad version, ...)."""
 
 

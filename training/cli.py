@@ -4,7 +4,10 @@ Each sub-command is a :class:`Command` (name, help, a function that adds its
 arguments, a function that runs it) in :data:`COMMANDS`; adding ``fit`` or
 ``evaluate`` means writing those two functions and appending one entry.
 Errors a user can fix (bad arguments, bad values, unwritable folders) become
-a one-line message on stderr and a non-zero exit code, never a traceback.
+a one-line message on stderr and a non-zero exit code, never a traceback: every
+error the training side raises on purpose is a :class:`~training.errors.TrainingError`,
+caught once in :func:`main`; the few foreign ones a step may raise (the model side's
+``AnalysisError``, torch's run-time errors) are wrapped in :class:`CommandFailed`.
 """
 
 from __future__ import annotations
@@ -14,11 +17,11 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
-from training.phantoms import PhantomError
+from training.errors import TrainingError
 from training.synth import VARIANTS, SynthError, parse_size, synthesize
 
 logger = logging.getLogger(__name__)
@@ -26,7 +29,7 @@ logger = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-class CLIError(Exception):
+class CLIError(TrainingError):
     """A problem the user can fix; its message is shown without a traceback."""
 
 
@@ -153,22 +156,16 @@ def _run_synth(args: argparse.Namespace) -> int:
 # export, deidentify (heavy modules are imported when the command runs, so `--help` stays fast)
 
 
-class CommandFailed(Exception):
-    """A step failed for a reason its message states (bad bundle, no labelled images, ...)."""
+class CommandFailed(TrainingError):
+    """A step failed for a reason its message states (a model-side or torch error)."""
 
 
 def _failures() -> tuple[type[BaseException], ...]:
-    """Errors of the model-side steps that become a message and exit code 1."""
+    """Errors from outside ``training`` that the model-side steps turn into exit code 1
+    (``TrainingError`` needs no wrapping: :func:`main` catches it)."""
     from ai.types import AnalysisError
-    from training.calibrate import CalibrationError
-    from training.deidentify import DeidentificationError
-    from training.evaluate import EvaluationError
-    from training.export import ExportError
 
-    return (
-        AnalysisError, EvaluationError, CalibrationError, ExportError, DeidentificationError,
-        RuntimeError,  # torch at run time: out of memory, device errors
-    )  # fmt: skip
+    return (AnalysisError, RuntimeError)  # RuntimeError: torch out of memory, device errors
 
 
 def _progress(args: argparse.Namespace, unit: str = "image") -> Callable[[int | None, str], tqdm]:
@@ -400,8 +397,9 @@ def _non_negative(text: str) -> int:
 
 
 def _add_fit(parser: argparse.ArgumentParser) -> None:
-    # Defaults live in training.fit.FitConfig; SUPPRESS keeps unspecified options out of the
-    # namespace so --resume can tell what the user asked to change.
+    # Defaults live in the task configurations (training.fit.classification.FitConfig,
+    # training.fit.detection.DetectionFitConfig); SUPPRESS keeps unspecified options out of
+    # the namespace so --resume can tell what the user asked to change.
     S = argparse.SUPPRESS
     add = parser.add_argument
     add("--data", type=Path, default=S, help="folder tree of exported DICOM")
@@ -479,92 +477,53 @@ _DETECTION_ONLY = ("classes", "train_crop", "unlabelled_as_negative", "threshold
                    "target_sensitivity")
 
 
-def _run_fit_detection(args: argparse.Namespace) -> int:
-    """``fit --task detection`` (or ``--resume`` of a detection run)."""
-    import torch
-
-    from ai.types import AnalysisError
-    from training.checkpoint import CheckpointError
-    from training.fit_detection import (
-        DetectionFitConfig,
-        DetectionFitError,
-        fit_detection,
-        resume_config,
-    )  # fmt: skip
-    from training.split import SplitError
-
-    wrong = [f"--{k.replace('_', '-')}" for k in _CLASSIFICATION_ONLY if k in vars(args)]
-    if wrong:
-        raise CLIError(f"{', '.join(wrong)} do not apply to --task detection")
-    names = {f for f in DetectionFitConfig.__dataclass_fields__}
-    given = {k: v for k, v in vars(args).items() if k in names}
-    given["progress"] = not args.quiet
-    try:
-        if args.resume is not None:
-            config, resume = resume_config(args.resume, given), True
-        else:
-            missing = [f"--{n}" for n in ("data", "labels", "out") if n not in given]
-            if missing:
-                raise CLIError(f"{', '.join(missing)} required (or --resume RUN_DIR)")
-            config, resume = DetectionFitConfig(**given), False
-        result = fit_detection(config, resume=resume)
-    except (DetectionFitError, SplitError, CheckpointError, AnalysisError, FloatingPointError) as exc:
-        raise CommandFailed(str(exc)) from exc
-    except torch.OutOfMemoryError as exc:
-        raise CommandFailed(f"out of device memory ({exc}); lower --batch-size or --image-size") from exc
-    if result.bundle_dir is None:
-        return EXIT_OK
-    state = result.state
-    print(f"{state.epoch} epoch(s), {state.step} step(s); best epoch {state.best_epoch} "
-          f"({result.monitor} {state.best_metric}){' (stopped early)' if state.stopped_early else ''}")
-    for name, entry in result.metrics["per_label"].items():
-        parts = [f"{name:20s} threshold {entry['threshold']:.3f}"]
-        for split in ("val", "test"):
-            if split in entry:
-                row = entry[split]
-                parts.append(f"{split}: AP50 {_fmt(row['map50'])} AP50-95 {_fmt(row['map50_95'])} "
-                             f"P {_fmt(row['precision'])} R {_fmt(row['recall'])}")
-        print("  ".join(parts))
-    print(f"run: {result.run_dir}  bundle: {result.bundle_dir}")
-    return EXIT_OK
-
-
 def _fit_task(args: argparse.Namespace) -> str:
     if "task" in vars(args):
         return str(args.task)
     if args.resume is not None:
-        from training.fit_detection import saved_task
+        from training.fit.engine import saved_task
 
         return saved_task(args.resume)
     return "classification"
 
 
+def _fit_api(task: str) -> tuple[Any, Callable[..., Any]]:
+    """(config class, fit function) of ``task``."""
+    if task == "detection":
+        from training.fit.detection import DetectionFitConfig, fit_detection
+
+        return DetectionFitConfig, fit_detection
+    from training.fit.classification import FitConfig, fit
+
+    return FitConfig, fit
+
+
 def _run_fit(args: argparse.Namespace) -> int:
-    if _fit_task(args) == "detection":
-        return _run_fit_detection(args)
-    wrong = [f"--{k.replace('_', '-')}" for k in _DETECTION_ONLY if k in vars(args)]
+    """``fit`` of either task (or ``--resume`` of a saved run, whose task it keeps)."""
+    detection = _fit_task(args) == "detection"
+    foreign, why = ((_CLASSIFICATION_ONLY, "do not apply to --task detection") if detection
+                    else (_DETECTION_ONLY, "need --task detection"))  # fmt: skip
+    wrong = [f"--{k.replace('_', '-')}" for k in foreign if k in vars(args)]
     if wrong:
-        raise CLIError(f"{', '.join(wrong)} need --task detection")
+        raise CLIError(f"{', '.join(wrong)} {why}")
     import torch
 
     from ai.types import AnalysisError
-    from training.checkpoint import CheckpointError
-    from training.fit import FitConfig, FitError, fit, resume_config
-    from training.split import SplitError
 
-    names = {f for f in FitConfig.__dataclass_fields__}
+    config_class, fit = _fit_api("detection" if detection else "classification")
+    names = {f for f in config_class.__dataclass_fields__}
     given = {k: v for k, v in vars(args).items() if k in names}
     given["progress"] = not args.quiet
     try:
         if args.resume is not None:
-            config, resume = resume_config(args.resume, given), True
+            config, resume = config_class.from_run(args.resume, given), True
         else:
             missing = [f"--{n}" for n in ("data", "labels", "out") if n not in given]
             if missing:
                 raise CLIError(f"{', '.join(missing)} required (or --resume RUN_DIR)")
-            config, resume = FitConfig(**given), False
+            config, resume = config_class(**given), False
         result = fit(config, resume=resume)
-    except (FitError, SplitError, CheckpointError, AnalysisError, FloatingPointError) as exc:
+    except (AnalysisError, FloatingPointError) as exc:
         raise CommandFailed(str(exc)) from exc
     except torch.OutOfMemoryError as exc:
         raise CommandFailed(f"out of device memory ({exc}); lower --batch-size or --image-size") from exc
@@ -573,16 +532,23 @@ def _run_fit(args: argparse.Namespace) -> int:
     state = result.state
     print(f"{state.epoch} epoch(s), {state.step} step(s); best epoch {state.best_epoch} "
           f"({result.monitor} {state.best_metric}){' (stopped early)' if state.stopped_early else ''}")
+    row = _detection_row if detection else _classification_row
     for name, entry in result.metrics["per_label"].items():
         parts = [f"{name:20s} threshold {entry['threshold']:.3f}"]
-        for split in ("val", "test"):
-            if split in entry:
-                fig = entry[split]
-                auc, sens, spec = (fig[k]["value"] for k in ("auroc", "sensitivity", "specificity"))
-                parts.append(f"{split}: AUROC {_fmt(auc)} sens {_fmt(sens)} spec {_fmt(spec)}")
+        parts += [f"{split}: {row(entry[split])}" for split in ("val", "test") if split in entry]
         print("  ".join(parts))
     print(f"run: {result.run_dir}  bundle: {result.bundle_dir}")
     return EXIT_OK
+
+
+def _classification_row(fig: dict[str, Any]) -> str:
+    auc, sens, spec = (fig[k]["value"] for k in ("auroc", "sensitivity", "specificity"))
+    return f"AUROC {_fmt(auc)} sens {_fmt(sens)} spec {_fmt(spec)}"
+
+
+def _detection_row(row: dict[str, Any]) -> str:
+    return (f"AP50 {_fmt(row['map50'])} AP50-95 {_fmt(row['map50_95'])} "
+            f"P {_fmt(row['precision'])} R {_fmt(row['recall'])}")  # fmt: skip
 
 
 def _fmt(value: float | None) -> str:
@@ -685,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args))
-    except (CLIError, CommandFailed, SynthError, PhantomError) as exc:
+    except TrainingError as exc:
         print(f"training {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, CLIError) else EXIT_FAILURE
     except OSError as exc:

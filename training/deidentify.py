@@ -62,6 +62,8 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
+from training.errors import TrainingError
+
 logger = logging.getLogger(__name__)
 
 SALT_ENV = "TRAINING_DEID_SALT"
@@ -265,7 +267,7 @@ _DUMMY: dict[str, Any] = {
 _DATE_VRS = frozenset({"DA", "DT", "TM"})
 
 
-class DeidentificationError(ValueError):
+class DeidentificationError(TrainingError, ValueError):
     """The tree cannot be de-identified as asked (bad folders, nothing to do, ...)."""
 
 

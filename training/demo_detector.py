@@ -33,7 +33,7 @@ def build_demo_detector(out_dir: Path, *, seed: int = 0, progress: bool = True,
                         quick: bool = False, threads: int = 0, label: str = "") -> Path:
     """Synthesize phantoms, fit the detector, write the bundle at ``out_dir`` (``label``
     prefixes the progress bars, e.g. ``"[2/2] "``)."""
-    from training.fit_detection import DetectionFitConfig, fit_detection
+    from training.fit.detection import DetectionFitConfig, fit_detection
     from training.synth import synthesize
 
     plan = QUICK if quick else FULL

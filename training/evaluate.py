@@ -49,6 +49,7 @@ from ai.metrics import (
     roc_curve,
 )
 from ai.types import ImageResult, ModelIdentity, PixelDataError
+from training.errors import TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,12 @@ FRONTAL_MODALITIES = frozenset({"CR", "DX"})
 LATERAL_VIEWS = frozenset({"LL", "RL", "LLD", "RLD", "LAT", "LATERAL"})
 
 
-class EvaluationError(ValueError):
-    """The evaluation cannot run as asked (no labelled images, unknown task, ...)."""
+class EvaluateError(TrainingError, ValueError):
+    """The evaluation cannot run as asked (no labelled images, unknown task, ...).
+
+    Named after the ``training evaluate`` command, not ``EvaluationError``: that name is the
+    node's scheduled-job error (:mod:`dicom_node.evaluation.errors`), recorded in run rows.
+    """
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,16 +114,16 @@ def load_labelled_set(
 
     data_dir, labels_csv = Path(data_dir), Path(labels_csv)
     if not data_dir.is_dir():
-        raise EvaluationError(f'--data "{data_dir}" is not a folder')
+        raise EvaluateError(f'--data "{data_dir}" is not a folder')
     if not labels_csv.is_file():
-        raise EvaluationError(f'--labels "{labels_csv}" is not a file')
+        raise EvaluateError(f'--labels "{labels_csv}" is not a file')
     labels = read_classification_labels(labels_csv)
     match = match_labels(index_dicom_tree(data_dir, progress=progress), labels)
     if match.problems:  # counts only: the detailed report names relative paths
         logger.warning("%s: %d matched; mismatches %s", labels_csv.name, len(match.matched),
                        match.problems)  # fmt: skip
     if not match.matched:
-        raise EvaluationError(
+        raise EvaluateError(
             f"no DICOM file under {data_dir} matches a row of {labels_csv.name} "
             f"(labels keyed by {labels.key}; mismatches {match.problems})"
         )
@@ -403,14 +408,14 @@ def _evaluate_classification(
             continue
         thresholds = {p.threshold for p in rows}
         if len(thresholds) != 1:
-            raise EvaluationError(f'label "{name}": several thresholds {sorted(thresholds)}')
+            raise EvaluateError(f'label "{name}": several thresholds {sorted(thresholds)}')
         truth = np.asarray([int(p.truth or 0) for p in rows])
         scores = np.asarray([p.probability for p in rows])
         metrics = label_metrics(name, rows[0].threshold, truth, scores, n_boot=context.n_boot,
                                 seed=context.seed)  # fmt: skip
         calls = np.asarray([p.positive for p in rows])
         if not np.array_equal(calls, scores >= rows[0].threshold):
-            raise EvaluationError(f'label "{name}": the model\'s positive calls do not follow '
+            raise EvaluateError(f'label "{name}": the model\'s positive calls do not follow '
                                   "probability >= threshold")  # fmt: skip
         report.labels.append(metrics)
     return report
@@ -426,18 +431,18 @@ def _evaluate_detection(
     (``evaluate_detection`` returns ``{"classes": [...rows...], "froc": {...}, ...}``)."""
     module = _detection_metrics_module()
     if module is None or not hasattr(module, "evaluate_detection"):
-        raise EvaluationError(
+        raise EvaluateError(
             f'Bundle "{identity.name}" {identity.version}: task "detection" cannot be evaluated '
             "yet: ai.metrics_detection (mAP50, mAP50-95, FROC) is not available"
         )
     if context.boxes is None:
-        raise EvaluationError(f'Bundle "{identity.name}": detection needs --boxes (YOLO JSON)')
+        raise EvaluateError(f'Bundle "{identity.name}": detection needs --boxes (YOLO JSON)')
     results = [(img, res) for img, res in context.results]
     try:
         detection = module.evaluate_detection(results, context.boxes, meta.get("labels", []),
                                               model=identity, classes=context.box_classes)  # fmt: skip
     except ValueError as exc:
-        raise EvaluationError(f'Bundle "{identity.name}": --boxes: {exc}') from exc
+        raise EvaluateError(f'Bundle "{identity.name}": --boxes: {exc}') from exc
     return ModelReport(identity, meta, [], detection=detection)
 
 
@@ -472,9 +477,9 @@ TASK_EVALUATORS: dict[str, TaskEvaluator] = {
 def check_task_supported(metadata: BundleMetadata) -> None:
     """Fail early (before loading weights) for a task this release cannot evaluate."""
     if metadata.task not in TASK_EVALUATORS:
-        raise EvaluationError(f'Bundle "{metadata.name}": task "{metadata.task}" is unknown')
+        raise EvaluateError(f'Bundle "{metadata.name}": task "{metadata.task}" is unknown')
     if metadata.task == "detection" and _detection_metrics_module() is None:
-        raise EvaluationError(
+        raise EvaluateError(
             f'Bundle "{metadata.name}" {metadata.version}: task "detection" cannot be evaluated '
             "yet: ai.metrics_detection (mAP50, mAP50-95, FROC) is not available"
         )
@@ -510,7 +515,7 @@ def evaluate_predictions(
 ) -> EvaluationReport:
     """Figures per model and label; ``model_meta`` maps device UID -> :func:`bundle_summary`."""
     if not predictions.results:
-        raise EvaluationError("no image could be analysed: nothing to evaluate")
+        raise EvaluateError("no image could be analysed: nothing to evaluate")
     context = EvaluationContext(
         truth_labels={normalise_label(n) for n in labelled.label_names},
         results=predictions.results,
@@ -526,7 +531,7 @@ def evaluate_predictions(
         own = [p for p in predictions.predictions if p.model.device_uid == identity.device_uid]
         evaluator = TASK_EVALUATORS.get(identity.task)
         if evaluator is None:
-            raise EvaluationError(f'Model "{identity.name}": task "{identity.task}" is unknown')
+            raise EvaluateError(f'Model "{identity.name}": task "{identity.task}" is unknown')
         reports.append(evaluator(identity, meta, own, context))
     data = labelled.summary()
     data["evaluated_images"] = predictions.images
@@ -603,7 +608,7 @@ def check_device(device: str) -> None:
     from ai.inference import resolve_device
 
     if resolve_device(device).type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError(f'--device "{device}": CUDA is not available on this machine')
+        raise EvaluateError(f'--device "{device}": CUDA is not available on this machine')
 
 
 def run_evaluation(
@@ -699,7 +704,7 @@ def _read_boxes(path: Path) -> dict[str, Any]:
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EvaluationError(f'--boxes "{path}": not readable JSON ({exc})') from exc
+        raise EvaluateError(f'--boxes "{path}": not readable JSON ({exc})') from exc
     if not isinstance(doc, dict):
-        raise EvaluationError(f'--boxes "{path}": expected an object of file -> box lines')
+        raise EvaluateError(f'--boxes "{path}": expected an object of file -> box lines')
     return doc

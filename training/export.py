@@ -35,6 +35,7 @@ from typing import Any
 from ai.bundle import METADATA_PATH, BundleMetadata, load_bundle, read_metadata, save_bundle
 from ai.types import ImageResult
 from training.calibrate import operating_point_uid, replace_folder
+from training.errors import TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ RUN_BUNDLE_DIRS = ("bundle", "best", "final", ".")
 RUN_CONFIG_FILES = ("run_config.json", "config.json", "config.yaml", "config.yml", "run.json")
 
 
-class ExportError(ValueError):
+class ExportError(TrainingError, ValueError):
     """The bundle cannot be exported as asked (incomplete, ambiguous run, would overwrite)."""
 
 

@@ -20,13 +20,15 @@ import logging
 
 import numpy as np
 
+from training.errors import TrainingError
+
 logger = logging.getLogger(__name__)
 
 SOI, EOI, SOF3, DHT, SOS = b"\xff\xd8", b"\xff\xd9", b"\xff\xc3", b"\xff\xc4", b"\xff\xda"
 _CATEGORIES = 17  # SSSS 0..16
 
 
-class JPEGLosslessError(ValueError):
+class JPEGLosslessError(TrainingError, ValueError):
     """Raised when an array cannot be encoded (shape, dtype, range, precision)."""
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from training.errors import TrainingError
+
 logger = logging.getLogger(__name__)
 
 FINDINGS: tuple[str, ...] = (
@@ -44,7 +46,7 @@ _SIDES = (-1, 1)  # -1: image left (patient's right in PA), +1: image right
 Seed = int | np.random.Generator | np.random.SeedSequence
 
 
-class PhantomError(ValueError):
+class PhantomError(TrainingError, ValueError):
     """Raised for impossible phantom requests (bad size, unknown view or finding)."""
 
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from training.errors import TrainingError
+
 logger = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -35,7 +37,7 @@ DEFAULT_FRACTIONS: tuple[float, float, float] = (0.7, 0.15, 0.15)
 SPLIT_FILE = "split.json"
 
 
-class SplitError(ValueError):
+class SplitError(TrainingError, ValueError):
     """A split cannot be made or read (bad fractions, too few patients, bad file)."""
 
 

@@ -42,6 +42,7 @@ from pydicom.uid import (
 )
 
 from training import jpeg_lossless
+from training.errors import TrainingError
 from training.phantoms import FINDINGS, Phantom, render_ct_slice, render_phantom
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ _MAKERS = (
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
-class SynthError(ValueError):
+class SynthError(TrainingError, ValueError):
     """Raised for bad synthesis requests (unknown variant, bad size or count)."""
 
 

@@ -1,4 +1,4 @@
-"""One training step on CUDA with AMP, through ``training.fit.fit`` (the path of
+"""One training step on CUDA with AMP, through ``training.fit.classification.fit`` (the path of
 ``training fit`` and of the demo bundles): float16 autocast, an enabled GradScaler, a
 finite loss, weights that changed, and a bundle the node then loads on the CPU.
 
@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-import training.fit
+import training.fit.classification
 from ai.inference import Analyzer
-from training.fit import FitConfig, fit
-from training.loop import unwrap
+from training.fit.classification import FitConfig, fit
+from training.fit.distributed import unwrap
 from training.synth import make_dataset, synthesize
 
 pytestmark = pytest.mark.gpu
@@ -42,7 +42,7 @@ def _first_conv(model: nn.Module) -> nn.Module:
 def _spy_on_train_steps(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """Wrap fit's ``train_steps`` to see the device, AMP state, activations and weights."""
     seen: dict[str, Any] = {"dtypes": []}
-    real = training.fit.train_steps
+    real = training.fit.classification.train_steps
 
     def spy(model: nn.Module, loader: Any, loss_fn: nn.Module, opt: Any, device: torch.device,
             **kwargs: Any) -> tuple[int, float]:  # fmt: skip
@@ -59,7 +59,7 @@ def _spy_on_train_steps(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         seen.update(steps=steps, loss=loss)
         return steps, loss
 
-    monkeypatch.setattr(training.fit, "train_steps", spy)
+    monkeypatch.setattr(training.fit.classification, "train_steps", spy)
     return seen
 
 

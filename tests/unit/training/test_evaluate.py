@@ -17,7 +17,7 @@ from ai.inference import Analyzer
 from ai.types import CodedConcept, Finding, ImageResult, ModelIdentity
 from training.cli import main
 from training.evaluate import (
-    EvaluationError,
+    EvaluateError,
     LabelledImage,
     LabelledSet,
     evaluate_predictions,
@@ -279,5 +279,5 @@ def test_nothing_analysable_is_an_error() -> None:
 
     found = predict(stub, labelled.images, reader=lateral)
     assert found.skipped == {"lateral view": 12}
-    with pytest.raises(EvaluationError, match="no image could be analysed"):
+    with pytest.raises(EvaluateError, match="no image could be analysed"):
         evaluate_predictions(found, labelled)

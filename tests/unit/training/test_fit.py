@@ -21,9 +21,9 @@ import ai.pixels
 from ai.bundle import load_bundle
 from ai.inference import Analyzer
 from ai.networks import build_network
-from training import checkpoint
 from training.cli import main
-from training.fit import FitConfig, fit
+from training.fit import checkpoint
+from training.fit.classification import FitConfig, fit
 from training.synth import synthesize
 
 ROOT = Path(__file__).resolve().parents[3]

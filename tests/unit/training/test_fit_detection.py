@@ -16,12 +16,12 @@ import torch
 
 from ai.bundle import load_bundle
 from ai.pixels import Letterbox
-from training import checkpoint
 from training.cli import main
-from training.fit_detection import (
+from training.errors import FitError
+from training.fit import checkpoint
+from training.fit.detection import (
     DetectionDataset,
     DetectionFitConfig,
-    DetectionFitError,
     affine_jitter,
     fit_detection,
     prepare_data,
@@ -212,7 +212,7 @@ def test_cli_refuses_mixed_options(phantoms: Path, tmp_path: Path, capsys: pytes
     assert "--train-crop need --task detection" in capsys.readouterr().err
     assert main([*args, "--task", "detection", "--label-names", "mass", *FAST[:-2]]) == 1
     assert "are not classes of boxes.json" in capsys.readouterr().err
-    with pytest.raises(DetectionFitError, match="must be a multiple of 16"):
+    with pytest.raises(FitError, match="must be a multiple of 16"):
         _config(phantoms, tmp_path / "x", image_size=72)
 
 

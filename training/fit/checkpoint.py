@@ -35,6 +35,8 @@ import pydicom
 import torch
 from torch import nn
 
+from training.errors import TrainingError
+
 logger = logging.getLogger(__name__)
 
 LAST = "last.pt"
@@ -42,7 +44,7 @@ BEST = "best.pt"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TrainingError, ValueError):
     """A checkpoint is missing, unreadable or from another kind of run."""
 
 
@@ -193,7 +195,7 @@ def versions() -> dict[str, str]:
 
 def git_commit() -> str | None:
     """The commit of this checkout, when it is a git checkout."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=5, check=False)  # fmt: skip

@@ -1,0 +1,496 @@
+"""``training fit``: exported DICOM + labels -> a trained, calibrated classification bundle.
+
+The classification task of the fit engine (:mod:`training.fit.engine`, which owns the run
+folder, the epoch loop, resume and the bundle writing): labels from a CSV (multi-label 0/1
+columns or one multi-class ``label`` column), the network of ``--network``, BCE/CE or focal
+loss, a uniform, weighted or oversampling sampler, ``predictions.csv``.
+
+Model selection monitors the validation mean AUROC (labels with both classes present; the
+validation loss when none has). The best epoch's weights are scored on the validation split
+to choose each label's operating threshold (Youden J) and on the held-out test split for the
+figures a reader should trust; both sets of figures go into the bundle metadata.
+
+(The issue's layout names this module after the task; its public names, ``FitConfig`` and
+``fit``, are those of the former ``training/fit.py``. The training step and the probability
+gathering, formerly in ``training/loop.py``, are here because only this task uses them.)
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from ai.bundle import BundleMetadata, LabelSpec, NetworkSpec
+from ai.labels import (
+    LabelMatch,
+    index_dicom_tree,
+    match_labels,
+    read_classification_labels,
+)
+from ai.metrics import auroc, auroc_estimate, binary_metrics_at, youden_threshold
+from ai.networks import build_network, network_names
+from ai.types import BundleError
+from training.datasets import ClassificationDataset, ImageItem
+from training.errors import FitError
+from training.fit import checkpoint
+from training.fit.distributed import DistInfo
+from training.fit.engine import FitResult, Run, RunConfig, run_fit, run_split
+from training.fit.optimisation import Optimisation, optimizer_step
+from training.losses import LOSSES, ClassificationLoss
+from training.sampling import SAMPLER_MODES, EpochSampler
+from training.split import SPLITS, PatientSplit, apply_split
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS = "predictions.csv"
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitConfig(RunConfig):
+    """Everything one ``training fit`` run depends on (saved in ``run_config.json``)."""
+
+    task: str = "classification"
+    network: str = "densenet121"
+    image_size: int = 224
+    epochs: int = 20
+    batch_size: int = 16
+    clip_grad: float = 1.0
+    patience: int = 5
+    name: str = "cxr-classifier"
+    labels_key: str = "auto"
+    loss: str = "bce"
+    focal_gamma: float = 2.0
+    focal_alpha: float | None = None
+    sampler: str = "uniform"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.task == "classification", f'task "{self.task}": this trainer fits classification'),
+            (self.network in network_names(), f'network "{self.network}" is not one of {network_names()}'),
+            (self.image_size >= 16, f"image size {self.image_size} must be at least 16"),
+            (self.epochs >= 1 and self.batch_size >= 1, "epochs and batch size must be at least 1"),
+            (self.max_steps >= 0 and self.patience >= 0, "max steps and patience must be >= 0"),
+            (self.lr > 0 and self.weight_decay >= 0, f"lr {self.lr} must be > 0, weight decay >= 0"),
+            (self.loss in LOSSES, f'loss "{self.loss}" must be one of {list(LOSSES)}'),
+            (self.sampler in SAMPLER_MODES, f'sampler "{self.sampler}" must be one of {list(SAMPLER_MODES)}'),
+            (self.num_workers >= 0 and self.threads >= 0, "workers and threads must be >= 0"),
+            (0.0 <= self.min_lr_ratio <= 1.0, f"min LR ratio {self.min_lr_ratio} must be in [0, 1]"),
+            (len(self.split) == 3 and abs(sum(self.split) - 1) < 1e-6 and self.split[1] > 0,
+             f"split {list(self.split)} must be train,val,test fractions summing to 1, val > 0"),
+        ]  # fmt: skip
+        self.check(checks)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class PreparedData:
+    """Matched images, labels and split: what every rank trains on."""
+
+    label_names: tuple[str, ...]
+    multi_label: bool
+    items: list[ImageItem]
+    splits: dict[str, list[int]]  # split name -> indexes into items
+    summary: dict[str, Any]
+    report: str
+
+    def subset(self, name: str) -> list[ImageItem]:
+        return [self.items[i] for i in self.splits.get(name, [])]
+
+    def targets(self, name: str) -> np.ndarray:
+        rows = [self.items[i].targets for i in self.splits.get(name, [])]
+        return np.asarray(rows, dtype=np.float32).reshape(len(rows), len(self.label_names))
+
+
+def _match(config: FitConfig, progress: bool) -> tuple[LabelMatch, list[str]]:
+    with tqdm(desc="index DICOM", unit="file", disable=not progress) as bar:
+        index = index_dicom_tree(config.data, progress=bar.update)
+    labels = read_classification_labels(
+        config.labels, config.label_names or None, key=config.labels_key
+    )
+    match = match_labels(index, labels, strict=config.strict)
+    excluded: list[str] = []
+    if config.modalities:
+        allowed = {m.upper() for m in config.modalities}
+        kept = [m for m in match.matched if m.image.modality in allowed]
+        excluded = [
+            f"sop={m.image.sop_instance_uid}: modality {m.image.modality or '(none)'}"
+            for m in match.matched if m.image.modality not in allowed
+        ]  # fmt: skip
+        match.matched = kept
+    match.check(strict=False)  # raises when nothing matched
+    return match, excluded
+
+
+def prepare_data(
+    config: FitConfig, *, resume: bool, progress: bool
+) -> tuple[PreparedData, PatientSplit]:
+    """Index, match, filter and split (rank 0 only; the result is broadcast)."""
+    match, excluded = _match(config, progress)
+    matched = match.matched
+    items = [ImageItem(m.image.path, m.image.sop_instance_uid, tuple(float(t) for t in m.targets))
+             for m in matched]  # fmt: skip
+    sops = [item.sop_instance_uid for item in items]
+    split = run_split(config, resume=resume, sops=sops, matched=matched,
+                      label_names=match.label_names)  # fmt: skip
+    indexes = apply_split(split, sops)
+    report = match.report()
+    if excluded:
+        report += f"\nexcluded by --modalities {','.join(config.modalities)}: {len(excluded)}\n"
+        report += "\n".join(f"  - {line}" for line in excluded[:20])
+    prepared = PreparedData(match.label_names, match.multi_label, items, indexes, {}, report)
+    prepared.summary = {
+        "images": len(items),
+        "patients": len({m.patient_key for m in matched}),
+        "labels": list(match.label_names),
+        "multi_label": match.multi_label,
+        "match": match.summary(),
+        "excluded_modality": len(excluded),
+        "splits": {name: _split_summary(prepared, name) for name in SPLITS},
+    }
+    return prepared, split
+
+
+def _split_summary(data: PreparedData, name: str) -> dict[str, Any]:
+    y = data.targets(name)
+    return {
+        "images": int(len(y)),
+        "positives": {label: int(y[:, j].sum()) for j, label in enumerate(data.label_names)},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+def _build_model(
+    config: FitConfig, num_classes: int, *, pretrained: bool = True
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The network, seeded from ``config.seed``, with ``--pretrained`` weights (unless
+    resuming: the checkpoint has the weights then)."""
+    torch.manual_seed(config.seed)
+    try:
+        model = build_network(config.network, config.network_args, num_classes=num_classes).module
+    except BundleError as exc:
+        raise FitError(str(exc)) from exc
+    if not (pretrained and config.pretrained):
+        return model, None
+    report = checkpoint.load_pretrained(model, config.pretrained)
+    return model, report
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def fit(
+    config: FitConfig,
+    *,
+    resume: bool = False,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+) -> FitResult:
+    """Train (or continue, ``resume=True``) a classification run; see the module docstring.
+
+    ``on_epoch_end(record)`` is called on every rank after each epoch's checkpoint is
+    written (tests use it to interrupt a run).
+    """
+    return run_fit(ClassificationRun, config, resume=resume, on_epoch_end=on_epoch_end)
+
+
+@dataclass
+class ClassificationRun(Run):
+    """The classification hooks of the engine's run."""
+
+    command = "training fit"
+    metrics_method = "thresholds: Youden J on the validation split; test: held-out patients"
+    loss_fn: nn.Module = field(init=False)
+    _val_loader: Any = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        config = self.config
+        self.loss_fn = ClassificationLoss(self.data.multi_label, config.loss,
+                                          gamma=config.focal_gamma, alpha=config.focal_alpha)  # fmt: skip
+
+    @classmethod
+    def check_labels(cls, config: Any) -> None:
+        if not Path(config.labels).is_file():
+            raise FitError(f'--labels "{config.labels}" is not a file')
+
+    @classmethod
+    def prepare(cls, config: Any, *, resume: bool, progress: bool) -> tuple[Any, PatientSplit]:
+        return prepare_data(config, resume=resume, progress=progress)
+
+    @classmethod
+    def build_model(cls, config: Any, data: Any, resume: bool) -> tuple[nn.Module, dict | None]:
+        return _build_model(config, len(data.label_names), pretrained=not resume)
+
+    @classmethod
+    def choose_monitor(cls, data: Any) -> str:
+        val_y = data.targets("val")
+        both = [(val_y[:, j].min() < 1 and val_y[:, j].max() > 0) for j in range(val_y.shape[1])]
+        return "val_mean_auroc" if any(both) else "val_loss"
+
+    def dataset(self, split: str, augment: bool = False) -> ClassificationDataset:
+        return ClassificationDataset(self.data.subset(split), self.cache, augment=augment,
+                                     seed=self.config.seed)  # fmt: skip
+
+    def eval_dataset(self, split: str) -> ClassificationDataset:
+        return self.dataset(split)
+
+    def train_parts(self) -> tuple[ClassificationDataset, EpochSampler]:
+        config, info = self.config, self.info
+        train_ds = self.dataset("train", augment=config.augment)
+        sampler = EpochSampler(len(train_ds), mode=config.sampler, targets=train_ds.targets,
+                               multi_label=self.data.multi_label, num_replicas=info.world_size,
+                               rank=info.rank, seed=config.seed)  # fmt: skip
+        return train_ds, sampler
+
+    def train_epoch(
+        self, opt: Optimisation, loader: Any, budget: int, bar: Any
+    ) -> dict[str, float]:
+        state, writer, every = self.state, self.writer, max(self.config.log_every, 1)
+
+        def on_step(loss: float, lr: float) -> None:
+            state.step += 1
+            if writer is not None and state.step % every == 0:
+                writer.add_scalar("train/loss", loss, state.step)
+                writer.add_scalar("train/lr", lr, state.step)
+
+        _, train_loss = train_steps(self.model, loader, self.loss_fn, opt, self.device,
+                                    max_steps=budget, on_step=on_step, progress=bar)  # fmt: skip
+        return {"train_loss": train_loss}
+
+    def validate(self, opt: Optimisation) -> tuple[float, dict[str, Any]]:
+        if self._val_loader is None:
+            self._val_loader = self.eval_loader("val")
+        n_val = len(self.data.splits.get("val", []))
+        probs, val_loss = predict(self.model, self._val_loader, self.device, n_val,
+                                  multi_label=self.data.multi_label, loss_fn=self.loss_fn,
+                                  info=self.info, amp=opt.amp)  # fmt: skip
+        aurocs = label_aurocs(self.data.targets("val"), probs, self.data.label_names)
+        mean_auc = mean_finite(aurocs.values())
+        metric = mean_auc if self.monitor == "val_mean_auroc" else val_loss
+        return metric, {"val_loss": val_loss, "val_mean_auroc": mean_auc, "val_auroc": aurocs}
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        logger.info("epoch %d step %d: train loss %.4f, val loss %.4f, val mean AUROC %.4f%s",
+                    record["epoch"], record["step"], record["train_loss"], record["val_loss"],
+                    record["val_mean_auroc"], " (best)" if record["improved"] else "")  # fmt: skip
+        writer = self.writer
+        if writer is None:
+            return
+        step = record["step"]
+        writer.add_scalar("val/loss", record["val_loss"], step)
+        if math.isfinite(record["val_mean_auroc"]):
+            writer.add_scalar("val/mean_auroc", record["val_mean_auroc"], step)
+        for name, value in record["val_auroc"].items():
+            if math.isfinite(value):
+                writer.add_scalar(f"val_auroc/{name}", value, step)
+        writer.add_scalar("train/epoch_loss", record["train_loss"], step)
+        writer.flush()
+
+    def predict(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self.data.splits.get(split, []))
+        probs, _ = predict(self.model, self.eval_loader(split), self.device, n,
+                           multi_label=self.data.multi_label, info=self.info)  # fmt: skip
+        return self.data.targets(split), probs
+
+    def score(self, predictions: dict[str, Any]) -> tuple[list[float], dict[str, Any]]:
+        return calibrate_and_score(self.data.label_names, predictions)
+
+    def write_predictions(self, predictions: dict[str, Any]) -> None:
+        """``predictions.csv``: the best model's probabilities per validation/test image."""
+        names = self.data.label_names
+        header = [
+            "sop_instance_uid",
+            "split",
+            *(f"true_{n}" for n in names),
+            *(f"prob_{n}" for n in names),
+        ]
+        with (self.config.run_dir / PREDICTIONS).open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            for split, (truth, probs) in predictions.items():
+                for item, y, p in zip(self.data.subset(split), truth, probs, strict=True):
+                    writer.writerow([item.sop_instance_uid, split, *(int(v) for v in y),
+                                     *(f"{v:.6f}" for v in p)])  # fmt: skip
+
+    def training_record(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "loss": config.loss, "sampler": config.sampler, "optimizer": "AdamW",
+            "learning_rate": config.lr, "schedule": "linear warm-up + cosine",
+            "batch_size": config.batch_size, "augment": config.augment,
+        }  # fmt: skip
+
+    def metadata(self, labels: tuple[LabelSpec, ...], training: dict[str, Any],
+                 metrics: dict[str, Any]) -> BundleMetadata:  # fmt: skip
+        config = self.config
+        return BundleMetadata(
+            name=config.name, version=config.version, labels=labels,
+            network=NetworkSpec(config.network, dict(config.network_args)),
+            task="classification", multi_label=self.data.multi_label, input=config.input_spec,
+            description=config.description or f"{config.network} trained by training fit",
+            training=training,
+            validation_metrics={k: metrics[k] for k in ("method", "per_label", "summary")},
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Training step and evaluation (per rank, gathered over ranks)
+
+
+def train_steps(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    loss_fn: nn.Module,
+    opt: Optimisation,
+    device: torch.device,
+    *,
+    max_steps: int,
+    on_step: Any = None,
+    progress: tqdm | None = None,
+) -> tuple[int, float]:
+    """Train until ``loader`` ends or ``max_steps`` steps were taken in this call.
+
+    Returns (steps taken, mean training loss). ``on_step(loss, lr)`` runs after each step.
+    """
+    model.train()
+    steps, total = 0, 0.0
+    for batch in loader:
+        if steps >= max_steps:
+            break
+        images = batch["image"].to(device, non_blocking=True)
+        targets = batch["target"].to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=opt.amp):
+            logits = model(images)
+        loss = loss_fn(logits.float(), targets)
+        optimizer_step(opt, model, loss)
+        value = float(loss.detach())
+        steps, total = steps + 1, total + value
+        if on_step is not None:
+            on_step(value, opt.optimizer.param_groups[0]["lr"])
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{value:.4f}")
+    return steps, total / max(steps, 1)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    device: torch.device,
+    size: int,
+    *,
+    multi_label: bool,
+    loss_fn: nn.Module | None = None,
+    info: DistInfo | None = None,
+    amp: bool = False,
+) -> tuple[np.ndarray, float]:
+    """Probabilities (size, labels) in dataset order, gathered over ranks, and the mean loss."""
+    info = info or DistInfo()
+    model.eval()
+    indices: list[int] = []
+    chunks: list[np.ndarray] = []
+    loss_sum = 0.0
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+            logits = model(images).float()
+        if loss_fn is not None:
+            loss_sum += float(loss_fn(logits, batch["target"].to(device))) * len(images)
+        probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
+        chunks.append(probs.cpu().numpy())
+        indices.extend(int(i) for i in batch["index"])
+    local = (indices, np.concatenate(chunks) if chunks else None, loss_sum)
+    parts = [local]
+    if info.distributed:
+        parts = [None] * info.world_size  # type: ignore[list-item]
+        dist.all_gather_object(parts, local)
+    out: np.ndarray | None = None
+    total_loss = 0.0
+    for part_indices, part_probs, part_loss in parts:
+        total_loss += part_loss
+        if part_probs is None:
+            continue
+        if out is None:
+            out = np.full((size, part_probs.shape[1]), np.nan, dtype=np.float64)
+        out[np.asarray(part_indices)] = part_probs
+    if out is None or np.isnan(out).any():
+        raise RuntimeError("evaluation did not cover every image")
+    return out, total_loss / max(size, 1)
+
+
+def label_aurocs(targets: np.ndarray, probs: np.ndarray, names: Iterable[str]) -> dict[str, float]:
+    """AUROC per label (NaN where a label lacks positives or negatives)."""
+    return {name: auroc(targets[:, j].astype(int), probs[:, j]) for j, name in enumerate(names)}
+
+
+def mean_finite(values: Iterable[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _label_figures(y: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any] | None:
+    if len(y) == 0:
+        return None
+    m = binary_metrics_at(y.astype(int), scores, threshold)
+    return {
+        "n_positive": int(y.sum()),
+        "n_negative": int(len(y) - y.sum()),
+        **m.as_dict(),
+        "auroc": auroc_estimate(y.astype(int), scores, n_boot=1000).as_dict(),
+    }
+
+
+def calibrate_and_score(
+    names: tuple[str, ...], predictions: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> tuple[list[float], dict[str, Any]]:
+    """Youden J thresholds on ``predictions["val"]``; figures for every split given."""
+    y_val, p_val = predictions["val"]
+    thresholds: list[float] = []
+    per_label: dict[str, Any] = {}
+    for j, name in enumerate(names):
+        try:
+            threshold, method = (
+                float(youden_threshold(y_val[:, j].astype(int), p_val[:, j])),
+                "youden",
+            )
+        except ValueError:
+            threshold, method = 0.5, "default (validation lacks positives or negatives)"
+        threshold = min(max(threshold, 0.0), 1.0)
+        thresholds.append(threshold)
+        entry: dict[str, Any] = {"threshold": threshold, "threshold_method": method}
+        for split, (y, p) in predictions.items():
+            figures = _label_figures(y[:, j], p[:, j], threshold)
+            if figures is not None:
+                entry[split] = figures
+        per_label[name] = entry
+    summary: dict[str, Any] = {}
+    for split, (y, _) in predictions.items():
+        aucs = [per_label[n].get(split, {}).get("auroc", {}).get("value") for n in names]
+        summary[split] = {
+            "images": int(len(y)),
+            "mean_auroc": mean_finite(a for a in aucs if a is not None),
+        }
+    return thresholds, {"per_label": per_label, "summary": summary}
