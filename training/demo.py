@@ -37,9 +37,9 @@ from tqdm import tqdm
 
 from ai.bundle import BundleMetadata, InputSpec, LabelSpec, NetworkSpec, save_bundle
 from ai.codes import default_code
-from ai.metrics import auroc_estimate, binary_metrics_at, youden_threshold
 from ai.networks import build_network
 from ai.pixels import PreprocessParams, preprocess, preprocess_image
+from ai.reference.metrics import auroc_estimate, binary_metrics_at, youden_threshold
 from ai.types import CodedConcept
 from training.phantoms import FINDINGS, render_phantom
 from training.synth import synthesize

@@ -14,7 +14,7 @@ task through :data:`TASK_EVALUATORS`) -> :mod:`training.report` writes the files
 Detection bundles plug in through :data:`TASK_EVALUATORS`: their evaluator needs the
 box truth (``--boxes``, a YOLO JSON map; class names from a ``classes.txt`` beside it, else
 the bundle's labels) and reports per-class Images, Instances, P, R, mAP50, mAP50-95 and
-FROC from :mod:`ai.metrics_detection`; a FROC plot per class goes into ``curves/``.
+FROC from :mod:`ai.reference.metrics_detection`; a FROC plot per class goes into ``curves/``.
 
 Nothing identifying leaves this module: reports and logs carry SOP/Study Instance UIDs and
 counts, never patient names, IDs or file paths inside the data tree.
@@ -38,16 +38,7 @@ from pydicom.errors import InvalidDicomError
 
 from ai.bundle import BundleMetadata, read_metadata
 from ai.codes import normalise_label
-from ai.metrics import (
-    BinaryMetrics,
-    Curve,
-    Estimate,
-    auroc_estimate,
-    average_precision_estimate,
-    binary_metrics,
-    precision_recall_curve,
-    roc_curve,
-)
+from ai.reference.evaluate import LabelMetrics, label_metrics
 from ai.types import ImageResult, ModelIdentity, PixelDataError
 
 logger = logging.getLogger(__name__)
@@ -99,13 +90,13 @@ class LabelledSet:
 def load_labelled_set(
     data_dir: Path, labels_csv: Path, *, progress: Callable[[int], None] | None = None
 ) -> LabelledSet:
-    """Match ``labels_csv`` to the DICOM files under ``data_dir`` (:mod:`ai.labels`).
+    """Match ``labels_csv`` to the DICOM files under ``data_dir`` (:mod:`ai.reference.labels`).
 
     Mismatches (labels without images, images without labels, unknown classes, unreadable
     or duplicate files) are counted in the result and logged as counts; the evaluation goes
     on with the matched images and fails only when none matched.
     """
-    from ai.labels import index_dicom_tree, match_labels, read_classification_labels
+    from ai.reference.labels import index_dicom_tree, match_labels, read_classification_labels
 
     data_dir, labels_csv = Path(data_dir), Path(labels_csv)
     if not data_dir.is_dir():
@@ -282,36 +273,6 @@ def _flatten(results: Iterable[tuple[LabelledImage, ImageResult]]) -> list[Predi
 
 
 @dataclass
-class LabelMetrics:
-    """One label of one classification model: counts, operating point, ranking figures."""
-
-    label: str
-    threshold: float
-    n: int
-    n_pos: int
-    n_neg: int
-    operating_point: BinaryMetrics
-    auroc: Estimate
-    average_precision: Estimate
-    roc: Curve | None = None
-    pr: Curve | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "label": self.label,
-            "threshold": self.threshold,
-            "images": self.n,
-            "n_pos": self.n_pos,
-            "n_neg": self.n_neg,
-            "prevalence": self.n_pos / self.n if self.n else None,
-        }
-        out.update(self.operating_point.as_dict())
-        out["auroc"] = self.auroc.as_dict()
-        out["average_precision"] = self.average_precision.as_dict()
-        return out
-
-
-@dataclass
 class ModelReport:
     """The figures of one bundle: per-label rows plus the labels it could not be scored on."""
 
@@ -357,31 +318,6 @@ class EvaluationReport:
         }
 
 
-def label_metrics(
-    label: str, threshold: float, truth: np.ndarray, scores: np.ndarray, *, n_boot: int = 2000,
-    seed: int = 0, curves: bool = True,
-) -> LabelMetrics:  # fmt: skip
-    """All figures of one label from 0/1 truth and probabilities (``>= threshold`` positive)."""
-    truth = np.asarray(truth, dtype=int)
-    scores = np.asarray(scores, dtype=float)
-    n_pos = int(truth.sum())
-    both = 0 < n_pos < truth.size
-    return LabelMetrics(
-        label=label,
-        threshold=float(threshold),
-        n=int(truth.size),
-        n_pos=n_pos,
-        n_neg=int(truth.size - n_pos),
-        operating_point=binary_metrics(truth, (scores >= threshold).astype(int)),
-        auroc=auroc_estimate(truth, scores, n_boot=n_boot, seed=seed),
-        average_precision=average_precision_estimate(
-            truth, scores, n_boot=max(200, n_boot // 2), seed=seed
-        ),
-        roc=roc_curve(truth, scores) if curves and both else None,
-        pr=precision_recall_curve(truth, scores) if curves and n_pos else None,
-    )
-
-
 def _evaluate_classification(
     identity: ModelIdentity,
     meta: dict[str, Any],
@@ -422,13 +358,13 @@ def _evaluate_detection(
     predictions: Sequence[Prediction],
     context: EvaluationContext,
 ) -> ModelReport:
-    """Per-class Images, Instances, P, R, mAP50, mAP50-95 and FROC from ``ai.metrics_detection``
+    """Per-class Images, Instances, P, R, mAP50, mAP50-95 and FROC from ``ai.reference.metrics_detection``
     (``evaluate_detection`` returns ``{"classes": [...rows...], "froc": {...}, ...}``)."""
     module = _detection_metrics_module()
     if module is None or not hasattr(module, "evaluate_detection"):
         raise EvaluationError(
             f'Bundle "{identity.name}" {identity.version}: task "detection" cannot be evaluated '
-            "yet: ai.metrics_detection (mAP50, mAP50-95, FROC) is not available"
+            "yet: ai.reference.metrics_detection (mAP50, mAP50-95, FROC) is not available"
         )
     if context.boxes is None:
         raise EvaluationError(f'Bundle "{identity.name}": detection needs --boxes (YOLO JSON)')
@@ -443,7 +379,7 @@ def _evaluate_detection(
 
 def _detection_metrics_module() -> Any:
     try:
-        return importlib.import_module("ai.metrics_detection")
+        return importlib.import_module("ai.reference.metrics_detection")
     except ModuleNotFoundError:
         return None
 
@@ -476,7 +412,7 @@ def check_task_supported(metadata: BundleMetadata) -> None:
     if metadata.task == "detection" and _detection_metrics_module() is None:
         raise EvaluationError(
             f'Bundle "{metadata.name}" {metadata.version}: task "detection" cannot be evaluated '
-            "yet: ai.metrics_detection (mAP50, mAP50-95, FROC) is not available"
+            "yet: ai.reference.metrics_detection (mAP50, mAP50-95, FROC) is not available"
         )
 
 

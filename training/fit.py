@@ -4,7 +4,7 @@ A run folder (``--out``) collects everything about one run:
 
 ``run_config.json``  every argument, library versions, git commit, data summary, results
 ``split.json``       patient-level train/val/test split (see :mod:`training.split`)
-``data_report.txt``  how labels matched images (every mismatch, see :mod:`ai.labels`)
+``data_report.txt``  how labels matched images (every mismatch, see :mod:`ai.reference.labels`)
 ``last.pt``          checkpoint after every epoch (see :mod:`training.checkpoint`)
 ``best.pt``          weights of the best validation epoch
 ``metrics.json``     per-label validation and test figures of the best model, history
@@ -44,14 +44,14 @@ from tqdm import tqdm
 
 from ai.bundle import BundleMetadata, InputSpec, LabelSpec, NetworkSpec, save_bundle
 from ai.codes import default_code, normalise_label
-from ai.labels import (
+from ai.networks import build_network, network_names
+from ai.pixels import PreprocessParams
+from ai.reference.labels import (
     LabelMatch,
     index_dicom_tree,
     match_labels,
     read_classification_labels,
 )
-from ai.networks import build_network, network_names
-from ai.pixels import PreprocessParams
 from ai.types import BundleError, CodedConcept, PixelDataError
 from training import checkpoint
 from training.checkpoint import clean_json, git_commit, versions, write_json

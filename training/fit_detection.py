@@ -28,7 +28,7 @@ by default.
 Model selection monitors the validation mAP50; the best epoch's detections on the
 validation split choose each label's operating threshold (the score maximising lesion-level
 F1, or the highest reaching ``--target-sensitivity``) and the held-out test split gives the
-figures to trust (:mod:`ai.metrics_detection`: AP50, AP50-95, P/R, FROC), written to
+figures to trust (:mod:`ai.reference.metrics_detection`: AP50, AP50-95, P/R, FROC), written to
 ``metrics.json`` and the bundle's ``validation_metrics``.
 """
 
@@ -63,7 +63,8 @@ from ai.detection import (
     to_monai_boxes,
     unpack,
 )
-from ai.labels import (
+from ai.pixels import Letterbox, PreprocessParams
+from ai.reference.labels import (
     LabelMatch,
     MatchedImage,
     index_dicom_tree,
@@ -71,7 +72,7 @@ from ai.labels import (
     read_nih_boxes,
     read_yolo_labels,
 )
-from ai.metrics_detection import (
+from ai.reference.metrics_detection import (
     DetectionReport,
     ImageBoxes,
     best_f1_threshold,
@@ -79,7 +80,6 @@ from ai.metrics_detection import (
     pooled_at_iou50,
     threshold_for_lesion_sensitivity,
 )
-from ai.pixels import Letterbox, PreprocessParams
 from ai.types import BundleError, PixelDataError
 from training import checkpoint
 from training.checkpoint import clean_json, git_commit, versions, write_json

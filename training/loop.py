@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ai.metrics import auroc, auroc_estimate, binary_metrics_at, youden_threshold
+from ai.reference.metrics import auroc, auroc_estimate, binary_metrics_at, youden_threshold
 
 logger = logging.getLogger(__name__)
 

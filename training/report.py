@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ai.metrics import Curve, Estimate
-    from training.evaluate import EvaluationReport, LabelMetrics, ModelReport, Prediction
+    from ai.reference.evaluate import LabelMetrics
+    from ai.reference.metrics import Curve, Estimate
+    from training.evaluate import EvaluationReport, ModelReport, Prediction
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ selection rules (:func:`dicom_node.selection.rejection_reason`) decide whether i
 analysed, and the images of one study are handed to ``Analyzer.analyze`` together, as a
 worker does with a job. What is not analysed is counted by reason, never silently dropped.
 
-The label file is the classification CSV ``training`` reads (:mod:`ai.labels`): keyed by
+The label file is the classification CSV ``training`` reads (:mod:`ai.reference.labels`): keyed by
 ``sop_instance_uid``, ``path`` (relative to ``dicom_dir``) or ``study_instance_uid``, with
 one 0/1 column per label or a single ``label`` column (multi-class). Study-keyed labels are
 evaluated per study (positive if any image is, probability = the maximum).
@@ -25,7 +25,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from ai.codes import normalise_label
-from ai.labels import LabelError, normalise_path, read_classification_labels
+from ai.reference.labels import LabelError, normalise_path, read_classification_labels
 from ai.types import ImageResult, PixelDataError
 from dicom_node.config import SelectionSettings
 from dicom_node.evaluation.errors import EvaluationError, EvaluationInterrupted
@@ -42,7 +42,7 @@ KeyKind = Literal["sop", "path", "study"]
 class ReferenceLabels:
     """The label file as the evaluation uses it: per record key, 0/1 per (normalised) label.
 
-    Parsing is :func:`ai.labels.read_classification_labels`, shared with ``training``, so
+    Parsing is :func:`ai.reference.labels.read_classification_labels`, shared with ``training``, so
     the node reads exactly the files training reads. Multi-class files become one-hot
     records (a class the model does not know, e.g. "No Finding", is negative for all).
     """

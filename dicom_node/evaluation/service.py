@@ -117,7 +117,7 @@ def _read_box_map(boxes_json: Path | None, classes_txt: Path | None
     """The YOLO JSON map and its class names; errors name the setting."""
     import json
 
-    from ai.labels import LabelError, read_classes
+    from ai.reference.labels import LabelError, read_classes
 
     assert boxes_json is not None and classes_txt is not None
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from ai.labels import (
+from ai.reference.labels import (
     ClassificationLabels,
     LabelError,
     LabelMismatchError,
