@@ -36,10 +36,11 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from ai.batches import analyse_isolating
 from ai.bundle import BundleMetadata, read_metadata
 from ai.codes import normalise_label
 from ai.reference.evaluate import LabelMetrics, label_metrics
-from ai.types import ImageResult, ModelIdentity, PixelDataError
+from ai.types import Analyzer, ImageResult, ModelIdentity, PixelDataError
 
 logger = logging.getLogger(__name__)
 
@@ -132,15 +133,6 @@ def load_labelled_set(
 # Predictions through the node's Analyzer
 
 
-class SupportsAnalyze(Protocol):
-    """What evaluation needs from the model side: :class:`ai.inference.Analyzer` has it."""
-
-    @property
-    def models(self) -> list[ModelIdentity]: ...
-
-    def analyze(self, datasets: Sequence[Dataset]) -> list[ImageResult]: ...
-
-
 @dataclass(frozen=True)
 class Prediction:
     """One label's score on one image from one model, with the reference standard."""
@@ -194,26 +186,23 @@ def _read(image: LabelledImage) -> Dataset:
 
 
 def _analyse_chunk(
-    analyzer: SupportsAnalyze, chunk: list[tuple[LabelledImage, Dataset]], skipped: Counter
+    analyzer: Analyzer, chunk: list[tuple[LabelledImage, Dataset]], skipped: Counter
 ) -> list[tuple[LabelledImage, ImageResult]]:
-    """Analyse a batch; when one image fails, retry one by one so only it is skipped."""
-    try:
-        results = analyzer.analyze([ds for _, ds in chunk])
-        return list(zip((img for img, _ in chunk), results, strict=True))
-    except PixelDataError:
-        if len(chunk) == 1:
+    """Analyse a batch; an image whose pixels cannot be used is skipped and counted."""
+    out: list[tuple[LabelledImage, ImageResult]] = []
+    outcomes = analyse_isolating(analyzer, [ds for _, ds in chunk])
+    for (image, _), outcome in zip(chunk, outcomes, strict=True):
+        if isinstance(outcome, PixelDataError):
             skipped["undecodable pixel data"] += 1
             logger.warning("SOP Instance %s: pixel data cannot be analysed; skipped",
-                           chunk[0][0].sop_instance_uid)  # fmt: skip
-            return []
-    out: list[tuple[LabelledImage, ImageResult]] = []
-    for item in chunk:
-        out.extend(_analyse_chunk(analyzer, [item], skipped))
+                           image.sop_instance_uid)  # fmt: skip
+        else:
+            out.append((image, outcome))
     return out
 
 
 def predict(
-    analyzer: SupportsAnalyze,
+    analyzer: Analyzer,
     images: Sequence[LabelledImage],
     *,
     batch_size: int = 8,
@@ -507,7 +496,7 @@ def analyse_labelled_set(
     batch_size: int = 8,
     all_images: bool = False,
     progress: ProgressFactory | None = None,
-    analyzer_factory: Callable[..., SupportsAnalyze] | None = None,
+    analyzer_factory: Callable[..., Analyzer] | None = None,
 ) -> tuple[PredictionSet, dict[str, dict[str, Any]], list[ModelIdentity]]:
     """Load the bundles into the node's Analyzer (no Grad-CAM: it does not change the
     probabilities) and predict every labelled image; returns predictions, metadata by device
@@ -516,10 +505,10 @@ def analyse_labelled_set(
     for meta in metas:
         check_task_supported(meta)
     if analyzer_factory is None:
-        from ai.inference import Analyzer
+        from ai.inference import Analyzer as ModelAnalyzer
 
         check_device(device)
-        analyzer_factory = Analyzer
+        analyzer_factory = ModelAnalyzer
     analyzer = analyzer_factory(list(bundles), device=device, gradcam=False, batch_size=batch_size)
     summaries = {m.device_uid: bundle_summary(Path(b)) for m, b in zip(metas, bundles, strict=True)}
     bar = progress(len(labelled.images), "predict") if progress else None

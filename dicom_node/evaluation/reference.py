@@ -24,14 +24,14 @@ from typing import Any, Literal
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from ai.batches import analyse_isolating
 from ai.codes import normalise_label
 from ai.reference.labels import LabelError, normalise_path, read_classification_labels
-from ai.types import ImageResult, PixelDataError
+from ai.types import Analyzer, ImageResult, PixelDataError
 from dicom_node.config import SelectionSettings
 from dicom_node.evaluation.errors import EvaluationError, EvaluationInterrupted
 from dicom_node.evaluation.figures import Case, study_cases
 from dicom_node.selection import rejection_reason
-from dicom_node.worker import Analyzer
 
 logger = logging.getLogger(__name__)
 
@@ -131,20 +131,9 @@ def analyse_study(analyzer: Analyzer, datasets: Sequence[pydicom.Dataset]
                   ) -> tuple[list[ImageResult | None], list[str]]:
     """``analyze`` the study's images together, as a worker does; an image whose pixels
     cannot be used is isolated (None) with its reason, the others still count."""
-    try:
-        return list(analyzer.analyze(datasets)), []
-    except PixelDataError:
-        if len(datasets) == 1:
-            return [None], ["pixel data unusable"]
-    results: list[ImageResult | None] = []
-    reasons = []
-    for ds in datasets:
-        try:
-            results.append(analyzer.analyze([ds])[0])
-        except PixelDataError:
-            results.append(None)
-            reasons.append("pixel data unusable")
-    return results, reasons
+    outcomes = analyse_isolating(analyzer, datasets)
+    results = [None if isinstance(o, PixelDataError) else o for o in outcomes]
+    return results, ["pixel data unusable" for r in results if r is None]
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from ai.types import ImageResult, ModelIdentity
+from ai.types import Analyzer, ImageResult, ModelIdentity
 from dicom_node.config import Settings
 from dicom_node.evaluation.alerts import Alert, check_floors, post_webhook
 from dicom_node.evaluation.confirmed import (
@@ -44,7 +44,6 @@ from dicom_node.evaluation.figures import (
 from dicom_node.evaluation.reference import evaluate_reference
 from dicom_node.evaluation.settings import EvaluationJobSettings
 from dicom_node.evaluation.store import AlertInfo, RunDetail, RunInfo, RunStore
-from dicom_node.worker import Analyzer
 
 logger = logging.getLogger(__name__)
 
