@@ -40,13 +40,12 @@ from ai.batches import analyse_isolating
 from ai.bundle import BundleMetadata, read_metadata
 from ai.codes import normalise_label
 from ai.reference.evaluate import LabelMetrics, label_metrics
+from ai.selection import screening_reason
 from ai.types import Analyzer, ImageResult, ModelIdentity, PixelDataError
 
 logger = logging.getLogger(__name__)
 
 SCHEMA = "cxr-ai-node/evaluation/1"
-FRONTAL_MODALITIES = frozenset({"CR", "DX"})
-LATERAL_VIEWS = frozenset({"LL", "RL", "LLD", "RLD", "LAT", "LATERAL"})
 
 
 class EvaluationError(ValueError):
@@ -159,25 +158,6 @@ class PredictionSet:
         return len(self.results)
 
 
-def node_would_analyse(ds: Dataset) -> str | None:
-    """Why the node's default selection would not analyse ``ds`` (None: it would).
-
-    A lighter copy of the node's default rules (modality CR/DX, frontal view, one grey
-    frame): ``training`` does not import ``dicom_node``.
-    """
-    modality = str(ds.get("Modality", "") or "").upper()
-    if modality not in FRONTAL_MODALITIES:
-        return f"modality {modality or '<empty>'} is not CR/DX"
-    view = str(ds.get("ViewPosition", "") or "").strip().upper()
-    if view in LATERAL_VIEWS:
-        return "lateral view"
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        return "colour image"
-    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-        return "multi-frame image"
-    return None
-
-
 def _read(image: LabelledImage) -> Dataset:
     try:
         return pydicom.dcmread(image.path)
@@ -223,7 +203,7 @@ def predict(
     for index, image in enumerate(images):
         try:
             ds = read(image)
-            reason = None if all_images else node_would_analyse(ds)
+            reason = None if all_images else screening_reason(ds)
         except PixelDataError as exc:
             reason = str(exc)
         if reason:

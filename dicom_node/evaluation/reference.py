@@ -1,7 +1,7 @@
 """Reference-set evaluation: the deployed models on a labelled folder of DICOM.
 
 Every file goes through the same steps as live traffic: the header is read, the node's
-selection rules (:func:`dicom_node.selection.rejection_reason`) decide whether it is
+selection rules (:func:`ai.selection.rejection_reason`) decide whether it is
 analysed, and the images of one study are handed to ``Analyzer.analyze`` together, as a
 worker does with a job. What is not analysed is counted by reason, never silently dropped.
 
@@ -27,11 +27,11 @@ from pydicom.errors import InvalidDicomError
 from ai.batches import analyse_isolating
 from ai.codes import normalise_label
 from ai.reference.labels import LabelError, normalise_path, read_classification_labels
+from ai.selection import rejection_reason
 from ai.types import Analyzer, ImageResult, PixelDataError
 from dicom_node.config import SelectionSettings
 from dicom_node.evaluation.errors import EvaluationError, EvaluationInterrupted
 from dicom_node.evaluation.figures import Case, study_cases
-from dicom_node.selection import rejection_reason
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def scan_reference(dicom_dir: Path, labels: ReferenceLabels, rules: SelectionSet
         labelled = key in labels.records
         if labelled:
             scan.matched_keys.add(key)
-        reason = rejection_reason(ds, rules)
+        reason = rejection_reason(ds, rules.to_rules())
         if reason is not None:
             scan.excluded[reason] += 1
         elif not labelled:
