@@ -96,7 +96,9 @@ def load_labelled_set(
     or duplicate files) are counted in the result and logged as counts; the evaluation goes
     on with the matched images and fails only when none matched.
     """
-    from ai.reference.labels import index_dicom_tree, match_labels, read_classification_labels
+    from ai.reference.dicom_files import index_dicom_tree
+    from ai.reference.labels import read_classification_labels
+    from ai.reference.matching import match_labels
 
     data_dir, labels_csv = Path(data_dir), Path(labels_csv)
     if not data_dir.is_dir():

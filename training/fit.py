@@ -46,12 +46,9 @@ from ai.bundle import BundleMetadata, InputSpec, LabelSpec, NetworkSpec, save_bu
 from ai.codes import default_code, normalise_label
 from ai.networks import build_network, network_names
 from ai.pixels import PreprocessParams
-from ai.reference.labels import (
-    LabelMatch,
-    index_dicom_tree,
-    match_labels,
-    read_classification_labels,
-)
+from ai.reference.dicom_files import index_dicom_tree
+from ai.reference.labels import read_classification_labels
+from ai.reference.matching import LabelMatch, match_labels
 from ai.types import BundleError, CodedConcept, PixelDataError
 from training import checkpoint
 from training.checkpoint import clean_json, git_commit, versions, write_json

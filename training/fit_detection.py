@@ -64,14 +64,9 @@ from ai.detection import (
     unpack,
 )
 from ai.pixels import Letterbox, PreprocessParams
-from ai.reference.labels import (
-    LabelMatch,
-    MatchedImage,
-    index_dicom_tree,
-    match_labels,
-    read_nih_boxes,
-    read_yolo_labels,
-)
+from ai.reference.dicom_files import index_dicom_tree
+from ai.reference.labels import read_nih_boxes, read_yolo_labels
+from ai.reference.matching import LabelMatch, MatchedImage, match_labels
 from ai.reference.metrics_detection import (
     DetectionReport,
     ImageBoxes,

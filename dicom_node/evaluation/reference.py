@@ -26,6 +26,7 @@ from pydicom.errors import InvalidDicomError
 
 from ai.batches import analyse_isolating
 from ai.codes import normalise_label
+from ai.reference.dicom_files import looks_like_dicom
 from ai.reference.labels import LabelError, normalise_path, read_classification_labels
 from ai.selection import rejection_reason
 from ai.types import Analyzer, ImageResult, PixelDataError
@@ -69,16 +70,6 @@ def read_reference_labels(csv_path: Path) -> ReferenceLabels:
     return ReferenceLabels(key=parsed.key, labels=names, records=records)  # type: ignore[arg-type]
 
 
-def _looks_like_dicom(path: Path) -> bool:
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with path.open("rb") as fh:
-            return fh.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
-
-
 @dataclass
 class ScanResult:
     """Which files are analysed (grouped by study) and why the others are not."""
@@ -101,7 +92,7 @@ def scan_reference(dicom_dir: Path, labels: ReferenceLabels, rules: SelectionSet
     for path in sorted(p for p in Path(dicom_dir).rglob("*") if p.is_file()):
         if stop is not None and stop.is_set():
             raise EvaluationInterrupted("interrupted: the node is stopping")
-        if not _looks_like_dicom(path):
+        if not looks_like_dicom(path):
             scan.non_dicom_files += 1
             continue
         scan.files += 1
