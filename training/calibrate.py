@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 from pydicom.uid import generate_uid
 
-from ai.bundle import BundleMetadata, load_bundle, read_metadata, save_bundle
+from ai.bundle.load import load_bundle, save_bundle
+from ai.bundle.metadata import BundleMetadata, read_metadata
 from ai.codes import normalise_label
 from ai.reference.metrics import binary_metrics_at, threshold_for_sensitivity, youden_threshold
 from training.evaluate import (

@@ -37,7 +37,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from ai.batches import analyse_isolating
-from ai.bundle import BundleMetadata, read_metadata
+from ai.bundle.metadata import BundleMetadata, read_metadata
 from ai.codes import normalise_label
 from ai.reference.evaluate import LabelMetrics, label_metrics
 from ai.selection import screening_reason

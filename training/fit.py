@@ -11,7 +11,7 @@ A run folder (``--out``) collects everything about one run:
 ``predictions.csv``  the best model's probabilities for every validation and test image
 ``tensorboard/``     TensorBoard event files
 ``cache/``           preprocessed arrays (unless ``--cache-dir`` or ``--no-disk-cache``)
-``bundle/``          the model bundle (:func:`ai.bundle.save_bundle`) the node loads
+``bundle/``          the model bundle (:func:`ai.bundle.load.save_bundle`) the node loads
 
 Model selection monitors the validation mean AUROC (labels with both classes present; the
 validation loss when none has). The best epoch's weights are scored on the validation split
@@ -42,9 +42,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ai.bundle import BundleMetadata, InputSpec, LabelSpec, NetworkSpec, save_bundle
+from ai.bundle.architectures import network_names
+from ai.bundle.load import save_bundle
+from ai.bundle.metadata import BundleMetadata, InputSpec, LabelSpec, NetworkSpec
 from ai.codes import default_code, normalise_label
-from ai.networks import build_network, network_names
+from ai.networks import build_network
 from ai.pixels import PreprocessParams
 from ai.reference.dicom_files import index_dicom_tree
 from ai.reference.labels import read_classification_labels

@@ -54,15 +54,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ai.bundle import BundleMetadata, InputSpec, LabelSpec, NetworkSpec, save_bundle
+from ai.bundle.architectures import RetinaNetSpec
+from ai.bundle.load import save_bundle
+from ai.bundle.metadata import BundleMetadata, InputSpec, LabelSpec, NetworkSpec
 from ai.codes import normalise_label
-from ai.detection import (
-    RetinaNetSpec,
-    build_detector,
-    configure_for_training,
-    to_monai_boxes,
-    unpack,
-)
+from ai.detection import build_detector, configure_for_training, to_monai_boxes, unpack
 from ai.pixels import Letterbox, PreprocessParams
 from ai.reference.dicom_files import index_dicom_tree
 from ai.reference.labels import read_nih_boxes, read_yolo_labels

@@ -361,7 +361,7 @@ class EvaluationService:
     def _model_filter(self, job: EvaluationJobSettings) -> set[tuple[str, str]] | None:
         if not job.bundles:
             return None
-        from ai.bundle import read_metadata
+        from ai.bundle.metadata import read_metadata
 
         metas = [read_metadata(Path(d)) for d in job.bundles]
         return {(m.name, m.version) for m in metas}

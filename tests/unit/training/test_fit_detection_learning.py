@@ -24,7 +24,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from ai.bundle import load_bundle
+from ai.bundle.load import load_bundle
 from ai.inference import Analyzer
 from ai.reference.metrics_detection import evaluate_boxes, findings_to_boxes, yolo_truth
 from training.cli import main
