@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,6 +35,7 @@ from ai.bundle.architectures import (
 from ai.codes import default_code
 from ai.pixels import DEFAULT_MAX_PIXELS, PreprocessParams
 from ai.types import BundleError, CodedConcept, ModelIdentity
+from ai.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ MONAI_SCHEMA = (
     "0.8.1/meta_schema_20220324.json"
 )
 TASKS = ("classification", "detection")
-_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +367,7 @@ def _parse_network(doc: Mapping[str, Any], task: str = "classification") -> Netw
 
 def _parse_uid(doc: Mapping[str, Any]) -> str:
     uid = _str(doc, "device_uid", "", "")
-    if uid and (len(uid) > 64 or not _UID_RE.fullmatch(uid)):
+    if uid and not is_valid_uid(uid, "strict", min_components=2):
         raise BundleError(f'metadata.json: device_uid = "{uid}" is not a valid DICOM UID')
     return uid
 
