@@ -46,11 +46,11 @@ from ai.codes import normalise_label
 from ai.reference.metrics import binary_metrics_at, threshold_for_sensitivity, youden_threshold
 from training.evaluate import (
     LabelledSet,
-    Prediction,
     ProgressFactory,
     analyse_labelled_set,
     load_labelled_set_with_progress,
 )
+from training.results import Prediction
 
 logger = logging.getLogger(__name__)
 

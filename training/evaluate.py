@@ -27,7 +27,6 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,13 +38,14 @@ from pydicom.errors import InvalidDicomError
 from ai.batches import analyse_isolating
 from ai.bundle.metadata import BundleMetadata, read_metadata
 from ai.codes import normalise_label
-from ai.reference.evaluate import LabelMetrics, label_metrics
+from ai.reference.evaluate import label_metrics
 from ai.selection import screening_reason
 from ai.types import Analyzer, ImageResult, ModelIdentity, PixelDataError
+from training.report import plot_froc_curves, write_evaluation
+from training.results import EvaluationReport, ModelReport, Prediction
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = "cxr-ai-node/evaluation/1"
 
 
 class EvaluationError(ValueError):
@@ -132,19 +132,6 @@ def load_labelled_set(
 
 # --------------------------------------------------------------------------------------------
 # Predictions through the node's Analyzer
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One label's score on one image from one model, with the reference standard."""
-
-    model: ModelIdentity
-    sop_instance_uid: str
-    label: str
-    probability: float
-    threshold: float
-    positive: bool
-    truth: int | None
 
 
 @dataclass
@@ -241,52 +228,6 @@ def _flatten(results: Iterable[tuple[LabelledImage, ImageResult]]) -> list[Predi
 
 # --------------------------------------------------------------------------------------------
 # Metrics
-
-
-@dataclass
-class ModelReport:
-    """The figures of one bundle: per-label rows plus the labels it could not be scored on."""
-
-    identity: ModelIdentity
-    metadata: dict[str, Any]
-    labels: list[LabelMetrics]
-    not_evaluated: dict[str, str] = field(default_factory=dict)
-    detection: dict[str, Any] | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "model": {**self.metadata},
-            "task": self.identity.task,
-            "metrics": {m.label: m.as_dict() for m in self.labels},
-            "not_evaluated": dict(self.not_evaluated),
-            **({"detection": self.detection} if self.detection is not None else {}),
-        }
-
-
-@dataclass
-class EvaluationReport:
-    """Everything ``training evaluate`` writes."""
-
-    models: list[ModelReport]
-    data: dict[str, Any]
-    predictions: list[Prediction]
-    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA,
-            "created": self.created,
-            "conventions": {
-                "positive": "probability >= threshold (the bundle's operating threshold)",
-                "proportion_ci": "Wilson score 95%",
-                "f1_ci": "bootstrap of the confusion matrix 95%",
-                "auroc_ci": "stratified percentile bootstrap 95%",
-                "average_precision": "step-wise area under the PR curve (no interpolation), "
-                "stratified bootstrap 95%",
-            },
-            "data": self.data,
-            "models": [m.as_dict() for m in self.models],
-        }
 
 
 def _evaluate_classification(
@@ -538,8 +479,6 @@ def run_evaluation(
     )  # fmt: skip
     report = evaluate_predictions(found, labelled, summaries, models=models, boxes=boxes,
                                   n_boot=n_boot, seed=seed, box_classes=box_classes)  # fmt: skip
-    from training.report import write_evaluation
-
     files = write_evaluation(Path(out_dir), report, curves=curves)
     if curves:
         files["curves"].extend(plot_froc_curves(Path(out_dir), report))
@@ -552,42 +491,6 @@ def _box_classes(boxes_json: Path) -> list[str] | None:
     if not path.is_file():
         return None
     return [n.strip() for n in path.read_text(encoding="utf-8").splitlines() if n.strip()]
-
-
-def plot_froc_curves(out_dir: Path, report: EvaluationReport) -> list[Path]:
-    """One FROC PNG per class of each detection model (sensitivity vs FP per image)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from training.report import slug
-
-    written = []
-    for model in report.models:
-        for name, froc in ((model.detection or {}).get("froc") or {}).items():
-            if not froc.get("curve"):
-                continue
-            fig = Figure(figsize=(4.5, 4.5), dpi=100)
-            FigureCanvasAgg(fig)
-            ax = fig.add_subplot(1, 1, 1)
-            x, y = zip(*froc["curve"], strict=True)
-            ax.step(x, y, where="post", linewidth=1.8)
-            ax.plot(froc["fp_per_image"], froc["sensitivity"], "o", color="crimson", markersize=4)
-            ax.set_xscale("symlog", linthresh=0.125)
-            ax.set_xlim(0, 8.5)
-            ax.set_ylim(-0.01, 1.01)
-            ax.set_xlabel("False positives per image")
-            ax.set_ylabel("Lesion sensitivity (IoU >= 0.5)")
-            ident = model.identity
-            cpm = froc.get("cpm")
-            summary = f"mean sensitivity at 1/8..8 FP/image {cpm:.3f}" if cpm is not None else ""
-            ax.set_title(f"{ident.name} {ident.version}: {name} (FROC)\n{summary}", fontsize=9)
-            ax.grid(True, alpha=0.3)
-            fig.tight_layout()
-            path = out_dir / "curves" / slug(f"{ident.name}-{ident.version}") / f"froc_{slug(name)}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path)
-            written.append(path)
-    return written
 
 
 def load_labelled_set_with_progress(

@@ -33,13 +33,9 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 from ai.codes import normalise_label
 from ai.types import AnalysisError
-
-if TYPE_CHECKING:
-    from ai.reference.matching import LabelMatch
 
 logger = logging.getLogger(__name__)
 
@@ -60,19 +56,10 @@ _MULTICLASS_COLUMN = "label"
 _TRUE = {"1", "1.0", "true", "yes", "y", "t"}
 _FALSE = {"0", "0.0", "false", "no", "n", "f"}
 _OUTSIDE_TOLERANCE = 1e-6  # normalised units; YOLO writers round to 6 digits
-_REPORT_LIMIT = 20  # entries per section in report(); the counts are always complete
 
 
 class LabelError(AnalysisError, ValueError):
     """A label file cannot be read or does not fit the images (names file, line, value)."""
-
-
-class LabelMismatchError(LabelError):
-    """Strict matching found mismatches; ``match`` holds them all."""
-
-    def __init__(self, match: LabelMatch) -> None:
-        super().__init__(f"labels and images do not match:\n{match.report()}")
-        self.match = match
 
 
 def _norm_header(name: str) -> str:

@@ -17,16 +17,20 @@ from typing import Any
 
 from ai.codes import normalise_label
 from ai.reference.dicom_files import DicomIndex, IndexedImage
-from ai.reference.labels import (
-    _REPORT_LIMIT,
-    ClassificationLabels,
-    LabelError,
-    LabelMismatchError,
-    PixelBox,
-    YoloBox,
-)
+from ai.reference.labels import ClassificationLabels, LabelError, PixelBox, YoloBox
 
 logger = logging.getLogger(__name__)
+
+_REPORT_LIMIT = 20  # entries per section in report(); the counts are always complete
+
+
+class LabelMismatchError(LabelError):
+    """Strict matching found mismatches; ``match`` holds them all."""
+
+    def __init__(self, match: LabelMatch) -> None:
+        super().__init__(f"labels and images do not match:\n{match.report()}")
+        self.match = match
+
 
 
 @dataclass(frozen=True)

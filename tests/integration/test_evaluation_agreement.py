@@ -11,6 +11,7 @@ import pytest
 import ai.reference.evaluate as core
 import dicom_node.evaluation.figures as node_figures
 import training.evaluate as training_evaluate
+import training.results as training_results
 from ai.inference import Analyzer
 from dicom_node.config import SelectionSettings
 from dicom_node.evaluation.figures import compute_figures
@@ -22,7 +23,7 @@ from training.synth import ANALYSABLE_VARIANTS, synthesize
 def test_both_sides_call_the_one_per_label_evaluation() -> None:
     assert node_figures.label_metrics is core.label_metrics
     assert training_evaluate.label_metrics is core.label_metrics
-    assert training_evaluate.LabelMetrics is core.LabelMetrics
+    assert training_results.LabelMetrics is core.LabelMetrics
 
 
 def test_training_evaluate_and_the_reference_job_give_identical_figures(

@@ -14,7 +14,6 @@ from ai.reference.dicom_files import index_dicom_tree
 from ai.reference.labels import (
     ClassificationLabels,
     LabelError,
-    LabelMismatchError,
     PixelBox,
     YoloBox,
     normalise_path,
@@ -22,7 +21,7 @@ from ai.reference.labels import (
     read_nih_boxes,
     read_yolo_labels,
 )
-from ai.reference.matching import match_labels
+from ai.reference.matching import LabelMismatchError, match_labels
 from training.phantoms import FINDINGS
 from training.synth import synthesize
 
