@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 from monai.networks import nets
 from torch import nn
 
-from ai.bundle.architectures import default_gradcam_layer, network_names
+from ai.bundle.architectures import check_network_name, default_gradcam_layer, network_names
 from ai.types import BundleError
 
 logger = logging.getLogger(__name__)
@@ -63,12 +63,8 @@ assert sorted(NETWORKS) == network_names()  # every name a bundle may use can be
 
 
 def _entry(name: str) -> _Entry:
-    try:
-        return NETWORKS[name]
-    except KeyError:
-        raise BundleError(
-            f'network.name "{name}" is not supported; choose one of {network_names()}'
-        ) from None
+    check_network_name(name)
+    return NETWORKS[name]
 
 
 def build_network(

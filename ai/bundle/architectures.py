@@ -34,14 +34,18 @@ def network_names() -> list[str]:
     return sorted(GRADCAM_LAYERS)
 
 
-def default_gradcam_layer(name: str) -> str:
-    """The Grad-CAM target layer for a network name (BundleError when unknown)."""
-    try:
-        return GRADCAM_LAYERS[name]
-    except KeyError:
+def check_network_name(name: str) -> None:
+    """BundleError naming the choices when ``name`` is not a classification network."""
+    if name not in GRADCAM_LAYERS:
         raise BundleError(
             f'network.name "{name}" is not supported; choose one of {network_names()}'
-        ) from None
+        )
+
+
+def default_gradcam_layer(name: str) -> str:
+    """The Grad-CAM target layer for a network name (BundleError when unknown)."""
+    check_network_name(name)
+    return GRADCAM_LAYERS[name]
 
 
 DETECTION_NETWORKS: tuple[str, ...] = ("retinanet",)
