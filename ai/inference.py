@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from pydicom.dataset import Dataset
 
-from ai.bundle import LoadedBundle, load_bundle
+from ai.bundle.load import LoadedBundle, load_bundle
 from ai.detection import Detections, detect
 from ai.gradcam import GradCAM
 from ai.pixels import (

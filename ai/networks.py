@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 from monai.networks import nets
 from torch import nn
 
+from ai.bundle.architectures import check_network_name, default_gradcam_layer, network_names
 from ai.types import BundleError
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,6 @@ class BuiltNetwork(NamedTuple):
 @dataclass(frozen=True)
 class _Entry:
     factory: Callable[..., nn.Module]
-    gradcam_layer: str
     fixed: Callable[[int], dict[str, Any]]  # arguments the node owns, by number of classes
 
 
@@ -52,36 +52,19 @@ def _efficientnet_fixed(num_classes: int) -> dict[str, Any]:
     }
 
 
-NETWORKS: dict[str, _Entry] = {
-    "densenet121": _Entry(nets.DenseNet121, "class_layers.relu", _densenet_fixed),
-    # generic DenseNet (MONAI defaults unless the bundle's args say otherwise), e.g. the
-    # small demo model: init_features=16, growth_rate=8, block_config=(2, 4, 6, 4)
-    "densenet": _Entry(nets.DenseNet, "class_layers.relu", _densenet_fixed),
-    "resnet18": _Entry(nets.resnet18, "layer4", _resnet_fixed),
-    "resnet50": _Entry(nets.resnet50, "layer4", _resnet_fixed),
-    # EfficientNet reuses one ``_swish`` module for stem and head; the Grad-CAM hook keeps
-    # the last call, which is the head's feature map.
-    "efficientnet-b0": _Entry(nets.EfficientNetBN, "_swish", _efficientnet_fixed),
+NETWORKS: dict[str, _Entry] = {  # names and Grad-CAM layers: ai.bundle.architectures
+    "densenet121": _Entry(nets.DenseNet121, _densenet_fixed),
+    "densenet": _Entry(nets.DenseNet, _densenet_fixed),
+    "resnet18": _Entry(nets.resnet18, _resnet_fixed),
+    "resnet50": _Entry(nets.resnet50, _resnet_fixed),
+    "efficientnet-b0": _Entry(nets.EfficientNetBN, _efficientnet_fixed),
 }
-
-
-def network_names() -> list[str]:
-    """Names a bundle's ``network.name`` may use."""
-    return sorted(NETWORKS)
-
-
-def default_gradcam_layer(name: str) -> str:
-    """The Grad-CAM target layer for a network name (BundleError when unknown)."""
-    return _entry(name).gradcam_layer
+assert sorted(NETWORKS) == network_names()  # every name a bundle may use can be built
 
 
 def _entry(name: str) -> _Entry:
-    try:
-        return NETWORKS[name]
-    except KeyError:
-        raise BundleError(
-            f'network.name "{name}" is not supported; choose one of {network_names()}'
-        ) from None
+    check_network_name(name)
+    return NETWORKS[name]
 
 
 def build_network(
@@ -108,7 +91,7 @@ def build_network(
         module = entry.factory(**kwargs)
     except (TypeError, ValueError, KeyError) as exc:
         raise BundleError(f'network "{name}" rejects args {dict(args or {})}: {exc}') from exc
-    return BuiltNetwork(module, entry.gradcam_layer)
+    return BuiltNetwork(module, default_gradcam_layer(name))
 
 
 def find_layer(module: nn.Module, layer_name: str) -> nn.Module:

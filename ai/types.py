@@ -8,9 +8,14 @@ top-left corner of the top-left pixel, so a box ``(0, 0, Columns, Rows)`` covers
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 
 class AnalysisError(Exception):
@@ -130,3 +135,13 @@ class ImageResult:
     @property
     def abnormal(self) -> bool:
         return any(f.positive for f in self.findings)
+
+
+class Analyzer(Protocol):
+    """What the node and ``training evaluate`` need from the model side: the one protocol,
+    implemented by :class:`ai.inference.Analyzer` (and by the tests' fakes)."""
+
+    @property
+    def models(self) -> list[ModelIdentity]: ...
+
+    def analyze(self, datasets: Sequence[Dataset]) -> list[ImageResult]: ...

@@ -327,14 +327,8 @@ def make_random_bundle(directory: Path, *, network: str = "densenet", size: int 
     """
     import torch
 
-    from ai.bundle import (
-        BundleMetadata,
-        InputSpec,
-        LabelSpec,
-        NetworkSpec,
-        build_model,
-        save_bundle,
-    )
+    from ai.bundle.load import build_model, save_bundle
+    from ai.bundle.metadata import BundleMetadata, InputSpec, LabelSpec, NetworkSpec
     from ai.types import CodedConcept
 
     if (directory / "configs" / "metadata.json").exists():

@@ -196,7 +196,7 @@ def run_node(bundle: Path, variants: list[str], tmpl: dict[str, Path], *, reps: 
 def forward_s(bundle: Path, repeats: int = 20) -> float:
     import torch
 
-    from ai.bundle import load_bundle
+    from ai.bundle.load import load_bundle
 
     loaded = load_bundle(bundle, device=torch.device("cpu"))
     size = loaded.metadata.input.size

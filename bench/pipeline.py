@@ -111,7 +111,7 @@ def gradcam(name: str, bundle: Path, batch: int, repeats: int) -> dict[str, Any]
     import torch
     from monai.visualize import GradCAM as MonaiGradCAM
 
-    from ai.bundle import load_bundle
+    from ai.bundle.load import load_bundle
     from ai.gradcam import GradCAM
 
     loaded = load_bundle(bundle, device=torch.device("cpu"))

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ai.selection import SelectionRules
 from dicom_node.delivery.syntaxes import sendable
 from dicom_node.errors import ConfigError
 from dicom_node.evaluation.settings import EvaluationSettings
@@ -127,6 +128,12 @@ class SelectionSettings(_Model):
     accept_missing_view_position: bool = True
     min_rows: int = Field(256, ge=1)
     min_columns: int = Field(256, ge=1)
+
+    def to_rules(self) -> SelectionRules:
+        """The rules :func:`ai.selection.rejection_reason` applies, from these settings."""
+        return SelectionRules(tuple(self.modalities), tuple(self.body_parts),
+                              self.accept_missing_body_part, tuple(self.view_positions),
+                              self.accept_missing_view_position, self.min_rows, self.min_columns)
 
 
 class StudySettings(_Model):

@@ -34,6 +34,7 @@ from pydicom.uid import UID
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from ai.uids import is_valid_uid
 from dicom_node import db
 from dicom_node.audit import AuditKind, Outcome, record, record_now
 from dicom_node.dicomio import HEADER_PREFIX_BYTES, parse_header, quiet, read_file_meta
@@ -46,7 +47,6 @@ from dicom_node.studies import touch_study
 
 logger = logging.getLogger(__name__)
 
-_UID_CHARS = set("0123456789.")
 
 
 class StoreStatus(enum.IntEnum):
@@ -61,11 +61,6 @@ class StoreStatus(enum.IntEnum):
     # the same bytes inflate the same way on every retry
     INFLATED_TOO_LARGE = 0xC100
     PROCESSING_FAILURE = 0x0110
-
-
-def valid_uid(value: object) -> bool:
-    text = str(value or "")
-    return 0 < len(text) <= 64 and set(text) <= _UID_CHARS and not text.startswith(".")
 
 
 @dataclass(frozen=True)
@@ -143,11 +138,11 @@ def read_header(path: Path, sop_instance_uid: str, *, max_inflated_bytes: int) -
     with quiet():
         study, series = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
         modality, sop = ds.get("Modality"), ds.get("SOPInstanceUID")
-    if not valid_uid(study):
+    if not is_valid_uid(study, "received"):
         raise InvalidInstanceError("StudyInstanceUID missing or invalid")
     if sop is not None and str(sop) != sop_instance_uid:
         raise InvalidInstanceError("SOPInstanceUID differs from the C-STORE request")
-    return Header(str(study), str(series) if valid_uid(series) else None,
+    return Header(str(study), str(series) if is_valid_uid(series, "received") else None,
                   str(modality)[:16] if modality else None)
 
 
@@ -168,7 +163,8 @@ class Ingestor:
         refusal = self._refusal(len(rec.dataset_bytes))
         if refusal is not None:
             return self._refuse(rec, *refusal)
-        uids_ok = valid_uid(rec.sop_instance_uid) and valid_uid(rec.sop_class_uid)
+        uids_ok = (is_valid_uid(rec.sop_instance_uid, "received")
+                   and is_valid_uid(rec.sop_class_uid, "received"))
         # a file meta would have to repeat an invalid UID: keep the raw body only
         chunks = encode_part10(rec) if uids_ok else [rec.dataset_bytes]
         try:
@@ -203,7 +199,8 @@ class Ingestor:
         refusal = self._refusal(rec.path.stat().st_size)
         if refusal is not None:
             return self._refuse(rec, *refusal)
-        if not valid_uid(rec.sop_instance_uid) or not valid_uid(rec.sop_class_uid):
+        if not (is_valid_uid(rec.sop_instance_uid, "received")
+                and is_valid_uid(rec.sop_class_uid, "received")):
             return self._quarantine(rec, "invalid SOP Instance or Class UID",
                                     StoreStatus.CANNOT_UNDERSTAND)
         try:

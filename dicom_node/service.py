@@ -21,7 +21,7 @@ from typing import Any
 import pydicom
 from sqlalchemy import Engine
 
-from ai.types import ImageResult, ModelIdentity
+from ai.types import Analyzer, ImageResult, ModelIdentity
 from dicom_node import disk, node_events
 from dicom_node.audit_forward import SyslogForwarder
 from dicom_node.config import Settings
@@ -38,7 +38,7 @@ from dicom_node.scp import start_scp
 from dicom_node.sender import Sender
 from dicom_node.spool import Spool, Watermarks
 from dicom_node.studies import StudyAssembler
-from dicom_node.worker import AnalysisWorker, Analyzer
+from dicom_node.worker import AnalysisWorker
 
 logger = logging.getLogger(__name__)
 

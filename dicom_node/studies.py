@@ -17,11 +17,11 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, case, func, insert, or_, select, update
 
+from ai.selection import rejection_reason
 from dicom_node import db
 from dicom_node.config import SelectionSettings
 from dicom_node.dicomio import quiet, read_untrusted
 from dicom_node.jobs import failure_reason
-from dicom_node.selection import rejection_reason
 from dicom_node.spool import Spool
 from dicom_node.states import InstanceState, JobState, StudyState
 
@@ -96,7 +96,7 @@ class StudyAssembler:
         try:
             with quiet():
                 ds = read_untrusted(self.spool.path(relpath), stop_before_pixels=True)
-                return rejection_reason(ds, self.rules)
+                return rejection_reason(ds, self.rules.to_rules())
         except Exception as exc:  # noqa: BLE001 - any unreadable header is a recorded reason
             return f"header unreadable ({type(exc).__name__})"
 

@@ -39,14 +39,3 @@ def derive_uid(*parts: str) -> str:
     assert len(uid) <= _MAX_UID_LENGTH  # 2**128 has 39 digits: at most 44 characters
     return uid
 
-
-def is_valid_uid(uid: str) -> bool:
-    """True if ``uid`` is a syntactically valid DICOM UID (PS3.5 9.1)."""
-    if not uid or len(uid) > _MAX_UID_LENGTH:
-        return False
-    for component in uid.split("."):
-        if not component.isdigit() or not component.isascii():
-            return False
-        if len(component) > 1 and component[0] == "0":
-            return False
-    return True

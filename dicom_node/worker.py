@@ -12,15 +12,15 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import pydicom
 from sqlalchemy import Engine, delete, insert, select, update
 
+from ai.batches import analyse_isolating
 from ai.types import (
     AnalysisError,
+    Analyzer,
     ImageResult,
-    ModelIdentity,
     PixelDataError,
     ResourceExhaustedError,
 )
@@ -42,15 +42,6 @@ from dicom_node.versions import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class Analyzer(Protocol):
-    """What the node needs from the model side (implemented by ``ai.inference.Analyzer``)."""
-
-    @property
-    def models(self) -> list[ModelIdentity]: ...
-
-    def analyze(self, datasets: Sequence[pydicom.Dataset]) -> list[ImageResult]: ...
 
 
 @dataclass(frozen=True)
@@ -116,19 +107,16 @@ class AnalysisWorker:
 
     def _analyze(self, loaded: list[tuple[int, pydicom.Dataset]]
                  ) -> tuple[list[tuple[int, pydicom.Dataset, ImageResult]], dict[int, str]]:
-        try:
-            results = self.analyzer.analyze([ds for _, ds in loaded])
-            return [(i, ds, r) for (i, ds), r in zip(loaded, results, strict=True)], {}
-        except PixelDataError:
-            if len(loaded) == 1:
-                raise
+        outcomes = analyse_isolating(self.analyzer, [ds for _, ds in loaded])
         good, bad = [], {}
-        for inst_id, ds in loaded:  # isolate the unreadable image(s); analyse the rest
-            try:
-                good.append((inst_id, ds, self.analyzer.analyze([ds])[0]))
-            except PixelDataError as exc:
-                bad[inst_id] = f"pixel data unusable: {exc}"
+        for (inst_id, ds), outcome in zip(loaded, outcomes, strict=True):
+            if isinstance(outcome, PixelDataError):
+                bad[inst_id] = f"pixel data unusable: {outcome}"
+            else:
+                good.append((inst_id, ds, outcome))
         if not good:
+            if len(outcomes) == 1 and isinstance(outcomes[0], PixelDataError):
+                raise outcomes[0]  # one image: its own error, as the analyzer raised it
             raise PixelDataError("; ".join(bad.values()))
         return good, bad
 

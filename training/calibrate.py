@@ -5,9 +5,9 @@ same numbers the node will compare with the thresholds. Two rules:
 
 - ``target_sensitivity``: the highest threshold whose sensitivity on the calibration set
   reaches the target, i.e. the best specificity at that sensitivity
-  (:func:`ai.metrics.threshold_for_sensitivity`);
+  (:func:`ai.reference.metrics.threshold_for_sensitivity`);
 - ``youden``: the threshold maximising J = sensitivity + specificity - 1
-  (:func:`ai.metrics.youden_threshold`).
+  (:func:`ai.reference.metrics.youden_threshold`).
 
 Both place the cut half-way between two neighbouring scores, so every calibration case keeps
 its call and no case sits exactly on the threshold.
@@ -40,17 +40,18 @@ from typing import Any
 import numpy as np
 from pydicom.uid import generate_uid
 
-from ai.bundle import BundleMetadata, load_bundle, read_metadata, save_bundle
+from ai.bundle.load import load_bundle, save_bundle
+from ai.bundle.metadata import BundleMetadata, read_metadata
 from ai.codes import normalise_label
-from ai.metrics import binary_metrics_at, threshold_for_sensitivity, youden_threshold
+from ai.reference.metrics import binary_metrics_at, threshold_for_sensitivity, youden_threshold
 from training.errors import TrainingError
 from training.evaluate import (
     LabelledSet,
-    Prediction,
     ProgressFactory,
     analyse_labelled_set,
     load_labelled_set_with_progress,
 )
+from training.results import Prediction
 
 logger = logging.getLogger(__name__)
 

@@ -35,11 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ai.bundle import BundleMetadata, InputSpec, LabelSpec, NetworkSpec, save_bundle
+from ai.bundle.load import save_bundle
+from ai.bundle.metadata import BundleMetadata, InputSpec, LabelSpec, NetworkSpec
 from ai.codes import default_code
-from ai.metrics import auroc_estimate, binary_metrics_at, youden_threshold
 from ai.networks import build_network
 from ai.pixels import PreprocessParams, preprocess, preprocess_image
+from ai.reference.metrics import auroc_estimate, binary_metrics_at, youden_threshold
 from ai.types import CodedConcept
 from training.phantoms import FINDINGS, render_phantom
 from training.synth import synthesize
@@ -449,7 +450,7 @@ def run(args: argparse.Namespace) -> int:
     Progress bars go to stderr only when it is a terminal: written to a log file (the node
     runs this with its output in its log), each redraw would append to one long line.
     """
-    from ai.bundle import read_metadata
+    from ai.bundle.metadata import read_metadata
 
     if args.seed < 0:
         raise ValueError(f"--seed must be non-negative, got {args.seed}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ai.bundle import load_bundle, save_bundle
+from ai.bundle.load import load_bundle, save_bundle
 
 logger = logging.getLogger(__name__)
 

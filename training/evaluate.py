@@ -14,7 +14,7 @@ task through :data:`TASK_EVALUATORS`) -> :mod:`training.report` writes the files
 Detection bundles plug in through :data:`TASK_EVALUATORS`: their evaluator needs the
 box truth (``--boxes``, a YOLO JSON map; class names from a ``classes.txt`` beside it, else
 the bundle's labels) and reports per-class Images, Instances, P, R, mAP50, mAP50-95 and
-FROC from :mod:`ai.metrics_detection`; a FROC plot per class goes into ``curves/``.
+FROC from :mod:`ai.reference.metrics_detection`; a FROC plot per class goes into ``curves/``.
 
 Nothing identifying leaves this module: reports and logs carry SOP/Study Instance UIDs and
 counts, never patient names, IDs or file paths inside the data tree.
@@ -27,7 +27,6 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,26 +35,18 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from ai.bundle import BundleMetadata, read_metadata
+from ai.batches import analyse_isolating
+from ai.bundle.metadata import BundleMetadata, read_metadata
 from ai.codes import normalise_label
-from ai.metrics import (
-    BinaryMetrics,
-    Curve,
-    Estimate,
-    auroc_estimate,
-    average_precision_estimate,
-    binary_metrics,
-    precision_recall_curve,
-    roc_curve,
-)
-from ai.types import ImageResult, ModelIdentity, PixelDataError
+from ai.reference.evaluate import label_metrics
+from ai.selection import screening_reason
+from ai.types import Analyzer, ImageResult, ModelIdentity, PixelDataError
 from training.errors import TrainingError
+from training.report import plot_froc_curves, write_evaluation
+from training.results import EvaluationReport, ModelReport, Prediction
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = "cxr-ai-node/evaluation/1"
-FRONTAL_MODALITIES = frozenset({"CR", "DX"})
-LATERAL_VIEWS = frozenset({"LL", "RL", "LLD", "RLD", "LAT", "LATERAL"})
 
 
 class EvaluateError(TrainingError, ValueError):
@@ -104,13 +95,15 @@ class LabelledSet:
 def load_labelled_set(
     data_dir: Path, labels_csv: Path, *, progress: Callable[[int], None] | None = None
 ) -> LabelledSet:
-    """Match ``labels_csv`` to the DICOM files under ``data_dir`` (:mod:`ai.labels`).
+    """Match ``labels_csv`` to the DICOM files under ``data_dir`` (:mod:`ai.reference.labels`).
 
     Mismatches (labels without images, images without labels, unknown classes, unreadable
     or duplicate files) are counted in the result and logged as counts; the evaluation goes
     on with the matched images and fails only when none matched.
     """
-    from ai.labels import index_dicom_tree, match_labels, read_classification_labels
+    from ai.reference.dicom_files import index_dicom_tree
+    from ai.reference.labels import read_classification_labels
+    from ai.reference.matching import match_labels
 
     data_dir, labels_csv = Path(data_dir), Path(labels_csv)
     if not data_dir.is_dir():
@@ -146,28 +139,6 @@ def load_labelled_set(
 # Predictions through the node's Analyzer
 
 
-class SupportsAnalyze(Protocol):
-    """What evaluation needs from the model side: :class:`ai.inference.Analyzer` has it."""
-
-    @property
-    def models(self) -> list[ModelIdentity]: ...
-
-    def analyze(self, datasets: Sequence[Dataset]) -> list[ImageResult]: ...
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One label's score on one image from one model, with the reference standard."""
-
-    model: ModelIdentity
-    sop_instance_uid: str
-    label: str
-    probability: float
-    threshold: float
-    positive: bool
-    truth: int | None
-
-
 @dataclass
 class PredictionSet:
     """Everything the models said, plus what could not be analysed (reason -> count)."""
@@ -181,25 +152,6 @@ class PredictionSet:
         return len(self.results)
 
 
-def node_would_analyse(ds: Dataset) -> str | None:
-    """Why the node's default selection would not analyse ``ds`` (None: it would).
-
-    A lighter copy of the node's default rules (modality CR/DX, frontal view, one grey
-    frame): ``training`` does not import ``dicom_node``.
-    """
-    modality = str(ds.get("Modality", "") or "").upper()
-    if modality not in FRONTAL_MODALITIES:
-        return f"modality {modality or '<empty>'} is not CR/DX"
-    view = str(ds.get("ViewPosition", "") or "").strip().upper()
-    if view in LATERAL_VIEWS:
-        return "lateral view"
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        return "colour image"
-    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-        return "multi-frame image"
-    return None
-
-
 def _read(image: LabelledImage) -> Dataset:
     try:
         return pydicom.dcmread(image.path)
@@ -208,26 +160,23 @@ def _read(image: LabelledImage) -> Dataset:
 
 
 def _analyse_chunk(
-    analyzer: SupportsAnalyze, chunk: list[tuple[LabelledImage, Dataset]], skipped: Counter
+    analyzer: Analyzer, chunk: list[tuple[LabelledImage, Dataset]], skipped: Counter
 ) -> list[tuple[LabelledImage, ImageResult]]:
-    """Analyse a batch; when one image fails, retry one by one so only it is skipped."""
-    try:
-        results = analyzer.analyze([ds for _, ds in chunk])
-        return list(zip((img for img, _ in chunk), results, strict=True))
-    except PixelDataError:
-        if len(chunk) == 1:
+    """Analyse a batch; an image whose pixels cannot be used is skipped and counted."""
+    out: list[tuple[LabelledImage, ImageResult]] = []
+    outcomes = analyse_isolating(analyzer, [ds for _, ds in chunk])
+    for (image, _), outcome in zip(chunk, outcomes, strict=True):
+        if isinstance(outcome, PixelDataError):
             skipped["undecodable pixel data"] += 1
             logger.warning("SOP Instance %s: pixel data cannot be analysed; skipped",
-                           chunk[0][0].sop_instance_uid)  # fmt: skip
-            return []
-    out: list[tuple[LabelledImage, ImageResult]] = []
-    for item in chunk:
-        out.extend(_analyse_chunk(analyzer, [item], skipped))
+                           image.sop_instance_uid)  # fmt: skip
+        else:
+            out.append((image, outcome))
     return out
 
 
 def predict(
-    analyzer: SupportsAnalyze,
+    analyzer: Analyzer,
     images: Sequence[LabelledImage],
     *,
     batch_size: int = 8,
@@ -248,7 +197,7 @@ def predict(
     for index, image in enumerate(images):
         try:
             ds = read(image)
-            reason = None if all_images else node_would_analyse(ds)
+            reason = None if all_images else screening_reason(ds)
         except PixelDataError as exc:
             reason = str(exc)
         if reason:
@@ -284,107 +233,6 @@ def _flatten(results: Iterable[tuple[LabelledImage, ImageResult]]) -> list[Predi
 
 # --------------------------------------------------------------------------------------------
 # Metrics
-
-
-@dataclass
-class LabelMetrics:
-    """One label of one classification model: counts, operating point, ranking figures."""
-
-    label: str
-    threshold: float
-    n: int
-    n_pos: int
-    n_neg: int
-    operating_point: BinaryMetrics
-    auroc: Estimate
-    average_precision: Estimate
-    roc: Curve | None = None
-    pr: Curve | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "label": self.label,
-            "threshold": self.threshold,
-            "images": self.n,
-            "n_pos": self.n_pos,
-            "n_neg": self.n_neg,
-            "prevalence": self.n_pos / self.n if self.n else None,
-        }
-        out.update(self.operating_point.as_dict())
-        out["auroc"] = self.auroc.as_dict()
-        out["average_precision"] = self.average_precision.as_dict()
-        return out
-
-
-@dataclass
-class ModelReport:
-    """The figures of one bundle: per-label rows plus the labels it could not be scored on."""
-
-    identity: ModelIdentity
-    metadata: dict[str, Any]
-    labels: list[LabelMetrics]
-    not_evaluated: dict[str, str] = field(default_factory=dict)
-    detection: dict[str, Any] | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "model": {**self.metadata},
-            "task": self.identity.task,
-            "metrics": {m.label: m.as_dict() for m in self.labels},
-            "not_evaluated": dict(self.not_evaluated),
-            **({"detection": self.detection} if self.detection is not None else {}),
-        }
-
-
-@dataclass
-class EvaluationReport:
-    """Everything ``training evaluate`` writes."""
-
-    models: list[ModelReport]
-    data: dict[str, Any]
-    predictions: list[Prediction]
-    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA,
-            "created": self.created,
-            "conventions": {
-                "positive": "probability >= threshold (the bundle's operating threshold)",
-                "proportion_ci": "Wilson score 95%",
-                "f1_ci": "bootstrap of the confusion matrix 95%",
-                "auroc_ci": "stratified percentile bootstrap 95%",
-                "average_precision": "step-wise area under the PR curve (no interpolation), "
-                "stratified bootstrap 95%",
-            },
-            "data": self.data,
-            "models": [m.as_dict() for m in self.models],
-        }
-
-
-def label_metrics(
-    label: str, threshold: float, truth: np.ndarray, scores: np.ndarray, *, n_boot: int = 2000,
-    seed: int = 0, curves: bool = True,
-) -> LabelMetrics:  # fmt: skip
-    """All figures of one label from 0/1 truth and probabilities (``>= threshold`` positive)."""
-    truth = np.asarray(truth, dtype=int)
-    scores = np.asarray(scores, dtype=float)
-    n_pos = int(truth.sum())
-    both = 0 < n_pos < truth.size
-    return LabelMetrics(
-        label=label,
-        threshold=float(threshold),
-        n=int(truth.size),
-        n_pos=n_pos,
-        n_neg=int(truth.size - n_pos),
-        operating_point=binary_metrics(truth, (scores >= threshold).astype(int)),
-        auroc=auroc_estimate(truth, scores, n_boot=n_boot, seed=seed),
-        average_precision=average_precision_estimate(
-            truth, scores, n_boot=max(200, n_boot // 2), seed=seed
-        ),
-        roc=roc_curve(truth, scores) if curves and both else None,
-        pr=precision_recall_curve(truth, scores) if curves and n_pos else None,
-    )
 
 
 def _evaluate_classification(
@@ -427,13 +275,13 @@ def _evaluate_detection(
     predictions: Sequence[Prediction],
     context: EvaluationContext,
 ) -> ModelReport:
-    """Per-class Images, Instances, P, R, mAP50, mAP50-95 and FROC from ``ai.metrics_detection``
+    """Per-class Images, Instances, P, R, mAP50, mAP50-95 and FROC from ``ai.reference.metrics_detection``
     (``evaluate_detection`` returns ``{"classes": [...rows...], "froc": {...}, ...}``)."""
     module = _detection_metrics_module()
     if module is None or not hasattr(module, "evaluate_detection"):
         raise EvaluateError(
             f'Bundle "{identity.name}" {identity.version}: task "detection" cannot be evaluated '
-            "yet: ai.metrics_detection (mAP50, mAP50-95, FROC) is not available"
+            "yet: ai.reference.metrics_detection (mAP50, mAP50-95, FROC) is not available"
         )
     if context.boxes is None:
         raise EvaluateError(f'Bundle "{identity.name}": detection needs --boxes (YOLO JSON)')
@@ -448,7 +296,7 @@ def _evaluate_detection(
 
 def _detection_metrics_module() -> Any:
     try:
-        return importlib.import_module("ai.metrics_detection")
+        return importlib.import_module("ai.reference.metrics_detection")
     except ModuleNotFoundError:
         return None
 
@@ -481,7 +329,7 @@ def check_task_supported(metadata: BundleMetadata) -> None:
     if metadata.task == "detection" and _detection_metrics_module() is None:
         raise EvaluateError(
             f'Bundle "{metadata.name}" {metadata.version}: task "detection" cannot be evaluated '
-            "yet: ai.metrics_detection (mAP50, mAP50-95, FROC) is not available"
+            "yet: ai.reference.metrics_detection (mAP50, mAP50-95, FROC) is not available"
         )
 
 
@@ -576,7 +424,7 @@ def analyse_labelled_set(
     batch_size: int = 8,
     all_images: bool = False,
     progress: ProgressFactory | None = None,
-    analyzer_factory: Callable[..., SupportsAnalyze] | None = None,
+    analyzer_factory: Callable[..., Analyzer] | None = None,
 ) -> tuple[PredictionSet, dict[str, dict[str, Any]], list[ModelIdentity]]:
     """Load the bundles into the node's Analyzer (no Grad-CAM: it does not change the
     probabilities) and predict every labelled image; returns predictions, metadata by device
@@ -585,10 +433,10 @@ def analyse_labelled_set(
     for meta in metas:
         check_task_supported(meta)
     if analyzer_factory is None:
-        from ai.inference import Analyzer
+        from ai.inference import Analyzer as ModelAnalyzer
 
         check_device(device)
-        analyzer_factory = Analyzer
+        analyzer_factory = ModelAnalyzer
     analyzer = analyzer_factory(list(bundles), device=device, gradcam=False, batch_size=batch_size)
     summaries = {m.device_uid: bundle_summary(Path(b)) for m, b in zip(metas, bundles, strict=True)}
     bar = progress(len(labelled.images), "predict") if progress else None
@@ -636,8 +484,6 @@ def run_evaluation(
     )  # fmt: skip
     report = evaluate_predictions(found, labelled, summaries, models=models, boxes=boxes,
                                   n_boot=n_boot, seed=seed, box_classes=box_classes)  # fmt: skip
-    from training.report import write_evaluation
-
     files = write_evaluation(Path(out_dir), report, curves=curves)
     if curves:
         files["curves"].extend(plot_froc_curves(Path(out_dir), report))
@@ -650,42 +496,6 @@ def _box_classes(boxes_json: Path) -> list[str] | None:
     if not path.is_file():
         return None
     return [n.strip() for n in path.read_text(encoding="utf-8").splitlines() if n.strip()]
-
-
-def plot_froc_curves(out_dir: Path, report: EvaluationReport) -> list[Path]:
-    """One FROC PNG per class of each detection model (sensitivity vs FP per image)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from training.report import slug
-
-    written = []
-    for model in report.models:
-        for name, froc in ((model.detection or {}).get("froc") or {}).items():
-            if not froc.get("curve"):
-                continue
-            fig = Figure(figsize=(4.5, 4.5), dpi=100)
-            FigureCanvasAgg(fig)
-            ax = fig.add_subplot(1, 1, 1)
-            x, y = zip(*froc["curve"], strict=True)
-            ax.step(x, y, where="post", linewidth=1.8)
-            ax.plot(froc["fp_per_image"], froc["sensitivity"], "o", color="crimson", markersize=4)
-            ax.set_xscale("symlog", linthresh=0.125)
-            ax.set_xlim(0, 8.5)
-            ax.set_ylim(-0.01, 1.01)
-            ax.set_xlabel("False positives per image")
-            ax.set_ylabel("Lesion sensitivity (IoU >= 0.5)")
-            ident = model.identity
-            cpm = froc.get("cpm")
-            summary = f"mean sensitivity at 1/8..8 FP/image {cpm:.3f}" if cpm is not None else ""
-            ax.set_title(f"{ident.name} {ident.version}: {name} (FROC)\n{summary}", fontsize=9)
-            ax.grid(True, alpha=0.3)
-            fig.tight_layout()
-            path = out_dir / "curves" / slug(f"{ident.name}-{ident.version}") / f"froc_{slug(name)}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path)
-            written.append(path)
-    return written
 
 
 def load_labelled_set_with_progress(

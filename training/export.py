@@ -15,7 +15,7 @@ The exported bundle gets:
   (time, source, checks done);
 - ``docs/README.md``: a short model card with the validation table.
 
-It is written to a staging folder, loaded back with :func:`ai.bundle.load_bundle` and, with
+It is written to a staging folder, loaded back with :func:`ai.bundle.load.load_bundle` and, with
 ``--check-dicom``, run through :class:`ai.inference.Analyzer` on one file, and only then moved
 to ``--out``. An existing ``--out`` is replaced only with ``--force``. Metadata that lacks
 validation metrics or a training record is refused unless ``--allow-incomplete``.
@@ -32,7 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ai.bundle import METADATA_PATH, BundleMetadata, load_bundle, read_metadata, save_bundle
+from ai.bundle.load import load_bundle, save_bundle
+from ai.bundle.metadata import METADATA_PATH, BundleMetadata, read_metadata
 from ai.types import ImageResult
 from training.calibrate import operating_point_uid, replace_folder
 from training.errors import TrainingError

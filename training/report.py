@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ai.metrics import Curve, Estimate
-    from training.evaluate import EvaluationReport, LabelMetrics, ModelReport, Prediction
+    from ai.reference.evaluate import LabelMetrics
+    from ai.reference.metrics import Curve, Estimate
+    from training.results import EvaluationReport, ModelReport, Prediction
 
 logger = logging.getLogger(__name__)
 
@@ -282,3 +283,37 @@ def write_evaluation(out_dir: Path, report: EvaluationReport, *, curves: bool = 
             files["curves"].extend(plot_model_curves(out_dir, model))
     logger.info("wrote evaluation report to %s (%d curve(s))", out_dir, len(files["curves"]))
     return files
+
+
+def plot_froc_curves(out_dir: Path, report: EvaluationReport) -> list[Path]:
+    """One FROC PNG per class of each detection model (sensitivity vs FP per image)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    written = []
+    for model in report.models:
+        for name, froc in ((model.detection or {}).get("froc") or {}).items():
+            if not froc.get("curve"):
+                continue
+            fig = Figure(figsize=(4.5, 4.5), dpi=100)
+            FigureCanvasAgg(fig)
+            ax = fig.add_subplot(1, 1, 1)
+            x, y = zip(*froc["curve"], strict=True)
+            ax.step(x, y, where="post", linewidth=1.8)
+            ax.plot(froc["fp_per_image"], froc["sensitivity"], "o", color="crimson", markersize=4)
+            ax.set_xscale("symlog", linthresh=0.125)
+            ax.set_xlim(0, 8.5)
+            ax.set_ylim(-0.01, 1.01)
+            ax.set_xlabel("False positives per image")
+            ax.set_ylabel("Lesion sensitivity (IoU >= 0.5)")
+            ident = model.identity
+            cpm = froc.get("cpm")
+            summary = f"mean sensitivity at 1/8..8 FP/image {cpm:.3f}" if cpm is not None else ""
+            ax.set_title(f"{ident.name} {ident.version}: {name} (FROC)\n{summary}", fontsize=9)
+            ax.grid(True, alpha=0.3)
+            fig.tight_layout()
+            path = out_dir / "curves" / slug(f"{ident.name}-{ident.version}") / f"froc_{slug(name)}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path)
+            written.append(path)
+    return written

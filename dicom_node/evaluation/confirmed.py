@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Engine, and_, func, insert, select, update
 
+from ai.uids import is_valid_uid
 from dicom_node import db
 from dicom_node.evaluation.errors import ConfirmedLabelError
 from dicom_node.evaluation.figures import Case, study_cases
@@ -35,7 +36,6 @@ logger = logging.getLogger(__name__)
 KeyKind = Literal["study", "sop"]
 KEY_COLUMNS: dict[str, KeyKind] = {"sop_instance_uid": "sop", "study_instance_uid": "study"}
 IGNORED_COLUMNS = frozenset({"path", "patient_id", "view", "comment"})  # training's CSV extras
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_ .-]{0,63}$")
 _SOURCE_RE = re.compile(r"^[a-z0-9_-]{1,16}$")
 
@@ -53,7 +53,7 @@ def validate_labels(key_kind: str, key_uid: str, labels: Mapping[str, Any]
     """Check one key and its labels; errors name the bad argument and value."""
     if key_kind not in ("study", "sop"):
         raise ConfirmedLabelError(f'key_kind "{key_kind}" must be "study" or "sop"')
-    if not isinstance(key_uid, str) or len(key_uid) > 64 or not _UID_RE.match(key_uid):
+    if not is_valid_uid(key_uid, "lenient"):  # typed in from a real archive
         raise ConfirmedLabelError(f"key_uid {key_uid!r} is not a DICOM UID")
     if not labels:
         raise ConfirmedLabelError("labels must name at least one label")

@@ -4,7 +4,7 @@ A *case* is one evaluation unit (an image, or a study when the ground truth is p
 for one label of one model. The decision is the node's own ``positive`` flag (probability
 >= the bundle's operating threshold, as live traffic gets it); AUROC and the ROC curve use
 the probability. Proportions get Wilson 95% intervals and AUROC a stratified bootstrap,
-both from :mod:`ai.metrics`.
+both from :mod:`ai.reference.metrics`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from ai.metrics import NAN_ESTIMATE, Estimate, auroc_estimate, binary_metrics, roc_curve
-from ai.metrics_detection import ImageBoxes
+from ai.reference.evaluate import label_metrics
+from ai.reference.metrics import Estimate
+from ai.reference.metrics_detection import ImageBoxes
 from ai.types import Finding, ImageResult
 
 logger = logging.getLogger(__name__)
@@ -86,27 +87,26 @@ def _thin(points: list[tuple[float, float]], limit: int = MAX_ROC_POINTS
 
 
 def label_figures(cases: Sequence[Case]) -> LabelFigures:
-    """Figures of one (model, label) group of cases."""
+    """Figures of one (model, label) group of cases: :func:`ai.reference.evaluate.label_metrics`
+    (the evaluation ``training evaluate`` reports) on the node's own calls, as stored."""
     first = cases[0]
     truth = np.asarray([c.truth for c in cases], dtype=int)
     probs = np.asarray([c.probability for c in cases], dtype=float)
     calls = np.asarray([int(c.positive) for c in cases], dtype=int)
-    bm = binary_metrics(truth, calls)
-    both = 0 < truth.sum() < truth.size
-    auc = auroc_estimate(truth, probs) if both else NAN_ESTIMATE
-    roc = roc_curve(truth, probs) if both else None
+    m = label_metrics(first.label, first.threshold, truth, probs, calls=calls)
     thresholds = {c.threshold for c in cases}
-    f1 = bm.f1.value
-    cm = bm.confusion
+    op = m.operating_point
+    f1 = op.f1.value
+    cm = op.confusion
     return LabelFigures(
         model_name=first.model_name, model_version=first.model_version, label=first.label,
         threshold=thresholds.pop() if len(thresholds) == 1 else None,
-        n_pos=int(truth.sum()), n_neg=int(truth.size - truth.sum()),
+        n_pos=m.n_pos, n_neg=m.n_neg,
         tp=cm.tp, fp=cm.fp, tn=cm.tn, fn=cm.fn,
-        sensitivity=bm.sensitivity, specificity=bm.specificity, ppv=bm.ppv, npv=bm.npv,
-        f1=None if math.isnan(f1) else f1, auroc=auc,
-        roc=_thin([(float(a), float(b)) for a, b in zip(roc.x, roc.y, strict=True)]
-                  if roc is not None else []),
+        sensitivity=op.sensitivity, specificity=op.specificity, ppv=op.ppv, npv=op.npv,
+        f1=None if math.isnan(f1) else f1, auroc=m.auroc,
+        roc=_thin([(float(a), float(b)) for a, b in zip(m.roc.x, m.roc.y, strict=True)]
+                  if m.roc is not None else []),
     )
 
 
@@ -144,13 +144,13 @@ def detection_figures(results: Sequence[ImageResult],
     ``truth`` maps SOP Instance UID -> reference boxes (an empty list: a negative image);
     images it does not name are not evaluated. For each (detection model, label) the row
     holds AP50 (COCO 101-point, IoU >= 0.5) and FROC points (FP per image, lesion
-    sensitivity) at 1/8 .. 8 FP per image from :mod:`ai.metrics_detection`, plus the
+    sensitivity) at 1/8 .. 8 FP per image from :mod:`ai.reference.metrics_detection`, plus the
     image-level call (positive if any box is positive; probability = the best box score,
     0 without a box) with the same sensitivity / specificity / AUROC as classification, so
     floors and alerts work unchanged. Classification findings are ignored here.
     """
     from ai.codes import normalise_label
-    from ai.metrics_detection import evaluate_boxes, findings_to_boxes
+    from ai.reference.metrics_detection import evaluate_boxes, findings_to_boxes
 
     evaluated = [r for r in results if r.sop_instance_uid in truth]
     groups: dict[tuple[str, str, str], list[Finding]] = defaultdict(list)
@@ -188,7 +188,7 @@ def reference_boxes(doc: Mapping[str, Sequence[str]], images: Sequence[tuple[str
     ``classes``: the map's class names in index order (``classes.txt``). Images the map does
     not name are left out (not evaluated); an empty list in the map is a negative image.
     """
-    from ai.metrics_detection import yolo_truth
+    from ai.reference.metrics_detection import yolo_truth
 
     found, notes = yolo_truth(doc, [(path, rows, cols) for _, path, rows, cols in images], classes)
     if notes:

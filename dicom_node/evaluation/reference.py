@@ -1,11 +1,11 @@
 """Reference-set evaluation: the deployed models on a labelled folder of DICOM.
 
 Every file goes through the same steps as live traffic: the header is read, the node's
-selection rules (:func:`dicom_node.selection.rejection_reason`) decide whether it is
+selection rules (:func:`ai.selection.rejection_reason`) decide whether it is
 analysed, and the images of one study are handed to ``Analyzer.analyze`` together, as a
 worker does with a job. What is not analysed is counted by reason, never silently dropped.
 
-The label file is the classification CSV ``training`` reads (:mod:`ai.labels`): keyed by
+The label file is the classification CSV ``training`` reads (:mod:`ai.reference.labels`): keyed by
 ``sop_instance_uid``, ``path`` (relative to ``dicom_dir``) or ``study_instance_uid``, with
 one 0/1 column per label or a single ``label`` column (multi-class). Study-keyed labels are
 evaluated per study (positive if any image is, probability = the maximum).
@@ -24,14 +24,15 @@ from typing import Any, Literal
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from ai.batches import analyse_isolating
 from ai.codes import normalise_label
-from ai.labels import LabelError, normalise_path, read_classification_labels
-from ai.types import ImageResult, PixelDataError
+from ai.reference.dicom_files import looks_like_dicom
+from ai.reference.labels import LabelError, normalise_path, read_classification_labels
+from ai.selection import rejection_reason
+from ai.types import Analyzer, ImageResult, PixelDataError
 from dicom_node.config import SelectionSettings
 from dicom_node.evaluation.errors import EvaluationError, EvaluationInterrupted
 from dicom_node.evaluation.figures import Case, study_cases
-from dicom_node.selection import rejection_reason
-from dicom_node.worker import Analyzer
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ KeyKind = Literal["sop", "path", "study"]
 class ReferenceLabels:
     """The label file as the evaluation uses it: per record key, 0/1 per (normalised) label.
 
-    Parsing is :func:`ai.labels.read_classification_labels`, shared with ``training``, so
+    Parsing is :func:`ai.reference.labels.read_classification_labels`, shared with ``training``, so
     the node reads exactly the files training reads. Multi-class files become one-hot
     records (a class the model does not know, e.g. "No Finding", is negative for all).
     """
@@ -69,16 +70,6 @@ def read_reference_labels(csv_path: Path) -> ReferenceLabels:
     return ReferenceLabels(key=parsed.key, labels=names, records=records)  # type: ignore[arg-type]
 
 
-def _looks_like_dicom(path: Path) -> bool:
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with path.open("rb") as fh:
-            return fh.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
-
-
 @dataclass
 class ScanResult:
     """Which files are analysed (grouped by study) and why the others are not."""
@@ -101,7 +92,7 @@ def scan_reference(dicom_dir: Path, labels: ReferenceLabels, rules: SelectionSet
     for path in sorted(p for p in Path(dicom_dir).rglob("*") if p.is_file()):
         if stop is not None and stop.is_set():
             raise EvaluationInterrupted("interrupted: the node is stopping")
-        if not _looks_like_dicom(path):
+        if not looks_like_dicom(path):
             scan.non_dicom_files += 1
             continue
         scan.files += 1
@@ -116,7 +107,7 @@ def scan_reference(dicom_dir: Path, labels: ReferenceLabels, rules: SelectionSet
         labelled = key in labels.records
         if labelled:
             scan.matched_keys.add(key)
-        reason = rejection_reason(ds, rules)
+        reason = rejection_reason(ds, rules.to_rules())
         if reason is not None:
             scan.excluded[reason] += 1
         elif not labelled:
@@ -131,20 +122,9 @@ def analyse_study(analyzer: Analyzer, datasets: Sequence[pydicom.Dataset]
                   ) -> tuple[list[ImageResult | None], list[str]]:
     """``analyze`` the study's images together, as a worker does; an image whose pixels
     cannot be used is isolated (None) with its reason, the others still count."""
-    try:
-        return list(analyzer.analyze(datasets)), []
-    except PixelDataError:
-        if len(datasets) == 1:
-            return [None], ["pixel data unusable"]
-    results: list[ImageResult | None] = []
-    reasons = []
-    for ds in datasets:
-        try:
-            results.append(analyzer.analyze([ds])[0])
-        except PixelDataError:
-            results.append(None)
-            reasons.append("pixel data unusable")
-    return results, reasons
+    outcomes = analyse_isolating(analyzer, datasets)
+    results = [None if isinstance(o, PixelDataError) else o for o in outcomes]
+    return results, ["pixel data unusable" for r in results if r is None]
 
 
 @dataclass

@@ -6,7 +6,7 @@ import math
 import time
 from collections.abc import Sequence
 
-from ai.metrics import Estimate
+from ai.reference.metrics import Estimate
 from dicom_node.evaluation.figures import LabelFigures
 from dicom_node.evaluation.service import JobInfo
 from dicom_node.evaluation.store import RunDetail

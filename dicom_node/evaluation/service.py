@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from ai.types import ImageResult, ModelIdentity
+from ai.types import Analyzer, ImageResult, ModelIdentity
 from dicom_node.config import Settings
 from dicom_node.evaluation.alerts import Alert, check_floors, post_webhook
 from dicom_node.evaluation.confirmed import (
@@ -44,7 +44,6 @@ from dicom_node.evaluation.figures import (
 from dicom_node.evaluation.reference import evaluate_reference
 from dicom_node.evaluation.settings import EvaluationJobSettings
 from dicom_node.evaluation.store import AlertInfo, RunDetail, RunInfo, RunStore
-from dicom_node.worker import Analyzer
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +116,7 @@ def _read_box_map(boxes_json: Path | None, classes_txt: Path | None
     """The YOLO JSON map and its class names; errors name the setting."""
     import json
 
-    from ai.labels import LabelError, read_classes
+    from ai.reference.labels import LabelError, read_classes
 
     assert boxes_json is not None and classes_txt is not None
     try:
@@ -362,7 +361,7 @@ class EvaluationService:
     def _model_filter(self, job: EvaluationJobSettings) -> set[tuple[str, str]] | None:
         if not job.bundles:
             return None
-        from ai.bundle import read_metadata
+        from ai.bundle.metadata import read_metadata
 
         metas = [read_metadata(Path(d)) for d in job.bundles]
         return {(m.name, m.version) for m in metas}

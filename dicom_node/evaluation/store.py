@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import Engine, Index, insert, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
 
-from ai.metrics import Estimate
+from ai.reference.metrics import Estimate
 from dicom_node import db
 from dicom_node.evaluation.alerts import Alert
 from dicom_node.evaluation.errors import EvaluationBusyError

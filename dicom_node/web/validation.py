@@ -12,11 +12,11 @@ from typing import Any, TypeVar
 
 from flask import g, request
 
+from ai.uids import is_valid_uid
 from dicom_node.web.errors import ApiError, bad_request
 
 F = TypeVar("F", bound=Callable[..., Any])
 MAX_LIMIT = 500
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.:@+/-]{0,127}$")
 
 
@@ -142,7 +142,7 @@ def uid_arg(name: str) -> str | None:
 
 
 def check_uid(value: Any, name: str) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= 64 or not _UID_RE.match(value):
+    if not is_valid_uid(value):
         raise bad_request(name, "must be a DICOM UID (digits and dots, at most 64 characters)")
     return value
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ai.bundle import BundleMetadata, InputSpec, LabelSpec, NetworkSpec, build_model, save_bundle
+from ai.bundle.load import build_model, save_bundle
+from ai.bundle.metadata import BundleMetadata, InputSpec, LabelSpec, NetworkSpec
 from ai.codes import default_code
 from ai.types import CodedConcept
 

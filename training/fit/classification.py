@@ -31,15 +31,13 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from ai.bundle import BundleMetadata, LabelSpec, NetworkSpec
-from ai.labels import (
-    LabelMatch,
-    index_dicom_tree,
-    match_labels,
-    read_classification_labels,
-)
-from ai.metrics import auroc, auroc_estimate, binary_metrics_at, youden_threshold
-from ai.networks import build_network, network_names
+from ai.bundle.architectures import network_names
+from ai.bundle.metadata import BundleMetadata, LabelSpec, NetworkSpec
+from ai.networks import build_network
+from ai.reference.dicom_files import index_dicom_tree
+from ai.reference.labels import read_classification_labels
+from ai.reference.matching import LabelMatch, match_labels
+from ai.reference.metrics import auroc, auroc_estimate, binary_metrics_at, youden_threshold
 from ai.types import BundleError
 from training.datasets import ClassificationDataset, ImageItem
 from training.errors import FitError

@@ -28,7 +28,7 @@ by default.
 Model selection monitors the validation mAP50; the best epoch's detections on the
 validation split choose each label's operating threshold (the score maximising lesion-level
 F1, or the highest reaching ``--target-sensitivity``) and the held-out test split gives the
-figures to trust (:mod:`ai.metrics_detection`: AP50, AP50-95, P/R, FROC), written to
+figures to trust (:mod:`ai.reference.metrics_detection`: AP50, AP50-95, P/R, FROC), written to
 ``metrics.json`` and the bundle's ``validation_metrics``.
 
 (The issue's layout names this module after the task; its public names,
@@ -55,24 +55,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ai.bundle import BundleMetadata, LabelSpec, NetworkSpec
+from ai.bundle.architectures import RetinaNetSpec
+from ai.bundle.metadata import BundleMetadata, LabelSpec, NetworkSpec
 from ai.codes import normalise_label
 from ai.detection import (
-    RetinaNetSpec,
     build_detector,
     configure_for_training,
     to_monai_boxes,
     unpack,
 )
-from ai.labels import (
-    LabelMatch,
-    MatchedImage,
-    index_dicom_tree,
-    match_labels,
-    read_nih_boxes,
-    read_yolo_labels,
-)
-from ai.metrics_detection import (
+from ai.pixels import Letterbox
+from ai.reference.dicom_files import index_dicom_tree
+from ai.reference.labels import read_nih_boxes, read_yolo_labels
+from ai.reference.matching import LabelMatch, MatchedImage, match_labels
+from ai.reference.metrics_detection import (
     DetectionReport,
     ImageBoxes,
     best_f1_threshold,
@@ -80,7 +76,6 @@ from ai.metrics_detection import (
     pooled_at_iou50,
     threshold_for_lesion_sensitivity,
 )
-from ai.pixels import Letterbox
 from ai.types import BundleError
 from training.datasets import ImageCache, ImageItem
 from training.errors import FitError

@@ -4,7 +4,7 @@ A run folder (``--out``) collects everything about one run:
 
 ``run_config.json``  every argument, library versions, git commit, data summary, results
 ``split.json``       patient-level train/val/test split (see :mod:`training.split`)
-``data_report.txt``  how labels matched images (every mismatch, see :mod:`ai.labels`)
+``data_report.txt``  how labels matched images (every mismatch, see :mod:`ai.reference.matching`)
 ``last.pt``          checkpoint after every epoch (see :mod:`training.fit.checkpoint`)
 ``best.pt``          weights of the best validation epoch
 ``metrics.json``     per-label validation and test figures of the best model, history
@@ -12,7 +12,7 @@ A run folder (``--out``) collects everything about one run:
                      output for every validation and test image
 ``tensorboard/``     TensorBoard event files
 ``cache/``           preprocessed arrays (unless ``--cache-dir`` or ``--no-disk-cache``)
-``bundle/``          the model bundle (:func:`ai.bundle.save_bundle`) the node loads
+``bundle/``          the model bundle (:func:`ai.bundle.load.save_bundle`) the node loads
 
 :class:`Run` is the skeleton every task shares: run folder checks, preparing the data on
 rank 0 and broadcasting it, the epoch loop (optimiser steps, validation, early stopping,
@@ -50,10 +50,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ai.bundle import BundleMetadata, InputSpec, LabelSpec, save_bundle
+from ai.bundle.load import save_bundle
+from ai.bundle.metadata import BundleMetadata, InputSpec, LabelSpec
 from ai.codes import default_code, normalise_label
-from ai.labels import MatchedImage
 from ai.pixels import PreprocessParams
+from ai.reference.matching import MatchedImage
 from ai.types import BundleError, CodedConcept, PixelDataError
 from training.datasets import ImageCache
 from training.errors import FitError

@@ -10,7 +10,8 @@ import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from ai.bundle import BundleMetadata, InputSpec, LabelSpec, NetworkSpec, save_bundle
+from ai.bundle.load import save_bundle
+from ai.bundle.metadata import BundleMetadata, InputSpec, LabelSpec, NetworkSpec
 from ai.codes import default_code
 from ai.networks import build_network
 

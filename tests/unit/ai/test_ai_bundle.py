@@ -13,7 +13,8 @@ import torch
 from aihelpers import LABELS, make_bundle
 from pydicom.uid import UID
 
-from ai.bundle import METADATA_PATH, WEIGHTS_PATH, BundleMetadata, load_bundle, read_metadata
+from ai.bundle.load import load_bundle
+from ai.bundle.metadata import METADATA_PATH, WEIGHTS_PATH, BundleMetadata, read_metadata
 from ai.codes import DEFAULT_CODES
 from ai.types import BundleError
 
@@ -159,7 +160,7 @@ def test_pickled_code_is_not_executed(random_bundle: Path, tmp_path: Path) -> No
 def test_save_refuses_non_json_training_record(tmp_path: Path) -> None:
     meta = make_bundle(tmp_path / "a")
     bad = BundleMetadata(**{**vars(meta), "training": {"when": object()}})
-    from ai.bundle import save_bundle
+    from ai.bundle.load import save_bundle
 
     with pytest.raises(BundleError, match="cannot go into JSON"):
         save_bundle(tmp_path / "b", bad, load_bundle(tmp_path / "a").model)

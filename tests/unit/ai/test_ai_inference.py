@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from aihelpers import LABELS, grey_dataset, make_bundle
 
-from ai.bundle import METADATA_PATH
+from ai.bundle.metadata import METADATA_PATH
 from ai.inference import Analyzer, cam_box
 from ai.types import BundleError, PixelDataError
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ai.metrics import (
+from ai.reference.metrics import (
     ConfusionMatrix,
     auroc,
     auroc_estimate,

@@ -6,7 +6,8 @@ import pytest
 import torch
 from aihelpers import SMALL_DENSENET
 
-from ai.networks import build_network, default_gradcam_layer, find_layer, network_names
+from ai.bundle.architectures import default_gradcam_layer, network_names
+from ai.networks import build_network, find_layer
 from ai.types import BundleError
 
 

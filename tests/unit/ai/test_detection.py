@@ -22,14 +22,11 @@ from helpers.bundles import TINY_DETECTOR as TINY
 from helpers.bundles import make_detector_bundle, make_tiny_bundle
 
 from ai import detection_shims
-from ai.bundle import (
-    METADATA_PATH,
-    load_bundle,
-    read_metadata,
-)
+from ai.bundle.architectures import RetinaNetSpec
+from ai.bundle.load import load_bundle
+from ai.bundle.metadata import METADATA_PATH, read_metadata
 from ai.codes import default_code
 from ai.detection import (
-    RetinaNetSpec,
     build_detector,
     configure_for_training,
     detect,

@@ -10,19 +10,18 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from ai.labels import (
+from ai.reference.dicom_files import index_dicom_tree
+from ai.reference.labels import (
     ClassificationLabels,
     LabelError,
-    LabelMismatchError,
     PixelBox,
     YoloBox,
-    index_dicom_tree,
-    match_labels,
     normalise_path,
     read_classification_labels,
     read_nih_boxes,
     read_yolo_labels,
 )
+from ai.reference.matching import LabelMismatchError, match_labels
 from training.phantoms import FINDINGS
 from training.synth import synthesize
 

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from ai.metrics_detection import (
+from ai.reference.metrics_detection import (
     IOU_THRESHOLDS,
     ImageBoxes,
     best_f1_threshold,

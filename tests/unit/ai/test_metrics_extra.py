@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ai.metrics import (
+from ai.reference.metrics import (
     auroc,
     average_precision,
     average_precision_estimate,

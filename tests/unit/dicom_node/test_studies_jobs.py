@@ -11,12 +11,12 @@ from helpers.dicomfiles import CT, DX, make_image
 from sqlalchemy import select, update
 from test_ingest import _received
 
+from ai.selection import rejection_reason
 from dicom_node import db
 from dicom_node.backoff import backoff_delay as shared_backoff
 from dicom_node.config import SelectionSettings, SenderSettings
 from dicom_node.ingest import Ingestor, StoreStatus
 from dicom_node.jobs import JobQueue, RetryPolicy, settle_study
-from dicom_node.selection import rejection_reason
 from dicom_node.sender import backoff_delay
 from dicom_node.spool import Spool
 from dicom_node.states import StudyState
@@ -87,7 +87,7 @@ def test_mixed_study_analyses_frontal_only(env) -> None:  # type: ignore[no-unty
 
 
 def test_real_files_selection(realdicom: Path) -> None:
-    rules = SelectionSettings()
+    rules = SelectionSettings().to_rules()
     hdr = {p.name: pydicom.dcmread(p, stop_before_pixels=True) for p in realdicom.glob("*.dcm")}
     assert rejection_reason(hdr["cr_chest_pa_philips_j2k.dcm"], rules) is None
     assert rejection_reason(hdr["dx_chest_nih_cxr14_sc.dcm"], rules) is None

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ai.bundle import load_bundle, read_metadata
+from ai.bundle.load import load_bundle
+from ai.bundle.metadata import read_metadata
 from training.calibrate import (
     CalibrationError,
     bump_version,

@@ -22,7 +22,7 @@ import pydicom
 import pytest
 from conftest import ROOT
 
-from ai.bundle import load_bundle
+from ai.bundle.load import load_bundle
 from ai.codes import DEFAULT_CODES
 from ai.inference import Analyzer
 from training import demo

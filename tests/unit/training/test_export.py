@@ -9,7 +9,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from ai.bundle import load_bundle, read_metadata
+from ai.bundle.load import load_bundle
+from ai.bundle.metadata import read_metadata
 from ai.inference import Analyzer
 from training.cli import main
 from training.export import ExportError, export_bundle, find_run_bundle

@@ -18,7 +18,7 @@ import torch
 from monai.networks.nets import DenseNet
 
 import ai.pixels
-from ai.bundle import load_bundle
+from ai.bundle.load import load_bundle
 from ai.inference import Analyzer
 from ai.networks import build_network
 from training.cli import main

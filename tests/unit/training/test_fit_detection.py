@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from ai.bundle import load_bundle
+from ai.bundle.load import load_bundle
 from ai.pixels import Letterbox
 from training.cli import main
 from training.errors import FitError

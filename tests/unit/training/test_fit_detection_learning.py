@@ -24,9 +24,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from ai.bundle import load_bundle
+from ai.bundle.load import load_bundle
 from ai.inference import Analyzer
-from ai.metrics_detection import evaluate_boxes, findings_to_boxes, yolo_truth
+from ai.reference.metrics_detection import evaluate_boxes, findings_to_boxes, yolo_truth
 from training.cli import main
 
 NETWORK = {"backbone": "resnet10", "widen_factor": 0.5, "fpn_channels": 32, "head_convs": 2}

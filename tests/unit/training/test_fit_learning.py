@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ai.bundle import load_bundle
+from ai.bundle.load import load_bundle
 from training.cli import main
 
 NETWORK = {"init_features": 16, "growth_rate": 8, "block_config": [2, 4, 6, 4]}

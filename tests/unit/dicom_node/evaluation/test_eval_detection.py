@@ -23,7 +23,8 @@ from evalhelpers import (
 from helpers.bundles import make_tiny_bundle
 from sqlalchemy import Engine, select
 
-from ai.bundle import BundleMetadata, InputSpec, LabelSpec, NetworkSpec, build_model, save_bundle
+from ai.bundle.load import build_model, save_bundle
+from ai.bundle.metadata import BundleMetadata, InputSpec, LabelSpec, NetworkSpec
 from ai.codes import default_code
 from ai.types import BoundingBox, Finding, ImageResult, ModelIdentity
 from dicom_node import db

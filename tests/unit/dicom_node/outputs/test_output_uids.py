@@ -7,7 +7,8 @@ import re
 import pytest
 from pydicom.uid import UID
 
-from dicom_node.uids import derive_uid, is_valid_uid
+from ai.uids import is_valid_uid
+from dicom_node.uids import derive_uid
 
 
 def test_same_parts_give_the_same_uid() -> None:

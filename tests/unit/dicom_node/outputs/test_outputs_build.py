@@ -11,8 +11,8 @@ from outputs_helpers import CR_J2K, DEMO, STUDY_UID, make_result, make_source
 from pydicom.dataset import Dataset
 
 from ai.types import BoundingBox
+from ai.uids import is_valid_uid
 from dicom_node.outputs import OutputObject, OutputSettings, build_outputs
-from dicom_node.uids import is_valid_uid
 
 SETTINGS = OutputSettings()
 

@@ -1,4 +1,5 @@
-"""Reference labels for chest radiographs, and matching them to an exported DICOM tree.
+"""Reference label files for chest radiographs: classification CSVs, YOLO boxes (the one
+YOLO line parser, :func:`parse_yolo_line`) and NIH box CSVs.
 
 Shared by ``training`` (fit, evaluate) and the node's scheduled evaluation jobs, so it lives
 in ``ai`` and never imports ``training`` or ``dicom_node``.
@@ -15,9 +16,9 @@ Formats:
   the bracketed name splits into four columns and three unnamed ones trail, so the box is
   read positionally after the ``Bbox`` column.
 
-Every mismatch between labels and images (labels without images, images without labels,
-unknown classes, boxes outside the image, unreadable files, duplicates) is kept in a
-:class:`LabelMatch` with a readable :meth:`LabelMatch.report`; nothing is dropped silently.
+Matching labels to a DICOM tree is :mod:`ai.reference.matching` (every mismatch kept in a
+:class:`~ai.reference.matching.LabelMatch`, nothing dropped silently); indexing the tree and
+the one "is this a DICOM file" check are :mod:`ai.reference.dicom_files`.
 Reports and logs name SOP Instance UIDs, label-file lines and keys, never patient data.
 """
 
@@ -27,16 +28,11 @@ import csv
 import json
 import logging
 import math
-import os
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, overload
-
-import pydicom
-from pydicom.errors import InvalidDicomError
 
 from ai.codes import normalise_label
 from ai.types import AnalysisError
@@ -59,21 +55,11 @@ _RESERVED = {  # columns that describe the image, never a label
 _MULTICLASS_COLUMN = "label"
 _TRUE = {"1", "1.0", "true", "yes", "y", "t"}
 _FALSE = {"0", "0.0", "false", "no", "n", "f"}
-_DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ""}
 _OUTSIDE_TOLERANCE = 1e-6  # normalised units; YOLO writers round to 6 digits
-_REPORT_LIMIT = 20  # entries per section in report(); the counts are always complete
 
 
 class LabelError(AnalysisError, ValueError):
     """A label file cannot be read or does not fit the images (names file, line, value)."""
-
-
-class LabelMismatchError(LabelError):
-    """Strict matching found mismatches; ``match`` holds them all."""
-
-    def __init__(self, match: LabelMatch) -> None:
-        super().__init__(f"labels and images do not match:\n{match.report()}")
-        self.match = match
 
 
 def _norm_header(name: str) -> str:
@@ -346,7 +332,11 @@ def read_classes(classes: Sequence[str] | Path | str) -> list[str]:
     return [str(c) for c in classes]
 
 
-def _yolo_line(text: str, where: str, classes: Sequence[str]) -> YoloBox:
+def parse_yolo_line(text: str, where: str, classes: Sequence[str] = ()) -> YoloBox:
+    """``"C xc yc w h"`` (normalised centre and size) -> :class:`YoloBox`; the one YOLO line
+    parser (label files, the box truth of evaluations). ``label`` is the class name from
+    ``classes``, None when the index is outside it. :class:`LabelError` names ``where``."""
+    text = str(text)
     parts = text.split()
     if len(parts) != 5:
         raise LabelError(f'{where}: "{text}" is not "class xc yc w h"')
@@ -385,7 +375,7 @@ def read_yolo_labels(
             raise LabelError(f'{path}: entry "{name}" must be a list of "class xc yc w h" strings')
         where = f"{path.name}[{name}]"
         out[normalise_path(name)] = [
-            _yolo_line(text, f"{where}#{i}", names) for i, text in enumerate(lines)
+            parse_yolo_line(text, f"{where}#{i}", names) for i, text in enumerate(lines)
         ]
     return out
 
@@ -401,7 +391,7 @@ def _read_yolo_dir(root: Path, names: Sequence[str]) -> dict[str, list[YoloBox]]
         except (OSError, UnicodeDecodeError) as exc:
             raise LabelError(f'YOLO label file "{txt}" cannot be read: {exc}') from exc
         out[rel] = [
-            _yolo_line(line.strip(), f"{rel}.txt:{n}", names)
+            parse_yolo_line(line.strip(), f"{rel}.txt:{n}", names)
             for n, line in enumerate(lines, 1)
             if line.strip()
         ]
@@ -469,400 +459,3 @@ def _nih_numbers(row: Sequence[str], cols: Sequence[int], where: str) -> tuple[f
     if len(values) != 4 or not all(math.isfinite(v) for v in values):
         raise LabelError(f"{where}: box {cells} is not four numbers x, y, w, h")
     return values
-
-
-# --------------------------------------------------------------------------------------------
-# DICOM tree index
-
-
-@dataclass(frozen=True)
-class IndexedImage:
-    """Header facts of one DICOM file (read with ``stop_before_pixels``).
-
-    ``patient_id`` is kept for patient-level splits only; never log it.
-    """
-
-    path: Path
-    relpath: str  # POSIX, relative to the indexed root
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    patient_id: str = field(repr=False)
-    view: str
-    rows: int
-    cols: int
-    modality: str
-
-
-@dataclass
-class DicomIndex(Sequence[IndexedImage]):
-    """The readable images of a tree (a sequence), plus what could not be read."""
-
-    root: Path
-    images: list[IndexedImage] = field(default_factory=list)
-    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
-    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (relpath, sop uid)
-    non_images: list[tuple[str, str]] = field(default_factory=list)  # (relpath, modality)
-    skipped: int = 0  # files that are plainly not DICOM (labels, caches, readme, DICOMDIR)
-
-    @overload
-    def __getitem__(self, i: int) -> IndexedImage: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[IndexedImage]: ...
-    def __getitem__(self, i: int | slice) -> IndexedImage | list[IndexedImage]:
-        return self.images[i]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __iter__(self) -> Iterator[IndexedImage]:
-        return iter(self.images)
-
-
-def _looks_like_dicom(path: Path) -> bool:
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return path.suffix.lower() in _DICOM_SUFFIXES
-    if path.name.upper() == "DICOMDIR":  # a media directory, not an instance
-        return False
-    return head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom", ".dic")
-
-
-def _index_one(path: Path, rel: str) -> IndexedImage:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    sop = str(ds.get("SOPInstanceUID", "") or "").strip()
-    if not sop:
-        raise ValueError("no SOP Instance UID")
-    return IndexedImage(
-        path=path,
-        relpath=rel,
-        sop_instance_uid=sop,
-        study_instance_uid=str(ds.get("StudyInstanceUID", "") or "").strip(),
-        series_instance_uid=str(ds.get("SeriesInstanceUID", "") or "").strip(),
-        patient_id=str(ds.get("PatientID", "") or "").strip(),
-        view=str(ds.get("ViewPosition", "") or "").strip().upper(),
-        rows=int(ds.get("Rows", 0) or 0),
-        cols=int(ds.get("Columns", 0) or 0),
-        modality=str(ds.get("Modality", "") or "").strip().upper(),
-    )
-
-
-def index_dicom_tree(root: Path | str, *, progress: Any = None) -> DicomIndex:
-    """Index every DICOM file under ``root`` from its header (pixels are not read).
-
-    Files with a DICOM preamble or a DICOM-like suffix that fail to parse, or lack a SOP
-    Instance UID, are listed in ``unreadable``; a second file with an already seen SOP
-    Instance UID in ``duplicates``; objects without an image (SR, presentation states, key
-    object notes: no Rows / Columns) in ``non_images``. Other files (CSV, JSON, caches,
-    DICOMDIR) count as ``skipped``.
-
-    Args:
-        progress: optional callable called with 1 per file examined (e.g. ``tqdm.update``).
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise LabelError(f'DICOM folder "{root}" does not exist or is not a folder')
-    index = DicomIndex(root)
-    seen: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
-            if progress is not None:
-                progress(1)
-            if not _looks_like_dicom(path):
-                index.skipped += 1
-                continue
-            try:
-                image = _index_one(path, rel)
-            except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError,
-                    KeyError, EOFError) as exc:  # fmt: skip
-                index.unreadable.append((rel, f"{type(exc).__name__}: {exc}"[:200]))
-                continue
-            if image.sop_instance_uid in seen:
-                index.duplicates.append((rel, image.sop_instance_uid))
-                continue
-            if image.rows <= 0 or image.cols <= 0:
-                index.non_images.append((rel, image.modality))
-                continue
-            seen[image.sop_instance_uid] = rel
-            index.images.append(image)
-    logger.info("Indexed %d DICOM images under %s (%d unreadable, %d duplicate, %d non-image, "
-                "%d skipped)", len(index.images), root, len(index.unreadable),
-                len(index.duplicates), len(index.non_images), index.skipped)  # fmt: skip
-    return index
-
-
-# --------------------------------------------------------------------------------------------
-# Matching
-
-
-@dataclass(frozen=True)
-class MatchedImage:
-    """An image with its labels: classification ``targets`` and/or detection ``boxes``.
-
-    Boxes are ``(label_index, x0, y0, x1, y1)`` in source pixels; only known classes inside
-    the image are kept (the others are reported). ``label_key`` is the label file's key.
-    """
-
-    image: IndexedImage
-    label_key: str
-    targets: tuple[int, ...] = ()
-    boxes: tuple[tuple[int, float, float, float, float], ...] = ()
-    line: int = 0
-    label_patient_id: str | None = None
-
-    @property
-    def patient_key(self) -> str:
-        """Grouping key for patient-level splits: DICOM PatientID, the label file's
-        patient_id, or (neither present) the study, so each study is its own patient."""
-        return (
-            self.image.patient_id
-            or self.label_patient_id
-            or f"study:{self.image.study_instance_uid or self.image.sop_instance_uid}"
-        )
-
-
-@dataclass
-class LabelMatch:
-    """The outcome of matching labels to an index: matched pairs and every mismatch."""
-
-    label_names: tuple[str, ...]
-    matched: list[MatchedImage] = field(default_factory=list)
-    labels_without_images: list[str] = field(default_factory=list)
-    images_without_labels: list[IndexedImage] = field(default_factory=list)
-    unknown_classes: list[str] = field(default_factory=list)
-    boxes_outside: list[str] = field(default_factory=list)
-    ambiguous: list[str] = field(default_factory=list)
-    unreadable: list[tuple[str, str]] = field(default_factory=list)
-    duplicate_images: list[tuple[str, str]] = field(default_factory=list)
-    duplicate_labels: list[str] = field(default_factory=list)
-    non_images: list[tuple[str, str]] = field(default_factory=list)  # notes, not mismatches
-    multi_label: bool = True
-    key: str = ""
-
-    @property
-    def problems(self) -> dict[str, int]:
-        """Counts of each kind of mismatch (zero counts omitted). Identical duplicate label
-        rows are a note in the report, not a mismatch (a file keyed by study but written per
-        image lists each study once per image)."""
-        counts = {
-            "labels without images": len(self.labels_without_images),
-            "images without labels": len(self.images_without_labels),
-            "unknown classes": len(self.unknown_classes),
-            "boxes outside the image": len(self.boxes_outside),
-            "ambiguous keys": len(self.ambiguous),
-            "unreadable files": len(self.unreadable),
-            "duplicate images": len(self.duplicate_images),
-        }
-        return {k: v for k, v in counts.items() if v}
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def summary(self) -> dict[str, Any]:
-        """Counts only (no identifiers): for run configs and logs."""
-        notes = {"duplicate label rows": len(self.duplicate_labels),
-                 "non-image objects": len(self.non_images)}  # fmt: skip
-        notes = {k: v for k, v in notes.items() if v}
-        return {"matched": len(self.matched), "key": self.key, **self.problems, **notes}
-
-    def report(self, limit: int = _REPORT_LIMIT) -> str:
-        """A readable report: counts, then up to ``limit`` examples of each mismatch."""
-        lines = [f"matched images: {len(self.matched)} (labels keyed by {self.key or 'file'})"]
-        sections: list[tuple[str, Sequence[str]]] = [
-            ("labels without images", self.labels_without_images),
-            ("images without labels",
-             [f"sop={im.sop_instance_uid} ({im.relpath})" for im in self.images_without_labels]),
-            ("unknown classes", self.unknown_classes),
-            ("boxes outside the image", self.boxes_outside),
-            ("ambiguous keys", self.ambiguous),
-            ("unreadable files", [f"{rel}: {why}" for rel, why in self.unreadable]),
-            ("duplicate images (same SOP Instance UID)",
-             [f"{rel} (sop={uid})" for rel, uid in self.duplicate_images]),
-            ("duplicate label rows (identical, used once)", self.duplicate_labels),
-            ("non-image objects (SR, PR, KO, ...; not used)",
-             [f"{rel} ({modality or 'no modality'})" for rel, modality in self.non_images]),
-        ]  # fmt: skip
-        for title, items in sections:
-            if not items:
-                continue
-            lines.append(f"{title}: {len(items)}")
-            lines.extend(f"  - {item}" for item in list(items)[:limit])
-            if len(items) > limit:
-                lines.append(f"  ... and {len(items) - limit} more")
-        if self.ok:
-            lines.append("no mismatches")
-        return "\n".join(lines)
-
-    def check(self, strict: bool) -> LabelMatch:
-        """Strict: raise :class:`LabelMismatchError` on any mismatch; lenient: log counts."""
-        if self.problems and strict:
-            raise LabelMismatchError(self)
-        if self.problems:
-            logger.warning("Label matching: %d matched; mismatches %s", len(self.matched),
-                           self.problems)  # fmt: skip
-        if not self.matched:
-            raise LabelError(f"no image matched a label:\n{self.report()}")
-        return self
-
-
-BoxLabels = Mapping[str, Sequence[YoloBox]] | Mapping[str, Sequence[PixelBox]]
-
-
-def match_labels(
-    index: DicomIndex | Sequence[IndexedImage],
-    labels: ClassificationLabels | BoxLabels,
-    *,
-    classes: Sequence[str] | None = None,
-    strict: bool = False,
-) -> LabelMatch:
-    """Pair images with their labels and report every mismatch.
-
-    Args:
-        index: from :func:`index_dicom_tree` (its unreadable files are reported too).
-        labels: classification labels, or a box map from :func:`read_yolo_labels` /
-            :func:`read_nih_boxes` (keys: relative paths or file names, matched against the
-            image's relative path, then with the suffix stripped, then by file name stem).
-        classes: box label names (NIH boxes naming others are unknown classes; default:
-            the YOLO boxes' own class list, or the NIH labels found).
-        strict: raise :class:`LabelMismatchError` when anything does not match.
-    """
-    images = list(index)
-    if isinstance(labels, ClassificationLabels):
-        match = _match_classification(images, labels)
-    else:
-        match = _match_boxes(images, labels, classes)
-    if isinstance(index, DicomIndex):
-        match.unreadable = list(index.unreadable)
-        match.duplicate_images = list(index.duplicates)
-        match.non_images = list(index.non_images)
-    return match.check(strict) if strict else match
-
-
-def _match_classification(images: list[IndexedImage], labels: ClassificationLabels) -> LabelMatch:
-    match = LabelMatch(labels.label_names, multi_label=labels.multi_label, key=labels.key)
-    match.duplicate_labels = [f'key "{k}"' for k in labels.duplicates]
-    attr = {"sop": "sop_instance_uid", "path": "relpath", "study": "study_instance_uid"}
-    used: set[str] = set()
-    for image in images:
-        key = getattr(image, attr[labels.key])
-        record = labels.records.get(key)
-        if record is None:
-            match.images_without_labels.append(image)
-            continue
-        used.add(key)
-        if not record.known:
-            match.unknown_classes.append(
-                f'line {record.line}: class "{record.class_name}" is not one of '
-                f"{list(labels.label_names)} (sop={image.sop_instance_uid})"
-            )
-            continue
-        match.matched.append(
-            MatchedImage(
-                image, key, record.targets, line=record.line, label_patient_id=record.patient_id
-            )  # fmt: skip
-        )
-    match.labels_without_images = [
-        f'line {r.line}: {labels.key} "{k}"' for k, r in labels.records.items() if k not in used
-    ]
-    return match
-
-
-def _image_lookup(images: Iterable[IndexedImage]) -> tuple[dict[str, list[IndexedImage]], ...]:
-    exact: dict[str, list[IndexedImage]] = defaultdict(list)
-    nosuffix: dict[str, list[IndexedImage]] = defaultdict(list)
-    stem: dict[str, list[IndexedImage]] = defaultdict(list)
-    for image in images:
-        rel = PurePosixPath(image.relpath)
-        exact[image.relpath].append(image)
-        nosuffix[str(rel.with_suffix(""))].append(image)
-        stem[rel.stem].append(image)
-    return exact, nosuffix, stem
-
-
-def _find_image(key: str, lookups: tuple[dict[str, list[IndexedImage]], ...]) -> list[IndexedImage]:
-    exact, nosuffix, stem = lookups
-    rel = PurePosixPath(key)
-    for table, probe in ((exact, key), (nosuffix, str(rel.with_suffix(""))),
-                         (nosuffix, key), (stem, rel.stem)):  # fmt: skip
-        found = table.get(probe)
-        if found:
-            return found
-    return []
-
-
-def _box_names(labels: BoxLabels, classes: Sequence[str] | None) -> tuple[str, ...]:
-    if classes is not None:
-        return tuple(classes)
-    names: list[str] = []
-    for boxes in labels.values():
-        for box in boxes:
-            label = box.label
-            if label is not None and label not in names:
-                names.append(label)
-    return tuple(names)
-
-
-def _match_boxes(
-    images: list[IndexedImage], labels: BoxLabels, classes: Sequence[str] | None
-) -> LabelMatch:
-    names = _box_names(labels, classes)
-    index = {normalise_label(n): i for i, n in enumerate(names)}
-    match = LabelMatch(names, key="file")
-    lookups = _image_lookup(images)
-    used: set[str] = set()
-    for key, boxes in labels.items():
-        found = _find_image(key, lookups)
-        if not found:
-            match.labels_without_images.append(f'file "{key}" ({len(boxes)} boxes)')
-            continue
-        if len(found) > 1:
-            match.ambiguous.append(
-                f'file "{key}" fits {len(found)} images: '
-                + ", ".join(f"sop={im.sop_instance_uid}" for im in found)
-            )
-            continue
-        image = found[0]
-        used.add(image.sop_instance_uid)
-        kept = [_check_box(box, image, index, match) for box in boxes]
-        targets = [0] * len(names)
-        for box in kept:
-            if box is not None:
-                targets[box[0]] = 1
-        match.matched.append(
-            MatchedImage(image, key, tuple(targets), tuple(b for b in kept if b is not None))
-        )
-    match.images_without_labels = [im for im in images if im.sop_instance_uid not in used]
-    return match
-
-
-def _check_box(
-    box: YoloBox | PixelBox, image: IndexedImage, index: Mapping[str, int], match: LabelMatch
-) -> tuple[int, float, float, float, float] | None:
-    position = index.get(normalise_label(box.label)) if box.label is not None else None
-    if position is None:
-        what = (
-            box.label
-            if box.label is not None
-            else f"class index {getattr(box, 'class_index', '?')}"
-        )
-        match.unknown_classes.append(f"{box.source}: {what} (sop={image.sop_instance_uid})")
-        return None
-    if isinstance(box, YoloBox):
-        outside = box.outside()
-        x0, y0, x1, y1 = box.to_pixels(image.rows, image.cols)
-    else:
-        outside = box.outside(image.rows, image.cols)
-        x0, y0, x1, y1 = box.x, box.y, box.x + box.w, box.y + box.h
-    if outside:
-        match.boxes_outside.append(
-            f"{box.source}: {box.label} box ({x0:.1f}, {y0:.1f}, {x1:.1f}, {y1:.1f}) px outside "
-            f"{image.cols} x {image.rows} (sop={image.sop_instance_uid})"
-        )
-        return None
-    return position, x0, y0, x1, y1

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from ai.reference.labels import parse_yolo_line
+
 logger = logging.getLogger(__name__)
 
 IOU_THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
@@ -358,20 +360,6 @@ def pooled_at_iou50(predictions: Sequence[ImageBoxes], truths: Sequence[ImageBox
 # Reference boxes from a YOLO JSON map, and the ``training evaluate`` hook
 
 
-def parse_yolo_line(text: str, where: str) -> tuple[int, float, float, float, float]:
-    """``"C xc yc w h"`` -> (class index, xc, yc, w, h), normalised; ValueError naming it."""
-    parts = str(text).split()
-    try:
-        if len(parts) != 5:
-            raise ValueError
-        cls, values = int(parts[0]), [float(p) for p in parts[1:]]
-    except ValueError:
-        raise ValueError(f'{where}: "{text}" is not "class xc yc w h"') from None
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError(f'{where}: "{text}" has a non-finite coordinate')
-    return (cls, *values)  # type: ignore[return-value]
-
-
 def _suffix_index(paths: Sequence[str]) -> dict[str, list[int]]:
     index: dict[str, list[int]] = {}
     for i, path in enumerate(paths):
@@ -413,14 +401,13 @@ def yolo_truth(
         _, rows, cols = images[i]
         boxes, labels = [], []
         for n, text in enumerate(lines):
-            cls, xc, yc, w, h = parse_yolo_line(text, f"{key}#{n}")
-            name = source[cls] if 0 <= cls < len(source) else None
+            box = parse_yolo_line(text, f"{key}#{n}", source)
+            name = box.label
             k = wanted.get(normalise_label(name)) if name is not None else None
             if k is None:
                 notes["boxes_of_other_classes"] += 1
                 continue
-            boxes.append(((xc - w / 2) * cols, (yc - h / 2) * rows,
-                          (xc + w / 2) * cols, (yc + h / 2) * rows))  # fmt: skip
+            boxes.append(box.to_pixels(rows, cols))
             labels.append(k)
         out[i] = ImageBoxes(np.asarray(boxes).reshape(-1, 4), np.asarray(labels, dtype=np.int64))
     return out, {k: v for k, v in notes.items() if v}
