@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 
 from dicom_node import db
+from dicom_node.analysis import load_analyzer
 from dicom_node.config import Settings
 from dicom_node.evaluation.errors import EvaluationBusyError
 from dicom_node.evaluation.report import format_jobs, format_run
@@ -31,8 +32,6 @@ def _lazy_deployed(settings: Settings
     def deployed() -> Analyzer | None:
         with lock:
             if "analyzer" not in state and "error" not in state:
-                from dicom_node.service import load_analyzer
-
                 try:
                     state["analyzer"] = load_analyzer(settings)
                 except Exception as exc:  # noqa: BLE001 - reported as the run's failure

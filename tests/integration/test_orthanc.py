@@ -15,7 +15,7 @@ from helpers.orthanc import modalities, start_orthanc, store_jobs
 from sqlalchemy import select
 
 from dicom_node import db
-from dicom_node.service import load_analyzer
+from dicom_node.analysis import load_analyzer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -25,7 +25,7 @@ from pydicom import config as pydicom_config
 from sqlalchemy import select
 
 from dicom_node import db, logs
-from dicom_node.service import load_analyzer
+from dicom_node.analysis import load_analyzer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,7 +13,7 @@ from helpers.node import node_settings, query, start_node, studies
 from sqlalchemy import select
 
 from dicom_node import db
-from dicom_node.service import load_analyzer
+from dicom_node.analysis import load_analyzer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
