@@ -74,6 +74,10 @@ instances = Table(
     Column("job_id", Integer, ForeignKey("jobs.id"), nullable=True),
     # retention: when the spool file was removed (the row stays as the record)
     Column("purged_at", Float, nullable=True),
+    # JSON {keyword: value} of the header attributes the selection rules read, from the one
+    # parse at ingest (dicom_node.dicomio.SELECTION_KEYWORDS); null in rows written before it
+    # was kept or when they were not in the parsed prefix: assembly then reads the file
+    Column("selection", Text, nullable=True),
     UniqueConstraint("sop_instance_uid", name="uq_instances_sop"),
 )
 Index("ix_instances_study", instances.c.study_uid)

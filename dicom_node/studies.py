@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Engine, case, func, insert, or_, select, upda
 
 from dicom_node import db
 from dicom_node.config import SelectionSettings
-from dicom_node.dicomio import quiet, read_untrusted
+from dicom_node.dicomio import load_selection, quiet, read_untrusted
 from dicom_node.jobs import failure_reason
 from dicom_node.selection import rejection_reason
 from dicom_node.spool import Spool
@@ -92,11 +92,15 @@ class StudyAssembler:
                 created.append(job_id)
         return created
 
-    def _classify(self, relpath: str) -> str | None:
+    def _classify(self, row: Any) -> str | None:
+        """The selection rules on the attributes ingest stored on the row; a row without
+        them (an older database, or attributes past the parsed prefix) reads its file once."""
         try:
             with quiet():
-                ds = read_untrusted(self.spool.path(relpath), stop_before_pixels=True)
-                return rejection_reason(ds, self.rules)
+                header = load_selection(row.selection)
+                if header is None:
+                    header = read_untrusted(self.spool.path(row.path), stop_before_pixels=True)
+                return rejection_reason(header, self.rules)  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - any unreadable header is a recorded reason
             return f"header unreadable ({type(exc).__name__})"
 
@@ -110,11 +114,11 @@ class StudyAssembler:
     def assemble(self, study_uid: str, now: float) -> int | None:
         with self.engine.connect() as conn:
             pending = conn.execute(
-                select(db.instances.c.id, db.instances.c.path)
+                select(db.instances.c.id, db.instances.c.path, db.instances.c.selection)
                 .where(db.instances.c.study_uid == study_uid)
                 .where(db.instances.c.analysis_state == InstanceState.PENDING)
             ).all()
-        verdicts = {row.id: self._classify(row.path) for row in pending}
+        verdicts = {row.id: self._classify(row) for row in pending}
         selected = [i for i, reason in verdicts.items() if reason is None]
         with self.engine.begin() as conn:
             study = conn.execute(select(db.studies).where(db.studies.c.study_uid == study_uid)
