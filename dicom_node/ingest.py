@@ -39,7 +39,6 @@ from pydicom.uid import UID
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from dicom_node import db
 from dicom_node.audit import AuditKind, Outcome, record, record_now
 from dicom_node.dicomio import (
     HEADER_PREFIX_BYTES,
@@ -55,7 +54,8 @@ from dicom_node.inflate import InflateLimitError, inflate_bounded
 from dicom_node.phi import remember_phi
 from dicom_node.receipts import Receipts
 from dicom_node.spool import Spool, StoredFile, file_sha256
-from dicom_node.studies import touch_study
+from dicom_node.store import db
+from dicom_node.store.transitions import add_instance, touch_study
 
 logger = logging.getLogger(__name__)
 
@@ -268,13 +268,13 @@ class Ingestor:
         now = time.time()
         with self.engine.begin() as conn:
             try:
-                conn.execute(insert(db.instances).values(
-                    sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
+                add_instance(
+                    conn, sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
                     study_uid=header.study_uid, series_uid=header.series_uid,
                     transfer_syntax=rec.transfer_syntax, modality=header.modality,
                     path=stored.relpath, size=stored.size, sha256=stored.sha256,
-                    calling_ae=rec.calling_ae, received_at=now, analysis_state="pending",
-                    selection=dump_selection(header.selection)))
+                    calling_ae=rec.calling_ae, received_at=now,
+                    selection=dump_selection(header.selection))
             except IntegrityError as exc:  # only possible with several node processes
                 raise SpoolError("concurrent insert of the same SOP Instance UID") from exc
             touch_study(conn, header.study_uid, now)

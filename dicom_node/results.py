@@ -39,7 +39,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from ai.types import ModelIdentity
-from dicom_node import db
+from dicom_node.store import db
 
 SCHEMA_VERSION = 1
 

@@ -22,7 +22,6 @@ from dicom_node import disk, node_events
 from dicom_node.analysis import load_analyzer
 from dicom_node.audit_forward import SyslogForwarder
 from dicom_node.config import Settings
-from dicom_node.db import make_engine
 from dicom_node.disk import DiskUsageSource
 from dicom_node.evaluation.service import EvaluationService
 from dicom_node.ingest import Ingestor
@@ -33,6 +32,7 @@ from dicom_node.scheduler import EvaluationScheduler, start_evaluation_scheduler
 from dicom_node.scp import start_scp
 from dicom_node.sender import Sender
 from dicom_node.spool import Spool, Watermarks
+from dicom_node.store.db import make_engine
 from dicom_node.studies import StudyAssembler
 from dicom_node.worker import AnalysisWorker, Analyzer
 

@@ -11,12 +11,12 @@ import sys
 import threading
 from collections.abc import Callable
 
-from dicom_node import db
 from dicom_node.analysis import load_analyzer
 from dicom_node.config import Settings
 from dicom_node.evaluation.errors import EvaluationBusyError
 from dicom_node.evaluation.report import format_jobs, format_run
 from dicom_node.evaluation.service import EvaluationService
+from dicom_node.store import db
 from dicom_node.worker import Analyzer
 
 EXIT_FAILED = 1

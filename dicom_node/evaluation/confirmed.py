@@ -26,9 +26,9 @@ from typing import Any, Literal
 
 from sqlalchemy import Engine, and_, func, insert, select, update
 
-from dicom_node import db
 from dicom_node.evaluation.errors import ConfirmedLabelError
 from dicom_node.evaluation.figures import Case, study_cases
+from dicom_node.store import db
 
 logger = logging.getLogger(__name__)
 

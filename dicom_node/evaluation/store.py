@@ -25,10 +25,10 @@ from sqlalchemy import Engine, Index, insert, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from ai.metrics import Estimate
-from dicom_node import db
 from dicom_node.evaluation.alerts import Alert
 from dicom_node.evaluation.errors import EvaluationBusyError
 from dicom_node.evaluation.figures import LabelFigures
+from dicom_node.store import db
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from flask.typing import ResponseReturnValue
 from pydicom.uid import UID
 from sqlalchemy import Connection, func, select
 
-from dicom_node import db
-from dicom_node.states import DeliveryState
+from dicom_node.store import db
+from dicom_node.store.states import DeliveryState
 from dicom_node.web import actions, images, plots, queries
 from dicom_node.web import evaluation_queries as eq
 from dicom_node.web.api_evaluations import call_service, require_service

@@ -9,8 +9,8 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from dicom_node import db
 from dicom_node.evaluation.settings import EvaluationJobSettings
+from dicom_node.store import db
 from dicom_node.web.queries import iso
 
 logger = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from flask import Blueprint, Response
 from sqlalchemy import Connection, and_, func, select
 
-from dicom_node import db
-from dicom_node.states import DeliveryState
+from dicom_node.store import db
+from dicom_node.store.states import DeliveryState
 from dicom_node.web import evaluation_queries as eq
 from dicom_node.web.context import WebContext, web_context
 from dicom_node.web.health import spool_disk

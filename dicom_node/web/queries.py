@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import Connection, and_, case, exists, func, select
 
 from ai.types import ModelIdentity
-from dicom_node import db
-from dicom_node.states import DeliveryState
+from dicom_node.store import db
+from dicom_node.store.states import DeliveryState
 from dicom_node.web.phi import Redactor
 
 STUDY_STATES = ("receiving", "queued", "analysing", "done", "ignored", "failed")

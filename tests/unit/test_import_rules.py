@@ -47,7 +47,7 @@ KNOWN_LIGHT_DEFERRED: dict[tuple[str, str], str] = {
     ("dicom_node.evaluation.figures", "ai.codes"): "ai helper's scope (figures)",
     ("dicom_node.evaluation.figures", "ai.metrics_detection"): "ai helper's scope (figures)",
     ("dicom_node.cli", "dicom_node.results"): "the CLI imports a subcommand's code when run",
-    ("dicom_node.web", "dicom_node.db"): "create_app's imports, the web's scope",
+    ("dicom_node.web", "dicom_node.store.db"): "create_app's imports, the web's scope",
     ("training.cli", "ai.types"): "the CLI's error tuples, training helper's scope",
     ("training.cli", "training.deidentify"): "the CLI imports a subcommand's code when run",
     ("training.cli", "training.report"): "the CLI imports a subcommand's code when run",

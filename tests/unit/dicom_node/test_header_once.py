@@ -15,12 +15,13 @@ from helpers.dicomfiles import CT, make_image
 from sqlalchemy import select, update
 from test_ingest import _received
 
-from dicom_node import db, ingest, studies
+from dicom_node import ingest, studies
 from dicom_node.config import SelectionSettings
 from dicom_node.dicomio import SELECTION_KEYWORDS, load_selection, selection_attributes
 from dicom_node.ingest import Ingestor, StoreStatus
 from dicom_node.selection import rejection_reason
 from dicom_node.spool import Spool
+from dicom_node.store import db
 from dicom_node.studies import StudyAssembler
 
 

@@ -184,7 +184,7 @@ deliveries = Table(
     Column("id", Integer, primary_key=True),
     Column("output_id", Integer, ForeignKey("outputs.id"), nullable=False),
     Column("destination", String(128), nullable=False),  # AE@HOST:PORT
-    # dicom_node.states.DeliveryState: pending -> sending -> sent | committed |
+    # dicom_node.store.states.DeliveryState: pending -> sending -> sent | committed |
     # not_accepted | retrying | dead
     Column("state", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),

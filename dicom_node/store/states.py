@@ -71,5 +71,8 @@ class DeliveryState(StrEnum):
     DEAD = "dead"
 
 
+# Jobs still to run (a study with one of these is not settled).
+ACTIVE_JOBS = (JobState.QUEUED, JobState.RUNNING)
+
 # Deliveries a sender may pick up once ``next_attempt_at`` has passed.
 DELIVERY_DUE = (DeliveryState.PENDING, DeliveryState.RETRYING)
