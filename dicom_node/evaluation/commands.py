@@ -17,6 +17,7 @@ from dicom_node.evaluation.errors import EvaluationBusyError
 from dicom_node.evaluation.report import format_jobs, format_run
 from dicom_node.evaluation.service import EvaluationService
 from dicom_node.store import db
+from dicom_node.store.states import RunState
 from dicom_node.worker import Analyzer
 
 EXIT_FAILED = 1
@@ -59,7 +60,7 @@ def evaluate_command(settings: Settings, *, job_name: str | None, list_jobs: boo
             print(f"dicom-node: {exc}; try again when it has finished", file=sys.stderr)
             return EXIT_BUSY
         print(format_run(detail))
-        if detail.run.state != "succeeded":
+        if detail.run.state != RunState.SUCCEEDED:
             print(f"dicom-node: evaluation job {job_name!r} run {detail.run.id} failed: "
                   f"{detail.run.error}", file=sys.stderr)
             return EXIT_FAILED

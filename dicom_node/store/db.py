@@ -31,6 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.types import TypeDecorator
 
 from dicom_node.phi import redact
+from dicom_node.store.states import InstanceState, RunState
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ instances = Table(
     Column("calling_ae", String(16), nullable=True),
     Column("received_at", Float, nullable=False),
     # pending -> selected | ignored ; analysed once the job that took it is done
-    Column("analysis_state", String(16), nullable=False, default="pending"),
+    Column("analysis_state", String(16), nullable=False, default=InstanceState.PENDING),
     Column("reason", ScrubbedText, nullable=True),
     Column("job_id", Integer, ForeignKey("jobs.id"), nullable=True),
     # retention: when the spool file was removed (the row stays as the record)
@@ -308,7 +309,7 @@ evaluation_runs = Table(
     Column("job_name", String(64), nullable=False),
     Column("kind", String(16), nullable=False),  # reference | confirmed
     Column("trigger", String(16), nullable=False),  # schedule | manual | api | catchup
-    Column("state", String(16), nullable=False),  # running | succeeded | failed
+    Column("state", String(16), nullable=False),  # RunState: running | succeeded | failed
     Column("scheduled_for", Float, nullable=True),
     Column("started_at", Float, nullable=False),
     Column("finished_at", Float, nullable=True),
@@ -322,8 +323,8 @@ evaluation_runs = Table(
 Index("ix_evaluation_runs_job", evaluation_runs.c.job_name, evaluation_runs.c.started_at)
 # At most one running run per job, enforced by the database (across processes and hosts).
 Index("uq_evaluation_runs_running", evaluation_runs.c.job_name, unique=True,
-      sqlite_where=evaluation_runs.c.state == "running",
-      postgresql_where=evaluation_runs.c.state == "running")
+      sqlite_where=evaluation_runs.c.state == RunState.RUNNING.value,
+      postgresql_where=evaluation_runs.c.state == RunState.RUNNING.value)
 
 evaluation_metrics = Table(
     "evaluation_metrics",

@@ -30,6 +30,10 @@ Deliveries (one per output object and destination; nothing one does blocks anoth
                        -> dead          (attempts exhausted or unrecoverable: dead letter)
     sent -> retrying   (storage commitment not confirmed in time, or refused: re-sent)
     dead | not_accepted -> pending   (manual resubmit)
+
+Evaluation runs::
+
+    running -> succeeded | failed     (failed also when the process running it ended)
 """
 
 from __future__ import annotations
@@ -58,6 +62,15 @@ class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
+    FAILED = "failed"
+
+
+class RunState(StrEnum):
+    """Evaluation runs: running -> succeeded | failed (one running row per job, enforced by
+    a partial unique index)."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
     FAILED = "failed"
 
 

@@ -145,3 +145,12 @@ def test_the_stored_keywords_are_the_ones_the_rules_read() -> None:
     assert everything is not None and set(everything) == set(SELECTION_KEYWORDS)
     rejection_reason(Recording(everything), SelectionSettings())  # type: ignore[arg-type]
     assert read == set(SELECTION_KEYWORDS)
+
+
+def test_an_older_database_gets_the_column(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    engine = db.make_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE instances DROP COLUMN selection")
+    assert db.add_missing_columns(engine) == ["instances.selection"]
+    assert db.add_missing_columns(engine) == []
