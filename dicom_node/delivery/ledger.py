@@ -1,9 +1,10 @@
 """Every state change of a delivery, with its audit event, in one transaction each.
 
 The worker (a new delivery), the sender, the commitment report handler and the resubmit
-commands change deliveries only through here, so the state machine of :class:`~dicom_node.store.states.DeliveryState` has
-one owner. ``attempts`` counts tries (a try is one decision about one object: stored, not
-accepted, failed); the dead letter comes after ``sender.max_attempts`` of them.
+commands change deliveries only through here, so the state machine of
+:class:`~dicom_node.store.states.DeliveryState` has one owner. ``attempts`` counts tries (a
+try is one decision about one object: stored, not accepted, failed); the dead letter comes
+after ``sender.max_attempts`` of them.
 """
 
 from __future__ import annotations

@@ -185,14 +185,16 @@ class RunStore:
         """Mark running rows whose process is gone as failed; returns their ids."""
         now = time.time() if now is None else now
         t = db.evaluation_runs
-        q = select(t.c.id, t.c.job_name, t.c.owner, t.c.started_at).where(t.c.state == RunState.RUNNING)
+        q = (select(t.c.id, t.c.job_name, t.c.owner, t.c.started_at)
+             .where(t.c.state == RunState.RUNNING))
         if job_name is not None:
             q = q.where(t.c.job_name == job_name)
         recovered = []
         with self.engine.begin() as conn:
             for r in conn.execute(q).all():
                 if self._owner_gone(r.owner, r.started_at, now):
-                    conn.execute(update(t).where(t.c.id == r.id, t.c.state == RunState.RUNNING).values(
+                    conn.execute(update(t).where(t.c.id == r.id,
+                                                 t.c.state == RunState.RUNNING).values(
                         state=RunState.FAILED, finished_at=now,
                         error="interrupted: the process running it ended (node stopped or "
                               "crashed); see the catch-up at the next start"))

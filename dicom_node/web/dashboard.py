@@ -66,7 +66,8 @@ def _throughput(conn: Connection, since: float) -> dict[str, int]:
         "received": queries.count(conn, db.instances, i.received_at >= since),
         "analysed": queries.count(conn, db.jobs, j.state == JobState.DONE, j.finished_at >= since),
         "failed": queries.count(conn, db.jobs, j.state == JobState.FAILED, j.finished_at >= since),
-        "ignored": queries.count(conn, db.studies, s.state == StudyState.IGNORED, s.updated_at >= since),
+        "ignored": queries.count(conn, db.studies, s.state == StudyState.IGNORED,
+                                 s.updated_at >= since),
         "sent": queries.count(conn, db.deliveries, d.state.in_(DELIVERED), d.sent_at >= since),
     }
 
@@ -147,7 +148,8 @@ def study(study_key: int) -> ResponseReturnValue:
     overlays: dict[str, list[int]] = defaultdict(list)
     for output_id, source_uid in images.sc_sources(ctx, current_outputs).items():
         overlays[source_uid].append(output_id)
-    shown = [i for i in detail["instance_list"] if i["state"] in (InstanceState.ANALYSED, InstanceState.SELECTED)
+    shown = [i for i in detail["instance_list"]
+             if i["state"] in (InstanceState.ANALYSED, InstanceState.SELECTED)
              or i["sop_instance_uid"] in findings]
     syntaxes = {d["transfer_syntax"] for o in detail["outputs"] for d in o["deliveries"]
                 if d["transfer_syntax"]}
