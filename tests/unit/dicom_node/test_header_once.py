@@ -11,6 +11,7 @@ from typing import Any
 
 import pydicom
 import pytest
+import test_studies_jobs
 from helpers.dicomfiles import CT, make_image
 from sqlalchemy import select, update
 from test_ingest import _received
@@ -22,16 +23,8 @@ from dicom_node.ingest import Ingestor, StoreStatus
 from dicom_node.selection import rejection_reason
 from dicom_node.spool import Spool
 from dicom_node.store import db
-from dicom_node.studies import StudyAssembler
 
-
-@pytest.fixture
-def env(tmp_path: Path):  # type: ignore[no-untyped-def]
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
-    spool = Spool(tmp_path / "spool")
-    ing = Ingestor(engine, spool, max_instance_bytes=50_000_000)
-    asm = StudyAssembler(engine, spool, SelectionSettings(), quiet_period_s=10)
-    return engine, spool, ing, asm
+env = test_studies_jobs.env  # the ingest + assembler fixture, shared
 
 
 def _counting(monkeypatch: pytest.MonkeyPatch, calls: Counter[str], owner: Any, name: str,
@@ -66,7 +59,8 @@ def _watch(monkeypatch: pytest.MonkeyPatch, spool_root: Path) -> Counter[str]:
 
 def test_cstore_parses_each_header_once_and_assembly_reads_no_file(
         env, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    engine, spool, ing, asm = env
+    engine, ing, asm = env
+    spool = ing.spool
     study = "1.2.3.4.9"
     images = [make_image(study_uid=study, seed=i) for i in range(3)]
     images.append(make_image(study_uid=study, view="LL", seed=7))
@@ -98,7 +92,8 @@ def test_cstore_parses_each_header_once_and_assembly_reads_no_file(
 def test_row_without_selection_reads_its_file_once(env, monkeypatch: pytest.MonkeyPatch
                                                    ) -> None:  # type: ignore[no-untyped-def]
     """A database from before the column (or attributes past the parsed prefix): the file."""
-    engine, spool, ing, asm = env
+    engine, ing, asm = env
+    spool = ing.spool
     ds = make_image(view="LL")
     assert ing.ingest(_received(ds)) == StoreStatus.SUCCESS
     with engine.begin() as conn:
