@@ -1,6 +1,9 @@
 """Study assembly: a study is ready once no instance arrived for the quiet period, or at the
 latest ``max_wait_s`` after the start of its receiving round; then the selection rules split
-its pending instances into an analysis job and recorded ignores.
+its pending instances into an analysis job and recorded ignores. The rules read the header
+attributes ingest stored on each instance row (its one parse of the header), so assembly
+opens no file; only a row without them (an older database) has its file's header read.
+State writes go through :mod:`dicom_node.store.transitions`.
 
 A *round* starts with a study's first image, or with a late image that re-opens a study
 that was already assembled (queued, analysing, done, failed, ignored). A study that never
