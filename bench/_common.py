@@ -293,7 +293,8 @@ def node_settings(data_dir: Path, *, destinations: Sequence[str] = (), quiet: fl
 
 
 def start_node(settings: Any, analyzer_factory: Callable[[Any], Any] | None = None) -> Any:
-    from dicom_node.service import Node, load_analyzer
+    from dicom_node.analysis import load_analyzer
+    from dicom_node.service import Node
 
     node = Node(settings, analyzer_factory or load_analyzer)
     node.start()

@@ -51,7 +51,7 @@ def corpus(name: str, count: int, size: dict[str, int]) -> list[Path]:
 def run_node(files: list[Path], parallel: int) -> float:
     from sqlalchemy import func, select
 
-    from dicom_node import db
+    from dicom_node.store import db
 
     data = c.fresh_dir(c.WORK / "ingest" / "node-data")
     c.configure_logging(c.VAR / "logs" / "ingest-node.log")

@@ -87,7 +87,7 @@ class Probe:
     """Reads the node's database (its own engine) to time one study."""
 
     def __init__(self, settings: Any) -> None:
-        from dicom_node import db
+        from dicom_node.store import db
 
         self.db = db
         self.engine = db.make_engine(settings.database_url)

@@ -14,7 +14,7 @@ from enum import StrEnum
 
 from sqlalchemy import Connection, Engine, insert
 
-from dicom_node import db
+from dicom_node.store import db
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from typing import Any
 from sqlalchemy import Engine, insert, update
 from sqlalchemy import select as sql_select
 
-from dicom_node import db
 from dicom_node.config import SyslogSettings
+from dicom_node.store import db
 
 logger = logging.getLogger(__name__)
 

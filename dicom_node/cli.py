@@ -16,10 +16,11 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from dicom_node import db, logs
+from dicom_node import logs
 from dicom_node.config import ConfigError, Destination, Settings, load_settings
 from dicom_node.errors import NodeError
-from dicom_node.states import DeliveryState
+from dicom_node.store import db
+from dicom_node.store.states import DeliveryState
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,11 @@ DB row (with its audit event), then a status.
 Called from the C-STORE handler; never decodes pixel data and never runs inference. The
 data set arrives as a Part 10 file under the spool's ``tmp/`` (pynetdicom streams it there
 as its fragments arrive, see :mod:`dicom_node.transport`), so accepting it is an fsync and
-a rename; in-memory data sets (tools, tests) are written there first.
+a rename; in-memory data sets (tools, tests) are written there first. Its header is parsed
+once, from a bounded prefix of that file, before it moves into the spool; the selection
+attributes of that parse go on the instance row, so assembly reads no file (see
+:mod:`dicom_node.dicomio` for why this is the memory-bounded form of "parse the received
+bytes in memory").
 
 Statuses: Out of Resources (0xA700) for what may succeed later (spool above its watermark
 or below its free-space floor, an instance over ``storage.max_instance_bytes``); failures
@@ -30,23 +34,33 @@ from pathlib import Path
 
 import pydicom
 from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import Tag
 from pydicom.uid import UID
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from ai.uids import is_valid_uid
-from dicom_node import db
 from dicom_node.audit import AuditKind, Outcome, record, record_now
-from dicom_node.dicomio import HEADER_PREFIX_BYTES, parse_header, quiet, read_file_meta
+from dicom_node.dicomio import (
+    HEADER_PREFIX_BYTES,
+    Selection,
+    dump_selection,
+    parse_header,
+    quiet,
+    read_file_meta,
+    selection_attributes,
+)
 from dicom_node.errors import InvalidInstanceError, SpoolError
 from dicom_node.inflate import InflateLimitError, inflate_bounded
 from dicom_node.phi import remember_phi
 from dicom_node.receipts import Receipts
 from dicom_node.spool import Spool, StoredFile, file_sha256
-from dicom_node.studies import touch_study
+from dicom_node.store import db
+from dicom_node.store.transitions import add_instance, touch_study
 
 logger = logging.getLogger(__name__)
 
+FILING_HEADER_STOP = Tag(0x0020, 0x000F)  # just past (0020,000E) Series Instance UID
 
 
 class StoreStatus(enum.IntEnum):
@@ -96,6 +110,8 @@ class Header:
     study_uid: str
     series_uid: str | None
     modality: str | None
+    # what the selection rules read (None: not in the parsed prefix, assembly reads the file)
+    selection: Selection | None = None
 
 
 def encode_part10(rec: Received) -> list[bytes]:
@@ -115,6 +131,13 @@ def _transfer_syntax(meta: pydicom.dataset.FileMetaDataset) -> UID:
     return ts
 
 
+def _filing_part(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The elements of ``ds`` up to Series Instance UID, as they are (none read or converted:
+    a deferred or malformed value stays so)."""
+    return pydicom.Dataset({tag: ds.get_item(tag, keep_deferred=True) for tag in ds.keys()
+                            if tag < FILING_HEADER_STOP})
+
+
 def read_header(path: Path, sop_instance_uid: str, *, max_inflated_bytes: int) -> Header:
     """Read the few header values the node files an instance under, in bounded memory.
 
@@ -132,9 +155,13 @@ def read_header(path: Path, sop_instance_uid: str, *, max_inflated_bytes: int) -
         else:
             prefix = fp.read(HEADER_PREFIX_BYTES + 1)
             complete = len(prefix) <= HEADER_PREFIX_BYTES
-    ds = parse_header(prefix[:HEADER_PREFIX_BYTES], implicit_vr=ts.is_implicit_VR,
-                      little_endian=ts.is_little_endian, complete=complete)
-    remember_phi(ds)  # from here on, no log line or stored text can carry these values
+    ds, with_selection = parse_header(prefix[:HEADER_PREFIX_BYTES],
+                                      implicit_vr=ts.is_implicit_VR,
+                                      little_endian=ts.is_little_endian, complete=complete)
+    # from here on, no log line or stored text can carry these values; the filing header
+    # only, as before the selection attributes were parsed here (the worker's full read
+    # registers the rest)
+    remember_phi(_filing_part(ds))
     with quiet():
         study, series = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
         modality, sop = ds.get("Modality"), ds.get("SOPInstanceUID")
@@ -143,7 +170,8 @@ def read_header(path: Path, sop_instance_uid: str, *, max_inflated_bytes: int) -
     if sop is not None and str(sop) != sop_instance_uid:
         raise InvalidInstanceError("SOPInstanceUID differs from the C-STORE request")
     return Header(str(study), str(series) if is_valid_uid(series, "received") else None,
-                  str(modality)[:16] if modality else None)
+                  str(modality)[:16] if modality else None,
+                  selection_attributes(ds) if with_selection else None)
 
 
 class Ingestor:
@@ -237,12 +265,13 @@ class Ingestor:
         now = time.time()
         with self.engine.begin() as conn:
             try:
-                conn.execute(insert(db.instances).values(
-                    sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
+                add_instance(
+                    conn, sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
                     study_uid=header.study_uid, series_uid=header.series_uid,
                     transfer_syntax=rec.transfer_syntax, modality=header.modality,
                     path=stored.relpath, size=stored.size, sha256=stored.sha256,
-                    calling_ae=rec.calling_ae, received_at=now, analysis_state="pending"))
+                    calling_ae=rec.calling_ae, received_at=now,
+                    selection=dump_selection(header.selection))
             except IntegrityError as exc:  # only possible with several node processes
                 raise SpoolError("concurrent insert of the same SOP Instance UID") from exc
             touch_study(conn, header.study_uid, now)

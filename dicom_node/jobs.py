@@ -31,15 +31,20 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, exists, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node import db
 from dicom_node.backoff import backoff_delay
 from dicom_node.config import WorkerSettings
 from dicom_node.phi import redact
-from dicom_node.states import JobState, StudyState
+from dicom_node.store import db
+from dicom_node.store.states import ACTIVE_JOBS, JobState
+from dicom_node.store.transitions import (
+    fail_job,
+    requeue_interrupted,
+    retry_job,
+    start_job,
+)
 
 logger = logging.getLogger(__name__)
 
-ACTIVE = (JobState.QUEUED, JobState.RUNNING)
 _MAX_GIVE_UPS_PER_CLAIM = 20  # exhausted jobs failed in one claim before it returns
 
 
@@ -110,10 +115,7 @@ class JobQueue:
                             f"interrupted {row.attempts} time(s): the node stopped while "
                             f"running it (attempts exhausted)", now)
                 else:
-                    conn.execute(update(db.jobs).where(db.jobs.c.id == row.id).values(
-                        state=JobState.QUEUED, lease_owner=None, lease_expires_at=None,
-                        next_attempt_at=None,
-                        error="interrupted: the node stopped while running it"))
+                    requeue_interrupted(conn, row.id)
                     logger.warning("re-queued interrupted job %d (study %s) after attempt %d "
                                    "of %d", row.id, row.study_uid, row.attempts,
                                    self.max_attempts)
@@ -125,7 +127,7 @@ class JobQueue:
         earlier = db.jobs.alias("earlier")
         earlier_active = exists().where(earlier.c.study_uid == db.jobs.c.study_uid,
                                         earlier.c.id < db.jobs.c.id,
-                                        earlier.c.state.in_(ACTIVE))
+                                        earlier.c.state.in_(ACTIVE_JOBS))
         due = or_(db.jobs.c.next_attempt_at.is_(None), db.jobs.c.next_attempt_at <= now)
         query = (select(db.jobs.c.id, db.jobs.c.study_uid, db.jobs.c.attempts, db.jobs.c.state)
                  .where(or_(and_(db.jobs.c.state == JobState.QUEUED, due),
@@ -161,13 +163,8 @@ class JobQueue:
         version = 1 + (conn.execute(select(func.max(db.jobs.c.version))
                                     .where(db.jobs.c.study_uid == row.study_uid)
                                     .where(db.jobs.c.state == JobState.DONE)).scalar() or 0)
-        conn.execute(update(db.jobs).where(db.jobs.c.id == row.id).values(
-            state=JobState.RUNNING, attempts=attempts, lease_owner=owner,
-            lease_expires_at=now + self.lease_s, started_at=now, next_attempt_at=None,
-            version=version))
-        conn.execute(update(db.studies).where(db.studies.c.study_uid == row.study_uid)
-                     .where(db.studies.c.state == StudyState.QUEUED)
-                     .values(state=StudyState.ANALYSING, updated_at=now))
+        start_job(conn, row.id, row.study_uid, attempts=attempts, owner=owner,
+                  lease_expires_at=now + self.lease_s, version=version, now=now)
         return ClaimedJob(row.id, row.study_uid, attempts, owner, version)
 
     # -- ownership and lease ----------------------------------------------------------------
@@ -218,9 +215,7 @@ class JobQueue:
             if dead:
                 give_up(conn, job.id, job.study_uid, error, now, log=False)
             else:
-                conn.execute(update(db.jobs).where(db.jobs.c.id == job.id).values(
-                    state=JobState.QUEUED, error=error[:2000], lease_owner=None,
-                    lease_expires_at=None, next_attempt_at=now + delay))
+                retry_job(conn, job.id, error, now + delay)
         if dead:
             logger.error("job %d (study %s) attempt %d failed permanently: %s", job.id,
                          job.study_uid, job.attempts, error)
@@ -273,27 +268,6 @@ class Heartbeat:
 def give_up(conn: Connection, job_id: int, study_uid: str, error: str, now: float, *,
             log: bool = True) -> None:
     """Mark a job failed (dead letter) with ``error``; the study shows the reason."""
-    conn.execute(update(db.jobs).where(db.jobs.c.id == job_id).values(
-        state=JobState.FAILED, error=error[:2000], lease_owner=None, lease_expires_at=None,
-        next_attempt_at=None, finished_at=now))
-    settle_study(conn, study_uid, job_id, StudyState.FAILED, failure_reason(error), now)
+    fail_job(conn, job_id, study_uid, error, now)
     if log:
         logger.error("job %d (study %s) failed: %s", job_id, study_uid, error)
-
-
-def failure_reason(error: str | None) -> str:
-    """The reason a study shows when its analysis failed."""
-    return f"analysis failed: {(error or 'unknown error')[:500]}"
-
-
-def settle_study(conn: Connection, study_uid: str, job_id: int, outcome: StudyState,
-                 reason: str | None, now: float) -> None:
-    """After job ``job_id`` ended: the study takes ``outcome`` unless another of its jobs is
-    still to run (then it stays ``queued``) or new images re-opened it (``receiving``)."""
-    pending = conn.execute(select(db.jobs.c.id).where(db.jobs.c.study_uid == study_uid)
-                           .where(db.jobs.c.id != job_id)
-                           .where(db.jobs.c.state.in_(ACTIVE)).limit(1)).first()
-    state, why = (StudyState.QUEUED, None) if pending is not None else (outcome, reason)
-    conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid)
-                 .where(db.studies.c.state.in_((StudyState.QUEUED, StudyState.ANALYSING)))
-                 .values(state=state, reason=why, updated_at=now))

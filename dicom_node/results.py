@@ -39,7 +39,8 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from ai.types import ModelIdentity
-from dicom_node import db
+from dicom_node.store import db
+from dicom_node.store.states import JobState
 
 SCHEMA_VERSION = 1
 
@@ -99,7 +100,7 @@ def results_document(conn: Connection, *, study: str | None = None, limit: int |
     """Studies with a finished analysis, oldest first (``limit``: the newest N)."""
     j = db.jobs.c
     query = select(db.jobs, db.studies.c.state.label("study_state")).join(
-        db.studies, db.studies.c.study_uid == j.study_uid).where(j.state == "done")
+        db.studies, db.studies.c.study_uid == j.study_uid).where(j.state == JobState.DONE)
     if study:
         query = query.where(j.study_uid == study)
     current: dict[str, Any] = {}

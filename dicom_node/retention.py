@@ -34,13 +34,13 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, exists, not_, or_, select, update
 
-from dicom_node import db
 from dicom_node.audit import AuditKind, Outcome, record
 from dicom_node.config import Destination, RetentionSettings
 from dicom_node.disk import DiskUsageSource
 from dicom_node.errors import SpoolError
 from dicom_node.spool import Spool
-from dicom_node.states import DeliveryState, StudyState
+from dicom_node.store import db
+from dicom_node.store.states import DeliveryState, StudyState
 
 logger = logging.getLogger(__name__)
 

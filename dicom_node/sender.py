@@ -1,7 +1,7 @@
 """Delivery of result objects to the configured destinations (C-STORE SCU).
 
 Each (output, destination) pair is its own delivery with its own state machine
-(:class:`~dicom_node.states.DeliveryState`). One association per destination and batch
+(:class:`~dicom_node.store.states.DeliveryState`). One association per destination and batch
 proposes every object's SOP class in the syntaxes the node can send it in; after the
 negotiation each object is decided on its own: sent in the first accepted syntax
 (transcoded in memory when that is the SC's configured compressed syntax), ``not_accepted``

@@ -10,24 +10,20 @@ import hashlib
 import logging
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pydicom
 from sqlalchemy import Engine
 
-from ai.types import Analyzer, ImageResult, ModelIdentity
+from ai.types import Analyzer
 from dicom_node import disk, node_events
+from dicom_node.analysis import load_analyzer
 from dicom_node.audit_forward import SyslogForwarder
 from dicom_node.config import Settings
-from dicom_node.db import make_engine
 from dicom_node.disk import DiskUsageSource
-from dicom_node.errors import NodeError
 from dicom_node.evaluation.service import EvaluationService
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import JobQueue
@@ -37,6 +33,7 @@ from dicom_node.scheduler import EvaluationScheduler, start_evaluation_scheduler
 from dicom_node.scp import start_scp
 from dicom_node.sender import Sender
 from dicom_node.spool import Spool, Watermarks
+from dicom_node.store.db import make_engine
 from dicom_node.studies import StudyAssembler
 from dicom_node.worker import AnalysisWorker
 
@@ -47,54 +44,6 @@ def node_id(settings: Settings) -> str:
     """Stable per host and data directory: the prefix of every lease this node takes."""
     digest = hashlib.sha256(str(settings.storage.data_dir.resolve()).encode()).hexdigest()[:8]
     return f"{socket.gethostname()}:{digest}"
-
-
-class LockedAnalyzer:
-    """Serialises calls into the model (one forward/Grad-CAM at a time per process)."""
-
-    def __init__(self, inner: Analyzer) -> None:
-        self.inner = inner
-        self._lock = threading.Lock()
-
-    @property
-    def models(self) -> list[ModelIdentity]:
-        return self.inner.models
-
-    def analyze(self, datasets: Sequence[pydicom.Dataset]) -> list[ImageResult]:
-        with self._lock:
-            return self.inner.analyze(datasets)
-
-
-def ensure_demo_bundle(settings: Settings) -> list[Path]:
-    """Build the phantom-trained demo bundles on first run, with visible progress."""
-    found = settings.bundle_dirs
-    if found:
-        return found
-    target = settings.demo_bundle_dir
-    if not settings.models.build_demo_if_missing:
-        raise NodeError(f"no demo bundle under {target} and models.build_demo_if_missing "
-                        "is false; configure models.bundles")
-    logger.warning("no model configured: building the DEMO bundles (trained on synthetic "
-                   "images, not for clinical use) into %s; this takes a few minutes once",
-                   target)
-    cmd = [sys.executable, "-m", "training", "demo-bundles", "--out", str(target)]
-    if settings.models.demo_build == "quick":
-        cmd.append("--quick")
-    if subprocess.run(cmd, check=False).returncode != 0:
-        raise NodeError(f"building the demo bundles failed (command: {' '.join(cmd)})")
-    found = settings.bundle_dirs
-    if not found:
-        raise NodeError(f"`training demo-bundles` wrote no bundle under {target}")
-    return found
-
-
-def load_analyzer(settings: Settings) -> Analyzer:
-    from ai.inference import Analyzer as ModelAnalyzer  # heavy import: only when serving
-
-    bundles = ensure_demo_bundle(settings)
-    return LockedAnalyzer(ModelAnalyzer(bundles, device=settings.models.device,
-                                        gradcam=settings.models.gradcam,
-                                        max_pixels=settings.models.max_pixels))
 
 
 def output_settings(settings: Settings) -> OutputSettings:

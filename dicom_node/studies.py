@@ -1,6 +1,9 @@
 """Study assembly: a study is ready once no instance arrived for the quiet period, or at the
 latest ``max_wait_s`` after the start of its receiving round; then the selection rules split
-its pending instances into an analysis job and recorded ignores.
+its pending instances into an analysis job and recorded ignores. The rules read the header
+attributes ingest stored on each instance row (its one parse of the header), so assembly
+opens no file; only a row without them (an older database) has its file's header read.
+State writes go through :mod:`dicom_node.store.transitions`.
 
 A *round* starts with a study's first image, or with a late image that re-opens a study
 that was already assembled (queued, analysing, done, failed, ignored). A study that never
@@ -15,35 +18,23 @@ import logging
 import time
 from typing import Any
 
-from sqlalchemy import Connection, Engine, case, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, func, or_, select
 
 from ai.selection import rejection_reason
-from dicom_node import db
 from dicom_node.config import SelectionSettings
-from dicom_node.dicomio import quiet, read_untrusted
-from dicom_node.jobs import failure_reason
+from dicom_node.dicomio import load_selection, quiet, read_untrusted
 from dicom_node.spool import Spool
-from dicom_node.states import InstanceState, JobState, StudyState
+from dicom_node.store import db
+from dicom_node.store.states import ACTIVE_JOBS, InstanceState, JobState, StudyState
+from dicom_node.store.transitions import (
+    create_job,
+    failure_reason,
+    ignore_instance,
+    select_instances,
+    set_study_state,
+)
 
 logger = logging.getLogger(__name__)
-
-
-def touch_study(conn: Connection, study_uid: str, now: float) -> None:
-    """An instance arrived: the study is receiving (again) and waits for its quiet period.
-
-    A study that was not receiving starts a new round at ``now``; its analysis will cover
-    the earlier images too and supersede the earlier result.
-    """
-    round_start = case((db.studies.c.state == StudyState.RECEIVING,
-                        func.coalesce(db.studies.c.receiving_since,
-                                      db.studies.c.first_received_at)), else_=now)
-    res = conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid).values(
-        state=StudyState.RECEIVING, reason=None, last_received_at=now, updated_at=now,
-        receiving_since=round_start))
-    if res.rowcount == 0:
-        conn.execute(insert(db.studies).values(
-            study_uid=study_uid, state=StudyState.RECEIVING, first_received_at=now,
-            last_received_at=now, updated_at=now, receiving_since=now))
 
 
 class StudyAssembler:
@@ -92,11 +83,15 @@ class StudyAssembler:
                 created.append(job_id)
         return created
 
-    def _classify(self, relpath: str) -> str | None:
+    def _classify(self, row: Any) -> str | None:
+        """The selection rules on the attributes ingest stored on the row; a row without
+        them (an older database, or attributes past the parsed prefix) reads its file once."""
         try:
             with quiet():
-                ds = read_untrusted(self.spool.path(relpath), stop_before_pixels=True)
-                return rejection_reason(ds, self.rules.to_rules())
+                header = load_selection(row.selection)
+                if header is None:
+                    header = read_untrusted(self.spool.path(row.path), stop_before_pixels=True)
+                return rejection_reason(header, self.rules.to_rules())
         except Exception as exc:  # noqa: BLE001 - any unreadable header is a recorded reason
             return f"header unreadable ({type(exc).__name__})"
 
@@ -110,11 +105,11 @@ class StudyAssembler:
     def assemble(self, study_uid: str, now: float) -> int | None:
         with self.engine.connect() as conn:
             pending = conn.execute(
-                select(db.instances.c.id, db.instances.c.path)
+                select(db.instances.c.id, db.instances.c.path, db.instances.c.selection)
                 .where(db.instances.c.study_uid == study_uid)
                 .where(db.instances.c.analysis_state == InstanceState.PENDING)
             ).all()
-        verdicts = {row.id: self._classify(row.path) for row in pending}
+        verdicts = {row.id: self._classify(row) for row in pending}
         selected = [i for i, reason in verdicts.items() if reason is None]
         with self.engine.begin() as conn:
             study = conn.execute(select(db.studies).where(db.studies.c.study_uid == study_uid)
@@ -124,21 +119,15 @@ class StudyAssembler:
                 return None  # more arrived meanwhile, or another assembler took it
             for inst_id, reason in verdicts.items():
                 if reason is not None:
-                    conn.execute(update(db.instances).where(db.instances.c.id == inst_id)
-                                 .values(analysis_state=InstanceState.IGNORED, reason=reason))
+                    ignore_instance(conn, inst_id, reason)
             job_id = None
             if selected:
-                job_id = conn.execute(insert(db.jobs).values(
-                    study_uid=study_uid, state=JobState.QUEUED, attempts=0, created_at=now)
-                ).inserted_primary_key[0]
-                conn.execute(update(db.instances).where(db.instances.c.id.in_(selected))
-                             .values(analysis_state=InstanceState.SELECTED, job_id=job_id))
-                conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid)
-                             .values(state=StudyState.QUEUED, reason=None, updated_at=now))
+                job_id = create_job(conn, study_uid, now)
+                select_instances(conn, selected, job_id)
+                set_study_state(conn, study_uid, StudyState.QUEUED, None, now)
             else:
                 state, reason = self._state_without_job(conn, study_uid, verdicts)
-                conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid)
-                             .values(state=state, reason=reason, updated_at=now))
+                set_study_state(conn, study_uid, state, reason, now)
         started = study.receiving_since or study.first_received_at
         self._log(study_uid, why, job_id, len(selected), len(verdicts), now - started)
         return job_id
@@ -154,7 +143,7 @@ class StudyAssembler:
                               .order_by(db.jobs.c.id.desc()).limit(1)).first()
         if latest is None:
             return StudyState.IGNORED, ignored
-        if latest.state in (JobState.QUEUED, JobState.RUNNING):
+        if latest.state in ACTIVE_JOBS:
             return StudyState.QUEUED, ignored
         if latest.state == JobState.FAILED:
             return StudyState.FAILED, failure_reason(latest.error)

@@ -20,8 +20,8 @@ from pydicom.dataset import Dataset
 from sqlalchemy import Connection, select, update
 
 from ai.types import ModelIdentity
-from dicom_node import db
 from dicom_node.outputs import OutputObject
+from dicom_node.store import db
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pydicom
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Engine, delete, insert, select
 
 from ai.batches import analyse_isolating
 from ai.types import (
@@ -24,14 +24,16 @@ from ai.types import (
     PixelDataError,
     ResourceExhaustedError,
 )
-from dicom_node import db
 from dicom_node.config import Destination
+from dicom_node.delivery.ledger import add_delivery
 from dicom_node.dicomio import read_untrusted
-from dicom_node.jobs import ClaimedJob, JobQueue, settle_study
+from dicom_node.jobs import ClaimedJob, JobQueue
 from dicom_node.outputs import OutputObject, OutputSettings, build_outputs
 from dicom_node.phi import remember_phi
 from dicom_node.spool import Spool
-from dicom_node.states import DeliveryState, InstanceState, StudyState
+from dicom_node.store import db
+from dicom_node.store.states import InstanceState, JobState
+from dicom_node.store.transitions import analysed_instances, fail_instance, finish_job
 from dicom_node.versions import (
     PriorOutput,
     current_outputs,
@@ -138,7 +140,7 @@ class AnalysisWorker:
                     "%.2f s", job.study_uid, job.id, len(analysed),
                     findings_summary([r for _, _, r in analysed]), len(objects),
                     time.monotonic() - started)
-        return JobOutcome(job.id, "done", len(objects))
+        return JobOutcome(job.id, JobState.DONE, len(objects))
 
     def _write(self, obj: OutputObject) -> str:
         buf = io.BytesIO()
@@ -169,17 +171,11 @@ class AnalysisWorker:
             for obj, relpath in stored:
                 self._record_output(conn, job, obj, relpath, now)
             for inst_id, reason in bad.items():
-                conn.execute(update(db.instances).where(db.instances.c.id == inst_id)
-                             .values(analysis_state="failed", reason=reason))
-            conn.execute(update(db.instances)
-                         .where(db.instances.c.id.in_([i for i, _, _ in analysed]))
-                         .values(analysis_state="analysed"))
+                fail_instance(conn, inst_id, reason)
+            analysed_instances(conn, [i for i, _, _ in analysed])
             replaced = supersede(conn, job.id, prior,
                                  {obj.sop_instance_uid for obj, _ in stored}, now)
-            conn.execute(update(db.jobs).where(db.jobs.c.id == job.id).values(
-                state="done", finished_at=now, lease_owner=None, lease_expires_at=None,
-                error=None, duration_s=duration))
-            settle_study(conn, job.study_uid, job.id, StudyState.DONE, None, now)
+            finish_job(conn, job.id, job.study_uid, duration, now)
         if replaced:
             logger.info("study %s result v%d supersedes %s (job %d)", job.study_uid,
                         job.version, ", ".join(f"v{v}" for v in replaced), job.id)
@@ -199,10 +195,4 @@ class AnalysisWorker:
         for dest in self.destinations:
             if obj.kind not in dest.outputs:  # this destination does not take this kind
                 continue
-            exists = conn.execute(select(db.deliveries.c.id)
-                                  .where(db.deliveries.c.output_id == output_id)
-                                  .where(db.deliveries.c.destination == dest.name)).first()
-            if exists is None:
-                conn.execute(insert(db.deliveries).values(
-                    output_id=output_id, destination=dest.name, state=DeliveryState.PENDING,
-                    attempts=0, next_attempt_at=now, created_at=now))
+            add_delivery(conn, output_id, dest.name, now)

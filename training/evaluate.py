@@ -38,7 +38,10 @@ from pydicom.errors import InvalidDicomError
 from ai.batches import analyse_isolating
 from ai.bundle.metadata import BundleMetadata, read_metadata
 from ai.codes import normalise_label
+from ai.reference.dicom_files import index_dicom_tree
 from ai.reference.evaluate import label_metrics
+from ai.reference.labels import read_classification_labels
+from ai.reference.matching import match_labels
 from ai.selection import screening_reason
 from ai.types import Analyzer, ImageResult, ModelIdentity, PixelDataError
 from training.errors import TrainingError
@@ -101,10 +104,6 @@ def load_labelled_set(
     or duplicate files) are counted in the result and logged as counts; the evaluation goes
     on with the matched images and fails only when none matched.
     """
-    from ai.reference.dicom_files import index_dicom_tree
-    from ai.reference.labels import read_classification_labels
-    from ai.reference.matching import match_labels
-
     data_dir, labels_csv = Path(data_dir), Path(labels_csv)
     if not data_dir.is_dir():
         raise EvaluateError(f'--data "{data_dir}" is not a folder')

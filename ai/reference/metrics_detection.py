@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from ai.codes import normalise_label
 from ai.reference.labels import parse_yolo_line
 
 logger = logging.getLogger(__name__)
@@ -384,8 +385,6 @@ def yolo_truth(
     ``class_names``); boxes of classes not in ``class_names`` are ignored and counted.
     Images the map does not name get None (not evaluated).
     """
-    from ai.codes import normalise_label
-
     source = list(source_classes) if source_classes is not None else list(class_names)
     wanted = {normalise_label(n): k for k, n in enumerate(class_names)}
     index = _suffix_index([PurePosixPath(p).as_posix() for p, _, _ in images])
@@ -416,8 +415,6 @@ def yolo_truth(
 def findings_to_boxes(findings: Iterable[Any], class_names: Sequence[str],
                       device_uid: str | None = None) -> ImageBoxes:  # fmt: skip
     """An :class:`~ai.types.ImageResult`'s boxed findings (of one model) as predictions."""
-    from ai.codes import normalise_label
-
     index = {normalise_label(n): k for k, n in enumerate(class_names)}
     rows = []
     for f in findings:

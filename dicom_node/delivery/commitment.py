@@ -26,13 +26,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlalchemy import func, select
 
-from dicom_node import db
 from dicom_node.config import SenderSettings
 from dicom_node.delivery.ledger import Delivery, Ledger
 from dicom_node.delivery.negotiation import commitment_accepted
 from dicom_node.delivery.status import StatusClass, classify, describe
 from dicom_node.delivery.syntaxes import UNCOMPRESSED
-from dicom_node.states import DeliveryState
+from dicom_node.store import db
+from dicom_node.store.states import DeliveryState
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,10 @@
 """Every state change of a delivery, with its audit event, in one transaction each.
 
-The sender, the commitment report handler and the resubmit commands change deliveries
-only through here, so the state machine of :class:`~dicom_node.states.DeliveryState` has
-one owner. ``attempts`` counts tries (a try is one decision about one object: stored, not
-accepted, failed); the dead letter comes after ``sender.max_attempts`` of them.
+The worker (a new delivery), the sender, the commitment report handler and the resubmit
+commands change deliveries only through here, so the state machine of
+:class:`~dicom_node.store.states.DeliveryState` has one owner. ``attempts`` counts tries (a
+try is one decision about one object: stored, not accepted, failed); the dead letter comes
+after ``sender.max_attempts`` of them.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, or_, select, update
+from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
 
-from dicom_node import backoff, db
+from dicom_node import backoff
 from dicom_node.audit import AuditKind, Outcome, record
 from dicom_node.config import SenderSettings
-from dicom_node.states import DELIVERY_DUE, DeliveryState
+from dicom_node.store import db
+from dicom_node.store.states import DELIVERY_DUE, DeliveryState
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,18 @@ _CLAIM_COLUMNS = (_d.id, _d.destination, _d.attempts, _o.path, _o.kind, _o.sop_c
 def _delivery(row: Any) -> Delivery:
     return Delivery(row.id, row.destination, row.attempts, row.path, row.kind,
                     row.sop_class_uid, row.sop_instance_uid, row.study_uid or "")
+
+
+def add_delivery(conn: Connection, output_id: int, destination: str, now: float) -> None:
+    """A result object is due to ``destination``: ``pending``, unless a row exists already
+    (a re-analysis rebuilding the same object sends nothing twice)."""
+    exists = conn.execute(select(db.deliveries.c.id)
+                          .where(db.deliveries.c.output_id == output_id)
+                          .where(db.deliveries.c.destination == destination)).first()
+    if exists is None:
+        conn.execute(insert(db.deliveries).values(
+            output_id=output_id, destination=destination, state=DeliveryState.PENDING,
+            attempts=0, next_attempt_at=now, created_at=now))
 
 
 class Ledger:

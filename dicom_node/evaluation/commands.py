@@ -12,11 +12,13 @@ import threading
 from collections.abc import Callable
 
 from ai.types import Analyzer
-from dicom_node import db
+from dicom_node.analysis import load_analyzer
 from dicom_node.config import Settings
 from dicom_node.evaluation.errors import EvaluationBusyError
 from dicom_node.evaluation.report import format_jobs, format_run
 from dicom_node.evaluation.service import EvaluationService
+from dicom_node.store import db
+from dicom_node.store.states import RunState
 
 EXIT_FAILED = 1
 EXIT_BUSY = 3
@@ -31,8 +33,6 @@ def _lazy_deployed(settings: Settings
     def deployed() -> Analyzer | None:
         with lock:
             if "analyzer" not in state and "error" not in state:
-                from dicom_node.service import load_analyzer
-
                 try:
                     state["analyzer"] = load_analyzer(settings)
                 except Exception as exc:  # noqa: BLE001 - reported as the run's failure
@@ -60,7 +60,7 @@ def evaluate_command(settings: Settings, *, job_name: str | None, list_jobs: boo
             print(f"dicom-node: {exc}; try again when it has finished", file=sys.stderr)
             return EXIT_BUSY
         print(format_run(detail))
-        if detail.run.state != "succeeded":
+        if detail.run.state != RunState.SUCCEEDED:
             print(f"dicom-node: evaluation job {job_name!r} run {detail.run.id} failed: "
                   f"{detail.run.error}", file=sys.stderr)
             return EXIT_FAILED

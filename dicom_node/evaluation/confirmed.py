@@ -27,9 +27,10 @@ from typing import Any, Literal
 from sqlalchemy import Engine, and_, func, insert, select, update
 
 from ai.uids import is_valid_uid
-from dicom_node import db
 from dicom_node.evaluation.errors import ConfirmedLabelError
 from dicom_node.evaluation.figures import Case, study_cases
+from dicom_node.store import db
+from dicom_node.store.states import JobState
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def _rows(engine: Engine, cutoff: float, key_kind: str) -> list[Any]:
                 f.c.positive, c.c.value)
          .select_from(f.join(j, f.c.job_id == j.c.id).join(
              c, and_(c.c.key_kind == key_kind, c.c.key_uid == key, c.c.label == f.c.label)))
-         .where(j.c.state == "done", j.c.finished_at >= cutoff))
+         .where(j.c.state == JobState.DONE, j.c.finished_at >= cutoff))
     with engine.connect() as conn:
         return conn.execute(q).all()
 

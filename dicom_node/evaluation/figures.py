@@ -18,9 +18,15 @@ from typing import Any
 
 import numpy as np
 
+from ai.codes import normalise_label
 from ai.reference.evaluate import label_metrics
 from ai.reference.metrics import Estimate
-from ai.reference.metrics_detection import ImageBoxes
+from ai.reference.metrics_detection import (
+    ImageBoxes,
+    evaluate_boxes,
+    findings_to_boxes,
+    yolo_truth,
+)
 from ai.types import Finding, ImageResult
 
 logger = logging.getLogger(__name__)
@@ -149,9 +155,6 @@ def detection_figures(results: Sequence[ImageResult],
     0 without a box) with the same sensitivity / specificity / AUROC as classification, so
     floors and alerts work unchanged. Classification findings are ignored here.
     """
-    from ai.codes import normalise_label
-    from ai.reference.metrics_detection import evaluate_boxes, findings_to_boxes
-
     evaluated = [r for r in results if r.sop_instance_uid in truth]
     groups: dict[tuple[str, str, str], list[Finding]] = defaultdict(list)
     for result in evaluated:
@@ -188,8 +191,6 @@ def reference_boxes(doc: Mapping[str, Sequence[str]], images: Sequence[tuple[str
     ``classes``: the map's class names in index order (``classes.txt``). Images the map does
     not name are left out (not evaluated); an empty list in the map is a negative image.
     """
-    from ai.reference.metrics_detection import yolo_truth
-
     found, notes = yolo_truth(doc, [(path, rows, cols) for _, path, rows, cols in images], classes)
     if notes:
         logger.info("reference boxes: %s", notes)

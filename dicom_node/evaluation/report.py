@@ -10,6 +10,7 @@ from ai.reference.metrics import Estimate
 from dicom_node.evaluation.figures import LabelFigures
 from dicom_node.evaluation.service import JobInfo
 from dicom_node.evaluation.store import RunDetail
+from dicom_node.store.states import RunState
 
 COLUMNS = ("Label", "N+", "N-", "TP", "FP", "TN", "FN", "Sens [95% CI]", "Spec [95% CI]",
            "PPV", "NPV", "F1", "AUROC [95% CI]")
@@ -90,7 +91,7 @@ def format_jobs(jobs: Sequence[JobInfo]) -> str:
         rows.append([j.name, j.kind, "yes" if j.enabled else "no", j.schedule or "on demand",
                      f"{last.state} {_when(last.started_at)}" if last else "never",
                      str(last.alerts) if last else "-",
-                     "running" if j.running_run_id else ""])
+                     RunState.RUNNING.value if j.running_run_id else ""])
     if not rows:
         return "no evaluation jobs configured (evaluation.jobs in the config)"
     return "\n".join(_table(rows, ("Job", "Kind", "Enabled", "Schedule", "Last run", "Alerts",

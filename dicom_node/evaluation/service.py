@@ -8,6 +8,8 @@ raises out of a run: the edge is the run record.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import threading
 import time
@@ -19,7 +21,9 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from ai.reference.labels import LabelError, read_classes
 from ai.types import Analyzer, ImageResult, ModelIdentity
+from dicom_node.analysis import build_analyzer
 from dicom_node.config import Settings
 from dicom_node.evaluation.alerts import Alert, check_floors, post_webhook
 from dicom_node.evaluation.confirmed import (
@@ -88,16 +92,8 @@ class JobFigures:
 
 
 def default_bundle_loader(settings: Settings) -> Callable[[Sequence[Path]], Analyzer]:
-    """Load bundles exactly as the node does (same device, Grad-CAM and size settings)."""
-
-    def load(dirs: Sequence[Path]) -> Analyzer:
-        from ai.inference import Analyzer as ModelAnalyzer
-        from dicom_node.service import LockedAnalyzer
-
-        m = settings.models
-        return LockedAnalyzer(ModelAnalyzer(list(dirs), device=m.device, gradcam=m.gradcam,
-                                            max_pixels=m.max_pixels))
-    return load
+    """Load bundles exactly as the node does (the one builder in :mod:`dicom_node.analysis`)."""
+    return functools.partial(build_analyzer, settings)
 
 
 def _models_json(models: Sequence[ModelIdentity], results: Sequence[ImageResult]
@@ -114,10 +110,6 @@ def _models_json(models: Sequence[ModelIdentity], results: Sequence[ImageResult]
 def _read_box_map(boxes_json: Path | None, classes_txt: Path | None
                   ) -> tuple[dict[str, list[str]], list[str]]:
     """The YOLO JSON map and its class names; errors name the setting."""
-    import json
-
-    from ai.reference.labels import LabelError, read_classes
-
     assert boxes_json is not None and classes_txt is not None
     try:
         doc = json.loads(boxes_json.read_text(encoding="utf-8"))

@@ -25,10 +25,11 @@ from sqlalchemy import Engine, Index, insert, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from ai.reference.metrics import Estimate
-from dicom_node import db
 from dicom_node.evaluation.alerts import Alert
 from dicom_node.evaluation.errors import EvaluationBusyError
 from dicom_node.evaluation.figures import LabelFigures
+from dicom_node.store import db
+from dicom_node.store.states import RunState
 
 logger = logging.getLogger(__name__)
 
@@ -184,15 +185,17 @@ class RunStore:
         """Mark running rows whose process is gone as failed; returns their ids."""
         now = time.time() if now is None else now
         t = db.evaluation_runs
-        q = select(t.c.id, t.c.job_name, t.c.owner, t.c.started_at).where(t.c.state == "running")
+        q = (select(t.c.id, t.c.job_name, t.c.owner, t.c.started_at)
+             .where(t.c.state == RunState.RUNNING))
         if job_name is not None:
             q = q.where(t.c.job_name == job_name)
         recovered = []
         with self.engine.begin() as conn:
             for r in conn.execute(q).all():
                 if self._owner_gone(r.owner, r.started_at, now):
-                    conn.execute(update(t).where(t.c.id == r.id, t.c.state == "running").values(
-                        state="failed", finished_at=now,
+                    conn.execute(update(t).where(t.c.id == r.id,
+                                                 t.c.state == RunState.RUNNING).values(
+                        state=RunState.FAILED, finished_at=now,
                         error="interrupted: the process running it ended (node stopped or "
                               "crashed); see the catch-up at the next start"))
                     logger.warning("evaluation run %d of job %s was interrupted (owner gone); "
@@ -209,7 +212,7 @@ class RunStore:
         try:
             with self.engine.begin() as conn:
                 return int(conn.execute(insert(t).values(
-                    job_name=job_name, kind=kind, trigger=trigger, state="running",
+                    job_name=job_name, kind=kind, trigger=trigger, state=RunState.RUNNING,
                     scheduled_for=scheduled_for, started_at=now, alerts=0,
                     owner=process_owner())).inserted_primary_key[0])
         except IntegrityError as exc:
@@ -226,7 +229,7 @@ class RunStore:
         t = db.evaluation_runs
         with self.engine.connect() as conn:
             r = conn.execute(select(t).where(t.c.job_name == job_name,
-                                             t.c.state == "running")).first()
+                                             t.c.state == RunState.RUNNING)).first()
         return RunInfo.from_row(r) if r else None
 
     # -- outcomes ---------------------------------------------------------------------------
@@ -244,7 +247,7 @@ class RunStore:
                     run_id=run_id, job_name=job_name, model_name=a.model_name, label=a.label,
                     metric=a.metric, value=_nan_none(a.value), floor=a.floor, created_at=now))
             conn.execute(update(db.evaluation_runs).where(db.evaluation_runs.c.id == run_id)
-                         .values(state="succeeded", finished_at=now, n_images=n_images,
+                         .values(state=RunState.SUCCEEDED, finished_at=now, n_images=n_images,
                                  models=_json(models), summary=_json(summary),
                                  alerts=len(alerts), error=None))
 
@@ -252,7 +255,7 @@ class RunStore:
         now = time.time() if now is None else now
         with self.engine.begin() as conn:
             conn.execute(update(db.evaluation_runs).where(db.evaluation_runs.c.id == run_id)
-                         .values(state="failed", finished_at=now,
+                         .values(state=RunState.FAILED, finished_at=now,
                                  error=error[:MAX_ERROR_CHARS]))
 
     # -- reading ----------------------------------------------------------------------------
@@ -311,7 +314,7 @@ class RunStore:
         t = db.evaluation_runs
         with self.engine.connect() as conn:
             run_id = conn.execute(select(t.c.id).where(t.c.job_name == job_name,
-                                                       t.c.state == "succeeded")
+                                                       t.c.state == RunState.SUCCEEDED)
                                   .order_by(t.c.started_at.desc(), t.c.id.desc())
                                   .limit(1)).scalar()
         return None if run_id is None else self.get_run(run_id)
@@ -320,7 +323,7 @@ class RunStore:
                 ) -> list[tuple[RunInfo, LabelFigures]]:
         """Succeeded runs (oldest first) with their figures, for plots over time."""
         t, m = db.evaluation_runs, db.evaluation_metrics
-        runs = (select(t.c.id).where(t.c.job_name == job_name, t.c.state == "succeeded")
+        runs = (select(t.c.id).where(t.c.job_name == job_name, t.c.state == RunState.SUCCEEDED)
                 .order_by(t.c.started_at.desc()).limit(limit).subquery())
         q = (select(m).where(m.c.run_id.in_(select(runs.c.id)))
              .order_by(m.c.run_id, m.c.model_name, m.c.label))

@@ -86,7 +86,7 @@ def create_app(settings: Settings, node: Any | None = None, *, engine: Engine | 
             without one those two routes answer 503.
         testing: Flask's testing mode (exceptions still become JSON 500s).
     """
-    from dicom_node.db import make_engine
+    from dicom_node.store.db import make_engine
     from dicom_node.web import (
         api_evaluations,
         api_meta,

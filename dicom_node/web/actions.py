@@ -25,16 +25,18 @@ import logging
 import time
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
-from dicom_node import db
 from dicom_node.delivery.ledger import RESUBMITTABLE, resubmit
+from dicom_node.store import db
+from dicom_node.store.states import StudyState
+from dicom_node.store.transitions import reopen_study, reset_instances
 from dicom_node.web.context import WebContext
 from dicom_node.web.errors import ApiError
 
 logger = logging.getLogger(__name__)
 
-REANALYSABLE = ("done", "ignored", "failed")
+REANALYSABLE = (StudyState.DONE, StudyState.IGNORED, StudyState.FAILED)
 
 
 def reanalyse(ctx: WebContext, study_uid: str) -> dict[str, Any]:
@@ -51,12 +53,10 @@ def reanalyse(ctx: WebContext, study_uid: str) -> dict[str, Any]:
                         .where(db.instances.c.purged_at.is_not(None)).limit(1)).first():
             raise ApiError(409, "the study's images were removed by retention; send them "
                            "again to analyse it", code="purged")
-        res = conn.execute(update(db.instances).where(db.instances.c.study_uid == study_uid)
-                           .values(analysis_state="pending", reason=None, job_id=None))
-        conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid)
-                     .values(state="receiving", reason=None, updated_at=now))
+        reset = reset_instances(conn, study_uid)
+        reopen_study(conn, study_uid, now)
     logger.info("re-analysis of study %s requested: %d instance(s) pending again", study_uid,
-                res.rowcount)
+                reset)
     job_id = ctx.assembler().assemble(study_uid, time.time())
     with ctx.engine.connect() as conn:
         current = conn.execute(select(db.studies.c.state)
@@ -65,7 +65,7 @@ def reanalyse(ctx: WebContext, study_uid: str) -> dict[str, Any]:
             job_id = conn.execute(select(db.jobs.c.id).where(db.jobs.c.study_uid == study_uid)
                                   .where(db.jobs.c.created_at >= now)
                                   .order_by(db.jobs.c.id.desc()).limit(1)).scalar_one_or_none()
-    return {"study_uid": study_uid, "instances": res.rowcount, "state": current,
+    return {"study_uid": study_uid, "instances": reset, "state": current,
             "job_id": job_id}
 
 

@@ -12,8 +12,8 @@ from flask import Blueprint, jsonify
 from flask.typing import ResponseReturnValue
 from sqlalchemy import update
 
-from dicom_node import db
 from dicom_node.evaluation.errors import EvaluationBusyError, UnknownJobError
+from dicom_node.store import db
 from dicom_node.web import evaluation_queries as eq
 from dicom_node.web.api_studies import ID, page
 from dicom_node.web.context import EvaluationService, web_context

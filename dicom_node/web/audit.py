@@ -15,8 +15,8 @@ from flask import Blueprint, g, jsonify, render_template, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import Connection, func, select
 
-from dicom_node import db
 from dicom_node.audit import AuditKind, Outcome
+from dicom_node.store import db
 from dicom_node.web.context import web_context
 from dicom_node.web.queries import iso
 from dicom_node.web.validation import enum_arg, page_args, query_params, time_range

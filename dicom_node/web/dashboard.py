@@ -26,8 +26,8 @@ from flask.typing import ResponseReturnValue
 from pydicom.uid import UID
 from sqlalchemy import Connection, func, select
 
-from dicom_node import db
-from dicom_node.states import DeliveryState
+from dicom_node.store import db
+from dicom_node.store.states import DeliveryState, InstanceState, JobState, RunState, StudyState
 from dicom_node.web import actions, images, plots, queries
 from dicom_node.web import evaluation_queries as eq
 from dicom_node.web.api_evaluations import call_service, require_service
@@ -64,9 +64,10 @@ def _throughput(conn: Connection, since: float) -> dict[str, int]:
     i, j, d, s = db.instances.c, db.jobs.c, db.deliveries.c, db.studies.c
     return {
         "received": queries.count(conn, db.instances, i.received_at >= since),
-        "analysed": queries.count(conn, db.jobs, j.state == "done", j.finished_at >= since),
-        "failed": queries.count(conn, db.jobs, j.state == "failed", j.finished_at >= since),
-        "ignored": queries.count(conn, db.studies, s.state == "ignored", s.updated_at >= since),
+        "analysed": queries.count(conn, db.jobs, j.state == JobState.DONE, j.finished_at >= since),
+        "failed": queries.count(conn, db.jobs, j.state == JobState.FAILED, j.finished_at >= since),
+        "ignored": queries.count(conn, db.studies, s.state == StudyState.IGNORED,
+                                 s.updated_at >= since),
         "sent": queries.count(conn, db.deliveries, d.state.in_(DELIVERED), d.sent_at >= since),
     }
 
@@ -79,15 +80,15 @@ def overview() -> ResponseReturnValue:
     j, d, s = db.jobs.c, db.deliveries.c, db.studies.c
     with ctx.engine.connect() as conn:
         stats = {"hour": _throughput(conn, now - 3600), "day": _throughput(conn, now - 86400)}
-        queue = {"receiving": queries.count(conn, db.studies, s.state == "receiving"),
-                 "queued": queries.count(conn, db.jobs, j.state == "queued"),
-                 "running": queries.count(conn, db.jobs, j.state == "running"),
+        queue = {"receiving": queries.count(conn, db.studies, s.state == StudyState.RECEIVING),
+                 "queued": queries.count(conn, db.jobs, j.state == JobState.QUEUED),
+                 "running": queries.count(conn, db.jobs, j.state == JobState.RUNNING),
                  "to_send": queries.count(conn, db.deliveries,
                                           d.state.in_(queries.DELIVERY_OPEN))}
-        dead = {"deliveries": queries.count(conn, db.deliveries, d.state == "dead"),
+        dead = {"deliveries": queries.count(conn, db.deliveries, d.state == DeliveryState.DEAD),
                 "not_accepted": queries.count(conn, db.deliveries,
-                                              d.state == "not_accepted"),
-                "jobs": queries.count(conn, db.jobs, j.state == "failed")}
+                                              d.state == DeliveryState.NOT_ACCEPTED),
+                "jobs": queries.count(conn, db.jobs, j.state == JobState.FAILED)}
         alerts, n_alerts = eq.list_alerts(conn, active=True, job=None, label=None, limit=20,
                                           offset=0)
         recent, _ = queries.list_studies(conn, queries.StudyFilter(), 10, 0)
@@ -147,7 +148,8 @@ def study(study_key: int) -> ResponseReturnValue:
     overlays: dict[str, list[int]] = defaultdict(list)
     for output_id, source_uid in images.sc_sources(ctx, current_outputs).items():
         overlays[source_uid].append(output_id)
-    shown = [i for i in detail["instance_list"] if i["state"] in ("analysed", "selected")
+    shown = [i for i in detail["instance_list"]
+             if i["state"] in (InstanceState.ANALYSED, InstanceState.SELECTED)
              or i["sop_instance_uid"] in findings]
     syntaxes = {d["transfer_syntax"] for o in detail["outputs"] for d in o["deliveries"]
                 if d["transfer_syntax"]}
@@ -236,7 +238,7 @@ def evaluation() -> ResponseReturnValue:
         alerts: list[dict[str, Any]] = []
         if job:
             runs = _runs(conn, job, None, 15)
-            succeeded = _runs(conn, job, "succeeded", 1)
+            succeeded = _runs(conn, job, RunState.SUCCEEDED, 1)
             alerts = eq.list_alerts(conn, active=True, job=job, label=None, limit=50,
                                     offset=0)[0]
         latest = eq.get_run(conn, succeeded[0]["id"]) if succeeded else None

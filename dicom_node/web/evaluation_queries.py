@@ -9,14 +9,15 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from dicom_node import db
 from dicom_node.evaluation.settings import EvaluationJobSettings
+from dicom_node.store import db
+from dicom_node.store.states import RunState
 from dicom_node.web.queries import iso
 
 logger = logging.getLogger(__name__)
 
 FIGURES = ("sensitivity", "specificity", "ppv", "npv", "auroc")
-RUN_STATES = ("running", "succeeded", "failed")
+RUN_STATES = tuple(s.value for s in RunState)
 RUN_KINDS = ("reference", "confirmed")
 
 
@@ -107,7 +108,7 @@ def label_history(conn: Connection, label: str, *, job: str | None, model: str |
     r, m = db.evaluation_runs.c, db.evaluation_metrics.c
     query = (select(db.evaluation_metrics, r.job_name, r.kind, r.started_at, r.finished_at)
              .join(db.evaluation_runs, r.id == m.run_id)
-             .where(m.label == label, r.state == "succeeded"))
+             .where(m.label == label, r.state == RunState.SUCCEEDED))
     if job:
         query = query.where(r.job_name == job)
     if model:
@@ -159,7 +160,7 @@ def evaluation_jobs(conn: Connection, configured: Sequence[EvaluationJobSettings
     latest = {x.job_name: x for x in conn.execute(
         select(db.evaluation_runs).where(r.id.in_(latest_ids))).all()}
     running = dict(conn.execute(select(r.job_name, func.max(r.id))
-                                .where(r.state == "running").group_by(r.job_name)).all())
+                                .where(r.state == RunState.RUNNING).group_by(r.job_name)).all())
     out = []
     for job in configured:
         out.append({"job_name": job.name, "kind": job.kind, "configured": True,
@@ -181,7 +182,7 @@ def evaluation_jobs(conn: Connection, configured: Sequence[EvaluationJobSettings
 def latest_succeeded_runs(conn: Connection) -> list[Any]:
     """The newest succeeded run of each job (for /metrics and the overview)."""
     r = db.evaluation_runs.c
-    latest = (select(func.max(r.id)).where(r.state == "succeeded").group_by(r.job_name)
+    latest = (select(func.max(r.id)).where(r.state == RunState.SUCCEEDED).group_by(r.job_name)
               .scalar_subquery())
     return list(conn.execute(select(db.evaluation_runs).where(r.id.in_(latest))
                              .order_by(r.job_name)).all())

@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 from sqlalchemy import select
 
-from dicom_node import db
+from dicom_node.store import db
 from dicom_node.web.context import WebContext
 from dicom_node.web.errors import ApiError
 

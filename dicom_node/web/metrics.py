@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from flask import Blueprint, Response
 from sqlalchemy import Connection, and_, func, select
 
-from dicom_node import db
-from dicom_node.states import DeliveryState
+from dicom_node.store import db
+from dicom_node.store.states import DeliveryState, InstanceState, JobState, StudyState
 from dicom_node.web import evaluation_queries as eq
 from dicom_node.web.context import WebContext, web_context
 from dicom_node.web.health import spool_disk
@@ -108,31 +108,30 @@ def _pipeline(exp: Exposition, conn: Connection, ctx: WebContext) -> None:
                [({}, count(conn, db.instances))])
     exp.family("cxr_instances_ignored_total", "counter",
                "Instances not analysed, by reason category.",
-               _categorised(counts_by(conn, i.reason, i.analysis_state == "ignored"),
+               _categorised(counts_by(conn, i.reason, i.analysis_state == InstanceState.IGNORED),
                             _IGNORE_CATEGORIES))
     exp.family("cxr_instances_quarantined_total", "counter",
                "Received input kept in quarantine, by reason category.",
                _categorised(counts_by(conn, db.quarantine.c.reason), _QUARANTINE_CATEGORIES))
     exp.family("cxr_instances", "gauge", "Instances by analysis state.",
                _by_state(counts_by(conn, i.analysis_state),
-                         ("pending", "selected", "ignored", "analysed", "failed")))
+                         tuple(x.value for x in InstanceState)))
     exp.family("cxr_studies", "gauge", "Studies by state.",
-               _by_state(counts_by(conn, s.state), ("receiving", "queued", "analysing",
-                                                    "done", "ignored", "failed")))
+               _by_state(counts_by(conn, s.state), tuple(x.value for x in StudyState)))
     analysed = conn.execute(select(func.count(func.distinct(j.study_uid)))
-                            .where(j.state == "done")).scalar_one()
+                            .where(j.state == JobState.DONE)).scalar_one()
     exp.family("cxr_studies_analysed_total", "counter",
                "Studies with at least one completed analysis job.", [({}, float(analysed))])
     jobs = counts_by(conn, j.state)
     exp.family("cxr_jobs", "gauge", "Analysis jobs by state.",
-               _by_state(jobs, ("queued", "running", "done", "failed")))
+               _by_state(jobs, tuple(x.value for x in JobState)))
     exp.family("cxr_analysis_queue_depth", "gauge",
                "Analysis jobs waiting for a worker (queued) plus studies waiting for their "
-               "quiet period.", [({}, float(jobs.get("queued", 0))
-                                  + count(conn, db.studies, s.state == "receiving"))])
+               "quiet period.", [({}, float(jobs.get(JobState.QUEUED, 0))
+                                  + count(conn, db.studies, s.state == StudyState.RECEIVING))])
     exp.family("cxr_jobs_failed_total", "counter",
                "Analysis jobs that failed permanently (dead letter).",
-               [({}, float(jobs.get("failed", 0)))])
+               [({}, float(jobs.get(JobState.FAILED, 0)))])
     node = ctx.node
     exp.family("cxr_model_loaded", "gauge", "1 when the model(s) are loaded.",
                [({}, 1.0 if getattr(node, "analyzer", None) is not None else 0.0)])

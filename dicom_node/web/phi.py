@@ -3,7 +3,7 @@ scrubbed from free text (job errors, reasons) before any response.
 
 The database holds no patient identifiers; they exist only in the received files. Free
 text written by other parts of the node (an exception message recorded as a job error)
-is scrubbed when stored (:class:`dicom_node.db.ScrubbedText`), but a row written by an
+is scrubbed when stored (:class:`dicom_node.store.db.ScrubbedText`), but a row written by an
 older version, or before the node had seen the header, could still quote one, so API
 responses pass such text through :class:`Redactor`: the matching itself is
 :mod:`dicom_node.phi`'s, with the study's own header values added.
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import pydicom
 from sqlalchemy import Connection, func, select
 
-from dicom_node import db
 from dicom_node.dicomio import quiet, read_untrusted
 from dicom_node.phi import PHI_KEYWORDS, PhiRegistry, redact, remember_phi
 from dicom_node.spool import Spool
+from dicom_node.store import db
 
 logger = logging.getLogger(__name__)
 

@@ -14,16 +14,16 @@ from typing import Any
 from sqlalchemy import Connection, and_, case, exists, func, select
 
 from ai.types import ModelIdentity
-from dicom_node import db
-from dicom_node.states import DeliveryState
+from dicom_node.store import db
+from dicom_node.store.states import DeliveryState, InstanceState, JobState, StudyState
 from dicom_node.web.phi import Redactor
 
-STUDY_STATES = ("receiving", "queued", "analysing", "done", "ignored", "failed")
-JOB_STATES = ("queued", "running", "done", "failed")
+STUDY_STATES = tuple(s.value for s in StudyState)
+JOB_STATES = tuple(s.value for s in JobState)
 DELIVERY_STATES = tuple(s.value for s in DeliveryState)
 # not yet at an end: the sender still has work to do
 DELIVERY_OPEN = (DeliveryState.PENDING, DeliveryState.SENDING, DeliveryState.RETRYING)
-INSTANCE_STATES = ("pending", "selected", "ignored", "analysed", "failed")
+INSTANCE_STATES = tuple(s.value for s in InstanceState)
 
 
 def iso(ts: float | None) -> str | None:
@@ -98,8 +98,8 @@ def derive_status(state: str, deliveries: dict[str, int]) -> str:
     """One word for people: received, queued, analysing, ignored, failed, dead_letter,
     sending, sent (stored, or committed), not_accepted (no destination took any result
     object), or analysed (done with no destination configured)."""
-    if state != "done":
-        return {"receiving": "received"}.get(state, state)
+    if state != StudyState.DONE:
+        return {StudyState.RECEIVING.value: "received"}.get(state, state)
     if deliveries.get(DeliveryState.DEAD):
         return "dead_letter"
     if any(deliveries.get(s) for s in DELIVERY_OPEN):
@@ -188,7 +188,7 @@ def get_study(conn: Connection, study_uid: str, redact: Redactor) -> dict[str, A
     jobs = conn.execute(select(db.jobs).where(db.jobs.c.study_uid == study_uid)
                         .order_by(db.jobs.c.id)).all()
     study["jobs"] = [job_dict(j, redact) for j in jobs]
-    done = [j.id for j in jobs if j.state == "done"]
+    done = [j.id for j in jobs if j.state == JobState.DONE]
     study["current_job_id"] = done[-1] if done else None
     study["findings"] = _findings(conn, [j.id for j in jobs])
     study["outputs"] = _outputs(conn, study_uid)
@@ -317,7 +317,7 @@ def duration_histogram(conn: Connection, bounds: tuple[float, ...]
                        ) -> tuple[list[int], int, float]:
     """Cumulative bucket counts of done jobs' durations, their count and sum."""
     j = db.jobs.c
-    done = and_(j.state == "done", j.duration_s.is_not(None))
+    done = and_(j.state == JobState.DONE, j.duration_s.is_not(None))
     cols = [func.sum(case((j.duration_s <= b, 1), else_=0)) for b in bounds]
     row = conn.execute(select(*cols, func.count(), func.sum(j.duration_s)).where(done)).one()
     return [int(v or 0) for v in row[:-2]], int(row[-2] or 0), float(row[-1] or 0.0)

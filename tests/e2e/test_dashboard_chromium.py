@@ -18,7 +18,7 @@ from conftest import ROOT, StoreSCP, free_port, storescu, wait_for_port, wait_un
 from helpers.browser import browser, loaded, shoot
 from helpers.node import node_settings, start_node
 
-from dicom_node.service import load_analyzer
+from dicom_node.analysis import load_analyzer
 
 sys.path.insert(0, str(ROOT / "tests" / "unit" / "dicom_node" / "web"))
 from webdata import insert_run  # noqa: E402 - the web tests' helper for history rows

@@ -37,7 +37,7 @@ import requests
 from conftest import ROOT, free_port, storescu, wait_for_port, wait_until
 from helpers.browser import all_images_loaded, browser, loaded, shoot
 
-from dicom_node import db
+from dicom_node.store import db
 
 sys.path.insert(0, str(ROOT / "tests" / "unit" / "dicom_node" / "web"))
 from webdata import insert_run  # noqa: E402 - the web tests' helper for history rows

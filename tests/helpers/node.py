@@ -12,9 +12,9 @@ from typing import Any
 from conftest import ROOT, free_port, wait_for_port
 from sqlalchemy import select
 
-from dicom_node import db
 from dicom_node.config import Settings, load_settings
 from dicom_node.service import Node
+from dicom_node.store import db
 
 
 def node_settings(data_dir: Path, *, destinations: list[str | dict[str, Any]] | None = None,

@@ -11,13 +11,13 @@ from typing import Any
 import pydicom
 from sqlalchemy import select
 
-from dicom_node import db
 from dicom_node.config import Destination, SelectionSettings, SenderSettings
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
 from dicom_node.sender import Sender
 from dicom_node.spool import Spool
+from dicom_node.store import db
 from dicom_node.studies import StudyAssembler
 from dicom_node.worker import AnalysisWorker
 from helpers.dicomfiles import make_image, received

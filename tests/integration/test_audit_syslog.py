@@ -16,10 +16,10 @@ from helpers.fakes import FakeAnalyzer
 from helpers.node import node_settings, start_node
 from sqlalchemy import Engine
 
-from dicom_node import db
 from dicom_node.audit import AuditKind, Outcome, record_now
 from dicom_node.audit_forward import SyslogForwarder
 from dicom_node.config import SyslogSettings
+from dicom_node.store import db
 
 pytestmark = pytest.mark.integration
 

@@ -29,8 +29,8 @@ from helpers.node import node_settings, start_node, studies
 from pydicom import config
 from sr_checks import assert_regions_only_for_present_findings, dsrdump_problems
 
+from dicom_node.analysis import load_analyzer
 from dicom_node.dicomio import quiet, read_untrusted
-from dicom_node.service import load_analyzer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

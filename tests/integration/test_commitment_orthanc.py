@@ -14,7 +14,7 @@ from helpers.node import node_settings, query, start_node
 from helpers.orthanc import start_orthanc
 from sqlalchemy import select
 
-from dicom_node import db
+from dicom_node.store import db
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from helpers.dicomfiles import make_image, write
 from helpers.node import node_settings, query, spawn_fake_node, spawn_node, studies, write_config
 from sqlalchemy import select
 
-from dicom_node import db
+from dicom_node.store import db
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

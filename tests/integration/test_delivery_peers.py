@@ -24,8 +24,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlalchemy import select
 
-from dicom_node import db
 from dicom_node.cli import main as cli_main
+from dicom_node.store import db
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     SecondaryCaptureImageStorage,
 )
 
-from dicom_node.states import DeliveryState
+from dicom_node.store.states import DeliveryState
 
 pytestmark = pytest.mark.integration
 

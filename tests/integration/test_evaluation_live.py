@@ -15,8 +15,8 @@ import yaml
 from conftest import storescu, wait_until
 from helpers.node import node_settings, start_node, studies
 
+from dicom_node.analysis import load_analyzer
 from dicom_node.cli import main
-from dicom_node.service import load_analyzer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -26,10 +26,10 @@ from unit.dicom_node.evaluation.evalhelpers import (
     reference_job,
 )
 
-from dicom_node import db
 from dicom_node.evaluation.errors import EvaluationBusyError
 from dicom_node.evaluation.service import EvaluationService
 from dicom_node.scheduler import EvaluationScheduler, start_evaluation_scheduler
+from dicom_node.store import db
 
 pytestmark = pytest.mark.integration
 

@@ -33,7 +33,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from sqlalchemy import select
 
-from dicom_node import db
+from dicom_node.store import db
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -21,9 +21,9 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
-from dicom_node import db
+from dicom_node.analysis import load_analyzer
 from dicom_node.ingest import Received, StoreStatus
-from dicom_node.service import load_analyzer
+from dicom_node.store import db
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -18,7 +18,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from dicom_node import db
+from dicom_node.store import db
 
 pytestmark = pytest.mark.integration
 

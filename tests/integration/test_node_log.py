@@ -25,7 +25,7 @@ from conftest import StoreSCP, free_port, storescu, wait_for_port, wait_until
 from helpers.node import node_settings, query, spawn_node, write_config
 from sqlalchemy import select
 
-from dicom_node import db
+from dicom_node.store import db
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -14,8 +14,8 @@ from helpers.node import node_settings, query, start_node
 from helpers.orthanc import modalities, start_orthanc, store_jobs
 from sqlalchemy import select
 
-from dicom_node import db
-from dicom_node.service import load_analyzer
+from dicom_node.analysis import load_analyzer
+from dicom_node.store import db
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -24,8 +24,9 @@ from helpers.node import node_settings, query, spawn_node, start_node, write_con
 from pydicom import config as pydicom_config
 from sqlalchemy import select
 
-from dicom_node import db, logs
-from dicom_node.service import load_analyzer
+from dicom_node import logs
+from dicom_node.analysis import load_analyzer
+from dicom_node.store import db
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -12,8 +12,8 @@ from conftest import StoreSCP, dciodvfy_errors, free_port, storescu, wait_until
 from helpers.node import node_settings, query, start_node, studies
 from sqlalchemy import select
 
-from dicom_node import db
-from dicom_node.service import load_analyzer
+from dicom_node.analysis import load_analyzer
+from dicom_node.store import db
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import select
 
-from dicom_node import db
+from dicom_node.store import db
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

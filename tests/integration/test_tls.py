@@ -16,8 +16,8 @@ from helpers.fakes import FakeAnalyzer
 from helpers.node import node_settings, query, start_node
 from sqlalchemy import select
 
-from dicom_node import db
 from dicom_node.scp import tls_context
+from dicom_node.store import db
 
 pytestmark = pytest.mark.integration
 

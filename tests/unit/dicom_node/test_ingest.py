@@ -12,9 +12,9 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select
 
-from dicom_node import db
 from dicom_node.ingest import Ingestor, Received, StoreStatus
 from dicom_node.spool import Spool
+from dicom_node.store import db
 
 
 def _received(ds: pydicom.Dataset, *, sop_uid: str | None = None) -> Received:

@@ -13,12 +13,12 @@ from helpers.dicomfiles import make_image
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import event, select
 
-from dicom_node import db
 from dicom_node.audit import AuditKind
 from dicom_node.dicomio import HEADER_PREFIX_BYTES
 from dicom_node.disk import DiskUsage
 from dicom_node.ingest import Ingestor, Received, StoreStatus
 from dicom_node.spool import Spool, Watermarks
+from dicom_node.store import db
 
 MiB = 1024 * 1024
 

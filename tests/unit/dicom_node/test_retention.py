@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, insert, select
 
-from dicom_node import db
 from dicom_node.config import Destination, RetentionSettings
 from dicom_node.disk import DiskUsage
 from dicom_node.retention import Retention
 from dicom_node.spool import Spool
+from dicom_node.store import db
 
 DAY = 86400.0
 NOW = 1_800_000_000.0

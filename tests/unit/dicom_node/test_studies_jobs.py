@@ -12,14 +12,15 @@ from sqlalchemy import select, update
 from test_ingest import _received
 
 from ai.selection import rejection_reason
-from dicom_node import db
 from dicom_node.backoff import backoff_delay as shared_backoff
 from dicom_node.config import SelectionSettings, SenderSettings
 from dicom_node.ingest import Ingestor, StoreStatus
-from dicom_node.jobs import JobQueue, RetryPolicy, settle_study
+from dicom_node.jobs import JobQueue, RetryPolicy
 from dicom_node.sender import backoff_delay
 from dicom_node.spool import Spool
-from dicom_node.states import StudyState
+from dicom_node.store import db
+from dicom_node.store.states import StudyState
+from dicom_node.store.transitions import settle_study
 from dicom_node.studies import StudyAssembler
 
 

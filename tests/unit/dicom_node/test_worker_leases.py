@@ -13,12 +13,12 @@ from helpers.fakes import FakeAnalyzer
 from sqlalchemy import Engine, select, update
 from test_ingest import _received
 
-from dicom_node import db
 from dicom_node.config import Destination, SelectionSettings
 from dicom_node.ingest import Ingestor, StoreStatus
 from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
 from dicom_node.spool import Spool
+from dicom_node.store import db
 from dicom_node.studies import StudyAssembler
 from dicom_node.worker import AnalysisWorker, JobOutcome
 

@@ -9,9 +9,9 @@ import pytest
 from helpers.results import ResultBench
 from sqlalchemy import update
 
-from dicom_node import db
 from dicom_node.cli import main as cli_main
-from dicom_node.states import DeliveryState
+from dicom_node.store import db
+from dicom_node.store.states import DeliveryState
 
 DEST = {"ae_title": "PACS", "host": "127.0.0.1", "port": 11104}
 

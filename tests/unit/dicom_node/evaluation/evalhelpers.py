@@ -16,8 +16,8 @@ from helpers.dicomfiles import CT, make_image, write
 from sqlalchemy import Engine, insert
 
 from ai.types import CodedConcept, Finding, ImageResult, ModelIdentity, PixelDataError
-from dicom_node import db
 from dicom_node.config import Settings, load_settings
+from dicom_node.store import db
 
 MODEL = ModelIdentity(name="fixed-model", version="2.0", device_uid="2.25.777",
                       task="classification")

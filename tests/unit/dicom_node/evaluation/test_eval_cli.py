@@ -10,9 +10,9 @@ import yaml
 from evalhelpers import ReferenceSet, make_reference_set
 from sqlalchemy import insert
 
-from dicom_node import db
 from dicom_node.cli import main
 from dicom_node.evaluation.store import process_owner
+from dicom_node.store import db
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import pytest
 from evalhelpers import MODEL, add_analysed, eval_settings, temp_engine
 from sqlalchemy import Engine, select
 
-from dicom_node import db
 from dicom_node.evaluation.confirmed import process_drop_folder
 from dicom_node.evaluation.errors import ConfirmedLabelError
 from dicom_node.evaluation.service import EvaluationService
+from dicom_node.store import db
 
 STUDY = "1.2.826.0.1.3680043.8.498.10"
 SOP = "1.2.826.0.1.3680043.8.498.11"

@@ -27,9 +27,9 @@ from ai.bundle.load import build_model, save_bundle
 from ai.bundle.metadata import BundleMetadata, InputSpec, LabelSpec, NetworkSpec
 from ai.codes import default_code
 from ai.types import BoundingBox, Finding, ImageResult, ModelIdentity
-from dicom_node import db
 from dicom_node.config import ConfigError, load_settings
 from dicom_node.evaluation.service import EvaluationService
+from dicom_node.store import db
 
 DET = ModelIdentity(name="fixed-detector", version="1.0", device_uid="2.25.778", task="detection")
 NODULE = default_code("nodule")

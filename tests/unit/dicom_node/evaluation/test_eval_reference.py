@@ -21,10 +21,10 @@ from evalhelpers import (
 from helpers.dicomfiles import write
 from sqlalchemy import Engine, select
 
-from dicom_node import db
 from dicom_node.evaluation.errors import EvaluationError
 from dicom_node.evaluation.reference import read_reference_labels
 from dicom_node.evaluation.service import EvaluationService
+from dicom_node.store import db
 
 
 @pytest.fixture

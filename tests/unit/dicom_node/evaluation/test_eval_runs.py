@@ -25,12 +25,12 @@ from evalhelpers import (
 )
 from sqlalchemy import Engine, create_engine, insert, select, text
 
-from dicom_node import db
 from dicom_node.evaluation.errors import EvaluationBusyError, UnknownJobError
 from dicom_node.evaluation.service import EvaluationService
 from dicom_node.evaluation.settings import ScheduleSettings
 from dicom_node.evaluation.store import RunStore, process_owner
 from dicom_node.scheduler import missed_fire_times
+from dicom_node.store import db
 
 
 @pytest.fixture

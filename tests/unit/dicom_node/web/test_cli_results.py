@@ -13,9 +13,9 @@ from helpers.fakes import FAKE_MODEL
 from sqlalchemy import update
 from webdata import CANARY_STRINGS, WebEnv
 
-from dicom_node import db
 from dicom_node.cli import main
 from dicom_node.results import SCHEMA_VERSION
+from dicom_node.store import db
 
 pytest_plugins = ["webfixtures"]
 

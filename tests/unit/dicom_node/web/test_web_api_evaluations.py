@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy import select
 from webdata import WebEnv
 
-from dicom_node import db
 from dicom_node.evaluation.errors import EvaluationBusyError
 from dicom_node.evaluation.service import EvaluationService
+from dicom_node.store import db
 
 pytest_plugins = ["webfixtures"]
 

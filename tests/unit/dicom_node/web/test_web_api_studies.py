@@ -10,11 +10,11 @@ from helpers.fakes import FakeAnalyzer
 from sqlalchemy import func, select
 from webdata import DEST, WebEnv
 
-from dicom_node import db
 from dicom_node.config import Destination
 from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
 from dicom_node.spool import Spool
+from dicom_node.store import db
 from dicom_node.worker import AnalysisWorker
 
 pytest_plugins = ["webfixtures"]

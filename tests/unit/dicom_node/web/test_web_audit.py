@@ -8,8 +8,8 @@ import time
 from sqlalchemy import delete, select
 from webdata import AUTH, TOKEN, WebEnv, login
 
-from dicom_node import db
 from dicom_node.audit import AuditKind, Outcome, record
+from dicom_node.store import db
 from dicom_node.web.auth import AuditLimiter
 
 pytest_plugins = ["webfixtures"]

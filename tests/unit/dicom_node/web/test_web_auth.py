@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import select
 from webdata import AUTH, TOKEN, WebEnv, csrf, login, web_settings
 
-from dicom_node import db
 from dicom_node.config import WebSettings
+from dicom_node.store import db
 from dicom_node.web import create_app
 from dicom_node.web.auth import LOGIN_FAILURES_ALLOWED, resolve_token
 

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import update
 from webdata import CANARY, WebData, WebEnv, csrf, login, web_settings
 
-from dicom_node import db
+from dicom_node.store import db
 from dicom_node.web import create_app
 
 pytest_plugins = ["webfixtures"]

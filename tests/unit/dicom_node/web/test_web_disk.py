@@ -9,8 +9,8 @@ import time
 from sqlalchemy import update
 from webdata import WebEnv
 
-from dicom_node import db
 from dicom_node.disk import DiskUsage
+from dicom_node.store import db
 from dicom_node.web.context import EXTENSION_KEY
 
 pytest_plugins = ["webfixtures"]

@@ -21,13 +21,13 @@ from helpers.fakes import FakeAnalyzer
 from sqlalchemy import Engine, insert, select, update
 
 from ai.types import AnalysisError
-from dicom_node import db
 from dicom_node.config import Destination, Settings, load_settings
 from dicom_node.evaluation.service import EvaluationService
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
 from dicom_node.spool import Spool, Watermarks
+from dicom_node.store import db
 from dicom_node.studies import StudyAssembler
 from dicom_node.worker import AnalysisWorker
 

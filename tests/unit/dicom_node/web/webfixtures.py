@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from webdata import StubNode, WebData, WebEnv, populate, web_settings
 
-from dicom_node import db
+from dicom_node.store import db
 from dicom_node.web import create_app
 
 

@@ -31,6 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.types import TypeDecorator
 
 from dicom_node.phi import redact
+from dicom_node.store.states import InstanceState, RunState
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +70,15 @@ instances = Table(
     Column("calling_ae", String(16), nullable=True),
     Column("received_at", Float, nullable=False),
     # pending -> selected | ignored ; analysed once the job that took it is done
-    Column("analysis_state", String(16), nullable=False, default="pending"),
+    Column("analysis_state", String(16), nullable=False, default=InstanceState.PENDING),
     Column("reason", ScrubbedText, nullable=True),
     Column("job_id", Integer, ForeignKey("jobs.id"), nullable=True),
     # retention: when the spool file was removed (the row stays as the record)
     Column("purged_at", Float, nullable=True),
+    # JSON {keyword: value} of the header attributes the selection rules read, from the one
+    # parse at ingest (dicom_node.dicomio.SELECTION_KEYWORDS); null in rows written before it
+    # was kept or when they were not in the parsed prefix: assembly then reads the file
+    Column("selection", Text, nullable=True),
     UniqueConstraint("sop_instance_uid", name="uq_instances_sop"),
 )
 Index("ix_instances_study", instances.c.study_uid)
@@ -180,7 +185,7 @@ deliveries = Table(
     Column("id", Integer, primary_key=True),
     Column("output_id", Integer, ForeignKey("outputs.id"), nullable=False),
     Column("destination", String(128), nullable=False),  # AE@HOST:PORT
-    # dicom_node.states.DeliveryState: pending -> sending -> sent | committed |
+    # dicom_node.store.states.DeliveryState: pending -> sending -> sent | committed |
     # not_accepted | retrying | dead
     Column("state", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
@@ -304,7 +309,7 @@ evaluation_runs = Table(
     Column("job_name", String(64), nullable=False),
     Column("kind", String(16), nullable=False),  # reference | confirmed
     Column("trigger", String(16), nullable=False),  # schedule | manual | api | catchup
-    Column("state", String(16), nullable=False),  # running | succeeded | failed
+    Column("state", String(16), nullable=False),  # RunState: running | succeeded | failed
     Column("scheduled_for", Float, nullable=True),
     Column("started_at", Float, nullable=False),
     Column("finished_at", Float, nullable=True),
@@ -318,8 +323,8 @@ evaluation_runs = Table(
 Index("ix_evaluation_runs_job", evaluation_runs.c.job_name, evaluation_runs.c.started_at)
 # At most one running run per job, enforced by the database (across processes and hosts).
 Index("uq_evaluation_runs_running", evaluation_runs.c.job_name, unique=True,
-      sqlite_where=evaluation_runs.c.state == "running",
-      postgresql_where=evaluation_runs.c.state == "running")
+      sqlite_where=evaluation_runs.c.state == RunState.RUNNING.value,
+      postgresql_where=evaluation_runs.c.state == RunState.RUNNING.value)
 
 evaluation_metrics = Table(
     "evaluation_metrics",

@@ -30,6 +30,10 @@ Deliveries (one per output object and destination; nothing one does blocks anoth
                        -> dead          (attempts exhausted or unrecoverable: dead letter)
     sent -> retrying   (storage commitment not confirmed in time, or refused: re-sent)
     dead | not_accepted -> pending   (manual resubmit)
+
+Evaluation runs::
+
+    running -> succeeded | failed     (failed also when the process running it ended)
 """
 
 from __future__ import annotations
@@ -61,6 +65,15 @@ class JobState(StrEnum):
     FAILED = "failed"
 
 
+class RunState(StrEnum):
+    """Evaluation runs: running -> succeeded | failed (one running row per job, enforced by
+    a partial unique index)."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
 class DeliveryState(StrEnum):
     PENDING = "pending"
     SENDING = "sending"
@@ -70,6 +83,9 @@ class DeliveryState(StrEnum):
     RETRYING = "retrying"
     DEAD = "dead"
 
+
+# Jobs still to run (a study with one of these is not settled).
+ACTIVE_JOBS = (JobState.QUEUED, JobState.RUNNING)
 
 # Deliveries a sender may pick up once ``next_attempt_at`` has passed.
 DELIVERY_DUE = (DeliveryState.PENDING, DeliveryState.RETRYING)
