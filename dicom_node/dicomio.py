@@ -22,10 +22,10 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
@@ -154,3 +154,25 @@ def dump_selection(selection: Selection | None) -> str | None:
 
 def load_selection(text: str | None) -> Selection | None:
     return None if text is None else json.loads(text)
+
+
+class SopReference(Protocol):
+    """Anything naming one stored object: an output, a delivery, a prior result."""
+
+    @property
+    def sop_class_uid(self) -> str: ...
+
+    @property
+    def sop_instance_uid(self) -> str: ...
+
+
+def referenced_sops(objects: Iterable[SopReference]) -> list[pydicom.Dataset]:
+    """Referenced SOP Sequence items (class + instance UID) for ``objects``: what a storage
+    commitment request and a superseding SR's predecessor references both list."""
+    items = []
+    for obj in objects:
+        item = pydicom.Dataset()
+        item.ReferencedSOPClassUID = obj.sop_class_uid
+        item.ReferencedSOPInstanceUID = obj.sop_instance_uid
+        items.append(item)
+    return items

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import Connection, select, update
 
 from ai.types import ModelIdentity
+from dicom_node.dicomio import referenced_sops
 from dicom_node.outputs import OutputObject
 from dicom_node.store import db
 
@@ -99,13 +100,7 @@ def _hierarchical_references(refs: Sequence[PriorOutput]) -> list[Dataset]:
 def _series_item(series_uid: str, members: Sequence[PriorOutput]) -> Dataset:
     item = Dataset()
     item.SeriesInstanceUID = series_uid
-    sops = []
-    for member in members:
-        sop = Dataset()
-        sop.ReferencedSOPClassUID = member.sop_class_uid
-        sop.ReferencedSOPInstanceUID = member.sop_instance_uid
-        sops.append(sop)
-    item.ReferencedSOPSequence = sops
+    item.ReferencedSOPSequence = referenced_sops(members)
     return item
 
 

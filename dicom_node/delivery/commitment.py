@@ -31,6 +31,7 @@ from dicom_node.delivery.ledger import Delivery, Ledger
 from dicom_node.delivery.negotiation import commitment_accepted
 from dicom_node.delivery.status import StatusClass, classify, describe
 from dicom_node.delivery.syntaxes import UNCOMPRESSED
+from dicom_node.dicomio import referenced_sops
 from dicom_node.store import db
 from dicom_node.store.states import DeliveryState
 
@@ -46,13 +47,7 @@ def action_information(transaction_uid: str, deliveries: Sequence[Delivery]) -> 
     """The N-ACTION dataset: Transaction UID and one Referenced SOP item per object."""
     ds = Dataset()
     ds.TransactionUID = transaction_uid
-    items = []
-    for d in deliveries:
-        item = Dataset()
-        item.ReferencedSOPClassUID = d.sop_class_uid
-        item.ReferencedSOPInstanceUID = d.sop_instance_uid
-        items.append(item)
-    ds.ReferencedSOPSequence = items
+    ds.ReferencedSOPSequence = referenced_sops(deliveries)
     return ds
 
 
