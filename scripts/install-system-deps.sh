@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the node, its demo and its tests use, only when missing.
-# Usage: scripts/install-system-deps.sh [--test]   (--test adds the browser for dashboard tests)
+# Usage: scripts/install-system-deps.sh [--test]   (--test adds the browser, Orthanc's DICOMweb
+# plugin and npm for the dashboard and viewer tests)
 set -euo pipefail
 
 need=()
@@ -11,6 +12,9 @@ have Orthanc   || [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
 if [ "${1:-}" = "--test" ]; then
   have chromium || need+=(chromium)
   have chromedriver || need+=(chromium-driver)
+  # OHIF (npm @ohif/app) over Orthanc's DICOMweb plugin: the viewer tests and `make viewer`
+  [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+  have npm || need+=(npm)
 fi
 
 if [ ${#need[@]} -eq 0 ]; then
