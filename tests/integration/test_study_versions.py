@@ -52,8 +52,10 @@ def test_never_quiet_study_is_analysed_at_max_wait_and_late_images_supersede(
     try:
         first = make_image(seed=0)
         study = str(first.StudyInstanceUID)
-        images = [first] + [make_image(study_uid=study, seed=i) for i in range(1, 12)]
-        acked = _send_trickle(settings.dicom.port, images)  # 12 images over about 3.6 s
+        # 20 images over about 6 s: the quiet period (1.5 s) never comes, and max_wait (2 s)
+        # falls well inside the trickle even when a loaded machine slows the sender
+        images = [first] + [make_image(study_uid=study, seed=i) for i in range(1, 20)]
+        acked = _send_trickle(settings.dicom.port, images)
         wait_until(lambda: (jobs := query(settings, select(db.jobs))) and all(
             j.state == "done" for j in jobs) and sum(
             1 for i in query(settings, select(db.instances)) if i.analysis_state == "analysed")
