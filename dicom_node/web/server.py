@@ -91,8 +91,14 @@ class WebServer:
         """Close the listener and every connection in the server's own loop, then let the
         worker threads finish the requests they are serving."""
         server = self._server
+        pulled = False
         if self._thread.is_alive():
-            server.trigger.pull_trigger(lambda: _close_all(server))
+            try:  # run the close in the server's loop, which owns the sockets
+                server.trigger.pull_trigger(lambda: _close_all(server))
+                pulled = True
+            except OSError:  # the loop's wake-up pipe is already closed: close from here
+                pass
+        if pulled:
             self._thread.join(timeout)
         else:
             _close_all(server)

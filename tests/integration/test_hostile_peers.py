@@ -59,7 +59,13 @@ def node(tmp_path: Path) -> Iterator[tuple]:
         wait_for_port(settings.dicom.port, timeout=60)
         wait_for_port(web_port, timeout=30)
         warm = [write(make_image(seed=i), tmp_path / "warm") for i in range(2)]
-        assert storescu(settings.dicom.port, warm).returncode == 0  # code paths loaded
+        assert storescu(settings.dicom.port, warm).returncode == 0
+        # the warm study analysed, its outputs built: every code path (and its imports) is
+        # loaded before the baseline, so the growth measured is the attacks' alone
+        studies = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
+                   for f in warm}
+        wait_until(lambda: {(j.study_uid, j.state) for j in query(settings, select(db.jobs))}
+                   == {(uid, "done") for uid in studies}, 60, what="warm-up studies analysed")
         yield settings, proc, web_port
     finally:
         proc.terminate()

@@ -102,7 +102,13 @@ def receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Receiver]:
     try:
         wait_for_port(settings.dicom.port, timeout=60)
         warm = [write(make_image(seed=i), tmp / "warm") for i in range(3)]
-        assert storescu(settings.dicom.port, warm).returncode == 0  # code paths loaded
+        assert storescu(settings.dicom.port, warm).returncode == 0
+        # the warm study analysed and its outputs built, so every code path (and its imports)
+        # is loaded before any test takes its RSS baseline
+        studies = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
+                   for f in warm}
+        wait_until(lambda: {(j.study_uid, j.state) for j in query(settings, select(db.jobs))}
+                   == {(uid, "done") for uid in studies}, 60, what="warm-up studies analysed")
         yield Receiver(settings, proc.pid, log)
     finally:
         proc.terminate()
