@@ -42,6 +42,7 @@ const s = window.services; if (!s) return null;
 return s.displaySetService.getActiveDisplaySets().map(d => ({
   uid: d.displaySetInstanceUID, modality: d.Modality, sopClass: d.SOPClassUID || null,
   description: d.SeriesDescription || '',
+  messages: ((d.messages && d.messages.messages) || []).map(m => String(m.id || m.message || m)),
   measurements: (d.measurements || []).map(m => ({labels: m.labels || [],
     tracking: m.TrackingIdentifier || ''}))}));
 """
@@ -51,6 +52,15 @@ if (!engines || !engines.length) return null;
 const shown = engines[0].getViewports().map(v => v.getCurrentImageId && v.getCurrentImageId())
   .filter(Boolean);
 return shown.length ? shown : null;
+"""
+# Grey levels of the viewport's canvas: a white or black canvas (a failed render) is flat.
+CANVAS_SPREAD = """
+const c = document.querySelector('canvas.cornerstone-canvas');
+if (!c || !c.width) return null;
+const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+let n = 0, s = 0, s2 = 0;
+for (let i = 0; i < d.length; i += 4 * 97) { n++; s += d[i]; s2 += d[i] * d[i]; }
+return Math.sqrt(s2 / n - (s / n) * (s / n));
 """
 SHOW_SR = """
 const s = window.services;
@@ -165,6 +175,14 @@ def test_ohif_shows_the_nodes_sr_boxes_over_the_finding(tmp_path: Path) -> None:
                        60, "OHIF's display sets: the DX image and the AI SR")
         wait_js(driver, IMAGE_SHOWN, 60, "the radiograph rendered in a viewport")
         shoot(driver, "ohif-study")
+        spread = driver.execute_script(CANVAS_SPREAD)
+        assert spread is not None and spread > 10, f"the radiograph is not drawn ({spread})"
+        messages = {d["modality"]: d["messages"] for d in sets}
+        print("OHIF display sets and their messages:", messages)
+        # Evidence for the README's table: OHIF lists the secondary capture and the SR, and
+        # marks the GSPS "unsupported SOP class" (DisplaySetMessage.CODES 14): it ignores it.
+        assert messages["DX"] == messages["OT"] == messages["SR"] == [], messages
+        assert messages["PR"] == ["14"], messages
 
         (sr_set,) = [d for d in sets if d["modality"] == "SR"]
         assert sr_set["description"] == "AI findings SR (CXR AI node)"
