@@ -25,27 +25,9 @@ for _p in (ROOT, ROOT / "scripts"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from demo import (  # noqa: E402 - after the path set-up above
-    DemoError,
-    NodeProcess,
-    Stop,
-    _on_sigterm,
-    ensure_bundles,
-    make_studies,
-    pick_port,
-    shared_bundle_dir,
-    wait_for_port,
-    wait_for_results,
-)
-from ohif_server import OhifError, OhifServer, install_ohif  # noqa: E402
-from orthanc import (  # noqa: E402
-    DEFAULT_DICOM_PORT,
-    DEFAULT_HTTP_PORT,
-    OrthancError,
-    OrthancServer,
-    free_port,
-    port_is_free,
-)
+import demo  # noqa: E402 - after the path set-up above
+import ohif_server  # noqa: E402
+import orthanc  # noqa: E402
 
 DEFAULT_VIEWER_PORT = 3000
 
@@ -83,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("demo", "orthanc", "ohif"):
         logging.getLogger(name).setLevel(logging.INFO)
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # Orthanc's start-up retries
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, demo._on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     from dicom_node.config import load_settings
 
@@ -91,36 +73,38 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(args.config, overrides={"storage.data_dir": str(data_dir)})
     o = settings.outputs
     expected = 1 + int(o.sr) + int(o.sc) + int(o.gsps)
-    node_port = pick_port(settings.dicom.port)
-    web_port = None if port_is_free(settings.web.port) else free_port()
-    pacs = OrthancServer(data_dir / "orthanc", node_port=node_port,
-                         node_ae=settings.dicom.ae_title, http_port=pick_port(DEFAULT_HTTP_PORT),
-                         dicom_port=pick_port(DEFAULT_DICOM_PORT), dicomweb=True)
-    node: NodeProcess | None = None
-    viewer: OhifServer | None = None
+    node_port = demo.pick_port(settings.dicom.port)
+    web_port = None if orthanc.port_is_free(settings.web.port) else orthanc.free_port()
+    pacs = orthanc.OrthancServer(data_dir / "orthanc", node_port=node_port,
+                                 node_ae=settings.dicom.ae_title,
+                                 http_port=demo.pick_port(orthanc.DEFAULT_HTTP_PORT),
+                                 dicom_port=demo.pick_port(orthanc.DEFAULT_DICOM_PORT),
+                                 dicomweb=True)
+    node: demo.NodeProcess | None = None
+    viewer: ohif_server.OhifServer | None = None
     try:
-        dist = install_ohif()
+        dist = ohif_server.install_ohif()
         env: dict[str, str] = {}
         if not settings.models.bundles:
-            models = shared_bundle_dir(args.config, None)
-            ensure_bundles(models, quick=settings.models.demo_build == "quick")
+            models = demo.shared_bundle_dir(args.config, None)
+            demo.ensure_bundles(models, quick=settings.models.demo_build == "quick")
             env["CXR_NODE__MODELS__DEMO_DIR"] = str(models)
         pacs.start()
-        node = NodeProcess(args.config, data_dir, node_port, pacs.destination,
+        node = demo.NodeProcess(args.config, data_dir, node_port, pacs.destination,
                            data_dir / "node.log", web_port, env=env)
-        wait_for_port(node_port, node, 120)
-        viewer = OhifServer(dist, pacs.http_port,
-                            port=args.port or pick_port(DEFAULT_VIEWER_PORT)).start()
+        demo.wait_for_port(node_port, node, 120)
+        viewer = ohif_server.OhifServer(
+            dist, pacs.http_port, port=args.port or demo.pick_port(DEFAULT_VIEWER_PORT)).start()
         print(f"Orthanc:  {pacs.explorer_url} (DICOM {pacs.destination}, DICOMweb "
               f"{pacs.url}/dicom-web/)\nnode:     {settings.dicom.ae_title}@127.0.0.1:"
               f"{node_port} (destination {pacs.destination}, log {node.log_path})\n"
               f"OHIF:     {viewer.url}/ (study list)", flush=True)
         if args.studies > 0:
             seed = args.seed if args.seed is not None else int(time.time()) % 1_000_000
-            files = make_studies(data_dir / "phantoms", args.studies, seed, *args.size)
+            files = demo.make_studies(data_dir / "phantoms", args.studies, seed, *args.size)
             viewable(files)
             studies = [pacs.upload(f)["ParentStudy"] for f in files]
-            wait_for_results(pacs, studies, expected, node, args.timeout, started)
+            demo.wait_for_results(pacs, studies, expected, node, args.timeout, started)
             for study in studies:
                 uid = pacs.study(study)["MainDicomTags"]["StudyInstanceUID"]
                 print(f"  {viewer.viewer_url(uid)}", flush=True)
@@ -129,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             node.check()
             if pacs.proc is None or pacs.proc.poll() is not None:
-                raise DemoError(f"Orthanc exited; log: {pacs.log_path}")
+                raise demo.DemoError(f"Orthanc exited; log: {pacs.log_path}")
             time.sleep(1.0)
-    except (KeyboardInterrupt, Stop):
+    except (KeyboardInterrupt, demo.Stop):
         print("\nStopping.", flush=True)
         return 0
-    except (DemoError, OrthancError, OhifError, OSError) as exc:
+    except (demo.DemoError, orthanc.OrthancError, ohif_server.OhifError, OSError) as exc:
         print(f"viewer: error: {exc}", file=sys.stderr)
         return 1
     finally:
