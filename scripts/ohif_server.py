@@ -11,9 +11,9 @@ folder and unpacks it once; later runs reuse it and need no network.
 so the retrieve URLs Orthanc writes into its metadata point back at this same origin: no
 CORS, and the browser talks to one loopback port only.
 
-Why 3.13.2: it is npm's ``latest``; 3.14.0-beta.6 has the same ``toLowHighRange`` (both
-throw "Invalid VOI LUT function" where cornerstone gets a VOI LUT Function it does not
-map; see README, "Look at the results in OHIF").
+Why 3.13.2: it is npm's ``latest``, and 3.14.0-beta.6 (the newest) fixes nothing we need:
+both throw "Invalid VOI LUT function" for VOI LUT Function LINEAR (the image loader keeps
+the first character, "L"; see README, "Look at the results in OHIF").
 """
 
 from __future__ import annotations
