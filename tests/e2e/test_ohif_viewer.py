@@ -24,6 +24,7 @@ from helpers.browser import shoot
 from helpers.node import node_settings, start_node
 from helpers.ohif import OhifServer, ohif_browser, ohif_dist, page_errors, wait_js
 from helpers.orthanc import start_orthanc
+from selenium.webdriver.common.by import By
 
 from ai.codes import DEFAULT_CODES
 from ai.types import BoundingBox, Finding, ImageResult, ModelIdentity
@@ -61,6 +62,11 @@ const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
 let n = 0, s = 0, s2 = 0;
 for (let i = 0; i < d.length; i += 4 * 97) { n++; s += d[i]; s2 += d[i] * d[i]; }
 return Math.sqrt(s2 / n - (s / n) * (s / n));
+"""
+# Text the viewport draws (cornerstone's SVG layer) and the study browser lists.
+SVG_TEXT = """
+return Array.from(document.querySelectorAll('svg text')).map(e => e.textContent)
+  .filter(s => s.trim());
 """
 SHOW_SR = """
 const s = window.services;
@@ -186,6 +192,8 @@ def test_ohif_shows_the_nodes_sr_boxes_over_the_finding(tmp_path: Path) -> None:
 
         (sr_set,) = [d for d in sets if d["modality"] == "SR"]
         assert sr_set["description"] == "AI findings SR (CXR AI node)"
+        browser_text = driver.find_element(By.TAG_NAME, "body").text
+        assert "AI findings SR" in browser_text, browser_text  # listed in the study browser
 
         driver.execute_script(SHOW_SR, sr_set["uid"])  # OHIF parses an SR when shown
         boxes = wait_js(driver, SR_BOXES, 60, "the SR's boxes drawn over the image")
@@ -196,6 +204,10 @@ def test_ohif_shows_the_nodes_sr_boxes_over_the_finding(tmp_path: Path) -> None:
         labels = sr_set["measurements"][0]["labels"]
         assert {"label": "Nodule", "value": f"{NODULE_P * 100:.2f} %"} in labels, labels
         assert len(boxes) == 1, boxes
+        drawn = wait_js(driver, SVG_TEXT, 30, "the box's label drawn in the viewport")
+        label = f"Nodule: {NODULE_P * 100:.2f} %"
+        assert any(label in s for s in drawn), drawn  # what the radiologist reads
+        assert not any("Pneumothorax" in s for s in drawn), drawn
         (box,) = boxes
         assert any(lb.get("label") == "Nodule" for lb in box["labels"]), box
         assert "Pneumothorax" not in repr(boxes)  # no box for the absent finding
