@@ -24,6 +24,7 @@ from helpers.browser import shoot
 from helpers.node import node_settings, start_node
 from helpers.ohif import OhifServer, ohif_browser, ohif_dist, page_errors, wait_js
 from helpers.orthanc import start_orthanc
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 
 from ai.codes import DEFAULT_CODES
@@ -67,13 +68,6 @@ return Math.sqrt(s2 / n - (s / n) * (s / n));
 SVG_TEXT = """
 return Array.from(document.querySelectorAll('svg text')).map(e => e.textContent)
   .filter(s => s.trim());
-"""
-SHOW_SR = """
-const s = window.services;
-const viewportId = s.viewportGridService.getActiveViewportId();
-s.viewportGridService.setDisplaySetsForViewports(
-  [{viewportId, displaySetInstanceUIDs: [arguments[0]]}]);
-return viewportId;
 """
 # Every SR annotation cornerstone holds, with its corners in image pixels (OHIF's own
 # world -> image transform) and on the canvas (the viewport's world -> canvas transform).
@@ -158,6 +152,18 @@ def _results_in_orthanc(pacs: Any, study_id: str) -> pydicom.Dataset:
     return sr
 
 
+def _coded(sr: pydicom.Dataset) -> set[tuple[str, str]]:
+    """(concept name code, concept code) of every CODE item of the SR."""
+    out, todo = set(), list(sr.ContentSequence)
+    while todo:
+        item = todo.pop()
+        todo.extend(item.get("ContentSequence", []))
+        if item.ValueType == "CODE":
+            out.add((item.ConceptNameCodeSequence[0].CodeValue,
+                     item.ConceptCodeSequence[0].CodeValue))
+    return out
+
+
 def test_ohif_shows_the_nodes_sr_boxes_over_the_finding(tmp_path: Path) -> None:
     dist = ohif_dist()
     path, source, truth = _phantom(tmp_path / "in")
@@ -170,7 +176,9 @@ def test_ohif_shows_the_nodes_sr_boxes_over_the_finding(tmp_path: Path) -> None:
         oracle = PhantomOracle({str(source.SOPInstanceUID): truth})
         node = start_node(settings, lambda _s: oracle)
         study_id = pacs.upload(path)["ParentStudy"]
-        _results_in_orthanc(pacs, study_id)
+        sr = _results_in_orthanc(pacs, study_id)
+        # The SR does report the pneumothorax, as Absent: it must not become a box.
+        assert (DEFAULT_CODES["pneumothorax"].value, "272519000") in _coded(sr)
 
         viewer = OhifServer(dist, pacs.http_port).start()
         driver = ohif_browser(tmp_path / "profile")
@@ -195,7 +203,11 @@ def test_ohif_shows_the_nodes_sr_boxes_over_the_finding(tmp_path: Path) -> None:
         browser_text = driver.find_element(By.TAG_NAME, "body").text
         assert "AI findings SR" in browser_text, browser_text  # listed in the study browser
 
-        driver.execute_script(SHOW_SR, sr_set["uid"])  # OHIF parses an SR when shown
+        # As a radiologist does: double-click the SR in the study browser (OHIF parses an
+        # SR when it is shown).
+        entry = driver.find_element(By.XPATH, "//*[starts-with(normalize-space(text()), "
+                                    "'AI findings SR')]")
+        ActionChains(driver).double_click(entry).perform()
         boxes = wait_js(driver, SR_BOXES, 60, "the SR's boxes drawn over the image")
         shoot(driver, "ohif-sr-boxes")
         (sr_set,) = [d for d in driver.execute_script(DISPLAY_SETS) if d["modality"] == "SR"]
