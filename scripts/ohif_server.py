@@ -101,7 +101,7 @@ def install_ohif(version: str = OHIF_VERSION, cache: Path = CACHE) -> Path:
         logger.info("fetching @ohif/app@%s with npm pack into %s", version, packs)
         try:
             res = subprocess.run([npm, "pack", f"@ohif/app@{version}", "--pack-destination",
-                                  str(packs), "--cache", str(cache / "npm-cache")],
+                                  str(packs), "--prefer-offline"],  # npm's cache first
                                  capture_output=True, text=True, timeout=NPM_TIMEOUT_S)
         except subprocess.TimeoutExpired as exc:
             raise OhifError(f"npm pack @ohif/app@{version} took over {NPM_TIMEOUT_S} s") \
@@ -109,16 +109,22 @@ def install_ohif(version: str = OHIF_VERSION, cache: Path = CACHE) -> Path:
         if res.returncode != 0 or not tarball.is_file():
             raise OhifError(f"npm could not fetch @ohif/app@{version} (exit "
                             f"{res.returncode}):\n{res.stderr.strip()[-2000:]}")
+    # Unpacked beside the target, then renamed: a run that stopped half-way, or another
+    # test process unpacking at the same time, never leaves a half site behind.
     target = cache / "ohif" / version
-    partial = target.with_name(f"{version}.partial")
+    partial = target.with_name(f"{version}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     with tarfile.open(tarball) as tar:
         tar.extractall(partial, filter="data")
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    (target / "package" / ".unpacked").write_text(version, encoding="utf-8")
-    if not (dist / "index.html").is_file():
-        raise OhifError(f"@ohif/app@{version} has no dist/index.html")
+    if not (partial / "package" / "dist" / "index.html").is_file():
+        shutil.rmtree(partial, ignore_errors=True)
+        raise OhifError(f"@ohif/app@{version} has no package/dist/index.html ({tarball})")
+    (partial / "package" / ".unpacked").write_text(version, encoding="utf-8")
+    if (target / "package" / ".unpacked").is_file():  # another process was quicker
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier attempt
+        partial.rename(target)
     return dist
 
 
