@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= config/node.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps run test demo bench soak lint clean
+.PHONY: setup system-deps run test demo viewer bench soak lint clean
 
 setup: system-deps $(STAMP)
 
@@ -30,6 +30,11 @@ test: setup
 
 demo: setup
 	$(BIN)/python scripts/demo.py
+
+# Orthanc (DICOMweb) + the node + OHIF Viewer v3 (npm, cached) for a person to look at.
+viewer: SYSTEM_DEPS_FLAGS = --test
+viewer: setup
+	$(BIN)/python scripts/viewer.py
 
 bench: setup
 	$(BIN)/python bench/run_all.py

@@ -14,7 +14,13 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"  # gitignored; kept as artefacts
 
 
-def browser(profile: Path) -> Any:
+WEBGL_ARGS = ("--use-angle=swiftshader", "--enable-unsafe-swiftshader")
+
+
+def browser(profile: Path, *, extra_args: tuple[str, ...] = (), webgl: bool = False) -> Any:
+    """Headless Chromium; ``webgl`` renders WebGL in software (SwiftShader) instead of
+    disabling the GPU, for viewers that draw with WebGL (OHIF); ``extra_args`` are added
+    as they are. The browser log (console errors) is readable with get_log("browser")."""
     for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
         if not path.exists():
             pytest.fail(f"{path} is missing: install the Debian package {package} "
@@ -25,10 +31,13 @@ def browser(profile: Path) -> Any:
 
     options = Options()
     options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+    gpu = WEBGL_ARGS if webgl else ("--disable-gpu",)
+    for arg in ("--headless=new", "--no-sandbox", *gpu, "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-component-update",
-                "--no-first-run", f"--user-data-dir={profile}", "--window-size=1400,1000"):
+                "--no-first-run", f"--user-data-dir={profile}", "--window-size=1400,1000",
+                *extra_args):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)),
                               options=options)
     driver.set_page_load_timeout(30)

@@ -28,11 +28,12 @@ OrthancServer = orthanc.OrthancServer
 
 
 def start_orthanc(work_dir: Path, node_port: int, *, stable_age: int = 2,
-                  node_ae: str = "CXR_AI") -> Any:
-    """A started OrthancServer routing to the node on ``node_port`` (fails if not installed)."""
+                  node_ae: str = "CXR_AI", dicomweb: bool = False) -> Any:
+    """A started OrthancServer routing to the node on ``node_port`` (fails if not installed);
+    ``dicomweb`` adds the DICOMweb plugin under /dicom-web/."""
     binary = require_tool("Orthanc")
     return OrthancServer(work_dir, node_port=node_port, node_ae=node_ae, stable_age=stable_age,
-                         binary=binary).start()
+                         binary=binary, dicomweb=dicomweb).start()
 
 
 def all_series(pacs: Any) -> list[dict[str, Any]]:
