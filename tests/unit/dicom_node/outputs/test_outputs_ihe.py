@@ -57,7 +57,7 @@ def _algorithm_items(ds: Dataset) -> dict[str, Dataset]:
     return {str(i.DeviceUID): i for i in ds.ContributingEquipmentSequence if is_algorithm_item(i)}
 
 
-def _library_modalities(sr: Dataset) -> dict[str, str]:
+def library_modalities(sr: Dataset) -> dict[str, str]:
     """SOP Instance UID -> the Modality code value of its Image Library entry."""
     found: dict[str, str] = {}
 
@@ -129,12 +129,12 @@ def test_image_library_gives_each_source_its_own_modality(real_nih: Dataset) -> 
     assert str(real_nih.SOPClassUID) == SecondaryCaptureImageStorage
     assert real_nih.Modality == "DX"
     sr = next(o.dataset for o in _build(items) if o.kind == "sr")
-    assert _library_modalities(sr) == {
+    assert library_modalities(sr) == {
         "1.2.826.0.1.3680043.8.498.2.1": "CR",
         "1.2.826.0.1.3680043.8.498.2.3": "DX",  # Secondary Capture, Modality DX: not "OT"
     }
     nih_sr = next(o.dataset for o in _build([(real_nih, nih_result)]) if o.kind == "sr")
-    assert _library_modalities(nih_sr) == {str(real_nih.SOPInstanceUID): "DX"}
+    assert library_modalities(nih_sr) == {str(real_nih.SOPInstanceUID): "DX"}
 
 
 @pytest.mark.parametrize("modality", ["", "XYZ", "OT"])
@@ -143,7 +143,7 @@ def test_a_modality_outside_cid_29_keeps_the_sop_class_code(modality: str) -> No
     ds.Modality = modality
     assert source_modality(ds) is None
     sr = next(o.dataset for o in _build([(ds, make_result(ds))]) if o.kind == "sr")
-    assert _library_modalities(sr) == {str(ds.SOPInstanceUID): "OT"}
+    assert library_modalities(sr) == {str(ds.SOPInstanceUID): "OT"}
 
 
 def test_ihe_outputs_pass_dciodvfy_and_read_back(
@@ -158,4 +158,4 @@ def test_ihe_outputs_pass_dciodvfy_and_read_back(
             assert _algorithm_items(read).keys() == _algorithm_items(output.dataset).keys()
             if output.kind == "sr":
                 report = hd.sr.srread(tmp_path / f"{name}.dcm")
-                assert set(_library_modalities(report).values()) <= {"CR", "DX"}
+                assert set(library_modalities(report).values()) <= {"CR", "DX"}
