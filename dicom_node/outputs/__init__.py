@@ -12,6 +12,10 @@ job killed before its commit was never sent, so nobody sees the first dates; a
 re-analysis of a delivered study rebuilds the same UIDs and does not send them again
 (``dicom_node.web.actions``), so the destination keeps the first dates and the node's copy
 has the later ones. A caller that needs byte-identical re-runs passes ``created``.
+
+Every object of the set also names each model that produced the results in its
+Contributing Equipment Sequence, the IHE AI Results convention (``equipment``), so a PACS or
+viewer that reads no SR content can still tell which algorithm, version and device made it.
 """
 
 from __future__ import annotations
@@ -27,10 +31,13 @@ from ai.types import ImageResult
 from dicom_node.outputs.common import (
     OutputObject,
     OutputSettings,
+    local_time,
+    models_of,
     prepare_sources,
     series_uid,
     stamp_created,
 )
+from dicom_node.outputs.equipment import add_algorithm_equipment
 from dicom_node.outputs.gsps import build_gsps
 from dicom_node.outputs.render import render_grey
 from dicom_node.outputs.sc import build_sc
@@ -74,9 +81,11 @@ def build_outputs(
             outputs.extend(build_sc(sources, settings, uid_seed))
         if settings.gsps:
             outputs.extend(build_gsps(sources, settings, uid_seed))
-    created = created or datetime.datetime.now()
+    created = local_time(created or datetime.datetime.now())
+    models = models_of(sources)
     for output in outputs:
         stamp_created(output, created)
+        add_algorithm_equipment(output.dataset, models, created)
         if series_seed is not None:
             output.dataset.SeriesInstanceUID = series_uid(series_seed, output.kind)
     logger.debug(

@@ -126,15 +126,18 @@ class Source:
         return str(self.work.SOPInstanceUID)
 
 
+def node_version() -> str:
+    """The node's own version as SoftwareVersions writes it: ``cxr-ai-node 1.2.3``."""
+    try:
+        version = metadata.version("cxr-ai-node")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return f"cxr-ai-node {version}"
+
+
 def software_versions(models: Sequence[ModelIdentity]) -> list[str]:
     """SoftwareVersions values: the node first, then each model (LO, 64 chars max)."""
-    try:
-        node_version = metadata.version("cxr-ai-node")
-    except metadata.PackageNotFoundError:
-        node_version = "unknown"
-    values = [f"cxr-ai-node {node_version}"]
-    values += [f"{m.name} {m.version}"[:64] for m in models]
-    return values
+    return [node_version(), *(f"{m.name} {m.version}"[:64] for m in models)]
 
 
 def shallow_copy(ds: Dataset) -> Dataset:
@@ -331,6 +334,13 @@ _CREATION_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
+def local_time(created: datetime.datetime) -> datetime.datetime:
+    """``created`` as the naive local time DICOM dates and times are written in."""
+    if created.tzinfo is not None:
+        return created.astimezone().replace(tzinfo=None)
+    return created
+
+
 def stamp_created(output: OutputObject, created: datetime.datetime) -> None:
     """Date the object with the moment its result was made, one instant for the whole set.
 
@@ -338,8 +348,7 @@ def stamp_created(output: OutputObject, created: datetime.datetime) -> None:
     leaves them out and stamps each object with its own ``now()``. DICOM dates carry no
     zone: an aware ``created`` is written in the node's local time, as highdicom does.
     """
-    if created.tzinfo is not None:
-        created = created.astimezone().replace(tzinfo=None)
+    created = local_time(created)
     date, time = created.strftime("%Y%m%d"), created.strftime("%H%M%S.%f")
     pairs = (
         ("SeriesDate", "SeriesTime"),

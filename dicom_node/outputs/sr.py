@@ -91,6 +91,7 @@ from dicom_node.outputs.common import (
     software_versions,
     tracking,
 )
+from dicom_node.outputs.image_library import use_source_modalities
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ def build_sr(sources: Sequence[Source], settings: OutputSettings, uid_seed: str)
         sources,
     )
     _drop_invented_descriptors(root, sources)
+    use_source_modalities(root, sources)  # not highdicom's SOP-class guess (SC: "OT")
     sop_uid = instance_uid(uid_seed, "sr")
     sr = ComprehensiveSR(
         evidence=[s.work for s in sources],

@@ -4,18 +4,24 @@ node (real model, real outputs) -> Orthanc, results in the same study, no routin
 from __future__ import annotations
 
 import io
+import json
+import sys
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import free_port, wait_until
+from conftest import ROOT, free_port, wait_until
 from helpers.node import node_settings, query, start_node
 from helpers.orthanc import modalities, start_orthanc, store_jobs
 from sqlalchemy import select
 
 from dicom_node.analysis import load_analyzer
+from dicom_node.outputs.equipment import is_algorithm_item
 from dicom_node.store import db
+
+sys.path.insert(0, str(ROOT / "tests" / "unit" / "dicom_node" / "outputs"))
+from test_outputs_ihe import library_modalities  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -80,6 +86,7 @@ def test_orthanc_auto_route_round_trip(tmp_path: Path, tiny_bundle: Path) -> Non
             refs = {str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
                     for i in _walk(sr.ContentSequence) if "ReferencedSOPSequence" in i}
             assert str(src.SOPInstanceUID) in refs
+            _assert_ihe_air(sr, tiny_bundle, src)
 
         # No loop: the node received exactly the originals, once each, from ORTHANC.
         received = query(settings, select(db.instances))
@@ -97,6 +104,17 @@ def test_orthanc_auto_route_round_trip(tmp_path: Path, tiny_bundle: Path) -> Non
         if node is not None:
             node.stop()
         pacs.stop()
+
+
+def _assert_ihe_air(sr: pydicom.Dataset, bundle: Path, src: pydicom.Dataset) -> None:
+    """The bundle, as loaded by the node, names itself as the SR's Processing Algorithm, and
+    the Image Library gives the source its own modality (IHE AI Results)."""
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    items = [i for i in sr.ContributingEquipmentSequence if is_algorithm_item(i)]
+    assert [(str(i.DeviceUID), i.ManufacturerModelName, i.SoftwareVersions[0])
+            for i in items] == [(meta["device_uid"], meta["name"], meta["version"])]
+    assert library_modalities(sr) == {
+        str(src.SOPInstanceUID): src.Modality}
 
 
 def _walk(items: pydicom.Sequence) -> list[pydicom.Dataset]:
