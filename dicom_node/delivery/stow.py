@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import uuid
 from http import HTTPStatus
-from typing import Any
 
 import requests
 from pydicom.dataset import Dataset
@@ -30,11 +29,6 @@ from dicom_node.config import StowRsDestination
 from dicom_node.delivery.outcome import Outcome, Verdict, from_status
 
 DICOM_JSON = "application/dicom+json"
-FAILED_SOP_SEQUENCE = "00081198"
-REFERENCED_SOP_SEQUENCE = "00081199"
-FAILURE_REASON = "00081197"
-WARNING_REASON = "00081196"
-REFERENCED_SOP_INSTANCE_UID = "00081155"
 # PS3.18 Table 10.5.3-3 adds to the C-STORE codes: the server does not take the transfer
 # syntax; the node has no other encoding of the file to offer, so this is terminal.
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
@@ -79,40 +73,35 @@ def _reason_phrase(status: int, reason: str | None) -> str:
     return f"HTTP {status}{f' {phrase}' if phrase else ''}"
 
 
-def _items(body: dict[str, Any], tag: str) -> list[dict[str, Any]]:
-    element = body.get(tag)
-    value = element.get("Value") if isinstance(element, dict) else None
-    return [i for i in value if isinstance(i, dict)] if isinstance(value, list) else []
-
-
-def _uid_of(item: dict[str, Any]) -> str:
-    value = (item.get(REFERENCED_SOP_INSTANCE_UID) or {}).get("Value") or [""]
-    return str(value[0])
-
-
-def _code_of(item: dict[str, Any], tag: str) -> int | None:
-    value = (item.get(tag) or {}).get("Value") or []
-    try:
-        return int(value[0]) if value else None
-    except (TypeError, ValueError):
-        return None
-
-
-def store_response(content: bytes) -> dict[str, Any] | None:
-    """The Store Instances Response (DICOM JSON) of a body, or None when it is not one.
-
-    Checked with pydicom's DICOM JSON reader, so a body the standard would not allow is
-    treated as no answer about the objects (and the HTTP status decides)."""
+def store_response(content: bytes) -> Dataset | None:
+    """The Store Instances Response (DICOM JSON, read by pydicom) of a body, or None when
+    it is not one: then the HTTP status alone decides."""
     try:
         body = json.loads(content)
         if isinstance(body, list) and len(body) == 1:  # some servers wrap it in an array
             body = body[0]
         if not isinstance(body, dict):
             return None
-        Dataset.from_json(body)
-    except (ValueError, TypeError, KeyError, AttributeError):
+        ds = Dataset.from_json(body)
+        for keyword in ("FailedSOPSequence", "ReferencedSOPSequence"):
+            for item in ds.get(keyword) or []:  # decodes every element: bad ones raise here
+                for _ in item.iterall():
+                    pass
+    except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError):
         return None
-    return body
+    return ds
+
+
+def _find(ds: Dataset, keyword: str, sop_instance_uid: str) -> Dataset | None:
+    for item in ds.get(keyword) or []:
+        if str(item.get("ReferencedSOPInstanceUID", "")) == sop_instance_uid:
+            return item
+    return None
+
+
+def _code(item: Dataset, keyword: str) -> int | None:
+    value = item.get(keyword)
+    return int(value) if isinstance(value, int) else None
 
 
 def outcome(status: int, reason: str | None, content: bytes, *, sop_instance_uid: str,
@@ -121,18 +110,17 @@ def outcome(status: int, reason: str | None, content: bytes, *, sop_instance_uid
     http = _reason_phrase(status, reason)
     body = store_response(content) if status in _RESPONSE_WITH_OBJECTS and content else None
     if body is not None:
-        for item in _items(body, FAILED_SOP_SEQUENCE):
-            if _uid_of(item) == sop_instance_uid:
-                return _failed_item(_code_of(item, FAILURE_REASON), http,
-                                    sop_class_uid=sop_class_uid, destination=destination)
-        for item in _items(body, REFERENCED_SOP_SEQUENCE):
-            if _uid_of(item) == sop_instance_uid:
-                warning = _code_of(item, WARNING_REASON)
-                if warning is None:
-                    return Outcome(Verdict.SENT, None if status == 200 else
-                                   f"stored, but the server answered {http}", 0)
-                return from_status(warning, destination=destination,
-                                   sop_class_uid=sop_class_uid)
+        failed = _find(body, "FailedSOPSequence", sop_instance_uid)
+        if failed is not None:
+            return _failed_item(_code(failed, "FailureReason"), http,
+                                sop_class_uid=sop_class_uid, destination=destination)
+        stored = _find(body, "ReferencedSOPSequence", sop_instance_uid)
+        if stored is not None:
+            warning = _code(stored, "WarningReason")
+            if warning is None:
+                return Outcome(Verdict.SENT, None if status == 200 else
+                               f"stored, but the server answered {http}", 0)
+            return from_status(warning, destination=destination, sop_class_uid=sop_class_uid)
     if status == 200:  # all stored (PS3.18 10.5.3.1), whether or not the body lists it
         return Outcome(Verdict.SENT, None, 0)
     return _http_outcome(status, http, destination)

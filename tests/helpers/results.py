@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydantic import TypeAdapter
 from sqlalchemy import select
 
-from dicom_node.config import Destination, SelectionSettings, SenderSettings
+from dicom_node.config import AnyDestination, SelectionSettings, SenderSettings
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
@@ -23,6 +24,7 @@ from dicom_node.worker import AnalysisWorker
 from helpers.dicomfiles import make_image, received
 from helpers.fakes import FakeAnalyzer
 
+_DESTINATION: TypeAdapter[AnyDestination] = TypeAdapter(AnyDestination)
 SENDER_DEFAULTS: dict[str, Any] = {"max_attempts": 3, "backoff_initial_s": 0.1,
                                    "backoff_max_s": 0.2, "timeout_s": 5,
                                    "commitment_wait_s": 2}
@@ -30,7 +32,8 @@ SENDER_DEFAULTS: dict[str, Any] = {"max_attempts": 3, "backoff_initial_s": 0.1,
 
 class ResultBench:
     def __init__(self, root: Path, destinations: list[dict[str, Any]]) -> None:
-        self.destinations = [Destination(**d) for d in destinations]
+        # C-STORE (no ``type``) or ``type: stow-rs`` mappings, validated as the config does
+        self.destinations = [_DESTINATION.validate_python(d) for d in destinations]
         self.engine = db.make_engine(f"sqlite:///{root / 'node.db'}")
         self.spool = Spool(root / "spool")
         self.ingestor = Ingestor(self.engine, self.spool, max_instance_bytes=50_000_000)
