@@ -310,7 +310,9 @@ class _StowTry:
                               sop_class_uid=d.sop_class_uid, destination=self.dest.name)
         if record(self.ledger, d, result, syntax=syntax):
             self.stored.append(d)
-        return result if result.verdict is Verdict.BUSY else None
+        # a busy server (HTTP 503, 429) takes no more of this batch; a busy object (0xA700) is
+        # about that object only
+        return result if result.verdict is Verdict.BUSY and result.code is None else None
 
     def _part10(self, d: Delivery) -> tuple[bytes, str]:
         """The result file's bytes, sent unchanged, and its transfer syntax."""
