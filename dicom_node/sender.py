@@ -26,6 +26,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import pydicom
 import requests
@@ -51,6 +52,8 @@ from dicom_node.spool import Spool
 
 logger = logging.getLogger(__name__)
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 __all__ = ["Sender", "backoff_delay", "resubmit"]
 
 
@@ -65,6 +68,9 @@ class Sender:
         self.spool = spool
         self.destinations = {d.name: d for d in destinations}
         self._sessions: dict[str, requests.Session] = {}
+        for dest in destinations:
+            if isinstance(dest, StowRsDestination):
+                _warn_about_transport(dest)
         self.settings = settings
         self.calling_ae = calling_ae
         self.ledger = Ledger(engine, settings, random.Random(seed))
@@ -113,6 +119,16 @@ class Sender:
         for session in self._sessions.values():
             session.close()
         self._sessions.clear()
+
+
+def _warn_about_transport(dest: StowRsDestination) -> None:
+    """Say once, at start-up, when a destination's settings expose its traffic."""
+    parts = urlsplit(dest.url)
+    if dest.auth.type != "none" and parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+        logger.warning("destination %s: %s auth over plain http sends the credentials in "
+                       "clear text; use https", dest.name, dest.auth.type)
+    if parts.scheme == "https" and not dest.verify_tls:
+        logger.warning("destination %s: TLS certificate verification is off", dest.name)
 
 
 def _log_stored(stored: Sequence[Delivery], destination: str) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ from typing import Any
 import pydicom
 import pytest
 import requests
-from conftest import free_port, wait_until
+from conftest import free_port, require_tool, wait_until
 from helpers.node import node_settings, start_node
 from helpers.orthanc import start_orthanc
 from helpers.results import ResultBench
@@ -207,6 +209,42 @@ def test_per_object_failures_from_a_stow_rs_server(tmp_path: Path) -> None:
         assert not [r for r in bench.rows() if r.state == DeliveryState.SENDING]
     finally:
         bench.close()
+        server.shutdown()
+
+
+def _self_signed(d: Path) -> tuple[Path, Path]:
+    cert, key = d / "stow-cert.pem", d / "stow-key.pem"
+    subprocess.run([require_tool("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_tls_verification_with_the_configured_ca_file(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _PartialStow)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_port}/dicom-web"
+    untrusted = ResultBench(tmp_path / "a", [{"type": "stow-rs", "url": url}])
+    trusted = ResultBench(tmp_path / "b", [{"type": "stow-rs", "url": url,
+                                            "ca_file": str(cert)}])
+    try:
+        study = untrusted.study(seed=5)
+        assert untrusted.sender().run_once() == 0
+        rows = untrusted.deliveries(study)
+        assert {r.state for r in rows.values()} == {DeliveryState.RETRYING}
+        assert "TLS handshake or certificate verification failed: SSLError" in \
+            rows["sr"].last_error
+        study = trusted.study(seed=5)
+        assert trusted.sender().run_once() == 1  # the SR; GSPS refused, SC out of resources
+        assert trusted.deliveries(study)["sr"].state == DeliveryState.SENT
+    finally:
+        untrusted.close()
+        trusted.close()
         server.shutdown()
 
 
