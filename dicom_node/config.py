@@ -349,6 +349,9 @@ class StowRsDestination(_Model):
 
     @model_validator(mode="after")
     def _tls(self) -> StowRsDestination:
+        if not 0 < len(self.name) <= 128 or not self.name.isprintable():
+            raise ValueError(f"destination name {self.name!r} must be 1-128 printable "
+                             "characters (the API filters and resubmits by it): set name")
         if self.ca_file is not None:
             if not self.verify_tls:
                 raise ValueError("ca_file needs verify_tls: true")

@@ -71,6 +71,7 @@ def test_bearer_token_name_and_ca_file(monkeypatch: pytest.MonkeyPatch, tmp_path
     ({"url": ROOT_URL, "ca_file": "/nonexistent/ca.pem"}, r"ca_file .* is not a readable file"),
     ({"url": ROOT_URL, "timeout_s": 0}, r"destinations\.0\.timeout_s: .*greater than 0"),
     ({"url": ROOT_URL, "password": "x"}, r"destinations\.0\.password: Extra inputs"),
+    ({"url": ROOT_URL + "/" + "x" * 120}, r"must be 1-128 printable characters .*: set name"),
 ])
 def test_bad_stow_rs_settings_name_the_key(destination: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
