@@ -323,7 +323,8 @@ class StowRsDestination(_Model):
     timeout_s: float = Field(30.0, gt=0)  # connect and read timeout of one request
     outputs: list[OutputKind] = Field(default_factory=lambda: ["sr", "sc", "gsps"])
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              serialize_by_alias=True)  # dumps say "name", as the YAML
 
     @model_validator(mode="before")
     @classmethod
