@@ -35,6 +35,7 @@ class ResultBench:
         # C-STORE (no ``type``) or ``type: stow-rs`` mappings, validated as the config does
         self.destinations = [_DESTINATION.validate_python(d) for d in destinations]
         self.engine = db.make_engine(f"sqlite:///{root / 'node.db'}")
+        self._senders: list[Sender] = []
         self.spool = Spool(root / "spool")
         self.ingestor = Ingestor(self.engine, self.spool, max_instance_bytes=50_000_000)
         self.assembler = StudyAssembler(self.engine, self.spool, SelectionSettings(), 0.0)
@@ -52,8 +53,10 @@ class ResultBench:
         return uid
 
     def sender(self, calling_ae: str = "CXR_AI", **settings: Any) -> Sender:
-        return Sender(self.engine, self.spool, self.destinations,
-                      SenderSettings(**{**SENDER_DEFAULTS, **settings}), calling_ae, seed=1)
+        sender = Sender(self.engine, self.spool, self.destinations,
+                        SenderSettings(**{**SENDER_DEFAULTS, **settings}), calling_ae, seed=1)
+        self._senders.append(sender)  # closed with the bench (STOW-RS HTTP sessions)
+        return sender
 
     def deliveries(self, study_uid: str | None = None) -> dict[str, Any]:
         """Delivery rows (with the output's kind and UIDs) keyed by output kind; one
@@ -76,4 +79,6 @@ class ResultBench:
                                      .order_by(db.audit_events.c.id)).all())
 
     def close(self) -> None:
+        for sender in self._senders:
+            sender.close()
         self.engine.dispose()

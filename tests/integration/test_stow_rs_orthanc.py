@@ -210,6 +210,7 @@ def test_per_object_failures_from_a_stow_rs_server(tmp_path: Path) -> None:
     finally:
         bench.close()
         server.shutdown()
+        server.server_close()
 
 
 def _self_signed(d: Path) -> tuple[Path, Path]:
@@ -246,6 +247,7 @@ def test_tls_verification_with_the_configured_ca_file(tmp_path: Path) -> None:
         untrusted.close()
         trusted.close()
         server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.slow
