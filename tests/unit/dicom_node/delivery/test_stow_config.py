@@ -3,13 +3,21 @@ in dumps, summaries, fingerprints or error messages."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dicom_node.config import ConfigError, Destination, StowRsDestination, load_settings
+from dicom_node.config import (
+    ConfigError,
+    Destination,
+    SenderSettings,
+    StowRsDestination,
+    load_settings,
+)
 from dicom_node.node_events import settings_fingerprint, settings_summary
+from dicom_node.sender import Sender
 
 ROOT_URL = "https://pacs.example:8443/dicom-web"
 SECRET = "pw-7f3c-never-logged"
@@ -84,3 +92,20 @@ def test_unknown_type_and_duplicate_names() -> None:
         _load({"type": "smtp", "url": ROOT_URL})
     with pytest.raises(ConfigError, match=r"two destinations are named 'stow-rs:https://pacs"):
         _load({"type": "stow-rs", "url": ROOT_URL}, {"type": "stow-rs", "url": ROOT_URL + "/"})
+
+
+def test_sender_warns_about_clear_text_credentials_and_unverified_tls(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("PACS_STOW_PASSWORD", SECRET)
+    basic = {"type": "basic", "username": "cxr", "password_env": "PACS_STOW_PASSWORD"}
+    settings = _load({"type": "stow-rs", "url": "http://pacs.example/dicom-web", "auth": basic},
+                     {"type": "stow-rs", "url": "http://127.0.0.1:8042/dicom-web",
+                      "auth": basic},
+                     {"type": "stow-rs", "url": ROOT_URL, "verify_tls": False})
+    caplog.set_level(logging.WARNING, logger="dicom_node.sender")
+    Sender(None, None, settings.destinations, SenderSettings(), "CXR_AI")  # type: ignore[arg-type]
+    assert [r.getMessage() for r in caplog.records] == [
+        "destination stow-rs:http://pacs.example/dicom-web: basic auth over plain http sends "
+        "the credentials in clear text; use https",
+        f"destination stow-rs:{ROOT_URL}: TLS certificate verification is off"]
+    assert SECRET not in caplog.text
