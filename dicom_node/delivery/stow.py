@@ -43,8 +43,12 @@ _HINTS = {401: "check the destination's auth (user name, token or password varia
 
 
 def multipart_related(parts: list[bytes], boundary: str | None = None) -> tuple[bytes, str]:
-    """The body and Content-Type of a STOW-RS request holding ``parts`` (Part 10 files)."""
+    """The body and Content-Type of a STOW-RS request holding ``parts`` (Part 10 files).
+
+    The boundary is random; one that occurs inside a part (RFC 2046 5.1.1) is refused."""
     boundary = boundary or f"cxr-{uuid.uuid4().hex}"
+    if any(f"--{boundary}".encode() in part for part in parts):
+        raise ValueError(f"multipart boundary {boundary!r} occurs inside a part")
     chunks = []
     for part in parts:
         chunks += [f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(),

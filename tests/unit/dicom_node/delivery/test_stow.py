@@ -67,6 +67,8 @@ def test_request_is_multipart_related_with_the_files_unchanged() -> None:
     assert [p.get_content_type() for p in parts] == ["application/dicom"] * 2
     assert [p.get_payload(decode=True) for p in parts] == files
     assert pydicom.dcmread(io.BytesIO(parts[0].get_payload(decode=True))).SOPInstanceUID == OURS
+    with pytest.raises(ValueError, match="boundary 'x' occurs inside a part"):
+        multipart_related([b"...--x..."], boundary="x")
 
 
 def test_stored_object_is_sent_and_a_warning_reason_is_kept() -> None:
