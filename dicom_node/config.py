@@ -319,7 +319,7 @@ class StowRsDestination(_Model):
     name_: str | None = Field(None, alias="name")  # shown on the dashboard/API; default: url
     auth: StowRsAuth = Field(default_factory=StowRsAuth)
     verify_tls: bool = True
-    ca_file: Path | None = None  # PEM bundle trusted for this server (instead of the system's)
+    ca_file: Path | None = None  # PEM bundle trusted for this server (instead of certifi's)
     timeout_s: float = Field(30.0, gt=0)  # connect and read timeout of one request
     outputs: list[OutputKind] = Field(default_factory=lambda: ["sr", "sc", "gsps"])
 
@@ -376,7 +376,7 @@ class StowRsDestination(_Model):
 
     @property
     def tls_verify(self) -> bool | str:
-        """``requests``' ``verify``: the CA file, or whether to check the system's CAs."""
+        """``requests``' ``verify``: the CA file, or whether to check against certifi's CAs (requests' default)."""
         return str(self.ca_file) if self.ca_file is not None else self.verify_tls
 
 
