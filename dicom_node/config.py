@@ -376,7 +376,8 @@ class StowRsDestination(_Model):
 
     @property
     def tls_verify(self) -> bool | str:
-        """``requests``' ``verify``: the CA file, or whether to check against certifi's CAs (requests' default)."""
+        """``requests``' ``verify``: the CA file, or whether to check against certifi's CAs
+        (requests' default)."""
         return str(self.ca_file) if self.ca_file is not None else self.verify_tls
 
 
