@@ -13,10 +13,21 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ai.selection import SelectionRules
 from dicom_node.delivery.syntaxes import sendable
@@ -203,6 +214,9 @@ OutputKind = Literal["sr", "sc", "gsps"]
 
 
 class Destination(_Model):
+    """A C-STORE destination (DICOM DIMSE): a PACS's AE title, host and port."""
+
+    type: Literal["c-store"] = "c-store"
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
@@ -244,6 +258,141 @@ class Destination(_Model):
             return cls(ae_title=m.group(1), host=m.group(2), port=int(m.group(3)))
         except ValidationError as exc:
             raise ConfigError(f"destination {text!r}: {_first_error(exc)}") from exc
+
+
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class StowRsAuth(_Model):
+    """How the node authenticates to a STOW-RS server. Secrets never sit in the YAML: it
+    names the environment variables that hold them (``token_env``, ``password_env``); they
+    are read once, when the settings are validated, and kept out of dumps, the settings
+    summary and its fingerprint."""
+
+    type: Literal["none", "bearer", "basic"] = "none"
+    token_env: str | None = None  # bearer: the variable holding the token
+    username: str | None = None  # basic: the user name (not a secret)
+    password_env: str | None = None  # basic: the variable holding the password
+    _secret: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _read_secret(self) -> StowRsAuth:
+        wanted = {"none": (), "bearer": ("token_env",), "basic": ("username", "password_env")}
+        for key in ("token_env", "username", "password_env"):
+            value = getattr(self, key)
+            if key in wanted[self.type] and not value:
+                raise ValueError(f"auth.{key} is required with auth.type {self.type}")
+            if key not in wanted[self.type] and value is not None:
+                raise ValueError(f"auth.{key} does not apply to auth.type {self.type}")
+        variable = self.token_env or self.password_env
+        if variable is not None:
+            if not _ENV_NAME_RE.match(variable):
+                raise ValueError(f"auth: {variable!r} is not an environment variable name "
+                                 "(give the variable's name, never the secret itself)")
+            secret = os.environ.get(variable)
+            if not secret:
+                raise ValueError(f"auth: environment variable {variable} is not set or empty")
+            self._secret = secret
+        return self
+
+    def requests_auth(self) -> tuple[str, str] | None:
+        """``requests``' basic-auth pair, or None."""
+        if self.type == "basic" and self.username and self._secret:
+            return (self.username, self._secret)
+        return None
+
+    def headers(self) -> dict[str, str]:
+        """The ``Authorization`` header of bearer auth (empty otherwise)."""
+        return {"Authorization": f"Bearer {self._secret}"} if self.type == "bearer" else {}
+
+
+class StowRsDestination(_Model):
+    """A DICOMweb destination: results are POSTed to ``<url>/studies`` (STOW-RS).
+
+    ``url`` is the DICOMweb root (Orthanc: ``http://pacs:8042/dicom-web``), never the
+    ``/studies`` endpoint itself, and carries no credentials (see ``auth``). Storage
+    commitment is a DIMSE service and does not apply: a STOW-RS answer is final.
+    """
+
+    type: Literal["stow-rs"]
+    url: str
+    name_: str | None = Field(None, alias="name")  # shown on the dashboard/API; default: url
+    auth: StowRsAuth = Field(default_factory=StowRsAuth)
+    verify_tls: bool = True
+    ca_file: Path | None = None  # PEM bundle trusted for this server (instead of certifi's)
+    timeout_s: float = Field(30.0, gt=0)  # connect and read timeout of one request
+    outputs: list[OutputKind] = Field(default_factory=lambda: ["sr", "sc", "gsps"])
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              serialize_by_alias=True)  # dumps say "name", as the YAML
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_commitment(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "storage_commitment" in data:
+            raise ValueError("storage_commitment does not apply to a stow-rs destination "
+                             "(a DIMSE service; the STOW-RS response is final)")
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url {v!r} must be an http:// or https:// DICOMweb root")
+        if parts.username or parts.password:
+            raise ValueError("url must not carry credentials: use auth with a *_env variable")
+        if parts.query or parts.fragment:
+            raise ValueError(f"url {v!r} must not have a query or fragment")
+        if parts.path.rstrip("/").endswith("/studies"):
+            raise ValueError(f"url {v!r} must be the DICOMweb root, without /studies")
+        return v.strip().rstrip("/")
+
+    @model_validator(mode="after")
+    def _tls(self) -> StowRsDestination:
+        if not 0 < len(self.name) <= 128 or not self.name.isprintable():
+            raise ValueError(f"destination name {self.name!r} must be 1-128 printable "
+                             "characters (the API filters and resubmits by it): set name")
+        if self.ca_file is not None:
+            if not self.verify_tls:
+                raise ValueError("ca_file needs verify_tls: true")
+            if not Path(self.ca_file).is_file():
+                raise ValueError(f"ca_file {str(self.ca_file)!r} is not a readable file")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The destination's key in the deliveries table, the dashboard and the API."""
+        return self.name_ or f"stow-rs:{self.url}"
+
+    @property
+    def storage_commitment(self) -> bool:
+        """Never: storage commitment is a DIMSE service (a STOW-RS answer is final)."""
+        return False
+
+    @property
+    def stow_url(self) -> str:
+        return f"{self.url}/studies"
+
+    @property
+    def tls_verify(self) -> bool | str:
+        """``requests``' ``verify``: the CA file, or whether to check against certifi's CAs
+        (requests' default)."""
+        return str(self.ca_file) if self.ca_file is not None else self.verify_tls
+
+
+def _destination_type(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("type", "c-store"))
+    return str(getattr(value, "type", "c-store"))
+
+
+_DESTINATION_TAGS = ("c-store", "stow-rs")
+# A destination is a C-STORE peer (no ``type``, or ``type: c-store``) or ``type: stow-rs``.
+AnyDestination = Annotated[
+    Annotated[Destination, Tag("c-store")] | Annotated[StowRsDestination, Tag("stow-rs")],
+    Discriminator(_destination_type, custom_error_type="destination_type",
+                  custom_error_message="type must be c-store (the default) or stow-rs")]
 
 
 class SenderSettings(_Model):
@@ -301,7 +450,7 @@ class Settings(_Model):
     models: ModelSettings = Field(default_factory=ModelSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     outputs: OutputSettingsModel = Field(default_factory=OutputSettingsModel)
-    destinations: list[Destination] = Field(default_factory=list)
+    destinations: list[AnyDestination] = Field(default_factory=list)
     sender: SenderSettings = Field(default_factory=SenderSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
@@ -312,6 +461,9 @@ class Settings(_Model):
     def _backoff(self) -> Settings:
         if self.sender.backoff_max_s < self.sender.backoff_initial_s:
             raise ValueError("sender.backoff_max_s must be >= sender.backoff_initial_s")
+        names = [d.name for d in self.destinations]
+        for name in dict.fromkeys(n for n in names if names.count(n) > 1):
+            raise ValueError(f"destinations: two destinations are named {name!r}")
         return self
 
     @property
@@ -367,12 +519,17 @@ def resolve_paths(settings: Settings, base: Path | None = None) -> Settings:
     return _with_absolute_paths(settings, Path.cwd() if base is None else base)  # type: ignore[no-any-return]
 
 
+_URL_USERINFO_RE = re.compile(r"(?<=://)[^/@\s'\"]+@")
+
+
 def _first_error(exc: ValidationError) -> str:
+    """Every error with its key and value; user:password in a URL is masked."""
     parts = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        # the union's tag (destinations.0.stow-rs.url) is not a key the user wrote
+        key = ".".join(str(p) for p in err["loc"] if p not in _DESTINATION_TAGS) or "<root>"
         parts.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
-    return "; ".join(parts)
+    return _URL_USERINFO_RE.sub("***@", "; ".join(parts))
 
 
 def _set_path(tree: dict[str, Any], dotted: list[str], value: Any) -> None:

@@ -1,4 +1,4 @@
-"""Delivery of result objects to the configured destinations (C-STORE SCU).
+"""Delivery of result objects to the configured destinations (C-STORE SCU or STOW-RS).
 
 Each (output, destination) pair is its own delivery with its own state machine
 (:class:`~dicom_node.store.states.DeliveryState`). One association per destination and batch
@@ -11,23 +11,31 @@ file, an encoder error, a refused status, an exception) touches another, and not
 left ``sending``. The same file, hence the same SOP Instance UID, goes out on every try.
 With ``storage_commitment`` the stored objects are then committed (N-ACTION), see
 :mod:`dicom_node.delivery.commitment`.
+
+A ``stow-rs`` destination gets one HTTP request per object (:mod:`dicom_node.delivery.stow`)
+and the same verdicts, ledger, retries, dead letter and resubmit; storage commitment does
+not apply to it.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import pydicom
+import requests
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
 
-from dicom_node.config import Destination, SenderSettings
+from dicom_node.config import AnyDestination, Destination, SenderSettings, StowRsDestination
+from dicom_node.delivery import stow
 from dicom_node.delivery.commitment import CommitmentReports
 from dicom_node.delivery.ledger import Delivery, Ledger, backoff_delay, resubmit
 from dicom_node.delivery.negotiation import (
@@ -36,13 +44,15 @@ from dicom_node.delivery.negotiation import (
     preferred_syntaxes,
     requested_contexts,
 )
-from dicom_node.delivery.status import StatusClass, classify, describe
+from dicom_node.delivery.outcome import Outcome, Verdict, from_status, record
 from dicom_node.delivery.syntaxes import convert
 from dicom_node.errors import SpoolError
 from dicom_node.net import release_or_abort, set_nodelay
 from dicom_node.spool import Spool
 
 logger = logging.getLogger(__name__)
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 __all__ = ["Sender", "backoff_delay", "resubmit"]
 
@@ -52,11 +62,15 @@ class _Unreadable(Exception):
 
 
 class Sender:
-    def __init__(self, engine: Any, spool: Spool, destinations: list[Destination],
+    def __init__(self, engine: Any, spool: Spool, destinations: Sequence[AnyDestination],
                  settings: SenderSettings, calling_ae: str, *, seed: int | None = None) -> None:
         self.engine = engine
         self.spool = spool
         self.destinations = {d.name: d for d in destinations}
+        self._sessions: dict[str, requests.Session] = {}
+        for dest in destinations:
+            if isinstance(dest, StowRsDestination):
+                _warn_about_transport(dest)
         self.settings = settings
         self.calling_ae = calling_ae
         self.ledger = Ledger(engine, settings, random.Random(seed))
@@ -83,8 +97,49 @@ class Sender:
             if dest is None:
                 self.ledger.interrupted(items, "destination is no longer configured")
                 continue
-            sent += _DestinationTry(self, dest, items).run()
+            if isinstance(dest, StowRsDestination):
+                sent += _StowTry(self, dest, items).run()
+            else:
+                sent += _DestinationTry(self, dest, items).run()
         return sent
+
+    def session(self, dest: StowRsDestination) -> requests.Session:
+        """The kept-alive HTTP session of a STOW-RS destination (made on first use).
+
+        ``trust_env`` is off: no proxy, CA bundle or ``.netrc`` credentials from the
+        environment; what the destination's settings say is all that is used."""
+        session = self._sessions.get(dest.name)
+        if session is None:
+            session = self._sessions[dest.name] = requests.Session()
+            session.trust_env = False
+        return session
+
+    def close(self) -> None:
+        """Close the HTTP sessions (the node's shutdown)."""
+        for session in self._sessions.values():
+            session.close()
+        self._sessions.clear()
+
+
+def _warn_about_transport(dest: StowRsDestination) -> None:
+    """Say once, at start-up, when a destination's settings expose its traffic."""
+    parts = urlsplit(dest.url)
+    if dest.auth.type != "none" and parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+        logger.warning("destination %s: %s auth over plain http sends the credentials in "
+                       "clear text; use https", dest.name, dest.auth.type)
+    if parts.scheme == "https" and not dest.verify_tls:
+        logger.warning("destination %s: TLS certificate verification is off", dest.name)
+
+
+def _log_stored(stored: Sequence[Delivery], destination: str) -> None:
+    """One INFO line per study a try delivered (objects: DEBUG)."""
+    by_study: dict[str, list[str]] = defaultdict(list)
+    for d in stored:
+        by_study[d.study_uid].append(d.kind)
+    for study_uid, kinds in by_study.items():
+        counts = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))
+        logger.info("delivered %d object(s) of study %s to %s (%s)", len(kinds),
+                    study_uid or "?", destination, counts)
 
 
 class _DestinationTry:
@@ -114,18 +169,8 @@ class _DestinationTry:
             if self.open:
                 self.ledger.interrupted(list(self.open.values()), why)
                 self.open.clear()
-        self._log_stored()
+        _log_stored(self.stored, self.dest.name)
         return len(self.stored)
-
-    def _log_stored(self) -> None:
-        """One INFO line per study this association delivered (objects: DEBUG)."""
-        by_study: dict[str, list[str]] = defaultdict(list)
-        for d in self.stored:
-            by_study[d.study_uid].append(d.kind)
-        for study_uid, kinds in by_study.items():
-            counts = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))
-            logger.info("delivered %d object(s) of study %s to %s (%s)", len(kinds),
-                        study_uid or "?", self.dest.name, counts)
 
     def _done(self, d: Delivery) -> None:
         self.open.pop(d.id, None)
@@ -229,15 +274,69 @@ class _DestinationTry:
         ds = self._dataset(d, syntax)
         status = assoc.send_c_store(ds)
         code = int(status.Status) if status and "Status" in status else None
-        cls = classify(code)
-        if code is not None and cls in (StatusClass.SUCCESS, StatusClass.WARNING):
-            warning = (f"stored with warning: {describe(code)}" if cls is StatusClass.WARNING
-                       else None)
-            self.ledger.sent(d, code=code, syntax=str(syntax), warning=warning)
+        result = from_status(code, destination=self.dest.name, sop_class_uid=d.sop_class_uid)
+        if record(self.ledger, d, result, syntax=str(syntax)):
             self.stored.append(d)
-        elif cls is StatusClass.NOT_SUPPORTED:
-            self.ledger.not_accepted(d, f"not accepted by {self.dest.name}: "
-                                        f"{UID(d.sop_class_uid).name}, {describe(code)}", code)
-        else:
-            self.ledger.failed(d, describe(code), code,
-                               dead_letter=cls is not StatusClass.OUT_OF_RESOURCES)
+
+
+class _StowTry:
+    """One STOW-RS request per object of a batch for one destination (see
+    :mod:`dicom_node.delivery.stow` for why). When the server cannot be reached at all, the
+    rest of the batch is not tried and fails with the same reason, as a failed association
+    fails a C-STORE batch. Whatever happens, none stays ``sending``."""
+
+    def __init__(self, sender: Sender, dest: StowRsDestination, items: Sequence[Delivery]
+                 ) -> None:
+        self.sender = sender
+        self.ledger = sender.ledger
+        self.dest = dest
+        self.items = list(items)
+        self.stored: list[Delivery] = []
+
+    def run(self) -> int:
+        unreachable: Outcome | None = None
+        for d in self.items:
+            try:
+                if unreachable is not None:
+                    record(self.ledger, d, unreachable, syntax="")
+                else:
+                    unreachable = self._deliver(d)
+            except Exception as exc:  # noqa: BLE001 - isolate the object, retry it later
+                logger.exception("delivery %d to %s failed", d.id, self.dest.name)
+                self.ledger.failed(d, f"{type(exc).__name__}: {exc}")
+        _log_stored(self.stored, self.dest.name)
+        return len(self.stored)
+
+    def _deliver(self, d: Delivery) -> Outcome | None:
+        """Send one object and record its outcome; returns the outcome when the server is
+        unreachable or busy (the rest of the batch gets the same)."""
+        try:
+            part10, syntax = self._part10(d)
+        except _Unreadable as exc:
+            self.ledger.dead(d, str(exc))
+            return None
+        try:
+            response = stow.post(self.sender.session(self.dest), self.dest, part10)
+        except requests.RequestException as exc:
+            result = stow.exception_outcome(exc, self.dest)
+            record(self.ledger, d, result, syntax=syntax)
+            return result
+        result = stow.outcome(response.status_code, response.reason, response.content,
+                              sop_instance_uid=d.sop_instance_uid,
+                              sop_class_uid=d.sop_class_uid, destination=self.dest.name)
+        if record(self.ledger, d, result, syntax=syntax):
+            self.stored.append(d)
+        # a busy server (HTTP 503, 429) takes no more of this batch; a busy object (0xA700) is
+        # about that object only
+        return result if result.verdict is Verdict.BUSY and result.code is None else None
+
+    def _part10(self, d: Delivery) -> tuple[bytes, str]:
+        """The result file's bytes, sent unchanged, and its transfer syntax."""
+        try:
+            data = self.sender.spool.path(d.path).read_bytes()
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        except (OSError, SpoolError, pydicom.errors.InvalidDicomError) as exc:
+            raise _Unreadable(f"result file {d.path} is missing or unreadable: {exc}") from exc
+        if str(ds.get("SOPInstanceUID", "")) != d.sop_instance_uid:
+            raise _Unreadable(f"result file {d.path} holds another object")
+        return data, str(ds.file_meta.get("TransferSyntaxUID", ""))

@@ -187,6 +187,7 @@ class Node:
         deadline = time.monotonic() + timeout
         for t in self.threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        self.sender.close()
         node_events.record_stopped(self.engine, self.node_id)
         self.engine.dispose()
 

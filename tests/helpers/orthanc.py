@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -27,13 +28,41 @@ orthanc = _load()
 OrthancServer = orthanc.OrthancServer
 
 
+class _ConfiguredOrthanc(OrthancServer):  # type: ignore[misc, valid-type]
+    """An OrthancServer whose generated configuration gets ``extra`` keys on top."""
+
+    def __init__(self, *args: Any, extra: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.extra = extra
+
+    def write_config(self) -> Path:
+        path = super().write_config()
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config.update(self.extra)
+        path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+        return Path(path)
+
+
 def start_orthanc(work_dir: Path, node_port: int, *, stable_age: int = 2,
-                  node_ae: str = "CXR_AI", dicomweb: bool = False) -> Any:
-    """A started OrthancServer routing to the node on ``node_port`` (fails if not installed);
-    ``dicomweb`` adds the DICOMweb plugin under /dicom-web/."""
+                  node_ae: str = "CXR_AI", dicomweb: bool = False,
+                  users: dict[str, str] | None = None) -> Any:
+    """A started OrthancServer routing to the node on ``node_port`` (fails if not installed).
+
+    ``dicomweb``: load the DICOMweb plugin (Debian ``orthanc-dicomweb``) at ``/dicom-web/``
+    (``pacs.url + "/dicom-web"`` is the root a stow-rs destination names; OHIF reads through
+    it). ``users``: HTTP basic authentication on (user -> password), for the REST API and
+    DICOMweb alike; the helper's own REST calls use the first user.
+    """
     binary = require_tool("Orthanc")
-    return OrthancServer(work_dir, node_port=node_port, node_ae=node_ae, stable_age=stable_age,
-                         binary=binary, dicomweb=dicomweb).start()
+    extra: dict[str, Any] = {}
+    if users:
+        extra.update(AuthenticationEnabled=True, RegisteredUsers=dict(users))
+    server = _ConfiguredOrthanc(work_dir, node_port=node_port, node_ae=node_ae,
+                                stable_age=stable_age, binary=binary, dicomweb=dicomweb,
+                                extra=extra)
+    if users:
+        server.session.auth = next(iter(users.items()))
+    return server.start()
 
 
 def all_series(pacs: Any) -> list[dict[str, Any]]:

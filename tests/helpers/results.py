@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydantic import TypeAdapter
 from sqlalchemy import select
 
-from dicom_node.config import Destination, SelectionSettings, SenderSettings
+from dicom_node.config import AnyDestination, SelectionSettings, SenderSettings
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
@@ -23,6 +24,7 @@ from dicom_node.worker import AnalysisWorker
 from helpers.dicomfiles import make_image, received
 from helpers.fakes import FakeAnalyzer
 
+_DESTINATION: TypeAdapter[AnyDestination] = TypeAdapter(AnyDestination)
 SENDER_DEFAULTS: dict[str, Any] = {"max_attempts": 3, "backoff_initial_s": 0.1,
                                    "backoff_max_s": 0.2, "timeout_s": 5,
                                    "commitment_wait_s": 2}
@@ -30,8 +32,10 @@ SENDER_DEFAULTS: dict[str, Any] = {"max_attempts": 3, "backoff_initial_s": 0.1,
 
 class ResultBench:
     def __init__(self, root: Path, destinations: list[dict[str, Any]]) -> None:
-        self.destinations = [Destination(**d) for d in destinations]
+        # C-STORE (no ``type``) or ``type: stow-rs`` mappings, validated as the config does
+        self.destinations = [_DESTINATION.validate_python(d) for d in destinations]
         self.engine = db.make_engine(f"sqlite:///{root / 'node.db'}")
+        self._senders: list[Sender] = []
         self.spool = Spool(root / "spool")
         self.ingestor = Ingestor(self.engine, self.spool, max_instance_bytes=50_000_000)
         self.assembler = StudyAssembler(self.engine, self.spool, SelectionSettings(), 0.0)
@@ -49,8 +53,10 @@ class ResultBench:
         return uid
 
     def sender(self, calling_ae: str = "CXR_AI", **settings: Any) -> Sender:
-        return Sender(self.engine, self.spool, self.destinations,
-                      SenderSettings(**{**SENDER_DEFAULTS, **settings}), calling_ae, seed=1)
+        sender = Sender(self.engine, self.spool, self.destinations,
+                        SenderSettings(**{**SENDER_DEFAULTS, **settings}), calling_ae, seed=1)
+        self._senders.append(sender)  # closed with the bench (STOW-RS HTTP sessions)
+        return sender
 
     def deliveries(self, study_uid: str | None = None) -> dict[str, Any]:
         """Delivery rows (with the output's kind and UIDs) keyed by output kind; one
@@ -73,4 +79,6 @@ class ResultBench:
                                      .order_by(db.audit_events.c.id)).all())
 
     def close(self) -> None:
+        for sender in self._senders:
+            sender.close()
         self.engine.dispose()

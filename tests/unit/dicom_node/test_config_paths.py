@@ -23,6 +23,8 @@ EVERY_PATH: dict[str, Any] = {
     "models": {"bundles": ["models/a", "./models/b"], "demo_dir": "demo"},
     "dicom": {"tls": {"cert_file": "tls/node.pem", "key_file": "tls/node.key",
                       "ca_file": "tls/ca.pem"}},
+    "destinations": [{"type": "stow-rs", "url": "https://pacs/dicom-web",
+                      "ca_file": "tls/pacs-ca.pem"}],  # checked at load: created below
     "evaluation": {
         "confirmed_watch_dir": "drop",
         "jobs": [{"name": "ref", "kind": "reference", "bundles": ["models/c"],
@@ -80,6 +82,8 @@ def test_every_path_setting_is_absolute_after_loading(tmp_path: Path,
     config = tmp_path / "node.yaml"
     config.write_text(yaml.safe_dump(EVERY_PATH), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "tls" / "pacs-ca.pem").write_text("", encoding="utf-8")
     settings = load_settings(config, environ={})
     found = _path_values(settings)
     declared = _path_fields(Settings)
