@@ -192,6 +192,11 @@ class OutputSettingsModel(_Model):
     sr: bool = True
     sc: bool = True
     gsps: bool = True
+    # the Grad-CAM as a DICOM Segmentation, one segment per positive finding; off by
+    # default (many PACS refuse SEG); "fractional" keeps the map's grades, "binary" the
+    # region where it is >= 0.5
+    seg: bool = False
+    seg_type: Literal["fractional", "binary"] = "fractional"
     institution_name: str | None = None
     heatmap_alpha: float = Field(0.35, ge=0, le=1)
     # detector candidates below their operating threshold: left out of the SR ("omit"),
@@ -199,7 +204,7 @@ class OutputSettingsModel(_Model):
     sr_candidates: Literal["omit", "list"] = "omit"
 
 
-OutputKind = Literal["sr", "sc", "gsps"]
+OutputKind = Literal["sr", "sc", "gsps", "seg"]
 
 
 class Destination(_Model):
@@ -208,7 +213,8 @@ class Destination(_Model):
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = None
     # which result objects this destination gets (many PACS refuse SR or GSPS)
-    outputs: list[OutputKind] = Field(default_factory=lambda: ["sr", "sc", "gsps"])
+    # ("seg" is only built when outputs.seg is on)
+    outputs: list[OutputKind] = Field(default_factory=lambda: ["sr", "sc", "gsps", "seg"])
     # transfer syntaxes offered for the secondary capture, in order of preference
     # (keywords or UIDs, e.g. [RLELossless, ExplicitVRLittleEndian]); the SC is transcoded
     # to the one the destination accepts
