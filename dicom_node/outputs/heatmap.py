@@ -211,19 +211,20 @@ def _build_one(
 
 
 def _geometry_source(ref: Dataset) -> Dataset:
-    """The source as highdicom should see it: a Pixel Spacing that is not two positive
-    numbers (the real Philips CR has "0\\0") would be copied into the Pixel Measures
-    functional group, which dciodvfy rejects ("Value is zero ... <Pixel Spacing>");
-    without it highdicom writes no Pixel Measures, as a projection image deserves."""
-    try:
-        spacing = [float(v) for v in ref.get("PixelSpacing") or []]
-    except (TypeError, ValueError):
-        spacing = []
-    if len(spacing) == 2 and all(v > 0 for v in spacing):
+    """The source as highdicom should see it: without Pixel Spacing.
+
+    highdicom copies a projection source's Pixel Spacing into a Pixel Measures functional
+    group without Slice Thickness, and then its own reader refuses the object
+    ("Sequence does not have the required attributes for a Pixel Measures Sequence",
+    highdicom 0.28.2, ``PixelMeasuresSequence.from_sequence``); a zero spacing (the real
+    Philips CR has "0\\0") also fails dciodvfy ("Value is zero ... <Pixel Spacing>").
+    A radiograph has no slice thickness to give, and every frame maps to its source pixel
+    for pixel (Spatial Locations Preserved YES), so the SEG carries no Pixel Measures.
+    """
+    if "PixelSpacing" not in ref:
         return ref
     copied = shallow_copy(ref)
-    if "PixelSpacing" in copied:
-        del copied.PixelSpacing
+    del copied.PixelSpacing
     return copied
 
 

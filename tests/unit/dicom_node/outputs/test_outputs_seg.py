@@ -107,6 +107,14 @@ def test_binary_frames_are_the_region_at_half_strength(tmp_path) -> None:
     assert np.array_equal(pixels[0, :, :, 1] > 0, effusion >= 0.5)
 
 
+def test_source_pixel_spacing_does_not_make_the_seg_unreadable(tmp_path) -> None:
+    ds = make_source(modality="DX")
+    ds.PixelSpacing = [0.15, 0.15]
+    seg = _read_back(_seg(ds, _result(ds)), tmp_path)  # highdicom's reader refused it
+    assert "PixelMeasuresSequence" not in seg.SharedFunctionalGroupsSequence[0]
+    assert ds.PixelSpacing == [0.15, 0.15]  # the caller's dataset is untouched
+
+
 def test_references_the_source_image_in_the_source_study() -> None:
     ds = make_source(modality="DX", photometric="MONOCHROME1")
     seg = _seg(ds, _result(ds)).dataset
