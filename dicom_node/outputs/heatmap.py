@@ -152,8 +152,14 @@ def _algorithm(model: ModelIdentity) -> AlgorithmIdentificationSequence:
     )
 
 
-def _pixels(segments: Sequence[_Segment], seg_type: str) -> np.ndarray:
+def _pixels(segments: Sequence[_Segment], seg_type: str, shape: tuple[int, int]) -> np.ndarray:
     """(1, rows, columns, segments): fractional float in [0, 1], or binary bool."""
+    for segment in segments:
+        if segment.heatmap.shape != shape:
+            raise ValueError(
+                f'Heatmap of segment "{segment.label}" has shape {segment.heatmap.shape}, '
+                f"the image is {shape[0]}x{shape[1]}"
+            )
     stacked = np.stack([np.clip(s.heatmap, 0.0, 1.0) for s in segments], axis=-1)[np.newaxis]
     if seg_type == "binary":
         return stacked >= BINARY_LEVEL
@@ -188,7 +194,7 @@ def _build_one(
     sop_uid = instance_uid(uid_seed, "seg", source.sop_instance_uid)
     seg = Segmentation(
         source_images=[_geometry_source(ref)],
-        pixel_array=_pixels(segments, settings.seg_type),
+        pixel_array=_pixels(segments, settings.seg_type, (int(ref.Rows), int(ref.Columns))),
         segmentation_type=SegmentationTypeValues(settings.seg_type.upper()),
         segment_descriptions=descriptions,
         series_instance_uid=series,

@@ -199,6 +199,14 @@ def test_sources_without_orientation_get_an_empty_one() -> None:
     assert "PatientOrientation" in seg and not seg.PatientOrientation
 
 
+def test_a_heatmap_of_the_wrong_size_is_a_clear_error() -> None:
+    ds = make_source(rows=300, cols=200)
+    result = _result(ds)
+    result.finding_heatmaps[(DETECTOR.device_uid, "Nodule")] = np.zeros((200, 300), np.float32)
+    with pytest.raises(ValueError, match=r'"Nodule \(CXR detector 2.1.0\)" has shape \(200, 300\)'):
+        build_outputs([(ds, result)], SEG_ONLY, "seed")
+
+
 def test_bad_seg_type_is_refused() -> None:
     with pytest.raises(ValueError, match="seg_type"):
         OutputSettings(seg_type="labelmap")
