@@ -194,7 +194,7 @@ class OutputSettingsModel(_Model):
     gsps: bool = True
     # the Grad-CAM as a DICOM Segmentation, one segment per positive finding; off by
     # default (many PACS refuse SEG); "fractional" keeps the map's grades, "binary" the
-    # region where it is >= 0.5
+    # region where it is >= 0.5 (the form OHIF 3.x loads)
     seg: bool = False
     seg_type: Literal["fractional", "binary"] = "fractional"
     institution_name: str | None = None

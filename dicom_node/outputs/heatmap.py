@@ -21,9 +21,19 @@ Why a Segmentation (SOP Class 1.2.840.10008.5.1.4.1.1.66.4) and not a Parametric
   ``@cornerstonejs/adapters`` ``labelmapImagesFromBuffer`` throws "Fractional
   segmentations are not yet supported" for SegmentationType FRACTIONAL (and older dcmjs
   adapters refused fractional values the same way). Weasis, 3D Slicer and highdicom read
-  it. ``seg_type: binary`` writes the region where the map is >= 0.5 instead, the form
-  OHIF's stack segmentation (OHIF 3.9+, OHIF/Viewers#4103) reads; whether OHIF shows it
-  over a projection image without ImageOrientationPatient is for the viewer test to prove.
+  it. OHIF 3.13.2's own bundle (``dist/9383.bundle.*.js``) accepts a FRACTIONAL SEG only
+  when every value is 0 or MaximumFractionalValue ("pseudo-binary"), so a graded heatmap
+  is refused there too.
+- ``seg_type: binary`` writes the region where the map is >= 0.5 instead, the form OHIF's
+  stack segmentation (OHIF 3.9+, OHIF/Viewers#4103) reads. OHIF 3.13.2 aligns every SEG
+  frame through its Plane Orientation functional group (``checkOrientation`` reads
+  ``PerFrameFunctionalGroupsSequence[0].PlaneOrientationSequence.ImageOrientationPatient``
+  and fails with a TypeError without it) against the source image's orientation, which it
+  takes as [1, 0, 0, 0, 1, 0] for a radiograph without ImageOrientationPatient. The binary
+  SEG therefore carries a shared Plane Orientation (Patient) of the source's own
+  ImageOrientationPatient, or that identity when the source has none: it states that the
+  SEG frame's axes are the source's pixel axes, nothing about the patient (there is no
+  Frame of Reference); dciodvfy accepts it. The fractional SEG stays without it.
 
 Each segment: label = finding + model (``Nodule (cxr-demo 1.0.0, DEMO)``, LO 64), property
 type = the finding's code, category "Morphologically abnormal structure", algorithm type
@@ -77,6 +87,7 @@ SERIES_DESCRIPTION = "AI heatmap SEG (CXR AI node)"
 CONTENT_LABEL = "AI_GRADCAM"
 MAX_FRACTIONAL = 255  # FRACTIONAL: 8-bit values, 255 = 1.0
 BINARY_LEVEL = 0.5  # seg_type "binary": the region where the Grad-CAM is at least this
+SOURCE_AXES = (1, 0, 0, 0, 1, 0)  # SEG frame axes = source pixel axes (binary SEG, for OHIF)
 _CATEGORY = CodedConcept("49755003", "SCT", "Morphologically abnormal structure")
 _COMBINED_TYPE = _CATEGORY  # no finding code fits a map of several findings
 
@@ -214,11 +225,22 @@ def _build_one(
         omit_empty_frames=False,  # one frame per segment, even a flat one
     )
     seg.copy_patient_and_study_information(ref)
+    if settings.seg_type == "binary":
+        _add_source_axes(seg, ref)
     _describe(seg, source)
     restore_person_names(seg, source)
     logger.debug("Built SEG %s (%d segment(s)) for source %s", sop_uid, len(segments),
                  source.sop_instance_uid)
     return OutputObject("seg", seg, sop_uid, SegmentationStorage)
+
+
+def _add_source_axes(seg: Segmentation, ref: Dataset) -> None:
+    """Plane Orientation (Patient) for OHIF's SEG loader (see the module docstring)."""
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = list(
+        ref.get("ImageOrientationPatient") or SOURCE_AXES
+    )
+    seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = [orientation]
 
 
 def _geometry_source(ref: Dataset) -> Dataset:

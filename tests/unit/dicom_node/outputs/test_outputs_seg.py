@@ -105,6 +105,18 @@ def test_binary_frames_are_the_region_at_half_strength(tmp_path) -> None:
     nodule, effusion = _maps(300, 200)
     assert np.array_equal(pixels[0, :, :, 0] > 0, nodule >= 0.5)
     assert np.array_equal(pixels[0, :, :, 1] > 0, effusion >= 0.5)
+    # the frame axes OHIF 3.13 needs to align a SEG frame with a radiograph
+    (shared,) = seg.SharedFunctionalGroupsSequence
+    assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == [
+        1, 0, 0, 0, 1, 0]
+    assert "FrameOfReferenceUID" not in seg
+
+
+def test_fractional_seg_claims_no_orientation() -> None:
+    ds = make_source()
+    seg = _seg(ds, _result(ds)).dataset
+    assert "PlaneOrientationSequence" not in seg.SharedFunctionalGroupsSequence[0]
+    assert "FrameOfReferenceUID" not in seg
 
 
 def test_source_pixel_spacing_does_not_make_the_seg_unreadable(tmp_path) -> None:
