@@ -222,3 +222,13 @@ def test_a_heatmap_of_the_wrong_size_is_a_clear_error() -> None:
 def test_bad_seg_type_is_refused() -> None:
     with pytest.raises(ValueError, match="seg_type"):
         OutputSettings(seg_type="labelmap")
+
+
+def test_dated_with_the_rest_of_the_set() -> None:
+    ds = make_source()
+    outputs = build_outputs([(ds, _result(ds))], OutputSettings(seg=True), "seed")
+    assert [o.kind for o in outputs] == ["sr", "sc", "gsps", "seg"]
+    sr, seg = outputs[0].dataset, outputs[-1].dataset
+    for keyword in ("SeriesDate", "SeriesTime", "ContentDate", "ContentTime",
+                    "InstanceCreationDate", "InstanceCreationTime"):
+        assert seg.get(keyword) == sr.get(keyword), keyword
