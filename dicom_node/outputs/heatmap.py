@@ -33,7 +33,14 @@ Why a Segmentation (SOP Class 1.2.840.10008.5.1.4.1.1.66.4) and not a Parametric
   SEG therefore carries a shared Plane Orientation (Patient) of the source's own
   ImageOrientationPatient, or that identity when the source has none: it states that the
   SEG frame's axes are the source's pixel axes, nothing about the patient (there is no
-  Frame of Reference); dciodvfy accepts it. The fractional SEG stays without it.
+  Frame of Reference); dciodvfy accepts it. OHIF's SEG viewport also reads the shared
+  Pixel Measures functional group unconditionally (``_getReferencedDisplaySetMetadata``
+  in ``dist/899.bundle.*.js``: "Cannot destructure property 'SpacingBetweenSlices' of
+  'PixelMeasures' as it is undefined" without it, seen in Chromium), and highdicom's
+  reader refuses Pixel Measures without Slice Thickness, so the binary SEG carries Pixel
+  Measures of the source's pixel spacing (Pixel Spacing, else Imager Pixel Spacing, else
+  1\\1 as OHIF assumes) and a nominal Slice Thickness of 1 mm (a projection has none).
+  The fractional SEG stays without these nominal values.
 
 Each segment: label = finding + model (``Nodule (cxr-demo 1.0.0, DEMO)``, LO 64), property
 type = the finding's code, category "Morphologically abnormal structure", algorithm type
@@ -88,6 +95,7 @@ CONTENT_LABEL = "AI_GRADCAM"
 MAX_FRACTIONAL = 255  # FRACTIONAL: 8-bit values, 255 = 1.0
 BINARY_LEVEL = 0.5  # seg_type "binary": the region where the Grad-CAM is at least this
 SOURCE_AXES = (1, 0, 0, 0, 1, 0)  # SEG frame axes = source pixel axes (binary SEG, for OHIF)
+NOMINAL_SLICE_THICKNESS = 1.0  # binary SEG, for OHIF and highdicom: a projection has none
 _CATEGORY = CodedConcept("49755003", "SCT", "Morphologically abnormal structure")
 _COMBINED_TYPE = _CATEGORY  # no finding code fits a map of several findings
 
@@ -226,7 +234,7 @@ def _build_one(
     )
     seg.copy_patient_and_study_information(ref)
     if settings.seg_type == "binary":
-        _add_source_axes(seg, ref)
+        _add_viewer_geometry(seg, source)
     _describe(seg, source)
     restore_person_names(seg, source)
     logger.debug("Built SEG %s (%d segment(s)) for source %s", sop_uid, len(segments),
@@ -234,13 +242,35 @@ def _build_one(
     return OutputObject("seg", seg, sop_uid, SegmentationStorage)
 
 
-def _add_source_axes(seg: Segmentation, ref: Dataset) -> None:
-    """Plane Orientation (Patient) for OHIF's SEG loader (see the module docstring)."""
+def _add_viewer_geometry(seg: Segmentation, source: Source) -> None:
+    """Plane Orientation (Patient) and Pixel Measures for OHIF's SEG loader and viewport
+    (see the module docstring)."""
+    ref = source.work
     orientation = Dataset()
     orientation.ImageOrientationPatient = list(
         ref.get("ImageOrientationPatient") or SOURCE_AXES
     )
-    seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = [orientation]
+    measures = Dataset()
+    measures.PixelSpacing = _source_spacing(source)
+    measures.SliceThickness = NOMINAL_SLICE_THICKNESS
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    shared.PlaneOrientationSequence = [orientation]
+    shared.PixelMeasuresSequence = [measures]
+
+
+def _source_spacing(source: Source) -> list[float]:
+    """The spacing of the source's pixel grid: Pixel Spacing when two positive numbers,
+    else Imager Pixel Spacing (common.py fills it from either, or marks it invented)."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        if keyword == "ImagerPixelSpacing" and keyword in source.fabricated:
+            break
+        try:
+            pair = [float(v) for v in source.work.get(keyword) or []]
+        except (TypeError, ValueError):
+            continue
+        if len(pair) == 2 and all(v > 0 for v in pair):
+            return pair
+    return [1.0, 1.0]
 
 
 def _geometry_source(ref: Dataset) -> Dataset:

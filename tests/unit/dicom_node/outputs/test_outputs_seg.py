@@ -110,6 +110,18 @@ def test_binary_frames_are_the_region_at_half_strength(tmp_path) -> None:
     assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == [
         1, 0, 0, 0, 1, 0]
     assert "FrameOfReferenceUID" not in seg
+    # OHIF's SEG viewport reads the shared Pixel Measures; highdicom needs Slice Thickness
+    measures = shared.PixelMeasuresSequence[0]
+    assert [float(v) for v in measures.PixelSpacing] == [1.0, 1.0]  # the CR has none
+    assert float(measures.SliceThickness) == 1.0
+
+
+def test_binary_seg_pixel_measures_follow_the_source_spacing(tmp_path) -> None:
+    ds = make_source(modality="DX")  # ImagerPixelSpacing 0.15
+    settings = OutputSettings(sr=False, sc=False, gsps=False, seg=True, seg_type="binary")
+    seg = _read_back(_seg(ds, _result(ds), settings), tmp_path)
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert [float(v) for v in measures.PixelSpacing] == [0.15, 0.15]
 
 
 def test_fractional_seg_claims_no_orientation() -> None:
