@@ -193,10 +193,10 @@ class OutputSettingsModel(_Model):
     sc: bool = True
     gsps: bool = True
     # the Grad-CAM as a DICOM Segmentation, one segment per positive finding; off by
-    # default (many PACS refuse SEG); "fractional" keeps the map's grades, "binary" the
-    # region where it is >= 0.5 (the form OHIF 3.x loads)
+    # default (many PACS refuse SEG); "binary": the region where the map is >= 0.5 (the form
+    # OHIF 3.x shows), "fractional": the map's grades (Weasis, 3D Slicer; OHIF refuses it)
     seg: bool = False
-    seg_type: Literal["fractional", "binary"] = "fractional"
+    seg_type: Literal["fractional", "binary"] = "binary"
     institution_name: str | None = None
     heatmap_alpha: float = Field(0.35, ge=0, le=1)
     # detector candidates below their operating threshold: left out of the SR ("omit"),

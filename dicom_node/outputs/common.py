@@ -71,7 +71,7 @@ class OutputSettings:
     # The Grad-CAM as a DICOM Segmentation (outputs/heatmap.py); off by default: many PACS
     # refuse SEG and a result set is SR + SC + GSPS unless asked.
     seg: bool = False
-    seg_type: str = "fractional"
+    seg_type: str = "binary"
     manufacturer: str = "CXR AI node"
     institution_name: str | None = None
     series_number_sr: int = 9901

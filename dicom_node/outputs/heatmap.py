@@ -24,8 +24,11 @@ Why a Segmentation (SOP Class 1.2.840.10008.5.1.4.1.1.66.4) and not a Parametric
   it. OHIF 3.13.2's own bundle (``dist/9383.bundle.*.js``) accepts a FRACTIONAL SEG only
   when every value is 0 or MaximumFractionalValue ("pseudo-binary"), so a graded heatmap
   is refused there too.
-- ``seg_type: binary`` writes the region where the map is >= 0.5 instead, the form OHIF's
-  stack segmentation (OHIF 3.9+, OHIF/Viewers#4103) reads. OHIF 3.13.2 aligns every SEG
+- ``seg_type: binary`` (the default) writes the region where the map is >= 0.5, the form
+  OHIF's stack segmentation (OHIF 3.9+, OHIF/Viewers#4103) reads. Proven in Chromium with
+  OHIF 3.13.2 over Orthanc's DICOMweb: the SEG series is listed, loads after OHIF's "Do you
+  want to open this Segmentation?", one segment per finding with its label, drawn over the
+  nodule, no page error. OHIF 3.13.2 aligns every SEG
   frame through its Plane Orientation functional group (``checkOrientation`` reads
   ``PerFrameFunctionalGroupsSequence[0].PlaneOrientationSequence.ImageOrientationPatient``
   and fails with a TypeError without it) against the source image's orientation, which it
@@ -40,7 +43,8 @@ Why a Segmentation (SOP Class 1.2.840.10008.5.1.4.1.1.66.4) and not a Parametric
   reader refuses Pixel Measures without Slice Thickness, so the binary SEG carries Pixel
   Measures of the source's pixel spacing (Pixel Spacing, else Imager Pixel Spacing, else
   1\\1 as OHIF assumes) and a nominal Slice Thickness of 1 mm (a projection has none).
-  The fractional SEG stays without these nominal values.
+  The fractional SEG stays without these nominal values. Each segment has a Recommended
+  Display CIELab Value (the overlay's box colours), else OHIF warns and picks its own.
 
 Each segment: label = finding + model (``Nodule (cxr-demo 1.0.0, DEMO)``, LO 64), property
 type = the finding's code, category "Morphologically abnormal structure", algorithm type
@@ -59,6 +63,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from highdicom import AlgorithmIdentificationSequence
+from highdicom.color import CIELabColor
 from highdicom.seg import (
     SegmentAlgorithmTypeValues,
     Segmentation,
@@ -87,6 +92,7 @@ from dicom_node.outputs.common import (
     software_versions,
     tracking,
 )
+from dicom_node.outputs.render import BOX_COLOURS
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +213,7 @@ def _build_one(
             algorithm_identification=_algorithm(segment.model),
             tracking_id=segment.tracking[0] if segment.tracking else None,
             tracking_uid=segment.tracking[1] if segment.tracking else None,
+            display_color=CIELabColor.from_rgb(*BOX_COLOURS[(number - 1) % len(BOX_COLOURS)]),
         )
         for number, segment in enumerate(segments, start=1)
     ]

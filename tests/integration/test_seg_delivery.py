@@ -84,7 +84,7 @@ def test_node_delivers_the_seg_into_orthanc(tmp_path: Path, tiny_bundle: Path) -
         raw = pacs.rest(f"/instances/{seg_series['Instances'][0]}/file", raw=True)
         seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(raw)))
         assert seg.StudyInstanceUID == source.StudyInstanceUID
-        assert seg.SegmentationType == "FRACTIONAL"
+        assert seg.SegmentationType == "BINARY"  # the default: the form OHIF shows
         labels = [d.SegmentLabel.split(" (")[0] for d in seg.SegmentSequence]
         # the tiny bundle: nodule always positive, pneumothorax never
         assert "nodule" in labels and "pneumothorax" not in labels

@@ -33,13 +33,13 @@ def test_seg_is_off_by_default_and_node_yaml_documents_it() -> None:
     assert "  seg: false" in text and "seg_type:" in text
     settings = load_settings(NODE_YAML, environ={})
     built = output_settings(settings)
-    assert (built.seg, built.seg_type) == (False, "fractional")
+    assert (built.seg, built.seg_type) == (False, "binary")
 
 
 def test_environment_turns_the_seg_on_and_destinations_take_it_by_default() -> None:
-    environ = {"CXR_NODE__OUTPUTS__SEG": "true", "CXR_NODE__OUTPUTS__SEG_TYPE": "binary"}
+    environ = {"CXR_NODE__OUTPUTS__SEG": "true", "CXR_NODE__OUTPUTS__SEG_TYPE": "fractional"}
     built = output_settings(load_settings(NODE_YAML, environ=environ))
-    assert (built.seg, built.seg_type) == (True, "binary")
+    assert (built.seg, built.seg_type) == (True, "fractional")
     destination = Destination(ae_title="PACS", host="127.0.0.1", port=104)
     assert destination.outputs == ["sr", "sc", "gsps", "seg"]
     assert Destination(ae_title="PACS", host="h", port=1, outputs=["sr", "seg"]).outputs == [

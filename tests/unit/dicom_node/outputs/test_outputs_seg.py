@@ -14,7 +14,8 @@ from ai.types import ImageResult
 from dicom_node.outputs import OutputObject, OutputSettings, build_outputs
 from dicom_node.outputs.common import prepare_sources, tracking
 
-SEG_ONLY = OutputSettings(sr=False, sc=False, gsps=False, seg=True)
+SEG_ONLY = OutputSettings(sr=False, sc=False, gsps=False, seg=True)  # binary by default
+FRACTIONAL = OutputSettings(sr=False, sc=False, gsps=False, seg=True, seg_type="fractional")
 SOP = "1.2.826.0.1.3680043.8.498.2.1"
 
 
@@ -63,11 +64,13 @@ def test_one_segment_per_positive_finding_with_label_code_and_algorithm(tmp_path
     ds = make_source()
     seg = _read_back(_seg(ds, _result(ds)), tmp_path)
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
-    assert seg.SegmentationType == "FRACTIONAL"
+    assert seg.SegmentationType == "BINARY"
     labels = [d.SegmentLabel for d in seg.SegmentSequence]
     assert labels == ["Nodule (CXR detector 2.1.0)", "Effusion (CXR detector 2.1.0)"]
     types = [d.SegmentedPropertyTypeCodeSequence[0].CodeValue for d in seg.SegmentSequence]
     assert types == ["27925004", "60046008"]
+    colours = [tuple(d.RecommendedDisplayCIELabValue) for d in seg.SegmentSequence]
+    assert len(set(colours)) == 2  # each its own colour (OHIF warns without one)
     for description in seg.SegmentSequence:
         assert description.SegmentAlgorithmType == "AUTOMATIC"
         (algorithm,) = description.SegmentationAlgorithmIdentificationSequence
@@ -87,7 +90,7 @@ def test_segments_share_the_sr_and_gsps_tracking_uids() -> None:
 
 def test_fractional_frames_match_the_heatmaps_within_quantisation(tmp_path) -> None:
     ds = make_source(rows=300, cols=200)
-    seg = _read_back(_seg(ds, _result(ds)), tmp_path)
+    seg = _read_back(_seg(ds, _result(ds), FRACTIONAL), tmp_path)
     pixels = seg.get_pixels_by_source_instance([SOP], rescale_fractional=True, dtype=np.float32)
     assert pixels.shape == (1, 300, 200, 2)
     nodule, effusion = _maps(300, 200)
@@ -126,7 +129,7 @@ def test_binary_seg_pixel_measures_follow_the_source_spacing(tmp_path) -> None:
 
 def test_fractional_seg_claims_no_orientation() -> None:
     ds = make_source()
-    seg = _seg(ds, _result(ds)).dataset
+    seg = _seg(ds, _result(ds), FRACTIONAL).dataset
     assert "PlaneOrientationSequence" not in seg.SharedFunctionalGroupsSequence[0]
     assert "FrameOfReferenceUID" not in seg
 
@@ -134,8 +137,11 @@ def test_fractional_seg_claims_no_orientation() -> None:
 def test_source_pixel_spacing_does_not_make_the_seg_unreadable(tmp_path) -> None:
     ds = make_source(modality="DX")
     ds.PixelSpacing = [0.15, 0.15]
-    seg = _read_back(_seg(ds, _result(ds)), tmp_path)  # highdicom's reader refused it
+    seg = _read_back(_seg(ds, _result(ds), FRACTIONAL), tmp_path)  # highdicom refused it
     assert "PixelMeasuresSequence" not in seg.SharedFunctionalGroupsSequence[0]
+    binary = _read_back(_seg(ds, _result(ds)), tmp_path)
+    measures = binary.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert [float(v) for v in measures.PixelSpacing] == [0.15, 0.15]
     assert ds.PixelSpacing == [0.15, 0.15]  # the caller's dataset is untouched
 
 
@@ -212,9 +218,11 @@ def test_dciodvfy_has_no_error_on_real_radiographs(
     real_cr: Dataset, real_nih: Dataset, dciodvfy_errors: Callable[[Dataset, str], list[str]]
 ) -> None:
     for name, ds in (("cr", real_cr), ("nih", real_nih)):
-        seg = _seg(ds, _result(ds)).dataset
-        assert seg.StudyInstanceUID == ds.StudyInstanceUID
-        assert dciodvfy_errors(seg, f"seg-real-{name}") == []
+        for settings in (SEG_ONLY, FRACTIONAL):
+            seg = _seg(ds, _result(ds), settings).dataset
+            assert seg.StudyInstanceUID == ds.StudyInstanceUID
+            kind = f"seg-real-{name}-{settings.seg_type}"
+            assert dciodvfy_errors(seg, kind) == [], kind
 
 
 def test_sources_without_orientation_get_an_empty_one() -> None:
