@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -96,6 +96,8 @@ class _ImageOutput:
 
     findings: list[Finding]
     heatmap: np.ndarray | None  # source resolution, or None
+    # each positive finding's own map at source resolution, keyed by (device UID, label)
+    finding_heatmaps: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
 
 class _ClassificationRunner:
@@ -167,10 +169,13 @@ class _ClassificationRunner:
                 )
             )
         heatmap = None
+        own: dict[tuple[str, str], np.ndarray] = {}
         if cams:
-            combined = np.max(np.stack(list(cams.values())), axis=0)
-            heatmap = np.clip(letterbox.heatmap_to_source(combined), 0.0, 1.0)
-        return _ImageOutput(findings, heatmap)
+            for k, cam in cams.items():
+                own[(self.identity.device_uid, self.meta.labels[k].name)] = np.clip(
+                    letterbox.heatmap_to_source(cam), 0.0, 1.0).astype(np.float32, copy=False)
+            heatmap = np.max(np.stack(list(own.values())), axis=0)
+        return _ImageOutput(findings, heatmap, own)
 
 
 class _DetectionRunner:
@@ -357,6 +362,7 @@ def _release_device_memory() -> None:
 
 def _merge(result: ImageResult, output: _ImageOutput) -> None:
     result.findings.extend(output.findings)
+    result.finding_heatmaps.update(output.finding_heatmaps)
     if output.heatmap is None:
         return
     if result.heatmap is None:

@@ -118,6 +118,10 @@ class ImageResult:
     ``display``: uint8 (rows, columns) grey rendering of the source as the models saw it
     (modality LUT, VOI, MONOCHROME1 inversion; before letterboxing), so the overlay can be
     drawn without decoding the image a second time; None when not computed.
+
+    ``finding_heatmaps``: each positive finding's own Grad-CAM (same shape and range as
+    ``heatmap``), keyed by (model device UID, label), so a segmentation can give every
+    finding its own segment; empty for findings without one (detector boxes).
     """
 
     sop_instance_uid: str
@@ -127,6 +131,7 @@ class ImageResult:
     heatmap: np.ndarray | None = None
     models: list[ModelIdentity] = field(default_factory=list)
     display: np.ndarray | None = None
+    finding_heatmaps: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
     @property
     def positive_findings(self) -> list[Finding]:

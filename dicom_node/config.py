@@ -203,6 +203,11 @@ class OutputSettingsModel(_Model):
     sr: bool = True
     sc: bool = True
     gsps: bool = True
+    # the Grad-CAM as a DICOM Segmentation, one segment per positive finding; off by
+    # default (many PACS refuse SEG); "binary": the region where the map is >= 0.5 (the form
+    # OHIF 3.x shows), "fractional": the map's grades (Weasis, 3D Slicer; OHIF refuses it)
+    seg: bool = False
+    seg_type: Literal["fractional", "binary"] = "binary"
     institution_name: str | None = None
     heatmap_alpha: float = Field(0.35, ge=0, le=1)
     # detector candidates below their operating threshold: left out of the SR ("omit"),
@@ -210,7 +215,7 @@ class OutputSettingsModel(_Model):
     sr_candidates: Literal["omit", "list"] = "omit"
 
 
-OutputKind = Literal["sr", "sc", "gsps"]
+OutputKind = Literal["sr", "sc", "gsps", "seg"]
 
 
 class Destination(_Model):
@@ -222,7 +227,8 @@ class Destination(_Model):
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = None
     # which result objects this destination gets (many PACS refuse SR or GSPS)
-    outputs: list[OutputKind] = Field(default_factory=lambda: ["sr", "sc", "gsps"])
+    # ("seg" is only built when outputs.seg is on)
+    outputs: list[OutputKind] = Field(default_factory=lambda: ["sr", "sc", "gsps", "seg"])
     # transfer syntaxes offered for the secondary capture, in order of preference
     # (keywords or UIDs, e.g. [RLELossless, ExplicitVRLittleEndian]); the SC is transcoded
     # to the one the destination accepts

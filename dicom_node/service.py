@@ -48,7 +48,8 @@ def node_id(settings: Settings) -> str:
 
 def output_settings(settings: Settings) -> OutputSettings:
     o = settings.outputs
-    return OutputSettings(sr=o.sr, sc=o.sc, gsps=o.gsps, institution_name=o.institution_name,
+    return OutputSettings(sr=o.sr, sc=o.sc, gsps=o.gsps, seg=o.seg, seg_type=o.seg_type,
+                          institution_name=o.institution_name,
                           heatmap_alpha=o.heatmap_alpha, sr_candidates=o.sr_candidates)
 
 

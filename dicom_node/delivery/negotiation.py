@@ -50,7 +50,7 @@ def requested_contexts(objects: Iterable[tuple[str, str]], destination: Destinat
     contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
     if destination.storage_commitment:
         contexts.append(build_context(StorageCommitmentPushModel, list(UNCOMPRESSED)))
-    if len(contexts) > MAX_CONTEXTS:  # cannot happen with the three result kinds
+    if len(contexts) > MAX_CONTEXTS:  # cannot happen with the four result kinds
         raise ValueError(f"{len(contexts)} presentation contexts exceed {MAX_CONTEXTS}")
     return contexts
 

@@ -1,4 +1,5 @@
-"""The result objects the node sends back into the analysed study: SR, SC overlay, GSPS.
+"""The result objects the node sends back into the analysed study: SR, SC overlay, GSPS,
+heatmap SEG.
 
 ``build_outputs`` is the one entry point. Every UID it creates is derived from
 ``uid_seed`` (the node passes the sorted input SOP Instance UIDs plus the model
@@ -39,6 +40,7 @@ from dicom_node.outputs.common import (
 )
 from dicom_node.outputs.equipment import add_algorithm_equipment
 from dicom_node.outputs.gsps import build_gsps
+from dicom_node.outputs.heatmap import build_seg
 from dicom_node.outputs.render import render_grey
 from dicom_node.outputs.sc import build_sc
 from dicom_node.outputs.sr import build_sr
@@ -58,7 +60,8 @@ def build_outputs(
 ) -> list[OutputObject]:
     """Build the enabled outputs for the analysed images of one study.
 
-    Returns the SR first, then one SC per image (in ``items`` order), then the GSPS. The
+    Returns the SR first, then one SC per image (in ``items`` order), then the GSPS, then
+    (when enabled) one heatmap SEG per image with a heatmap. The
     caller's datasets are not modified. Raises ``ValueError`` if the items span more
     than one study, or a result does not match its dataset.
 
@@ -81,6 +84,8 @@ def build_outputs(
             outputs.extend(build_sc(sources, settings, uid_seed))
         if settings.gsps:
             outputs.extend(build_gsps(sources, settings, uid_seed))
+        if settings.seg:
+            outputs.extend(build_seg(sources, settings, uid_seed))
     created = local_time(created or datetime.datetime.now())
     models = models_of(sources)
     for output in outputs:

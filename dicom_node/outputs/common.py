@@ -55,6 +55,7 @@ _REQUIRED: tuple[str, ...] = (
     "PhotometricInterpretation",
 )
 SR_CANDIDATE_MODES: tuple[str, ...] = ("omit", "list")
+SEG_TYPES: tuple[str, ...] = ("fractional", "binary")
 # Used when a projection image carries no orientation: the usual chest display (patient's
 # left to the right of the screen, feet down). Only ever written into working copies.
 DEFAULT_ORIENTATION: tuple[str, str] = ("L", "F")
@@ -67,11 +68,16 @@ class OutputSettings:
     sr: bool = True
     sc: bool = True
     gsps: bool = True
+    # The Grad-CAM as a DICOM Segmentation (outputs/heatmap.py); off by default: many PACS
+    # refuse SEG and a result set is SR + SC + GSPS unless asked.
+    seg: bool = False
+    seg_type: str = "binary"
     manufacturer: str = "CXR AI node"
     institution_name: str | None = None
     series_number_sr: int = 9901
     series_number_sc: int = 9902
     series_number_gsps: int = 9903
+    series_number_seg: int = 9904
     heatmap_alpha: float = 0.35
     # Type 1 in the GSPS Enhanced General Equipment module: identifies this node.
     device_serial_number: str = "1"
@@ -82,12 +88,15 @@ class OutputSettings:
     def __post_init__(self) -> None:
         if not 0.0 <= self.heatmap_alpha <= 1.0:
             raise ValueError(f"heatmap_alpha must be in [0, 1], got {self.heatmap_alpha!r}")
-        for name in ("series_number_sr", "series_number_sc", "series_number_gsps"):
+        for name in ("series_number_sr", "series_number_sc", "series_number_gsps",
+                     "series_number_seg"):
             value = getattr(self, name)
             if not 0 < value < 2**31:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.manufacturer:
             raise ValueError("manufacturer must not be empty")
+        if self.seg_type not in SEG_TYPES:
+            raise ValueError(f"seg_type must be one of {SEG_TYPES}, got {self.seg_type!r}")
         if self.sr_candidates not in SR_CANDIDATE_MODES:
             raise ValueError(
                 f"sr_candidates must be one of {SR_CANDIDATE_MODES}, got {self.sr_candidates!r}"
@@ -98,7 +107,7 @@ class OutputSettings:
 class OutputObject:
     """One DICOM object ready to send."""
 
-    kind: str  # "sr" | "sc" | "gsps"
+    kind: str  # "sr" | "sc" | "gsps" | "seg"
     dataset: pydicom.Dataset
     sop_instance_uid: str
     sop_class_uid: str
@@ -331,6 +340,7 @@ _CREATION_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
     "sr": (("ContentDate", "ContentTime"),),
     "sc": (("ContentDate", "ContentTime"), ("DateOfSecondaryCapture", "TimeOfSecondaryCapture")),
     "gsps": (("PresentationCreationDate", "PresentationCreationTime"),),
+    "seg": (("ContentDate", "ContentTime"),),
 }
 
 

@@ -165,7 +165,7 @@ outputs = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
-    Column("kind", String(8), nullable=False),  # sr | sc | gsps
+    Column("kind", String(8), nullable=False),  # sr | sc | gsps | seg
     Column("sop_instance_uid", UID, nullable=False),
     Column("sop_class_uid", UID, nullable=False),
     Column("series_uid", UID, nullable=False),

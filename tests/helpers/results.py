@@ -31,7 +31,8 @@ SENDER_DEFAULTS: dict[str, Any] = {"max_attempts": 3, "backoff_initial_s": 0.1,
 
 
 class ResultBench:
-    def __init__(self, root: Path, destinations: list[dict[str, Any]]) -> None:
+    def __init__(self, root: Path, destinations: list[dict[str, Any]],
+                 output_settings: OutputSettings | None = None) -> None:
         # C-STORE (no ``type``) or ``type: stow-rs`` mappings, validated as the config does
         self.destinations = [_DESTINATION.validate_python(d) for d in destinations]
         self.engine = db.make_engine(f"sqlite:///{root / 'node.db'}")
@@ -41,7 +42,8 @@ class ResultBench:
         self.assembler = StudyAssembler(self.engine, self.spool, SelectionSettings(), 0.0)
         self.worker = AnalysisWorker(self.engine, self.spool,
                                      JobQueue(self.engine, lease_s=60, max_attempts=1),
-                                     FakeAnalyzer(), OutputSettings(), self.destinations)
+                                     FakeAnalyzer(), output_settings or OutputSettings(),
+                                     self.destinations)
 
     def study(self, seed: int = 0) -> str:
         """One analysed study: its SR, SC and GSPS written, deliveries pending."""

@@ -78,6 +78,13 @@ def test_two_bundles_merge(always_positive: Path, never_positive: Path) -> None:
         assert result.models == analyzer.models
         assert {f.model.name for f in result.positive_findings} == {"always-positive"}
         assert result.heatmap is not None and result.heatmap.shape == (300, 200)
+        # each positive finding has its own map (the SEG's segments); the combined one is
+        # their maximum, and the never-positive bundle adds none
+        keys = {(f.model.device_uid, f.label) for f in result.positive_findings}
+        assert set(result.finding_heatmaps) == keys
+        own = np.stack(list(result.finding_heatmaps.values()))
+        assert own.shape[1:] == (300, 200) and own.dtype == np.float32
+        np.testing.assert_array_equal(own.max(axis=0), result.heatmap)
 
 
 def test_batching_does_not_change_results(always_positive: Path) -> None:

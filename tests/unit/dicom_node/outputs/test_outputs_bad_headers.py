@@ -2,8 +2,9 @@
 its results, never reach an output, never reach the log; source UIDs stay exact.
 
 Headers are written byte for byte and read back as the worker reads them
-(``read_untrusted``); every SR, SC and GSPS built from them goes through dciodvfy, whose
-only permitted complaint is about the source UIDs we copy faithfully (leading zeros).
+(``read_untrusted``); every SR, SC, GSPS (and heatmap SEG) built from them goes through
+dciodvfy, whose only permitted complaint is about the source UIDs we copy faithfully
+(leading zeros).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from dicom_node.outputs.sanitise import KEPT_EXACT, sanitise
 # OUTPUTS_FUZZ_EXAMPLES=500 OUTPUTS_FUZZ_RANDOM=1 for a longer, randomised hunt.
 FUZZ_EXAMPLES = int(os.environ.get("OUTPUTS_FUZZ_EXAMPLES", "20"))
 DERANDOMIZE = not os.environ.get("OUTPUTS_FUZZ_RANDOM")
+WITH_SEG = OutputSettings(seg=True)  # the heatmap SEG meets the same headers
 SUMMARY = "Error - Dicom dataset contains invalid data values for Value Representations"
 # Copied attributes a header may carry beyond the base files' own (patient, study, series,
 # equipment, and what the builders read: orientation, spacing, VOI, rescale, lossy flags).
@@ -65,7 +67,7 @@ _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "
 
 def _result(ds: Dataset, box: BoundingBox | None = None) -> ImageResult:
     with quiet():  # the source's own UIDs may break UID rules: reading them warns
-        return make_result(ds, box=box)
+        return make_result(ds, box=box, heat_box=(10, 60, 10, 60))
 
 
 def _uids(ds: Dataset) -> dict[str, str]:
@@ -91,7 +93,9 @@ def _unexplained(errors: list[str], copied: set[str]) -> list[str]:
 def _assert_valid_outputs_in_source_study(
     outputs: list[OutputObject], source_uids: dict[str, str], tmp: Path, copied: set[str]
 ) -> None:
-    assert sorted(o.kind for o in outputs) == ["gsps", "sc", "sr"]
+    kinds = ["gsps", "sc", "seg", "sr"] if any(o.kind == "seg" for o in outputs) else [
+        "gsps", "sc", "sr"]
+    assert sorted(o.kind for o in outputs) == kinds
     for output in outputs:
         ds = output.dataset
         assert str(ds.StudyInstanceUID) == source_uids["StudyInstanceUID"]  # same study
@@ -122,7 +126,7 @@ def test_field_case_still_gives_valid_outputs(
     keyword, raw = FIELD_CASES[case]
     caplog.set_level(logging.WARNING, logger="dicom_node.outputs")
     ds = with_raw_values(make_source(photometric="MONOCHROME1"), {keyword: raw}, tmp_path / "s.dcm")
-    outputs = build_outputs([(ds, _result(ds, BoundingBox(20, 40, 120, 140)))], OutputSettings(), "s")
+    outputs = build_outputs([(ds, _result(ds, BoundingBox(20, 40, 120, 140)))], WITH_SEG, "s")
     _assert_valid_outputs_in_source_study(outputs, _uids(ds), tmp_path, set())
     tag = tag_for_keyword(keyword)
     bad = raw.decode("latin-1").strip()
@@ -150,7 +154,7 @@ def test_all_field_cases_with_leading_zero_uids_keep_the_source_uids(tmp_path: P
                "SeriesInstanceUID": ZERO_SERIES_UID.encode(),
                "SOPInstanceUID": ZERO_SOP_UID.encode()}  # fmt: skip
     ds = with_raw_values(make_source(modality="DX"), values, tmp_path / "s.dcm")
-    outputs = build_outputs([(ds, _result(ds, BoundingBox(10, 20, 90, 120)))], OutputSettings(), "s")
+    outputs = build_outputs([(ds, _result(ds, BoundingBox(10, 20, 90, 120)))], WITH_SEG, "s")
     assert _uids(ds) == {"StudyInstanceUID": ZERO_STUDY_UID, "SeriesInstanceUID": ZERO_SERIES_UID,
                          "SOPInstanceUID": ZERO_SOP_UID}  # fmt: skip
     copied = {ZERO_STUDY_UID, ZERO_SERIES_UID, ZERO_SOP_UID}
