@@ -1,11 +1,13 @@
-"""What a radiologist sees: the node's SR opened in OHIF Viewer v3 in real Chromium.
+"""What a radiologist sees: the node's SR and heatmap SEG opened in OHIF Viewer v3 in real
+Chromium.
 
 A phantom radiograph with a nodule at a known place goes into a real Orthanc (with the
-DICOMweb plugin), Orthanc routes it to a real node, the node's outputs come back into the
-study, and OHIF (the npm build, served same-origin) opens the study. The analyzer is an
-oracle that reports the phantom's ground truth (a positive nodule inside its true box, an
-absent pneumothorax), so every check below is about the encoding and the viewer, not a
-model's accuracy. Everything is read from the page: OHIF's services and cornerstone
+DICOMweb plugin), Orthanc routes it to a real node by C-STORE, the node's outputs (SR, SC,
+GSPS and the binary Grad-CAM SEG) come back into the study by STOW-RS through Orthanc's
+DICOMweb root, and OHIF (the npm build, served same-origin) opens the study. The analyzer
+is an oracle that reports the phantom's ground truth (a positive nodule inside its true box,
+its Grad-CAM an ellipse inscribed in that box, an absent pneumothorax), so every check below
+is about the encoding, the delivery and the viewer, not a model's accuracy. Everything is read from the page: OHIF's services and cornerstone
 through ``window``, the browser log, screenshots under test-artifacts/screenshots/.
 """
 
@@ -87,6 +89,53 @@ return all.map(a => {
           canvas: vp ? points.map(p => Array.from(vp.worldToCanvas(p))) : []};
 });
 """
+# Every segmentation OHIF's segmentationService holds: its segments' labels, and the
+# labelmap cornerstone renders (image size, the bounding box of its non-zero pixels, the
+# values in it), read from cornerstone's cache through the representation's image ids.
+SEG_STATE = """
+const s = window.services, cs = window.cornerstone;
+if (!s || !s.segmentationService) return null;
+const segs = s.segmentationService.getSegmentations() || [];
+if (!segs.length) return null;
+return segs.map(x => {
+  const lm = (x.representationData && (x.representationData.Labelmap
+    || x.representationData.LABELMAP)) || {};
+  const ids = lm.imageIds || [];
+  let labelmap = null;
+  const img = ids.length ? cs.cache.getImage(ids[0]) : null;
+  if (img) {
+    const px = img.getPixelData(), w = img.columns, h = img.rows, values = new Set();
+    let x0 = w, y0 = h, x1 = -1, y1 = -1;
+    for (let i = 0; i < px.length; i++) {
+      if (!px[i]) continue;
+      values.add(px[i]);
+      const x = i % w, y = Math.floor(i / w);
+      x0 = Math.min(x0, x); y0 = Math.min(y0, y); x1 = Math.max(x1, x); y1 = Math.max(y1, y);
+    }
+    labelmap = {rows: h, columns: w, box: [x0, y0, x1, y1], values: Array.from(values)};
+  }
+  return {id: x.segmentationId, label: x.label || '', imageIds: ids.length, labelmap,
+          segments: Object.values(x.segments || {}).filter(Boolean)
+            .map(g => ({index: g.segmentIndex, label: g.label || ''}))};
+});
+"""
+# RGB of the rendered canvas at image pixels (arguments[0]: [[column, row], ...]), through
+# the viewport's image -> world -> canvas transform (canvas pixels may be device pixels).
+CANVAS_AT = """
+const cs = window.cornerstone;
+const vp = cs.getRenderingEngines()[0].getViewports()
+  .find(v => v.getCurrentImageId && v.getCurrentImageId());
+if (!vp) return null;
+const imageId = vp.getCurrentImageId(), c = vp.canvas;
+const scale = c.width / c.clientWidth, ctx = c.getContext('2d');
+return arguments[0].map(p => {
+  const xy = vp.worldToCanvas(cs.utilities.imageToWorldCoords(imageId, p));
+  const d = ctx.getImageData(Math.round(xy[0] * scale), Math.round(xy[1] * scale), 1, 1).data;
+  return [d[0], d[1], d[2]];
+});
+"""
+
+
 class PhantomOracle:
     """An analyzer that reports the phantom's truth: the nodule inside its true box
     (positive), a pneumothorax absent (below threshold, no box)."""
@@ -108,9 +157,20 @@ class PhantomOracle:
                 Finding("pneumothorax", DEFAULT_CODES["pneumothorax"], PNEUMOTHORAX_P, 0.5,
                         False, ORACLE, None),
             ]
-            out.append(ImageResult(uid, int(ds.Rows), int(ds.Columns), findings, None,
-                                   [ORACLE]))
+            heat = _inscribed_heatmap(self.truth[uid], int(ds.Rows), int(ds.Columns))
+            out.append(ImageResult(uid, int(ds.Rows), int(ds.Columns), findings, heat,
+                                   [ORACLE], finding_heatmaps={
+                                       (ORACLE.device_uid, "nodule"): heat}))
         return out
+
+
+def _inscribed_heatmap(box: BoundingBox, rows: int, columns: int) -> np.ndarray:
+    """A Grad-CAM stand-in: 1 at the box's centre, 0.5 on the ellipse inscribed in the box,
+    so the binary SEG (map >= 0.5) is that ellipse."""
+    yy, xx = np.mgrid[0:rows, 0:columns].astype(np.float32)
+    rx, ry = (box.x1 - box.x0) / 2, (box.y1 - box.y0) / 2
+    r2 = ((xx + 0.5 - (box.x0 + rx)) / rx) ** 2 + ((yy + 0.5 - (box.y0 + ry)) / ry) ** 2
+    return np.exp(-np.log(2.0) * r2).astype(np.float32)
 
 
 def _phantom(folder: Path) -> tuple[Path, pydicom.Dataset, BoundingBox]:
@@ -141,9 +201,9 @@ def _bounds(points: list[list[float]]) -> tuple[float, float, float, float]:
 
 
 def _results_in_orthanc(pacs: Any, study_id: str) -> pydicom.Dataset:
-    """Wait for SR, SC and GSPS in the study; the SR as stored."""
-    wait_until(lambda: len(pacs.study_series(study_id)) >= 4, 60, interval=0.5,
-               what="the node's SR, SC and GSPS back in Orthanc")
+    """Wait for SR, SC, GSPS and SEG in the study; the SR as stored."""
+    wait_until(lambda: len(pacs.study_series(study_id)) >= 5, 60, interval=0.5,
+               what="the node's SR, SC, GSPS and SEG back in Orthanc")
     sr_series = next(s for s in pacs.study_series(study_id)
                      if s["MainDicomTags"]["Modality"] == "SR")
     sr = pydicom.dcmread(io.BytesIO(pacs.rest(f"/instances/{sr_series['Instances'][0]}/file",
@@ -164,6 +224,53 @@ def _coded(sr: pydicom.Dataset) -> set[tuple[str, str]]:
     return out
 
 
+def _origins(pacs: Any, study_id: str) -> dict[str, str]:
+    """Modality -> Orthanc's Origin metadata of the series' first instance."""
+    return {series["MainDicomTags"]["Modality"]: pacs.rest(
+        f"/instances/{series['Instances'][0]}/metadata/Origin", raw=True).decode()
+        for series in pacs.study_series(study_id)}
+
+
+def _open_seg_and_check(driver: Any, truth: BoundingBox) -> None:
+    """As a radiologist does: double-click the SEG in the study browser and answer Yes to
+    OHIF's "Do you want to open this Segmentation?"; then the segment names the finding and
+    the model, its labelmap is the ellipse inside the nodule's box, and the canvas is tinted
+    over the nodule and grey beside it."""
+    entry = driver.find_element(By.XPATH, "//*[starts-with(normalize-space(text()), "
+                                "'AI heatmap SEG')]")
+    ActionChains(driver).double_click(entry).perform()
+    yes = wait_js(driver, "return Array.from(document.querySelectorAll('button'))"
+                  ".find(b => b.textContent.trim() === 'Yes' && document.body.textContent"
+                  ".includes('open this Segmentation')) || null;",
+                  30, "OHIF's prompt \"Do you want to open this Segmentation?\"")
+    yes.click()
+    segs = wait_js(driver, f"const g = (() => {{{SEG_STATE}}})();"
+                   "return g && g.every(x => x.labelmap) ? g : null;",
+                   60, "the SEG loaded as a segmentation with its labelmap")
+    print("OHIF segmentations:", segs)
+    (seg,) = segs
+    label = f"nodule ({ORACLE.name} {ORACLE.version}, DEMO)"
+    assert [g["label"] for g in seg["segments"]] == [label], seg
+    lm = seg["labelmap"]
+    assert (lm["rows"], lm["columns"]) == (ROWS, COLUMNS), lm
+    assert lm["values"] == [1], lm  # one segment
+    for got, want in zip(lm["box"], (truth.x0, truth.y0, truth.x1 - 1, truth.y1 - 1),
+                         strict=True):
+        assert abs(got - want) <= TOLERANCE_PX, (lm, truth)
+    centre = [(truth.x0 + truth.x1) / 2, (truth.y0 + truth.y1) / 2]
+    beside = [COLUMNS - centre[0], centre[1]]  # the other lung, mirrored
+
+    def tinted() -> Any:
+        rgb = driver.execute_script(CANVAS_AT, [centre, beside])
+        return rgb if rgb and max(rgb[0]) - min(rgb[0]) > 40 else None
+
+    inside, outside = wait_until(tinted, 30, interval=0.25,
+                                 what="the segment's colour drawn over the nodule")
+    shoot(driver, "ohif-seg")
+    print("canvas RGB at the nodule / beside it:", inside, outside)
+    assert max(outside) - min(outside) <= 10, (inside, outside)  # grey: no overlay there
+
+
 def test_ohif_shows_the_nodes_sr_boxes_over_the_finding(tmp_path: Path) -> None:
     dist = ohif_dist()
     path, source, truth = _phantom(tmp_path / "in")
@@ -171,12 +278,21 @@ def test_ohif_shows_the_nodes_sr_boxes_over_the_finding(tmp_path: Path) -> None:
     pacs = start_orthanc(tmp_path / "orthanc", node_port, stable_age=1, dicomweb=True)
     node = viewer = driver = None
     try:
-        settings = node_settings(tmp_path / "node", destinations=[pacs.destination],
-                                 **{"dicom.port": node_port})
+        # Results go back by STOW-RS to Orthanc's DICOMweb root (the study came by C-STORE).
+        # (A stow-rs destination's default outputs are sr, sc and gsps: the SEG is named.)
+        stow = {"type": "stow-rs", "url": f"{pacs.url}/dicom-web/", "timeout_s": 10,
+                "outputs": ["sr", "sc", "gsps", "seg"]}
+        settings = node_settings(tmp_path / "node", destinations=[stow],
+                                 **{"dicom.port": node_port, "outputs.seg": True})
         oracle = PhantomOracle({str(source.SOPInstanceUID): truth})
         node = start_node(settings, lambda _s: oracle)
         study_id = pacs.upload(path)["ParentStudy"]
         sr = _results_in_orthanc(pacs, study_id)
+        origins = _origins(pacs, study_id)
+        print("Orthanc's Origin of each series:", origins)
+        # Orthanc records how each instance came: the results by its DICOMweb plugin.
+        assert origins == {"DX": "RestApi", "OT": "Plugins", "PR": "Plugins",
+                           "SEG": "Plugins", "SR": "Plugins"}, origins
         # The SR does report the pneumothorax, as Absent: it must not become a box.
         assert (DEFAULT_CODES["pneumothorax"].value, "272519000") in _coded(sr)
 
@@ -184,9 +300,9 @@ def test_ohif_shows_the_nodes_sr_boxes_over_the_finding(tmp_path: Path) -> None:
         driver = ohif_browser(tmp_path / "profile")
         driver.get(viewer.viewer_url(str(source.StudyInstanceUID)))
         sets = wait_js(driver, f"const d = (() => {{{DISPLAY_SETS}}})();"
-                       "return d && d.some(x => x.modality === 'SR') "
-                       "&& d.some(x => x.modality === 'DX') ? d : null;",
-                       60, "OHIF's display sets: the DX image and the AI SR")
+                       "return d && ['SR', 'SEG', 'DX'].every(m => "
+                       "d.some(x => x.modality === m)) ? d : null;",
+                       60, "OHIF's display sets: the DX image, the AI SR and SEG")
         wait_js(driver, IMAGE_SHOWN, 60, "the radiograph rendered in a viewport")
         shoot(driver, "ohif-study")
         spread = driver.execute_script(CANVAS_SPREAD)
@@ -195,13 +311,15 @@ def test_ohif_shows_the_nodes_sr_boxes_over_the_finding(tmp_path: Path) -> None:
         print("OHIF display sets and their messages:", messages)
         # Evidence for the README's table: OHIF lists the secondary capture and the SR, and
         # marks the GSPS "unsupported SOP class" (DisplaySetMessage.CODES 14): it ignores it.
-        assert messages["DX"] == messages["OT"] == messages["SR"] == [], messages
+        assert messages["DX"] == messages["OT"] == messages["SR"] == messages["SEG"] == [], \
+            messages
         assert messages["PR"] == ["14"], messages
 
         (sr_set,) = [d for d in sets if d["modality"] == "SR"]
         assert sr_set["description"] == "AI findings SR (CXR AI node)"
         browser_text = driver.find_element(By.TAG_NAME, "body").text
         assert "AI findings SR" in browser_text, browser_text  # listed in the study browser
+        assert "AI heatmap SEG" in browser_text, browser_text
 
         # As a radiologist does: double-click the SR in the study browser (OHIF parses an
         # SR when it is shown).
@@ -229,6 +347,8 @@ def test_ohif_shows_the_nodes_sr_boxes_over_the_finding(tmp_path: Path) -> None:
             assert abs(got - want) <= TOLERANCE_PX, (box["image"], truth)
         cx0, cy0, cx1, cy1 = _bounds(box["canvas"])
         assert cx1 - cx0 > 5 and cy1 - cy0 > 5, box["canvas"]  # visible on the canvas
+
+        _open_seg_and_check(driver, truth)
 
         errors = page_errors(driver)
         assert not errors, "uncaught errors in OHIF:\n" + "\n".join(errors)
