@@ -3,8 +3,11 @@
 Starts the trio the OHIF test uses: a private Orthanc with the DICOMweb plugin, the node
 (``dicom-node serve``, its destination that Orthanc) and OHIF from npm served same-origin
 (``scripts/ohif_server.py``); uploads a few phantom studies, waits for the SR, secondary
-capture and GSPS, and prints the addresses: the study list and one link per study. Runs
-until Ctrl-C. Other studies sent to Orthanc (REST upload, C-STORE with
+capture and GSPS, and prints the addresses: the study list and one link per study. The node
+runs with ``outputs.seg`` on (whatever the config says), so every image with a positive
+finding also gets its Grad-CAM as a binary DICOM Segmentation a person can open in OHIF (it
+follows the other results moments later; an image without a positive finding has none, so
+the wait does not count it). Runs until Ctrl-C. Other studies sent to Orthanc (REST upload, C-STORE with
 ``--allow-any-store``) go the same way.
 
 OHIF 3.13.2 shows nothing for an image with VOI LUT Function LINEAR ("Invalid VOI LUT
@@ -70,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from dicom_node.config import load_settings
 
     data_dir = args.data_dir.resolve()
-    settings = load_settings(args.config, overrides={"storage.data_dir": str(data_dir)})
+    settings = load_settings(args.config, overrides={"storage.data_dir": str(data_dir),
+                                                     "outputs.seg": True})
     o = settings.outputs
     expected = 1 + int(o.sr) + int(o.sc) + int(o.gsps)
     node_port = demo.pick_port(settings.dicom.port)
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     viewer: ohif_server.OhifServer | None = None
     try:
         dist = ohif_server.install_ohif()
-        env: dict[str, str] = {}
+        env: dict[str, str] = {"CXR_NODE__OUTPUTS__SEG": "true"}  # the heatmap SEG on
         if not settings.models.bundles:
             models = demo.shared_bundle_dir(args.config, None)
             demo.ensure_bundles(models, quick=settings.models.demo_build == "quick")
@@ -109,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                 uid = pacs.study(study)["MainDicomTags"]["StudyInstanceUID"]
                 print(f"  {viewer.viewer_url(uid)}", flush=True)
         print("Open a study, then the SR \"AI findings SR (CXR AI node)\" in the study "
-              "browser. Ctrl-C stops.", flush=True)
+              "browser (the boxes), or the SEG \"AI heatmap SEG (CXR AI node)\" and answer "
+              "Yes to \"Do you want to open this Segmentation?\" (the Grad-CAM). Ctrl-C "
+              "stops.", flush=True)
         while True:
             node.check()
             if pacs.proc is None or pacs.proc.poll() is not None:
