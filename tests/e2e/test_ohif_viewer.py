@@ -271,7 +271,7 @@ def _open_seg_and_check(driver: Any, truth: BoundingBox) -> None:
     assert max(outside) - min(outside) <= 10, (inside, outside)  # grey: no overlay there
 
 
-def test_ohif_shows_the_nodes_sr_boxes_over_the_finding(tmp_path: Path) -> None:
+def test_ohif_shows_the_nodes_sr_boxes_and_seg_over_the_finding(tmp_path: Path) -> None:
     dist = ohif_dist()
     path, source, truth = _phantom(tmp_path / "in")
     node_port = free_port()
