@@ -327,7 +327,8 @@ class StowRsDestination(_Model):
     verify_tls: bool = True
     ca_file: Path | None = None  # PEM bundle trusted for this server (instead of certifi's)
     timeout_s: float = Field(30.0, gt=0)  # connect and read timeout of one request
-    outputs: list[OutputKind] = Field(default_factory=lambda: ["sr", "sc", "gsps"])
+    # as for C-STORE destinations: every kind the node builds (the SEG only when outputs.seg)
+    outputs: list[OutputKind] = Field(default_factory=lambda: ["sr", "sc", "gsps", "seg"])
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
                               serialize_by_alias=True)  # dumps say "name", as the YAML
