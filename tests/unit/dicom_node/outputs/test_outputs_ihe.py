@@ -31,6 +31,7 @@ CONTENT_PAIR = {
     "sr": ("ContentDate", "ContentTime"),
     "sc": ("ContentDate", "ContentTime"),
     "gsps": ("PresentationCreationDate", "PresentationCreationTime"),
+    "seg": ("ContentDate", "ContentTime"),
 }
 
 
@@ -45,12 +46,15 @@ def _study() -> list[tuple[Dataset, object]]:
     """A CR read by the detector and a DX-as-SC read by the demo classifier."""
     cr = make_source(sop_uid="1.2.826.0.1.3680043.8.498.2.1")
     sc = dx_as_sc()
-    return [(cr, make_result(cr, box=BoundingBox(20, 40, 120, 140))),
-            (sc, make_result(sc, box=BoundingBox(30, 30, 90, 80), model=DEMO))]
+    return [(cr, make_result(cr, box=BoundingBox(20, 40, 120, 140), heat_box=(40, 140, 20, 120))),
+            (sc, make_result(sc, box=BoundingBox(30, 30, 90, 80), heat_box=(30, 80, 30, 90),
+                             model=DEMO))]
 
 
 def _build(items: list | None = None) -> list[OutputObject]:
-    return build_outputs(items or _study(), OutputSettings(), "ihe seed", created=CREATED)
+    """Every output kind, the heatmap SEG included (off by default)."""
+    return build_outputs(items or _study(), OutputSettings(seg=True), "ihe seed",
+                         created=CREATED)
 
 
 def _algorithm_items(ds: Dataset) -> dict[str, Dataset]:
@@ -87,7 +91,7 @@ def _assert_names(item: Dataset, model: ModelIdentity) -> None:
 
 def test_every_output_names_each_model_as_processing_algorithm() -> None:
     outputs = _build()
-    assert sorted(o.kind for o in outputs) == ["gsps", "gsps", "sc", "sc", "sr"]
+    assert sorted(o.kind for o in outputs) == ["gsps", "gsps", "sc", "sc", "seg", "seg", "sr"]
     for output in outputs:
         items = _algorithm_items(output.dataset)
         assert sorted(items) == sorted([DETECTOR.device_uid, DEMO.device_uid]), output.kind
