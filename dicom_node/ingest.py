@@ -162,9 +162,12 @@ def read_header(path: Path, sop_instance_uid: str, *, max_inflated_bytes: int) -
     # only, as before the selection attributes were parsed here (the worker's full read
     # registers the rest)
     remember_phi(_filing_part(ds))
-    with quiet():
-        study, series = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
-        modality, sop = ds.get("Modality"), ds.get("SOPInstanceUID")
+    try:  # values convert on access: a malformed one (a corrupt VR, say) fails here
+        with quiet():
+            study, series = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
+            modality, sop = ds.get("Modality"), ds.get("SOPInstanceUID")
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any conversion error is a reason
+        raise InvalidInstanceError(f"header unreadable: {type(exc).__name__}") from exc
     if not is_valid_uid(study, "received"):
         raise InvalidInstanceError("StudyInstanceUID missing or invalid")
     if sop is not None and str(sop) != sop_instance_uid:
