@@ -80,6 +80,22 @@ def machine() -> dict[str, Any]:
     }
 
 
+def busy_warning(threshold: float = 0.5) -> str | None:
+    """A warning when the 1-minute load average says other work shares the cores.
+
+    Call it before measuring and put the result in the JSON (``machine_busy``): absolute
+    figures from a busy machine are not comparable; same-run ratios suffer less.
+    """
+    load1 = os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    if load1 <= threshold * cpus:
+        return None
+    text = (f"WARNING: the machine is busy (load average {load1:.1f} on {cpus} CPUs): "
+            "absolute figures are not comparable; read the same-run ratios")
+    print(text, flush=True)
+    return text
+
+
 def write_results(name: str, payload: dict[str, Any], enabled: bool = True) -> Path | None:
     if not enabled:
         return None
