@@ -130,12 +130,11 @@ class Probe:
 
         j = self.db.jobs
         with self.engine.connect() as conn:
-            job = conn.execute(select(j.c.created_at, j.c.started_at, j.c.finished_at)
-                               .where(j.c.study_uid == study.uid)
-                               .order_by(j.c.id.desc())).first()
-        if job is not None:
-            study.times.update(job_created=job.created_at, job_started=job.started_at,
-                               job_finished=job.finished_at)
+            jobs = conn.execute(select(j.c.created_at, j.c.started_at, j.c.finished_at)
+                                .where(j.c.study_uid == study.uid).order_by(j.c.id)).all()
+        if jobs:  # a late image re-opens a study: its last job made the delivered result
+            study.times.update(job_created=jobs[-1].created_at, job_started=jobs[-1].started_at,
+                               job_finished=jobs[-1].finished_at, jobs=len(jobs))
 
 
 def wait_all(probe: Probe, studies: list[Study], timeout: float) -> None:
