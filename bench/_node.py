@@ -70,6 +70,9 @@ class NodeProcess:
     def __init__(self, data_dir: Path, *, destination: str | None, log: Path,
                  overrides: dict[str, Any] | None = None, start_timeout: float = 600) -> None:
         self.data_dir, self.port = data_dir, c.free_port()
+        if threading.current_thread() is threading.main_thread():
+            # a benchmark stopped with SIGTERM (timeout, run_all) still stops its node
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         values = {"web.enabled": False, **(overrides or {})}
         unknown = [k for k in values if not settings_has(k)]
         if unknown:
