@@ -11,17 +11,12 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from _common import percentile
+
+__all__ = ["FULL_SAMPLES", "Verdict", "at_least", "at_most", "efficiency", "p95_label",
+           "percentile", "queue_grew"]
+
 FULL_SAMPLES = 30  # the issue's floor for a p95
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default), NaN for no values."""
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100.0
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def p95_label(values: Sequence[float], unit: str = "s") -> str:
