@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,7 @@ def run_node(name: str, overrides: dict[str, Any], size: dict[str, int], batches
                 probe.close()
     finally:
         dest.stop()
+        shutil.rmtree(c.WORK / "pipeline" / "inputs", ignore_errors=True)
     return out
 
 
