@@ -309,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     p = c.parser(__doc__.split("\n", 1)[0])
-    p.add_argument("--reps", type=int, help="studies per (mode, syntax) (full 30, quick 2)")
-    p.add_argument("--steady", type=int, help="studies of the steady run (full 30, quick 8)")
+    p.add_argument("--reps", type=int, help="studies per (mode, syntax) (full 30, quick 1)")
+    p.add_argument("--steady", type=int, help="studies of the steady run (full 30, quick 6)")
     p.add_argument("--interval", type=float, default=2.0, help="steady run: s between studies")
     p.add_argument("--modes", nargs="*", default=["shipped", "no-wait"],
                    choices=["shipped", "no-wait"])
@@ -320,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     quick = args.quick
     busy = {"start": c.busy_warning()}
-    reps = args.reps or (2 if quick else st.FULL_SAMPLES)
-    steady = args.steady if args.steady is not None else (8 if quick else st.FULL_SAMPLES)
+    reps = args.reps or (1 if quick else st.FULL_SAMPLES)
+    steady = args.steady if args.steady is not None else (6 if quick else st.FULL_SAMPLES)
     root, models = demo_bundles(quick)
     size = {"rows": args.rows, "columns": args.columns}
     tmpl = {s: p for s, p in templates(size).items() if s in args.syntaxes}

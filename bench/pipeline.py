@@ -75,8 +75,8 @@ def job_times(node: n.NodeProcess, probe: Probe, files: list[Path]) -> float:
     return study.times["job_finished"] - study.times["job_started"]
 
 
-def run_node(name: str, overrides: dict[str, Any], size: dict[str, int], batches: list[int],
-             repeats: int) -> dict[tuple[str, int], list[float]]:
+def run_node(name: str, overrides: dict[str, Any], size: dict[str, int], inputs: list[str],
+             batches: list[int], repeats: int) -> dict[tuple[str, int], list[float]]:
     """Job seconds per (input syntax, batch) for one model set, in one node process."""
     data = c.fresh_dir(c.WORK / "pipeline" / "node")
     # a short completion wait: a study's images all arrive before its one job is made
@@ -88,9 +88,9 @@ def run_node(name: str, overrides: dict[str, Any], size: dict[str, int], batches
                            log=c.VAR / "logs" / "pipeline.log") as node:
             probe = Probe(node.database_url)
             try:
-                job_times(node, probe, study_files(next(iter(INPUTS)), size, 1, 0))  # warm-up
+                job_times(node, probe, study_files(inputs[0], size, 1, 0))  # warm-up
                 k = 1
-                for syntax in INPUTS:
+                for syntax in inputs:
                     for b in batches:
                         for _ in range(repeats):
                             out.setdefault((syntax, b), []).append(
@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, help="studies per cell (default 5, quick 1)")
     p.add_argument("--rows", type=int, default=SIZE["rows"])
     p.add_argument("--columns", type=int, default=SIZE["columns"])
+    p.add_argument("--inputs", nargs="*", choices=list(INPUTS),
+                   help="input syntaxes (default both; quick: JPEG 2000)")
     p.add_argument("--nets", nargs="*", default=["demo pair", "DenseNet121 224 px"],
                    choices=["demo pair", "DenseNet121 224 px"])
     c.torch_threads(p)
@@ -183,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = args.batches or [1, worker_batch()]
     repeats = args.repeats or (1 if args.quick else 5)
     size = {"rows": args.rows, "columns": args.columns}
+    inputs = args.inputs or (["JPEG 2000"] if args.quick else list(INPUTS))
     demo_root, demo = demo_bundles(args.quick)
     d121 = c.make_random_bundle(c.WORK / "bundles" / "densenet121-224", network="densenet121",
                                 size=224)
@@ -191,10 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     pipe = []
     for name in args.nets:
         overrides, bundles = nets[name]
-        jobs = run_node(name, overrides, size, batches, repeats)
+        jobs = run_node(name, overrides, size, inputs, batches, repeats)
         for b in batches:
             fwd = forward_s(bundles, b, 10)
-            for syntax in INPUTS:
+            for syntax in inputs:
                 e2e = c.median(jobs[syntax, b])
                 pipe.append({"network": name, "input": syntax, "batch": b,
                              "n": len(jobs[syntax, b]), "job_s": jobs[syntax, b],
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{TARGET_GRADCAM}x (demo pair: its classifier)")
     busy["end"] = c.busy_warning()
     c.write_results("pipeline", {"quick": args.quick, "machine_busy": busy, "size": size,
-                                 "inputs": INPUTS, "batches": batches, "pipeline": pipe,
+                                 "inputs": inputs, "batches": batches, "pipeline": pipe,
                                  "gradcam": cams}, not args.no_json)
     return 0
 
