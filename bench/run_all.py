@@ -97,8 +97,14 @@ def rss_rows(doc: dict[str, Any]) -> list[st.Verdict]:
     return [st.Verdict(f"peak RSS, {doc['parallel']} assoc x {doc['per_association']} large",
                        "(context: vs storescp)",
                        f"node {doc['node']['peak_bytes'] / mb:.0f} MB vs storescp "
-                       f"{doc['storescp']['peak_bytes'] / mb:.0f} MB = {doc['ratio']:.1f}x",
+                       f"{doc['storescp']['peak_bytes'] / mb:.0f} MB = {doc['ratio']:.1f}x; "
+                       f"growth {grow(doc['node']) / mb:.0f} vs {grow(doc['storescp']) / mb:.0f}"
+                       " MB",
                        None)]
+
+
+def grow(r: dict[str, Any]) -> float:
+    return float(r["peak_bytes"] - r["idle_bytes"])
 
 
 SUMMARIES: dict[str, Callable[[dict[str, Any]], list[st.Verdict]]] = {
