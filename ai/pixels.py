@@ -489,6 +489,12 @@ class PreprocessParams:
     clahe_tile_grid: int = 8
     percentile_window: tuple[float, float] = DEFAULT_PERCENTILE_WINDOW
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # Imported public models expect other input spaces: the grey image repeated to
+    # ``channels`` and each channel scaled as ``(x - mean) / std`` (ImageNet statistics for
+    # torchvision's DenseNet, [-1024, 1024] for torchxrayvision). The defaults leave [0, 1].
+    channels: int = 1
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
         lo, hi = self.percentile_window
@@ -496,10 +502,21 @@ class PreprocessParams:
             raise ValueError(f"percentile_window must be 0 <= lo < hi <= 100, got {lo, hi}")
         if self.size < 16:
             raise ValueError(f"size must be >= 16, got {self.size}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean {self.mean} and std {self.std} need {self.channels} value(s)")
+        if any(not s > 0 for s in self.std):
+            raise ValueError(f"std {self.std} must be positive")
+
+    @property
+    def scaled(self) -> bool:
+        """True when the model input is not the plain one-channel [0, 1] image."""
+        return (self.channels, self.mean, self.std) != (1, (0.0,), (1.0,))
 
 
 def preprocess_image(image: np.ndarray, params: PreprocessParams) -> tuple[np.ndarray, Letterbox]:
-    """A display image (H, W) in [0, 1] -> model input (1, size, size) and its geometry.
+    """A display image (H, W) in [0, 1] -> model input (channels, size, size) and its geometry.
 
     Training renders phantoms straight to display images and calls this, so the node and
     training share every step after decoding.
@@ -508,11 +525,16 @@ def preprocess_image(image: np.ndarray, params: PreprocessParams) -> tuple[np.nd
     content = box.resize_content(image)
     if params.clahe:  # on the content only, so the padding does not skew the tiles
         content = apply_clahe(content, params.clahe_clip_limit, params.clahe_tile_grid)
-    return box.pad(content)[np.newaxis], box
+    tensor = box.pad(content)[np.newaxis]
+    if params.scaled:
+        mean = np.asarray(params.mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(params.std, dtype=np.float32)[:, None, None]
+        tensor = (np.repeat(tensor, params.channels, axis=0) - mean) / std
+    return tensor, box
 
 
 def preprocess(ds: Dataset, params: PreprocessParams | None = None) -> tuple[np.ndarray, Letterbox]:
-    """DICOM dataset -> (float32 (1, size, size) model input, :class:`Letterbox`)."""
+    """DICOM dataset -> (float32 (channels, size, size) model input, :class:`Letterbox`)."""
     params = params or PreprocessParams()
     image = load_display_image(
         ds, percentile_window=params.percentile_window, max_pixels=params.max_pixels

@@ -325,6 +325,60 @@ def _run_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _threshold_list(text: str) -> list[float]:
+    try:
+        return [float(v) if v.strip() else float("nan") for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'"{text}" is not a comma-separated list of numbers') from None
+
+
+def _add_import_weights(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", dest="fmt", required=True,
+                        choices=["torchvision-densenet121", "torchxrayvision-densenet121"],
+                        help="checkpoint layout: torchvision's DenseNet121 (CheXNet "
+                        "re-implementations) or torchxrayvision's DenseNet")  # fmt: skip
+    parser.add_argument("--weights", type=Path, required=True, help="state dict file (.pt/.pth)")
+    parser.add_argument("--labels", metavar="A,B,...|@FILE",
+                        help="output names in checkpoint order, empty = skip that output "
+                        "(default: the 14 CheXNet labels / torchxrayvision's 18 pathologies)")  # fmt: skip
+    parser.add_argument("--thresholds", type=_threshold_list, metavar="T1,T2,...",
+                        help="operating threshold per output (default: op_threshs in the file, "
+                        "else 0.5: then run training calibrate)")  # fmt: skip
+    parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    parser.add_argument("--name", help="model name (default: chexnet-densenet121 / xrv-densenet121)")
+    parser.add_argument("--version", default="1.0.0", help="model version (1.0.0)")
+    parser.add_argument("--description", help="one-line description")
+    parser.add_argument("--check-dicom", type=Path, metavar="FILE",
+                        help="run the imported bundle on this DICOM file as a smoke test")  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+
+
+def _run_import_weights(args: argparse.Namespace) -> int:
+    from training.import_weights import import_weights
+
+    try:
+        outcome = import_weights(
+            args.fmt, args.weights, args.out, labels=args.labels, thresholds=args.thresholds,
+            name=args.name, version=args.version, description=args.description,
+            check_dicom=args.check_dicom, force=args.force,
+        )  # fmt: skip
+    except _failures() as exc:
+        raise CommandFailed(str(exc)) from exc
+    meta = outcome.metadata
+    print(f"imported {meta.name} {meta.version} (device UID {meta.device_uid}) to {outcome.out}")
+    print(f"input: {meta.input.channels} channel(s), {meta.input.size} px, values "
+          f"{meta.input.value_range[0]:g}..{meta.input.value_range[1]:g}")  # fmt: skip
+    for spec in meta.labels:
+        print(f"  {spec.name:28s} threshold {spec.threshold:.4g}")
+    for warning in outcome.warnings:
+        print(f"warning: {warning}")
+    if outcome.check is not None:
+        calls = ", ".join(f"{f.label} {f.probability:.3f}{'+' if f.positive else ''}"
+                          for f in outcome.check.findings)  # fmt: skip
+        print(f"check: loaded and analysed one image: {calls}")
+    return EXIT_OK
+
+
 def _add_deidentify(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in", dest="in_dir", type=Path, required=True, help="DICOM tree")
     parser.add_argument("--out", type=Path, required=True, help="de-identified tree (new)")
@@ -605,6 +659,13 @@ COMMANDS: list[Command] = [
         "finalise a bundle (identity, metrics, record), check it loads, write it out",
         _add_export,
         _run_export,
+    ),
+    Command(
+        "import-weights",
+        "turn a public DenseNet121 checkpoint (CheXNet re-implementation, torchxrayvision) "
+        "into a bundle the node runs",
+        _add_import_weights,
+        _run_import_weights,
     ),
     Command(
         "deidentify",

@@ -70,6 +70,9 @@ def params_hash(params: PreprocessParams) -> str:
     """A short, stable hash of everything that changes the preprocessed array."""
     doc = asdict(params)
     doc.pop("max_pixels", None)  # a refusal limit, not part of the result
+    if not params.scaled:  # plain [0, 1] input: the same hash as before these fields existed
+        for key in ("channels", "mean", "std"):
+            doc.pop(key, None)
     doc["cache_version"] = CACHE_VERSION
     text = json.dumps(doc, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

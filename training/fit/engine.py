@@ -237,9 +237,18 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+LABEL_ALIASES: dict[str, str] = {
+    "effusion": "pleural_effusion",
+    "infiltration": "infiltrate",
+    "lung_opacity": "opacity",
+}
+"""ChestX-ray14 / torchxrayvision label names -> the node's code table names (ai.codes)."""
+
+
 def label_code(name: str) -> CodedConcept:
     """The label's standard code, or a private-scheme one (logged) where it has none."""
-    code = default_code(name)
+    key = normalise_label(name)
+    code = default_code(LABEL_ALIASES.get(key, key))
     if code is not None:
         return code
     logger.warning('Label "%s" has no standard code; using private scheme %s', name, PRIVATE_SCHEME)
