@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 from tqdm import tqdm
 
 from training.errors import TrainingError
+from training.nih import FIT_PRESETS, TABLE_FILE
 from training.synth import VARIANTS, SynthError, parse_size, synthesize
 
 logger = logging.getLogger(__name__)
@@ -456,10 +457,12 @@ def _add_fit(parser: argparse.ArgumentParser) -> None:
     # the namespace so --resume can tell what the user asked to change.
     S = argparse.SUPPRESS
     add = parser.add_argument
-    add("--data", type=Path, default=S, help="folder tree of exported DICOM")
+    add("--data", type=Path, default=S,
+        help="folder tree of exported DICOM (or PNG / JPEG images with an NIH label file)")
     add("--labels", type=Path, default=S,
         help="CSV keyed by sop_instance_uid, path (relative to --data) or study_instance_uid; "
-        "one 0/1 column per label (multi-label) or a `label` column (multi-class). "
+        "one 0/1 column per label (multi-label) or a `label` column (multi-class); or the NIH "
+        "ChestX-ray14 layout (Image Index, Finding Labels with |, Patient ID; .csv or .csv.gz). "
         "--task detection: YOLO boxes (folder of .txt or JSON map; empty list = negative "
         "image) or an NIH box CSV (Image Index, Finding Label, x, y, w, h)")
     add("--out", type=Path, default=S, help="run folder (created; must not hold a run)")
@@ -489,7 +492,15 @@ def _add_fit(parser: argparse.ArgumentParser) -> None:
     add("--warmup-steps", type=int, default=S, help="linear warm-up steps (-1: 5%% of all)")
     add("--min-lr-ratio", type=float, default=S, help="cosine floor as a fraction of --lr (0.01)")
     add("--clip-grad", type=float, default=S, help="gradient norm clip (1.0; 0: off)")
-    add("--loss", choices=["bce", "focal"], default=S, help="bce (BCE / CE) or focal")
+    add("--loss", choices=["bce", "focal", "weighted-bce"], default=S,
+        help="bce (BCE / CE), focal, or weighted-bce (CheXNet: per-label P/N weights)")
+    add("--optimizer", choices=["adamw", "adam"], default=S, help="adamw (default) or adam")
+    add("--schedule", choices=["cosine", "plateau"], default=S,
+        help="cosine (default) or plateau (LR / 10 when the validation loss stops falling)")
+    add("--preset", choices=sorted(FIT_PRESETS), default=S,
+        help="chexnet: DenseNet121, the 14 ChestX-ray14 labels, 224 px, weighted BCE, Adam "
+        "lr 1e-3 betas (0.9, 0.999), LR / 10 on plateau, batch 16, split 0.7,0.1,0.2 "
+        "(options given explicitly win)")
     add("--focal-gamma", type=float, default=S, help="focal loss gamma (2.0)")
     add("--focal-alpha", type=_probability, default=S, help="focal loss alpha (off)")
     add("--sampler", choices=["uniform", "weighted", "oversample"], default=S,
@@ -501,6 +512,8 @@ def _add_fit(parser: argparse.ArgumentParser) -> None:
     add("--split", type=_fractions, default=S, metavar="TR,VA,TE",
         help="patient-level split fractions (0.7,0.15,0.15)")
     add("--split-file", type=Path, default=S, help="reuse the split.json of another run")
+    add("--split-lists", type=Path, default=S, metavar="DIR",
+        help="NIH official split: DIR holds train_val_list.txt and test_list.txt")
     add("--seed", type=_seed, default=S, help="seed for split, init, sampling, augmentation (0)")
     add("--device", default=S, help="auto (CUDA if available), cpu, cuda, cuda:1")
     add("--no-amp", dest="amp", action="store_false", default=S, help="no mixed precision on CUDA")
@@ -526,7 +539,8 @@ def _add_fit(parser: argparse.ArgumentParser) -> None:
                      help="lesion sensitivity the threshold must reach (0.8)")
 
 
-_CLASSIFICATION_ONLY = ("labels_key", "loss", "focal_gamma", "focal_alpha", "sampler")
+_CLASSIFICATION_ONLY = ("labels_key", "loss", "focal_gamma", "focal_alpha", "sampler",
+                        "split_lists", "preset")
 _DETECTION_ONLY = ("classes", "train_crop", "unlabelled_as_negative", "threshold_method",
                    "target_sensitivity")
 
@@ -567,6 +581,8 @@ def _run_fit(args: argparse.Namespace) -> int:
     config_class, fit = _fit_api("detection" if detection else "classification")
     names = {f for f in config_class.__dataclass_fields__}
     given = {k: v for k, v in vars(args).items() if k in names}
+    if "preset" in given and args.resume is None:
+        given = {**FIT_PRESETS[given["preset"]], **given}
     given["progress"] = not args.quiet
     try:
         if args.resume is not None:
@@ -591,6 +607,9 @@ def _run_fit(args: argparse.Namespace) -> int:
         parts = [f"{name:20s} threshold {entry['threshold']:.3f}"]
         parts += [f"{split}: {row(entry[split])}" for split in ("val", "test") if split in entry]
         print("  ".join(parts))
+    table = result.run_dir / TABLE_FILE
+    if not detection and table.is_file():
+        print(table.read_text(encoding="utf-8"))
     print(f"run: {result.run_dir}  bundle: {result.bundle_dir}")
     return EXIT_OK
 

@@ -32,7 +32,6 @@ import hashlib
 import logging
 import math
 import pickle
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,6 +42,7 @@ from torch import nn
 
 from ai.bundle.metadata import BundleMetadata, InputSpec, LabelSpec, NetworkSpec
 from ai.networks import build_network
+from training.densenet_keys import monai_key
 from training.errors import TrainingError
 from training.export import ExportOutcome, stage_bundle
 from training.fit.engine import label_code
@@ -97,14 +97,6 @@ FORMATS: dict[str, SourceFormat] = {
     ),
 }  # fmt: skip
 
-_WRAPPERS = ("module.", "densenet121.", "model.", "net.")
-_DENSE_LAYER = re.compile(
-    r"^(.*denselayer\d+)\.(norm|relu|conv)\.?([12])\."
-    r"(weight|bias|running_mean|running_var|num_batches_tracked)$"
-)  # new (norm1) and old (norm.1) torchvision names; MONAI puts them under ``layers.``
-_CLASSIFIER = re.compile(r"^classifier(?:\.0)?\.(weight|bias)$")  # CheXNet: Sequential(Linear, Sigmoid)
-
-
 @dataclass
 class ConvertedWeights:
     """The MONAI DenseNet121 holding the checkpoint's weights (every output), the
@@ -148,32 +140,6 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         odd = sorted(str(k) for k, v in doc.items() if not isinstance(v, torch.Tensor))[:5]
         raise ImportWeightsError(f'--weights "{path}": entries that are not tensors: {odd}')
     return tensors
-
-
-def _strip_wrappers(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPERS:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
-    return key
-
-
-def monai_key(key: str) -> str | None:
-    """The MONAI DenseNet121 name of a torchvision / torchxrayvision DenseNet121 key, or None
-    for ``op_threshs`` (the thresholds, not a weight)."""
-    key = _strip_wrappers(key)
-    if key == "op_threshs":
-        return None
-    dense = _DENSE_LAYER.match(key)
-    if dense:
-        block, kind, index, tensor = dense.groups()
-        return f"{block}.layers.{kind}{index}.{tensor}"
-    classifier = _CLASSIFIER.match(key)
-    if classifier:
-        return f"class_layers.out.{classifier.group(1)}"
-    return key
 
 
 def convert_state_dict(source: Mapping[str, torch.Tensor], fmt: SourceFormat) -> ConvertedWeights:

@@ -118,6 +118,8 @@ class RunConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = -1  # -1: 5 % of all steps
     min_lr_ratio: float = 0.01
+    optimizer: str = "adamw"  # or "adam" (CheXNet)
+    schedule: str = "cosine"  # or "plateau": LR / 10 when the validation loss stalls
     clip_grad: float  # 0: off
     augment: bool = True
     patience: int  # 0: no early stopping
@@ -468,7 +470,8 @@ class Run:
         opt = make_optimisation(self.model, self.device, lr=config.lr,
                                 weight_decay=config.weight_decay, total_steps=total,
                                 warmup_steps=warmup, min_lr_ratio=config.min_lr_ratio,
-                                amp=config.amp, clip_grad=config.clip_grad)  # fmt: skip
+                                amp=config.amp, clip_grad=config.clip_grad,
+                                optimizer=config.optimizer, schedule=config.schedule)  # fmt: skip
         if self.resume:
             self.restore(opt)
         loader = self.loader(train_ds, sampler, drop_last=drop_last)
@@ -500,6 +503,8 @@ class Run:
         with bar:
             train_figures = self.train_epoch(opt, loader, budget, bar)
         metric, val_figures = self.validate(opt)
+        if opt.plateau is not None and opt.plateau.update(float(val_figures.get("val_loss", math.nan))):
+            logger.info("Validation loss plateaued: learning rate divided by 10")
         state.epoch += 1
         better = improved(metric, state.best_metric, self.monitor, config.min_delta)
         if better:

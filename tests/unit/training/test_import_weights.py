@@ -26,13 +26,13 @@ from ai.bundle.load import load_bundle
 from ai.inference import Analyzer
 from ai.pixels import PreprocessParams, load_display_image, preprocess_image
 from training.cli import main
+from training.densenet_keys import monai_key
 from training.export import ExportOutcome
 from training.import_weights import (
     CHEXNET_LABELS,
     XRV_LABELS,
     ImportWeightsError,
     import_weights,
-    monai_key,
 )
 from training.synth import synthesize
 

@@ -1,0 +1,176 @@
+"""The ChestX-ray14 path: the real NIH label file, its patient-level split, and ``training
+fit`` end to end on phantoms written in exactly the NIH layout (PNG + CSV).
+
+The real label file (``/work/shared/nih-cxr14``, see its README) has no images; the
+learning test renders phantom radiographs (:func:`training.phantoms.render_phantom`) as
+8-bit PNGs named and labelled as NIH names and labels them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from ai.bundle.load import load_bundle
+from training.cli import main
+from training.errors import FitError
+from training.nih import (
+    CHEXNET_AUROC,
+    NIH_LABELS,
+    chexnet_table,
+    read_labels,
+    read_split_lists,
+    split_records,
+    targets,
+)
+from training.phantoms import render_phantom
+from training.split import prevalence
+
+REAL = Path(__file__).resolve().parents[3].parent / "shared" / "nih-cxr14" / "Data_Entry_2017_v2020.csv.gz"
+HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
+          "Patient Gender", "View Position", "OriginalImage[Width", "Height]",
+          "OriginalImagePixelSpacing[x", "y]"]  # the real file's header, split at its commas
+PHANTOM_FINDINGS = {"cardiomegaly": "Cardiomegaly", "pleural_effusion": "Effusion"}
+
+
+def _real_file() -> Path:
+    for candidate in (REAL, Path("/work/shared/nih-cxr14/Data_Entry_2017_v2020.csv.gz")):
+        if candidate.is_file():
+            return candidate
+    pytest.skip("the NIH label file is not in ../shared/nih-cxr14")
+
+
+def test_real_label_file_parses_and_splits_by_patient() -> None:
+    records = read_labels(_real_file())
+    assert len(records) == 112_120
+    assert len({r.patient for r in records}) == 30_805
+    assert {r.view for r in records} == {"PA", "AP"}
+    assert set().union(*(r.findings for r in records)) == set(NIH_LABELS)  # "No Finding" dropped
+    y = targets(records, NIH_LABELS)
+    assert int((y.sum(axis=1) == 0).sum()) == 60_361  # the "No Finding" rows
+    split = split_records(records, y, fractions=(0.7, 0.1, 0.2), seed=0, label_names=NIH_LABELS)
+    split_of = {uid: name for name, uids in split.sop_uids.items() for uid in uids}
+    patients_per_split: dict[str, set[str]] = {name: set() for name in split.sop_uids}
+    for r in records:
+        patients_per_split[split_of[r.image]].add(r.patient)
+    train, val, test = (patients_per_split[s] for s in ("train", "val", "test"))
+    assert not (train & val) and not (train & test) and not (val & test)
+    assert len(train | val | test) == 30_805
+    assert sum(len(u) for u in split.sop_uids.values()) == 112_120
+    share = {name: len(uids) / 112_120 for name, uids in split.sop_uids.items()}
+    assert share == pytest.approx({"train": 0.7, "val": 0.1, "test": 0.2}, abs=0.01)
+    figures = prevalence(split)
+    for label in NIH_LABELS:
+        values = [figures[s][label] for s in ("train", "val", "test")]
+        assert max(values) - min(values) < 0.01, (label, values)
+
+
+def test_official_split_lists_keep_test_exactly(tmp_path: Path) -> None:
+    records = read_labels(_real_file())[:3000]
+    patients = sorted({r.patient for r in records})
+    test_patients = set(patients[: len(patients) // 5])
+    (tmp_path / "test_list.txt").write_text(
+        "\n".join(r.image for r in records if r.patient in test_patients) + "\n")
+    (tmp_path / "train_val_list.txt").write_text(
+        "\n".join(r.image for r in records if r.patient not in test_patients) + "\n")
+    lists = read_split_lists(tmp_path)
+    split = split_records(records, targets(records, NIH_LABELS), fractions=(0.7, 0.1, 0.2),
+                          seed=0, label_names=NIH_LABELS, lists=lists)  # fmt: skip
+    assert set(split.sop_uids["test"]) == lists[1]
+    assert set(split.sop_uids["train"]) | set(split.sop_uids["val"]) == lists[0]
+    assert split.sop_uids["val"] and not set(split.sop_uids["train"]) & set(split.sop_uids["val"])
+    (tmp_path / "test_list.txt").write_text(records[0].image + "\n" + "\n".join(lists[0]))
+    with pytest.raises(FitError, match="in both lists"):
+        read_split_lists(tmp_path)
+
+
+def test_bad_label_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "labels.csv"
+    path.write_text("Image Index,Finding Labels\n00000001_000.png,Cardiomegaly\n")
+    with pytest.raises(FitError, match=r"missing columns \['Patient ID', 'View Position'\]"):
+        read_labels(path)
+
+
+def test_chexnet_table_layout() -> None:
+    per_label = {"Cardiomegaly": {"test": {"auroc": {"value": 0.9, "lower": 0.85, "upper": 0.95}}},
+                 "Effusion": {"test": {"auroc": {"value": None}}}}  # fmt: skip
+    table = chexnet_table(per_label).splitlines()
+    assert table[0].startswith("| Pathology | This run (test) | 95 % CI | CheXNet (published)")
+    assert "| Cardiomegaly | 0.9000 | 0.8500-0.9500 | 0.9248 | -0.0248 |" in table
+    assert f"| Effusion | n/a | — | {CHEXNET_AUROC['Effusion']:.4f} | — |" in table
+    assert table[-1].startswith("| **Mean (1 labels)** | 0.9000")
+
+
+# --------------------------------------------------------------------------------------------
+# Learning on phantoms in the NIH layout
+
+
+def write_nih_phantoms(root: Path, patients: int, seed: int) -> Path:
+    """``images_001/images/<patient>_<follow-up>.png`` + ``Data_Entry_2017.csv`` (the real
+    header and value formats); 1-3 follow-ups per patient, findings kept across follow-ups
+    half of the time, a few PA/AP views. Returns the CSV."""
+    rng = np.random.default_rng(seed)
+    folder = root / "images_001" / "images"
+    folder.mkdir(parents=True)
+    rows = []
+    for patient in range(1, patients + 1):
+        base = {k: bool(rng.random() < 0.4) for k in PHANTOM_FINDINGS}
+        for follow_up in range(int(rng.integers(1, 4))):
+            found = base if rng.random() < 0.5 else {k: bool(rng.random() < 0.4) for k in base}
+            view = "PA" if rng.random() < 0.7 else "AP"
+            phantom = render_phantom(int(rng.integers(1 << 30)), 96, 80, view=view, findings=found)
+            name = f"{patient:08d}_{follow_up:03d}.png"
+            cv2.imwrite(str(folder / name), np.round(phantom.image * 255).astype(np.uint8))
+            labels = "|".join(PHANTOM_FINDINGS[k] for k, v in found.items() if v) or "No Finding"
+            rows.append([name, labels, follow_up, patient, int(rng.integers(20, 90)),
+                         "M" if rng.random() < 0.5 else "F", view, 80, 96, 0.143, 0.143])  # fmt: skip
+    path = root / "Data_Entry_2017.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(HEADER[:7] + ["OriginalImage[Width,Height]", "OriginalImagePixelSpacing[x,y]"])
+        writer.writerows(rows)
+    return path
+
+
+def test_fit_learns_from_nih_layout_pngs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    started = time.monotonic()
+    data, out = tmp_path / "nih", tmp_path / "run"
+    labels = write_nih_phantoms(data, patients=80, seed=3)
+    code = main(["-q", "fit", "--preset", "chexnet", "--data", str(data), "--labels", str(labels),
+                 "--out", str(out), "--label-names", "Cardiomegaly,Effusion",
+                 "--network", "densenet", "--network-args",
+                 json.dumps({"init_features": 8, "growth_rate": 8, "block_config": [2, 2, 2]}),
+                 "--image-size", "64", "--epochs", "20", "--lr", "3e-3", "--patience", "0",
+                 "--threads", "1", "--seed", "2"])  # fmt: skip
+    stdout = capsys.readouterr().out
+    seconds = time.monotonic() - started
+    assert code == 0, stdout
+    record = json.loads((out / "run_config.json").read_text())
+    args = record["args"]
+    assert (args["preset"], args["optimizer"], args["schedule"], args["loss"]) == (
+        "chexnet", "adam", "plateau", "weighted-bce")
+    assert args["batch_size"] == 16 and args["lr"] == 3e-3  # preset, and an explicit override
+    assert record["data"]["layout"] == "nih-chestxray14" and record["data"]["match"]["missing_file"] == 0
+    split = json.loads((out / "split.json").read_text())
+    owners: dict[str, str] = {}
+    for name, uids in split["sop_instance_uids"].items():
+        for uid in uids:
+            assert owners.setdefault(uid.split("_")[0], name) == name  # patient in one split
+    table = (out / "chexnet_table.md").read_text()
+    assert "| Cardiomegaly |" in table and "0.9248" in table and "| Effusion |" in table
+    assert "CheXNet (published)" in stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    aurocs = {n: e["test"]["auroc"]["value"] for n, e in metrics["per_label"].items()}
+    with capsys.disabled():
+        print(f"\nNIH-layout learning test: {seconds:.0f} s, test AUROC {aurocs}")
+    assert max(aurocs.values()) >= 0.8, table  # learnt, not only run
+    bundle = load_bundle(out / "bundle").metadata
+    assert bundle.label_names == ["Cardiomegaly", "Effusion"]
+    assert bundle.labels[1].code.value == "60046008"  # Effusion: SNOMED pleural effusion
+    assert bundle.training["optimizer"] == "Adam" and bundle.training["preset"] == "chexnet"
