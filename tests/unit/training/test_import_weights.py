@@ -294,3 +294,18 @@ def test_cli_imports_with_labels_and_thresholds(chexnet: tuple[nn.Module, Path],
     assert meta.labels[2].code.value == "60046008"  # Effusion -> SNOMED pleural effusion
     assert main(["-q", "import-weights", "--format", "torchvision-densenet121", "--weights",
                  str(chexnet[1]), "--out", str(out)]) == 1  # exists, no --force  # fmt: skip
+
+
+def test_imported_bundle_calibrates_on_local_labels(chexnet: tuple[nn.Module, Path],
+                                                    tmp_path: Path) -> None:  # fmt: skip
+    """No thresholds in a CheXNet file: ``training calibrate`` sets them on local data."""
+    data = tmp_path / "local"
+    synthesize(data, 6, seed=9, size=(96, 80), prevalence=0.5)
+    bundle = tmp_path / "imported"
+    labels = ",".join(["cardiomegaly", "", "pleural_effusion"] + [""] * 11)
+    import_weights("torchvision-densenet121", chexnet[1], bundle, labels=labels)
+    assert main(["-q", "calibrate", "--bundle", str(bundle), "--data", str(data), "--labels",
+                 str(data / "labels.csv"), "--device", "cpu", "--youden", "--all-images"]) == 0  # fmt: skip
+    meta = load_bundle(bundle).metadata
+    assert meta.version == "1.0.1" and "calibration" in meta.training
+    assert meta.input.channels == 3 and meta.input.mean == IMAGENET_MEAN  # kept by calibrate
