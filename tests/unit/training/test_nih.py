@@ -16,10 +16,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from ai.bundle.load import load_bundle
+from ai.networks import build_network
+from tests.helpers.torchvision_densenet import RefDenseNet121, old_style
 from training.cli import main
 from training.errors import FitError
+from training.fit import checkpoint
+from training.fit.optimisation import make_optimisation
+from training.losses import ClassificationLoss
 from training.nih import (
     CHEXNET_AUROC,
     NIH_LABELS,
@@ -174,3 +180,59 @@ def test_fit_learns_from_nih_layout_pngs(tmp_path: Path, capsys: pytest.CaptureF
     assert bundle.label_names == ["Cardiomegaly", "Effusion"]
     assert bundle.labels[1].code.value == "60046008"  # Effusion: SNOMED pleural effusion
     assert bundle.training["optimizer"] == "Adam" and bundle.training["preset"] == "chexnet"
+
+
+# --------------------------------------------------------------------------------------------
+# The preset's parts
+
+
+def test_weighted_bce_is_chexnets_loss() -> None:
+    logits = torch.tensor([[2.0, -1.0], [-0.5, 0.3], [0.1, 1.5]])
+    y = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    fraction = torch.tensor([0.2, 0.05])  # |P| / (|P| + |N|) on the training split
+    p = torch.sigmoid(logits)
+    w_pos, w_neg = 1 - fraction, fraction
+    expected = -(w_pos * y * torch.log(p) + w_neg * (1 - y) * torch.log(1 - p)).mean()
+    got = ClassificationLoss(True, "weighted-bce", positive_fraction=fraction)(logits, y)
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+    with pytest.raises(ValueError, match="weighted-bce needs"):
+        ClassificationLoss(False, "weighted-bce", positive_fraction=fraction)
+
+
+def test_plateau_schedule_divides_lr_by_ten_and_resumes() -> None:
+    model = torch.nn.Linear(3, 2)
+    opt = make_optimisation(model, torch.device("cpu"), lr=1e-3, weight_decay=0.0, total_steps=10,
+                            warmup_steps=0, min_lr_ratio=0.0, amp=False, clip_grad=0.0,
+                            optimizer="adam", schedule="plateau")  # fmt: skip
+    assert isinstance(opt.optimizer, torch.optim.Adam)
+    assert opt.optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+    assert opt.plateau is not None
+    assert not opt.plateau.update(0.5)  # first epoch: the best so far
+    assert opt.plateau.update(0.6)  # no improvement: LR / 10
+    opt.optimizer.step()
+    opt.scheduler.step()
+    assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+    again = make_optimisation(model, torch.device("cpu"), lr=1e-3, weight_decay=0.0,
+                              total_steps=10, warmup_steps=0, min_lr_ratio=0.0, amp=False,
+                              clip_grad=0.0, optimizer="adam", schedule="plateau")  # fmt: skip
+    again.load_state_dict(opt.state_dict())  # a resumed run keeps its reduced LR
+    again.optimizer.step()
+    again.scheduler.step()
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert again.plateau is not None and again.plateau.reductions == 1
+
+
+def test_pretrained_accepts_torchvision_densenet_names(tmp_path: Path) -> None:
+    """CheXNet starts from torchvision's ImageNet DenseNet121: its names (old style, as in
+    densenet121-a639ec97.pth) load into MONAI's; the 1000-class head is skipped."""
+    reference = RefDenseNet121(3, 1000)
+    torch.save({old_style(k): v for k, v in reference.state_dict().items()
+                if not k.endswith("num_batches_tracked")}, tmp_path / "imagenet.pth")  # fmt: skip
+    model = build_network("densenet121", num_classes=14).module
+    report = checkpoint.load_pretrained(model, tmp_path / "imagenet.pth")
+    assert report["unexpected"] == []
+    assert {m.split(":")[0] for m in report["shape_mismatch"]} == {
+        "class_layers.out.weight", "class_layers.out.bias"}
+    conv2 = "features.denseblock4.denselayer16.layers.conv2.weight"
+    assert torch.equal(model.state_dict()[conv2],
+                       reference.state_dict()["features.denseblock4.denselayer16.conv2.weight"])
