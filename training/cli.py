@@ -317,13 +317,18 @@ def _run_export(args: argparse.Namespace) -> int:
         raise CommandFailed(str(exc)) from exc
     meta = outcome.metadata
     print(f"exported {meta.name} {meta.version} (device UID {meta.device_uid}) to {outcome.out}")
+    _print_outcome(outcome)
+    return EXIT_OK
+
+
+def _print_outcome(outcome: Any) -> None:
+    """Warnings and the ``--check-dicom`` result of an export or an import."""
     for warning in outcome.warnings:
         print(f"warning: {warning}")
     if outcome.check is not None:
         calls = ", ".join(f"{f.label} {f.probability:.3f}{'+' if f.positive else ''}"
                           for f in outcome.check.findings)  # fmt: skip
         print(f"check: loaded and analysed one image: {calls}")
-    return EXIT_OK
 
 
 def _threshold_list(text: str) -> list[float]:
@@ -371,12 +376,7 @@ def _run_import_weights(args: argparse.Namespace) -> int:
           f"{meta.input.value_range[0]:g}..{meta.input.value_range[1]:g}")  # fmt: skip
     for spec in meta.labels:
         print(f"  {spec.name:28s} threshold {spec.threshold:.4g}")
-    for warning in outcome.warnings:
-        print(f"warning: {warning}")
-    if outcome.check is not None:
-        calls = ", ".join(f"{f.label} {f.probability:.3f}{'+' if f.positive else ''}"
-                          for f in outcome.check.findings)  # fmt: skip
-        print(f"check: loaded and analysed one image: {calls}")
+    _print_outcome(outcome)
     return EXIT_OK
 
 
