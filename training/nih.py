@@ -154,12 +154,17 @@ def check_label_names(records: Iterable[NihRecord], label_names: Sequence[str]) 
 
 
 def find_images(root: Path, names: Iterable[str]) -> dict[str, Path]:
-    """``Image Index`` -> file under ``root`` (any depth); names without a file are left out."""
+    """``Image Index`` -> file under ``root`` (any depth): the image itself, or a DICOM
+    conversion with the same stem (``00000001_000.dcm``); names without a file are left out."""
     wanted = set(names)
+    by_stem = {Path(name).stem: name for name in wanted}
     found: dict[str, Path] = {}
     for path in sorted(Path(root).rglob("*")):
-        if path.name in wanted and path.suffix.lower() in (*IMAGE_SUFFIXES, ".dcm"):
+        suffix = path.suffix.lower()
+        if path.name in wanted and suffix in IMAGE_SUFFIXES:
             found.setdefault(path.name, path)
+        elif suffix == ".dcm" and path.stem in by_stem:
+            found.setdefault(by_stem[path.stem], path)
     return found
 
 

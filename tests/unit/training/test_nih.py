@@ -30,6 +30,7 @@ from training.nih import (
     CHEXNET_AUROC,
     NIH_LABELS,
     chexnet_table,
+    find_images,
     read_labels,
     read_split_lists,
     split_records,
@@ -236,3 +237,15 @@ def test_pretrained_accepts_torchvision_densenet_names(tmp_path: Path) -> None:
     conv2 = "features.denseblock4.denselayer16.layers.conv2.weight"
     assert torch.equal(model.state_dict()[conv2],
                        reference.state_dict()["features.denseblock4.denselayer16.conv2.weight"])
+
+
+def test_images_are_found_by_name_or_as_dicom_with_the_same_stem(tmp_path: Path) -> None:
+    (tmp_path / "images_002" / "images").mkdir(parents=True)
+    png = tmp_path / "images_002" / "images" / "00000002_000.png"
+    png.write_bytes(b"")
+    dcm = tmp_path / "converted" / "00000003_001.dcm"
+    dcm.parent.mkdir()
+    dcm.write_bytes(b"")
+    (tmp_path / "00000004_000.txt").write_bytes(b"")
+    found = find_images(tmp_path, ["00000002_000.png", "00000003_001.png", "00000004_000.png"])
+    assert found == {"00000002_000.png": png, "00000003_001.png": dcm}
