@@ -3,9 +3,11 @@ only the keywords they declare, and default to the node's configured defaults.""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydicom import Dataset
 
 from ai.selection import (
@@ -178,3 +180,10 @@ def test_configured_keywords_replace_the_defaults() -> None:
     assert rejection_reason({**NO_BODY, "StudyDescription": "KNEE"}, rules) is None
     with pytest.raises(ValueError, match=r"(?s)chest_keywords.*no letter or digit"):
         SelectionSettings(chest_keywords=["--"])
+
+
+def test_the_shipped_config_documents_the_defaults() -> None:
+    """config/node.yaml lists the keyword defaults in full: it must say what the code does."""
+    shipped = Path(__file__).resolve().parents[3] / "config" / "node.yaml"
+    selection = yaml.safe_load(shipped.read_text(encoding="utf-8"))["studies"]["selection"]
+    assert SelectionSettings(**selection) == SelectionSettings()
