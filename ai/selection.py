@@ -126,7 +126,7 @@ def quote(keyword: str, text: str) -> str:
     """``keyword "text"`` for a reason, the text cut to :data:`QUOTE_CHARS`: a description
     is no identifier, but a technologist may have typed a name into one, so reasons that
     quote it are stored (shown to signed-in users) and never logged."""
-    text = " ".join(text.split())
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
     if len(text) > QUOTE_CHARS:
         text = text[:QUOTE_CHARS - 1] + "…"
     return f'{keyword} "{text}"'

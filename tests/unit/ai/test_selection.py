@@ -169,6 +169,9 @@ def test_a_long_description_is_quoted_cut() -> None:
     assert reason is not None and '"KNIE xxx' in reason and text not in reason
     quoted = reason.split('"')[1]
     assert len(quoted) == 64 and quoted.endswith("\u2026")
+    assert rejection_reason({**NO_BODY, "SeriesDescription": "Knie\x07\x91 links\n"},
+                            SelectionRules()) == (
+        'SeriesDescription "Knie links" names non-chest anatomy (knee)')
 
 
 def test_configured_keywords_replace_the_defaults() -> None:
