@@ -145,7 +145,7 @@ def _object_reason(header: Header | Mapping[str, Any], sop_class: str) -> str | 
         name = uid.name if uid else "unknown"
         for word, kind in RESULT_OBJECT_KINDS:
             if uid is not None and word in uid.keyword:
-                return f"SOP class {name} is another system's result ({kind}), not an image"
+                return f"SOP class {name} is a result object ({kind}), not an image"
         return f"SOP class {name} is not a projection radiograph"
     image_type = _values(header, "ImageType")
     if sop_class in SECONDARY_CAPTURE_CLASSES and image_type[:2] == ["DERIVED", "SECONDARY"]:

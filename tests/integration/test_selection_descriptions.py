@@ -93,10 +93,10 @@ def test_descriptions_decide_what_is_analysed(tmp_path: Path,
             'view position lateral (SeriesDescription "Thorax seitlich")'),
         "another vendor's GSPS": (
             _result_object(chest, GSPS, "PR"), "SOP class Grayscale Softcopy Presentation "
-            "State Storage is another system's result (presentation state), not an image"),
+            "State Storage is a result object (presentation state), not an image"),
         "another vendor's SR": (
             _result_object(chest, COMPREHENSIVE_SR, "SR"), "SOP class Comprehensive SR "
-            "Storage is another system's result (structured report), not an image"),
+            "Storage is a result object (structured report), not an image"),
         "another vendor's colour page": (
             _colour_page(chest), "secondary capture with ImageType DERIVED\\SECONDARY is a "
             "result page, not an acquired radiograph"),

@@ -138,14 +138,14 @@ def test_lateral_views(change: dict[str, Any], expected: str | None) -> None:
 
 @pytest.mark.parametrize(("change", "expected"), [
     ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.11.1"}, "SOP class Grayscale Softcopy "
-     "Presentation State Storage is another system's result (presentation state), not an "
+     "Presentation State Storage is a result object (presentation state), not an "
      "image"),
     ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.33"}, "SOP class Comprehensive SR Storage "
-     "is another system's result (structured report), not an image"),
+     "is a result object (structured report), not an image"),
     ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.59"}, "SOP class Key Object Selection "
-     "Document Storage is another system's result (key object selection), not an image"),
+     "Document Storage is a result object (key object selection), not an image"),
     ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.66.4"}, "SOP class Segmentation Storage is "
-     "another system's result (segmentation), not an image"),
+     "a result object (segmentation), not an image"),
     ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7", "ImageType": ["DERIVED", "SECONDARY"]},
      "secondary capture with ImageType DERIVED\\SECONDARY is a result page, not an acquired "
      "radiograph"),

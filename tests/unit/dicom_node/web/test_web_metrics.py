@@ -122,7 +122,7 @@ def test_label_values_are_bounded_categories_never_free_text(web_env: WebEnv) ->
     ("secondary capture with ImageType DERIVED\\SECONDARY is a result page, not an acquired "
      "radiograph", "result_page"),
     ("colour image (PhotometricInterpretation RGB): a result page", "colour"),
-    ("SOP class Comprehensive SR Storage is another system's result (structured report), not "
+    ("SOP class Comprehensive SR Storage is a result object (structured report), not "
      "an image", "sop_class"),
     ("view position LL is not frontal (PA, AP)", "view_position"),
     ("image 100x100 is smaller than 256x256", "too_small"),
