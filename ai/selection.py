@@ -14,7 +14,7 @@ mapping keyword -> value (the attributes the node stores for an instance at inge
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -189,7 +189,10 @@ def _lateral_source(header: Header | Mapping[str, Any], lateral: tuple[str, ...]
                     frontal: tuple[str, ...]) -> str | None:
     """Where the header says the view is lateral (ViewCodeSequence, or a per-image
     description naming a lateral view and no frontal one), or None."""
-    for item in header.get("ViewCodeSequence", None) or []:
+    items = header.get("ViewCodeSequence", None) or []
+    for item in items if isinstance(items, Sequence) else []:
+        if not hasattr(item, "get"):
+            continue
         code = str(item.get("CodeValue", "") or "").strip()
         if code in LATERAL_VIEW_CODES:
             return f'ViewCodeSequence {code} "{LATERAL_VIEW_CODES[code]}"'

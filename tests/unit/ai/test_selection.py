@@ -190,3 +190,8 @@ def test_the_shipped_config_documents_the_defaults() -> None:
     shipped = Path(__file__).resolve().parents[3] / "config" / "node.yaml"
     selection = yaml.safe_load(shipped.read_text(encoding="utf-8"))["studies"]["selection"]
     assert SelectionSettings(**selection) == SelectionSettings()
+
+
+@pytest.mark.parametrize("codes", ["399198007", ["399198007"], [{"CodingSchemeDesignator": 1}], 7])
+def test_a_malformed_view_code_sequence_is_no_view(codes: object) -> None:
+    assert rejection_reason({**CHEST, "ViewCodeSequence": codes}, SelectionRules()) is None
