@@ -18,6 +18,7 @@ from ai.selection import (
     screening_reason,
 )
 from dicom_node.config import SelectionSettings
+from training.synth import VARIANT_SPECS, make_dataset
 
 CHEST = {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1", "Modality": "DX",
          "BodyPartExamined": "CHEST", "ViewPosition": "PA", "SamplesPerPixel": 1,
@@ -195,3 +196,13 @@ def test_the_shipped_config_documents_the_defaults() -> None:
 @pytest.mark.parametrize("codes", ["399198007", ["399198007"], [{"CodingSchemeDesignator": 1}], 7])
 def test_a_malformed_view_code_sequence_is_no_view(codes: object) -> None:
     assert rejection_reason({**CHEST, "ViewCodeSequence": codes}, SelectionRules()) is None
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANT_SPECS))
+def test_every_phantom_variant_is_selected_as_its_spec_says(variant: str) -> None:
+    """Phantom headers, View Code Sequence and descriptions included, pass the rules as
+    their variant says: the lateral one by its view, the CT by its class, the rest selected."""
+    ds = make_dataset(variant, seed=3, rows=256, columns=256, findings={})
+    reason = rejection_reason(ds, SelectionRules())
+    assert (reason is None) is VARIANT_SPECS[variant].analysable, reason
+    assert (screening_reason(ds) is None) is VARIANT_SPECS[variant].analysable
