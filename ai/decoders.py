@@ -51,6 +51,7 @@ _REDUCIBLE = J2K_SYNTAXES - {"1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93"}
 
 PREFERRED_DECODERS: dict[str, str] = {
     # bench/decode.py, 2048 x 2048 12-bit phantoms, 2-core machine:
+    "1.2.840.10008.1.2.4.50": "pillow",  # JPEG Baseline: libjpeg-turbo 41 ms vs 230 ms
     "1.2.840.10008.1.2.4.57": "pylibjpeg",  # JPEG Lossless: the only installed decoder
     "1.2.840.10008.1.2.4.70": "pylibjpeg",  # (pylibjpeg-libjpeg, 170 ms)
     "1.2.840.10008.1.2.4.80": "pyjpegls",  # JPEG-LS: 95 ms vs pylibjpeg 377 ms
