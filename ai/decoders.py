@@ -47,7 +47,7 @@ J2K_SYNTAXES = frozenset(
 )
 # Syntaxes decoded at a reduced level: JPEG 2000 part 1, the ones verified here (no HTJ2K
 # encoder is installed to test .201-.203 with; part 2 .92/.93 may be multi-component).
-_REDUCIBLE = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
+REDUCIBLE_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
 
 PREFERRED_DECODERS: dict[str, str] = {
     # bench/decode.py, 2048 x 2048 12-bit phantoms, 2-core machine:
@@ -161,7 +161,7 @@ def j2k_reduce_level(ds: Dataset, min_short_side: int) -> int:
     reduced path returns what the full one would), and the codestream has the levels.
     """
     if (
-        transfer_syntax(ds) not in _REDUCIBLE
+        transfer_syntax(ds) not in REDUCIBLE_SYNTAXES
         or "PixelData" not in ds
         or int(ds.get("SamplesPerPixel", 1) or 1) != 1
     ):

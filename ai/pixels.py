@@ -31,7 +31,13 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from ai.decoders import J2K_SYNTAXES, decode_j2k_reduced, decoder_for, transfer_syntax
+from ai.decoders import (
+    J2K_SYNTAXES,
+    REDUCIBLE_SYNTAXES,
+    decode_j2k_reduced,
+    decoder_for,
+    transfer_syntax,
+)
 from ai.types import BoundingBox, PixelDataError
 
 logger = logging.getLogger(__name__)
@@ -189,7 +195,7 @@ def decode_frame(
     """
     check_pixel_size(ds, max_pixels)
     tsyntax = transfer_syntax(ds)
-    if reduce > 0 and tsyntax in J2K_SYNTAXES:
+    if reduce > 0 and tsyntax in REDUCIBLE_SYNTAXES:
         try:
             return decode_j2k_reduced(ds, reduce)
         except PixelDataError as exc:

@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import cv2
 import numpy as np
+import pydicom
 import pytest
 from aihelpers import LABELS, grey_dataset, make_bundle
 from helpers.bundles import make_detector_bundle
@@ -166,6 +168,20 @@ def test_reduced_decode_keeps_stored_values(bits: int, signed: bool) -> None:
         assert out.dtype == dtype and out.shape == (128 >> level, 256 >> level)
         assert out[:, -1].tolist() == [pixels[0, -1]] * out.shape[0]
         assert abs(int(out.min()) - lo) <= (hi - lo) // 64
+
+
+@pytest.mark.parametrize("name", ["cr_hip_fuji_j2k.dcm", "cr_chest_pa_philips_j2k.dcm"])
+def test_vendor_j2k_reduced_display_matches_the_full_one(realdicom: Path, name: str) -> None:
+    """Vendor lossy JPEG 2000 (10 and 15 bit): the reduced decode looks like the full image
+    shrunk, so the models and the overlay see the same picture."""
+    ds = pydicom.dcmread(realdicom / name)
+    level = j2k_reduce_level(ds, 128)
+    assert level >= 1
+    reduced = ai.pixels.load_display_image(ds, reduce=level)
+    full = ai.pixels.load_display_image(ds)
+    assert reduced.shape == tuple(-(-n // 2**level) for n in full.shape)
+    shrunk = cv2.resize(full, reduced.shape[::-1], interpolation=cv2.INTER_AREA)
+    assert float(np.abs(reduced - shrunk).mean()) < 0.01
 
 
 def test_finding_heatmaps_only_when_asked(bundles: dict[str, Path]) -> None:
