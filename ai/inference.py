@@ -59,8 +59,9 @@ from ai.types import (
 logger = logging.getLogger(__name__)
 
 CAM_BOX_THRESHOLD = 0.5
-DEFAULT_DISPLAY_MIN_SIDE = 1024
 """A positive finding's box encloses the largest region where its CAM >= this x its peak."""
+DEFAULT_DISPLAY_MIN_SIDE = 1024
+"""Short side (px) a reduced JPEG 2000 decode keeps, so the SC overlay stays readable."""
 
 
 def resolve_device(device: str) -> torch.device:
