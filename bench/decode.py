@@ -37,7 +37,6 @@ CODECS = {  # label -> synth variant
     "RLE lossless": "dx_mono2_rle",
 }
 DEMO_INPUTS = (224, 256)  # the shipped classifier and detector
-DISPLAY_MIN_SIDE = 1024  # ai.inference.DEFAULT_DISPLAY_MIN_SIDE
 
 
 def _plugin_decoder(plugin: str) -> Callable[[bytes], Any]:
@@ -98,6 +97,7 @@ def cases(rows: int, cols: int) -> list[dict[str, Any]]:
     from pydicom.pixels import get_decoder
 
     from ai.decoders import REDUCED_J2K_DECODER, decoder_label, j2k_reduce_level
+    from ai.inference import DEFAULT_DISPLAY_MIN_SIDE
 
     out = []
     for label, variant in [*CODECS.items(), ("JPEG Baseline 8-bit (lossy)", "")]:
@@ -114,7 +114,7 @@ def cases(rows: int, cols: int) -> list[dict[str, Any]]:
         for plugin in get_decoder(ts).available_plugins:
             out.append(base | {"decoder": plugin, "node": False, "fn": _plugin_decoder(plugin)})
         if label.startswith("JPEG 2000"):
-            chosen = j2k_reduce_level(ds, max(2 * max(DEMO_INPUTS), DISPLAY_MIN_SIDE))
+            chosen = j2k_reduce_level(ds, max(2 * max(DEMO_INPUTS), DEFAULT_DISPLAY_MIN_SIDE))
             for level in (1, 2, 3):
                 mark = " *" if level == chosen else ""
                 out.append(base | {"decoder": f"node reduce={level}: {REDUCED_J2K_DECODER}{mark}",
