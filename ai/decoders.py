@@ -219,7 +219,7 @@ def decode_j2k_reduced(ds: Dataset, level: int) -> np.ndarray:
             image.load()
             width, height = image.size
             raw = image.tobytes()
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise PixelDataError(f"Cannot decode JPEG 2000 at reduce level {level}: {exc}") from exc
     container = 8 if header.precision <= 8 else 16
     stored = np.frombuffer(raw, dtype=np.uint8 if container == 8 else "<u2")
