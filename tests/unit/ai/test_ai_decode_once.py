@@ -18,11 +18,13 @@ import pytest
 from aihelpers import LABELS, grey_dataset, make_bundle
 from helpers.bundles import make_detector_bundle
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
 import ai.pixels
 from ai.decoders import decode_j2k_reduced, first_frame_bytes, j2k_header, j2k_reduce_level
 from ai.inference import Analyzer
+from ai.types import PixelDataError
 
 SIDE = 2048
 # a bright rectangle on edges that are multiples of 8 source pixels: one model pixel at 256
@@ -196,3 +198,13 @@ def test_finding_heatmaps_only_when_asked(bundles: dict[str, Path]) -> None:
     np.testing.assert_array_equal(plain.heatmap, seg.heatmap)
     np.testing.assert_array_equal(np.max(list(seg.finding_heatmaps.values()), axis=0),
                                   seg.heatmap)
+
+
+def test_truncated_j2k_is_refused_at_any_level() -> None:
+    """A reduced decode that fails falls back to the full one, which names the problem."""
+    pixels = np.random.default_rng(3).integers(0, 4096, (256, 256)).astype(np.uint16)
+    ds = _j2k(pixels, 12)
+    ds.PixelData = encapsulate([first_frame_bytes(ds)[:5000]])
+    for level in (0, 1):
+        with pytest.raises(PixelDataError, match="Cannot decode Pixel Data"):
+            ai.pixels.decode_frame(ds, reduce=level)
