@@ -105,6 +105,7 @@ class J2KHeader:
     precision: int  # bits per sample of the first component
     signed: bool
     levels: int  # wavelet decomposition levels (COD SPcod), the deepest possible reduce
+    offset: tuple[int, int] = (0, 0)  # image origin on the reference grid (XOsiz, YOsiz)
 
 
 def j2k_header(codestream: bytes) -> J2KHeader | None:
@@ -122,6 +123,7 @@ def j2k_header(codestream: bytes) -> J2KHeader | None:
     return J2KHeader(
         rows=max(ysiz - yosiz, 0), columns=max(xsiz - xosiz, 0), components=csiz,
         precision=(ssiz & 0x7F) + 1, signed=bool(ssiz & 0x80), levels=levels,
+        offset=(xosiz, yosiz),
     )  # fmt: skip
 
 
@@ -173,6 +175,7 @@ def j2k_reduce_level(ds: Dataset, min_short_side: int) -> int:
     if (
         header is None
         or header.components != 1
+        or header.offset != (0, 0)  # reduced sizes then depend on the origin: not worth it
         or header.precision > 16
         or header.precision != int(ds.get("BitsStored", 0) or 0)
         or header.signed != bool(int(ds.get("PixelRepresentation", 0) or 0))
