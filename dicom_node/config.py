@@ -29,6 +29,14 @@ from pydantic import (
     model_validator,
 )
 
+from ai.anatomy import (
+    CHEST_KEYWORDS,
+    FRONTAL_KEYWORDS,
+    LATERAL_KEYWORDS,
+    NON_CHEST_KEYWORDS,
+    KeywordError,
+    check_keywords,
+)
 from ai.selection import SelectionRules
 from dicom_node.delivery.syntaxes import sendable
 from dicom_node.errors import ConfigError
@@ -131,7 +139,22 @@ class DatabaseSettings(_Model):
     url: str | None = None  # default: sqlite:///<data_dir>/node.db
 
 
+def _checked_keywords(keywords: list[str]) -> list[str]:
+    try:
+        return check_keywords(keywords)
+    except KeywordError as exc:  # pydantic reports a ValueError with the key's location
+        raise ValueError(str(exc)) from exc
+
+
 class SelectionSettings(_Model):
+    """Which received images the models see (:func:`ai.selection.rejection_reason`).
+
+    The keyword lists are read in ``BodyPartExamined`` and the descriptions (series,
+    protocol, CR processing, study, requested procedure), as whole words, case- and
+    accent-insensitively; each list replaces its default (:mod:`ai.anatomy`, shown in full in
+    ``config/node.yaml``). ``non_chest_keywords`` maps the anatomy a reason names to its
+    keywords."""
+
     modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
     body_parts: list[str] = Field(default_factory=lambda: ["CHEST", "THORAX", "LUNG"])
     accept_missing_body_part: bool = True
@@ -139,12 +162,30 @@ class SelectionSettings(_Model):
     accept_missing_view_position: bool = True
     min_rows: int = Field(256, ge=1)
     min_columns: int = Field(256, ge=1)
+    chest_keywords: list[str] = Field(default_factory=lambda: list(CHEST_KEYWORDS))
+    non_chest_keywords: dict[str, list[str]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in NON_CHEST_KEYWORDS.items()})
+    lateral_keywords: list[str] = Field(default_factory=lambda: list(LATERAL_KEYWORDS))
+    frontal_keywords: list[str] = Field(default_factory=lambda: list(FRONTAL_KEYWORDS))
+
+    @field_validator("chest_keywords", "lateral_keywords", "frontal_keywords")
+    @classmethod
+    def _keywords(cls, v: list[str]) -> list[str]:
+        return _checked_keywords(v)
+
+    @field_validator("non_chest_keywords")
+    @classmethod
+    def _anatomy(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {name: _checked_keywords(words) for name, words in v.items()}
 
     def to_rules(self) -> SelectionRules:
         """The rules :func:`ai.selection.rejection_reason` applies, from these settings."""
-        return SelectionRules(tuple(self.modalities), tuple(self.body_parts),
-                              self.accept_missing_body_part, tuple(self.view_positions),
-                              self.accept_missing_view_position, self.min_rows, self.min_columns)
+        return SelectionRules(
+            tuple(self.modalities), tuple(self.body_parts), self.accept_missing_body_part,
+            tuple(self.view_positions), self.accept_missing_view_position, self.min_rows,
+            self.min_columns, tuple(self.chest_keywords),
+            tuple((name, tuple(words)) for name, words in self.non_chest_keywords.items()),
+            tuple(self.lateral_keywords), tuple(self.frontal_keywords))
 
 
 class StudySettings(_Model):
