@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 from tqdm import tqdm
 
 from training.errors import TrainingError
-from training.nih import FIT_PRESETS, TABLE_FILE
+from training.nih import CHEXNET_AUROC, FIT_PRESETS, TABLE_FILE, chexnet_table
 from training.synth import VARIANTS, SynthError, parse_size, synthesize
 
 logger = logging.getLogger(__name__)
@@ -228,6 +228,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             print(markdown_table(DETECTION_HEADERS, detection_rows(model.detection)))
         if model.labels or model.detection is None:
             print(markdown_table(CLASSIFICATION_HEADERS, classification_rows(model.labels)))
+        nih_labels = {m.label: {"evaluated": {"auroc": m.auroc.as_dict()}}
+                      for m in model.labels if m.label in CHEXNET_AUROC}  # fmt: skip
+        if nih_labels:  # ChestX-ray14 labels: also the CheXNet paper's table
+            print(chexnet_table(nih_labels, "evaluated"))
     print(f"report: {files['report']}  metrics: {files['metrics']}  "
           f"predictions: {files['predictions']}  curves: {len(files['curves'])}")  # fmt: skip
     return EXIT_OK

@@ -236,3 +236,21 @@ def test_imported_bundle_calibrates_on_local_labels(chexnet: tuple[nn.Module, Pa
     meta = load_bundle(bundle).metadata
     assert meta.version == "1.0.1" and "calibration" in meta.training
     assert meta.input.channels == 3 and meta.input.mean == IMAGENET_MEAN  # kept by calibrate
+
+
+def test_evaluate_prints_the_chexnet_table_for_nih_labels(
+    chexnet_bundle: ExportOutcome, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An imported CheXNet evaluated on local DICOM labelled with ChestX-ray14 names."""
+    data = tmp_path / "local"
+    synthesize(data, 6, seed=9, size=(96, 80), prevalence=0.5)
+    rows = (data / "labels.csv").read_text().splitlines()
+    header = rows[0].replace("cardiomegaly", "Cardiomegaly").replace("pleural_effusion", "Effusion")
+    (data / "nih_names.csv").write_text("\n".join([header, *rows[1:]]) + "\n")
+    code = main(["-q", "evaluate", "--bundle", str(chexnet_bundle.out), "--data", str(data),
+                 "--labels", str(data / "nih_names.csv"), "--out", str(tmp_path / "rep"),
+                 "--device", "cpu", "--bootstrap", "50", "--no-curves", "--all-images"])  # fmt: skip
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    assert "| Pathology | This run (evaluated) | 95 % CI | CheXNet (published) |" in stdout
+    assert "| Cardiomegaly |" in stdout and "0.9248" in stdout
