@@ -74,3 +74,17 @@ def convert(ds: Dataset, target: UID) -> Dataset:
     ds.set_original_encoding(target.is_implicit_VR, target.is_little_endian,
                              ds.original_character_set)
     return ds
+
+
+def fastest_lossless() -> UID:
+    """The lossless syntax the SC is written in by default: the fastest installed encoder.
+
+    Measured on a 3000 x 2500 RGB overlay (2 cores): JPEG-LS (pyjpegls) 130-530 ms and 2-20x
+    smaller; RLE 280-440 ms with pylibjpeg-rle (4.7 s with pydicom's own encoder) and no
+    smaller once the image is noisy. Uncompressed when neither encoder is installed.
+    """
+    if get_encoder(uids.JPEGLSLossless).is_available:
+        return uids.JPEGLSLossless
+    if "pylibjpeg" in get_encoder(uids.RLELossless).available_plugins:
+        return uids.RLELossless
+    return uids.ExplicitVRLittleEndian
