@@ -15,9 +15,10 @@ import cv2
 import numpy as np
 from highdicom.sc import SCImage
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, SecondaryCaptureImageStorage
+from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from ai.types import Finding, ImageResult
+from dicom_node.delivery.syntaxes import convert
 from dicom_node.outputs import render
 from dicom_node.outputs.common import (
     DEMO_BANNER,
@@ -194,7 +195,7 @@ def _build_one(
         instance_number=index,
         manufacturer=settings.manufacturer,
         patient_orientation=tuple(ref.PatientOrientation),
-        transfer_syntax_uid=UID(settings.sc_transfer_syntax),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=SERIES_DESCRIPTION,
         manufacturer_model_name="CXR AI node",
         software_versions=software_versions(models),
@@ -205,6 +206,9 @@ def _build_one(
     sc.copy_patient_and_study_information(ref)
     _describe(sc, source)
     restore_person_names(sc, source)
+    # encoded here rather than by highdicom, which takes pydicom's first plugin (its own RLE
+    # encoder is ten times slower than pylibjpeg-rle) and cannot write a deflated SC
+    convert(sc, UID(settings.sc_transfer_syntax))
     logger.debug("Built SC %s for source %s", sop_uid, source.sop_instance_uid)
     return OutputObject("sc", sc, sop_uid, SecondaryCaptureImageStorage)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import io
 from collections.abc import Callable
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -14,7 +15,13 @@ import pydicom
 import pytest
 from outputs_helpers import make_result, make_source
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from ai.types import BoundingBox
 from dicom_node.config import load_settings
@@ -155,12 +162,17 @@ def test_sc_is_written_in_the_fastest_lossless_syntax(
     assert dciodvfy_errors(sc.dataset, "sc") == []
 
 
-@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless])
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                                    DeflatedExplicitVRLittleEndian, RLELossless])
 def test_sc_syntax_is_configurable(syntax: str) -> None:
     ds = make_source(rows=120, cols=100)
+    settings = OutputSettings(sr=False, gsps=False)
+    (reference,) = build_outputs([(ds, make_result(ds))], settings, "s")
     (sc,) = build_outputs([(ds, make_result(ds))],
-                          OutputSettings(sr=False, gsps=False, sc_transfer_syntax=syntax), "s")
-    assert sc.dataset.file_meta.TransferSyntaxUID == syntax
+                          replace(settings, sc_transfer_syntax=syntax), "s")
+    written = pydicom.dcmread(_roundtrip(sc.dataset))
+    assert written.file_meta.TransferSyntaxUID == syntax
+    assert (written.pixel_array == reference.dataset.pixel_array).all()
 
 
 def test_sc_syntax_must_be_lossless_and_encodable() -> None:
