@@ -19,12 +19,14 @@ not apply to it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import random
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -72,10 +74,6 @@ class Sender:
                  sc_syntax: str | None = None) -> None:
         self.engine = engine
         self.sc_syntax = sc_syntax
-        # A file already in the negotiated syntax goes out as it is on disk, read in chunks
-        # of the peer's PDU size (no dcmread, no re-encoding). The flag only changes what
-        # send_c_store does with a *path*; the node passes a path nowhere else.
-        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
         self.spool = spool
         self.destinations = {d.name: d for d in destinations}
         self._sessions: dict[str, requests.Session] = {}
@@ -130,6 +128,25 @@ class Sender:
         for session in self._sessions.values():
             session.close()
         self._sessions.clear()
+
+
+_CHUNKED = threading.Lock()
+
+
+@contextlib.contextmanager
+def _streamed() -> Iterator[None]:
+    """pynetdicom's ``STORE_SEND_CHUNKED_DATASET`` for one C-STORE: ``send_c_store(path)``
+    then sends the file's encoded dataset as it is on disk, in chunks of the peer's PDU size
+    (no ``dcmread``, no re-encoding; the context must match its syntax exactly). The flag is
+    module state, read when ``send_c_store`` starts: set only here, under a lock, and put
+    back, so no other code in the process sees it."""
+    with _CHUNKED:
+        previous = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+        try:
+            yield
+        finally:
+            pynetdicom_config.STORE_SEND_CHUNKED_DATASET = previous
 
 
 def _warn_about_transport(dest: StowRsDestination) -> None:
@@ -295,7 +312,8 @@ class _DestinationTry:
     def _store(self, assoc: Any, d: Delivery, syntax: UID) -> None:
         """Stream the file when it is in the negotiated syntax, else transcode it."""
         if self._file_syntax(d) == syntax:
-            status = assoc.send_c_store(self.sender.spool.path(d.path))
+            with _streamed():
+                status = assoc.send_c_store(self.sender.spool.path(d.path))
         else:
             status = assoc.send_c_store(self._dataset(d, syntax))
         code = int(status.Status) if status and "Status" in status else None

@@ -15,6 +15,7 @@ from conftest import StoreSCP, free_port, wait_until
 from helpers.results import ResultBench
 from pydicom.filereader import read_preamble
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
+from pynetdicom import _config
 
 pytestmark = pytest.mark.integration
 
@@ -75,6 +76,7 @@ def test_sc_in_the_accepted_syntax_is_streamed_unchanged(
     finally:
         bench.close()
     assert reads == []  # the sender parsed no result file: both went out as they are
+    assert _config.STORE_SEND_CHUNKED_DATASET is False  # pynetdicom's flag was put back
     rows = bench.deliveries(study)
     assert rows["sc"].state == "sent" and rows["sc"].transfer_syntax == JPEGLSLossless
     received = _received(scp, rows["sc"].sop_instance_uid)
