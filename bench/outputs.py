@@ -1,11 +1,12 @@
-"""Build + write cost of each result object (SR, SC, GSPS, SEG) on a 3000 x 2500 phantom, the
+"""Build + write + send cost of each result object (SR, SC, GSPS, SEG) on a 3000 x 2500 phantom, the
 way the node made them before issue 11 against the way it makes them now, same run.
 
 "old": float heatmap blend with a boolean gather/scatter, highdicom given the full source
 datasets (pixel data included: it deep-copies them), the SC written uncompressed, and the
 sender parsing the whole file (``dcmread``) before sending it. "new": uint8 OpenCV blend, slim
 reference datasets, the SC in ``outputs.sc_transfer_syntax`` (default: the fastest installed
-lossless encoder), the sender reading only the file meta before streaming the file.
+lossless encoder), the sender streaming the file (``dicom_node.sender.streamed``). Send = one
+C-STORE to a DCMTK ``storescp`` on loopback (accepting every syntax), the file read included.
 "new, SC uncompressed": the same with ``outputs.sc_transfer_syntax: ExplicitVRLittleEndian``
 (what the compression costs in CPU against what it saves in bytes). Write = ``dcmwrite`` +
 write + fsync, as the spool does. Ratios are old / new (above 1: faster now). One warm-up
@@ -96,10 +97,45 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return (time.perf_counter() - start) * 1000.0, value
 
 
-def run_variant(ds: Any, result: Any, variant: str, out: Path) -> dict[str, dict[str, float]]:
-    """ms of build, write and the sender's read, and the file size, per kind."""
+def _association(port: int) -> Any:
+    import socket
+
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
+    from pynetdicom import AE
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        ComprehensiveSRStorage,
+        GrayscaleSoftcopyPresentationStateStorage,
+        SecondaryCaptureImageStorage,
+        SegmentationStorage,
+    )
+
+    ae = AE("CXR_AI")
+    for sop in (ComprehensiveSRStorage, SecondaryCaptureImageStorage, SegmentationStorage,
+                GrayscaleSoftcopyPresentationStateStorage):
+        for syntax in (ExplicitVRLittleEndian, JPEGLSLossless, RLELossless):
+            ae.add_requested_context(sop, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DEST")
+    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return assoc
+
+
+def _send(assoc: Any, path: Path, old: bool) -> None:
     import pydicom
-    from pydicom.filereader import read_file_meta_info
+
+    from dicom_node.sender import streamed
+
+    if old:
+        status = assoc.send_c_store(pydicom.dcmread(path))
+    else:
+        with streamed():
+            status = assoc.send_c_store(path)
+    if not status or status.Status != 0:
+        raise RuntimeError(f"storescp refused {path.name}: {status}")
+
+
+def run_variant(ds: Any, result: Any, variant: str, out: Path, port: int
+                ) -> dict[str, dict[str, float]]:
+    """ms of build, write and send, and the file size, per kind."""
     from pydicom.uid import ExplicitVRLittleEndian
 
     from dicom_node.outputs import OutputSettings
@@ -114,6 +150,7 @@ def run_variant(ds: Any, result: Any, variant: str, out: Path) -> dict[str, dict
     syntax = {} if variant == "new" else {"sc_transfer_syntax": ExplicitVRLittleEndian}
     settings = OutputSettings(seg=True, **syntax)
     figures: dict[str, dict[str, float]] = {}
+    assoc = _association(port)
     with _old_blend() if old else contextlib.nullcontext():
         for kind in KINDS:
             build_ms, built = _timed(lambda kind=kind: builders[kind](
@@ -121,11 +158,10 @@ def run_variant(ds: Any, result: Any, variant: str, out: Path) -> dict[str, dict
             obj = built if not isinstance(built, list) else built[0]
             path = out / f"{kind}-{variant}.dcm"
             write_ms, size = _timed(lambda obj=obj, path=path: _write(obj.dataset, path))
-            reader = (lambda p=path: pydicom.dcmread(p)) if old else (
-                lambda p=path: read_file_meta_info(p))
-            read_ms, _ = _timed(reader)
-            figures[kind] = {"build_ms": build_ms, "write_ms": write_ms, "read_ms": read_ms,
+            send_ms, _ = _timed(lambda path=path: _send(assoc, path, old))
+            figures[kind] = {"build_ms": build_ms, "write_ms": write_ms, "send_ms": send_ms,
                              "bytes": float(size)}
+    assoc.release()
     return figures
 
 
@@ -139,29 +175,30 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 1 if args.quick else args.repeats
     out = c.fresh_dir(c.WORK / "outputs" / "written")
     ds, result = _phantom(args.rows, args.columns)
-    for variant in VARIANTS:
-        run_variant(ds, result, variant, out)  # warm-up, not counted
     runs: dict[str, list[dict[str, dict[str, float]]]] = {v: [] for v in VARIANTS}
-    for _ in range(repeats):  # interleaved, so a busy spell hits every column alike
+    with c.StoreSCP(c.fresh_dir(c.WORK / "outputs" / "dest"), extra=["+xa"]) as scp:
         for variant in VARIANTS:
-            runs[variant].append(run_variant(ds, result, variant, out))
+            run_variant(ds, result, variant, out, scp.port)  # warm-up, not counted
+        for _ in range(repeats):  # interleaved, so a busy spell hits every column alike
+            for variant in VARIANTS:
+                runs[variant].append(run_variant(ds, result, variant, out, scp.port))
     median = {v: {k: {m: c.median([r[k][m] for r in rs]) for m in rs[0][k]} for k in KINDS}
               for v, rs in runs.items()}
-    total = {v: {k: sum(median[v][k][m] for m in ("build_ms", "write_ms", "read_ms"))
+    total = {v: {k: sum(median[v][k][m] for m in ("build_ms", "write_ms", "send_ms"))
                  for k in KINDS} for v in VARIANTS}
     rows = []
     for kind in KINDS:
         o, n = median["old"][kind], median["new"][kind]
         t_old, t_new, t_unc = (total[v][kind] for v in VARIANTS)
-        rows.append([kind, o["build_ms"], n["build_ms"], o["write_ms"] + o["read_ms"],
-                     n["write_ms"] + n["read_ms"], o["bytes"] / 1e6, n["bytes"] / 1e6,
+        rows.append([kind, o["build_ms"], n["build_ms"], o["write_ms"], n["write_ms"],
+                     o["send_ms"], n["send_ms"], o["bytes"] / 1e6, n["bytes"] / 1e6,
                      t_old, t_new, t_old / t_new, t_unc, t_old / t_unc])
     sums = {v: sum(total[v].values()) for v in VARIANTS}
-    rows.append(["all", "", "", "", "", "", "", sums["old"], sums["new"],
+    rows.append(["all", "", "", "", "", "", "", "", "", sums["old"], sums["new"],
                  sums["old"] / sums["new"], sums["new_uncompressed"],
                  sums["old"] / sums["new_uncompressed"]])
-    c.table(["kind", "build old ms", "build new ms", "write+read old", "write+read new",
-             "old MB", "new MB", "old ms", "new ms", "old/new", "new unc. SC ms",
+    c.table(["kind", "build old", "build new", "write old", "write new", "send old",
+             "send new", "old MB", "new MB", "old ms", "new ms", "old/new", "new unc. SC ms",
              "old/new unc."], rows,
             title=f"Result objects, {args.rows} x {args.columns} phantom, median of {repeats}")
     c.write_results("outputs", {"rows": args.rows, "columns": args.columns,

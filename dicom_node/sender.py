@@ -134,7 +134,7 @@ _CHUNKED = threading.Lock()
 
 
 @contextlib.contextmanager
-def _streamed() -> Iterator[None]:
+def streamed() -> Iterator[None]:
     """pynetdicom's ``STORE_SEND_CHUNKED_DATASET`` for one C-STORE: ``send_c_store(path)``
     then sends the file's encoded dataset as it is on disk, in chunks of the peer's PDU size
     (no ``dcmread``, no re-encoding; the context must match its syntax exactly). The flag is
@@ -312,7 +312,7 @@ class _DestinationTry:
     def _store(self, assoc: Any, d: Delivery, syntax: UID) -> None:
         """Stream the file when it is in the negotiated syntax, else transcode it."""
         if self._file_syntax(d) == syntax:
-            with _streamed():
+            with streamed():
                 status = assoc.send_c_store(self.sender.spool.path(d.path))
         else:
             status = assoc.send_c_store(self._dataset(d, syntax))
