@@ -213,12 +213,21 @@ def test_sc_drawn_at_a_reduced_display_size_scales_boxes_and_heat(
     assert (rows.min() + 100, rows.max() + 100) == (100, 199)
     heat = pixels[230:280, 130:190].astype(int)
     assert (np.abs(heat[:, :, 0] - heat[:, :, 2]) > 20).mean() > 0.9  # coloured, not grey
-    gsps = next(o.dataset for o in outputs if o.kind == "gsps")
-    graphics = [g for layer in gsps.GraphicAnnotationSequence
-                for g in layer.get("GraphicObjectSequence", [])]
-    points = {tuple(g.GraphicData) for g in graphics}
-    assert (40.0, 200.0, 240.0, 200.0, 240.0, 400.0, 40.0, 400.0, 40.0, 200.0) in points
+    outline = (40.0, 200.0, 240.0, 200.0, 240.0, 400.0, 40.0, 400.0, 40.0, 200.0)
+    for kind in ("gsps", "sr"):  # the box in source pixels, as before
+        dataset = next(o.dataset for o in outputs if o.kind == kind)
+        assert outline in set(_graphic_data(dataset)), kind
     assert dciodvfy_errors(sc, "sc") == []
+
+
+def _graphic_data(ds: Dataset) -> list[tuple[float, ...]]:
+    """Every GraphicData in ``ds``, at any depth (SR content tree, GSPS layers)."""
+    found = [tuple(float(v) for v in ds.GraphicData)] if "GraphicData" in ds else []
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                found += _graphic_data(item)
+    return found
 
 
 def test_sc_max_side_shrinks_the_overlay() -> None:
