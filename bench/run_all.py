@@ -17,7 +17,7 @@ from typing import Any
 
 import _common as c
 
-BENCHMARKS = ("ingest", "latency", "pipeline", "decode")
+BENCHMARKS = ("ingest", "latency", "pipeline", "decode", "outputs")
 
 
 def run(name: str, full: bool, extra: list[str]) -> tuple[Path | None, float, int]:
@@ -66,6 +66,10 @@ def summarise(name: str, doc: dict[str, Any]) -> list[str]:
     if name == "decode":
         return [f"decode {x['size']}px {x['codec']}: {x['median_ms']:.0f} ms "
                 f"({x['ratio']:.0f}x uncompressed)" for x in doc["cases"] if not x["plugin"]]
+    if name == "outputs":
+        return [f"outputs {doc['rows']} x {doc['columns']}: build+write+send of SR, SC, GSPS, "
+                f"SEG {doc['ratio_all']:.2f}x faster than before issue 11 "
+                f"({doc['ratio_all_uncompressed_sc']:.2f}x with the SC uncompressed)"]
     return []
 
 

@@ -38,7 +38,7 @@ from ai.anatomy import (
     check_keywords,
 )
 from ai.selection import SelectionRules
-from dicom_node.delivery.syntaxes import sendable
+from dicom_node.delivery.syntaxes import fastest_lossless, sendable
 from dicom_node.errors import ConfigError
 from dicom_node.evaluation.settings import EvaluationSettings
 
@@ -254,6 +254,17 @@ class OutputSettingsModel(_Model):
     # detector candidates below their operating threshold: left out of the SR ("omit"),
     # or listed as Absent with their probability and without an image region ("list")
     sr_candidates: Literal["omit", "list"] = "omit"
+    # the SC as written: a lossless transfer syntax (keyword or UID; default the fastest
+    # installed encoder: JPEG-LS, else RLE, else uncompressed); a destination that does not
+    # take it gets the SC decompressed by the sender
+    sc_transfer_syntax: str | None = Field(None, validate_default=True)
+    # the SC's longest side in pixels (null: the display image's size)
+    sc_max_side: int | None = Field(None, ge=256)
+
+    @field_validator("sc_transfer_syntax")
+    @classmethod
+    def _sc_syntax(cls, v: str | None) -> str:
+        return str(fastest_lossless() if v is None else sendable(v))
 
 
 OutputKind = Literal["sr", "sc", "gsps", "seg"]

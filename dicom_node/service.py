@@ -50,7 +50,8 @@ def output_settings(settings: Settings) -> OutputSettings:
     o = settings.outputs
     return OutputSettings(sr=o.sr, sc=o.sc, gsps=o.gsps, seg=o.seg, seg_type=o.seg_type,
                           institution_name=o.institution_name,
-                          heatmap_alpha=o.heatmap_alpha, sr_candidates=o.sr_candidates)
+                          heatmap_alpha=o.heatmap_alpha, sr_candidates=o.sr_candidates,
+                          sc_transfer_syntax=str(o.sc_transfer_syntax), sc_max_side=o.sc_max_side)
 
 
 class Node:
@@ -76,7 +77,8 @@ class Node:
                                         settings.studies.quiet_period_s,
                                         max_wait_s=settings.studies.max_wait_s)
         self.sender = Sender(self.engine, self.spool, settings.destinations, settings.sender,
-                             settings.dicom.ae_title)
+                             settings.dicom.ae_title,
+                             sc_syntax=str(settings.outputs.sc_transfer_syntax))
         self.node_id = node_id(settings)
         self.analyzer: Analyzer | None = None
         self.model_error: str | None = None
