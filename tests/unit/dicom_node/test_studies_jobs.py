@@ -369,3 +369,18 @@ def test_release_grace_off_ignores_releases(env) -> None:  # type: ignore[no-unt
     last = _state(engine, ds.StudyInstanceUID).last_received_at
     _release(engine, str(ds.StudyInstanceUID), last)
     assert asm.run_once(now=last + 5) == [] and len(asm.run_once(now=last + 10)) == 1
+
+
+def test_an_older_database_gets_released_at_and_keeps_working(tmp_path: Path) -> None:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE studies DROP COLUMN released_at")
+    assert db.add_missing_columns(engine) == ["studies.released_at"]
+    spool = Spool(tmp_path / "spool")
+    ing = Ingestor(engine, spool, max_instance_bytes=50_000_000)
+    ds = make_image()
+    _send(ing, ds)  # a study of the upgraded database: not released, the quiet period rules
+    last = _state(engine, ds.StudyInstanceUID).last_received_at
+    asm = StudyAssembler(engine, spool, SelectionSettings(), quiet_period_s=10,
+                         release_grace_s=1.0)
+    assert asm.run_once(now=last + 5) == [] and len(asm.run_once(now=last + 10)) == 1
