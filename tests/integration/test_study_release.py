@@ -117,3 +117,27 @@ def test_aborted_association_falls_back_to_the_quiet_period(
         assert studies(settings)[study].released_at is None
     finally:
         node.stop()
+
+
+def test_late_image_after_a_released_result_supersedes_it_at_its_own_release(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    settings = node_settings(tmp_path / "node", quiet=QUIET_S)
+    node = start_node(settings, lambda s: FakeAnalyzer())
+    try:
+        first = make_image(seed=4)
+        study = str(first.StudyInstanceUID)
+        assert storescu(settings.dicom.port, [write(first, tmp_path / "in")]).returncode == 0
+        wait_until(lambda: studies(settings)[study].state == "done", BOUND_S, what="v1")
+        late = make_image(study_uid=study, seed=5)
+        assert storescu(settings.dicom.port, [write(late, tmp_path / "in")]).returncode == 0
+        wait_until(lambda: [j.state for j in _jobs(settings)] == ["done", "done"], BOUND_S,
+                   what="v2 after the late image's own release")
+        jobs = query(settings, select(db.jobs).order_by(db.jobs.c.id))
+        assert [j.version for j in jobs] == [1, 2]
+        assert [m.split(":")[0] for m in _ready_lines(caplog, study)] == [
+            f"study {study} ready (released)"] * 2
+        outs = query(settings, select(db.outputs))
+        assert {o.superseded_by_job for o in outs if o.job_id == jobs[0].id} == {jobs[1].id}
+    finally:
+        node.stop()
