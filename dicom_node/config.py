@@ -189,6 +189,12 @@ class SelectionSettings(_Model):
 
 
 class StudySettings(_Model):
+    # a study is ready this long after the association that delivered it was released
+    # (A-RELEASE, not an abort) when no image of it arrived meanwhile and no other open
+    # association delivered images of it; None turns release-driven completion off
+    release_grace_s: float | None = Field(1.0, ge=0)
+    # the fallback: ready once no image of it arrived for this long (images of one study
+    # over overlapping associations, an aborted association, a restart)
     quiet_period_s: float = Field(10.0, ge=0)
     # a study whose images keep arriving is analysed this long after the first image of its
     # receiving round with what has arrived; later images start a new round whose result

@@ -2,6 +2,10 @@
 
 Start-up order puts the DICOM listener first: acknowledging images needs only the spool and
 the database, so a PACS can send while the model loads (or the demo bundle is built).
+
+The loops of the result path hand over through :mod:`dicom_node.wakeups`: a release wakes
+the assembler (now and at the end of its grace), a new job a worker, committed outputs the
+sender; their poll intervals are only the safety net.
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ from dicom_node.jobs import JobQueue
 from dicom_node.outputs import OutputSettings
 from dicom_node.retention import Retention
 from dicom_node.scheduler import EvaluationScheduler, start_evaluation_scheduler
-from dicom_node.scp import start_scp
+from dicom_node.scp import StudyRelease, start_scp
 from dicom_node.sender import Sender
 from dicom_node.spool import Spool, Watermarks
 from dicom_node.store.db import make_engine
 from dicom_node.studies import StudyAssembler
+from dicom_node.wakeups import Wakeup, Wakeups
 from dicom_node.worker import AnalysisWorker
 
 logger = logging.getLogger(__name__)
@@ -73,9 +78,12 @@ class Node:
                                  max_instance_bytes=storage.max_instance_bytes,
                                  max_inflated_bytes=storage.max_inflated_bytes)
         self.queue = JobQueue.from_settings(self.engine, settings.workers)
-        self.assembler = StudyAssembler(self.engine, self.spool, settings.studies.selection,
-                                        settings.studies.quiet_period_s,
-                                        max_wait_s=settings.studies.max_wait_s)
+        self.wakeups = Wakeups()
+        studies = settings.studies
+        self.assembler = StudyAssembler(self.engine, self.spool, studies.selection,
+                                        studies.quiet_period_s, max_wait_s=studies.max_wait_s,
+                                        release_grace_s=studies.release_grace_s,
+                                        on_job=self.wakeups.worker.set)
         self.sender = Sender(self.engine, self.spool, settings.destinations, settings.sender,
                              settings.dicom.ae_title,
                              sc_syntax=str(settings.outputs.sc_transfer_syntax))
@@ -110,8 +118,10 @@ class Node:
         self.spool.clean_tmp()
         self.queue.requeue_owned_by(self.node_id)
         self.sender.recover()
+        grace = self.settings.studies.release_grace_s
+        release = None if grace is None else StudyRelease(grace, self.wakeups.assembler)
         self.servers = start_scp(self.settings.dicom, self.ingestor,
-                                 commitment=self.sender.reports)
+                                 commitment=self.sender.reports, release=release)
         self._thread("assembler", self._assembler_loop)
         if self.settings.destinations:
             self._thread("sender", self._sender_loop)
@@ -132,15 +142,22 @@ class Node:
         t.start()
         self.threads.append(t)
 
-    def _loop(self, interval: float, step: Callable[[], object]) -> None:
+    def _loop(self, interval: float, step: Callable[[], object],
+              wake: Wakeup | None = None) -> None:
+        """Run ``step`` until stopped; after an idle step sleep ``interval`` s, or until
+        ``wake`` is set (``stop`` sets every wake-up)."""
         while not self.stop_event.is_set():
             try:
                 busy = step()
             except Exception:  # noqa: BLE001 - a loop must survive one bad round
                 logger.exception("background step failed")
                 busy = False
-            if not busy:
+            if busy:
+                continue
+            if wake is None:
                 self.stop_event.wait(interval)
+            else:
+                wake.wait(interval)
 
     def _start_housekeeping(self) -> None:
         """Audit forwarding to syslog (optional); retention of the spool."""
@@ -158,10 +175,19 @@ class Node:
             self.extras.append(forwarder.close)
 
     def _assembler_loop(self) -> None:
-        self._loop(self.settings.studies.poll_interval_s, self.assembler.run_once)
+        self._loop(self.settings.studies.poll_interval_s, self.assembler.run_once,
+                   self.wakeups.assembler)
 
     def _sender_loop(self) -> None:
-        self._loop(self.settings.sender.poll_interval_s, self.sender.run_once)
+        self._loop(self.settings.sender.poll_interval_s, self.sender.run_once,
+                   self.wakeups.sender)
+
+    def _work_one(self, worker: AnalysisWorker, owner: str) -> object:
+        """One job; committed outputs wake the sender (their deliveries are due now)."""
+        outcome = worker.process_one(owner)
+        if outcome is not None and outcome.outputs:
+            self.wakeups.sender.set()
+        return outcome
 
     def _load_model_then_work(self) -> None:
         try:
@@ -179,10 +205,12 @@ class Node:
         for n in range(self.settings.workers.count):
             owner = f"{self.node_id}:{os.getpid()}:{n}"
             self._thread(f"worker-{n}", lambda o=owner: self._loop(
-                self.settings.workers.poll_interval_s, lambda: worker.process_one(o)))
+                self.settings.workers.poll_interval_s, lambda: self._work_one(worker, o),
+                self.wakeups.worker))
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stop_event.set()
+        self.wakeups.set_all()
         for hook in self.extras:
             hook()
         for server in self.servers:
