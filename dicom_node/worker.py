@@ -3,6 +3,11 @@
 Everything a job produces is committed in one transaction at the end, after the result
 files are on disk; output UIDs derive from the inputs and the models, so a job re-run after
 a crash rewrites the same files and the same rows instead of creating a second result set.
+
+A worker takes the jobs already queued in one claim (``workers.batch_jobs``) and analyses
+all their images in one analyzer call: the model's fixed cost per call is shared, and each
+job still builds, commits or fails on its own. The same worker runs as a thread of the node
+or as a process of its own (:mod:`dicom_node.worker_process`).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ The demo bundles are built by the parent before any worker starts, once.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -316,8 +317,6 @@ def _die_with_parent(parent_pid: int, stop: threading.Event) -> None:
     """Exit when the parent dies: SIGKILL from the kernel on Linux, and a poll of
     ``getppid`` (re-parented: the parent is gone) as the portable fallback."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the poll below is the guard
