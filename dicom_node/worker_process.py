@@ -257,15 +257,24 @@ class WorkerPool:
 # -- the child process ----------------------------------------------------------------------
 
 
-def run_worker(settings: Settings, index: int, node_id: str, parent_pid: int,
+def run_worker(settings: Settings, index: int, node_id: str, parent_pid: int | None,
                report: Connection | None = None) -> None:
     """A worker process's main: load the bundles, then claim and analyse batches of jobs
-    until SIGTERM (or until the parent is gone)."""
+    until SIGTERM (or until the parent is gone). Without ``parent_pid`` (a worker started
+    on its own, as a role) nothing watches a parent."""
     threading.current_thread().name = f"worker-{index}"
     configure_logging(settings.logging.level)
     stop = threading.Event()
-    _die_with_parent(parent_pid, stop)
-    signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())
+    if parent_pid is not None:
+        _die_with_parent(parent_pid, stop)
+    loading = True
+
+    def _on_sigterm(_signum: int, _frame: object) -> None:
+        if loading:  # no job claimed yet: nothing to finish, do not wait for the load
+            os._exit(0)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops us with SIGTERM
     _bound_torch_threads(settings.workers.torch_thread_count)
     try:
@@ -275,6 +284,7 @@ def run_worker(settings: Settings, index: int, node_id: str, parent_pid: int,
         logger.error("model could not be loaded: %s", error)
         _send(report, ("error", error))
         raise SystemExit(EXIT_MODEL_FAILED) from None
+    loading = False
     _send(report, ("ready", list(analyzer.models)))
     engine = make_engine(settings.database_url)
     try:
