@@ -37,11 +37,12 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
+import cv2
 import pydicom
 
 from ai.types import Analyzer, ImageResult, ModelIdentity
@@ -205,7 +206,8 @@ class WorkerPool:
         proc = self._ctx.Process(target=run_worker, name=f"worker-{slot.index}",
                                  args=(self.settings, slot.index, self.node_id, os.getpid(),
                                        send), daemon=True)
-        proc.start()
+        with _thread_env(self.settings.workers.torch_thread_count):
+            proc.start()
         send.close()  # the child holds its end: EOF here once it is gone
         if slot.conn is not None:
             slot.conn.close()
@@ -316,11 +318,30 @@ def _send(report: Connection | None, message: tuple[str, object]) -> None:
             report.send(message)
 
 
+_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _thread_env(count: int) -> Iterator[None]:
+    """The child's environment bounds its OpenMP/BLAS pools: they read it when numpy and
+    torch are first imported, which in the child is before any of its code runs."""
+    before = {name: os.environ.get(name) for name in _THREAD_ENV}
+    os.environ.update({name: str(count) for name in _THREAD_ENV})
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _bound_torch_threads(count: int) -> None:
-    os.environ["OMP_NUM_THREADS"] = str(count)  # before torch's first import, for OpenMP
     import torch
 
     torch.set_num_threads(count)
+    cv2.setNumThreads(count)  # OpenCV's own pool (resizing, blending)
 
 
 def _die_with_parent(parent_pid: int, stop: threading.Event) -> None:
