@@ -187,6 +187,9 @@ class WorkerSettings(_Model):
     # in one call; it waits at most batch_wait_s for more to arrive (0: never waits)
     batch_jobs: int = Field(4, ge=1, le=64)
     batch_wait_s: float = Field(0.0, ge=0, le=10)
+    # CPU priority of worker processes (os.nice increment): when the cores are contended
+    # the listener, which answers the PACS, goes first; an idle CPU still goes to inference
+    nice: int = Field(10, ge=0, le=19)
     # a worker process that dies is restarted after this, doubled while it keeps dying
     restart_backoff_s: float = Field(1.0, gt=0)
     lease_s: float = Field(300.0, gt=0)

@@ -3,7 +3,9 @@
 Why: in one process the receiver, the assembler, the sender and the worker share one GIL,
 and torch takes every core; with the worker busy, small-instance ingest dropped by a third.
 A worker process has its own interpreter, and its torch threads are bounded
-(``workers.torch_threads``, default cores - 1) so a core stays with the receiver.
+(``workers.torch_threads``, default cores - 1; OpenMP, BLAS and OpenCV pools too) so a core
+stays with the receiver, and it runs niced (``workers.nice``): on contended cores the
+receiver, which answers the PACS, goes first, while an idle CPU still serves inference.
 
 The parent (the node) runs a :class:`WorkerPool`: it starts ``workers.count`` processes
 (multiprocessing *spawn*: a fresh interpreter, no forked locks or sockets), restarts one that
@@ -213,8 +215,9 @@ class WorkerPool:
             slot.conn.close()
         slot.process, slot.conn = proc, receive
         slot.started_at, slot.restart_at = time.monotonic(), None
-        logger.info("worker process %d started (pid %d, %d torch thread(s))", slot.index,
-                    proc.pid, self.settings.workers.torch_thread_count)
+        logger.info("worker process %d started (pid %d, %d torch thread(s), nice %d)",
+                    slot.index, proc.pid, self.settings.workers.torch_thread_count,
+                    self.settings.workers.nice)
 
     def _read_report(self, slot: _Slot) -> None:
         conn = slot.conn
@@ -279,6 +282,7 @@ def run_worker(settings: Settings, index: int, node_id: str, parent_pid: int | N
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops us with SIGTERM
     _bound_torch_threads(settings.workers.torch_thread_count)
+    os.nice(settings.workers.nice)  # contended cores go to the listener first
     try:
         analyzer = load_analyzer(settings)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which does not loop
