@@ -3,10 +3,12 @@ covers all their images, and each job still gets its own outputs, commit and fai
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
 import pydicom
+from conftest import wait_until
 from helpers.dicomfiles import make_image
 from helpers.fakes import FakeAnalyzer
 from sqlalchemy import Engine, func, select
@@ -86,3 +88,28 @@ def test_one_jobs_unusable_study_fails_alone_in_a_batch(tmp_path: Path) -> None:
     with engine.connect() as conn:
         failed = conn.execute(select(db.jobs).where(db.jobs.c.state == "failed")).one()
     assert failed.study_uid == str(bad[0].StudyInstanceUID) and "pixel" in failed.error
+
+
+def test_batch_wait_takes_a_job_queued_during_the_wait_into_the_same_call(
+        tmp_path: Path) -> None:
+    engine, spool = _queue_studies(tmp_path, [_study(1)])
+    analyzer = FakeAnalyzer()
+    worker = AnalysisWorker(engine, spool, JobQueue(engine, lease_s=60, max_attempts=3),
+                            analyzer, OutputSettings(gsps=False), [])
+    outcomes: list[object] = []
+    run = threading.Thread(target=lambda: outcomes.extend(
+        worker.process_batch("w:1:0", 2, wait_s=1.0, stop=threading.Event())))
+    run.start()
+    wait_until(lambda: _states(engine) == ["running"], 10, interval=0.01,
+               what="first job claimed")
+    ingestor = Ingestor(engine, spool, max_instance_bytes=50_000_000)
+    assert ingestor.ingest(_received(_study(2)[0])) == StoreStatus.SUCCESS  # during the wait
+    StudyAssembler(engine, spool, SelectionSettings(), quiet_period_s=0).run_once(
+        now=time.time() + 1)
+    run.join(30)
+    assert len(outcomes) == 2 and len(analyzer.calls) == 1 and len(analyzer.calls[0]) == 2
+
+
+def _states(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return [r.state for r in conn.execute(select(db.jobs.c.state).order_by(db.jobs.c.id))]
