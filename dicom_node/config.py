@@ -223,6 +223,22 @@ class ModelSettings(_Model):
 
 class WorkerSettings(_Model):
     count: int = Field(1, ge=1, le=64)
+    # "process": each worker is an OS process of its own (its own GIL, bounded torch
+    # threads), so receiving never waits on inference; "thread": workers share the node's
+    # process (tests that inject an analyzer that cannot be sent to another process)
+    mode: Literal["process", "thread"] = "process"
+    # torch threads of each worker process (None: CPU cores - 1, at least 1): a core is
+    # left to the receiver
+    torch_threads: int | None = Field(None, ge=1)
+    # a worker takes up to this many already-queued jobs at once and analyses their images
+    # in one call; it waits at most batch_wait_s for more to arrive (0: never waits)
+    batch_jobs: int = Field(4, ge=1, le=64)
+    batch_wait_s: float = Field(0.0, ge=0, le=10)
+    # CPU priority of worker processes (os.nice increment): when the cores are contended
+    # the listener, which answers the PACS, goes first; an idle CPU still goes to inference
+    nice: int = Field(10, ge=0, le=19)
+    # a worker process that dies is restarted after this, doubled while it keeps dying
+    restart_backoff_s: float = Field(1.0, gt=0)
     lease_s: float = Field(300.0, gt=0)
     # a running job renews its lease this often (None: lease_s / 3)
     heartbeat_s: float | None = Field(None, gt=0)
@@ -244,6 +260,10 @@ class WorkerSettings(_Model):
     @property
     def heartbeat_interval_s(self) -> float:
         return self.heartbeat_s or self.lease_s / 3.0
+
+    @property
+    def torch_thread_count(self) -> int:
+        return self.torch_threads or max(1, (os.cpu_count() or 1) - 1)
 
 
 class OutputSettingsModel(_Model):

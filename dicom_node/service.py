@@ -22,16 +22,15 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from ai.types import Analyzer
+from ai.types import Analyzer, ModelIdentity
 from dicom_node import disk, node_events
-from dicom_node.analysis import load_analyzer
+from dicom_node.analysis import ensure_demo_bundle, load_analyzer
 from dicom_node.audit_forward import SyslogForwarder
 from dicom_node.config import Settings
 from dicom_node.disk import DiskUsageSource
 from dicom_node.evaluation.service import EvaluationService
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import JobQueue
-from dicom_node.outputs import OutputSettings
 from dicom_node.retention import Retention
 from dicom_node.scheduler import EvaluationScheduler, start_evaluation_scheduler
 from dicom_node.scp import StudyRelease, start_scp
@@ -40,7 +39,8 @@ from dicom_node.spool import Spool, Watermarks
 from dicom_node.store.db import make_engine
 from dicom_node.studies import StudyAssembler
 from dicom_node.wakeups import Wakeup, Wakeups
-from dicom_node.worker import AnalysisWorker
+from dicom_node.worker import AnalysisWorker, output_settings
+from dicom_node.worker_process import DeployedModels, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +49,6 @@ def node_id(settings: Settings) -> str:
     """Stable per host and data directory: the prefix of every lease this node takes."""
     digest = hashlib.sha256(str(settings.storage.data_dir.resolve()).encode()).hexdigest()[:8]
     return f"{socket.gethostname()}:{digest}"
-
-
-def output_settings(settings: Settings) -> OutputSettings:
-    o = settings.outputs
-    return OutputSettings(sr=o.sr, sc=o.sc, gsps=o.gsps, seg=o.seg, seg_type=o.seg_type,
-                          institution_name=o.institution_name,
-                          heatmap_alpha=o.heatmap_alpha, sr_candidates=o.sr_candidates,
-                          sc_transfer_syntax=str(o.sc_transfer_syntax), sc_max_side=o.sc_max_side)
 
 
 class Node:
@@ -83,7 +75,7 @@ class Node:
         self.assembler = StudyAssembler(self.engine, self.spool, studies.selection,
                                         studies.quiet_period_s, max_wait_s=studies.max_wait_s,
                                         release_grace_s=studies.release_grace_s,
-                                        on_job=self.wakeups.worker.set)
+                                        on_job=self._job_created)
         self.sender = Sender(self.engine, self.spool, settings.destinations, settings.sender,
                              settings.dicom.ae_title,
                              sc_syntax=str(settings.outputs.sc_transfer_syntax))
@@ -100,6 +92,14 @@ class Node:
             self.engine, settings, deployed=lambda: self.analyzer,
             model_error=lambda: self.model_error, stop_event=self.stop_event)
         self.scheduler: EvaluationScheduler | None = None
+        # worker processes (workers.mode "process"): an injected analyzer_factory (tests'
+        # fakes, which need not survive pickling) keeps the workers as threads
+        self.workers: WorkerPool | None = None
+        if settings.workers.mode == "process" and analyzer_factory is load_analyzer:
+            self.workers = WorkerPool(settings, self.node_id, self.queue,
+                                      on_ready=self._models_ready, on_error=self._model_failed,
+                                      on_committed=self.wakeups.sender.set)
+            self.extras.append(self.workers.stop)
         # the spool filesystem's use (watermarks, retention, /readyz, /metrics); tests may
         # replace it
         self.disk_usage: DiskUsageSource = lambda: disk.measure(self.spool.root)
@@ -182,14 +182,25 @@ class Node:
         self._loop(self.settings.sender.poll_interval_s, self.sender.run_once,
                    self.wakeups.sender)
 
+    def _job_created(self) -> None:
+        """The assembler queued a job: wake the worker threads or processes."""
+        self.wakeups.worker.set()
+        if self.workers is not None:
+            self.workers.wake()
+
     def _work_one(self, worker: AnalysisWorker, owner: str) -> object:
-        """One job; committed outputs wake the sender (their deliveries are due now)."""
-        outcome = worker.process_one(owner)
-        if outcome is not None and outcome.outputs:
+        """One batch of jobs; committed outputs wake the sender (their deliveries are due
+        now)."""
+        w = self.settings.workers
+        outcomes = worker.process_batch(owner, w.batch_jobs, w.batch_wait_s, self.stop_event)
+        if any(outcome.outputs for outcome in outcomes):
             self.wakeups.sender.set()
-        return outcome
+        return outcomes
 
     def _load_model_then_work(self) -> None:
+        if self.workers is not None:
+            self._start_worker_processes(self.workers)
+            return
         try:
             analyzer = self.analyzer_factory(self.settings)
         except Exception as exc:  # noqa: BLE001 - reported on /readyz and in the log
@@ -202,11 +213,32 @@ class Node:
         worker = AnalysisWorker(self.engine, self.spool, self.queue, analyzer,
                                 output_settings(self.settings), self.settings.destinations)
         self.analyzer = analyzer
-        for n in range(self.settings.workers.count):
+        w = self.settings.workers
+        for n in range(w.count):
             owner = f"{self.node_id}:{os.getpid()}:{n}"
             self._thread(f"worker-{n}", lambda o=owner: self._loop(
-                self.settings.workers.poll_interval_s, lambda: self._work_one(worker, o),
-                self.wakeups.worker))
+                w.poll_interval_s, lambda: self._work_one(worker, o), self.wakeups.worker))
+
+    def _start_worker_processes(self, pool: WorkerPool) -> None:
+        """Process mode: the demo bundles are built here once, then each worker process
+        loads the bundles itself and reports their identities (``_models_ready``)."""
+        try:
+            ensure_demo_bundle(self.settings)
+        except Exception as exc:  # noqa: BLE001 - reported on /readyz and in the log
+            self._model_failed(f"{type(exc).__name__}: {exc}")
+            return
+        pool.start()
+
+    def _models_ready(self, models: list[ModelIdentity]) -> None:
+        if self.analyzer is None:
+            logger.info("models loaded: %s", ", ".join(m.display_name for m in models))
+            self.analyzer = DeployedModels(models, lambda: self.analyzer_factory(self.settings))
+
+    def _model_failed(self, error: str) -> None:
+        if self.analyzer is None and self.model_error is None:
+            self.model_error = error
+            logger.error("model could not be loaded: %s; images are still received and "
+                         "queued", error)
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stop_event.set()
