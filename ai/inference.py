@@ -2,8 +2,11 @@
 
 :class:`Analyzer` loads bundles once, then :meth:`Analyzer.analyze` turns pydicom datasets
 into :class:`~ai.types.ImageResult` objects (plain Python and NumPy, source pixel
-coordinates). Several bundles run on the same images and their findings are merged; each
-bundle preprocesses with its own parameters (images are decoded once per distinct set).
+coordinates). Several bundles run on the same images and their findings are merged. Each
+image is decoded once per call whatever the number of bundles: the display image (one per
+percentile window) is resized for each bundle's input size. A JPEG 2000 image much larger
+than every model input is decoded at a reduced resolution level (:mod:`ai.decoders`); the
+letterbox maps model coordinates back to source pixels all the same.
 
 Classification bundles give one finding per label; a positive finding gets a Grad-CAM map
 and a box around the map's largest hot region (>= half its peak), so viewers can show where.
@@ -32,6 +35,7 @@ import torch
 from pydicom.dataset import Dataset
 
 from ai.bundle.load import LoadedBundle, load_bundle
+from ai.decoders import j2k_reduce_level
 from ai.detection import Detections, detect
 from ai.gradcam import GradCAM
 from ai.pixels import (
@@ -39,7 +43,7 @@ from ai.pixels import (
     DEFAULT_PERCENTILE_WINDOW,
     Letterbox,
     PreprocessParams,
-    load_display_image,
+    load_display_images,
     preprocess_image,
 )
 from ai.types import (
@@ -56,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 CAM_BOX_THRESHOLD = 0.5
 """A positive finding's box encloses the largest region where its CAM >= this x its peak."""
+DEFAULT_DISPLAY_MIN_SIDE = 1024
+"""Short side (px) a reduced JPEG 2000 decode keeps, so the SC overlay stays readable."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -104,12 +110,14 @@ class _ClassificationRunner:
     """One classification bundle on one device, batched, optionally with Grad-CAM."""
 
     def __init__(
-        self, bundle: LoadedBundle, device: torch.device, gradcam: bool, batch_size: int
+        self, bundle: LoadedBundle, device: torch.device, gradcam: bool, batch_size: int,
+        finding_maps: bool = False,
     ) -> None:
         self.bundle = bundle
         self.meta = bundle.metadata
         self.device = device
         self.batch_size = batch_size
+        self.finding_maps = finding_maps
         self.thresholds = np.asarray([label.threshold for label in self.meta.labels])
         self.cam = GradCAM(bundle.model, self.meta.target_layer) if gradcam else None
         self._lock = threading.Lock()  # hooks and CUDA streams: one batch at a time
@@ -168,13 +176,17 @@ class _ClassificationRunner:
                     box=box,
                 )
             )
-        heatmap = None
+        heatmap: np.ndarray | None = None
         own: dict[tuple[str, str], np.ndarray] = {}
-        if cams:
-            for k, cam in cams.items():
-                own[(self.identity.device_uid, self.meta.labels[k].name)] = np.clip(
-                    letterbox.heatmap_to_source(cam), 0.0, 1.0).astype(np.float32, copy=False)
-            heatmap = np.max(np.stack(list(own.values())), axis=0)
+        for k, cam in cams.items():  # max-combined as they come: one source-size map alive
+            source = np.clip(letterbox.heatmap_to_source(cam), 0.0, 1.0).astype(
+                np.float32, copy=False)
+            if self.finding_maps:  # only the SEG needs each finding's own map
+                own[(self.identity.device_uid, self.meta.labels[k].name)] = source
+            if heatmap is None:
+                heatmap = source.copy() if self.finding_maps else source
+            else:
+                np.maximum(heatmap, source, out=heatmap)
         return _ImageOutput(findings, heatmap, own)
 
 
@@ -229,11 +241,12 @@ class _DetectionRunner:
 
 
 def _make_runner(
-    bundle: LoadedBundle, device: torch.device, gradcam: bool, batch_size: int
+    bundle: LoadedBundle, device: torch.device, gradcam: bool, batch_size: int,
+    finding_maps: bool = False,
 ) -> _ClassificationRunner | _DetectionRunner:
     task = bundle.metadata.task
     if task == "classification":
-        return _ClassificationRunner(bundle, device, gradcam, batch_size)
+        return _ClassificationRunner(bundle, device, gradcam, batch_size, finding_maps)
     if task == "detection":
         return _DetectionRunner(bundle, device, batch_size)
     raise BundleError(f'Bundle "{bundle.metadata.name}": task "{task}" has no runner')
@@ -248,6 +261,13 @@ class Analyzer:
         gradcam: compute Grad-CAM maps and boxes for positive findings.
         max_pixels: refuse images with more samples than this (before decoding).
         batch_size: images per forward pass.
+        display_min_side: a JPEG 2000 image is decoded at a reduced level only as far as
+            its short side keeps this many pixels, because the reduced image is also
+            ``ImageResult.display``, the overlay's background (0: as small as the models
+            allow). The models always get at least twice their input size.
+        finding_maps: keep each positive finding's own source-size Grad-CAM in
+            ``ImageResult.finding_heatmaps`` (only the SEG output reads them; 16 MB each at
+            2000 x 2000). The combined ``heatmap`` is made either way.
     """
 
     def __init__(
@@ -258,19 +278,27 @@ class Analyzer:
         gradcam: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         batch_size: int = 8,
+        display_min_side: int = DEFAULT_DISPLAY_MIN_SIDE,
+        finding_maps: bool = False,
     ) -> None:
         if not bundle_dirs:
             raise BundleError("Analyzer needs at least one bundle directory")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if display_min_side < 0:
+            raise ValueError(f"display_min_side must be >= 0, got {display_min_side}")
         self.device = resolve_device(device)
         self.max_pixels = max_pixels
+        self.display_min_side = display_min_side
         self._bundle_dirs = [Path(d) for d in bundle_dirs]
         self._gradcam, self._batch_size = gradcam, batch_size
+        self._finding_maps = finding_maps
         self._runners = [
-            _make_runner(load_bundle(d, device=self.device), self.device, gradcam, batch_size)
+            _make_runner(load_bundle(d, device=self.device), self.device, gradcam, batch_size,
+                         finding_maps)
             for d in self._bundle_dirs
         ]
+        self._params = [r.meta.input.preprocess_params(max_pixels) for r in self._runners]
         self._cpu_runners: dict[int, _ClassificationRunner | _DetectionRunner] = {}
         uids = [r.identity.device_uid for r in self._runners]
         if len(set(uids)) != len(uids):
@@ -280,20 +308,30 @@ class Analyzer:
     def models(self) -> list[ModelIdentity]:
         return [runner.identity for runner in self._runners]
 
-    def _prepare(self, datasets: Sequence[Dataset], params: PreprocessParams,
-                 results: list[ImageResult]) -> list[_Prepared]:
-        prepared = []
-        for ds, result in zip(datasets, results, strict=True):
-            try:
-                image = load_display_image(ds, percentile_window=params.percentile_window,
-                                           max_pixels=params.max_pixels)
-                tensor, letterbox = preprocess_image(image, params)
-            except PixelDataError as exc:
-                uid = ds.get("SOPInstanceUID", "unknown")
-                raise PixelDataError(f"SOP Instance {uid}: {exc}") from exc
-            if result.display is None and params.percentile_window == DEFAULT_PERCENTILE_WINDOW:
-                result.display = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
-            prepared.append(_Prepared(tensor, letterbox))
+    def reduce_level(self, ds: Dataset) -> int:
+        """The resolution level ``ds`` is decoded at: > 0 only for a JPEG 2000 image whose
+        short side stays >= twice the largest model input and >= ``display_min_side``."""
+        need = max(2 * max(p.size for p in self._params), self.display_min_side)
+        return j2k_reduce_level(ds, need)
+
+    def _prepare_image(self, ds: Dataset, result: ImageResult) -> dict[PreprocessParams, _Prepared]:
+        """Decode ``ds`` once; one display image per window; one model input per params."""
+        try:
+            displays = load_display_images(
+                ds, [p.percentile_window for p in self._params], max_pixels=self.max_pixels,
+                reduce=self.reduce_level(ds))
+            source = (result.rows, result.columns)
+            prepared = {}
+            for params in dict.fromkeys(self._params):
+                tensor, letterbox = preprocess_image(
+                    displays[params.percentile_window], params, source)
+                prepared[params] = _Prepared(tensor, letterbox)
+        except PixelDataError as exc:
+            uid = ds.get("SOPInstanceUID", "unknown")
+            raise PixelDataError(f"SOP Instance {uid}: {exc}") from exc
+        image = displays.get(DEFAULT_PERCENTILE_WINDOW)
+        if image is not None:
+            result.display = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return prepared
 
     def analyze(self, datasets: Sequence[Dataset]) -> list[ImageResult]:
@@ -312,12 +350,9 @@ class Analyzer:
             )
             for ds in datasets
         ]
-        cache: dict[PreprocessParams, list[_Prepared]] = {}
-        for index, runner in enumerate(self._runners):
-            params = runner.meta.input.preprocess_params(self.max_pixels)
-            if params not in cache:
-                cache[params] = self._prepare(datasets, params, results)
-            outputs = self._run_guarded(index, runner, cache[params])
+        per_image = [self._prepare_image(ds, r) for ds, r in zip(datasets, results, strict=True)]
+        for index, (runner, params) in enumerate(zip(self._runners, self._params, strict=True)):
+            outputs = self._run_guarded(index, runner, [p[params] for p in per_image])
             for result, output in zip(results, outputs, strict=True):
                 _merge(result, output)
         logger.debug(
@@ -325,7 +360,6 @@ class Analyzer:
             len(results), len(self._runners), 1000 * (time.perf_counter() - started),
         )  # fmt: skip
         return results
-
 
     def _run_guarded(self, index: int, runner: _ClassificationRunner | _DetectionRunner,
                      prepared: list[_Prepared]) -> list[_ImageOutput]:
@@ -348,7 +382,7 @@ class Analyzer:
             cpu = torch.device("cpu")
             self._cpu_runners[index] = _make_runner(
                 load_bundle(self._bundle_dirs[index], device=cpu), cpu, self._gradcam,
-                self._batch_size)
+                self._batch_size, self._finding_maps)
         try:
             return self._cpu_runners[index].run(prepared)
         except (torch.OutOfMemoryError, MemoryError) as exc:

@@ -31,22 +31,22 @@ class BuiltNetwork(NamedTuple):
 @dataclass(frozen=True)
 class _Entry:
     factory: Callable[..., nn.Module]
-    fixed: Callable[[int], dict[str, Any]]  # arguments the node owns, by number of classes
+    fixed: Callable[[int, int], dict[str, Any]]  # arguments the node owns: classes, channels
 
 
-def _densenet_fixed(num_classes: int) -> dict[str, Any]:
-    return {"spatial_dims": 2, "in_channels": 1, "out_channels": num_classes}
+def _densenet_fixed(num_classes: int, channels: int) -> dict[str, Any]:
+    return {"spatial_dims": 2, "in_channels": channels, "out_channels": num_classes}
 
 
-def _resnet_fixed(num_classes: int) -> dict[str, Any]:
-    return {"spatial_dims": 2, "n_input_channels": 1, "num_classes": num_classes}
+def _resnet_fixed(num_classes: int, channels: int) -> dict[str, Any]:
+    return {"spatial_dims": 2, "n_input_channels": channels, "num_classes": num_classes}
 
 
-def _efficientnet_fixed(num_classes: int) -> dict[str, Any]:
+def _efficientnet_fixed(num_classes: int, channels: int) -> dict[str, Any]:
     return {
         "model_name": "efficientnet-b0",
         "spatial_dims": 2,
-        "in_channels": 1,
+        "in_channels": channels,
         "num_classes": num_classes,
         "pretrained": False,  # pretrained weights need a download the node must never do
     }
@@ -68,9 +68,10 @@ def _entry(name: str) -> _Entry:
 
 
 def build_network(
-    name: str, args: Mapping[str, Any] | None = None, *, num_classes: int
+    name: str, args: Mapping[str, Any] | None = None, *, num_classes: int, in_channels: int = 1
 ) -> BuiltNetwork:
-    """Build ``name`` for 2-D, one-channel input and ``num_classes`` outputs.
+    """Build ``name`` for 2-D input of ``in_channels`` (the bundle's ``input.channels``: 3 for
+    imported ImageNet-pretrained models) and ``num_classes`` outputs.
 
     ``args`` are the bundle's extra constructor arguments (e.g. ``block_config`` for the small
     demo DenseNet). The spatial dimensions, input channels and number of outputs belong to
@@ -79,7 +80,7 @@ def build_network(
     entry = _entry(name)
     if num_classes < 1:
         raise BundleError(f"num_classes must be >= 1, got {num_classes}")
-    fixed = entry.fixed(num_classes)
+    fixed = entry.fixed(num_classes, in_channels)
     kwargs: dict[str, Any] = dict(args or {})
     for key, value in fixed.items():
         if key in kwargs and kwargs[key] != value:

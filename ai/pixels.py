@@ -31,6 +31,13 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
+from ai.decoders import (
+    J2K_SYNTAXES,
+    REDUCIBLE_SYNTAXES,
+    decode_j2k_reduced,
+    decoder_for,
+    transfer_syntax,
+)
 from ai.types import BoundingBox, PixelDataError
 
 logger = logging.getLogger(__name__)
@@ -38,17 +45,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_PERCENTILE_WINDOW: tuple[float, float] = (0.5, 99.5)
 
-_J2K_SYNTAXES = frozenset(
-    {
-        "1.2.840.10008.1.2.4.90",
-        "1.2.840.10008.1.2.4.91",
-        "1.2.840.10008.1.2.4.92",
-        "1.2.840.10008.1.2.4.93",
-        "1.2.840.10008.1.2.4.201",
-        "1.2.840.10008.1.2.4.202",
-        "1.2.840.10008.1.2.4.203",
-    }
-)
 _JPEG_SYNTAXES = frozenset(
     {
         "1.2.840.10008.1.2.4.50",
@@ -128,14 +124,9 @@ def check_pixel_size(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple
     return rows, cols
 
 
-def _transfer_syntax(ds: Dataset) -> str:
-    meta = getattr(ds, "file_meta", None)
-    return str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-
-
 def _check_codestream(ds: Dataset, rows: int, cols: int, spp: int, max_pixels: int) -> None:
-    tsyntax = _transfer_syntax(ds)
-    if tsyntax not in _J2K_SYNTAXES and tsyntax not in _JPEG_SYNTAXES:
+    tsyntax = transfer_syntax(ds)
+    if tsyntax not in J2K_SYNTAXES and tsyntax not in _JPEG_SYNTAXES:
         return
     try:
         fragments = generate_fragments(ds.PixelData)
@@ -144,7 +135,7 @@ def _check_codestream(ds: Dataset, rows: int, cols: int, spp: int, max_pixels: i
     except (StopIteration, ValueError, struct.error) as exc:
         raise PixelDataError(f"Encapsulated Pixel Data has no readable fragment ({exc})") from exc
     head = fragment[:65536]
-    size = _j2k_size(head) if tsyntax in _J2K_SYNTAXES else _jpeg_size(head)
+    size = _j2k_size(head) if tsyntax in J2K_SYNTAXES else _jpeg_size(head)
     if size is None:
         logger.debug("No frame header found in the first fragment (syntax %s)", tsyntax)
         return
@@ -192,24 +183,29 @@ def _jpeg_size(head: bytes) -> tuple[int, int, int] | None:
 # Decoding and the grayscale pipeline
 
 
-# Faster of the installed plugins where pydicom's default order picks a slower one
-# (bench/decode.py: JPEG-LS 2048 px 372 ms with pylibjpeg vs 88 ms with pyjpegls).
-_PREFERRED_DECODER = {
-    "1.2.840.10008.1.2.4.80": "pyjpegls",
-    "1.2.840.10008.1.2.4.81": "pyjpegls",
-}
+def decode_frame(
+    ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS, *, reduce: int = 0
+) -> np.ndarray:
+    """Decode the first frame as stored (after colour conversion to RGB where applicable).
 
-
-def decode_frame(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode the first frame as stored (after colour conversion to RGB where applicable)."""
+    The one decode entry point of the model side (the tests count its calls). ``reduce``
+    > 0 asks for a JPEG 2000 image at ``1 / 2**reduce`` resolution (see
+    :func:`ai.decoders.j2k_reduce_level`); the result's shape says what was decoded, and a
+    codestream that refuses the reduced decode is decoded in full instead.
+    """
     check_pixel_size(ds, max_pixels)
-    plugin = _PREFERRED_DECODER.get(_transfer_syntax(ds), "")
+    tsyntax = transfer_syntax(ds)
+    if reduce > 0 and tsyntax in REDUCIBLE_SYNTAXES:
+        try:
+            return decode_j2k_reduced(ds, reduce)
+        except PixelDataError as exc:
+            logger.warning("%s; decoding at full resolution", exc)
     try:
-        arr = pydicom.pixels.pixel_array(ds, index=0, decoding_plugin=plugin)
+        arr = pydicom.pixels.pixel_array(ds, index=0, decoding_plugin=decoder_for(tsyntax))
     except Exception as exc:  # decoders raise anything from ValueError to RuntimeError
-        tsyntax = _transfer_syntax(ds) or "unknown"
         raise PixelDataError(
-            f"Cannot decode Pixel Data (transfer syntax {tsyntax}): {type(exc).__name__}: {exc}"
+            f"Cannot decode Pixel Data (transfer syntax {tsyntax or 'unknown'}): "
+            f"{type(exc).__name__}: {exc}"
         ) from exc
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         logger.info("Multi-frame image: analysing its first frame only")
@@ -333,17 +329,41 @@ def load_display_image(
     *,
     percentile_window: Sequence[float] = DEFAULT_PERCENTILE_WINDOW,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    reduce: int = 0,
 ) -> np.ndarray:
     """The image as a radiologist would first see it: float32 (Rows, Columns) in [0, 1].
 
     Bright = dense (bone white) whatever the photometric interpretation. Invalid VOI
     attributes fall back to the percentile window with a warning rather than failing,
-    because a wrong window is a display problem, not a reason to drop a study.
+    because a wrong window is a display problem, not a reason to drop a study. With
+    ``reduce`` > 0 a JPEG 2000 image comes back smaller (see :func:`decode_frame`).
 
     Raises:
         PixelDataError: too large, undecodable, or not a single grey/colour frame.
     """
-    arr = decode_frame(ds, max_pixels)
+    return display_image(decode_frame(ds, max_pixels, reduce=reduce), ds, percentile_window)
+
+
+def load_display_images(
+    ds: Dataset,
+    windows: Sequence[tuple[float, float]],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    reduce: int = 0,
+) -> dict[tuple[float, float], np.ndarray]:
+    """One decode, then :func:`display_image` for each percentile window (several bundles
+    may ask for different ones): what :class:`ai.inference.Analyzer` needs per image."""
+    arr = decode_frame(ds, max_pixels, reduce=reduce)
+    return {tuple(w): display_image(arr, ds, w) for w in dict.fromkeys(map(tuple, windows))}
+
+
+def display_image(
+    arr: np.ndarray, ds: Dataset, percentile_window: Sequence[float] = DEFAULT_PERCENTILE_WINDOW
+) -> np.ndarray:
+    """A decoded frame (:func:`decode_frame`) -> the display image of :func:`load_display_image`.
+
+    Separate from decoding so one decoded frame serves every window the bundles ask for.
+    """
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     grey = _to_grey(arr, ds)
     if photometric in _GREY:
@@ -368,22 +388,48 @@ def apply_clahe(image: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 8) 
 
 @dataclass(frozen=True)
 class Letterbox:
-    """Aspect-preserving resize of a (height, width) source into a ``size`` square.
+    """Aspect-preserving resize of a (height, width) image into a ``size`` square.
 
     The content occupies columns ``[offset_x, offset_x + new_width)`` and rows
     ``[offset_y, offset_y + new_height)`` of the model image. In pixel-edge coordinates
     (x = column, y = row, (0, 0) = top-left corner of the top-left pixel) the map is
-    ``x_model = x_src * scale_x + offset_x`` (same for y), exactly what ``cv2.resize`` does
+    ``x_model = x_img * scale_x + offset_x`` (same for y), exactly what ``cv2.resize`` does
     (half-pixel centres), so a round trip is exact up to float rounding.
+
+    ``source_height`` / ``source_width``: the source image's size when the image was
+    decoded smaller (a reduced JPEG 2000 decode: source = image x ``2**level``). Every
+    ``*_source`` method and :meth:`to_model` speak source pixels, so results stay in the
+    coordinates of the DICOM image whatever resolution was decoded. None: the same size.
     """
 
     height: int
     width: int
     size: int
+    source_height: int | None = None
+    source_width: int | None = None
 
     def __post_init__(self) -> None:
         if self.height <= 0 or self.width <= 0 or self.size <= 0:
             raise ValueError(f"Letterbox needs positive sizes, got {self!r}")
+        if (self.source_height or 1) <= 0 or (self.source_width or 1) <= 0:
+            raise ValueError(f"Letterbox needs positive source sizes, got {self!r}")
+
+    @property
+    def src_height(self) -> int:
+        return self.source_height or self.height
+
+    @property
+    def src_width(self) -> int:
+        return self.source_width or self.width
+
+    @property
+    def factor_x(self) -> float:
+        """Source pixels per image pixel along x (1 unless decoded at a reduced level)."""
+        return self.src_width / self.width
+
+    @property
+    def factor_y(self) -> float:
+        return self.src_height / self.height
 
     @property
     def new_height(self) -> int:
@@ -403,7 +449,7 @@ class Letterbox:
 
     @property
     def scale(self) -> float:
-        """Nominal scale (model pixels per source pixel) of the longer side."""
+        """Nominal scale (model pixels per image pixel) of the longer side."""
         return self.size / max(self.height, self.width)
 
     @property
@@ -416,11 +462,16 @@ class Letterbox:
 
     def to_model(self, x: float, y: float) -> tuple[float, float]:
         """Source point (column, row) -> model point."""
+        if self.source_height is not None or self.source_width is not None:
+            x, y = x / self.factor_x, y / self.factor_y
         return x * self.scale_x + self.offset_x, y * self.scale_y + self.offset_y
 
     def to_source(self, x: float, y: float) -> tuple[float, float]:
         """Model point (column, row) -> source point (may lie outside for padding points)."""
-        return (x - self.offset_x) / self.scale_x, (y - self.offset_y) / self.scale_y
+        x, y = (x - self.offset_x) / self.scale_x, (y - self.offset_y) / self.scale_y
+        if self.source_height is not None or self.source_width is not None:
+            x, y = x * self.factor_x, y * self.factor_y
+        return x, y
 
     def box_to_source(self, box: Sequence[float] | BoundingBox) -> BoundingBox | None:
         """Model box (x0, y0, x1, y1) -> source box clipped to the image.
@@ -431,8 +482,8 @@ class Letterbox:
             box = (box.x0, box.y0, box.x1, box.y1)
         x0, y0 = self.to_source(box[0], box[1])
         x1, y1 = self.to_source(box[2], box[3])
-        x0, x1 = max(0.0, min(x0, x1)), min(float(self.width), max(x0, x1))
-        y0, y1 = max(0.0, min(y0, y1)), min(float(self.height), max(y0, y1))
+        x0, x1 = max(0.0, min(x0, x1)), min(float(self.src_width), max(x0, x1))
+        y0, y1 = max(0.0, min(y0, y1)), min(float(self.src_height), max(y0, y1))
         if x1 <= x0 or y1 <= y0:
             return None
         return BoundingBox(x0, y0, x1, y1)
@@ -468,11 +519,12 @@ class Letterbox:
         ]  # fmt: skip
 
     def heatmap_to_source(self, hm_model: np.ndarray) -> np.ndarray:
-        """A (size, size) model-space map -> (height, width) float32 at source resolution."""
+        """A (size, size) model-space map -> (src_height, src_width) float32 at source
+        resolution (the content stretched over the whole source, as :meth:`to_source`)."""
         content = np.ascontiguousarray(self.crop(hm_model), dtype=np.float32)
-        shrinking = self.width < self.new_width or self.height < self.new_height
+        shrinking = self.src_width < self.new_width or self.src_height < self.new_height
         interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-        return cv2.resize(content, (self.width, self.height), interpolation=interp)
+        return cv2.resize(content, (self.src_width, self.src_height), interpolation=interp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,6 +541,12 @@ class PreprocessParams:
     clahe_tile_grid: int = 8
     percentile_window: tuple[float, float] = DEFAULT_PERCENTILE_WINDOW
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # Imported public models expect other input spaces: the grey image repeated to
+    # ``channels`` and each channel scaled as ``(x - mean) / std`` (ImageNet statistics for
+    # torchvision's DenseNet, [-1024, 1024] for torchxrayvision). The defaults leave [0, 1].
+    channels: int = 1
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
         lo, hi = self.percentile_window
@@ -496,23 +554,44 @@ class PreprocessParams:
             raise ValueError(f"percentile_window must be 0 <= lo < hi <= 100, got {lo, hi}")
         if self.size < 16:
             raise ValueError(f"size must be >= 16, got {self.size}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean {self.mean} and std {self.std} need {self.channels} value(s)")
+        if any(not s > 0 for s in self.std):
+            raise ValueError(f"std {self.std} must be positive")
+
+    @property
+    def scaled(self) -> bool:
+        """True when the model input is not the plain one-channel [0, 1] image."""
+        return (self.channels, self.mean, self.std) != (1, (0.0,), (1.0,))
 
 
-def preprocess_image(image: np.ndarray, params: PreprocessParams) -> tuple[np.ndarray, Letterbox]:
-    """A display image (H, W) in [0, 1] -> model input (1, size, size) and its geometry.
+def preprocess_image(
+    image: np.ndarray, params: PreprocessParams, source_shape: tuple[int, int] | None = None
+) -> tuple[np.ndarray, Letterbox]:
+    """A display image (H, W) in [0, 1] -> model input (channels, size, size) and its geometry.
 
     Training renders phantoms straight to display images and calls this, so the node and
-    training share every step after decoding.
+    training share every step after decoding. ``source_shape``: (Rows, Columns) of the
+    source when ``image`` was decoded smaller; the letterbox then maps to source pixels.
     """
-    box = Letterbox(int(image.shape[0]), int(image.shape[1]), params.size)
+    height, width = int(image.shape[0]), int(image.shape[1])
+    src = source_shape if source_shape and tuple(source_shape) != (height, width) else None
+    box = Letterbox(height, width, params.size, *(src or (None, None)))
     content = box.resize_content(image)
     if params.clahe:  # on the content only, so the padding does not skew the tiles
         content = apply_clahe(content, params.clahe_clip_limit, params.clahe_tile_grid)
-    return box.pad(content)[np.newaxis], box
+    tensor = box.pad(content)[np.newaxis]
+    if params.scaled:
+        mean = np.asarray(params.mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(params.std, dtype=np.float32)[:, None, None]
+        tensor = (np.repeat(tensor, params.channels, axis=0) - mean) / std
+    return tensor, box
 
 
 def preprocess(ds: Dataset, params: PreprocessParams | None = None) -> tuple[np.ndarray, Letterbox]:
-    """DICOM dataset -> (float32 (1, size, size) model input, :class:`Letterbox`)."""
+    """DICOM dataset -> (float32 (channels, size, size) model input, :class:`Letterbox`)."""
     params = params or PreprocessParams()
     image = load_display_image(
         ds, percentile_window=params.percentile_window, max_pixels=params.max_pixels

@@ -115,13 +115,19 @@ class ImageResult:
     (the Grad-CAM of the positive findings, max-combined), or None when no finding is positive
     or no model produced one.
 
-    ``display``: uint8 (rows, columns) grey rendering of the source as the models saw it
-    (modality LUT, VOI, MONOCHROME1 inversion; before letterboxing), so the overlay can be
-    drawn without decoding the image a second time; None when not computed.
+    ``display``: uint8 grey rendering of the source as the models saw it (modality LUT,
+    VOI, MONOCHROME1 inversion; before letterboxing), so the overlay can be drawn without
+    decoding the image a second time; None when not computed. Its shape is (rows, columns)
+    or, for a JPEG 2000 image decoded at a reduced resolution level, smaller with the same
+    aspect (about (rows, columns) / 2**level, rounded up; the Analyzer's
+    ``display_min_side`` bounds its short side from below). Contract for renderers: a
+    source point (x, y) lands on display pixel (x * display.shape[1] / columns,
+    y * display.shape[0] / rows); every coordinate in here stays in source pixels.
 
     ``finding_heatmaps``: each positive finding's own Grad-CAM (same shape and range as
     ``heatmap``), keyed by (model device UID, label), so a segmentation can give every
-    finding its own segment; empty for findings without one (detector boxes).
+    finding its own segment; empty for findings without one (detector boxes), and empty
+    unless the Analyzer was built with ``finding_maps=True`` (only the SEG reads them).
     """
 
     sop_instance_uid: str

@@ -47,12 +47,17 @@ class LockedAnalyzer:
 
 
 def build_analyzer(settings: Settings, bundle_dirs: Sequence[Path]) -> Analyzer:
-    """The model side for ``bundle_dirs`` with the node's device, Grad-CAM and size settings."""
+    """The model side for ``bundle_dirs`` with the node's device, Grad-CAM and size settings.
+
+    Per-finding Grad-CAM maps (``ImageResult.finding_heatmaps``, megabytes each) are made
+    only when the SEG output, their one reader, is on.
+    """
     from ai.inference import Analyzer as ModelAnalyzer  # heavy import (torch): only when used
 
     m = settings.models
     return LockedAnalyzer(ModelAnalyzer(list(bundle_dirs), device=m.device, gradcam=m.gradcam,
-                                        max_pixels=m.max_pixels))
+                                        max_pixels=m.max_pixels,
+                                        finding_maps=settings.outputs.seg))
 
 
 def ensure_demo_bundle(settings: Settings) -> list[Path]:

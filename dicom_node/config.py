@@ -29,8 +29,16 @@ from pydantic import (
     model_validator,
 )
 
+from ai.anatomy import (
+    CHEST_KEYWORDS,
+    FRONTAL_KEYWORDS,
+    LATERAL_KEYWORDS,
+    NON_CHEST_KEYWORDS,
+    KeywordError,
+    check_keywords,
+)
 from ai.selection import SelectionRules
-from dicom_node.delivery.syntaxes import sendable
+from dicom_node.delivery.syntaxes import fastest_lossless, sendable
 from dicom_node.errors import ConfigError
 from dicom_node.evaluation.settings import EvaluationSettings
 
@@ -131,7 +139,22 @@ class DatabaseSettings(_Model):
     url: str | None = None  # default: sqlite:///<data_dir>/node.db
 
 
+def _checked_keywords(keywords: list[str]) -> list[str]:
+    try:
+        return check_keywords(keywords)
+    except KeywordError as exc:  # pydantic reports a ValueError with the key's location
+        raise ValueError(str(exc)) from exc
+
+
 class SelectionSettings(_Model):
+    """Which received images the models see (:func:`ai.selection.rejection_reason`).
+
+    The keyword lists are read in ``BodyPartExamined`` and the descriptions (series,
+    protocol, CR processing, study, requested procedure), as whole words, case- and
+    accent-insensitively; each list replaces its default (:mod:`ai.anatomy`, shown in full in
+    ``config/node.yaml``). ``non_chest_keywords`` maps the anatomy a reason names to its
+    keywords."""
+
     modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
     body_parts: list[str] = Field(default_factory=lambda: ["CHEST", "THORAX", "LUNG"])
     accept_missing_body_part: bool = True
@@ -139,15 +162,39 @@ class SelectionSettings(_Model):
     accept_missing_view_position: bool = True
     min_rows: int = Field(256, ge=1)
     min_columns: int = Field(256, ge=1)
+    chest_keywords: list[str] = Field(default_factory=lambda: list(CHEST_KEYWORDS))
+    non_chest_keywords: dict[str, list[str]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in NON_CHEST_KEYWORDS.items()})
+    lateral_keywords: list[str] = Field(default_factory=lambda: list(LATERAL_KEYWORDS))
+    frontal_keywords: list[str] = Field(default_factory=lambda: list(FRONTAL_KEYWORDS))
+
+    @field_validator("chest_keywords", "lateral_keywords", "frontal_keywords")
+    @classmethod
+    def _keywords(cls, v: list[str]) -> list[str]:
+        return _checked_keywords(v)
+
+    @field_validator("non_chest_keywords")
+    @classmethod
+    def _anatomy(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {name: _checked_keywords(words) for name, words in v.items()}
 
     def to_rules(self) -> SelectionRules:
         """The rules :func:`ai.selection.rejection_reason` applies, from these settings."""
-        return SelectionRules(tuple(self.modalities), tuple(self.body_parts),
-                              self.accept_missing_body_part, tuple(self.view_positions),
-                              self.accept_missing_view_position, self.min_rows, self.min_columns)
+        return SelectionRules(
+            tuple(self.modalities), tuple(self.body_parts), self.accept_missing_body_part,
+            tuple(self.view_positions), self.accept_missing_view_position, self.min_rows,
+            self.min_columns, tuple(self.chest_keywords),
+            tuple((name, tuple(words)) for name, words in self.non_chest_keywords.items()),
+            tuple(self.lateral_keywords), tuple(self.frontal_keywords))
 
 
 class StudySettings(_Model):
+    # a study is ready this long after the association that delivered it was released
+    # (A-RELEASE, not an abort) when no image of it arrived meanwhile and no other open
+    # association delivered images of it; None turns release-driven completion off
+    release_grace_s: float | None = Field(1.0, ge=0)
+    # the fallback: ready once no image of it arrived for this long (images of one study
+    # over overlapping associations, an aborted association, a restart)
     quiet_period_s: float = Field(10.0, ge=0)
     # a study whose images keep arriving is analysed this long after the first image of its
     # receiving round with what has arrived; later images start a new round whose result
@@ -176,6 +223,22 @@ class ModelSettings(_Model):
 
 class WorkerSettings(_Model):
     count: int = Field(1, ge=1, le=64)
+    # "process": each worker is an OS process of its own (its own GIL, bounded torch
+    # threads), so receiving never waits on inference; "thread": workers share the node's
+    # process (tests that inject an analyzer that cannot be sent to another process)
+    mode: Literal["process", "thread"] = "process"
+    # torch threads of each worker process (None: CPU cores - 1, at least 1): a core is
+    # left to the receiver
+    torch_threads: int | None = Field(None, ge=1)
+    # a worker takes up to this many already-queued jobs at once and analyses their images
+    # in one call; it waits at most batch_wait_s for more to arrive (0: never waits)
+    batch_jobs: int = Field(4, ge=1, le=64)
+    batch_wait_s: float = Field(0.0, ge=0, le=10)
+    # CPU priority of worker processes (os.nice increment): when the cores are contended
+    # the listener, which answers the PACS, goes first; an idle CPU still goes to inference
+    nice: int = Field(10, ge=0, le=19)
+    # a worker process that dies is restarted after this, doubled while it keeps dying
+    restart_backoff_s: float = Field(1.0, gt=0)
     lease_s: float = Field(300.0, gt=0)
     # a running job renews its lease this often (None: lease_s / 3)
     heartbeat_s: float | None = Field(None, gt=0)
@@ -198,6 +261,10 @@ class WorkerSettings(_Model):
     def heartbeat_interval_s(self) -> float:
         return self.heartbeat_s or self.lease_s / 3.0
 
+    @property
+    def torch_thread_count(self) -> int:
+        return self.torch_threads or max(1, (os.cpu_count() or 1) - 1)
+
 
 class OutputSettingsModel(_Model):
     sr: bool = True
@@ -213,6 +280,17 @@ class OutputSettingsModel(_Model):
     # detector candidates below their operating threshold: left out of the SR ("omit"),
     # or listed as Absent with their probability and without an image region ("list")
     sr_candidates: Literal["omit", "list"] = "omit"
+    # the SC as written: a lossless transfer syntax (keyword or UID; default the fastest
+    # installed encoder: JPEG-LS, else RLE, else uncompressed); a destination that does not
+    # take it gets the SC decompressed by the sender
+    sc_transfer_syntax: str | None = Field(None, validate_default=True)
+    # the SC's longest side in pixels (null: the display image's size)
+    sc_max_side: int | None = Field(None, ge=256)
+
+    @field_validator("sc_transfer_syntax")
+    @classmethod
+    def _sc_syntax(cls, v: str | None) -> str:
+        return str(fastest_lossless() if v is None else sendable(v))
 
 
 OutputKind = Literal["sr", "sc", "gsps", "seg"]

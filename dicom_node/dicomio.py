@@ -32,6 +32,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 
 from ai.selection import SELECTION_KEYWORDS
@@ -45,7 +46,7 @@ _DEFER = 4096  # larger values in the prefix are skipped, not loaded
 
 # What the selection rules (:func:`ai.selection.rejection_reason`) read is stored on the
 # instance row at ingest: parsing goes on past the filing header up to the last of them,
-# (0028,0011) Columns
+# (0054,0220) View Code Sequence
 _SELECTION_END = Tag(max(tag_for_keyword(k) or 0 for k in SELECTION_KEYWORDS))
 
 Selection = dict[str, object]  # keyword -> value as JSON holds it; absent: not in the header
@@ -134,7 +135,9 @@ def selection_attributes(ds: pydicom.Dataset) -> Selection | None:
     def plain(value: object) -> object:
         if value is None or isinstance(value, bool):
             return value
-        if isinstance(value, (MultiValue, list)):
+        if isinstance(value, pydicom.Dataset):  # a sequence item (ViewCodeSequence's codes)
+            return {e.keyword: plain(e.value) for e in value if e.keyword}
+        if isinstance(value, (MultiValue, Sequence, list)):
             return [plain(v) for v in value]
         for kind in (int, float, str):  # IS/DS/UID are subclasses: keep the plain value
             if isinstance(value, kind):

@@ -144,19 +144,32 @@ class JobQueue:
 
     def claim(self, owner: str, now: float | None = None) -> ClaimedJob | None:
         """Take the oldest due job (a queued one, or a running one whose lease expired)."""
+        taken = self.claim_many(owner, 1, now)
+        return taken[0] if taken else None
+
+    def claim_many(self, owner: str, limit: int, now: float | None = None
+                   ) -> list[ClaimedJob]:
+        """Take up to ``limit`` due jobs, oldest first, in one transaction (a worker's batch).
+
+        Only jobs already due are taken: this never waits for more to arrive. A later job of
+        a study whose earlier job is taken here stays queued (jobs of one study run in order:
+        the claim just made is active, so the next query no longer finds it)."""
         now = time.time() if now is None else now
+        taken: list[ClaimedJob] = []
         with self.engine.begin() as conn:
-            for _ in range(_MAX_GIVE_UPS_PER_CLAIM):
+            for _ in range(_MAX_GIVE_UPS_PER_CLAIM + limit):
+                if len(taken) >= limit:
+                    break
                 row = conn.execute(self._claimable(now)).first()
                 if row is None:
-                    return None
+                    break
                 if row.state == JobState.RUNNING and row.attempts >= self.max_attempts:
                     give_up(conn, row.id, row.study_uid,
                             f"lease expired on attempt {row.attempts}: its worker stopped "
                             f"(attempts exhausted)", now)
                     continue
-                return self._take(conn, row, owner, now)
-        return None
+                taken.append(self._take(conn, row, owner, now))
+        return taken
 
     def _take(self, conn: Connection, row: Any, owner: str, now: float) -> ClaimedJob:
         attempts = row.attempts + 1

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,9 @@ from dicom_node.delivery.commitment import CommitmentReports, add_report_context
 from dicom_node.ingest import Ingestor, Received, ReceivedFile, StoreStatus
 from dicom_node.net import set_nodelay
 from dicom_node.receipts import Receipts
+from dicom_node.store.transitions import release_studies
 from dicom_node.transport import start_guarded_server
+from dicom_node.wakeups import Wakeup
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +102,34 @@ def _log_receipts(event: Any, receipts: Receipts) -> None:
     receipts.close(f"{peer.address}:{peer.port}")
 
 
+@dataclass(frozen=True)
+class StudyRelease:
+    """Release-driven study completion (``studies.release_grace_s``): what a release needs."""
+
+    grace_s: float
+    assembler: Wakeup | None = None  # woken at the release and at the end of its grace
+
+
+def _record_release(event: Any, ingestor: Ingestor, release: StudyRelease) -> None:
+    """A-RELEASE (not an abort): the studies this association completes are marked released
+    in the database (so a restart keeps it), and the assembler is woken for the end of the
+    grace. Runs after the A-RELEASE-RP went out: the sender never waits for it."""
+    peer = event.assoc.requestor
+    study_uids = ingestor.receipts.release(f"{peer.address}:{peer.port}")
+    if not study_uids:
+        return
+    try:
+        with ingestor.engine.begin() as conn:
+            marked = release_studies(conn, study_uids, time.time())
+    except Exception:  # the edge: the quiet period still completes these studies
+        logger.exception("recording the release of %d study(ies) failed", len(study_uids))
+        return
+    logger.debug("association released: %d of %d study(ies) complete after %.1f s of grace",
+                 marked, len(study_uids), release.grace_s)
+    if marked and release.assembler is not None:
+        release.assembler.set_after(release.grace_s)
+
+
 def _release_unused_slot(event: Any) -> None:
     """A connection closed before any A-ASSOCIATE-RQ frees its association slot now.
 
@@ -139,8 +171,11 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext:
 
 
 def start_scp(settings: DicomSettings, ingestor: Ingestor,
-              commitment: CommitmentReports | None = None) -> list[ThreadedAssociationServer]:
-    """Start the listener(s) in background threads: plain, and TLS when configured."""
+              commitment: CommitmentReports | None = None,
+              release: StudyRelease | None = None) -> list[ThreadedAssociationServer]:
+    """Start the listener(s) in background threads: plain, and TLS when configured.
+
+    With ``release``, an association's release completes the studies it delivered."""
     ae = build_ae(settings)
     guard = AssociationGuard(GuardLimits.from_settings(
         settings, max_instance_bytes=ingestor.max_instance_bytes), ingestor.engine)
@@ -150,6 +185,7 @@ def start_scp(settings: DicomSettings, ingestor: Ingestor,
         (evt.EVT_CONN_CLOSE, _release_unused_slot),
         (evt.EVT_CONN_CLOSE, _log_receipts, [ingestor.receipts]),
         (evt.EVT_CONN_OPEN, set_nodelay),
+        *([(evt.EVT_RELEASED, _record_release, [ingestor, release])] if release else []),
         *guard.handlers(),  # limits, watchdog feed, audit of accepted/rejected/aborted
         *(commitment.handlers if commitment else []),
     ]

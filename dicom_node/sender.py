@@ -19,20 +19,24 @@ not apply to it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import random
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import pydicom
 import requests
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
 
 from dicom_node.config import AnyDestination, Destination, SenderSettings, StowRsDestination
 from dicom_node.delivery import stow
@@ -62,9 +66,14 @@ class _Unreadable(Exception):
 
 
 class Sender:
+    """``sc_syntax``: the transfer syntax the worker writes the SC in
+    (``outputs.sc_transfer_syntax``), offered first to destinations that configure none."""
+
     def __init__(self, engine: Any, spool: Spool, destinations: Sequence[AnyDestination],
-                 settings: SenderSettings, calling_ae: str, *, seed: int | None = None) -> None:
+                 settings: SenderSettings, calling_ae: str, *, seed: int | None = None,
+                 sc_syntax: str | None = None) -> None:
         self.engine = engine
+        self.sc_syntax = sc_syntax
         self.spool = spool
         self.destinations = {d.name: d for d in destinations}
         self._sessions: dict[str, requests.Session] = {}
@@ -119,6 +128,25 @@ class Sender:
         for session in self._sessions.values():
             session.close()
         self._sessions.clear()
+
+
+_CHUNKED = threading.Lock()
+
+
+@contextlib.contextmanager
+def streamed() -> Iterator[None]:
+    """pynetdicom's ``STORE_SEND_CHUNKED_DATASET`` for one C-STORE: ``send_c_store(path)``
+    then sends the file's encoded dataset as it is on disk, in chunks of the peer's PDU size
+    (no ``dcmread``, no re-encoding; the context must match its syntax exactly). The flag is
+    module state, read when ``send_c_store`` starts: set only here, under a lock, and put
+    back, so no other code in the process sees it."""
+    with _CHUNKED:
+        previous = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+        try:
+            yield
+        finally:
+            pynetdicom_config.STORE_SEND_CHUNKED_DATASET = previous
 
 
 def _warn_about_transport(dest: StowRsDestination) -> None:
@@ -193,7 +221,8 @@ class _DestinationTry:
         s = self.sender.settings
         ae = AE(ae_title=self.dest.calling_ae_title or self.sender.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = s.timeout_s
-        contexts = requested_contexts(((d.kind, d.sop_class_uid) for d in ready), self.dest)
+        contexts = requested_contexts(((d.kind, d.sop_class_uid) for d in ready), self.dest,
+                                      self.sender.sc_syntax)
         handlers = [(evt.EVT_CONN_OPEN, set_nodelay), *self.sender.reports.handlers]
         try:
             return ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title,
@@ -245,8 +274,8 @@ class _DestinationTry:
     def _decide_and_store(self, assoc: Any, d: Delivery) -> None:
         """Everything about one object; whatever it raises ends this object only."""
         try:
-            decision = decide(assoc, d.sop_class_uid, preferred_syntaxes(d.kind, self.dest),
-                              self.dest.name)
+            preferred = preferred_syntaxes(d.kind, self.dest, self.sender.sc_syntax)
+            decision = decide(assoc, d.sop_class_uid, preferred, self.dest.name)
             if decision.syntax is None:
                 self.ledger.not_accepted(d, decision.reason or "not accepted")
             else:
@@ -257,6 +286,16 @@ class _DestinationTry:
             logger.exception("delivery %d to %s failed", d.id, self.dest.name)
             self.ledger.failed(d, f"{type(exc).__name__}: {exc}")
         self._done(d)
+
+    def _file_syntax(self, d: Delivery) -> UID:
+        """The transfer syntax of the result file, from its file meta only."""
+        try:
+            meta = read_file_meta_info(self.sender.spool.path(d.path))
+        except (OSError, SpoolError, pydicom.errors.InvalidDicomError) as exc:
+            raise _Unreadable(f"result file {d.path} is unreadable: {exc}") from exc
+        if str(meta.get("MediaStorageSOPInstanceUID", "")) != d.sop_instance_uid:
+            raise _Unreadable(f"result file {d.path} holds another object")
+        return UID(str(meta.get("TransferSyntaxUID", "")))
 
     def _dataset(self, d: Delivery, syntax: UID) -> Dataset:
         try:
@@ -271,8 +310,12 @@ class _DestinationTry:
             raise _Unreadable(f"cannot encode {d.kind} in {syntax.name}: {exc}") from exc
 
     def _store(self, assoc: Any, d: Delivery, syntax: UID) -> None:
-        ds = self._dataset(d, syntax)
-        status = assoc.send_c_store(ds)
+        """Stream the file when it is in the negotiated syntax, else transcode it."""
+        if self._file_syntax(d) == syntax:
+            with streamed():
+                status = assoc.send_c_store(self.sender.spool.path(d.path))
+        else:
+            status = assoc.send_c_store(self._dataset(d, syntax))
         code = int(status.Status) if status and "Status" in status else None
         result = from_status(code, destination=self.dest.name, sop_class_uid=d.sop_class_uid)
         if record(self.ledger, d, result, syntax=str(syntax)):

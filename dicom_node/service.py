@@ -2,6 +2,10 @@
 
 Start-up order puts the DICOM listener first: acknowledging images needs only the spool and
 the database, so a PACS can send while the model loads (or the demo bundle is built).
+
+The loops of the result path hand over through :mod:`dicom_node.wakeups`: a release wakes
+the assembler (now and at the end of its grace), a new job a worker, committed outputs the
+sender; their poll intervals are only the safety net.
 """
 
 from __future__ import annotations
@@ -18,24 +22,25 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from ai.types import Analyzer
+from ai.types import Analyzer, ModelIdentity
 from dicom_node import disk, node_events
-from dicom_node.analysis import load_analyzer
+from dicom_node.analysis import ensure_demo_bundle, load_analyzer
 from dicom_node.audit_forward import SyslogForwarder
 from dicom_node.config import Settings
 from dicom_node.disk import DiskUsageSource
 from dicom_node.evaluation.service import EvaluationService
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import JobQueue
-from dicom_node.outputs import OutputSettings
 from dicom_node.retention import Retention
 from dicom_node.scheduler import EvaluationScheduler, start_evaluation_scheduler
-from dicom_node.scp import start_scp
+from dicom_node.scp import StudyRelease, start_scp
 from dicom_node.sender import Sender
 from dicom_node.spool import Spool, Watermarks
 from dicom_node.store.db import make_engine
 from dicom_node.studies import StudyAssembler
-from dicom_node.worker import AnalysisWorker
+from dicom_node.wakeups import Wakeup, Wakeups
+from dicom_node.worker import AnalysisWorker, output_settings
+from dicom_node.worker_process import DeployedModels, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +49,6 @@ def node_id(settings: Settings) -> str:
     """Stable per host and data directory: the prefix of every lease this node takes."""
     digest = hashlib.sha256(str(settings.storage.data_dir.resolve()).encode()).hexdigest()[:8]
     return f"{socket.gethostname()}:{digest}"
-
-
-def output_settings(settings: Settings) -> OutputSettings:
-    o = settings.outputs
-    return OutputSettings(sr=o.sr, sc=o.sc, gsps=o.gsps, seg=o.seg, seg_type=o.seg_type,
-                          institution_name=o.institution_name,
-                          heatmap_alpha=o.heatmap_alpha, sr_candidates=o.sr_candidates)
 
 
 class Node:
@@ -72,11 +70,15 @@ class Node:
                                  max_instance_bytes=storage.max_instance_bytes,
                                  max_inflated_bytes=storage.max_inflated_bytes)
         self.queue = JobQueue.from_settings(self.engine, settings.workers)
-        self.assembler = StudyAssembler(self.engine, self.spool, settings.studies.selection,
-                                        settings.studies.quiet_period_s,
-                                        max_wait_s=settings.studies.max_wait_s)
+        self.wakeups = Wakeups()
+        studies = settings.studies
+        self.assembler = StudyAssembler(self.engine, self.spool, studies.selection,
+                                        studies.quiet_period_s, max_wait_s=studies.max_wait_s,
+                                        release_grace_s=studies.release_grace_s,
+                                        on_job=self._job_created)
         self.sender = Sender(self.engine, self.spool, settings.destinations, settings.sender,
-                             settings.dicom.ae_title)
+                             settings.dicom.ae_title,
+                             sc_syntax=str(settings.outputs.sc_transfer_syntax))
         self.node_id = node_id(settings)
         self.analyzer: Analyzer | None = None
         self.model_error: str | None = None
@@ -90,6 +92,14 @@ class Node:
             self.engine, settings, deployed=lambda: self.analyzer,
             model_error=lambda: self.model_error, stop_event=self.stop_event)
         self.scheduler: EvaluationScheduler | None = None
+        # worker processes (workers.mode "process"): an injected analyzer_factory (tests'
+        # fakes, which need not survive pickling) keeps the workers as threads
+        self.workers: WorkerPool | None = None
+        if settings.workers.mode == "process" and analyzer_factory is load_analyzer:
+            self.workers = WorkerPool(settings, self.node_id, self.queue,
+                                      on_ready=self._models_ready, on_error=self._model_failed,
+                                      on_committed=self.wakeups.sender.set)
+            self.extras.append(self.workers.stop)
         # the spool filesystem's use (watermarks, retention, /readyz, /metrics); tests may
         # replace it
         self.disk_usage: DiskUsageSource = lambda: disk.measure(self.spool.root)
@@ -108,8 +118,10 @@ class Node:
         self.spool.clean_tmp()
         self.queue.requeue_owned_by(self.node_id)
         self.sender.recover()
+        grace = self.settings.studies.release_grace_s
+        release = None if grace is None else StudyRelease(grace, self.wakeups.assembler)
         self.servers = start_scp(self.settings.dicom, self.ingestor,
-                                 commitment=self.sender.reports)
+                                 commitment=self.sender.reports, release=release)
         self._thread("assembler", self._assembler_loop)
         if self.settings.destinations:
             self._thread("sender", self._sender_loop)
@@ -130,15 +142,22 @@ class Node:
         t.start()
         self.threads.append(t)
 
-    def _loop(self, interval: float, step: Callable[[], object]) -> None:
+    def _loop(self, interval: float, step: Callable[[], object],
+              wake: Wakeup | None = None) -> None:
+        """Run ``step`` until stopped; after an idle step sleep ``interval`` s, or until
+        ``wake`` is set (``stop`` sets every wake-up)."""
         while not self.stop_event.is_set():
             try:
                 busy = step()
             except Exception:  # noqa: BLE001 - a loop must survive one bad round
                 logger.exception("background step failed")
                 busy = False
-            if not busy:
+            if busy:
+                continue
+            if wake is None:
                 self.stop_event.wait(interval)
+            else:
+                wake.wait(interval)
 
     def _start_housekeeping(self) -> None:
         """Audit forwarding to syslog (optional); retention of the spool."""
@@ -156,12 +175,32 @@ class Node:
             self.extras.append(forwarder.close)
 
     def _assembler_loop(self) -> None:
-        self._loop(self.settings.studies.poll_interval_s, self.assembler.run_once)
+        self._loop(self.settings.studies.poll_interval_s, self.assembler.run_once,
+                   self.wakeups.assembler)
 
     def _sender_loop(self) -> None:
-        self._loop(self.settings.sender.poll_interval_s, self.sender.run_once)
+        self._loop(self.settings.sender.poll_interval_s, self.sender.run_once,
+                   self.wakeups.sender)
+
+    def _job_created(self) -> None:
+        """The assembler queued a job: wake the worker threads or processes."""
+        self.wakeups.worker.set()
+        if self.workers is not None:
+            self.workers.wake()
+
+    def _work_one(self, worker: AnalysisWorker, owner: str) -> object:
+        """One batch of jobs; committed outputs wake the sender (their deliveries are due
+        now)."""
+        w = self.settings.workers
+        outcomes = worker.process_batch(owner, w.batch_jobs, w.batch_wait_s, self.stop_event)
+        if any(outcome.outputs for outcome in outcomes):
+            self.wakeups.sender.set()
+        return outcomes
 
     def _load_model_then_work(self) -> None:
+        if self.workers is not None:
+            self._start_worker_processes(self.workers)
+            return
         try:
             analyzer = self.analyzer_factory(self.settings)
         except Exception as exc:  # noqa: BLE001 - reported on /readyz and in the log
@@ -174,13 +213,36 @@ class Node:
         worker = AnalysisWorker(self.engine, self.spool, self.queue, analyzer,
                                 output_settings(self.settings), self.settings.destinations)
         self.analyzer = analyzer
-        for n in range(self.settings.workers.count):
+        w = self.settings.workers
+        for n in range(w.count):
             owner = f"{self.node_id}:{os.getpid()}:{n}"
             self._thread(f"worker-{n}", lambda o=owner: self._loop(
-                self.settings.workers.poll_interval_s, lambda: worker.process_one(o)))
+                w.poll_interval_s, lambda: self._work_one(worker, o), self.wakeups.worker))
+
+    def _start_worker_processes(self, pool: WorkerPool) -> None:
+        """Process mode: the demo bundles are built here once, then each worker process
+        loads the bundles itself and reports their identities (``_models_ready``)."""
+        try:
+            ensure_demo_bundle(self.settings)
+        except Exception as exc:  # noqa: BLE001 - reported on /readyz and in the log
+            self._model_failed(f"{type(exc).__name__}: {exc}")
+            return
+        pool.start()
+
+    def _models_ready(self, models: list[ModelIdentity]) -> None:
+        if self.analyzer is None:
+            logger.info("models loaded: %s", ", ".join(m.display_name for m in models))
+            self.analyzer = DeployedModels(models, lambda: self.analyzer_factory(self.settings))
+
+    def _model_failed(self, error: str) -> None:
+        if self.analyzer is None and self.model_error is None:
+            self.model_error = error
+            logger.error("model could not be loaded: %s; images are still received and "
+                         "queued", error)
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stop_event.set()
+        self.wakeups.set_all()
         for hook in self.extras:
             hook()
         for server in self.servers:

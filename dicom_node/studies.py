@@ -1,5 +1,8 @@
-"""Study assembly: a study is ready once no instance arrived for the quiet period, or at the
-latest ``max_wait_s`` after the start of its receiving round; then the selection rules split
+"""Study assembly: a study is ready ``release_grace_s`` after the association that delivered
+it was released (``released``, recorded by :mod:`dicom_node.scp`) when no image of it arrived
+since; else once no instance arrived for the quiet period (``quiet``: images over overlapping
+associations, an aborted one, a node restarted meanwhile), or at the latest ``max_wait_s``
+after the start of its receiving round (``max wait``). Then the selection rules split
 its pending instances into an analysis job and recorded ignores. The rules read the header
 attributes ingest stored on each instance row (its one parse of the header), so assembly
 opens no file; only a row without them (an older database) has its file's header read.
@@ -16,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, or_, select
+from sqlalchemy import ColumnElement, Connection, Engine, and_, func, or_, select
 
 from ai.selection import rejection_reason
 from dicom_node.config import SelectionSettings
@@ -41,19 +45,28 @@ class StudyAssembler:
     """Turns ready studies into jobs. Safe to call repeatedly and after a restart."""
 
     def __init__(self, engine: Engine, spool: Spool, rules: SelectionSettings,
-                 quiet_period_s: float, max_wait_s: float | None = None) -> None:
+                 quiet_period_s: float, max_wait_s: float | None = None, *,
+                 release_grace_s: float | None = None,
+                 on_job: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self.spool = spool
         self.rules = rules
         self.quiet_period_s = quiet_period_s
         self.max_wait_s = max_wait_s
+        self.release_grace_s = release_grace_s  # None: releases are not looked at
+        self.on_job = on_job  # a job was created (the node wakes a worker)
 
     @staticmethod
     def _round_start() -> Any:
         return func.coalesce(db.studies.c.receiving_since, db.studies.c.first_received_at)
 
     def _why_ready(self, row: Any, now: float) -> str | None:
-        """``quiet``, ``max wait`` or None for a receiving study's row."""
+        """``released``, ``quiet``, ``max wait`` or None for a receiving study's row."""
+        released = row.released_at
+        if (self.release_grace_s is not None and released is not None
+                and released >= row.last_received_at
+                and released <= now - self.release_grace_s):
+            return "released"
         if row.last_received_at <= now - self.quiet_period_s:
             return "quiet"
         started = row.receiving_since or row.first_received_at
@@ -61,10 +74,20 @@ class StudyAssembler:
             return "max wait"
         return None
 
-    def ready_studies(self, now: float) -> list[str]:
-        ready = db.studies.c.last_received_at <= now - self.quiet_period_s
+    def _ready(self, now: float) -> ColumnElement[bool]:
+        """:meth:`_why_ready` as SQL."""
+        s = db.studies.c
+        ready: ColumnElement[bool] = s.last_received_at <= now - self.quiet_period_s
+        if self.release_grace_s is not None:
+            ready = or_(ready, and_(s.released_at.is_not(None),
+                                    s.released_at >= s.last_received_at,
+                                    s.released_at <= now - self.release_grace_s))
         if self.max_wait_s is not None:
             ready = or_(ready, self._round_start() <= now - self.max_wait_s)
+        return ready
+
+    def ready_studies(self, now: float) -> list[str]:
+        ready = self._ready(now)
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(db.studies.c.study_uid)
@@ -130,6 +153,8 @@ class StudyAssembler:
                 set_study_state(conn, study_uid, state, reason, now)
         started = study.receiving_since or study.first_received_at
         self._log(study_uid, why, job_id, len(selected), len(verdicts), now - started)
+        if job_id is not None and self.on_job is not None:
+            self.on_job()
         return job_id
 
     @staticmethod
@@ -153,11 +178,12 @@ class StudyAssembler:
     def _log(study_uid: str, why: str, job_id: int | None, selected: int, total: int,
              round_s: float) -> None:
         if job_id is None:
-            logger.info("study %s ignored: %d image(s) not analysable", study_uid, total)
+            logger.info("study %s ignored (%s): %d image(s) not analysable", study_uid, why,
+                        total)
         elif why == "max wait":
             logger.info("study %s still receiving after %.1f s (max wait): job %d with %d "
                         "new image(s), %d ignored; later images supersede the result",
                         study_uid, round_s, job_id, selected, total - selected)
         else:
-            logger.info("study %s ready: job %d with %d image(s), %d ignored", study_uid,
-                        job_id, selected, total - selected)
+            logger.info("study %s ready (%s): job %d with %d image(s), %d ignored", study_uid,
+                        why, job_id, selected, total - selected)

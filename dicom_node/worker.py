@@ -3,15 +3,23 @@
 Everything a job produces is committed in one transaction at the end, after the result
 files are on disk; output UIDs derive from the inputs and the models, so a job re-run after
 a crash rewrites the same files and the same rows instead of creating a second result set.
+
+A worker takes the jobs already queued in one claim (``workers.batch_jobs``) and analyses
+all their images in one analyzer call: the model's fixed cost per call is shared, and each
+job still builds, commits or fails on its own. The same worker runs as a thread of the node
+or as a process of its own (:mod:`dicom_node.worker_process`).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pydicom
 from sqlalchemy import Engine, delete, insert, select
@@ -24,7 +32,7 @@ from ai.types import (
     PixelDataError,
     ResourceExhaustedError,
 )
-from dicom_node.config import Destination
+from dicom_node.config import Destination, Settings
 from dicom_node.delivery.ledger import add_delivery
 from dicom_node.dicomio import read_untrusted
 from dicom_node.jobs import ClaimedJob, JobQueue
@@ -45,12 +53,23 @@ from dicom_node.versions import (
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class JobOutcome:
     job_id: int
     state: str
     outputs: int = 0
+
+
+def output_settings(settings: Settings) -> OutputSettings:
+    """The outputs the worker builds, from the node's ``outputs.*`` settings."""
+    o = settings.outputs
+    return OutputSettings(sr=o.sr, sc=o.sc, gsps=o.gsps, seg=o.seg, seg_type=o.seg_type,
+                          institution_name=o.institution_name,
+                          heatmap_alpha=o.heatmap_alpha, sr_candidates=o.sr_candidates,
+                          sc_transfer_syntax=str(o.sc_transfer_syntax), sc_max_side=o.sc_max_side)
 
 
 def findings_summary(results: Sequence[ImageResult]) -> str:
@@ -71,26 +90,102 @@ class AnalysisWorker:
         self.destinations = list(destinations)
 
     def process_one(self, owner: str) -> JobOutcome | None:
-        job = self.queue.claim(owner)
-        if job is None:
-            return None
-        with self.queue.lease(job):  # heartbeat: the lease is renewed while the job runs
-            return self._attempt(job)
+        outcomes = self.process_batch(owner, 1)
+        return outcomes[0] if outcomes else None
 
-    def _attempt(self, job: ClaimedJob) -> JobOutcome:
+    def process_batch(self, owner: str, limit: int, wait_s: float = 0.0,
+                      stop: threading.Event | None = None) -> list[JobOutcome]:
+        """Claim up to ``limit`` queued jobs and analyse all their images in one call.
+
+        Batching amortises the model's per-call cost over studies that are already waiting;
+        it adds no latency beyond ``wait_s`` (0: what is queued now is taken, nothing is
+        awaited). Each job keeps its own lease, outputs, commit and failure: one job's
+        unreadable study or bad image never fails the others.
+        """
+        jobs = self.queue.claim_many(owner, limit)
+        if not jobs:
+            return []
+        if len(jobs) < limit and wait_s > 0 and not (stop or threading.Event()).wait(wait_s):
+            jobs += self.queue.claim_many(owner, limit - len(jobs))
+        with ExitStack() as leases:
+            for job in jobs:  # heartbeat per job: each lease is renewed while the batch runs
+                leases.enter_context(self.queue.lease(job))
+            return self._run_batch(jobs)
+
+    def _run_batch(self, jobs: list[ClaimedJob]) -> list[JobOutcome]:
         started = time.monotonic()
+        outcomes: dict[int, JobOutcome] = {}
+        loaded: dict[int, list[tuple[int, pydicom.Dataset]]] = {}
+        for job in jobs:
+            images, failed = self._attempt(job, lambda j=job: self._load_some(j))
+            if failed is not None:
+                outcomes[job.id] = failed
+            else:
+                loaded[job.id] = images
+        for job_id, (images, results) in self._analyse_together(jobs, loaded, outcomes).items():
+            job = next(j for j in jobs if j.id == job_id)
+            done, failed = self._attempt(job, lambda j=job, i=images, r=results: self._finish(
+                j, i, r, started))
+            outcomes[job.id] = failed or done
+        return [outcomes[job.id] for job in jobs]
+
+    def _analyse_together(self, jobs: list[ClaimedJob],
+                          loaded: dict[int, list[tuple[int, pydicom.Dataset]]],
+                          outcomes: dict[int, JobOutcome]) -> dict[int, tuple[
+                              list[tuple[int, pydicom.Dataset]],
+                              list[ImageResult | PixelDataError]]]:
+        """Each loaded job's images with their results, from one analyzer call for them all.
+
+        When that call fails as a whole (not one unusable image: ``analyse_isolating``
+        isolates those), each job is analysed alone, so the error stays with its job."""
+        together = [ds for images in loaded.values() for _, ds in images]
         try:
-            return self._run(job, started)
-        except ResourceExhaustedError as exc:  # out of memory: transient, retried later
-            return JobOutcome(job.id, self.queue.fail(job, f"{type(exc).__name__}: {exc}",
-                                                      permanent=False))
-        except (AnalysisError, pydicom.errors.InvalidDicomError) as exc:
-            return JobOutcome(job.id, self.queue.fail(job, f"{type(exc).__name__}: {exc}",
-                                                      permanent=True))
+            results = analyse_isolating(self.analyzer, together) if len(loaded) > 1 else None
+        except Exception:  # noqa: BLE001 - retried job by job below, each recording its own
+            logger.warning("batch of %d jobs failed as a whole; analysing each alone",
+                           len(loaded))
+            results = None
+        found: dict[int, tuple[list[tuple[int, pydicom.Dataset]],
+                               list[ImageResult | PixelDataError]]] = {}
+        offset = 0
+        for job in jobs:
+            images = loaded.get(job.id)
+            if images is None:
+                continue
+            if results is not None:
+                found[job.id] = (images, results[offset:offset + len(images)])
+                offset += len(images)
+                continue
+            mine, failed = self._attempt(job, lambda i=images: analyse_isolating(
+                self.analyzer, [ds for _, ds in i]))
+            if failed is not None:
+                outcomes[job.id] = failed
+            else:
+                found[job.id] = (images, mine or [])
+        return found
+
+    def _attempt(self, job: ClaimedJob, step: Callable[[], T]
+                 ) -> tuple[T | None, JobOutcome | None]:
+        """``step()``'s value, or the job's recorded failure when it raised."""
+        try:
+            return step(), None
         except Exception as exc:  # noqa: BLE001 - the edge: recorded, retried, never lost
-            logger.exception("job %d crashed", job.id)
-            return JobOutcome(job.id, self.queue.fail(job, f"{type(exc).__name__}: {exc}",
-                                                      permanent=False))
+            return None, self._failed(job, exc)
+
+    def _failed(self, job: ClaimedJob, exc: Exception) -> JobOutcome:
+        error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, ResourceExhaustedError):  # out of memory: transient, retried later
+            return JobOutcome(job.id, self.queue.fail(job, error, permanent=False))
+        if isinstance(exc, (AnalysisError, pydicom.errors.InvalidDicomError)):
+            return JobOutcome(job.id, self.queue.fail(job, error, permanent=True))
+        logger.error("job %d crashed", job.id, exc_info=exc)
+        return JobOutcome(job.id, self.queue.fail(job, error, permanent=False))
+
+    def _load_some(self, job: ClaimedJob) -> list[tuple[int, pydicom.Dataset]]:
+        loaded = self._load(job)
+        if not loaded:
+            raise AnalysisError("job has no instances")
+        return loaded
 
     def _load(self, job: ClaimedJob) -> list[tuple[int, pydicom.Dataset]]:
         """Every analysable image of the study up to this job: its own new ones and those
@@ -107,9 +202,10 @@ class AnalysisWorker:
                                 .order_by(db.instances.c.id)).all()
         return [(r.id, remember_phi(read_untrusted(self.spool.path(r.path)))) for r in rows]
 
-    def _analyze(self, loaded: list[tuple[int, pydicom.Dataset]]
-                 ) -> tuple[list[tuple[int, pydicom.Dataset, ImageResult]], dict[int, str]]:
-        outcomes = analyse_isolating(self.analyzer, [ds for _, ds in loaded])
+    @staticmethod
+    def _split(loaded: list[tuple[int, pydicom.Dataset]],
+               outcomes: Sequence[ImageResult | PixelDataError]
+               ) -> tuple[list[tuple[int, pydicom.Dataset, ImageResult]], dict[int, str]]:
         good, bad = [], {}
         for (inst_id, ds), outcome in zip(loaded, outcomes, strict=True):
             if isinstance(outcome, PixelDataError):
@@ -122,11 +218,10 @@ class AnalysisWorker:
             raise PixelDataError("; ".join(bad.values()))
         return good, bad
 
-    def _run(self, job: ClaimedJob, started: float) -> JobOutcome:
-        loaded = self._load(job)
-        if not loaded:
-            raise AnalysisError("job has no instances")
-        analysed, bad = self._analyze(loaded)
+    def _finish(self, job: ClaimedJob, loaded: list[tuple[int, pydicom.Dataset]],
+                outcomes: Sequence[ImageResult | PixelDataError], started: float
+                ) -> JobOutcome:
+        analysed, bad = self._split(loaded, outcomes)
         models = self.analyzer.models
         seed = uid_seed([str(ds.SOPInstanceUID) for _, ds, _ in analysed], models)
         objects = build_outputs([(ds, r) for _, ds, r in analysed], self.output_settings, seed,

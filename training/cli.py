@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 from tqdm import tqdm
 
 from training.errors import TrainingError
+from training.nih import CHEXNET_AUROC, FIT_PRESETS, TABLE_FILE, chexnet_table
 from training.synth import VARIANTS, SynthError, parse_size, synthesize
 
 logger = logging.getLogger(__name__)
@@ -227,6 +228,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             print(markdown_table(DETECTION_HEADERS, detection_rows(model.detection)))
         if model.labels or model.detection is None:
             print(markdown_table(CLASSIFICATION_HEADERS, classification_rows(model.labels)))
+        nih_labels = {m.label: {"evaluated": {"auroc": m.auroc.as_dict()}}
+                      for m in model.labels if m.label in CHEXNET_AUROC}  # fmt: skip
+        if nih_labels:  # ChestX-ray14 labels: also the CheXNet paper's table
+            print(chexnet_table(nih_labels, "evaluated"))
     print(f"report: {files['report']}  metrics: {files['metrics']}  "
           f"predictions: {files['predictions']}  curves: {len(files['curves'])}")  # fmt: skip
     return EXIT_OK
@@ -316,12 +321,66 @@ def _run_export(args: argparse.Namespace) -> int:
         raise CommandFailed(str(exc)) from exc
     meta = outcome.metadata
     print(f"exported {meta.name} {meta.version} (device UID {meta.device_uid}) to {outcome.out}")
+    _print_outcome(outcome)
+    return EXIT_OK
+
+
+def _print_outcome(outcome: Any) -> None:
+    """Warnings and the ``--check-dicom`` result of an export or an import."""
     for warning in outcome.warnings:
         print(f"warning: {warning}")
     if outcome.check is not None:
         calls = ", ".join(f"{f.label} {f.probability:.3f}{'+' if f.positive else ''}"
                           for f in outcome.check.findings)  # fmt: skip
         print(f"check: loaded and analysed one image: {calls}")
+
+
+def _threshold_list(text: str) -> list[float]:
+    try:
+        return [float(v) if v.strip() else float("nan") for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'"{text}" is not a comma-separated list of numbers') from None
+
+
+def _add_import_weights(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", dest="fmt", required=True,
+                        choices=["torchvision-densenet121", "torchxrayvision-densenet121"],
+                        help="checkpoint layout: torchvision's DenseNet121 (CheXNet "
+                        "re-implementations) or torchxrayvision's DenseNet")  # fmt: skip
+    parser.add_argument("--weights", type=Path, required=True, help="state dict file (.pt/.pth)")
+    parser.add_argument("--labels", metavar="A,B,...|@FILE",
+                        help="output names in checkpoint order, empty = skip that output "
+                        "(default: the 14 CheXNet labels / torchxrayvision's 18 pathologies)")  # fmt: skip
+    parser.add_argument("--thresholds", type=_threshold_list, metavar="T1,T2,...",
+                        help="operating threshold per output (default: op_threshs in the file, "
+                        "else 0.5: then run training calibrate)")  # fmt: skip
+    parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    parser.add_argument("--name", help="model name (default: chexnet-densenet121 / xrv-densenet121)")
+    parser.add_argument("--version", default="1.0.0", help="model version (1.0.0)")
+    parser.add_argument("--description", help="one-line description")
+    parser.add_argument("--check-dicom", type=Path, metavar="FILE",
+                        help="run the imported bundle on this DICOM file as a smoke test")  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+
+
+def _run_import_weights(args: argparse.Namespace) -> int:
+    from training.import_weights import import_weights
+
+    try:
+        outcome = import_weights(
+            args.fmt, args.weights, args.out, labels=args.labels, thresholds=args.thresholds,
+            name=args.name, version=args.version, description=args.description,
+            check_dicom=args.check_dicom, force=args.force,
+        )  # fmt: skip
+    except _failures() as exc:
+        raise CommandFailed(str(exc)) from exc
+    meta = outcome.metadata
+    print(f"imported {meta.name} {meta.version} (device UID {meta.device_uid}) to {outcome.out}")
+    print(f"input: {meta.input.channels} channel(s), {meta.input.size} px, values "
+          f"{meta.input.value_range[0]:g}..{meta.input.value_range[1]:g}")  # fmt: skip
+    for spec in meta.labels:
+        print(f"  {spec.name:28s} threshold {spec.threshold:.4g}")
+    _print_outcome(outcome)
     return EXIT_OK
 
 
@@ -402,10 +461,12 @@ def _add_fit(parser: argparse.ArgumentParser) -> None:
     # the namespace so --resume can tell what the user asked to change.
     S = argparse.SUPPRESS
     add = parser.add_argument
-    add("--data", type=Path, default=S, help="folder tree of exported DICOM")
+    add("--data", type=Path, default=S,
+        help="folder tree of exported DICOM (or PNG / JPEG images with an NIH label file)")
     add("--labels", type=Path, default=S,
         help="CSV keyed by sop_instance_uid, path (relative to --data) or study_instance_uid; "
-        "one 0/1 column per label (multi-label) or a `label` column (multi-class). "
+        "one 0/1 column per label (multi-label) or a `label` column (multi-class); or the NIH "
+        "ChestX-ray14 layout (Image Index, Finding Labels with |, Patient ID; .csv or .csv.gz). "
         "--task detection: YOLO boxes (folder of .txt or JSON map; empty list = negative "
         "image) or an NIH box CSV (Image Index, Finding Label, x, y, w, h)")
     add("--out", type=Path, default=S, help="run folder (created; must not hold a run)")
@@ -435,7 +496,15 @@ def _add_fit(parser: argparse.ArgumentParser) -> None:
     add("--warmup-steps", type=int, default=S, help="linear warm-up steps (-1: 5%% of all)")
     add("--min-lr-ratio", type=float, default=S, help="cosine floor as a fraction of --lr (0.01)")
     add("--clip-grad", type=float, default=S, help="gradient norm clip (1.0; 0: off)")
-    add("--loss", choices=["bce", "focal"], default=S, help="bce (BCE / CE) or focal")
+    add("--loss", choices=["bce", "focal", "weighted-bce"], default=S,
+        help="bce (BCE / CE), focal, or weighted-bce (CheXNet: per-label P/N weights)")
+    add("--optimizer", choices=["adamw", "adam"], default=S, help="adamw (default) or adam")
+    add("--schedule", choices=["cosine", "plateau"], default=S,
+        help="cosine (default) or plateau (LR / 10 when the validation loss stops falling)")
+    add("--preset", choices=sorted(FIT_PRESETS), default=S,
+        help="chexnet: DenseNet121, the 14 ChestX-ray14 labels, 224 px, weighted BCE, Adam "
+        "lr 1e-3 betas (0.9, 0.999), LR / 10 on plateau, batch 16, split 0.7,0.1,0.2 "
+        "(options given explicitly win)")
     add("--focal-gamma", type=float, default=S, help="focal loss gamma (2.0)")
     add("--focal-alpha", type=_probability, default=S, help="focal loss alpha (off)")
     add("--sampler", choices=["uniform", "weighted", "oversample"], default=S,
@@ -447,6 +516,8 @@ def _add_fit(parser: argparse.ArgumentParser) -> None:
     add("--split", type=_fractions, default=S, metavar="TR,VA,TE",
         help="patient-level split fractions (0.7,0.15,0.15)")
     add("--split-file", type=Path, default=S, help="reuse the split.json of another run")
+    add("--split-lists", type=Path, default=S, metavar="DIR",
+        help="NIH official split: DIR holds train_val_list.txt and test_list.txt")
     add("--seed", type=_seed, default=S, help="seed for split, init, sampling, augmentation (0)")
     add("--device", default=S, help="auto (CUDA if available), cpu, cuda, cuda:1")
     add("--no-amp", dest="amp", action="store_false", default=S, help="no mixed precision on CUDA")
@@ -472,7 +543,8 @@ def _add_fit(parser: argparse.ArgumentParser) -> None:
                      help="lesion sensitivity the threshold must reach (0.8)")
 
 
-_CLASSIFICATION_ONLY = ("labels_key", "loss", "focal_gamma", "focal_alpha", "sampler")
+_CLASSIFICATION_ONLY = ("labels_key", "loss", "focal_gamma", "focal_alpha", "sampler",
+                        "split_lists", "preset")
 _DETECTION_ONLY = ("classes", "train_crop", "unlabelled_as_negative", "threshold_method",
                    "target_sensitivity")
 
@@ -513,6 +585,8 @@ def _run_fit(args: argparse.Namespace) -> int:
     config_class, fit = _fit_api("detection" if detection else "classification")
     names = {f for f in config_class.__dataclass_fields__}
     given = {k: v for k, v in vars(args).items() if k in names}
+    if "preset" in given and args.resume is None:
+        given = {**FIT_PRESETS[given["preset"]], **given}
     given["progress"] = not args.quiet
     try:
         if args.resume is not None:
@@ -537,6 +611,9 @@ def _run_fit(args: argparse.Namespace) -> int:
         parts = [f"{name:20s} threshold {entry['threshold']:.3f}"]
         parts += [f"{split}: {row(entry[split])}" for split in ("val", "test") if split in entry]
         print("  ".join(parts))
+    table = result.run_dir / TABLE_FILE
+    if not detection and table.is_file():
+        print(table.read_text(encoding="utf-8"))
     print(f"run: {result.run_dir}  bundle: {result.bundle_dir}")
     return EXIT_OK
 
@@ -605,6 +682,13 @@ COMMANDS: list[Command] = [
         "finalise a bundle (identity, metrics, record), check it loads, write it out",
         _add_export,
         _run_export,
+    ),
+    Command(
+        "import-weights",
+        "turn a public DenseNet121 checkpoint (CheXNet re-implementation, torchxrayvision) "
+        "into a bundle the node runs",
+        _add_import_weights,
+        _run_import_weights,
     ),
     Command(
         "deidentify",

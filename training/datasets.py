@@ -49,6 +49,7 @@ from torch.utils.data import Dataset
 
 from ai.pixels import PreprocessParams, preprocess
 from ai.types import PixelDataError
+from training.images import is_image_file, load_image_file
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +71,19 @@ def params_hash(params: PreprocessParams) -> str:
     """A short, stable hash of everything that changes the preprocessed array."""
     doc = asdict(params)
     doc.pop("max_pixels", None)  # a refusal limit, not part of the result
+    if not params.scaled:  # plain [0, 1] input: the same hash as before these fields existed
+        for key in ("channels", "mean", "std"):
+            doc.pop(key, None)
     doc["cache_version"] = CACHE_VERSION
     text = json.dumps(doc, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def load_preprocessed(path: Path, params: PreprocessParams) -> np.ndarray:
-    """Read one DICOM file and run the node's preprocessing: float32 (1, size, size)."""
+    """Read one DICOM (or PNG / JPEG) file and run the node's preprocessing: float32
+    (channels, size, size)."""
+    if is_image_file(path):
+        return load_image_file(path, params)
     ds = pydicom.dcmread(path)
     array, _ = preprocess(ds, params)
     return np.ascontiguousarray(array, dtype=np.float32)
@@ -166,7 +173,7 @@ class ImageCache:
         except (OSError, ValueError) as exc:
             logger.warning("Ignoring unreadable cache file %s (%s)", file.name, exc)
             return None
-        if array.shape != (1, size, size) or array.dtype != np.float32:
+        if array.shape != (self.params.channels, size, size) or array.dtype != np.float32:
             logger.warning("Ignoring cache file %s of shape %s", file.name, array.shape)
             return None
         return array

@@ -248,11 +248,13 @@ def export_bundle(
         "checked_on_dicom": check_dicom is not None,
     }
     new = replace(new, training=training, created="" if identity_changed else meta.created)
-    return _write(loaded.model, new, out, warnings, check_dicom)
+    return stage_bundle(loaded.model, new, out, warnings, check_dicom)
 
 
-def _write(model: Any, meta: BundleMetadata, out: Path, warnings: list[str],
-           check_dicom: Path | None) -> ExportOutcome:  # fmt: skip
+def stage_bundle(model: Any, meta: BundleMetadata, out: Path, warnings: list[str],
+                 check_dicom: Path | None) -> ExportOutcome:  # fmt: skip
+    """Save into a staging folder, load it back as the node does (and run it on
+    ``check_dicom``), then move it to ``out``: a broken bundle never reaches ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:

@@ -65,9 +65,9 @@ REALISTIC_SIZES: tuple[tuple[int, int], ...] = (
     (1024, 1024),
     (512, 640),
 )
-_VIEW_CODES = {  # CID 4010 view codes (SNOMED CT)
-    "PA": ("399348003", "postero-anterior"),
-    "AP": ("399067008", "antero-posterior"),
+_VIEW_CODES = {  # CID 4010 view codes (SNOMED CT: 399348003 is AP, 399067008 "lateral")
+    "PA": ("272479007", "postero-anterior"),
+    "AP": ("399348003", "antero-posterior"),
     "LL": ("399173006", "left lateral"),
 }
 _ORIENTATION = {"PA": ["L", "F"], "AP": ["L", "F"], "LL": ["P", "F"]}

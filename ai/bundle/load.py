@@ -71,9 +71,8 @@ def build_model(metadata: BundleMetadata) -> nn.Module:
             return build_detector(metadata.network.args, num_classes=len(metadata.labels))
         except BundleError as exc:
             raise BundleError(f'Bundle "{metadata.name}" (task "detection"): {exc}') from exc
-    built = build_network(
-        metadata.network.name, metadata.network.args, num_classes=len(metadata.labels)
-    )
+    built = build_network(metadata.network.name, metadata.network.args,
+                          num_classes=len(metadata.labels), in_channels=metadata.input.channels)  # fmt: skip
     find_layer(built.module, metadata.target_layer)
     return built.module
 

@@ -67,20 +67,37 @@ class LabelSpec:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the network expects: square size, one channel, and the preprocessing options."""
+    """What the network expects: square size, channels, and the preprocessing options.
+
+    ``channels`` 3 repeats the grey image (models pretrained on ImageNet); ``mean`` / ``std``
+    (one value per channel) rescale the [0, 1] image as ``(x - mean) / std``, so a public
+    model gets the input space it was trained in. Bundles that leave them at the defaults
+    (1 channel, [0, 1]) write no ``mean`` / ``std`` keys.
+    """
 
     size: int = 224
     channels: int = 1
     clahe: bool = False
     percentile_window: tuple[float, float] = (0.5, 99.5)
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "size": self.size,
             "channels": self.channels,
             "clahe": self.clahe,
             "percentile_window": list(self.percentile_window),
         }
+        if (self.mean, self.std) != ((0.0,), (1.0,)):
+            doc["mean"], doc["std"] = list(self.mean), list(self.std)
+        return doc
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """The range of the model input values (over all channels)."""
+        ends = [(v - m) / s for m, s in zip(self.mean, self.std, strict=True) for v in (0.0, 1.0)]
+        return min(ends), max(ends)
 
     def preprocess_params(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreprocessParams:
         return PreprocessParams(
@@ -88,6 +105,9 @@ class InputSpec:
             clahe=self.clahe,
             percentile_window=self.percentile_window,
             max_pixels=max_pixels,
+            channels=self.channels,
+            mean=self.mean,
+            std=self.std,
         )
 
 
@@ -186,7 +206,6 @@ class BundleMetadata:
         }
 
     def _network_data_format(self) -> dict[str, Any]:
-        size = self.input.size
         channel_def = {str(i): label.name for i, label in enumerate(self.labels)}
         if self.task == "detection":
             pred = {
@@ -200,9 +219,9 @@ class BundleMetadata:
                 "activation": "sigmoid",
                 "channel_def": channel_def,
             }
-            return {"inputs": self._image_input(size), "outputs": {"pred": pred}}
+            return {"inputs": self._image_input(self.input), "outputs": {"pred": pred}}
         return {
-            "inputs": self._image_input(size),
+            "inputs": self._image_input(self.input),
             "outputs": {
                 "pred": {
                     "type": "probabilities",
@@ -219,16 +238,17 @@ class BundleMetadata:
         }
 
     @staticmethod
-    def _image_input(size: int) -> dict[str, Any]:
+    def _image_input(spec: InputSpec) -> dict[str, Any]:
+        lo, hi = spec.value_range
         return {
             "image": {
                 "type": "image",
                 "format": "magnitude",
                 "modality": "XR",
-                "num_channels": 1,
-                "spatial_shape": [size, size],
+                "num_channels": spec.channels,
+                "spatial_shape": [spec.size, spec.size],
                 "dtype": "float32",
-                "value_range": [0, 1],
+                "value_range": [0, 1] if (lo, hi) == (0.0, 1.0) else [lo, hi],
                 "is_patch_data": False,
                 "channel_def": {"0": "image"},
             }
@@ -334,8 +354,12 @@ def _parse_input(doc: Mapping[str, Any]) -> InputSpec:
     if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 4096:
         raise BundleError(f'metadata.json: input.size = "{size}" must be an integer in [16, 4096]')
     channels = _get(raw, "channels", "input.", 1)
-    if channels != 1 or isinstance(channels, bool):
-        raise BundleError(f'metadata.json: input.channels = "{channels}" must be 1')
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise BundleError(f'metadata.json: input.channels = "{channels}" must be 1 or 3')
+    mean = _per_channel(raw, "mean", channels, 0.0)
+    std = _per_channel(raw, "std", channels, 1.0)
+    if any(s <= 0 for s in std):
+        raise BundleError(f'metadata.json: input.std = "{list(std)}" must be positive')
     window = _get(raw, "percentile_window", "input.", [0.5, 99.5])
     if not isinstance(window, list | tuple) or len(window) != 2:
         raise BundleError(f'metadata.json: input.percentile_window = "{window}" must be [lo, hi]')
@@ -343,8 +367,16 @@ def _parse_input(doc: Mapping[str, Any]) -> InputSpec:
     hi = _number(window[1], "input.percentile_window[1]", 0.0, 100.0)
     if lo >= hi:
         raise BundleError(f'metadata.json: input.percentile_window = "{window}" needs lo < hi')
-    return InputSpec(size=size, channels=1, clahe=_bool(raw, "clahe", "input.", False),
-                     percentile_window=(lo, hi))  # fmt: skip
+    return InputSpec(size=size, channels=channels, clahe=_bool(raw, "clahe", "input.", False),
+                     percentile_window=(lo, hi), mean=mean, std=std)  # fmt: skip
+
+
+def _per_channel(raw: Mapping[str, Any], key: str, channels: int, default: float) -> tuple[float, ...]:
+    """``input.mean`` / ``input.std``: one number per channel (absent: ``default`` for each)."""
+    value = _get(raw, key, "input.", [default] * channels)
+    if not isinstance(value, list | tuple) or len(value) != channels:
+        raise BundleError(f'metadata.json: input.{key} = "{value}" must list {channels} number(s)')
+    return tuple(_number(v, f"input.{key}[{i}]", -1e6, 1e6) for i, v in enumerate(value))
 
 
 def _parse_network(doc: Mapping[str, Any], task: str = "classification") -> NetworkSpec:

@@ -33,19 +33,28 @@ class Decision:
     reason: str | None = None
 
 
-def preferred_syntaxes(kind: str, destination: Destination) -> tuple[UID, ...]:
-    """The SC goes in the destination's configured syntaxes; SR and GSPS uncompressed."""
-    if kind == "sc":
-        return tuple(UID(u) for u in destination.sc_transfer_syntaxes)
-    return UNCOMPRESSED
+def preferred_syntaxes(kind: str, destination: Destination, sc_syntax: str | None = None
+                       ) -> tuple[UID, ...]:
+    """The SC goes in the destination's configured syntaxes; SR and GSPS uncompressed.
+
+    A destination that names no ``sc_transfer_syntaxes`` is offered the syntax the SC was
+    written in (``sc_syntax``, ``outputs.sc_transfer_syntax``) first, so the file goes out
+    as it is, then the uncompressed defaults (the sender decompresses for those).
+    """
+    if kind != "sc":
+        return UNCOMPRESSED
+    configured = tuple(UID(u) for u in destination.sc_transfer_syntaxes)
+    if sc_syntax is None or "sc_transfer_syntaxes" in destination.model_fields_set:
+        return configured
+    return tuple(dict.fromkeys((UID(sc_syntax), *configured)))
 
 
-def requested_contexts(objects: Iterable[tuple[str, str]], destination: Destination
-                       ) -> list[PresentationContext]:
+def requested_contexts(objects: Iterable[tuple[str, str]], destination: Destination,
+                       sc_syntax: str | None = None) -> list[PresentationContext]:
     """Contexts for the ``(kind, sop_class_uid)`` pairs of a batch (plus commitment)."""
     pairs: dict[tuple[str, UID], None] = {}
     for kind, sop_class in objects:
-        for syntax in preferred_syntaxes(kind, destination):
+        for syntax in preferred_syntaxes(kind, destination, sc_syntax):
             pairs[(sop_class, syntax)] = None
     contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
     if destination.storage_commitment:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pydicom.uid as uids
 from pydicom.dataset import Dataset
-from pydicom.pixels import get_encoder
+from pydicom.pixels import get_decoder, get_encoder
 from pydicom.uid import UID
 
 UNCOMPRESSED = (uids.ExplicitVRLittleEndian, uids.ImplicitVRLittleEndian)
@@ -21,6 +21,32 @@ LOSSLESS = (*UNCOMPRESSED, uids.DeflatedExplicitVRLittleEndian, uids.RLELossless
 _LOSSLESS_ELSEWHERE = frozenset({uids.JPEGLossless, uids.JPEGLosslessSV1,
                                  uids.HTJ2KLossless, uids.HTJ2KLosslessRPCL,
                                  uids.ExplicitVRBigEndian})
+
+
+# The fastest installed plugin per syntax, where pydicom's default order picks a slower one
+# (measured on 2 cores, 1955 x 1841 RGB overlay of a real CR): JPEG-LS decodes in 118 ms with
+# pyjpegls, 554 ms with pylibjpeg; RLE encodes 3000 x 2500 RGB in about 0.4 s with
+# pylibjpeg-rle, 4.7 s with pydicom's own encoder.
+_FASTEST = {uids.JPEGLSLossless: "pyjpegls", uids.RLELossless: "pylibjpeg"}
+
+
+def _plugin(uid: UID, available: list[str]) -> str:
+    name = _FASTEST.get(uid, "")
+    return name if name in available else ""  # "": pydicom's own choice
+
+
+def compress(ds: Dataset, target: UID) -> None:
+    """Compress ``ds`` in place into ``target`` with the fastest installed encoder; the SOP
+    Instance UID stays (the same object, re-encoded)."""
+    plugin = _plugin(target, list(get_encoder(target).available_plugins))
+    ds.compress(target, encoding_plugin=plugin, generate_instance_uid=False)
+
+
+def decompress(ds: Dataset) -> None:
+    """Decompress ``ds`` in place with the fastest installed decoder."""
+    current = UID(ds.file_meta.TransferSyntaxUID)
+    plugin = _plugin(current, list(get_decoder(current).available_plugins))
+    ds.decompress(decoding_plugin=plugin, generate_instance_uid=False)
 
 
 _KNOWN = {key: ts for ts in uids.AllTransferSyntaxes for key in (str(ts), ts.keyword)}
@@ -65,12 +91,26 @@ def convert(ds: Dataset, target: UID) -> Dataset:
     if current == target:
         return ds
     if current.is_compressed:
-        ds.decompress(generate_instance_uid=False)
+        decompress(ds)
     if target.is_compressed:
-        ds.compress(target, generate_instance_uid=False)  # the same object, re-encoded
+        compress(ds, target)
     else:
         ds.file_meta.TransferSyntaxUID = target
     # pynetdicom checks that the dataset's encoding matches the file meta
     ds.set_original_encoding(target.is_implicit_VR, target.is_little_endian,
                              ds.original_character_set)
     return ds
+
+
+def fastest_lossless() -> UID:
+    """The lossless syntax the SC is written in by default: the fastest installed encoder.
+
+    Measured on a 3000 x 2500 RGB overlay (2 cores): JPEG-LS (pyjpegls) 130-530 ms and 2-20x
+    smaller; RLE 280-440 ms with pylibjpeg-rle (4.7 s with pydicom's own encoder) and no
+    smaller once the image is noisy. Uncompressed when neither encoder is installed.
+    """
+    if get_encoder(uids.JPEGLSLossless).is_available:
+        return uids.JPEGLSLossless
+    if "pylibjpeg" in get_encoder(uids.RLELossless).available_plugins:
+        return uids.RLELossless
+    return uids.ExplicitVRLittleEndian

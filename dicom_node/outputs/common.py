@@ -23,6 +23,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 
 from ai.types import Finding, ImageResult, ModelIdentity
+from dicom_node.delivery.syntaxes import fastest_lossless, sendable
 from dicom_node.outputs.sanitise import Removal, sanitise
 from dicom_node.uids import derive_uid
 
@@ -59,6 +60,18 @@ SEG_TYPES: tuple[str, ...] = ("fractional", "binary")
 # Used when a projection image carries no orientation: the usual chest display (patient's
 # left to the right of the screen, feet down). Only ever written into working copies.
 DEFAULT_ORIENTATION: tuple[str, str] = ("L", "F")
+MIN_SC_SIDE = 256
+# Bulk data a reference dataset never needs: highdicom deep-copies every source it is given
+# (the SR's evidence, the Image Library, ...), so these would be copied megabyte by megabyte.
+_BULK_TAGS = frozenset({
+    0x7FE00008,  # Float Pixel Data
+    0x7FE00009,  # Double Float Pixel Data
+    0x7FE00010,  # Pixel Data
+    0x00880200,  # Icon Image Sequence
+    0x54000100,  # Waveform Sequence
+    0x00420011,  # Encapsulated Document
+    0x00282000,  # ICC Profile
+})
 
 
 @dataclass(frozen=True)
@@ -84,8 +97,17 @@ class OutputSettings:
     # Detector candidates below their operating threshold: "omit" them from the SR, or
     # "list" them (Absent, with probability, never with an image region).
     sr_candidates: str = "omit"
+    # The SC's transfer syntax as written (lossless; the sender decompresses it for a
+    # destination that does not take it) and its longest side in pixels (None: the display
+    # image's size, which may already be a reduced resolution level of the source).
+    sc_transfer_syntax: str = field(default_factory=lambda: str(fastest_lossless()))
+    sc_max_side: int | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "sc_transfer_syntax", str(sendable(self.sc_transfer_syntax)))
+        if self.sc_max_side is not None and self.sc_max_side < MIN_SC_SIDE:
+            raise ValueError(f"sc_max_side must be at least {MIN_SC_SIDE} (the banner must "
+                             f"stay legible), got {self.sc_max_side!r}")
         if not 0.0 <= self.heatmap_alpha <= 1.0:
             raise ValueError(f"heatmap_alpha must be in [0, 1], got {self.heatmap_alpha!r}")
         for name in ("series_number_sr", "series_number_sc", "series_number_gsps",
@@ -118,7 +140,9 @@ class Source:
     """A source image prepared for highdicom, with its result.
 
     ``original`` is the caller's dataset (never read by the builders); ``work`` is a
-    sanitised shallow copy with missing Type 2 attributes filled; ``fabricated`` names the
+    sanitised shallow copy with missing Type 2 attributes filled and no bulk data (pixel
+    data, overlays, icons: see :func:`slim_copy`); ``imaged`` is the same copy *with* its
+    pixel data, for the one builder that may render pixels (:attr:`pixels`); ``fabricated`` names the
     attributes that were invented (not copied from the source) so builders can keep them
     out of outputs; ``removed`` lists what the sanitiser dropped or emptied.
     """
@@ -129,6 +153,13 @@ class Source:
     fabricated: set[str] = field(default_factory=set)
     person_names: dict[str, object] = field(default_factory=dict)
     removed: list[Removal] = field(default_factory=list)
+    imaged: Dataset | None = None
+
+    @property
+    def pixels(self) -> Dataset:
+        """The sanitised source with its pixel data (the SC renders it when the analysis
+        kept no display image)."""
+        return self.work if self.imaged is None else self.imaged
 
     @property
     def sop_instance_uid(self) -> str:
@@ -164,12 +195,33 @@ def shallow_copy(ds: Dataset) -> Dataset:
     return copied
 
 
+def is_bulk(tag: int) -> bool:
+    """Pixel data and the other bulk elements a reference never needs (overlay data too)."""
+    return tag in _BULK_TAGS or (tag & 0xFF01FFFF == 0x60003000 and tag >> 16 <= 0x601E)
+
+
+def slim_copy(ds: Dataset) -> Dataset:
+    """:func:`shallow_copy` of the header only: no pixel data or other bulk element, so
+    highdicom's deep copies of its reference datasets cost kilobytes, not megabytes."""
+    copied = Dataset({tag: _copy_element(ds.get_item(tag)) for tag in ds.keys()
+                      if not is_bulk(tag)})
+    if hasattr(ds, "file_meta"):
+        copied.file_meta = ds.file_meta
+    return copied
+
+
 def _copy_element(elem: DataElement | RawDataElement) -> DataElement | RawDataElement:
     return elem if isinstance(elem, RawDataElement) else copy.copy(elem)
 
 
-def prepare_sources(items: Sequence[tuple[Dataset, ImageResult]]) -> list[Source]:
-    """Check that ``items`` form one study and return working copies of the sources."""
+def prepare_sources(
+    items: Sequence[tuple[Dataset, ImageResult]], *, slim: bool = True
+) -> list[Source]:
+    """Check that ``items`` form one study and return working copies of the sources.
+
+    ``slim=False`` keeps the bulk data in ``work`` (how the sources were prepared before
+    they were slimmed; the tests compare both to prove the outputs are the same).
+    """
     if not items:
         raise ValueError("build_outputs() needs at least one (dataset, result) item")
     sources = []
@@ -187,7 +239,7 @@ def prepare_sources(items: Sequence[tuple[Dataset, ImageResult]]) -> list[Source
                 f"Result size {result.rows}x{result.columns} does not match image "
                 f'"{ds.SOPInstanceUID}" of {ds.Rows}x{ds.Columns}'
             )
-        sources.append(_prepare(ds, result))
+        sources.append(_prepare(ds, result, slim=slim))
     study_uids = sorted({str(s.work.StudyInstanceUID) for s in sources})
     if len(study_uids) > 1:
         raise ValueError(f"Items belong to more than one study: {study_uids}")
@@ -197,7 +249,7 @@ def prepare_sources(items: Sequence[tuple[Dataset, ImageResult]]) -> list[Source
     return sources
 
 
-def _prepare(ds: Dataset, result: ImageResult) -> Source:
+def _prepare(ds: Dataset, result: ImageResult, *, slim: bool) -> Source:
     work = shallow_copy(ds)
     removed = sanitise(work, str(ds.SOPInstanceUID))  # e.g. NIH PatientAge "81": not AS
     fabricated: set[str] = set()
@@ -221,7 +273,8 @@ def _prepare(ds: Dataset, result: ImageResult) -> Source:
         work.SamplesPerPixel = 1
     return Source(
         original=ds,
-        work=work,
+        work=slim_copy(work) if slim else work,
+        imaged=work,
         result=result,
         fabricated=fabricated,
         person_names=person_names,

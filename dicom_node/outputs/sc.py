@@ -11,12 +11,14 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from highdicom.sc import SCImage
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from ai.types import Finding, ImageResult
+from dicom_node.delivery.syntaxes import convert
 from dicom_node.outputs import render
 from dicom_node.outputs.common import (
     DEMO_BANNER,
@@ -64,19 +66,58 @@ def build_sc(
 class Overlay:
     """The SC's pixels and what was burnt into them (for callers that check the layout)."""
 
-    pixels: np.ndarray  # RGB uint8 (rows, columns, 3)
+    pixels: np.ndarray  # RGB uint8 (display rows, display columns, 3)
     labels: list[render.PlacedLabel]
     banner_bottom: int  # first row below the banner and the summary line
     summary: str | None  # the line under the banner (findings without a label on the image)
 
 
-def render_overlay(source: Source, settings: OutputSettings) -> Overlay:
-    """Grey display image, heatmap, boxes, labels laid out clear of each other, banner."""
+def overlay_grey(source: Source, settings: OutputSettings) -> np.ndarray:
+    """The grey image the overlay is drawn on, at the size the SC will have.
+
+    The display image the analysis kept is used as it is, also when it is smaller than the
+    source (a JPEG 2000 decoded at a reduced resolution level; same aspect ratio); without
+    one the source is rendered again. ``settings.sc_max_side`` shrinks it further.
+    """
     result = source.result
     grey = result.display  # what the model saw, when the analysis kept it: no second decode
-    if grey is None or grey.shape != (result.rows, result.columns):
-        grey = render.render_grey(source.work)  # sanitised: a bad VOI value cannot break it
-    rgb = np.repeat(grey[:, :, np.newaxis], 3, axis=2)
+    if grey is None or not _same_aspect(grey.shape, (result.rows, result.columns)):
+        grey = render.render_grey(source.pixels)  # sanitised: a bad VOI value cannot break it
+    limit = settings.sc_max_side
+    if limit is not None and max(grey.shape) > limit:
+        scale = limit / max(grey.shape)
+        size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
+        grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+    return grey
+
+
+def _same_aspect(shape: tuple[int, ...], source: tuple[int, int]) -> bool:
+    """A display of the source's shape or a reduction of it (each side within a pixel of
+    the same scale, as a resolution level rounds)."""
+    if len(shape) != 2 or not 0 < shape[0] <= source[0] or not 0 < shape[1] <= source[1]:
+        return False
+    scale = shape[0] / source[0]
+    return abs(shape[1] - source[1] * scale) <= 1.0 + scale
+
+
+def to_display(
+    box: tuple[float, float, float, float], source: tuple[int, int], display: tuple[int, int]
+) -> tuple[float, float, float, float]:
+    """A box in source pixel coordinates mapped onto a display of another size."""
+    sy, sx = display[0] / source[0], display[1] / source[1]
+    x0, y0, x1, y1 = box
+    return x0 * sx, y0 * sy, x1 * sx, y1 * sy
+
+
+def render_overlay(source: Source, settings: OutputSettings) -> Overlay:
+    """Grey display image, heatmap, boxes, labels laid out clear of each other, banner.
+
+    Drawn at the display size (:func:`overlay_grey`); boxes and heatmap come in source
+    pixels and are scaled onto it (the SR, GSPS and SEG keep source pixels).
+    """
+    result = source.result
+    grey = overlay_grey(source, settings)
+    rgb = cv2.merge((grey, grey, grey))
     if result.heatmap is not None:
         render.blend_heatmap(rgb, result.heatmap, settings.heatmap_alpha)
     banner = [DISCLAIMER]
@@ -85,8 +126,11 @@ def render_overlay(source: Source, settings: OutputSettings) -> Overlay:
     rows, cols = grey.shape
     # Labels stay out from under the banner and the summary line below it.
     top_limit = render.banner_height([*banner, "AI"], rows, cols)
+    source_shape = (result.rows, result.columns)
     boxed = [
-        (f, box) for f in result.positive_findings if (box := clip_box(f, rows, cols)) is not None
+        (f, to_display(box, source_shape, (rows, cols)))
+        for f in result.positive_findings
+        if (box := clip_box(f, result.rows, result.columns)) is not None
     ]
     for index, (_, box) in enumerate(boxed):
         render.draw_box(rgb, box, render.BOX_COLOURS[index % len(render.BOX_COLOURS)])
@@ -162,6 +206,9 @@ def _build_one(
     sc.copy_patient_and_study_information(ref)
     _describe(sc, source)
     restore_person_names(sc, source)
+    # encoded here rather than by highdicom, which takes pydicom's first plugin (its own RLE
+    # encoder is ten times slower than pylibjpeg-rle) and cannot write a deflated SC
+    convert(sc, UID(settings.sc_transfer_syntax))
     logger.debug("Built SC %s for source %s", sop_uid, source.sop_instance_uid)
     return OutputObject("sc", sc, sop_uid, SecondaryCaptureImageStorage)
 

@@ -109,6 +109,10 @@ studies = Table(
     # start of the current receiving round (the first image, or the late image that
     # re-opened the study): studies.max_wait_s counts from here
     Column("receiving_since", Float, nullable=True),
+    # when an association that delivered images of the study was released with no other
+    # association of it open (dicom_node.scp): studies.release_grace_s later, the study is
+    # ready unless an image arrived after it (last_received_at > released_at)
+    Column("released_at", Float, nullable=True),
 )
 Index("ix_studies_state", studies.c.state, studies.c.last_received_at)
 

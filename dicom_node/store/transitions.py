@@ -82,6 +82,17 @@ def touch_study(conn: Connection, study_uid: str, now: float) -> None:
             last_received_at=now, updated_at=now, receiving_since=now))
 
 
+def release_studies(conn: Connection, study_uids: Sequence[str], now: float) -> int:
+    """The association that delivered images of these studies was released at ``now``
+    (and no other open one delivered images of them): a receiving study becomes ready
+    ``studies.release_grace_s`` later unless another image arrives first. Returns how many
+    studies it marked."""
+    res = conn.execute(update(db.studies).where(db.studies.c.study_uid.in_(study_uids))
+                       .where(db.studies.c.state == StudyState.RECEIVING)
+                       .values(released_at=now))
+    return res.rowcount
+
+
 def set_study_state(conn: Connection, study_uid: str, state: StudyState, reason: str | None,
                     now: float) -> None:
     """The assembler's outcome for a study (queued with a job, or what its latest job says)."""

@@ -57,7 +57,7 @@ class WebContext:
 
         studies = self.settings.studies
         return StudyAssembler(self.engine, self.spool, studies.selection,
-                              studies.quiet_period_s)
+                              studies.quiet_period_s, release_grace_s=studies.release_grace_s)
 
 
 def web_context() -> WebContext:

@@ -32,7 +32,9 @@ Sample = tuple[dict[str, str], float]
 
 _IGNORE_CATEGORIES = (
     (r"^SOP class", "sop_class"), (r"^modality", "modality"),
-    (r"^body part", "body_part"), (r"^BodyPartExamined is empty", "body_part_missing"),
+    (r"^body part", "body_part"), (r"^\w+ \".*\" names non-chest anatomy", "body_part"),
+    (r"^BodyPartExamined is empty", "body_part_missing"),
+    (r"^secondary capture .* result page", "result_page"),
     (r"^view position", "view_position"), (r"^ViewPosition is empty", "view_position_missing"),
     (r"^colour image", "colour"), (r"^multi-frame", "multi_frame"),
     (r"^image \d+x\d+ is smaller", "too_small"), (r"^header unreadable", "header_unreadable"),

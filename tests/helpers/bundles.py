@@ -44,13 +44,14 @@ TINY_DETECTOR = {"backbone": "resnet10", "widen_factor": 0.25, "fpn_channels": 1
                  "head_convs": 1, "anchor_sizes": [16, 32], "detections_per_img": 3}  # fmt: skip
 
 
-def make_detector_bundle(directory: Path, *, bias: float = 6.0, threshold: float = 0.5) -> Path:
+def make_detector_bundle(directory: Path, *, bias: float = 6.0, threshold: float = 0.5,
+                         size: int = 64) -> Path:
     """A random detector whose every anchor scores sigmoid(bias): NMS keeps 3 boxes."""
     torch.manual_seed(0)
     meta = BundleMetadata(
         name="tiny-test-detector", version="0.0.1", task="detection",
         labels=(LabelSpec("nodule", default_code("nodule"), threshold),),  # type: ignore[arg-type]
-        network=NetworkSpec("retinanet", TINY_DETECTOR), input=InputSpec(size=64), demo=True,
+        network=NetworkSpec("retinanet", TINY_DETECTOR), input=InputSpec(size=size), demo=True,
     )  # fmt: skip
     model = build_model(meta)
     with torch.no_grad():

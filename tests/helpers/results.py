@@ -56,7 +56,8 @@ class ResultBench:
 
     def sender(self, calling_ae: str = "CXR_AI", **settings: Any) -> Sender:
         sender = Sender(self.engine, self.spool, self.destinations,
-                        SenderSettings(**{**SENDER_DEFAULTS, **settings}), calling_ae, seed=1)
+                        SenderSettings(**{**SENDER_DEFAULTS, **settings}), calling_ae, seed=1,
+                        sc_syntax=self.worker.output_settings.sc_transfer_syntax)
         self._senders.append(sender)  # closed with the bench (STOW-RS HTTP sessions)
         return sender
 

@@ -162,7 +162,10 @@ def test_restart_inside_quiet_period_gives_one_job_with_every_image(tmp_path: Pa
                                                                     tiny_bundle: Path) -> None:
     files = _make_study(tmp_path / "in", 6, seed=3, rows=300, cols=300)
     dest = StoreSCP(tmp_path / "dest", free_port())
-    settings = _settings(tmp_path, tiny_bundle, dest.destination, quiet=12.0)
+    # the quiet period across a restart: release-driven completion off (it would make the
+    # first association's 3 images a job of their own, which the rest then supersedes)
+    settings = _settings(tmp_path, tiny_bundle, dest.destination, quiet=12.0,
+                         **{"studies.release_grace_s": None})
     proc = _start(settings, tmp_path)
     try:
         assert storescu(settings.dicom.port, files[:3]).returncode == 0

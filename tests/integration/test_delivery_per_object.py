@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from helpers.pacs import UNCOMPRESSED, TestPACS
 from helpers.results import ResultBench
-from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ComprehensiveSRStorage,
     CTImageStorage,
@@ -21,6 +21,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     SecondaryCaptureImageStorage,
 )
 
+from dicom_node.outputs import OutputSettings
 from dicom_node.store.states import DeliveryState
 
 pytestmark = pytest.mark.integration
@@ -43,8 +44,9 @@ def pacs_factory() -> Iterator:  # type: ignore[type-arg]
         pacs.stop()
 
 
-def _bench(tmp_path: Path, pacs: TestPACS, **dest) -> ResultBench:  # type: ignore[no-untyped-def]
-    return ResultBench(tmp_path, [{**pacs.destination, **dest}])
+def _bench(tmp_path: Path, pacs: TestPACS, output_settings: OutputSettings | None = None,  # type: ignore[no-untyped-def]
+           **dest) -> ResultBench:
+    return ResultBench(tmp_path, [{**pacs.destination, **dest}], output_settings)
 
 
 def _states(bench: ResultBench, study: str | None = None) -> dict[str, str]:
@@ -192,8 +194,10 @@ def test_sc_transcoded_to_the_accepted_lossless_syntax(tmp_path: Path, pacs_fact
                                                        syntax: str) -> None:
     pacs = pacs_factory(accept={SecondaryCaptureImageStorage: [syntax],
                                 ComprehensiveSRStorage: UNCOMPRESSED})
-    # the SC is offered compressed first, then uncompressed: the PACS takes only `syntax`
-    bench = _bench(tmp_path, pacs, outputs=["sr", "sc"],
+    # the SC, written uncompressed, is offered compressed first, then uncompressed: the PACS
+    # takes only `syntax`
+    bench = _bench(tmp_path, pacs, OutputSettings(sc_transfer_syntax=ExplicitVRLittleEndian),
+                   outputs=["sr", "sc"],
                    sc_transfer_syntaxes=["RLELossless", "JPEGLSLossless", "JPEG2000Lossless",
                                          "ExplicitVRLittleEndian"])
     study = bench.study()

@@ -35,6 +35,7 @@ import pydicom
 import torch
 from torch import nn
 
+from training.densenet_keys import monai_key
 from training.errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,8 @@ def load_pretrained(model: nn.Module, path: Path) -> dict[str, Any]:
     state, mismatched = {}, []
     for key, value in raw.items():
         key = key.removeprefix("module.")
+        if key not in own and monai_key(key) in own:  # torchvision DenseNet names
+            key = str(monai_key(key))
         if key not in own:
             state[key] = value  # reported as unexpected by load_state_dict
             continue

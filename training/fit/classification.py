@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +40,13 @@ from ai.reference.labels import read_classification_labels
 from ai.reference.matching import LabelMatch, match_labels
 from ai.reference.metrics import auroc, auroc_estimate, binary_metrics_at, youden_threshold
 from ai.types import BundleError
+from training import nih
 from training.datasets import ClassificationDataset, ImageItem
 from training.errors import FitError
 from training.fit import checkpoint
 from training.fit.distributed import DistInfo
 from training.fit.engine import FitResult, Run, RunConfig, run_fit, run_split
-from training.fit.optimisation import Optimisation, optimizer_step
+from training.fit.optimisation import OPTIMIZERS, SCHEDULES, Optimisation, optimizer_step
 from training.losses import LOSSES, ClassificationLoss
 from training.sampling import SAMPLER_MODES, EpochSampler
 from training.split import SPLITS, PatientSplit, apply_split
@@ -75,6 +77,8 @@ class FitConfig(RunConfig):
     focal_gamma: float = 2.0
     focal_alpha: float | None = None
     sampler: str = "uniform"
+    split_lists: Path | None = None  # NIH train_val_list.txt / test_list.txt folder
+    preset: str = ""  # recorded only: the CLI expands a preset into the fields above
 
     def __post_init__(self) -> None:
         checks = [
@@ -86,6 +90,8 @@ class FitConfig(RunConfig):
             (self.lr > 0 and self.weight_decay >= 0, f"lr {self.lr} must be > 0, weight decay >= 0"),
             (self.loss in LOSSES, f'loss "{self.loss}" must be one of {list(LOSSES)}'),
             (self.sampler in SAMPLER_MODES, f'sampler "{self.sampler}" must be one of {list(SAMPLER_MODES)}'),
+            (self.optimizer in OPTIMIZERS, f'optimizer "{self.optimizer}" must be one of {list(OPTIMIZERS)}'),
+            (self.schedule in SCHEDULES, f'schedule "{self.schedule}" must be one of {list(SCHEDULES)}'),
             (self.num_workers >= 0 and self.threads >= 0, "workers and threads must be >= 0"),
             (0.0 <= self.min_lr_ratio <= 1.0, f"min LR ratio {self.min_lr_ratio} must be in [0, 1]"),
             (len(self.split) == 3 and abs(sum(self.split) - 1) < 1e-6 and self.split[1] > 0,
@@ -140,7 +146,10 @@ def _match(config: FitConfig, progress: bool) -> tuple[LabelMatch, list[str]]:
 def prepare_data(
     config: FitConfig, *, resume: bool, progress: bool
 ) -> tuple[PreparedData, PatientSplit]:
-    """Index, match, filter and split (rank 0 only; the result is broadcast)."""
+    """Index, match, filter and split (rank 0 only; the result is broadcast). A ChestX-ray14
+    label file (``Image Index``, ``Finding Labels``) is read in its own layout."""
+    if nih.is_nih_layout(config.labels):
+        return _prepare_nih(config, resume=resume)
     match, excluded = _match(config, progress)
     matched = match.matched
     items = [ImageItem(m.image.path, m.image.sop_instance_uid, tuple(float(t) for t in m.targets))
@@ -163,6 +172,50 @@ def prepare_data(
         "excluded_modality": len(excluded),
         "splits": {name: _split_summary(prepared, name) for name in SPLITS},
     }
+    return prepared, split
+
+
+def _prepare_nih(config: FitConfig, *, resume: bool) -> tuple[PreparedData, PatientSplit]:
+    """ChestX-ray14: label rows -> image files under ``--data`` (PNG / JPEG / DICOM named by
+    ``Image Index``) -> patient-level or official split (see :mod:`training.nih`)."""
+    records = nih.read_labels(config.labels)
+    names = tuple(config.label_names) or nih.NIH_LABELS
+    nih.check_label_names(records, names)
+    files = nih.find_images(config.data, (r.image for r in records))
+    missing = [r.image for r in records if r.image not in files]
+    if missing and config.strict:
+        raise FitError(f"{len(missing)} labelled image(s) have no file under --data "
+                       f'(first: "{missing[0]}")')  # fmt: skip
+    rows = len(records)
+    records = [r for r in records if r.image in files]
+    if not records:
+        raise FitError(f'no image named in --labels "{config.labels}" is under --data "{config.data}"')
+    y = nih.targets(records, names)
+    source = config.run_dir if resume else config.split_file
+    if source is not None:
+        split = PatientSplit.load(Path(source))
+    else:
+        lists = nih.read_split_lists(config.split_lists) if config.split_lists else None
+        split = nih.split_records(records, y, fractions=config.split, seed=config.seed,
+                                  label_names=names, lists=lists)  # fmt: skip
+    listed = {uid for uids in split.sop_uids.values() for uid in uids}
+    keep = [i for i, r in enumerate(records) if r.image in listed]
+    records, y = [records[i] for i in keep], y[keep]
+    items = [ImageItem(files[r.image], r.image, tuple(float(v) for v in row))
+             for r, row in zip(records, y, strict=True)]  # fmt: skip
+    indexes = apply_split(split, [r.image for r in records])
+    views = dict(Counter(r.view or "(none)" for r in records))
+    report = (f"NIH ChestX-ray14 labels: {rows} rows, {len(files)} with an image file, "
+              f"{len(missing)} without (first: {missing[:3]}); {len(records)} used; "
+              f"views {views}; split {'official lists' if config.split_lists else 'by patient'}")  # fmt: skip
+    prepared = PreparedData(names, True, items, indexes, {}, report)
+    prepared.summary = {
+        "images": len(items), "patients": len({r.patient for r in records}),
+        "labels": list(names), "multi_label": True, "layout": "nih-chestxray14",
+        "match": {"label_rows": rows, "with_file": len(files), "missing_file": len(missing)},
+        "views": views, "official_split": config.split_lists is not None,
+        "splits": {name: _split_summary(prepared, name) for name in SPLITS},
+    }  # fmt: skip
     return prepared, split
 
 
@@ -209,7 +262,14 @@ def fit(
     ``on_epoch_end(record)`` is called on every rank after each epoch's checkpoint is
     written (tests use it to interrupt a run).
     """
-    return run_fit(ClassificationRun, config, resume=resume, on_epoch_end=on_epoch_end)
+    result = run_fit(ClassificationRun, config, resume=resume, on_epoch_end=on_epoch_end)
+    per_label = result.metrics.get("per_label", {})
+    if result.bundle_dir is not None and set(per_label) & set(nih.NIH_LABELS):
+        split = "test" if any("test" in e for e in per_label.values()) else "val"
+        table = nih.chexnet_table(per_label, split)
+        (result.run_dir / nih.TABLE_FILE).write_text(
+            f"# ChestX-ray14 AUROC per pathology (CheXNet paper layout)\n\n{table}", encoding="utf-8")
+    return result
 
 
 @dataclass
@@ -223,8 +283,14 @@ class ClassificationRun(Run):
 
     def __post_init__(self) -> None:
         config = self.config
+        fraction = None
+        if config.loss == "weighted-bce":
+            if not self.data.multi_label:
+                raise FitError("--loss weighted-bce needs multi-label (0/1 column) labels")
+            fraction = torch.from_numpy(self.data.targets("train").mean(axis=0))
         self.loss_fn = ClassificationLoss(self.data.multi_label, config.loss,
-                                          gamma=config.focal_gamma, alpha=config.focal_alpha)  # fmt: skip
+                                          gamma=config.focal_gamma, alpha=config.focal_alpha,
+                                          positive_fraction=fraction)  # fmt: skip
 
     @classmethod
     def check_labels(cls, config: Any) -> None:
@@ -334,9 +400,12 @@ class ClassificationRun(Run):
 
     def training_record(self) -> dict[str, Any]:
         config = self.config
+        schedule = ("linear warm-up + cosine" if config.schedule == "cosine"
+                    else "LR / 10 on validation-loss plateau")  # fmt: skip
         return {
-            "loss": config.loss, "sampler": config.sampler, "optimizer": "AdamW",
-            "learning_rate": config.lr, "schedule": "linear warm-up + cosine",
+            "loss": config.loss, "sampler": config.sampler,
+            "optimizer": {"adamw": "AdamW", "adam": "Adam"}[config.optimizer],
+            "learning_rate": config.lr, "schedule": schedule, "preset": config.preset or None,
             "batch_size": config.batch_size, "augment": config.augment,
         }  # fmt: skip
 

@@ -118,6 +118,8 @@ class RunConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = -1  # -1: 5 % of all steps
     min_lr_ratio: float = 0.01
+    optimizer: str = "adamw"  # or "adam" (CheXNet)
+    schedule: str = "cosine"  # or "plateau": LR / 10 when the validation loss stalls
     clip_grad: float  # 0: off
     augment: bool = True
     patience: int  # 0: no early stopping
@@ -237,9 +239,18 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+LABEL_ALIASES: dict[str, str] = {
+    "effusion": "pleural_effusion",
+    "infiltration": "infiltrate",
+    "lung_opacity": "opacity",
+}
+"""ChestX-ray14 / torchxrayvision label names -> the node's code table names (ai.codes)."""
+
+
 def label_code(name: str) -> CodedConcept:
     """The label's standard code, or a private-scheme one (logged) where it has none."""
-    code = default_code(name)
+    key = normalise_label(name)
+    code = default_code(LABEL_ALIASES.get(key, key))
     if code is not None:
         return code
     logger.warning('Label "%s" has no standard code; using private scheme %s', name, PRIVATE_SCHEME)
@@ -459,7 +470,8 @@ class Run:
         opt = make_optimisation(self.model, self.device, lr=config.lr,
                                 weight_decay=config.weight_decay, total_steps=total,
                                 warmup_steps=warmup, min_lr_ratio=config.min_lr_ratio,
-                                amp=config.amp, clip_grad=config.clip_grad)  # fmt: skip
+                                amp=config.amp, clip_grad=config.clip_grad,
+                                optimizer=config.optimizer, schedule=config.schedule)  # fmt: skip
         if self.resume:
             self.restore(opt)
         loader = self.loader(train_ds, sampler, drop_last=drop_last)
@@ -491,6 +503,8 @@ class Run:
         with bar:
             train_figures = self.train_epoch(opt, loader, budget, bar)
         metric, val_figures = self.validate(opt)
+        if opt.plateau is not None and opt.plateau.update(float(val_figures.get("val_loss", math.nan))):
+            logger.info("Validation loss plateaued: learning rate divided by 10")
         state.epoch += 1
         better = improved(metric, state.best_metric, self.monitor, config.min_delta)
         if better:

@@ -59,6 +59,7 @@ def make_bundle(
     size: int = 64,
     seed: int = 0,
     labels: Sequence[str] = LABELS,
+    percentile_window: tuple[float, float] = (0.5, 99.5),
 ) -> BundleMetadata:
     """A randomly initialised small DenseNet bundle (fast to load and run)."""
     if isinstance(thresholds, float | int):
@@ -73,7 +74,7 @@ def make_bundle(
             LabelSpec(n, default_code(n), t) for n, t in zip(labels, thresholds, strict=True)
         ),
         network=spec,
-        input=InputSpec(size=size),
+        input=InputSpec(size=size, percentile_window=percentile_window),
         training={"seed": seed},
         validation_metrics={},
     )

@@ -69,7 +69,8 @@ def test_two_bundles_merge(always_positive: Path, never_positive: Path) -> None:
         grey_dataset(rng.integers(0, 4096, (300, 200), dtype=np.uint16), bits_stored=12)
         for _ in range(3)
     ]
-    analyzer = Analyzer([always_positive, never_positive], device="cpu", batch_size=2)
+    analyzer = Analyzer([always_positive, never_positive], device="cpu", batch_size=2,
+                        finding_maps=True)
     results = analyzer.analyze(images)
     assert len(results) == 3
     assert [m.name for m in analyzer.models] == ["always-positive", "never-positive"]

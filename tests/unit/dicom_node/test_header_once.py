@@ -134,8 +134,16 @@ def test_the_stored_keywords_are_the_ones_the_rules_read() -> None:
             read.add(key)
             return super().get(key, default)
 
-    image = make_image()
+    image = make_image(body_part="")  # no body part: every description is read
     image.NumberOfFrames = 1
+    image.ImageType = ["ORIGINAL", "PRIMARY"]
+    code = pydicom.Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = (
+        "399348003", "SCT", "antero-posterior")
+    image.ViewCodeSequence = [code]
+    for keyword in ("SeriesDescription", "ProtocolName", "StudyDescription",
+                    "AcquisitionDeviceProcessingDescription", "RequestedProcedureDescription"):
+        setattr(image, keyword, "no anatomy named")
     everything = selection_attributes(image)
     assert everything is not None and set(everything) == set(SELECTION_KEYWORDS)
     rejection_reason(Recording(everything), SelectionSettings())  # type: ignore[arg-type]

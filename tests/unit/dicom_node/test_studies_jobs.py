@@ -316,3 +316,71 @@ def test_image_arriving_while_assembling_is_not_left_behind(env, monkeypatch) ->
 def _count_instances(engine) -> int:  # type: ignore[no-untyped-def]
     with engine.connect() as conn:
         return len(conn.execute(select(db.instances.c.id)).all())
+
+
+# -- completion by association release ---------------------------------------------------------
+
+def _release(engine, study: str, at: float) -> None:  # type: ignore[no-untyped-def]
+    from dicom_node.store.transitions import release_studies
+
+    with engine.begin() as conn:
+        assert release_studies(conn, [study], at) == 1
+
+
+def test_released_study_is_ready_after_the_grace_not_the_quiet_period(env, caplog) -> None:  # type: ignore[no-untyped-def]
+    engine, ing, _ = env
+    asm = StudyAssembler(engine, ing.spool, SelectionSettings(), quiet_period_s=10,
+                         release_grace_s=1.0)
+    ds = make_image()
+    study = str(ds.StudyInstanceUID)
+    _send(ing, ds)
+    last = _state(engine, study).last_received_at
+    assert asm.run_once(now=last + 5) == []  # not released: the quiet period rules
+    _release(engine, study, last + 5)
+    assert asm.run_once(now=last + 5.9) == []  # inside the grace
+    caplog.set_level("INFO", logger="dicom_node.studies")
+    woken = []
+    asm.on_job = lambda: woken.append(True)
+    [job] = asm.run_once(now=last + 6.0)
+    assert woken == [True]
+    assert f"study {study} ready (released): job {job} with 1 image(s)" in caplog.text
+    # a fresh assembler (a restart) reads the release from the database
+    assert _state(engine, study).released_at == last + 5
+
+
+def test_image_after_the_release_waits_for_the_next_release_or_the_quiet_period(env) -> None:  # type: ignore[no-untyped-def]
+    engine, ing, _ = env
+    ds = make_image()
+    study = str(ds.StudyInstanceUID)
+    _send(ing, ds)
+    _release(engine, study, _state(engine, study).last_received_at)
+    _send(ing, make_image(study_uid=study, seed=2))  # within the grace, another association
+    last = _state(engine, study).last_received_at
+    restarted = StudyAssembler(engine, ing.spool, SelectionSettings(), quiet_period_s=10,
+                               release_grace_s=1.0)
+    assert restarted.run_once(now=last + 5) == []  # the release predates the last image
+    assert len(restarted.run_once(now=last + 10)) == 1  # the quiet period, as before
+
+
+def test_release_grace_off_ignores_releases(env) -> None:  # type: ignore[no-untyped-def]
+    engine, ing, asm = env  # release_grace_s None: the quiet period and max wait only
+    ds = make_image()
+    _send(ing, ds)
+    last = _state(engine, ds.StudyInstanceUID).last_received_at
+    _release(engine, str(ds.StudyInstanceUID), last)
+    assert asm.run_once(now=last + 5) == [] and len(asm.run_once(now=last + 10)) == 1
+
+
+def test_an_older_database_gets_released_at_and_keeps_working(tmp_path: Path) -> None:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE studies DROP COLUMN released_at")
+    assert db.add_missing_columns(engine) == ["studies.released_at"]
+    spool = Spool(tmp_path / "spool")
+    ing = Ingestor(engine, spool, max_instance_bytes=50_000_000)
+    ds = make_image()
+    _send(ing, ds)  # a study of the upgraded database: not released, the quiet period rules
+    last = _state(engine, ds.StudyInstanceUID).last_received_at
+    asm = StudyAssembler(engine, spool, SelectionSettings(), quiet_period_s=10,
+                         release_grace_s=1.0)
+    assert asm.run_once(now=last + 5) == [] and len(asm.run_once(now=last + 10)) == 1

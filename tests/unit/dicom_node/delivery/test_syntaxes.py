@@ -19,6 +19,7 @@ from pydicom.uid import (
 )
 
 from dicom_node.config import load_settings
+from dicom_node.delivery.negotiation import preferred_syntaxes
 from dicom_node.delivery.syntaxes import convert, resolve, sendable
 from dicom_node.errors import ConfigError
 
@@ -94,3 +95,17 @@ def test_convert_keeps_the_object_and_its_pixels(source: str, target: str) -> No
     back.file_meta = out.file_meta
     assert back.SOPInstanceUID == uid
     assert np.array_equal(back.pixel_array, pixels)
+
+
+def test_sc_is_offered_in_its_written_syntax_first_unless_the_destination_names_its_own() -> None:
+    dest = {"ae_title": "PACS", "host": "h", "port": 104}
+    s = load_settings(None, environ={}, overrides={"destinations": [
+        dest, {**dest, "port": 105, "sc_transfer_syntaxes": ["ExplicitVRLittleEndian"]}]})
+    default, explicit = s.destinations
+    assert preferred_syntaxes("sc", default, JPEGLSLossless) == (
+        JPEGLSLossless, ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    assert preferred_syntaxes("sc", default, ExplicitVRLittleEndian) == (
+        ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    assert preferred_syntaxes("sc", explicit, JPEGLSLossless) == (ExplicitVRLittleEndian,)
+    assert preferred_syntaxes("sr", default, JPEGLSLossless) == (
+        ExplicitVRLittleEndian, ImplicitVRLittleEndian)

@@ -117,6 +117,13 @@ def test_label_values_are_bounded_categories_never_free_text(web_env: WebEnv) ->
 @pytest.mark.parametrize(("reason", "expected"), [
     ("modality CT is not one of CR, DX", "modality"),
     ("body part HIP is not a chest", "body_part"),
+    ('SeriesDescription "KNIE LINKS" names non-chest anatomy (knee)', "body_part"),
+    ('view position lateral (ViewCodeSequence 399198007 "right lateral")', "view_position"),
+    ("secondary capture with ImageType DERIVED\\SECONDARY is a result page, not an acquired "
+     "radiograph", "result_page"),
+    ("colour image (PhotometricInterpretation RGB): a result page", "colour"),
+    ("SOP class Comprehensive SR Storage is a result object (structured report), not "
+     "an image", "sop_class"),
     ("view position LL is not frontal (PA, AP)", "view_position"),
     ("image 100x100 is smaller than 256x256", "too_small"),
     ("SOP class CT Image Storage is not a projection radiograph", "sop_class"),
