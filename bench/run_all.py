@@ -88,10 +88,12 @@ def ingest_rows(doc: dict[str, Any]) -> list[st.Verdict]:
 
 def decode_rows(doc: dict[str, Any]) -> list[st.Verdict]:
     """The node's own decoder per syntax (rows labelled by the decoder actually used)."""
-    out = []
+    out, largest = [], doc["cases"][-1]["size"] if doc["cases"] else None
     for x in doc["cases"]:
-        if "node" in x and not x["node"]:
-            continue  # another installed plugin: context of decode.py's own table
+        if x["size"] != largest or ("node" in x and not x["node"]):
+            continue  # smaller sizes, other plugins: context of decode.py's own table
+        if "reduce=" in x.get("decoder", "") and "*" not in x["decoder"]:
+            continue  # a JPEG 2000 level the Analyzer does not choose
         if "node" not in x and x.get("plugin"):
             continue  # decode.py before the decoder labels
         ratio = x.get("ratio_vs_uncompressed", x.get("ratio", float("nan")))
@@ -134,8 +136,8 @@ def summarise(name: str, doc: dict[str, Any]) -> list[st.Verdict]:
         rows = SUMMARIES[name](doc)
     except (KeyError, TypeError, ZeroDivisionError) as exc:
         return [st.Verdict(name, "-", f"summary needs field {exc} (see its own table)", None)]
-    busy = doc.get("machine_busy") or {}
-    if any(busy.values()):
+    busy = doc.get("machine_busy")
+    if any(busy.values()) if isinstance(busy, dict) else busy:
         rows.append(st.Verdict(f"{name}: machine busy", "-", "yes: rough figures", None))
     return rows
 
