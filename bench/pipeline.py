@@ -107,7 +107,9 @@ def run_node(name: str, overrides: dict[str, Any], size: dict[str, int], inputs:
 
 
 def forward_s(bundles: list[Path], batch: int, repeats: int) -> float:
-    """Raw forward of every network at ``batch`` (summed), median seconds."""
+    """Raw forward of every network at ``batch`` (summed), best of ``repeats`` seconds: the
+    model at its fastest (a descheduled OpenMP thread on a shared machine can stall one
+    forward 10-fold), so the efficiency errs low, never above 1."""
     import torch
 
     from ai.bundle.load import load_bundle
@@ -119,7 +121,7 @@ def forward_s(bundles: list[Path], batch: int, repeats: int) -> float:
         x = torch.rand(batch, 1, size, size)
         with torch.inference_mode():
             loaded.model(x)
-            total += c.median(c.best_of(lambda m=loaded.model, x=x: m(x), repeats))
+            total += min(c.best_of(lambda m=loaded.model, x=x: m(x), repeats))
     return total
 
 

@@ -92,6 +92,17 @@ def test_summary_rows_hold_each_target_against_its_measurement() -> None:
     rows = run_all.summarise("pipeline", pipe)
     assert [(r.target, r.status) for r in rows] == [(">= 0.6", "MISSED"), ("<= 1.2x", "ok"),
                                                     ("-", "-")]
+    # decode: the node's decoder at the largest size, the chosen JPEG 2000 level only
+    case = {"size": "3000x2500", "codec": "JPEG 2000", "median_ms": 200.0,
+            "ratio_vs_uncompressed": 50.0}
+    dec = {"cases": [case | {"size": "2048x2048", "decoder": "node: pylibjpeg", "node": True},
+                     case | {"decoder": "pylibjpeg", "node": False},
+                     case | {"decoder": "node reduce=2: pillow", "node": True},
+                     case | {"decoder": "node reduce=1: pillow *", "node": True}],
+           "machine_busy": "WARNING: the machine is busy"}
+    rows = run_all.summarise("decode", dec)
+    assert [r.name for r in rows] == ["decode 3000x2500 px JPEG 2000 (node reduce=1: pillow *)",
+                                      "decode: machine busy"]
     # a renamed field gives a row that says so, not a crash of the whole summary
     (broken,) = run_all.summarise("ingest", {"cells": [{"corpus": "small"}]})
     assert "summary needs field" in broken.measured
