@@ -65,14 +65,16 @@ def read_untrusted(path: str | Path, **kwargs: Any) -> pydicom.Dataset:
         return pydicom.dcmread(path, **kwargs)
 
 
-def read_file_meta(path: Path) -> tuple[FileMetaDataset, int]:
-    """The File Meta Information of a Part 10 file and the offset of its data set."""
+def read_file_meta(source: Path | bytes) -> tuple[FileMetaDataset, int]:
+    """The File Meta Information of a Part 10 file (a path, or its first bytes) and the
+    offset of its data set."""
 
     def past_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
         return tag.group != 2
 
     try:
-        with quiet(), open(path, "rb") as fp:
+        with quiet(), (io.BytesIO(source) if isinstance(source, bytes)
+                       else open(source, "rb")) as fp:
             read_preamble(fp, False)
             meta = read_dataset(fp, False, True, stop_when=past_meta, defer_size=_DEFER)
             return FileMetaDataset(meta), fp.tell()

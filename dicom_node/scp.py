@@ -77,8 +77,9 @@ def handle_store(event: Any, ingestor: Ingestor, guard: AssociationGuard) -> int
                       calling_ae=str(requestor.ae_title).strip()[:16],
                       peer=f"{requestor.address}:{requestor.port}")
         path = getattr(req, "_dataset_path", None)  # chunked receive (dicom_node.transport)
-        if path is not None:
-            return int(ingestor.ingest_file(ReceivedFile(path=Path(path), **common)))
+        if path is not None:  # with the tap of its writes, when it is a TappedFile
+            tap = getattr(getattr(req, "_dataset_file", None), "tap", None)
+            return int(ingestor.ingest_file(ReceivedFile(path=Path(path), tap=tap, **common)))
         return int(ingestor.ingest(Received(file_meta=event.file_meta,
                                             dataset_bytes=req.DataSet.getvalue(), **common)))
     except Exception:  # the edge: a status, never a dropped association

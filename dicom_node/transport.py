@@ -14,10 +14,13 @@ This is the one module that relies on pynetdicom internals (verified with pynetd
    :class:`GuardedRequestHandler` changes its class to :class:`BoundedAssociationSocket`.
 3. ``dimse_messages`` reads ``_config.STORE_RECV_CHUNKED_DATASET`` when a C-STORE-RQ data
    set starts and then writes it to ``NamedTemporaryFile(delete=False)`` fragment by
-   fragment. :func:`install` replaces both names in that module's namespace: chunked receive
-   is on for the associations of a :class:`GuardedAssociationServer` only (other SCPs in
-   the process keep pynetdicom's default) and the file is created in that server's spool
-   ``tmp/``, the spool's own filesystem, so accepting it is a rename.
+   fragment, through its ``write`` only (preamble, file meta, fragments), and hands it to
+   the handler as ``C_STORE._dataset_file``. :func:`install` replaces both names in that
+   module's namespace: chunked receive is on for the associations of a
+   :class:`GuardedAssociationServer` only (other SCPs in the process keep pynetdicom's
+   default) and the file is created in that server's spool ``tmp/``, the spool's own
+   filesystem, so accepting it is a rename; it is a :class:`TappedFile`, whose tap keeps
+   the first bytes and the hash of what was written.
 4. A partial data set of an aborted association stays in ``DIMSEServiceProvider.message``;
    :func:`discard_partial_dataset` removes its file (pynetdicom removes only complete ones).
 
@@ -42,6 +45,8 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from dicom_node.spool import Tap
 
 logger = logging.getLogger(__name__)
 
@@ -223,11 +228,29 @@ class _ChunkedReceiveConfig:
         return _guarded_server() is not None or _config.STORE_RECV_CHUNKED_DATASET
 
 
+class TappedFile:
+    """pynetdicom's temporary data set file, with every write fed to a :class:`Tap` too:
+    ingest parses the header from the tap's first bytes and takes the sha256 from it, so
+    the file just written is not read back (``C_STORE._dataset_file.tap``)."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self.tap = Tap()
+
+    def write(self, data: bytes) -> int:
+        self.tap.feed(data)
+        return self._fh.write(data)  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> Any:  # name, file, close, ...
+        return getattr(self._fh, name)
+
+
 def _spool_tempfile(*args: Any, **kwargs: Any) -> Any:
     server = _guarded_server()
-    if server is not None:
-        kwargs["dir"] = server.tmp_dir
-    return tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 - pynetdicom closes it
+    if server is None:
+        return tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 - closed by pynetdicom
+    kwargs["dir"] = server.tmp_dir
+    return TappedFile(tempfile.NamedTemporaryFile(*args, **kwargs))  # noqa: SIM115 - as above
 
 
 def install() -> None:
