@@ -72,7 +72,7 @@ def _fsync_dir(path: Path) -> None:
 class GroupCommit:
     """One writer thread batching the transactions of many callers (see the module doc)."""
 
-    def __init__(self, engine: Engine, *, max_batch: int = 64, linger_s: float = 0.003,
+    def __init__(self, engine: Engine, *, max_batch: int = 64, linger_s: float = 0.005,
                  idle_s: float = 2.0, name: str = "group-commit") -> None:
         self.engine = engine
         self.max_batch = max_batch
