@@ -13,8 +13,10 @@ the rules to them without opening the file.
 
 Issue 9 asks for the header "from the received bytes in memory, before the spool write". The
 node streams the data set to ``spool/tmp`` as it arrives (:mod:`dicom_node.transport`), so
-the bytes are never whole in memory; the parse reads a bounded prefix of that received file
-once, which is the memory-bounded equivalent, and the file is only moved into the spool after.
+the bytes are never whole in memory; the first 64 kB of them are kept as they are written
+(:class:`dicom_node.spool.Tap`) and the header is parsed from those, once (from a bounded
+prefix of the received file only when the header is longer), before the file is moved into
+the spool.
 """
 
 from __future__ import annotations
