@@ -112,7 +112,8 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory: the renames into it are durable after this."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -176,7 +177,7 @@ class Spool:
                 os.fsync(fh.fileno())
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise self._error(exc, final.name) from exc
@@ -261,7 +262,7 @@ class Spool:
                 os.fsync(fh.fileno())
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if isinstance(exc, SpoolError):

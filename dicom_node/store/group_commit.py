@@ -23,7 +23,6 @@ stop call.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection, Engine
+
+from dicom_node.spool import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +60,6 @@ class _Item(Generic[T]):
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: BaseException | None = None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class GroupCommit:
@@ -159,7 +152,7 @@ class GroupCommit:
                         savepoint.rollback()
                         item.error = exc
                 for path in sorted(batch.dirs):
-                    _fsync_dir(path)
+                    fsync_dir(path)
             self.commits += 1
         except Exception as exc:  # noqa: BLE001 - the COMMIT (or a dir fsync): all of them
             logger.error("%s: batch of %d failed: %s", self.name, len(items),

@@ -18,6 +18,7 @@ import pydicom
 import pydicom.pixels.decoders.base as decoders
 import pytest
 from conftest import free_port, require_tool
+from helpers.counting import count_calls
 from helpers.dicomfiles import make_image, write
 from sqlalchemy import event, select
 
@@ -63,33 +64,22 @@ def _acknowledged(procs: list[subprocess.Popen[str]]) -> int:
     return n
 
 
-def _count(monkeypatch: pytest.MonkeyPatch, calls: Counter[str], owner: Any, name: str,
-           key: str) -> None:
-    real = getattr(owner, name)
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls[key] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, counted)
-
-
 def test_each_header_parsed_once_from_memory_and_no_pixel_decoded(
         listener: tuple[Ingestor, int], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     ingestor, port = listener
     files = _images(tmp_path / "in", 6)
     calls: Counter[str] = Counter()
-    _count(monkeypatch, calls, ingest, "parse_header", "header parse")
-    _count(monkeypatch, calls, ingest, "_parse_file", "header read from the file")
-    _count(monkeypatch, calls, ingest, "file_sha256", "file read back to hash")
-    _count(monkeypatch, calls, pydicom, "dcmread", "dcmread")
-    _count(monkeypatch, calls, pydicom.filereader, "dcmread", "dcmread")
-    _count(monkeypatch, calls, pydicom.dataset.Dataset, "convert_pixel_data", "decode")
-    _count(monkeypatch, calls, pydicom.pixels, "pixel_array", "decode")
-    _count(monkeypatch, calls, pydicom.pixels, "iter_pixels", "decode")
-    _count(monkeypatch, calls, decoders.Decoder, "as_array", "decode")
-    _count(monkeypatch, calls, decoders.Decoder, "iter_array", "decode")
+    count_calls(monkeypatch, calls, ingest, "parse_header", "header parse")
+    count_calls(monkeypatch, calls, ingest, "_parse_file", "header read from the file")
+    count_calls(monkeypatch, calls, ingest, "file_sha256", "file read back to hash")
+    count_calls(monkeypatch, calls, pydicom, "dcmread", "dcmread")
+    count_calls(monkeypatch, calls, pydicom.filereader, "dcmread", "dcmread")
+    count_calls(monkeypatch, calls, pydicom.dataset.Dataset, "convert_pixel_data", "decode")
+    count_calls(monkeypatch, calls, pydicom.pixels, "pixel_array", "decode")
+    count_calls(monkeypatch, calls, pydicom.pixels, "iter_pixels", "decode")
+    count_calls(monkeypatch, calls, decoders.Decoder, "as_array", "decode")
+    count_calls(monkeypatch, calls, decoders.Decoder, "iter_array", "decode")
 
     assert _acknowledged([_storescu(port, files)]) == len(files)
     assert calls == Counter({"header parse": len(files)})

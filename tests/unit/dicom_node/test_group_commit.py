@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.counting import count_calls
 from helpers.dicomfiles import make_image, received
 from sqlalchemy import Connection, event, insert, select
 
@@ -24,13 +25,6 @@ def _quarantine_row(conn: Connection, reason: str) -> int:
     return conn.execute(insert(db.quarantine).values(
         path="x", size=1, sha256="0" * 64, received_at=0.0, reason=reason)
     ).inserted_primary_key[0]
-
-
-def _counted(calls: Counter[str], name: str, real: Any) -> Any:
-    def counted(*args: Any) -> Any:
-        calls[name] += 1
-        return real(*args)
-    return counted
 
 
 def test_callers_share_commits_and_a_failure_is_rolled_back_alone(tmp_path: Path) -> None:
@@ -104,7 +98,7 @@ def test_header_longer_than_the_tap_is_read_from_the_file(tmp_path: Path,
     ds.add_new(0x00091001, "OB", bytes(2 * TAP_BYTES))  # before StudyInstanceUID
     calls: Counter[str] = Counter()
     for name in ("_parse_tap", "_parse_file"):
-        monkeypatch.setattr(ingest, name, _counted(calls, name, getattr(ingest, name)))
+        count_calls(monkeypatch, calls, ingest, name)
     assert ing.ingest(received(ds)) == StoreStatus.SUCCESS
     assert calls == Counter({"_parse_tap": 1, "_parse_file": 1})
     with engine.connect() as conn:
