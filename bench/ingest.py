@@ -63,7 +63,7 @@ class Worker:
         self.busy, self.bundle, self.queue = busy, bundle, queue or []
         self.name = "busy" if busy else "idle"
         self.busy_throughout: list[bool] = []
-        self.commits: list[int] = []
+        self.commits: list[int | None] = []  # None: one per instance (no group commit)
         self.pdu: int | None = None
 
     def settings(self, data: Path) -> Any:
@@ -88,14 +88,16 @@ class Worker:
             time.sleep(0.1)
 
     @staticmethod
-    def commits_so_far(node: Any) -> int:
+    def commits_so_far(node: Any) -> int | None:
         writer = getattr(node.ingestor, "writer", None)  # absent before the group commit
-        return writer.commits if writer is not None else -1
+        return writer.commits if writer is not None else None
 
-    def done(self, node: Any, commits_before: int) -> None:
+    def done(self, node: Any, commits_before: int | None) -> None:
         if self.busy:
             self.busy_throughout.append(_active_jobs(node, "queued", "running") > 0)
-        self.commits.append(self.commits_so_far(node) - commits_before)
+        after = self.commits_so_far(node)
+        self.commits.append(None if after is None or commits_before is None
+                            else after - commits_before)
 
 
 def _active_jobs(node: Any, *states: str) -> int:
