@@ -60,7 +60,7 @@ from dicom_node.phi import remember_phi
 from dicom_node.receipts import Receipts
 from dicom_node.spool import Spool, Tap, file_sha256
 from dicom_node.store import db
-from dicom_node.store.group_commit import Batch, GroupCommit
+from dicom_node.store.group_commit import Announcement, Batch, GroupCommit
 from dicom_node.store.transitions import add_instance_if_new, touch_study
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,8 @@ class ReceivedFile:
     peer: str | None = None
     # what was written to ``path``, seen as it was written (first bytes, size, sha256)
     tap: Tap | None = None
+    # made to the group commit when the data set started to arrive (the listener's)
+    announcement: Announcement | None = None
 
 
 class _Outcome(enum.Enum):
@@ -256,8 +258,9 @@ class Ingestor:
     def ingest_file(self, rec: ReceivedFile) -> StoreStatus:
         """Ingest a received Part 10 file under ``tmp/``; it never stays there."""
         try:
-            with self.writer.expect():  # other associations' rows may wait for this one
-                return self._ingest_file(rec)
+            # other associations' rows may wait for this one (since it started to arrive)
+            with self.writer.expect(rec.announcement) as announcement:
+                return self._ingest_file(rec, announcement)
         except SpoolError as exc:  # full, or the filesystem failed: the sender may retry
             return self._refuse(rec, StoreStatus.OUT_OF_RESOURCES, str(exc))
         finally:
@@ -274,7 +277,7 @@ class Ingestor:
                     f"({self.spool.watermarks.low_pct} %)")
         return None
 
-    def _ingest_file(self, rec: ReceivedFile) -> StoreStatus:
+    def _ingest_file(self, rec: ReceivedFile, announcement: Announcement) -> StoreStatus:
         size = rec.path.stat().st_size
         refusal = self._refusal(size)
         if refusal is not None:
@@ -298,7 +301,7 @@ class Ingestor:
         try:
             outcome = self.writer.run(
                 lambda conn, batch: self._write_row(conn, batch, rec, header, digest, size),
-                timeout_s=self.commit_timeout_s)
+                timeout_s=self.commit_timeout_s, announcement=announcement)
         except OSError as exc:  # a directory fsync of the batch
             raise SpoolError(f"cannot make the spool durable: {exc.strerror}") from exc
         if outcome is _Outcome.CONFLICTING_DUPLICATE:

@@ -36,6 +36,8 @@ import socket
 import ssl
 import tempfile
 import threading
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -174,9 +176,11 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def __init__(self, ae: ApplicationEntity, address: tuple[str, int], ae_title: str,
                  contexts: list[Any], ssl_context: ssl.SSLContext | None = None,
                  evt_handlers: list[Any] | None = None, *, guard: _Guard, tmp_dir: Path,
-                 handshake_timeout_s: float) -> None:
+                 handshake_timeout_s: float,
+                 announce: Callable[[], Announcement] | None = None) -> None:
         self.guard = guard
         self.tmp_dir = Path(tmp_dir)
+        self.announce = announce  # called as each C-STORE data set starts to arrive
         self.handshake_timeout_s = handshake_timeout_s
         super().__init__(ae, address, ae_title, contexts, ssl_context,
                          evt_handlers=evt_handlers, request_handler=GuardedRequestHandler)
@@ -195,12 +199,15 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
 def start_guarded_server(ae: ApplicationEntity, address: tuple[str, int], *,
                          evt_handlers: list[Any], guard: _Guard, tmp_dir: Path,
-                         ssl_context: ssl.SSLContext | None = None) -> GuardedAssociationServer:
+                         ssl_context: ssl.SSLContext | None = None,
+                         announce: Callable[[], Announcement] | None = None
+                         ) -> GuardedAssociationServer:
     """``ae.start_server(..., block=False)`` with a :class:`GuardedAssociationServer`."""
     install()
     server = ae.make_server(address, evt_handlers=evt_handlers, ssl_context=ssl_context,
                             server_class=GuardedAssociationServer, guard=guard,
-                            tmp_dir=tmp_dir, handshake_timeout_s=ae.acse_timeout or 30.0)
+                            tmp_dir=tmp_dir, handshake_timeout_s=ae.acse_timeout or 30.0,
+                            announce=announce)
     assert isinstance(server, GuardedAssociationServer)
     threading.Thread(target=server.serve_forever, daemon=True,
                      name=f"AcceptorServer@{address[1]}").start()
@@ -228,20 +235,40 @@ class _ChunkedReceiveConfig:
         return _guarded_server() is not None or _config.STORE_RECV_CHUNKED_DATASET
 
 
+class Announcement(Protocol):
+    """What the server's ``announce`` returns (see dicom_node.store.group_commit)."""
+
+    def withdraw(self) -> None: ...
+
+
 class TappedFile:
     """pynetdicom's temporary data set file, with every write fed to a :class:`Tap` too:
     ingest parses the header from the tap's first bytes and takes the sha256 from it, so
-    the file just written is not read back (``C_STORE._dataset_file.tap``)."""
+    the file just written is not read back (``C_STORE._dataset_file.tap``).
 
-    def __init__(self, fh: Any) -> None:
+    ``announcement``: made when the data set started to arrive (the group commit may wait
+    for its row); the C-STORE handler withdraws it when it submits, and closing (pynetdicom
+    after the handler, :func:`discard_partial_dataset` on an abort) or dropping the file
+    withdraws it too, so an association that dies never leaves one behind.
+    """
+
+    def __init__(self, fh: Any, announcement: Announcement | None = None) -> None:
         self._fh = fh
         self.tap = Tap()
+        self.announcement = announcement
+        if announcement is not None:
+            weakref.finalize(self, announcement.withdraw)
 
     def write(self, data: bytes) -> int:
         self.tap.feed(data)
         return self._fh.write(data)  # type: ignore[no-any-return]
 
-    def __getattr__(self, name: str) -> Any:  # name, file, close, ...
+    def close(self) -> None:
+        if self.announcement is not None:
+            self.announcement.withdraw()
+        self._fh.close()
+
+    def __getattr__(self, name: str) -> Any:  # name, file, ...
         return getattr(self._fh, name)
 
 
@@ -250,7 +277,8 @@ def _spool_tempfile(*args: Any, **kwargs: Any) -> Any:
     if server is None:
         return tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 - closed by pynetdicom
     kwargs["dir"] = server.tmp_dir
-    return TappedFile(tempfile.NamedTemporaryFile(*args, **kwargs))  # noqa: SIM115 - as above
+    return TappedFile(tempfile.NamedTemporaryFile(*args, **kwargs),  # noqa: SIM115 - as above
+                      server.announce() if server.announce is not None else None)
 
 
 def install() -> None:

@@ -7,8 +7,9 @@ and wakes each caller only once that transaction is durable, so an ACK still fol
 row's commit (ACK subset of DURABLE) while N concurrent instances cost one fsync.
 
 No caller waits for a batch to fill: the writer takes what is queued, and lingers (at most
-``linger_s``) only while other callers have announced themselves (:meth:`GroupCommit.expect`)
-and not yet submitted, the way PostgreSQL's ``commit_delay`` waits for ``commit_siblings``.
+``linger_s``) only while other callers have announced themselves
+(:meth:`GroupCommit.announce`: the listener does so when a data set starts to arrive) and
+not yet submitted, the way PostgreSQL's ``commit_delay`` waits for ``commit_siblings``.
 One association alone therefore pays no delay.
 
 Each piece of work runs in its own SAVEPOINT: one that raises is rolled back alone and its
@@ -62,6 +63,22 @@ class _Item(Generic[T]):
     error: BaseException | None = None
 
 
+class Announcement:
+    """One caller announced to a :class:`GroupCommit`; :meth:`withdraw` is idempotent."""
+
+    def __init__(self, owner: GroupCommit) -> None:
+        self._owner: GroupCommit | None = owner
+
+    def withdraw(self) -> None:
+        owner = self._owner
+        if owner is None:
+            return
+        with owner._lock:
+            if self._owner is not None:
+                self._owner = None
+                owner._announced -= 1
+
+
 class GroupCommit:
     """One writer thread batching the transactions of many callers (see the module doc)."""
 
@@ -76,26 +93,39 @@ class GroupCommit:
         self._queue: queue.Queue[_Item[Any]] = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._expected = 0
+        self._announced = 0  # live announcements: callers on their way to run()
+
+    @property
+    def announced(self) -> int:
+        """Callers announced and not yet submitted or withdrawn."""
+        return self._announced
+
+    def announce(self) -> Announcement:
+        """A caller that will probably submit soon: the writer may wait for it (at most
+        ``linger_s``) until it submits or withdraws."""
+        with self._lock:
+            self._announced += 1
+        return Announcement(self)
 
     @contextmanager
-    def expect(self) -> Iterator[None]:
-        """Announce a caller that will probably submit soon (the writer may wait for it)."""
-        with self._lock:
-            self._expected += 1
+    def expect(self, announcement: Announcement | None = None) -> Iterator[Announcement]:
+        """``announcement`` (a new one when None) for the block, withdrawn at its end."""
+        announced = announcement or self.announce()
         try:
-            yield
+            yield announced
         finally:
-            with self._lock:
-                self._expected -= 1
+            announced.withdraw()
 
-    def run(self, work: Work[T], timeout_s: float | None = None) -> T:
+    def run(self, work: Work[T], timeout_s: float | None = None,
+            announcement: Announcement | None = None) -> T:
         """Run ``work(conn, batch)`` in the next batch; return once that batch is committed.
 
         Raises what ``work`` raised, or what the COMMIT raised, or TimeoutError.
         """
         item: _Item[T] = _Item(work)
         self._queue.put(item)
+        if announcement is not None:  # after the put: never neither queued nor announced
+            announcement.withdraw()
         self._ensure_thread()
         if not item.done.wait(timeout_s):
             raise TimeoutError(f"{self.name}: no commit within {timeout_s} s")
@@ -131,7 +161,7 @@ class GroupCommit:
             except queue.Empty:
                 pass
             left = deadline - time.monotonic()
-            if left <= 0 or self._expected <= len(batch):  # nobody else on the way
+            if left <= 0 or self._announced == 0:  # nobody else on the way
                 break
             try:
                 batch.append(self._queue.get(timeout=left))

@@ -4,6 +4,8 @@ paths around it (same UID with different bytes at once, a header longer than the
 
 from __future__ import annotations
 
+import gc
+import tempfile
 import threading
 from collections import Counter
 from pathlib import Path
@@ -19,6 +21,7 @@ from dicom_node.ingest import Ingestor, StoreStatus
 from dicom_node.spool import TAP_BYTES, Spool
 from dicom_node.store import db
 from dicom_node.store.group_commit import Batch, GroupCommit
+from dicom_node.transport import TappedFile
 
 
 def _quarantine_row(conn: Connection, reason: str) -> int:
@@ -104,3 +107,18 @@ def test_header_longer_than_the_tap_is_read_from_the_file(tmp_path: Path,
     with engine.connect() as conn:
         row = conn.execute(select(db.instances)).one()
     assert row.study_uid == ds.StudyInstanceUID and row.selection
+
+
+def test_a_data_set_file_closed_or_dropped_withdraws_its_announcement(tmp_path: Path) -> None:
+    """An association that ends mid-transfer never leaves the writer waiting for it."""
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    writer = GroupCommit(engine)
+    closed = TappedFile(tempfile.NamedTemporaryFile(dir=tmp_path), writer.announce())
+    dropped = TappedFile(tempfile.NamedTemporaryFile(dir=tmp_path), writer.announce())
+    assert writer.announced == 2
+    closed.close()
+    closed.close()  # idempotent
+    assert writer.announced == 1
+    del dropped
+    gc.collect()
+    assert writer.announced == 0
