@@ -10,7 +10,8 @@ No caller waits for a batch to fill: the writer takes what is queued, and linger
 ``linger_s``) only while other callers have announced themselves
 (:meth:`GroupCommit.announce`: the listener does so when a data set starts to arrive) and
 not yet submitted, the way PostgreSQL's ``commit_delay`` waits for ``commit_siblings``.
-One association alone therefore pays no delay.
+One association alone therefore pays no delay; a small instance committed while a large
+one is still in transfer on another association pays at most ``linger_s`` (2 ms).
 
 Each piece of work runs in its own SAVEPOINT: one that raises is rolled back alone and its
 caller gets the exception; the others commit. A failed COMMIT fails every caller of the
@@ -82,7 +83,7 @@ class Announcement:
 class GroupCommit:
     """One writer thread batching the transactions of many callers (see the module doc)."""
 
-    def __init__(self, engine: Engine, *, max_batch: int = 64, linger_s: float = 0.005,
+    def __init__(self, engine: Engine, *, max_batch: int = 64, linger_s: float = 0.002,
                  idle_s: float = 2.0, name: str = "group-commit") -> None:
         self.engine = engine
         self.max_batch = max_batch

@@ -100,7 +100,7 @@ def test_parallel_associations_share_commits_and_every_ack_is_durable(
         if threading.current_thread().name == ingestor.writer.name:
             writer_commits.append(1)
 
-    # the writer waits for data sets in transfer at most linger_s (5 ms by default, what the
+    # the writer waits for data sets in transfer at most linger_s (2 ms by default, what the
     # benchmark measures); longer here, so sharing does not hang on this machine's scheduling
     ingestor.writer.linger_s = 0.2
     procs = [_storescu(port, files[i::4]) for i in range(4)]
