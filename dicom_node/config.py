@@ -87,7 +87,9 @@ class DicomSettings(_Model):
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
-    # the receive PDU size we announce (PS3.8 9.3.3.3: 0 would mean "unlimited": refused)
+    # the receive PDU size we announce (PS3.8 9.3.3.3: 0 would mean "unlimited": refused).
+    # DCMTK's storescu (3.6.7) sends PDUs of at most 128 kB whatever we announce, so a
+    # larger default bought it nothing (issue 11: measured with 1 and 4 MiB)
     maximum_pdu_size: int = Field(262144, ge=4096, le=16 * 1024 * 1024)
     # one calling AE may hold at most this many of max_associations at once
     max_associations_per_calling_ae: int = Field(8, ge=1, le=1000)

@@ -13,8 +13,10 @@ the rules to them without opening the file.
 
 Issue 9 asks for the header "from the received bytes in memory, before the spool write". The
 node streams the data set to ``spool/tmp`` as it arrives (:mod:`dicom_node.transport`), so
-the bytes are never whole in memory; the parse reads a bounded prefix of that received file
-once, which is the memory-bounded equivalent, and the file is only moved into the spool after.
+the bytes are never whole in memory; the first 64 kB of them are kept as they are written
+(:class:`dicom_node.spool.Tap`) and the header is parsed from those, once (from a bounded
+prefix of the received file only when the header is longer), before the file is moved into
+the spool.
 """
 
 from __future__ import annotations
@@ -66,14 +68,16 @@ def read_untrusted(path: str | Path, **kwargs: Any) -> pydicom.Dataset:
         return pydicom.dcmread(path, **kwargs)
 
 
-def read_file_meta(path: Path) -> tuple[FileMetaDataset, int]:
-    """The File Meta Information of a Part 10 file and the offset of its data set."""
+def read_file_meta(source: Path | bytes) -> tuple[FileMetaDataset, int]:
+    """The File Meta Information of a Part 10 file (a path, or its first bytes) and the
+    offset of its data set."""
 
     def past_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
         return tag.group != 2
 
     try:
-        with quiet(), open(path, "rb") as fp:
+        with quiet(), (io.BytesIO(source) if isinstance(source, bytes)
+                       else open(source, "rb")) as fp:
             read_preamble(fp, False)
             meta = read_dataset(fp, False, True, stop_when=past_meta, defer_size=_DEFER)
             return FileMetaDataset(meta), fp.tell()

@@ -5,10 +5,16 @@ Called from the C-STORE handler; never decodes pixel data and never runs inferen
 data set arrives as a Part 10 file under the spool's ``tmp/`` (pynetdicom streams it there
 as its fragments arrive, see :mod:`dicom_node.transport`), so accepting it is an fsync and
 a rename; in-memory data sets (tools, tests) are written there first. Its header is parsed
-once, from a bounded prefix of that file, before it moves into the spool; the selection
-attributes of that parse go on the instance row, so assembly reads no file (see
-:mod:`dicom_node.dicomio` for why this is the memory-bounded form of "parse the received
-bytes in memory").
+once, from the first bytes captured in memory while the file was written (a
+:class:`dicom_node.spool.Tap`, 64 kB; the file's own bounded prefix only when the header is
+longer, or for a Deflated data set), before it moves into the spool; the selection
+attributes of that parse go on the instance row, so assembly reads no file. The same tap
+gives the file's sha256, so the file is never read back.
+
+The row goes through the group commit (:mod:`dicom_node.store.group_commit`): the rows of
+all associations are written by one thread, one transaction (one fsync) per batch, and each
+C-STORE is answered once ITS batch is durable. The duplicate check is the insert itself
+(``ON CONFLICT DO NOTHING``); only a duplicate reads the first version's hash.
 
 Statuses: Out of Resources (0xA700) for what may succeed later (spool above its watermark
 or below its free-space floor, an instance over ``storage.max_instance_bytes``); failures
@@ -27,7 +33,6 @@ from __future__ import annotations
 import enum
 import io
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +41,7 @@ import pydicom
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import UID
-from sqlalchemy import Engine, insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Engine, insert, select
 
 from ai.uids import is_valid_uid
 from dicom_node.audit import AuditKind, Outcome, record, record_now
@@ -54,9 +58,10 @@ from dicom_node.errors import InvalidInstanceError, SpoolError
 from dicom_node.inflate import InflateLimitError, inflate_bounded
 from dicom_node.phi import remember_phi
 from dicom_node.receipts import Receipts
-from dicom_node.spool import Spool, StoredFile, file_sha256
+from dicom_node.spool import Spool, Tap, file_sha256
 from dicom_node.store import db
-from dicom_node.store.transitions import add_instance, touch_study
+from dicom_node.store.group_commit import Announcement, Batch, GroupCommit
+from dicom_node.store.transitions import add_instance_if_new, touch_study
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +108,16 @@ class ReceivedFile:
     path: Path
     calling_ae: str
     peer: str | None = None
+    # what was written to ``path``, seen as it was written (first bytes, size, sha256)
+    tap: Tap | None = None
+    # made to the group commit when the data set started to arrive (the listener's)
+    announcement: Announcement | None = None
+
+
+class _Outcome(enum.Enum):
+    STORED = "stored"
+    IDENTICAL_DUPLICATE = "identical duplicate"
+    CONFLICTING_DUPLICATE = "conflicting duplicate"
 
 
 @dataclass(frozen=True)
@@ -138,13 +153,41 @@ def _filing_part(ds: pydicom.Dataset) -> pydicom.Dataset:
                             if tag < FILING_HEADER_STOP})
 
 
-def read_header(path: Path, sop_instance_uid: str, *, max_inflated_bytes: int) -> Header:
+def read_header(path: Path, sop_instance_uid: str, *, max_inflated_bytes: int,
+                tap: Tap | None = None) -> Header:
     """Read the few header values the node files an instance under, in bounded memory.
 
-    Only a prefix of the data set is read; a Deflated one is inflated as a stream, counted
-    and cut to that prefix (InflateLimitError above ``max_inflated_bytes``). Raises
-    InvalidInstanceError when the header is unusable.
+    From ``tap`` (the file's first bytes, kept while it was written) when the header lies in
+    them; else only a prefix of the file's data set is read, a Deflated one inflated as a
+    stream, counted and cut to that prefix (InflateLimitError above
+    ``max_inflated_bytes``). Raises InvalidInstanceError when the header is unusable.
     """
+    parsed = _parse_tap(tap) if tap is not None else None
+    if parsed is None:
+        parsed = _parse_file(path, max_inflated_bytes)
+    return _header(*parsed, sop_instance_uid)
+
+
+def _parse_tap(tap: Tap) -> tuple[pydicom.Dataset, bool] | None:
+    """The header parsed from the tap's bytes; None when they do not hold all of it (or the
+    data set is Deflated): the file is read then."""
+    try:
+        meta, offset = read_file_meta(bytes(tap.head))
+        ts = _transfer_syntax(meta)
+        if ts.is_deflated:
+            return None
+        ds, with_selection = parse_header(bytes(tap.head[offset:]),
+                                          implicit_vr=ts.is_implicit_VR,
+                                          little_endian=ts.is_little_endian,
+                                          complete=tap.complete)
+    except InvalidInstanceError:
+        if tap.complete:  # the whole file was in memory: reading it again changes nothing
+            raise
+        return None
+    return (ds, with_selection) if with_selection or tap.complete else None
+
+
+def _parse_file(path: Path, max_inflated_bytes: int) -> tuple[pydicom.Dataset, bool]:
     meta, offset = read_file_meta(path)
     ts = _transfer_syntax(meta)
     with open(path, "rb") as fp:
@@ -155,9 +198,11 @@ def read_header(path: Path, sop_instance_uid: str, *, max_inflated_bytes: int) -
         else:
             prefix = fp.read(HEADER_PREFIX_BYTES + 1)
             complete = len(prefix) <= HEADER_PREFIX_BYTES
-    ds, with_selection = parse_header(prefix[:HEADER_PREFIX_BYTES],
-                                      implicit_vr=ts.is_implicit_VR,
-                                      little_endian=ts.is_little_endian, complete=complete)
+    return parse_header(prefix[:HEADER_PREFIX_BYTES], implicit_vr=ts.is_implicit_VR,
+                        little_endian=ts.is_little_endian, complete=complete)
+
+
+def _header(ds: pydicom.Dataset, with_selection: bool, sop_instance_uid: str) -> Header:
     # from here on, no log line or stored text can carry these values; the filing header
     # only, as before the selection attributes were parsed here (the worker's full read
     # registers the rest)
@@ -181,13 +226,16 @@ class Ingestor:
     """Turns received C-STOREs into spool files and DB rows, returning the status to send."""
 
     def __init__(self, engine: Engine, spool: Spool, *, max_instance_bytes: int,
-                 max_inflated_bytes: int = 128 * 1024 * 1024) -> None:
+                 max_inflated_bytes: int = 128 * 1024 * 1024,
+                 commit_timeout_s: float = 60.0) -> None:
         self.engine = engine
         self.spool = spool
         self.max_instance_bytes = max_instance_bytes
         self.max_inflated_bytes = max_inflated_bytes
+        self.commit_timeout_s = commit_timeout_s
         self.receipts = Receipts()  # per association: one INFO line when it closes
-        self._locks = [threading.Lock() for _ in range(64)]
+        # one writer for the rows of every association: one transaction per batch
+        self.writer = GroupCommit(engine, name="ingest-writer")
 
     def ingest(self, rec: Received) -> StoreStatus:
         """An in-memory data set: written under ``tmp/``, then ingested as a file."""
@@ -198,18 +246,21 @@ class Ingestor:
                    and is_valid_uid(rec.sop_class_uid, "received"))
         # a file meta would have to repeat an invalid UID: keep the raw body only
         chunks = encode_part10(rec) if uids_ok else [rec.dataset_bytes]
+        tap = Tap()
         try:
-            path = self.spool.write_tmp(chunks)
+            path = self.spool.write_tmp(chunks, tap)
         except SpoolError as exc:
             return self._refuse(rec, StoreStatus.OUT_OF_RESOURCES, str(exc))
         return self.ingest_file(ReceivedFile(rec.sop_class_uid, rec.sop_instance_uid,
                                              rec.transfer_syntax, path, rec.calling_ae,
-                                             rec.peer))
+                                             rec.peer, tap))
 
     def ingest_file(self, rec: ReceivedFile) -> StoreStatus:
         """Ingest a received Part 10 file under ``tmp/``; it never stays there."""
         try:
-            return self._ingest_file(rec)
+            # other associations' rows may wait for this one (since it started to arrive)
+            with self.writer.expect(rec.announcement) as announcement:
+                return self._ingest_file(rec, announcement)
         except SpoolError as exc:  # full, or the filesystem failed: the sender may retry
             return self._refuse(rec, StoreStatus.OUT_OF_RESOURCES, str(exc))
         finally:
@@ -226,64 +277,72 @@ class Ingestor:
                     f"({self.spool.watermarks.low_pct} %)")
         return None
 
-    def _ingest_file(self, rec: ReceivedFile) -> StoreStatus:
-        refusal = self._refusal(rec.path.stat().st_size)
+    def _ingest_file(self, rec: ReceivedFile, announcement: Announcement) -> StoreStatus:
+        size = rec.path.stat().st_size
+        refusal = self._refusal(size)
         if refusal is not None:
             return self._refuse(rec, *refusal)
         if not (is_valid_uid(rec.sop_instance_uid, "received")
                 and is_valid_uid(rec.sop_class_uid, "received")):
             return self._quarantine(rec, "invalid SOP Instance or Class UID",
                                     StoreStatus.CANNOT_UNDERSTAND)
+        # the tap saw every byte written (else: not ours to trust, read the file)
+        tap = rec.tap if rec.tap is not None and rec.tap.size == size else None
         try:
             header = read_header(rec.path, rec.sop_instance_uid,
-                                 max_inflated_bytes=self.max_inflated_bytes)
+                                 max_inflated_bytes=self.max_inflated_bytes, tap=tap)
         except InflateLimitError as exc:
             return self._quarantine(rec, f"{exc} (storage.max_inflated_bytes)",
                                     StoreStatus.INFLATED_TOO_LARGE)
         except InvalidInstanceError as exc:
             return self._quarantine(rec, str(exc), StoreStatus.CANNOT_UNDERSTAND)
-        with self._locks[hash(rec.sop_instance_uid) % len(self._locks)]:
-            return self._store_locked(rec, header)
-
-    def _store_locked(self, rec: ReceivedFile, header: Header) -> StoreStatus:
-        digest = file_sha256(rec.path)
-        with self.engine.connect() as conn:
-            existing = conn.execute(
-                select(db.instances.c.sha256).where(
-                    db.instances.c.sop_instance_uid == rec.sop_instance_uid)
-            ).first()
-        if existing is not None:
-            if digest == existing.sha256:
-                logger.debug("duplicate %s with identical bytes: acknowledged",
-                             rec.sop_instance_uid)
-                self.receipts.duplicate(rec.peer, rec.calling_ae, header.study_uid)
-                return StoreStatus.SUCCESS
+        digest = tap.sha256 if tap is not None else file_sha256(rec.path)
+        self.spool.sync_received(rec.path)  # the file's fsync, in this thread
+        try:
+            outcome = self.writer.run(
+                lambda conn, batch: self._write_row(conn, batch, rec, header, digest, size),
+                timeout_s=self.commit_timeout_s, announcement=announcement)
+        except OSError as exc:  # a directory fsync of the batch
+            raise SpoolError(f"cannot make the spool durable: {exc.strerror}") from exc
+        if outcome is _Outcome.CONFLICTING_DUPLICATE:
             return self._quarantine(rec, "conflicting duplicate: same SOP Instance UID, "
                                     "different bytes", StoreStatus.SUCCESS)
-        stored = self.spool.adopt(rec.path, rec.sop_instance_uid, digest)
-        self._commit(rec, stored, header)
+        if outcome is _Outcome.IDENTICAL_DUPLICATE:
+            logger.debug("duplicate %s with identical bytes: acknowledged",
+                         rec.sop_instance_uid)
+            self.receipts.duplicate(rec.peer, rec.calling_ae, header.study_uid)
+        else:
+            logger.debug("stored %s in study %s (%d B)", rec.sop_instance_uid,
+                         header.study_uid, size)
+            self.receipts.stored(rec.peer, rec.calling_ae, header.study_uid)
         return StoreStatus.SUCCESS
 
-    def _commit(self, rec: ReceivedFile, stored: StoredFile, header: Header) -> None:
+    def _write_row(self, conn: Connection, batch: Batch, rec: ReceivedFile, header: Header,
+                   digest: str, size: int) -> _Outcome:
+        """In the writer's transaction: the row (unless a duplicate), the file renamed to
+        its instance name (its directory fsynced before the batch commits), the study and
+        the audit event."""
         now = time.time()
-        with self.engine.begin() as conn:
-            try:
-                add_instance(
-                    conn, sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
-                    study_uid=header.study_uid, series_uid=header.series_uid,
-                    transfer_syntax=rec.transfer_syntax, modality=header.modality,
-                    path=stored.relpath, size=stored.size, sha256=stored.sha256,
-                    calling_ae=rec.calling_ae, received_at=now,
-                    selection=dump_selection(header.selection))
-            except IntegrityError as exc:  # only possible with several node processes
-                raise SpoolError("concurrent insert of the same SOP Instance UID") from exc
-            touch_study(conn, header.study_uid, now)
-            record(conn, AuditKind.INSTANCE_RECEIVED, actor=rec.calling_ae, peer=rec.peer,
-                   subject=rec.sop_instance_uid, at=now,
-                   detail=f"study {header.study_uid}, {stored.size} B")
-        logger.debug("stored %s in study %s (%d B)", rec.sop_instance_uid, header.study_uid,
-                     stored.size)
-        self.receipts.stored(rec.peer, rec.calling_ae, header.study_uid)
+        relpath = str(self.spool.instance_path(rec.sop_instance_uid)
+                      .relative_to(self.spool.root))
+        if not add_instance_if_new(
+                conn, sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
+                study_uid=header.study_uid, series_uid=header.series_uid,
+                transfer_syntax=rec.transfer_syntax, modality=header.modality,
+                path=relpath, size=size, sha256=digest, calling_ae=rec.calling_ae,
+                received_at=now, selection=dump_selection(header.selection)):
+            first = conn.execute(select(db.instances.c.sha256).where(
+                db.instances.c.sop_instance_uid == rec.sop_instance_uid)).scalar_one()
+            return (_Outcome.IDENTICAL_DUPLICATE if first == digest
+                    else _Outcome.CONFLICTING_DUPLICATE)
+        _stored, dirs = self.spool.place(rec.path, rec.sop_instance_uid, digest, size)
+        for d in dirs:
+            batch.fsync_dir(d)
+        touch_study(conn, header.study_uid, now)
+        record(conn, AuditKind.INSTANCE_RECEIVED, actor=rec.calling_ae, peer=rec.peer,
+               subject=rec.sop_instance_uid, at=now,
+               detail=f"study {header.study_uid}, {size} B")
+        return _Outcome.STORED
 
     def _quarantine(self, rec: ReceivedFile, reason: str, status: StoreStatus) -> StoreStatus:
         try:

@@ -81,8 +81,11 @@ def handle_store(event: Any, ingestor: Ingestor, guard: AssociationGuard) -> int
                       calling_ae=str(requestor.ae_title).strip()[:16],
                       peer=f"{requestor.address}:{requestor.port}")
         path = getattr(req, "_dataset_path", None)  # chunked receive (dicom_node.transport)
-        if path is not None:
-            return int(ingestor.ingest_file(ReceivedFile(path=Path(path), **common)))
+        if path is not None:  # with the tap of its writes, when it is a TappedFile
+            fh = getattr(req, "_dataset_file", None)
+            return int(ingestor.ingest_file(ReceivedFile(
+                path=Path(path), tap=getattr(fh, "tap", None),
+                announcement=getattr(fh, "announcement", None), **common)))
         return int(ingestor.ingest(Received(file_meta=event.file_meta,
                                             dataset_bytes=req.DataSet.getvalue(), **common)))
     except Exception:  # the edge: a status, never a dropped association
@@ -190,14 +193,15 @@ def start_scp(settings: DicomSettings, ingestor: Ingestor,
         *(commitment.handlers if commitment else []),
     ]
     tmp_dir = ingestor.spool.tmp_dir  # received data sets stream here (same filesystem)
+    announce = ingestor.writer.announce  # a data set starts: the group commit may wait for it
     servers = [start_guarded_server(ae, (settings.host, settings.port), evt_handlers=handlers,
-                                    guard=guard, tmp_dir=tmp_dir)]
+                                    guard=guard, tmp_dir=tmp_dir, announce=announce)]
     logger.info("DICOM SCP %r listening on %s:%d", settings.ae_title, settings.host,
                 settings.port)
     if settings.tls.enabled:
         servers.append(start_guarded_server(ae, (settings.host, settings.tls.port),
                                             evt_handlers=handlers, guard=guard,
-                                            tmp_dir=tmp_dir,
+                                            tmp_dir=tmp_dir, announce=announce,
                                             ssl_context=tls_context(settings.tls)))
         logger.info("DICOM SCP %r listening with TLS on %s:%d", settings.ae_title,
                     settings.host, settings.tls.port)

@@ -70,6 +70,40 @@ class Watermarks:
             return self.refusing
 
 
+# a received file's first bytes kept in memory as it is written (the preamble, file meta
+# and the start of the data set: the header the node files it under, as a rule)
+TAP_BYTES = 64 * 1024
+
+
+class Tap:
+    """What went through a file's writes: its first ``keep`` bytes, its size and sha256.
+
+    Fed as a received data set is written (:mod:`dicom_node.transport`), so ingest parses the
+    header from memory and never reads the file back to hash it.
+    """
+
+    def __init__(self, keep: int = TAP_BYTES) -> None:
+        self.keep = keep
+        self.head = bytearray()
+        self.size = 0
+        self._digest = hashlib.sha256()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if len(self.head) < self.keep:
+            self.head += data[:self.keep - len(self.head)]
+        self.size += len(data)
+        self._digest.update(data)
+
+    @property
+    def complete(self) -> bool:
+        """The head holds the whole file."""
+        return self.size == len(self.head)
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -78,7 +112,8 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory: the renames into it are durable after this."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -142,19 +177,22 @@ class Spool:
                 os.fsync(fh.fileno())
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise self._error(exc, final.name) from exc
         return StoredFile(str(final.relative_to(self.root)), size, digest.hexdigest())
 
-    def write_tmp(self, chunks: Iterable[bytes]) -> Path:
-        """Write bytes to a new file under ``tmp/`` (not yet durable: see :meth:`adopt`)."""
+    def write_tmp(self, chunks: Iterable[bytes], tap: Tap | None = None) -> Path:
+        """Write bytes to a new file under ``tmp/`` (not yet durable: see :meth:`adopt`),
+        feeding them to ``tap`` too."""
         tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         try:
             with open(tmp, "wb") as fh:
                 for chunk in chunks:
                     fh.write(chunk)
+                    if tap is not None:
+                        tap.feed(chunk)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise self._error(exc, tmp.name) from exc
@@ -164,6 +202,50 @@ class Spool:
         """Make a received file under ``tmp/`` a durable instance: fsync, rename, fsync dir."""
         name = self.name_for(sop_instance_uid)
         return self._move(tmp, self.root / "instances" / name[:2] / f"{name}.dcm", sha256)
+
+    def instance_path(self, sop_instance_uid: str) -> Path:
+        """Where an accepted instance lives (a hash of its UID, never the UID itself)."""
+        name = self.name_for(sop_instance_uid)
+        return self.root / "instances" / name[:2] / f"{name}.dcm"
+
+    def sync_received(self, tmp: Path) -> int:
+        """First half of :meth:`adopt`, in the caller's thread: the file under ``tmp/`` is
+        checked, room for it checked and its bytes fsynced; returns its size.
+
+        The second half, :meth:`place`, runs in the group commit's writer, so the directory
+        fsync is shared by a batch (see :mod:`dicom_node.store.group_commit`).
+        """
+        if self.tmp_dir.resolve() != tmp.resolve().parent:
+            raise SpoolError(f"{tmp.name} is not a file under the spool's tmp/")
+        try:
+            size = tmp.stat().st_size
+            self.check_space(size)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if isinstance(exc, SpoolError):
+                raise
+            raise self._error(exc, tmp.name) from exc
+        return size
+
+    def place(self, tmp: Path, sop_instance_uid: str, sha256: str, size: int
+              ) -> tuple[StoredFile, list[Path]]:
+        """Rename a file synced by :meth:`sync_received` to its instance name; returns it and
+        the directories the caller must fsync before the file counts as durable (its own,
+        and ``instances/`` when that directory was new)."""
+        final = self.instance_path(sop_instance_uid)
+        dirs = [final.parent]
+        try:
+            if not final.parent.is_dir():
+                final.parent.mkdir(parents=True, exist_ok=True)
+                dirs.append(final.parent.parent)
+            os.replace(tmp, final)
+        except OSError as exc:
+            raise self._error(exc, final.name) from exc
+        return StoredFile(str(final.relative_to(self.root)), size, sha256), dirs
 
     def quarantine_file(self, tmp: Path) -> StoredFile:
         """Keep an unusable received file (under ``tmp/``) for inspection, durably."""
@@ -180,7 +262,7 @@ class Spool:
                 os.fsync(fh.fileno())
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if isinstance(exc, SpoolError):

@@ -14,10 +14,13 @@ This is the one module that relies on pynetdicom internals (verified with pynetd
    :class:`GuardedRequestHandler` changes its class to :class:`BoundedAssociationSocket`.
 3. ``dimse_messages`` reads ``_config.STORE_RECV_CHUNKED_DATASET`` when a C-STORE-RQ data
    set starts and then writes it to ``NamedTemporaryFile(delete=False)`` fragment by
-   fragment. :func:`install` replaces both names in that module's namespace: chunked receive
-   is on for the associations of a :class:`GuardedAssociationServer` only (other SCPs in
-   the process keep pynetdicom's default) and the file is created in that server's spool
-   ``tmp/``, the spool's own filesystem, so accepting it is a rename.
+   fragment, through its ``write`` only (preamble, file meta, fragments), and hands it to
+   the handler as ``C_STORE._dataset_file``. :func:`install` replaces both names in that
+   module's namespace: chunked receive is on for the associations of a
+   :class:`GuardedAssociationServer` only (other SCPs in the process keep pynetdicom's
+   default) and the file is created in that server's spool ``tmp/``, the spool's own
+   filesystem, so accepting it is a rename; it is a :class:`TappedFile`, whose tap keeps
+   the first bytes and the hash of what was written.
 4. A partial data set of an aborted association stays in ``DIMSEServiceProvider.message``;
    :func:`discard_partial_dataset` removes its file (pynetdicom removes only complete ones).
 
@@ -33,6 +36,8 @@ import socket
 import ssl
 import tempfile
 import threading
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,6 +47,8 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from dicom_node.spool import Tap
 
 logger = logging.getLogger(__name__)
 
@@ -169,9 +176,11 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def __init__(self, ae: ApplicationEntity, address: tuple[str, int], ae_title: str,
                  contexts: list[Any], ssl_context: ssl.SSLContext | None = None,
                  evt_handlers: list[Any] | None = None, *, guard: _Guard, tmp_dir: Path,
-                 handshake_timeout_s: float) -> None:
+                 handshake_timeout_s: float,
+                 announce: Callable[[], Announcement] | None = None) -> None:
         self.guard = guard
         self.tmp_dir = Path(tmp_dir)
+        self.announce = announce  # called as each C-STORE data set starts to arrive
         self.handshake_timeout_s = handshake_timeout_s
         super().__init__(ae, address, ae_title, contexts, ssl_context,
                          evt_handlers=evt_handlers, request_handler=GuardedRequestHandler)
@@ -190,12 +199,15 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
 def start_guarded_server(ae: ApplicationEntity, address: tuple[str, int], *,
                          evt_handlers: list[Any], guard: _Guard, tmp_dir: Path,
-                         ssl_context: ssl.SSLContext | None = None) -> GuardedAssociationServer:
+                         ssl_context: ssl.SSLContext | None = None,
+                         announce: Callable[[], Announcement] | None = None
+                         ) -> GuardedAssociationServer:
     """``ae.start_server(..., block=False)`` with a :class:`GuardedAssociationServer`."""
     install()
     server = ae.make_server(address, evt_handlers=evt_handlers, ssl_context=ssl_context,
                             server_class=GuardedAssociationServer, guard=guard,
-                            tmp_dir=tmp_dir, handshake_timeout_s=ae.acse_timeout or 30.0)
+                            tmp_dir=tmp_dir, handshake_timeout_s=ae.acse_timeout or 30.0,
+                            announce=announce)
     assert isinstance(server, GuardedAssociationServer)
     threading.Thread(target=server.serve_forever, daemon=True,
                      name=f"AcceptorServer@{address[1]}").start()
@@ -223,11 +235,50 @@ class _ChunkedReceiveConfig:
         return _guarded_server() is not None or _config.STORE_RECV_CHUNKED_DATASET
 
 
+class Announcement(Protocol):
+    """What the server's ``announce`` returns (see dicom_node.store.group_commit)."""
+
+    def withdraw(self) -> None: ...
+
+
+class TappedFile:
+    """pynetdicom's temporary data set file, with every write fed to a :class:`Tap` too:
+    ingest parses the header from the tap's first bytes and takes the sha256 from it, so
+    the file just written is not read back (``C_STORE._dataset_file.tap``).
+
+    ``announcement``: made when the data set started to arrive (the group commit may wait
+    for its row); the C-STORE handler withdraws it when it submits, and closing (pynetdicom
+    after the handler, :func:`discard_partial_dataset` on an abort) or dropping the file
+    withdraws it too, so an association that dies never leaves one behind.
+    """
+
+    def __init__(self, fh: Any, announcement: Announcement | None = None) -> None:
+        self._fh = fh
+        self.tap = Tap()
+        self.announcement = announcement
+        if announcement is not None:
+            weakref.finalize(self, announcement.withdraw)
+
+    def write(self, data: bytes) -> int:
+        self.tap.feed(data)
+        return self._fh.write(data)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        if self.announcement is not None:
+            self.announcement.withdraw()
+        self._fh.close()
+
+    def __getattr__(self, name: str) -> Any:  # name, file, ...
+        return getattr(self._fh, name)
+
+
 def _spool_tempfile(*args: Any, **kwargs: Any) -> Any:
     server = _guarded_server()
-    if server is not None:
-        kwargs["dir"] = server.tmp_dir
-    return tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 - pynetdicom closes it
+    if server is None:
+        return tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 - closed by pynetdicom
+    kwargs["dir"] = server.tmp_dir
+    return TappedFile(tempfile.NamedTemporaryFile(*args, **kwargs),  # noqa: SIM115 - as above
+                      server.announce() if server.announce is not None else None)
 
 
 def install() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sqlalchemy import Connection, case, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from dicom_node.store import db
 from dicom_node.store.states import ACTIVE_JOBS, InstanceState, JobState, StudyState
@@ -27,9 +28,21 @@ ERROR_CHARS = 2000  # a job's error is cut to this
 
 # -- instances ------------------------------------------------------------------------------
 
-def add_instance(conn: Connection, **columns: object) -> None:
-    """A received instance's row: ``pending`` until its study is assembled."""
-    conn.execute(insert(db.instances).values(**columns, analysis_state=InstanceState.PENDING))
+def add_instance_if_new(conn: Connection, **columns: object) -> bool:
+    """A received instance's row, ``pending`` until its study is assembled; False (nothing
+    written) when its SOP Instance UID has a row already.
+
+    ``INSERT ... ON CONFLICT DO NOTHING``: the duplicate check is the insert itself, so a new
+    instance (the common case) costs no SELECT first.
+    """
+    dialect_insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}.get(
+        conn.dialect.name)
+    if dialect_insert is None:
+        raise NotImplementedError(f"no ON CONFLICT insert for {conn.dialect.name}")
+    stmt = (dialect_insert(db.instances)
+            .values(**columns, analysis_state=InstanceState.PENDING)
+            .on_conflict_do_nothing(index_elements=[db.instances.c.sop_instance_uid]))
+    return conn.execute(stmt).rowcount == 1
 
 
 def ignore_instance(conn: Connection, instance_id: int, reason: str) -> None:

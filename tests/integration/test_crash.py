@@ -146,7 +146,8 @@ def test_kill9_during_inference_reruns_and_delivers_one_result_set(tmp_path: Pat
         assert job.state == "done" and job.attempts == 2
         outs = query(settings, select(db.outputs))
         assert len(outs) == 8  # 1 SR + 6 SC + 1 GSPS: one result set
-        time.sleep(0.5)
+        # storescp may finish writing its last file just after its C-STORE-RSP went out
+        wait_until(lambda: len(dest.files()) >= len(outs), 30, what="files at storescp")
         received = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
                     for f in dest.files()]
         assert sorted(set(received)) == sorted(o.sop_instance_uid for o in outs)

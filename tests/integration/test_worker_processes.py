@@ -162,3 +162,29 @@ def test_a_bundle_that_cannot_load_is_reported_and_not_restarted_in_a_loop(
         assert not node.ready and node.workers.restarts == 0
     finally:
         node.stop()
+
+
+def test_wakeups_cross_the_process_boundary(tmp_path: Path, tiny_bundle: Path) -> None:
+    """Shipped completion settings with every poll at 30 s: only the wake-ups (release ->
+    assembler -> the worker process through the pool's shared event -> the parent's sender
+    through the child's report) can bring the result to the destination within 8 s, under
+    the 10 s quiet period."""
+    dest = StoreSCP(tmp_path / "dest", free_port())
+    settings = node_settings(tmp_path / "node", quiet=10.0, destinations=[dest.destination],
+                             **{"models.bundles": [str(tiny_bundle)], "models.device": "cpu",
+                                "workers.mode": "process", "studies.poll_interval_s": 30,
+                                "workers.poll_interval_s": 30, "sender.poll_interval_s": 30})
+    node = start_node(settings, load_analyzer)
+    try:
+        assert node.workers is not None
+        wait_until(lambda: node.ready, 120, what="models loaded by the worker process")
+        study, files = _study(tmp_path / "s", 1, seed=5, rows=512, cols=512,
+                          variant="dx_mono2_explicit")
+        # the child's first idle wait started at its load: wait past nothing, send now
+        assert storescu(settings.dicom.port, files).returncode == 0
+        wait_until(lambda: _sent(settings, study), 8, what="results delivered by wake-ups")
+        [job] = _jobs(settings, study)
+        assert job.state == "done"
+    finally:
+        node.stop()
+        dest.stop()

@@ -12,6 +12,7 @@ from typing import Any
 import pydicom
 import pytest
 import test_studies_jobs
+from helpers.counting import count_calls
 from helpers.dicomfiles import CT, make_image
 from sqlalchemy import select, update
 from test_ingest import _received
@@ -27,25 +28,14 @@ from dicom_node.store import db
 env = test_studies_jobs.env  # the ingest + assembler fixture, shared
 
 
-def _counting(monkeypatch: pytest.MonkeyPatch, calls: Counter[str], owner: Any, name: str,
-              key: str) -> None:
-    real = getattr(owner, name)
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls[key] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, counted)
-
-
 def _watch(monkeypatch: pytest.MonkeyPatch, spool_root: Path) -> Counter[str]:
     calls: Counter[str] = Counter()
-    _counting(monkeypatch, calls, ingest, "parse_header", "header parse")
-    _counting(monkeypatch, calls, ingest, "read_file_meta", "file meta read")
-    _counting(monkeypatch, calls, pydicom, "dcmread", "dcmread")
-    _counting(monkeypatch, calls, pydicom.dataset.Dataset, "convert_pixel_data", "pixels")
-    _counting(monkeypatch, calls, pydicom.pixels, "pixel_array", "pixels")
-    _counting(monkeypatch, calls, studies, "read_untrusted", "assembly file read")
+    count_calls(monkeypatch, calls, ingest, "parse_header", "header parse")
+    count_calls(monkeypatch, calls, ingest, "read_file_meta", "file meta read")
+    count_calls(monkeypatch, calls, pydicom, "dcmread", "dcmread")
+    count_calls(monkeypatch, calls, pydicom.dataset.Dataset, "convert_pixel_data", "pixels")
+    count_calls(monkeypatch, calls, pydicom.pixels, "pixel_array", "pixels")
+    count_calls(monkeypatch, calls, studies, "read_untrusted", "assembly file read")
     real_open = builtins.open
 
     def watched_open(file: Any, *args: Any, **kwargs: Any) -> Any:
