@@ -83,6 +83,13 @@ def ingest_rows(doc: dict[str, Any]) -> list[st.Verdict]:
         out.append(st.at_least(name, x["ratio"], limit,
                                f"{x['ratio']:.2f}x storescp "
                                f"({x['node']['instances_per_s']:.0f} inst/s)", "x"))
+    idle = {(x["corpus"], x["parallel"]): x for x in doc["cells"] if x.get("worker") == "idle"}
+    for x in doc["cells"]:
+        peer = idle.get((x["corpus"], x["parallel"]))
+        if x.get("worker") == "busy" and peer is not None:
+            rel = x["node"]["instances_per_s"] / peer["node"]["instances_per_s"]
+            out.append(st.at_least(f"ingest {x['corpus']}, {x['parallel']} assoc: busy / idle",
+                                   rel, 0.9, f"{rel:.2f}"))
     return out
 
 

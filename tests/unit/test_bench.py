@@ -103,6 +103,13 @@ def test_summary_rows_hold_each_target_against_its_measurement() -> None:
     rows = run_all.summarise("decode", dec)
     assert [r.name for r in rows] == ["decode 3000x2500 px JPEG 2000 (node reduce=1: pillow *)",
                                       "decode: machine busy"]
+    # ingest: each cell against storescp, and the worker-busy cell against the idle one
+    cell = {"corpus": "large", "instances": 8, "parallel": 1}
+    ing = {"cells": [cell | {"worker": "idle", "ratio": 0.9, "node": {"instances_per_s": 10.0}},
+                     cell | {"worker": "busy", "ratio": 0.7, "node": {"instances_per_s": 8.0}}]}
+    rows = run_all.summarise("ingest", ing)
+    assert [(r.name[-11:], r.status) for r in rows] == [
+        ("worker idle", "ok"), ("worker busy", "MISSED"), ("busy / idle", "MISSED")]
     # a renamed field gives a row that says so, not a crash of the whole summary
     (broken,) = run_all.summarise("ingest", {"cells": [{"corpus": "small"}]})
     assert "summary needs field" in broken.measured
