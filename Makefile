@@ -36,8 +36,8 @@ viewer: SYSTEM_DEPS_FLAGS = --test
 viewer: setup
 	$(BIN)/python scripts/viewer.py
 
-# Quick by default (about 10 minutes on 2 cores); BENCH_ARGS=--full for the issue's sample
-# counts (about 1.5 hours). GPU figures: bench/gpu.sh on a CUDA machine.
+# Quick by default (about 5 minutes on 2 cores); BENCH_ARGS=--full for the issue's sample
+# counts (about half an hour). GPU figures: bench/gpu.sh on a CUDA machine.
 BENCH_ARGS ?=
 bench: setup
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)

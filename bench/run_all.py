@@ -152,7 +152,7 @@ def summarise(name: str, doc: dict[str, Any]) -> list[st.Verdict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--full", action="store_true",
-                   help="the issue's sample counts and sizes (about 1.5 hours on 2 cores)")
+                   help="the issue's sample counts and sizes (about half an hour on 2 cores)")
     p.add_argument("--only", nargs="*", choices=BENCHMARKS, default=list(BENCHMARKS))
     p.add_argument("--threads", help="torch threads for the pipeline's forward (see --help)")
     args = p.parse_args(argv)
