@@ -80,13 +80,14 @@ const all = tools.annotation.state.getAllAnnotations()
 if (!all.length) return null;
 const vp = cs.getRenderingEngines()[0].getViewports()
   .find(v => v.getCurrentImageId && v.getCurrentImageId());
+if (!vp) return null;  // the SR's viewport is still loading its image: not drawn yet
 return all.map(a => {
   const imageId = a.metadata.referencedImageId;
   const world = (a.data.renderableData && Object.values(a.data.renderableData).flat(2)) || [];
   const points = world.length ? world : (a.data.handles.points || []);
   return {label: a.data.label || '', labels: a.data.labels || [],
           image: points.map(p => Array.from(cs.utilities.worldToImageCoords(imageId, p))),
-          canvas: vp ? points.map(p => Array.from(vp.worldToCanvas(p))) : []};
+          canvas: points.map(p => Array.from(vp.worldToCanvas(p)))};
 });
 """
 # Every segmentation OHIF's segmentationService holds: its segments' labels, and the
