@@ -72,3 +72,23 @@ def received(ds: Dataset, calling_ae: str = "PACS") -> Received:
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return Received(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian, meta,
                     fp.getvalue(), calling_ae)
+
+
+def write_phantom_study(folder: Path, n: int, *, seed: int, rows: int = 512, cols: int = 512,
+                        variant: str = "dx_mono2_explicit", seed_step: int = 1000
+                        ) -> tuple[str, list[Path]]:
+    """``n`` phantom images of one study (training's synthesiser) written as ``imgNNN.dcm``
+    under ``folder``; returns the Study Instance UID and the files. Image ``i`` has the seed
+    ``seed * seed_step + i``."""
+    from training.synth import StudyContext, make_dataset  # the phantoms' renderer is heavy
+
+    study = StudyContext.from_seed(seed)
+    files = []
+    for i in range(n):
+        ds = make_dataset(variant, seed=seed * seed_step + i, rows=rows, columns=cols,
+                          study=study)
+        path = folder / f"img{i:03d}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return study.study_instance_uid, files

@@ -13,7 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import StoreSCP, free_port, require_tool, storescu, wait_for_port, wait_until
-from helpers.dicomfiles import make_image, write
+from helpers.dicomfiles import make_image, write, write_phantom_study
 from helpers.node import node_settings, query, spawn_fake_node, spawn_node, studies, write_config
 from sqlalchemy import select
 
@@ -24,17 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def _make_study(folder: Path, n: int, *, seed: int, rows: int = 512, cols: int = 512,
                 variant: str = "dx_mono2_explicit") -> list[Path]:
-    from training.synth import StudyContext, make_dataset
-
-    study = StudyContext.from_seed(seed)
-    files = []
-    for i in range(n):
-        ds = make_dataset(variant, seed=seed * 1000 + i, rows=rows, columns=cols, study=study)
-        path = folder / f"img{i:03d}.dcm"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return files
+    return write_phantom_study(folder, n, seed=seed, rows=rows, cols=cols, variant=variant)[1]
 
 
 def _settings(tmp_path: Path, bundle: Path, dest: str, quiet: float,

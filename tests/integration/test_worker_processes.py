@@ -17,6 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import StoreSCP, free_port, storescu, wait_for_port, wait_until
+from helpers.dicomfiles import write_phantom_study
 from helpers.node import node_settings, query, spawn_node, start_node, write_config
 from sqlalchemy import select
 
@@ -28,17 +29,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def _study(folder: Path, n: int, *, seed: int, rows: int, cols: int, variant: str
            ) -> tuple[str, list[Path]]:
-    from training.synth import StudyContext, make_dataset
-
-    study = StudyContext.from_seed(seed)
-    files = []
-    for i in range(n):
-        ds = make_dataset(variant, seed=seed * 100 + i, rows=rows, columns=cols, study=study)
-        path = folder / f"img{i:02d}.dcm"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return study.study_instance_uid, files
+    return write_phantom_study(folder, n, seed=seed, rows=rows, cols=cols, variant=variant,
+                               seed_step=100)
 
 
 def _spawned_children(pid: int) -> list[int]:
