@@ -20,6 +20,8 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import N_EVENT_REPORT_RSP
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StorageCommitmentPushModel,
     StorageCommitmentPushModelInstance,
@@ -65,12 +67,18 @@ class CommitmentReports:
         self.ledger = ledger
         self.settings = settings
         self._reported = threading.Condition()
+        # Associations whose N-EVENT-REPORT was handled but whose response is not yet on the
+        # wire: releasing them earlier would put the A-RELEASE before the response (the peer
+        # then sees its report unanswered). Keyed by id(assoc): "handled" -> "encoded" -> gone.
+        self._responding: dict[int, str] = {}
 
     # -- the report ----------------------------------------------------------------------------
 
     def handle(self, event: Any) -> tuple[int, Dataset | None]:
         """Bound to ``evt.EVT_N_EVENT_REPORT``; answers a status, never raises."""
         peer = f"{event.assoc.remote.get('address', '')}:{event.assoc.remote.get('port', '')}"
+        with self._reported:
+            self._responding[id(event.assoc)] = "handled"
         try:
             if event.event_type not in (ALL_COMMITTED, SOME_FAILED):
                 logger.warning("N-EVENT-REPORT with event type %s from %s ignored",
@@ -92,9 +100,30 @@ class CommitmentReports:
             self._reported.notify_all()
         return 0x0000, None
 
+    def _on_dimse_sent(self, event: Any) -> None:
+        """The report's response is encoded; its P-DATA goes out next (same thread)."""
+        if isinstance(event.message, N_EVENT_REPORT_RSP):
+            with self._reported:
+                if self._responding.get(id(event.assoc)) == "handled":
+                    self._responding[id(event.assoc)] = "encoded"
+
+    def _on_pdu_sent(self, event: Any) -> None:
+        """The response is on the wire: a waiting sender may release now."""
+        if isinstance(event.pdu, P_DATA_TF):
+            with self._reported:
+                if self._responding.get(id(event.assoc)) == "encoded":
+                    del self._responding[id(event.assoc)]
+                    self._reported.notify_all()
+
+    def _on_closed(self, event: Any) -> None:
+        with self._reported:
+            if self._responding.pop(id(event.assoc), None) is not None:
+                self._reported.notify_all()
+
     @property
     def handlers(self) -> list[tuple[Any, Any]]:
-        return [(evt.EVT_N_EVENT_REPORT, self.handle)]
+        return [(evt.EVT_N_EVENT_REPORT, self.handle), (evt.EVT_DIMSE_SENT, self._on_dimse_sent),
+                (evt.EVT_PDU_SENT, self._on_pdu_sent), (evt.EVT_CONN_CLOSE, self._on_closed)]
 
     # -- the request ---------------------------------------------------------------------------
 
@@ -122,7 +151,7 @@ class CommitmentReports:
     def _wait(self, assoc: Any, transaction: str) -> None:
         deadline = time.monotonic() + self.settings.commitment_wait_s
         while assoc.is_established and time.monotonic() < deadline:
-            if self._unconfirmed(transaction) == 0:
+            if self._unconfirmed(transaction) == 0 and id(assoc) not in self._responding:
                 return
             with self._reported:
                 self._reported.wait(min(0.2, max(0.0, deadline - time.monotonic())))

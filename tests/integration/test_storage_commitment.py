@@ -5,16 +5,21 @@ then dead letter)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import free_port, wait_until
 from helpers.pacs import TestPACS
 from helpers.results import ResultBench
+from pynetdicom import evt
+from pynetdicom.dimse_messages import N_EVENT_REPORT_RSP
 
 from dicom_node.config import DicomSettings
+from dicom_node.delivery.commitment import CommitmentReports
 from dicom_node.scp import start_scp
 
 pytestmark = pytest.mark.integration
@@ -45,9 +50,32 @@ def test_report_on_the_same_association(tmp_path: Path, started) -> None:  # typ
     assert sorted(request.sop_instance_uids) == sorted(r.sop_instance_uid for r in rows.values())
     assert {r.commit_transaction_uid for r in rows.values()} == {request.transaction_uid}
     assert all(r.committed_at >= r.commit_requested_at >= r.sent_at for r in rows.values())
-    assert pacs.reports_sent == [0x0000]
+    # the PACS records the response after its send returns (its own thread): bounded wait
+    wait_until(lambda: pacs.reports_sent, 5, what="the PACS's record of its report")
+    assert pacs.reports_sent == [0x0000]  # answered before the node released
     assert sorted(e.subject for e in bench.audit("committed")) == sorted(
         r.sop_instance_uid for r in rows.values())
+
+
+def test_release_waits_for_the_report_response(tmp_path: Path, started,  # type: ignore[no-untyped-def]
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ledger shows the report before pynetdicom has sent its response: a response held
+    back 0.5 s on its way out must still reach the PACS before the node's A-RELEASE."""
+    def slow_response(event: Any) -> None:
+        if isinstance(event.message, N_EVENT_REPORT_RSP):
+            threading.Event().wait(0.5)  # between encoding and the P-DATA: the race window
+
+    plain = CommitmentReports.handlers.fget  # type: ignore[attr-defined]
+    monkeypatch.setattr(CommitmentReports, "handlers", property(
+        lambda self: [*plain(self), (evt.EVT_DIMSE_SENT, slow_response)]))
+    pacs = TestPACS(commitment="same").start()
+    started.append(pacs)
+    bench = _committing(tmp_path, pacs)
+    study = bench.study()
+    assert bench.sender().run_once() == 3
+    assert {r.state for r in bench.deliveries(study).values()} == {"committed"}
+    wait_until(lambda: pacs.reports_sent, 5, what="the PACS's record of its report")
+    assert pacs.reports_sent == [0x0000]
 
 
 def test_report_on_an_association_the_pacs_opens(tmp_path: Path, started) -> None:  # type: ignore[no-untyped-def]
