@@ -38,6 +38,7 @@ from ai.bundle.load import LoadedBundle, load_bundle
 from ai.decoders import j2k_reduce_level
 from ai.detection import Detections, detect
 from ai.gradcam import GradCAM
+from ai.ood import FeatureTap, verdicts, withheld_mask
 from ai.pixels import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_PERCENTILE_WINDOW,
@@ -52,6 +53,7 @@ from ai.types import (
     Finding,
     ImageResult,
     ModelIdentity,
+    OodVerdict,
     PixelDataError,
     ResourceExhaustedError,
 )
@@ -104,10 +106,28 @@ class _ImageOutput:
     heatmap: np.ndarray | None  # source resolution, or None
     # each positive finding's own map at source resolution, keyed by (device UID, label)
     finding_heatmaps: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    ood: OodVerdict | None = None  # None: the bundle has no gate
 
 
-class _ClassificationRunner:
-    """One classification bundle on one device, batched, optionally with Grad-CAM."""
+class _Gated:
+    """The out-of-distribution gate of one runner: features from the findings' own forward."""
+
+    bundle: LoadedBundle
+
+    def _open_gate(self) -> None:
+        gate = self.bundle.gate
+        self.tap = FeatureTap(self.bundle.model, gate.layer) if gate is not None else None
+
+    def _verdicts(self, n: int) -> list[OodVerdict | None]:
+        if self.tap is None or self.bundle.gate is None:
+            return [None] * n
+        return list(verdicts(self.bundle.gate, self.tap.take(), self.bundle.identity))
+
+
+class _ClassificationRunner(_Gated):
+    """One classification bundle on one device, batched, optionally with Grad-CAM.
+
+    An image its gate finds out of distribution gets no findings and no Grad-CAM."""
 
     def __init__(
         self, bundle: LoadedBundle, device: torch.device, gradcam: bool, batch_size: int,
@@ -120,6 +140,7 @@ class _ClassificationRunner:
         self.finding_maps = finding_maps
         self.thresholds = np.asarray([label.threshold for label in self.meta.labels])
         self.cam = GradCAM(bundle.model, self.meta.target_layer) if gradcam else None
+        self._open_gate()  # after Grad-CAM: its hook's output is what the tap pools
         self._lock = threading.Lock()  # hooks and CUDA streams: one batch at a time
 
     @property
@@ -131,16 +152,19 @@ class _ClassificationRunner:
         probs = torch.sigmoid(logits) if self.meta.multi_label else torch.softmax(logits, 1)
         return probs.cpu().numpy()
 
-    def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray]]:
+    def _forward(self, batch: torch.Tensor) -> tuple[
+            np.ndarray, dict[tuple[int, int], np.ndarray], list[OodVerdict | None]]:
         if self.cam is None:
             with torch.inference_mode():
-                return self._probabilities(self.bundle.model(batch)), {}
+                probs = self._probabilities(self.bundle.model(batch))
+            return probs, {}, self._verdicts(batch.shape[0])
         logits, activation = self.cam.forward(batch)
         probs = self._probabilities(logits)
-        positive = probs >= self.thresholds[None, :]
+        found = self._verdicts(batch.shape[0])
+        positive = (probs >= self.thresholds[None, :]) & ~withheld_mask(found)[:, None]
         if not positive.any():
-            return probs, {}
-        return probs, self.cam.maps(logits, activation, positive, batch.shape[2:])
+            return probs, {}, found
+        return probs, self.cam.maps(logits, activation, positive, batch.shape[2:]), found
 
     def run(self, prepared: Sequence[_Prepared]) -> list[_ImageOutput]:
         outputs: list[_ImageOutput] = []
@@ -148,10 +172,16 @@ class _ClassificationRunner:
             chunk = prepared[start : start + self.batch_size]
             batch = torch.from_numpy(np.stack([p.tensor for p in chunk])).to(self.device)
             with self._lock:
-                probs, cams = self._forward(batch)
+                probs, cams, found = self._forward(batch)
             for i, item in enumerate(chunk):
+                verdict = found[i]
+                if verdict is not None and verdict.out_of_distribution:
+                    outputs.append(_ImageOutput([], None, ood=verdict))
+                    continue
                 image_cams = {k: cam for (b, k), cam in cams.items() if b == i}
-                outputs.append(self._image_output(probs[i], image_cams, item.letterbox))
+                output = self._image_output(probs[i], image_cams, item.letterbox)
+                output.ood = verdict
+                outputs.append(output)
         return outputs
 
     def _image_output(
@@ -190,14 +220,16 @@ class _ClassificationRunner:
         return _ImageOutput(findings, heatmap, own)
 
 
-class _DetectionRunner:
-    """One RetinaNet bundle on one device: boxes become findings in source pixels."""
+class _DetectionRunner(_Gated):
+    """One RetinaNet bundle on one device: boxes become findings in source pixels; an
+    image its gate finds out of distribution gets none."""
 
     def __init__(self, bundle: LoadedBundle, device: torch.device, batch_size: int) -> None:
         self.bundle = bundle
         self.meta = bundle.metadata
         self.device = device
         self.batch_size = batch_size
+        self._open_gate()
         self._lock = threading.Lock()  # the detector caches anchors: one batch at a time
 
     @property
@@ -211,9 +243,11 @@ class _DetectionRunner:
             batch = torch.from_numpy(np.stack([p.tensor for p in chunk])).to(self.device)
             with self._lock:
                 found = detect(self.bundle.model, batch)  # type: ignore[arg-type]
+                gated = self._verdicts(len(chunk))
             outputs.extend(
-                _ImageOutput(self._findings(dets, item.letterbox), None)
-                for dets, item in zip(found, chunk, strict=True)
+                _ImageOutput([] if verdict is not None and verdict.out_of_distribution
+                             else self._findings(dets, item.letterbox), None, ood=verdict)
+                for dets, item, verdict in zip(found, chunk, gated, strict=True)
             )
         return outputs
 
@@ -397,6 +431,8 @@ def _release_device_memory() -> None:
 def _merge(result: ImageResult, output: _ImageOutput) -> None:
     result.findings.extend(output.findings)
     result.finding_heatmaps.update(output.finding_heatmaps)
+    if output.ood is not None:
+        result.ood.append(output.ood)
     if output.heatmap is None:
         return
     if result.heatmap is None:

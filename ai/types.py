@@ -54,6 +54,7 @@ class ModelIdentity:
     task: str  # "classification" or "detection"
     manufacturer: str = "CXR AI node"
     demo: bool = False  # True for the phantom-trained demo bundles: never clinical
+    ood_gate: bool = False  # the bundle carries an out-of-distribution gate (ai.bundle.gate)
 
     @property
     def display_name(self) -> str:
@@ -107,6 +108,24 @@ class Finding:
     box: BoundingBox | None = None
 
 
+@dataclass(frozen=True)
+class OodVerdict:
+    """One gated model's out-of-distribution verdict on one image.
+
+    ``score`` is the Mahalanobis distance of the image's pooled features from the model's
+    training inputs; above ``threshold`` the image is outside the model's validated input
+    range and the Analyzer withholds that model's findings for it (no findings at all).
+    """
+
+    model: ModelIdentity
+    score: float
+    threshold: float
+
+    @property
+    def out_of_distribution(self) -> bool:
+        return self.score > self.threshold
+
+
 @dataclass
 class ImageResult:
     """Everything the models say about one source image.
@@ -128,6 +147,9 @@ class ImageResult:
     ``heatmap``), keyed by (model device UID, label), so a segmentation can give every
     finding its own segment; empty for findings without one (detector boxes), and empty
     unless the Analyzer was built with ``finding_maps=True`` (only the SEG reads them).
+
+    ``ood``: one :class:`OodVerdict` per model that has a gate (models without one give
+    none). A model whose verdict is out of distribution contributed no findings.
     """
 
     sop_instance_uid: str
@@ -138,6 +160,12 @@ class ImageResult:
     models: list[ModelIdentity] = field(default_factory=list)
     display: np.ndarray | None = None
     finding_heatmaps: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    ood: list[OodVerdict] = field(default_factory=list)
+
+    @property
+    def withheld(self) -> list[OodVerdict]:
+        """The verdicts of the models whose findings were withheld (out of distribution)."""
+        return [v for v in self.ood if v.out_of_distribution]
 
     @property
     def positive_findings(self) -> list[Finding]:

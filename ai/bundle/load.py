@@ -23,6 +23,7 @@ import torch
 from pydicom.uid import generate_uid
 from torch import nn
 
+from ai.bundle.gate import GATE_PATH, OodGate, gate_file_bytes, read_gate
 from ai.bundle.metadata import METADATA_PATH, WEIGHTS_PATH, BundleMetadata, read_metadata
 from ai.detection import build_detector
 from ai.networks import build_network, find_layer
@@ -39,6 +40,7 @@ class LoadedBundle:
     model: nn.Module
     identity: ModelIdentity
     path: Path | None = None
+    gate: OodGate | None = None  # the out-of-distribution gate, when the bundle has one
 
 
 def _sha256(path: Path) -> str:
@@ -88,12 +90,15 @@ def _load_state(model: nn.Module, state: Any, where: str) -> None:
         raise BundleError(f"{where} does not fit the network: {exc}") from exc
 
 
-def save_bundle(directory: Path, metadata: BundleMetadata, model: nn.Module) -> BundleMetadata:
+def save_bundle(directory: Path, metadata: BundleMetadata, model: nn.Module, *,
+                gate: OodGate | None = None) -> BundleMetadata:
     """Write ``model``'s weights and ``metadata`` as a bundle; returns the metadata written.
 
     Fills ``weights_sha256``, ``created`` (when empty) and ``device_uid`` (when empty, derived
     from name, version and weights). The weights are checked against a freshly built network
-    first, so a bundle that cannot load is never written.
+    first, so a bundle that cannot load is never written. ``gate`` (fitted for these
+    weights) is written as :data:`ai.bundle.gate.GATE_PATH` and described in ``ood``;
+    without one the metadata's ``ood`` section is dropped (it would name a missing file).
     """
     directory = Path(directory)
     metadata = BundleMetadata.from_json(metadata.to_json())  # same validation as loading
@@ -102,8 +107,19 @@ def save_bundle(directory: Path, metadata: BundleMetadata, model: nn.Module) -> 
     weights = directory / WEIGHTS_PATH
     _atomic_write(weights, lambda fh: torch.save(state, fh))
     sha = _sha256(weights)
+    ood: dict[str, Any] = {}
+    if gate is not None:
+        if gate.weights_sha256 and gate.weights_sha256 != sha:
+            raise BundleError("the ood gate was fitted for other weights than these")
+        gate = replace(gate, weights_sha256=sha)
+        data, gate_sha = gate_file_bytes(gate)
+        _atomic_write(directory / GATE_PATH, lambda fh: fh.write(data))
+        ood = gate.summary(gate_sha)
+    elif metadata.ood:
+        logger.warning("Bundle %s %s saved without its ood gate", metadata.name, metadata.version)
     metadata = replace(
         metadata,
+        ood=ood,
         weights_sha256=sha,
         created=metadata.created or datetime.now(UTC).isoformat(timespec="seconds"),
         device_uid=metadata.device_uid
@@ -135,6 +151,9 @@ def load_bundle(directory: Path, *, device: str | torch.device = "cpu") -> Loade
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         raise BundleError(f"Bundle {directory}: cannot load {WEIGHTS_PATH}: {exc}") from exc
     _load_state(model, state, f"Bundle {directory}: {WEIGHTS_PATH}")
+    gate = read_gate(directory, metadata.ood, metadata.weights_sha256)
+    if gate is not None:
+        find_layer(model, gate.layer)
     model.eval().requires_grad_(False).to(device)
     logger.info("Loaded bundle %s %s (%s)", metadata.name, metadata.version, metadata.device_uid)
-    return LoadedBundle(metadata, model, metadata.identity(), directory)
+    return LoadedBundle(metadata, model, metadata.identity(), directory, gate)

@@ -32,6 +32,7 @@ from ai.bundle.architectures import (
     default_gradcam_layer,
     network_names,
 )
+from ai.bundle.gate import check_summary
 from ai.codes import default_code
 from ai.pixels import DEFAULT_MAX_PIXELS, PreprocessParams
 from ai.types import BundleError, CodedConcept, ModelIdentity
@@ -147,6 +148,7 @@ class BundleMetadata:
     description: str = ""
     authors: str = ""
     weights_sha256: str = ""
+    ood: dict[str, Any] = field(default_factory=dict)  # the gate (ai.bundle.gate); {}: none
 
     @property
     def label_names(self) -> list[str]:
@@ -167,6 +169,7 @@ class BundleMetadata:
             task=self.task,
             manufacturer=self.manufacturer,
             demo=self.demo,
+            ood_gate=bool(self.ood),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -203,6 +206,7 @@ class BundleMetadata:
             "validation_metrics": _jsonable(self.validation_metrics),
             "created": self.created,
             "weights_sha256": self.weights_sha256,
+            **({"ood": _jsonable(self.ood)} if self.ood else {}),
         }
 
     def _network_data_format(self) -> dict[str, Any]:
@@ -442,6 +446,7 @@ def _parse_metadata(doc: Any) -> BundleMetadata:
         description=_str(doc, "description", "", ""),
         authors=_str(doc, "authors", "", ""),
         weights_sha256=_str(doc, "weights_sha256", "", ""),
+        ood=check_summary(doc.get("ood", {})),
     )
 
 

@@ -1,0 +1,173 @@
+"""Fitting a bundle's out-of-distribution gate (:mod:`ai.bundle.gate`) on its own inputs.
+
+The features are those the node computes (:class:`ai.ood.FeatureTap` on the bundle's
+network, the images read through :func:`ai.pixels.preprocess`, the node's own path). The
+*fit* images give the mean and a Ledoit-Wolf shrunk covariance (the feature dimension is
+often close to the number of images, where a plain covariance is singular); the threshold
+is the ``quantile`` of the Mahalanobis scores of the *validation* images, never of the fit
+images, which sit closer to their own mean than any new image does.
+
+Used by the demo builds (:func:`gate_on_phantoms`), ``training fit`` (the run's train and
+val splits), ``training import-weights --ood-images`` and ``training ood-gate``
+(:func:`gate_bundle`: refit a bundle on the user's own images).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+
+from ai.bundle.gate import DEFAULT_QUANTILE, QUANTILE_RANGE, OodGate
+from ai.bundle.load import LoadedBundle, load_bundle, save_bundle
+from ai.detection import detect
+from ai.ood import FeatureTap, feature_layer
+from ai.pixels import preprocess
+from ai.types import PixelDataError
+from training.errors import TrainingError
+
+logger = logging.getLogger(__name__)
+
+DEMO_GATE_STUDIES = {True: 120, False: 300}
+"""Phantom studies a demo build fits its gate on (quick, full): 40 % of their frontal
+images set the threshold, so the quantile is not read off a handful of scores."""
+MIN_IMAGES = 4
+"""Fewer fit or validation images than this cannot give a meaningful gate."""
+
+
+class OodFitError(TrainingError, ValueError):
+    """The gate cannot be fitted as asked (too few images, bad quantile, unreadable files)."""
+
+
+def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(mean, shrunk covariance, shrinkage) of the rows of ``x`` (Ledoit and Wolf, 2004):
+    ``(1 - a) S + a mu I`` with ``mu = trace(S) / D`` and the ``a`` that minimises the
+    expected squared error, so the result is invertible whatever N and D."""
+    x = np.asarray(x, dtype=np.float64)
+    n, d = x.shape
+    mean = x.mean(0)
+    xc = x - mean
+    sample = xc.T @ xc / n
+    mu = float(np.trace(sample)) / d
+    delta = float(((sample - mu * np.eye(d)) ** 2).sum()) / d
+    # sum_k ||x_k x_k^T - S||^2 = sum_k ||x_k||^4 - 2 sum_k x_k^T S x_k + n ||S||^2
+    norms = (xc**2).sum(1)
+    spread = (norms**2).sum() - 2 * np.einsum("ki,ij,kj->", xc, sample, xc) \
+        + n * (sample**2).sum()
+    beta = float(spread) / (n * n * d)
+    shrinkage = 1.0 if delta <= 0 else min(max(beta / delta, 0.0), 1.0)
+    floor = max(mu, 1e-12) * 1e-6  # constant features: keep the covariance invertible
+    cov = (1 - shrinkage) * sample + (shrinkage * mu + floor) * np.eye(d)
+    return mean, cov, shrinkage
+
+
+def features(loaded: LoadedBundle, tensors: np.ndarray, layer: str, batch_size: int = 16) -> np.ndarray:
+    """(N, D) pooled features of the (N, C, S, S) model inputs, as the node computes them."""
+    tap = FeatureTap(loaded.model, layer)
+    out: list[np.ndarray] = []
+    try:
+        for start in range(0, len(tensors), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(tensors[start:start + batch_size]))
+            if loaded.metadata.task == "detection":
+                detect(loaded.model, batch)  # type: ignore[arg-type]
+            else:
+                with torch.inference_mode():
+                    loaded.model(batch)
+            out.append(tap.take())
+    finally:
+        tap.close()
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def fit_gate(loaded: LoadedBundle, fit: np.ndarray, val: np.ndarray, *,
+             quantile: float = DEFAULT_QUANTILE, fitted_on: str = "") -> OodGate:
+    """The gate of ``loaded`` from fit and validation model inputs (N, C, S, S)."""
+    if not QUANTILE_RANGE[0] <= quantile <= QUANTILE_RANGE[1]:
+        raise OodFitError(f"quantile {quantile} must lie in {list(QUANTILE_RANGE)}")
+    if len(fit) < MIN_IMAGES or len(val) < MIN_IMAGES:
+        raise OodFitError(f"the gate needs at least {MIN_IMAGES} fit and {MIN_IMAGES} "
+                          f"validation images, got {len(fit)} and {len(val)}")  # fmt: skip
+    layer = feature_layer(loaded.metadata)
+    mean, cov, shrinkage = ledoit_wolf(features(loaded, fit, layer))
+    precision = np.linalg.inv(cov)
+    precision = (precision + precision.T) / 2
+    probe = OodGate(mean, precision, 1.0, quantile, layer, len(fit), len(val), shrinkage)
+    val_scores = probe.scores(features(loaded, val, layer))
+    threshold = float(np.quantile(val_scores, quantile, method="higher"))
+    logger.info("ood gate %s: D=%d, shrinkage %.3f, threshold %.2f (%.1f %% of %d validation "
+                "images pass)", loaded.metadata.name, len(mean), shrinkage, threshold,
+                100 * quantile, len(val))  # fmt: skip
+    return OodGate(mean, precision, threshold, quantile, layer, len(fit), len(val), shrinkage,
+                   fitted_on=fitted_on)  # fmt: skip
+
+
+def read_inputs(loaded: LoadedBundle, files: Sequence[Path]) -> np.ndarray:
+    """Model inputs of DICOM ``files`` through the node's preprocessing (unreadable: error)."""
+    params = loaded.metadata.input.preprocess_params()
+    out = []
+    for path in files:
+        try:
+            tensor, _ = preprocess(pydicom.dcmread(path), params)
+        except (OSError, PixelDataError, pydicom.errors.InvalidDicomError) as exc:
+            raise OodFitError(f"{path}: cannot be read as a model input ({exc})") from exc
+        out.append(tensor)
+    return np.stack(out) if out else np.zeros((0, params.channels, params.size, params.size))
+
+
+def split_files(files: Sequence[Path], val_fraction: float = 0.4, seed: int = 0) -> tuple[list[Path], list[Path]]:
+    """(fit, val) split of ``files`` by a hash of the path (stable, no shared file)."""
+    ranked = sorted(files, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+    cut = int(round(len(ranked) * (1 - val_fraction)))
+    return ranked[:cut], ranked[cut:]
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The DICOM files under ``folder`` (``*.dcm`` or any file with the DICM preamble)."""
+    found = []
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            with path.open("rb") as fh:
+                head = fh.read(132)
+            if path.suffix.lower() == ".dcm" or head[128:132] == b"DICM":
+                found.append(path)
+    if not found:
+        raise OodFitError(f'--ood-images "{folder}" holds no DICOM files')
+    return found
+
+
+def gate_bundle(bundle_dir: Path, fit_files: Sequence[Path], val_files: Sequence[Path], *,
+                quantile: float = DEFAULT_QUANTILE, fitted_on: str = "") -> OodGate:
+    """Fit the gate of the bundle at ``bundle_dir`` and write it into the bundle."""
+    loaded = load_bundle(bundle_dir)
+    gate = fit_gate(loaded, read_inputs(loaded, fit_files), read_inputs(loaded, val_files),
+                    quantile=quantile, fitted_on=fitted_on)  # fmt: skip
+    save_bundle(bundle_dir, loaded.metadata, loaded.model, gate=gate)
+    return gate
+
+
+def frontal_files(labels_csv: Path) -> list[Path]:
+    """The frontal (PA/AP) images a synth ``labels.csv`` lists."""
+    with labels_csv.open(newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("view", "PA") in ("PA", "AP")]
+    return [labels_csv.parent / r["path"] for r in rows]
+
+
+def gate_on_phantoms(bundle_dir: Path, *, studies: int, size: int | tuple[int, int],
+                     seed: int, quantile: float = DEFAULT_QUANTILE) -> OodGate:
+    """The demo bundles' gate: DICOM phantoms written by :mod:`training.synth` (every
+    variant the node reads), split into fit and validation images."""
+    from training.synth import synthesize
+
+    with tempfile.TemporaryDirectory(prefix="cxr-ood-") as tmp:
+        summary = synthesize(Path(tmp), studies, seed, size=size)
+        fit, val = split_files(frontal_files(summary.labels_csv), 0.4, seed)
+        return gate_bundle(bundle_dir, fit, val, quantile=quantile,
+                           fitted_on=f"{studies} DICOM phantom studies (training.synth), "
+                           f"seed {seed}")  # fmt: skip
