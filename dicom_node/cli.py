@@ -210,6 +210,11 @@ def _print_study(study: dict[str, Any]) -> None:
                   model=f["model"]["display_name"]) for f in study["findings"]]
     _print_table(findings, ["image", "label", "probability", "threshold", "positive", "box",
                             "model"], indent="  ")
+    for v in study.get("ood", []):
+        if v["out_of_distribution"]:
+            print(f"  image {v['sop_instance_uid']}: OUT OF DISTRIBUTION for "
+                  f"{v['model']['display_name']} (score {v['score']:.2f} > threshold "
+                  f"{v['threshold']:.2f}): findings withheld")
     objects = [ns(id=r["id"], kind=r["kind"], sop_instance_uid=r["sop_instance_uid"],
                  created_at=r["created_at"],
                  version="superseded" if r["superseded"] else "current",

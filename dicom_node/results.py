@@ -21,6 +21,9 @@ One document per call; its layout is a documented, stable interface for scripts
                      "deliveries": [{"destination": "PACS@10.0.0.5:104", "state": "sent"}]}]
      }]}
 
+``ood`` lists each gated model's out-of-distribution verdict per image of the current
+result (``{"sop_instance_uid", "score", "threshold", "out_of_distribution", "model"}``);
+``out_of_distribution: true`` means that model's findings were withheld for that image.
 Findings are those of the study's current result (its latest finished job); ``results``
 lists every result object of the study, earlier versions marked ``superseded``. ``demo`` is
 recorded with each finding (rows from before it was: read from the bundles the configuration
@@ -39,6 +42,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from ai.types import ModelIdentity
+from dicom_node.ood_records import verdicts_of
 from dicom_node.store import db
 from dicom_node.store.states import JobState
 
@@ -124,5 +128,6 @@ def results_document(conn: Connection, *, study: str | None = None, limit: int |
             "version": job.version, "analysed_at": _iso(job.finished_at),
             "images": len({x["sop_instance_uid"] for x in items}),
             "positive": sum(x["positive"] for x in items),
-            "findings": items, "results": outputs.get(job.study_uid, [])})
+            "findings": items, "results": outputs.get(job.study_uid, []),
+            "ood": verdicts_of(conn, [job.id])})
     return {"schema_version": SCHEMA_VERSION, "studies": studies}

@@ -36,6 +36,7 @@ from dicom_node.config import Destination, Settings
 from dicom_node.delivery.ledger import add_delivery
 from dicom_node.dicomio import read_untrusted
 from dicom_node.jobs import ClaimedJob, JobQueue
+from dicom_node.ood_records import record_verdicts
 from dicom_node.outputs import OutputObject, OutputSettings, build_outputs
 from dicom_node.phi import remember_phi
 from dicom_node.spool import Spool
@@ -263,6 +264,7 @@ class AnalysisWorker:
                         box_x1=box.x1 if box else None, box_y1=box.y1 if box else None,
                         model_name=f.model.name, model_version=f.model.version,
                         device_uid=f.model.device_uid, model_demo=f.model.demo))
+            record_verdicts(conn, job.id, [r for _, _, r in analysed])
             for obj, relpath in stored:
                 self._record_output(conn, job, obj, relpath, now)
             for inst_id, reason in bad.items():

@@ -176,6 +176,16 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gated_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], list[Path]]:
+    """(bundle, fit files, validation files): a tiny classifier trained a few steps on
+    phantoms with its out-of-distribution gate (tests/helpers/ood.py); built once."""
+    from helpers.ood import make_gated_bundle
+
+    root = tmp_path_factory.mktemp("gated")
+    return make_gated_bundle(root / "bundle", root / "data")
+
+
+@pytest.fixture(scope="session")
 def random_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weights bundle from the model-side test helpers (tests/unit/ai/aihelpers.py).
 

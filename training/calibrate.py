@@ -207,7 +207,7 @@ def write_bundle(source: Path, target: Path, metadata: BundleMetadata) -> Bundle
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        saved = save_bundle(staging, metadata, loaded.model)
+        saved = save_bundle(staging, metadata, loaded.model, gate=loaded.gate)
         load_bundle(staging, device="cpu")  # must load exactly as the node will
         replace_folder(staging, target)
     finally:

@@ -361,6 +361,12 @@ def _add_import_weights(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-dicom", type=Path, metavar="FILE",
                         help="run the imported bundle on this DICOM file as a smoke test")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    parser.add_argument("--ood-images", type=Path, metavar="FOLDER",
+                        help="DICOM images of your own in-distribution data: fits the "
+                        "out-of-distribution gate (60 %% fit, 40 %% set the threshold); "
+                        "without it the bundle has no gate")  # fmt: skip
+    parser.add_argument("--ood-quantile", type=_probability, default=0.975,
+                        help="fraction of those validation images that pass the gate (0.975)")
 
 
 def _run_import_weights(args: argparse.Namespace) -> int:
@@ -370,7 +376,8 @@ def _run_import_weights(args: argparse.Namespace) -> int:
         outcome = import_weights(
             args.fmt, args.weights, args.out, labels=args.labels, thresholds=args.thresholds,
             name=args.name, version=args.version, description=args.description,
-            check_dicom=args.check_dicom, force=args.force,
+            check_dicom=args.check_dicom, force=args.force, ood_images=args.ood_images,
+            ood_quantile=args.ood_quantile,
         )  # fmt: skip
     except _failures() as exc:
         raise CommandFailed(str(exc)) from exc
@@ -380,6 +387,9 @@ def _run_import_weights(args: argparse.Namespace) -> int:
           f"{meta.input.value_range[0]:g}..{meta.input.value_range[1]:g}")  # fmt: skip
     for spec in meta.labels:
         print(f"  {spec.name:28s} threshold {spec.threshold:.4g}")
+    print(f"out-of-distribution gate: threshold {meta.ood['threshold']:.2f} "
+          f"({meta.ood['n_fit']} fit, {meta.ood['n_val']} validation images)" if meta.ood
+          else "no out-of-distribution gate (give --ood-images to fit one)")
     _print_outcome(outcome)
     return EXIT_OK
 

@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ai.bundle.gate import OodGate
 from ai.bundle.load import load_bundle, save_bundle
 from ai.bundle.metadata import METADATA_PATH, BundleMetadata, read_metadata
 from ai.types import ImageResult
@@ -248,17 +249,22 @@ def export_bundle(
         "checked_on_dicom": check_dicom is not None,
     }
     new = replace(new, training=training, created="" if identity_changed else meta.created)
-    return stage_bundle(loaded.model, new, out, warnings, check_dicom)
+    return stage_bundle(loaded.model, new, out, warnings, check_dicom, gate=loaded.gate)
 
 
 def stage_bundle(model: Any, meta: BundleMetadata, out: Path, warnings: list[str],
-                 check_dicom: Path | None) -> ExportOutcome:  # fmt: skip
+                 check_dicom: Path | None, *, gate: OodGate | None = None,
+                 fit_gate: Any = None) -> ExportOutcome:  # fmt: skip
     """Save into a staging folder, load it back as the node does (and run it on
-    ``check_dicom``), then move it to ``out``: a broken bundle never reaches ``out``."""
+    ``check_dicom``), then move it to ``out``: a broken bundle never reaches ``out``.
+    ``gate`` (the source's ood gate) is kept; ``fit_gate(staging)`` fits a new one."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        saved = save_bundle(staging, meta, model)
+        saved = save_bundle(staging, meta, model, gate=gate)
+        if fit_gate is not None:
+            fit_gate(staging)
+            saved = read_metadata(staging)
         (staging / "docs").mkdir(exist_ok=True)
         (staging / "docs" / "README.md").write_text(model_card(saved), encoding="utf-8")
         load_bundle(staging, device="cpu")  # exactly what the node does at start-up

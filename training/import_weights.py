@@ -40,12 +40,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ai.bundle.gate import DEFAULT_QUANTILE
 from ai.bundle.metadata import BundleMetadata, InputSpec, LabelSpec, NetworkSpec
 from ai.networks import build_network
 from training.densenet_keys import monai_key
 from training.errors import TrainingError
 from training.export import ExportOutcome, stage_bundle
 from training.fit.engine import label_code
+from training.ood import gate_bundle, image_files, split_files
 
 logger = logging.getLogger(__name__)
 
@@ -272,9 +274,12 @@ def import_weights(
     description: str | None = None,
     check_dicom: Path | None = None,
     force: bool = False,
+    ood_images: Path | None = None,
+    ood_quantile: float = DEFAULT_QUANTILE,
 ) -> ExportOutcome:
     """Convert ``weights`` (layout ``fmt_name``) into a bundle at ``out`` and load it back
-    as the node does (and run it on ``check_dicom`` when given)."""
+    as the node does (and run it on ``check_dicom`` when given). ``ood_images``: a folder of
+    the user's own DICOM images, on which the out-of-distribution gate is fitted."""
     if fmt_name not in FORMATS:
         raise ImportWeightsError(f'--format "{fmt_name}" is not one of {sorted(FORMATS)}')
     fmt = FORMATS[fmt_name]
@@ -314,7 +319,16 @@ def import_weights(
         warnings.append("thresholds are 0.5: run training calibrate on local labelled data")
     warnings.append("no validation metrics: run training evaluate on local labelled data")
     logger.info("import-weights %s: %d output(s) kept of %d", fmt.name, len(kept), converted.outputs)
-    return stage_bundle(model, meta, out, warnings, check_dicom)
+    fit = None
+    if ood_images is not None:
+        fit_files, val_files = split_files(image_files(ood_images))
+
+        def fit(staging: Path) -> None:
+            gate_bundle(staging, fit_files, val_files, quantile=ood_quantile,
+                        fitted_on=f"{len(fit_files) + len(val_files)} images of {ood_images.name}")
+    else:
+        warnings.append("no out-of-distribution gate: give --ood-images to fit one")
+    return stage_bundle(model, meta, out, warnings, check_dicom, fit_gate=fit)
 
 
 def _sha256(path: Path) -> str:

@@ -30,14 +30,16 @@ from ai.bundle.load import LoadedBundle, load_bundle, save_bundle
 from ai.detection import detect
 from ai.ood import FeatureTap, feature_layer
 from ai.pixels import preprocess
-from ai.types import PixelDataError
 from training.errors import TrainingError
+from training.images import is_image_file, load_image_file
 
 logger = logging.getLogger(__name__)
 
 DEMO_GATE_STUDIES = {True: 120, False: 300}
 """Phantom studies a demo build fits its gate on (quick, full): 40 % of their frontal
 images set the threshold, so the quantile is not read off a handful of scores."""
+RUN_FIT_CAP = 2000
+"""At most this many images of a split go into the gate (enough for D = 1024)."""
 MIN_IMAGES = 4
 """Fewer fit or validation images than this cannot give a meaningful gate."""
 
@@ -114,8 +116,11 @@ def read_inputs(loaded: LoadedBundle, files: Sequence[Path]) -> np.ndarray:
     out = []
     for path in files:
         try:
-            tensor, _ = preprocess(pydicom.dcmread(path), params)
-        except (OSError, PixelDataError, pydicom.errors.InvalidDicomError) as exc:
+            if is_image_file(Path(path)):  # PNG / JPEG (ChestX-ray14), as training fit reads
+                tensor = load_image_file(Path(path), params)
+            else:
+                tensor, _ = preprocess(pydicom.dcmread(path), params)
+        except (OSError, ValueError, pydicom.errors.InvalidDicomError) as exc:
             raise OodFitError(f"{path}: cannot be read as a model input ({exc})") from exc
         out.append(tensor)
     return np.stack(out) if out else np.zeros((0, params.channels, params.size, params.size))
@@ -150,6 +155,21 @@ def gate_bundle(bundle_dir: Path, fit_files: Sequence[Path], val_files: Sequence
                     quantile=quantile, fitted_on=fitted_on)  # fmt: skip
     save_bundle(bundle_dir, loaded.metadata, loaded.model, gate=gate)
     return gate
+
+
+def gate_run(bundle_dir: Path, train: Sequence[Path], val: Sequence[Path], *, seed: int,
+             quantile: float = DEFAULT_QUANTILE) -> OodGate | None:
+    """``training fit``'s gate: fitted on (at most :data:`RUN_FIT_CAP` of) the run's train
+    split, the threshold from its val split. A split too small for a gate leaves the bundle
+    without one (logged), as an imported bundle without ``--ood-images``."""
+    rng = np.random.default_rng(seed)
+    fit = [train[i] for i in sorted(rng.permutation(len(train))[:RUN_FIT_CAP])]
+    val = [val[i] for i in sorted(rng.permutation(len(val))[:RUN_FIT_CAP])]
+    if len(fit) < MIN_IMAGES or len(val) < MIN_IMAGES:
+        logger.warning("no ood gate: %d train and %d val images are too few", len(fit), len(val))
+        return None
+    return gate_bundle(bundle_dir, fit, val, quantile=quantile,
+                       fitted_on=f"training fit: {len(fit)} train and {len(val)} val images")
 
 
 def frontal_files(labels_csv: Path) -> list[Path]:

@@ -55,6 +55,7 @@ from dicom_node.outputs.common import (
     software_versions,
     tracking,
 )
+from dicom_node.outputs.ood import WITHHELD_TEXT, banner_lines
 
 logger = logging.getLogger(__name__)
 
@@ -200,9 +201,9 @@ def _display_line_top(index: int) -> float:
 def _display_texts(source: Source, unboxed: list[str]) -> list[TextObject]:
     """Banner and summary lines in DISPLAY units (fractions of the displayed area)."""
     banner = DISCLAIMER + (f" - {DEMO_BANNER}" if any_demo([source]) else "")
-    lines = [banner]
+    lines = [banner, *banner_lines(source.result)]
     if not source.result.positive_findings:
-        lines.append(NO_FINDING_TEXT)
+        lines.append(WITHHELD_TEXT if source.result.withheld else NO_FINDING_TEXT)
     elif unboxed:
         lines.append("AI: " + ", ".join(unboxed))
     texts = []

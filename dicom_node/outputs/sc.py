@@ -38,6 +38,7 @@ from dicom_node.outputs.common import (
     set_body_part,
     software_versions,
 )
+from dicom_node.outputs.ood import WITHHELD_TEXT, banner_lines
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ def render_overlay(source: Source, settings: OutputSettings) -> Overlay:
     banner = [DISCLAIMER]
     if any(m.demo for m in [*result.models, *(f.model for f in result.findings)]):
         banner.append(DEMO_BANNER)
+    banner += banner_lines(result)
     rows, cols = grey.shape
     # Labels stay out from under the banner and the summary line below it.
     top_limit = render.banner_height([*banner, "AI"], rows, cols)
@@ -157,7 +159,7 @@ def _summary_line(
     model versions, else with the model names, else without models (ImageComments always
     names them)."""
     if not result.positive_findings:
-        return NO_FINDING_TEXT
+        return WITHHELD_TEXT if result.withheld else NO_FINDING_TEXT
     unlabelled = [f for f in result.positive_findings if id(f) not in labelled_ids]
     if not unlabelled:
         return None

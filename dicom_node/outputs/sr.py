@@ -92,6 +92,7 @@ from dicom_node.outputs.common import (
     tracking,
 )
 from dicom_node.outputs.image_library import use_source_modalities
+from dicom_node.outputs.ood import INDETERMINATE, any_withheld, sr_items
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,9 @@ def _report(
     content.extend(ImageLibrary([s.work for s in sources]))
     if groups:  # TID 1500 needs row 6 or row 12; an empty row 6 breaks highdicom's reader
         content.append(_container(codes.DCM.ImagingMeasurements, [i for g in groups for i in g]))
-    content.append(_container(QUALITATIVE_EVALUATIONS, [_impression(sources), *evaluations]))
+    withheld = [sr_items(v, s.work) for s in sources for v in s.result.withheld]
+    content.append(_container(QUALITATIVE_EVALUATIONS,
+                              [_impression(sources), *evaluations, *withheld]))
     root.ContentSequence = content
     return root
 
@@ -312,9 +315,10 @@ def _evaluation(placed: _Placed) -> CodeContentItem:
 
 def _impression(sources: Sequence[Source]) -> CodeContentItem:
     abnormal = any(s.result.abnormal for s in sources)
+    unsure = any_withheld([s.result for s in sources])  # a withheld model said nothing
     return CodeContentItem(
         name=IMPRESSION,
-        value=ABNORMAL if abnormal else NORMAL,
+        value=ABNORMAL if abnormal else INDETERMINATE if unsure else NORMAL,
         relationship_type=RelationshipTypeValues.CONTAINS,
     )
 

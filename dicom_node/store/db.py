@@ -164,6 +164,24 @@ findings = Table(
 )
 Index("ix_findings_job", findings.c.job_id)
 
+# One row per (job, image, gated model): the out-of-distribution verdict (ai.types.OodVerdict).
+# An out_of_distribution row means that model's findings were withheld for that image.
+ood_verdicts = Table(
+    "ood_verdicts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
+    Column("sop_instance_uid", UID, nullable=False),
+    Column("model_name", String(128), nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("device_uid", UID, nullable=False),
+    Column("model_demo", Boolean, nullable=False),
+    Column("score", Float, nullable=False),
+    Column("threshold", Float, nullable=False),
+    Column("out_of_distribution", Boolean, nullable=False),
+)
+Index("ix_ood_verdicts_job", ood_verdicts.c.job_id)
+
 outputs = Table(
     "outputs",
     metadata,

@@ -61,6 +61,13 @@ def models_info(ctx: WebContext) -> dict[str, Any]:
                           "demo": identity.demo, "display_name": identity.display_name,
                           "loaded": False, "bundle_dir": str(directory),
                           **{k: doc.get(k) for k in _META_KEYS}})
+    for item in items:  # the gate, or an explicit "none": the user must know which is which
+        ood = metas.get(str(item["device_uid"]), (None, {}))[1].get("ood") or {}
+        item["ood_gate"] = ({"threshold": ood.get("threshold"), "quantile": ood.get("quantile"),
+                             "fitted_on": ood.get("fitted_on")} if ood else None)
+        item["ood_gate_text"] = (f"out-of-distribution gate: threshold {ood.get('threshold'):.2f}"
+                                 if ood else "no out-of-distribution gate: every image is "
+                                 "answered, however unlike the training data")
     return {"loaded": analyzer is not None,
             "error": getattr(node, "model_error", None) if node is not None else None,
             "items": items}

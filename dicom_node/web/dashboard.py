@@ -144,6 +144,10 @@ def study(study_key: int) -> ResponseReturnValue:
     for f in detail["findings"]:
         if f["job_id"] == current:
             findings[f["sop_instance_uid"]].append(f)
+    withheld: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for v in detail["ood"]:
+        if v["job_id"] == current and v["out_of_distribution"]:
+            withheld[v["sop_instance_uid"]].append(v)
     current_outputs = [o for o in detail["outputs"] if o["job_id"] == current]
     overlays: dict[str, list[int]] = defaultdict(list)
     for output_id, source_uid in images.sc_sources(ctx, current_outputs).items():
@@ -155,6 +159,7 @@ def study(study_key: int) -> ResponseReturnValue:
                 if d["transfer_syntax"]}
     return render_template("study.html", study=detail, key=study_key, patient=patient,
                            findings=findings, overlays=overlays, shown=shown,
+                           withheld=withheld,
                            reanalysable=detail["state"] in actions.REANALYSABLE,
                            delivery_states=queries.DELIVERY_STATES,
                            syntax_names={u: UID(u).name for u in syntaxes},

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from flask import Blueprint, Response
 from sqlalchemy import Connection, and_, func, select
 
+from dicom_node.ood_records import withheld_counts
 from dicom_node.store import db
 from dicom_node.store.states import DeliveryState, InstanceState, JobState, StudyState
 from dicom_node.web import evaluation_queries as eq
@@ -253,6 +254,10 @@ def render(ctx: WebContext) -> str:
                       LATENCY_BUCKETS, cumulative, total, total_sum)
         _evaluation(exp, conn)
         _retention(exp, conn)
+        exp.family("cxr_ood_withheld_total", "counter",
+                   "Images whose findings a model withheld as out of distribution, by model.",
+                   [({"model": f"{name} {version}"}, float(n))
+                    for (name, version), n in sorted(withheld_counts(conn).items())])
     _spool_disk(exp, ctx)
     return exp.text()
 

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, case, exists, func, select
 
 from ai.types import ModelIdentity
+from dicom_node.ood_records import verdicts_of
 from dicom_node.store import db
 from dicom_node.store.states import DeliveryState, InstanceState, JobState, StudyState
 from dicom_node.web.phi import Redactor
@@ -191,6 +192,7 @@ def get_study(conn: Connection, study_uid: str, redact: Redactor) -> dict[str, A
     done = [j.id for j in jobs if j.state == JobState.DONE]
     study["current_job_id"] = done[-1] if done else None
     study["findings"] = _findings(conn, [j.id for j in jobs])
+    study["ood"] = verdicts_of(conn, [j.id for j in jobs])
     study["outputs"] = _outputs(conn, study_uid)
     per_dest: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(DELIVERY_STATES, 0))
     for out in study["outputs"]:
@@ -282,6 +284,7 @@ def get_job(conn: Connection, job_id: int, redact: Redactor) -> dict[str, Any] |
         select(db.instances.c.sop_instance_uid).where(db.instances.c.job_id == job_id)
         .order_by(db.instances.c.id)).all()]
     job["findings"] = _findings(conn, [job_id])
+    job["ood"] = verdicts_of(conn, [job_id])
     return job
 
 

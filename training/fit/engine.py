@@ -71,6 +71,7 @@ from training.fit.distributed import (
     wrap,
 )
 from training.fit.optimisation import Optimisation, make_optimisation
+from training.ood import gate_run
 from training.sampling import EpochSampler, ShardSampler
 from training.split import DEFAULT_FRACTIONS, PatientSplit, patient_split
 
@@ -612,6 +613,9 @@ class Run:
             raise FitError(f"cannot write the bundle: {exc}") from exc
         finally:
             unwrap(self.model).to(self.device)
+        paths = {s: [self.data.items[i].path for i in self.data.splits.get(s, [])]
+                 for s in ("train", "val")}  # fmt: skip
+        gate_run(target, paths["train"], paths["val"], seed=config.seed)
         logger.info("Bundle written to %s", target)
         return target
 
