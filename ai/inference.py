@@ -152,19 +152,20 @@ class _ClassificationRunner(_Gated):
         probs = torch.sigmoid(logits) if self.meta.multi_label else torch.softmax(logits, 1)
         return probs.cpu().numpy()
 
-    def _forward(self, batch: torch.Tensor) -> tuple[
-            np.ndarray, dict[tuple[int, int], np.ndarray], list[OodVerdict | None]]:
+    def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray]]:
+        """(probabilities, Grad-CAMs); the gate's verdicts go to ``self._found``."""
         if self.cam is None:
             with torch.inference_mode():
                 probs = self._probabilities(self.bundle.model(batch))
-            return probs, {}, self._verdicts(batch.shape[0])
+            self._found = self._verdicts(batch.shape[0])
+            return probs, {}
         logits, activation = self.cam.forward(batch)
         probs = self._probabilities(logits)
-        found = self._verdicts(batch.shape[0])
-        positive = (probs >= self.thresholds[None, :]) & ~withheld_mask(found)[:, None]
+        self._found = self._verdicts(batch.shape[0])
+        positive = (probs >= self.thresholds[None, :]) & ~withheld_mask(self._found)[:, None]
         if not positive.any():
-            return probs, {}, found
-        return probs, self.cam.maps(logits, activation, positive, batch.shape[2:]), found
+            return probs, {}
+        return probs, self.cam.maps(logits, activation, positive, batch.shape[2:])
 
     def run(self, prepared: Sequence[_Prepared]) -> list[_ImageOutput]:
         outputs: list[_ImageOutput] = []
@@ -172,7 +173,9 @@ class _ClassificationRunner(_Gated):
             chunk = prepared[start : start + self.batch_size]
             batch = torch.from_numpy(np.stack([p.tensor for p in chunk])).to(self.device)
             with self._lock:
-                probs, cams, found = self._forward(batch)
+                self._found: list[OodVerdict | None] = [None] * len(chunk)
+                probs, cams = self._forward(batch)
+                found = self._found
             for i, item in enumerate(chunk):
                 verdict = found[i]
                 if verdict is not None and verdict.out_of_distribution:
