@@ -394,6 +394,31 @@ def _run_import_weights(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_ood_gate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, required=True, help="bundle folder (rewritten)")
+    parser.add_argument("--images", type=Path, required=True, metavar="FOLDER",
+                        help="DICOM, PNG or JPEG images of the data the model is meant for: "
+                        "60 %% fit the statistics, 40 %% set the threshold")  # fmt: skip
+    parser.add_argument("--quantile", type=_probability, default=0.975,
+                        help="fraction of the threshold images that pass (default 0.975)")
+    parser.add_argument("--seed", type=_seed, default=0, help="split seed (default 0)")
+
+
+def _run_ood_gate(args: argparse.Namespace) -> int:
+    from training.ood import gate_bundle, image_files, split_files
+
+    try:
+        fit, val = split_files(image_files(args.images), 0.4, args.seed)
+        gate = gate_bundle(args.bundle, fit, val, quantile=args.quantile,
+                           fitted_on=f"{len(fit) + len(val)} images of {args.images.name}")
+    except _failures() as exc:
+        raise CommandFailed(str(exc)) from exc
+    print(f"out-of-distribution gate of {args.bundle}: {gate.dim} features, threshold "
+          f"{gate.threshold:.2f} ({gate.quantile:.1%} of {gate.n_val} validation images pass; "
+          f"fitted on {gate.n_fit})")  # fmt: skip
+    return EXIT_OK
+
+
 def _add_deidentify(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in", dest="in_dir", type=Path, required=True, help="DICOM tree")
     parser.add_argument("--out", type=Path, required=True, help="de-identified tree (new)")
@@ -699,6 +724,12 @@ COMMANDS: list[Command] = [
         "into a bundle the node runs",
         _add_import_weights,
         _run_import_weights,
+    ),
+    Command(
+        "ood-gate",
+        "fit a bundle's out-of-distribution gate on your own images (rewrites the bundle)",
+        _add_ood_gate,
+        _run_ood_gate,
     ),
     Command(
         "deidentify",

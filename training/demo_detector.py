@@ -62,7 +62,7 @@ def build_demo_detector(out_dir: Path, *, seed: int = 0, progress: bool = True,
                                  f"{plan['count']} phantom studies at {plan['size']} px",
                                  "total_seconds": round(time.perf_counter() - started, 1)})
         staging = Path(tmp) / "bundle"
-        save_bundle(staging, meta, loaded.model)
+        save_bundle(staging, meta, loaded.model, gate=loaded.gate)
         gate_on_phantoms(staging, studies=DEMO_GATE_STUDIES[quick], size=plan["size"],
                          seed=seed + 9)
         out_dir = Path(out_dir)

@@ -134,16 +134,18 @@ def split_files(files: Sequence[Path], val_fraction: float = 0.4, seed: int = 0)
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The DICOM files under ``folder`` (``*.dcm`` or any file with the DICM preamble)."""
+    """The images under ``folder``: DICOM (``*.dcm`` or the DICM preamble), PNG, JPEG."""
     found = []
     for path in sorted(Path(folder).rglob("*")):
-        if path.is_file():
+        if path.is_file() and is_image_file(path):
+            found.append(path)
+        elif path.is_file():
             with path.open("rb") as fh:
                 head = fh.read(132)
             if path.suffix.lower() == ".dcm" or head[128:132] == b"DICM":
                 found.append(path)
     if not found:
-        raise OodFitError(f'--ood-images "{folder}" holds no DICOM files')
+        raise OodFitError(f'"{folder}" holds no DICOM, PNG or JPEG images')
     return found
 
 
