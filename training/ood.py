@@ -35,7 +35,7 @@ from training.images import is_image_file, load_image_file
 
 logger = logging.getLogger(__name__)
 
-DEMO_GATE_STUDIES = {True: 120, False: 300}
+DEMO_GATE_STUDIES = {True: 200, False: 400}
 """Phantom studies a demo build fits its gate on (quick, full): 40 % of their frontal
 images set the threshold, so the quantile is not read off a handful of scores."""
 RUN_FIT_CAP = 2000
@@ -181,15 +181,42 @@ def frontal_files(labels_csv: Path) -> list[Path]:
     return [labels_csv.parent / r["path"] for r in rows]
 
 
+def phantom_sizes(size: int | tuple[int, int]) -> list[tuple[int, int] | None]:
+    """The image sizes a demo gate is fitted on: the node scales every image to the model
+    input, and what that leaves (noise texture, letterbox padding) depends on the source's
+    size and aspect, so the gate sees the build's own size in three aspects, the sizes
+    between it and a detector plate (``scripts/demo.py`` sends 1024 x 896), and synth's
+    realistic detector sizes (None)."""
+    rows, cols = (size, size) if isinstance(size, int) else size
+    side = max(rows, cols)
+    narrow = max(64, int(side * 0.8))
+    return [(rows, cols), (side, narrow), (narrow, side), (448, 512), (1024, 896),
+            (1280, 1536), None]
+
+
+def phantom_files_of_sizes(folder: Path, studies: int, seed: int,
+                           sizes: Sequence[tuple[int, int] | None]) -> list[Path]:
+    """Frontal DICOM phantoms, ``studies`` spread over ``sizes`` (one synth run each)."""
+    from training.synth import synthesize
+
+    files: list[Path] = []
+    for k, size in enumerate(sizes):
+        count = studies // len(sizes) + (1 if k < studies % len(sizes) else 0)
+        if count:
+            summary = synthesize(folder / f"size{k}", count, seed + 1000 * k, size=size)
+            files += frontal_files(summary.labels_csv)
+    return files
+
+
 def gate_on_phantoms(bundle_dir: Path, *, studies: int, size: int | tuple[int, int],
                      seed: int, quantile: float = DEFAULT_QUANTILE) -> OodGate:
     """The demo bundles' gate: DICOM phantoms written by :mod:`training.synth` (every
-    variant the node reads), split into fit and validation images."""
-    from training.synth import synthesize
-
+    variant the node reads, the sizes of :func:`phantom_sizes`), split into fit and
+    validation images."""
+    sizes = phantom_sizes(size)
     with tempfile.TemporaryDirectory(prefix="cxr-ood-") as tmp:
-        summary = synthesize(Path(tmp), studies, seed, size=size)
-        fit, val = split_files(frontal_files(summary.labels_csv), 0.4, seed)
+        files = phantom_files_of_sizes(Path(tmp), studies, seed, sizes)
+        fit, val = split_files(files, 0.4, seed)
         return gate_bundle(bundle_dir, fit, val, quantile=quantile,
-                           fitted_on=f"{studies} DICOM phantom studies (training.synth), "
-                           f"seed {seed}")  # fmt: skip
+                           fitted_on=f"{studies} DICOM phantom studies (training.synth) "
+                           f"at {len(sizes)} sizes, seed {seed}")  # fmt: skip
