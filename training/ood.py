@@ -18,8 +18,9 @@ import csv
 import hashlib
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pydicom
@@ -34,6 +35,7 @@ from training.errors import TrainingError
 from training.images import is_image_file, load_image_file
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEMO_GATE_STUDIES = {True: 200, False: 400}
 """Phantom studies a demo build fits its gate on (quick, full): 40 % of their frontal
@@ -159,19 +161,25 @@ def gate_bundle(bundle_dir: Path, fit_files: Sequence[Path], val_files: Sequence
     return gate
 
 
-def gate_run(bundle_dir: Path, train: Sequence[Path], val: Sequence[Path], *, seed: int,
+def gate_run(bundle_dir: Path, train: Sequence[T], val: Sequence[T],
+             load: Callable[[T], np.ndarray], *, seed: int,
              quantile: float = DEFAULT_QUANTILE) -> OodGate | None:
     """``training fit``'s gate: fitted on (at most :data:`RUN_FIT_CAP` of) the run's train
-    split, the threshold from its val split. A split too small for a gate leaves the bundle
-    without one (logged), as an imported bundle without ``--ood-images``."""
+    split, the threshold from its val split; ``load`` gives an item's model input (the
+    run's own image cache: nothing is decoded twice). A split too small for a gate leaves
+    the bundle without one (logged), as an imported bundle without ``--ood-images``."""
     rng = np.random.default_rng(seed)
     fit = [train[i] for i in sorted(rng.permutation(len(train))[:RUN_FIT_CAP])]
     val = [val[i] for i in sorted(rng.permutation(len(val))[:RUN_FIT_CAP])]
     if len(fit) < MIN_IMAGES or len(val) < MIN_IMAGES:
         logger.warning("no ood gate: %d train and %d val images are too few", len(fit), len(val))
         return None
-    return gate_bundle(bundle_dir, fit, val, quantile=quantile,
-                       fitted_on=f"training fit: {len(fit)} train and {len(val)} val images")
+    loaded = load_bundle(bundle_dir)
+    gate = fit_gate(loaded, np.stack([load(x) for x in fit]), np.stack([load(x) for x in val]),
+                    quantile=quantile,
+                    fitted_on=f"training fit: {len(fit)} train and {len(val)} val images")
+    save_bundle(bundle_dir, loaded.metadata, loaded.model, gate=gate)
+    return gate
 
 
 def frontal_files(labels_csv: Path) -> list[Path]:

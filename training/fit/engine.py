@@ -613,9 +613,9 @@ class Run:
             raise FitError(f"cannot write the bundle: {exc}") from exc
         finally:
             unwrap(self.model).to(self.device)
-        paths = {s: [self.data.items[i].path for i in self.data.splits.get(s, [])]
+        items = {s: [self.data.items[i] for i in self.data.splits.get(s, [])]
                  for s in ("train", "val")}  # fmt: skip
-        gate_run(target, paths["train"], paths["val"], seed=config.seed)
+        gate_run(target, items["train"], items["val"], self.cache.get, seed=config.seed)
         logger.info("Bundle written to %s", target)
         return target
 
