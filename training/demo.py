@@ -42,7 +42,7 @@ from ai.networks import build_network
 from ai.pixels import PreprocessParams, preprocess, preprocess_image
 from ai.reference.metrics import auroc_estimate, binary_metrics_at, youden_threshold
 from ai.types import CodedConcept
-from training.ood import DEMO_GATE_STUDIES, gate_on_phantoms
+from training.ood import gate_on_phantoms
 from training.phantoms import FINDINGS, render_phantom
 from training.synth import synthesize
 
@@ -333,8 +333,7 @@ def build_demo_bundle(
         validation_metrics={"dicom_phantoms": plan.val_studies, **metrics},
     )
     save_bundle(Path(out_dir), metadata, model)
-    gate_on_phantoms(Path(out_dir), studies=DEMO_GATE_STUDIES[quick], size=plan.val_size,
-                     seed=seed + 7)
+    gate_on_phantoms(Path(out_dir), quick=quick, size=plan.val_size, seed=seed + 7)
     logger.info("Demo bundle written to %s in %.0f s", out_dir, time.perf_counter() - started)
     return Path(out_dir)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ai.bundle.load import load_bundle, save_bundle
-from training.ood import DEMO_GATE_STUDIES, gate_on_phantoms
+from training.ood import gate_on_phantoms
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,7 @@ def build_demo_detector(out_dir: Path, *, seed: int = 0, progress: bool = True,
                                  "total_seconds": round(time.perf_counter() - started, 1)})
         staging = Path(tmp) / "bundle"
         save_bundle(staging, meta, loaded.model, gate=loaded.gate)
-        gate_on_phantoms(staging, studies=DEMO_GATE_STUDIES[quick], size=plan["size"],
-                         seed=seed + 9)
+        gate_on_phantoms(staging, quick=quick, size=plan["size"], seed=seed + 9)
         out_dir = Path(out_dir)
         if out_dir.exists():
             shutil.rmtree(out_dir)

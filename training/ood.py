@@ -37,7 +37,7 @@ from training.images import is_image_file, load_image_file
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEMO_GATE_STUDIES = {True: 200, False: 400}
+DEMO_GATE_STUDIES = {True: 150, False: 400}
 """Phantom studies a demo build fits its gate on (quick, full): 40 % of their frontal
 images set the threshold, so the quantile is not read off a handful of scores."""
 RUN_FIT_CAP = 2000
@@ -189,17 +189,19 @@ def frontal_files(labels_csv: Path) -> list[Path]:
     return [labels_csv.parent / r["path"] for r in rows]
 
 
-def phantom_sizes(size: int | tuple[int, int]) -> list[tuple[int, int] | None]:
+def phantom_sizes(size: int | tuple[int, int], quick: bool = False) -> list[tuple[int, int] | None]:
     """The image sizes a demo gate is fitted on: the node scales every image to the model
     input, and what that leaves (noise texture, letterbox padding) depends on the source's
     size and aspect, so the gate sees the build's own size in three aspects, the sizes
     between it and a detector plate (``scripts/demo.py`` sends 1024 x 896), and synth's
-    realistic detector sizes (None)."""
+    realistic detector sizes (None). ``quick`` (test builds) stops at 1024 x 896: the
+    plate sizes cost most of a quick build's time."""
     rows, cols = (size, size) if isinstance(size, int) else size
     side = max(rows, cols)
     narrow = max(64, int(side * 0.8))
-    return [(rows, cols), (side, narrow), (narrow, side), (448, 512), (1024, 896),
-            (1280, 1536), None]
+    sizes: list[tuple[int, int] | None] = [(rows, cols), (side, narrow), (narrow, side),
+                                           (448, 512), (1024, 896)]
+    return sizes if quick else [*sizes, (1280, 1536), None]
 
 
 def phantom_files_of_sizes(folder: Path, studies: int, seed: int,
@@ -216,12 +218,12 @@ def phantom_files_of_sizes(folder: Path, studies: int, seed: int,
     return files
 
 
-def gate_on_phantoms(bundle_dir: Path, *, studies: int, size: int | tuple[int, int],
+def gate_on_phantoms(bundle_dir: Path, *, quick: bool, size: int | tuple[int, int],
                      seed: int, quantile: float = DEFAULT_QUANTILE) -> OodGate:
     """The demo bundles' gate: DICOM phantoms written by :mod:`training.synth` (every
     variant the node reads, the sizes of :func:`phantom_sizes`), split into fit and
     validation images."""
-    sizes = phantom_sizes(size)
+    sizes, studies = phantom_sizes(size, quick), DEMO_GATE_STUDIES[quick]
     with tempfile.TemporaryDirectory(prefix="cxr-ood-") as tmp:
         files = phantom_files_of_sizes(Path(tmp), studies, seed, sizes)
         fit, val = split_files(files, 0.4, seed)
