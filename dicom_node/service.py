@@ -1,19 +1,24 @@
 """Wiring of the running node: listener, assembler, workers, sender (and web, scheduler).
 
+A process runs the roles it is given (:mod:`dicom_node.roles`, default all of them): the
+receiver's listener and assembler, the workers, the sender loop, the web server and the
+scheduler's duties (the evaluation schedule, retention, audit forwarding; only while this
+process holds the scheduler lock of :mod:`dicom_node.singleton`). Several processes, on one
+host or many, share one database and one spool directory.
+
 Start-up order puts the DICOM listener first: acknowledging images needs only the spool and
 the database, so a PACS can send while the model loads (or the demo bundle is built).
 
 The loops of the result path hand over through :mod:`dicom_node.wakeups`: a release wakes
 the assembler (now and at the end of its grace), a new job a worker, committed outputs the
-sender; their poll intervals are only the safety net.
+sender; their poll intervals are only the safety net. Between processes (roles apart) the
+poll intervals are the hand-over.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -32,9 +37,11 @@ from dicom_node.evaluation.service import EvaluationService
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import JobQueue
 from dicom_node.retention import Retention
+from dicom_node.roles import ALL, claim_identity
 from dicom_node.scheduler import EvaluationScheduler, start_evaluation_scheduler
 from dicom_node.scp import StudyRelease, start_scp
 from dicom_node.sender import Sender
+from dicom_node.singleton import SchedulerLock
 from dicom_node.spool import Spool, Watermarks
 from dicom_node.store.db import make_engine
 from dicom_node.studies import StudyAssembler
@@ -45,21 +52,20 @@ from dicom_node.worker_process import DeployedModels, WorkerPool
 logger = logging.getLogger(__name__)
 
 
-def node_id(settings: Settings) -> str:
-    """Stable per host and data directory: the prefix of every lease this node takes."""
-    digest = hashlib.sha256(str(settings.storage.data_dir.resolve()).encode()).hexdigest()[:8]
-    return f"{socket.gethostname()}:{digest}"
-
-
 class Node:
     """The running service. ``start()`` returns once the listener is up."""
 
     def __init__(self, settings: Settings,
-                 analyzer_factory: Callable[[Settings], Analyzer] = load_analyzer) -> None:
+                 analyzer_factory: Callable[[Settings], Analyzer] = load_analyzer, *,
+                 roles: frozenset[str] = ALL) -> None:
         self.settings = settings
         self.analyzer_factory = analyzer_factory
+        self.roles = roles
         data_dir = settings.storage.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
+        # the prefix of every lease this process takes, unique among live processes
+        self.identity = claim_identity(data_dir, roles)
+        self.node_id = self.identity.node_id
         self.engine: Engine = make_engine(settings.database_url)
         storage = settings.storage
         self.spool = Spool(data_dir / "spool", min_free_bytes=storage.min_free_bytes,
@@ -79,7 +85,6 @@ class Node:
         self.sender = Sender(self.engine, self.spool, settings.destinations, settings.sender,
                              settings.dicom.ae_title,
                              sc_syntax=str(settings.outputs.sc_transfer_syntax))
-        self.node_id = node_id(settings)
         self.analyzer: Analyzer | None = None
         self.model_error: str | None = None
         self.stop_event = threading.Event()
@@ -92,10 +97,12 @@ class Node:
             self.engine, settings, deployed=lambda: self.analyzer,
             model_error=lambda: self.model_error, stop_event=self.stop_event)
         self.scheduler: EvaluationScheduler | None = None
+        self.scheduler_lock: SchedulerLock | None = None
         # worker processes (workers.mode "process"): an injected analyzer_factory (tests'
         # fakes, which need not survive pickling) keeps the workers as threads
         self.workers: WorkerPool | None = None
-        if settings.workers.mode == "process" and analyzer_factory is load_analyzer:
+        if ("worker" in roles and settings.workers.mode == "process"
+                and analyzer_factory is load_analyzer):
             self.workers = WorkerPool(settings, self.node_id, self.queue,
                                       on_ready=self._models_ready, on_error=self._model_failed,
                                       on_committed=self.wakeups.sender.set)
@@ -114,28 +121,56 @@ class Node:
         return bool(self.servers) and self.analyzer is not None
 
     def start(self) -> None:
+        roles = self.roles
         node_events.record_started(self.engine, self.settings, self.node_id)
-        self.spool.clean_tmp()
-        self.queue.requeue_owned_by(self.node_id)
-        self.sender.recover()
-        grace = self.settings.studies.release_grace_s
-        release = None if grace is None else StudyRelease(grace, self.wakeups.assembler)
-        self.servers = start_scp(self.settings.dicom, self.ingestor,
-                                 commitment=self.sender.reports, release=release)
-        self._thread("assembler", self._assembler_loop)
-        if self.settings.destinations:
+        if "worker" in roles:  # this slot's previous holder is dead: its jobs are ours
+            self.queue.requeue_owned_by(f"{self.node_id}:")
+        if "sender" in roles:
+            self.sender.recover()
+        if "receiver" in roles:
+            self.spool.clean_tmp()
+            grace = self.settings.studies.release_grace_s
+            release = None if grace is None else StudyRelease(grace, self.wakeups.assembler)
+            # N-EVENT-REPORTs on a new association arrive here and go to the ledger (the
+            # database), whichever process sends
+            self.servers = start_scp(self.settings.dicom, self.ingestor,
+                                     commitment=self.sender.reports, release=release)
+            self._thread("assembler", self._assembler_loop)
+        if "sender" in roles and self.settings.destinations:
             self._thread("sender", self._sender_loop)
-        self._start_housekeeping()
-        self._thread("model-loader", self._load_model_then_work)
-        self.scheduler = start_evaluation_scheduler(self.evaluation, self.settings.evaluation)
-        if self.scheduler is not None:
-            self.extras.append(self.scheduler.shutdown)
+        if "scheduler" in roles:
+            self._start_scheduler_duties()
+        if "worker" in roles:
+            self._thread("model-loader", self._load_model_then_work)
         self.extras.append(self.evaluation.close)
-        if self.settings.web.enabled:
+        if "web" in roles and (self.settings.web.enabled or roles != ALL):
             from dicom_node.web.server import start_web_server  # Flask only when enabled
 
             self.web = start_web_server(self)
             self.extras.insert(0, self.web.stop)  # stop serving before what it reads stops
+
+    def _start_scheduler_duties(self) -> None:
+        """The scheduled duties run only while this process holds the scheduler lock: at
+        once when it is free, else from a thread that waits for the holder to go."""
+        lock = self.scheduler_lock = SchedulerLock(self.engine)
+        if lock.try_acquire():
+            self._scheduled_duties()
+            return
+
+        def wait_then_run() -> None:
+            if lock.acquire(self.stop_event):
+                self._scheduled_duties()
+
+        self._thread("scheduler-lock", wait_then_run)
+
+    def _scheduled_duties(self) -> None:
+        logger.info("scheduler lock taken (pid %d): evaluation schedule, retention and "
+                    "audit forwarding run in this process", os.getpid())
+        self._start_housekeeping()
+        scheduler = start_evaluation_scheduler(self.evaluation, self.settings.evaluation)
+        if scheduler is not None:
+            self.scheduler = scheduler
+            self.extras.append(scheduler.shutdown)
 
     def _thread(self, name: str, target: Callable[[], None]) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -252,7 +287,10 @@ class Node:
             t.join(max(0.0, deadline - time.monotonic()))
         self.sender.close()
         node_events.record_stopped(self.engine, self.node_id)
+        if self.scheduler_lock is not None:
+            self.scheduler_lock.release()
         self.engine.dispose()
+        self.identity.release()
 
 
 def run_forever(node: Node) -> None:
