@@ -37,7 +37,7 @@ from dicom_node.evaluation.service import EvaluationService
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import JobQueue
 from dicom_node.retention import Retention
-from dicom_node.roles import ALL, claim_identity
+from dicom_node.roles import ALL, ROLES, claim_identity
 from dicom_node.scheduler import EvaluationScheduler, start_evaluation_scheduler
 from dicom_node.scp import StudyRelease, start_scp
 from dicom_node.sender import Sender
@@ -122,6 +122,8 @@ class Node:
 
     def start(self) -> None:
         roles = self.roles
+        logger.info("process %s (pid %d): roles %s", self.node_id, os.getpid(),
+                    ", ".join(r for r in ROLES if r in roles))
         node_events.record_started(self.engine, self.settings, self.node_id)
         if "worker" in roles:  # this slot's previous holder is dead: its jobs are ours
             self.queue.requeue_owned_by(f"{self.node_id}:")
