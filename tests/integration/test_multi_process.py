@@ -4,7 +4,8 @@ database and one spool, exactly once through kill -9.
 Two receivers on different ports, three workers, one sender and one scheduler; a real DCMTK
 ``storescp`` destination; ``storescu`` sends 100 one-image studies split across both
 receivers. A worker holding a job and the sender in the middle of an association are killed
-with kill -9 and restarted. Then every acknowledged instance was analysed by exactly one
+with kill -9 and restarted. No process but the workers loads torch. Then every acknowledged
+instance was analysed by exactly one
 succeeded job, each study has exactly one set of result objects, the destination holds each
 of them (by SOP Instance UID) and nothing else, and no job was run by a second owner except
 those the killed worker held: the others, several of which ran longer than their lease,
@@ -163,6 +164,11 @@ def test_roles_as_processes_analyse_and_deliver_exactly_once_through_kill9(
             return done == STUDIES and left == 0 and _count(settings, db.deliveries) > 0
 
         wait_until(settled, 240, interval=0.5, what="every job done and every result sent")
+        # receivers (and the sender, the scheduler) never load a model: no torch mapped
+        for name in ("receiver0", "receiver1", "sender-restarted", "scheduler"):
+            maps = Path(f"/proc/{roles.procs[name].pid}/maps").read_text()
+            assert "libtorch" not in maps, f"{name} loaded torch"
+        assert "libtorch" in Path(f"/proc/{roles.procs['worker1'].pid}/maps").read_text()
     finally:
         roles.stop_all()
         dest.stop()
