@@ -67,6 +67,21 @@ class ProcessIdentity:
             self._fd = -1
 
 
+def try_flock(path: Path) -> int | None:
+    """An exclusive ``flock`` on ``path`` (created if needed) with this pid written in it;
+    the open descriptor, or None while another process holds it. The kernel drops the lock
+    when the holder dies, however it dies."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 def data_dir_digest(data_dir: Path) -> str:
     return hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:8]
 
@@ -80,14 +95,9 @@ def claim_identity(data_dir: Path, roles: frozenset[str]) -> ProcessIdentity:
     folder.mkdir(parents=True, exist_ok=True)
     for slot in range(MAX_SLOTS):
         path = folder / f"{host}.{label}.{slot}.lock"
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = try_flock(path)
+        if fd is None:
             continue
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         node_id = f"{host}:{data_dir_digest(data_dir)}:{label}.{slot}"
         return ProcessIdentity(node_id, slot, path, fd)
     raise OSError(f"more than {MAX_SLOTS} {label} processes on {host} share {data_dir}")

@@ -10,7 +10,6 @@ second scheduler waits, trying every ``poll_s``, and takes over when the first i
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import threading
@@ -19,6 +18,8 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
+
+from dicom_node.roles import try_flock
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +45,9 @@ class SchedulerLock:
 
     def try_acquire(self) -> bool:
         if self.path is not None:
-            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+            fd = try_flock(self.path)
+            if fd is None:
                 return False
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
             self._fd = fd
             return True
         conn = self.engine.connect()
