@@ -130,7 +130,10 @@ class Node:
         if "sender" in roles:
             self.sender.recover()
         if "receiver" in roles:
-            self.spool.clean_tmp()
+            # alone on the spool (all roles) every partial write is a crash's; with roles
+            # apart, only those older than any association or result write can be
+            self.spool.clean_tmp(0.0 if roles == ALL
+                                 else self.settings.dicom.association_deadline_s)
             grace = self.settings.studies.release_grace_s
             release = None if grace is None else StudyRelease(grace, self.wakeups.assembler)
             # N-EVENT-REPORTs on a new association arrive here and go to the ledger (the

@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -146,10 +147,18 @@ class Spool:
         """True while the spool filesystem is above its watermarks (see :class:`Watermarks`)."""
         return self.watermarks.update(self.usage().used_pct)
 
-    def clean_tmp(self) -> int:
-        """Remove partial writes left by a crash; returns how many were removed."""
+    def clean_tmp(self, older_than_s: float = 0.0) -> int:
+        """Remove partial writes left by a crash; returns how many were removed. With
+        ``older_than_s`` only files not modified for that long: other processes sharing the
+        spool (roles apart) may be writing the younger ones."""
         n = 0
+        cutoff = time.time() - older_than_s
         for p in (self.root / "tmp").iterdir():
+            try:
+                if older_than_s and p.stat().st_mtime > cutoff:
+                    continue
+            except FileNotFoundError:
+                continue  # its writer renamed it meanwhile
             p.unlink(missing_ok=True)
             n += 1
         if n:

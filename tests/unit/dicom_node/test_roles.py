@@ -4,7 +4,9 @@ one scheduler lock per database (real ``flock`` on real files, a real SQLite dat
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,14 @@ def test_one_scheduler_lock_per_sqlite_database(tmp_path: Path) -> None:
     assert got == [True] and second.held()
     second.release()
     engine.dispose()
+
+
+def test_a_receiver_starting_beside_others_keeps_their_partial_writes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    old, young = spool.tmp_dir / "crashed.part", spool.tmp_dir / "writing.part"
+    old.write_bytes(b"x")
+    young.write_bytes(b"y")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert spool.clean_tmp(older_than_s=3600) == 1
+    assert not old.exists() and young.exists()
+    assert spool.clean_tmp() == 1 and not young.exists()  # alone on the spool: all of them
