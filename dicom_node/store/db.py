@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import (
     Boolean,
     Column,
+    Connection,
     Engine,
     Float,
     ForeignKey,
@@ -31,6 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.types import TypeDecorator
 
 from dicom_node.phi import redact
+from dicom_node.store import schema
 from dicom_node.store.states import InstanceState, RunState
 
 logger = logging.getLogger(__name__)
@@ -255,7 +257,12 @@ def _sqlite_begin(conn: Any) -> None:
 
 
 def make_engine(url: str) -> Engine:
-    """Create the engine and the tables (idempotent)."""
+    """Create the engine and bring the database's schema to this code's revision.
+
+    ``sqlite:///<path>`` (the embedded default) or ``postgresql+psycopg://...``; see
+    :mod:`dicom_node.store.schema` for the migration on start-up and when it refuses
+    (:class:`dicom_node.errors.SchemaTooNewError`).
+    """
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -263,36 +270,51 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "begin", _sqlite_begin)
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    metadata.create_all(engine)
-    add_missing_columns(engine)
+    try:
+        schema.migrate(engine, metadata, upgrade_legacy=_upgrade_legacy)
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
 
 
-def add_missing_columns(engine: Engine) -> list[str]:
+def _upgrade_legacy(conn: Connection) -> None:
+    """A database made before the migrations: to the first revision (its tables and columns).
+
+    Exact while the metadata is the first revision's schema; once a later revision changes a
+    table, this step must create the first revision's tables instead of today's.
+    """
+    metadata.create_all(conn)
+    add_missing_columns(conn)
+
+
+def add_missing_columns(bind: Engine | Connection) -> list[str]:
     """Bring a database made by an earlier version up to the current tables.
 
     ``create_all`` creates missing tables but never alters existing ones; columns added
     since (all nullable or with a server default) are added here. Returns ``table.column``
     for each column added.
     """
+    if isinstance(bind, Engine):
+        with bind.begin() as conn:
+            return add_missing_columns(conn)
     added = []
-    with engine.begin() as conn:
-        inspector = inspect(conn)
-        existing_tables = set(inspector.get_table_names())
-        for table in metadata.sorted_tables:
-            if table.name not in existing_tables:
+    inspector = inspect(bind)
+    existing_tables = set(inspector.get_table_names())
+    for table in metadata.sorted_tables:
+        if table.name not in existing_tables:
+            continue
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
                 continue
-            have = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in have:
-                    continue
-                ddl = column.type.compile(dialect=engine.dialect)
-                default = (f" DEFAULT {column.server_default.arg}"
-                           if column.server_default is not None else "")
-                nullable = "" if column.nullable or default else " NOT NULL"
-                conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" '
-                                     f"{ddl}{default}{nullable}")
-                added.append(f"{table.name}.{column.name}")
+            ddl = column.type.compile(dialect=bind.dialect)
+            default = (f" DEFAULT {column.server_default.arg}"
+                       if column.server_default is not None else "")
+            nullable = "" if column.nullable or default else " NOT NULL"
+            bind.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" '
+                                 f"{ddl}{default}{nullable}")
+            added.append(f"{table.name}.{column.name}")
     if added:
         logger.info("database upgraded: added column(s) %s", ", ".join(added))
     return added

@@ -1,0 +1,152 @@
+"""The schema's migrations on SQLite and PostgreSQL (a throw-away cluster): up and down, no
+drift from ``db.metadata``, a database from before the migrations, one from a newer version
+(refused, also by ``dicom-node serve``), and several processes migrating one database."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from conftest import free_port
+from helpers.postgres import PostgresCluster
+from sqlalchemy import create_engine, inspect, select, text
+
+from dicom_node.errors import SchemaTooNewError
+from dicom_node.store import db, schema
+
+ROOT = Path(__file__).resolve().parents[3]
+TABLES = set(db.metadata.tables)
+
+
+def _tables(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def _drift(engine: db.Engine) -> list[object]:
+    with engine.connect() as conn:
+        return list(compare_metadata(MigrationContext.configure(conn), db.metadata))
+
+
+def test_up_to_head_and_down_to_base(db_url: str) -> None:
+    engine = db.make_engine(db_url)
+    with engine.connect() as conn:
+        assert schema.current_revision(conn) == schema.head_revision()
+    assert _tables(db_url) == TABLES | {"alembic_version"}
+    with engine.begin() as conn:
+        command.downgrade(schema.config(conn, db.metadata), "base")
+    assert _tables(db_url) == {"alembic_version"}
+    with engine.connect() as conn:
+        assert schema.current_revision(conn) is None
+    engine.dispose()
+    engine = db.make_engine(db_url)  # an emptied database is fresh again: up to head
+    assert _tables(db_url) == TABLES | {"alembic_version"}
+    assert _drift(engine) == []
+    engine.dispose()
+
+
+def test_the_migrated_schema_is_the_metadata(db_url: str) -> None:
+    engine = db.make_engine(db_url)
+    try:
+        assert _drift(engine) == []
+        with engine.begin() as conn:  # the partial unique index is there: one running run
+            ins = db.evaluation_runs.insert().values(job_name="j", kind="reference",
+                                                     trigger="manual", started_at=0.0)
+            conn.execute(ins.values(state="succeeded"))
+            conn.execute(ins.values(state="succeeded"))
+            conn.execute(ins.values(state="running"))
+        with pytest.raises(Exception, match="(?i)unique"), engine.begin() as conn:
+            conn.execute(ins.values(state="running"))
+    finally:
+        engine.dispose()
+
+
+def test_a_database_from_before_the_migrations_is_upgraded_and_stamped(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    raw = create_engine(url)
+    old_tables = [t for t in db.metadata.sorted_tables if t.name != "confirmed_labels"]
+    db.metadata.create_all(raw, tables=old_tables)
+    with raw.begin() as conn:
+        conn.execute(db.jobs.insert().values(study_uid="1.2.3", state="done", created_at=1.0))
+        conn.exec_driver_sql("ALTER TABLE instances DROP COLUMN selection")
+    raw.dispose()
+    assert "alembic_version" not in _tables(url)
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert schema.current_revision(conn) == schema.head_revision()
+            assert conn.execute(select(db.jobs.c.study_uid)).scalars().all() == ["1.2.3"]
+        assert _tables(url) == TABLES | {"alembic_version"}
+        assert _drift(engine) == []
+    finally:
+        engine.dispose()
+
+
+def _stamp_unknown(url: str) -> None:
+    db.make_engine(url).dispose()
+    raw = create_engine(url)
+    with raw.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999_from_the_future'"))
+    raw.dispose()
+
+
+def test_a_newer_schema_is_refused(db_url: str) -> None:
+    _stamp_unknown(db_url)
+    with pytest.raises(SchemaTooNewError, match="9999_from_the_future") as err:
+        db.make_engine(db_url)
+    assert "newer version" in str(err.value) and "0001" in str(err.value)
+
+
+def test_serve_refuses_a_newer_schema_and_exits(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _stamp_unknown(f"sqlite:///{data / 'node.db'}")
+    config = tmp_path / "node.yaml"
+    config.write_text(f"storage:\n  data_dir: {data}\nweb:\n  enabled: false\n")
+    out = subprocess.run([sys.executable, "-m", "dicom_node", "serve", "--config", str(config),
+                          "--port", str(free_port())], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT)
+    assert out.returncode != 0
+    assert "schema revision '9999_from_the_future'" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+MIGRATE = ("import sys; from dicom_node.store import db, schema; e = db.make_engine(sys.argv[1]);"
+           " c = e.connect(); print(schema.current_revision(c)); c.close(); e.dispose()")
+
+
+def test_two_processes_migrate_one_fresh_postgresql(postgres_cluster: PostgresCluster,
+                                                     postgres_url: str) -> None:
+    """Both wait on the migration lock (held here first), then race for it when it is freed:
+    one migrates, the other finds the schema at head; both start."""
+    dbname = postgres_url.rsplit("/", 1)[1]
+    holder = psycopg.connect(host="127.0.0.1", port=postgres_cluster.port,
+                             user=postgres_cluster.user, dbname=dbname, autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(%s)", (schema.MIGRATION_LOCK_KEY,))
+    procs = [subprocess.Popen([sys.executable, "-c", MIGRATE, postgres_url], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 30
+        waiting = 0
+        while waiting < 2 and time.monotonic() < deadline:
+            waiting = holder.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                                     " AND NOT granted").fetchone()[0]  # type: ignore[index]
+            time.sleep(0.05)
+        assert waiting == 2, "both processes should be waiting on the migration lock"
+    finally:
+        holder.execute("SELECT pg_advisory_unlock(%s)", (schema.MIGRATION_LOCK_KEY,))
+        holder.close()
+    results = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
+    assert [out.strip() for out, _ in results] == [schema.head_revision()] * 2
+    assert _tables(postgres_url) == TABLES | {"alembic_version"}
