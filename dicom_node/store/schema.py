@@ -38,6 +38,8 @@ from sqlalchemy import Connection, Engine, MetaData, inspect, text
 from dicom_node.errors import SchemaTooNewError
 
 logger = logging.getLogger(__name__)
+# Alembic logs "Context impl ..." at INFO on every start; the node logs what changed itself
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 SCRIPT_LOCATION = Path(__file__).resolve().parent / "migrations"
 FIRST_REVISION = "0001"
@@ -96,7 +98,9 @@ def migrate(engine: Engine, metadata: MetaData,
         head = script.get_current_head()
         if current != head:
             command.upgrade(cfg, "head")
-            logger.info("database schema migrated from revision %s to %s", current, head)
+            # a fresh database is no news (every first start); an upgrade of one with data is
+            logger.log(logging.DEBUG if current is None else logging.INFO,
+                       "database schema migrated from revision %s to %s", current, head)
 
 
 def _where(engine: Engine) -> str:

@@ -41,8 +41,11 @@ def add_instance_if_new(conn: Connection, **columns: object) -> bool:
         raise NotImplementedError(f"no ON CONFLICT insert for {conn.dialect.name}")
     stmt = (dialect_insert(db.instances)
             .values(**columns, analysis_state=InstanceState.PENDING)
-            .on_conflict_do_nothing(index_elements=[db.instances.c.sop_instance_uid]))
-    return conn.execute(stmt).rowcount == 1
+            .on_conflict_do_nothing(index_elements=[db.instances.c.sop_instance_uid])
+            .returning(db.instances.c.id))
+    # the returned row, not rowcount: psycopg reports -1 for an INSERT ... RETURNING, which
+    # SQLAlchemy adds on PostgreSQL to fetch the new primary key
+    return conn.execute(stmt).first() is not None
 
 
 def ignore_instance(conn: Connection, instance_id: int, reason: str) -> None:

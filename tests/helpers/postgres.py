@@ -106,11 +106,14 @@ class PostgresCluster:
         return psycopg.connect(host="127.0.0.1", port=self.port, user=self.user,
                                dbname="postgres", autocommit=True)
 
-    def create_database(self) -> str:
-        """A fresh empty database; returns its name."""
+    def create_database(self, template: str | None = None) -> str:
+        """A fresh database, empty or a copy of ``template``; returns its name."""
         name = f"t_{uuid.uuid4().hex[:16]}"
+        query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template is not None:
+            query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
         with self._admin() as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            conn.execute(query)
         return name
 
     def drop_database(self, name: str) -> None:

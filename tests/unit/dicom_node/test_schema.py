@@ -38,25 +38,25 @@ def _drift(engine: db.Engine) -> list[object]:
         return list(compare_metadata(MigrationContext.configure(conn), db.metadata))
 
 
-def test_up_to_head_and_down_to_base(db_url: str) -> None:
-    engine = db.make_engine(db_url)
+def test_up_to_head_and_down_to_base(empty_db_url: str) -> None:
+    engine = db.make_engine(empty_db_url)
     with engine.connect() as conn:
         assert schema.current_revision(conn) == schema.head_revision()
-    assert _tables(db_url) == TABLES | {"alembic_version"}
+    assert _tables(empty_db_url) == TABLES | {"alembic_version"}
     with engine.begin() as conn:
         command.downgrade(schema.config(conn, db.metadata), "base")
-    assert _tables(db_url) == {"alembic_version"}
+    assert _tables(empty_db_url) == {"alembic_version"}
     with engine.connect() as conn:
         assert schema.current_revision(conn) is None
     engine.dispose()
-    engine = db.make_engine(db_url)  # an emptied database is fresh again: up to head
-    assert _tables(db_url) == TABLES | {"alembic_version"}
+    engine = db.make_engine(empty_db_url)  # an emptied database is fresh again: up to head
+    assert _tables(empty_db_url) == TABLES | {"alembic_version"}
     assert _drift(engine) == []
     engine.dispose()
 
 
-def test_the_migrated_schema_is_the_metadata(db_url: str) -> None:
-    engine = db.make_engine(db_url)
+def test_the_migrated_schema_is_the_metadata(empty_db_url: str) -> None:
+    engine = db.make_engine(empty_db_url)
     try:
         assert _drift(engine) == []
         with engine.begin() as conn:  # the partial unique index is there: one running run
@@ -100,10 +100,10 @@ def _stamp_unknown(url: str) -> None:
     raw.dispose()
 
 
-def test_a_newer_schema_is_refused(db_url: str) -> None:
-    _stamp_unknown(db_url)
+def test_a_newer_schema_is_refused(empty_db_url: str) -> None:
+    _stamp_unknown(empty_db_url)
     with pytest.raises(SchemaTooNewError, match="9999_from_the_future") as err:
-        db.make_engine(db_url)
+        db.make_engine(empty_db_url)
     assert "newer version" in str(err.value) and "0001" in str(err.value)
 
 

@@ -25,8 +25,8 @@ from dicom_node.studies import StudyAssembler
 
 
 @pytest.fixture
-def env(tmp_path: Path):  # type: ignore[no-untyped-def]
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+def env(tmp_path: Path, db_url: str):  # type: ignore[no-untyped-def]
+    engine = db.make_engine(db_url)
     spool = Spool(tmp_path / "spool")
     ing = Ingestor(engine, spool, max_instance_bytes=50_000_000)
     asm = StudyAssembler(engine, spool, SelectionSettings(), quiet_period_s=10)
@@ -371,8 +371,9 @@ def test_release_grace_off_ignores_releases(env) -> None:  # type: ignore[no-unt
     assert asm.run_once(now=last + 5) == [] and len(asm.run_once(now=last + 10)) == 1
 
 
-def test_an_older_database_gets_released_at_and_keeps_working(tmp_path: Path) -> None:
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+def test_an_older_database_gets_released_at_and_keeps_working(tmp_path: Path,
+                                                              db_url: str) -> None:
+    engine = db.make_engine(db_url)
     with engine.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE studies DROP COLUMN released_at")
     assert db.add_missing_columns(engine) == ["studies.released_at"]

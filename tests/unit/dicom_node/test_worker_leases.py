@@ -24,9 +24,9 @@ from dicom_node.worker import AnalysisWorker, JobOutcome
 
 
 @pytest.fixture
-def queued(tmp_path: Path) -> tuple[Engine, Spool]:
-    """A real SQLite file with one queued job over two images."""
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+def queued(tmp_path: Path, db_url: str) -> tuple[Engine, Spool]:
+    """A real SQLite file (and a PostgreSQL database) with one queued job over two images."""
+    engine = db.make_engine(db_url)
     spool = Spool(tmp_path / "spool")
     ingestor = Ingestor(engine, spool, max_instance_bytes=50_000_000)
     first = make_image()
