@@ -83,10 +83,11 @@ def migrate(engine: Engine, metadata: MetaData,
         script = ScriptDirectory.from_config(cfg)
         current = current_revision(conn)
         known = {rev.revision for rev in script.walk_revisions()}
+        head = script.get_current_head()
         if current is not None and current not in known:
             raise SchemaTooNewError(
                 f"the database {_where(engine)} is at schema revision {current!r}, which this "
-                f"version of dicom-node does not know (its newest is {script.get_current_head()!r}): "
+                f"version of dicom-node does not know (its newest is {head!r}): "
                 "a newer version migrated it. Run that newer version (or restore a backup made "
                 "before the upgrade); this version will not write to it")
         if current is None and set(inspect(conn).get_table_names()) & set(metadata.tables):
@@ -95,7 +96,6 @@ def migrate(engine: Engine, metadata: MetaData,
             logger.info("database from before schema revisions: brought to revision %s",
                         FIRST_REVISION)
             current = FIRST_REVISION
-        head = script.get_current_head()
         if current != head:
             command.upgrade(cfg, "head")
             # a fresh database is no news (every first start); an upgrade of one with data is
