@@ -18,7 +18,8 @@ from conftest import free_port
 from helpers.postgres import PostgresCluster
 from sqlalchemy import create_engine, inspect, select, text
 
-from dicom_node.errors import SchemaTooNewError
+from dicom_node.config import load_settings
+from dicom_node.errors import ConfigError, SchemaTooNewError
 from dicom_node.store import db, schema
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -150,3 +151,15 @@ def test_two_processes_migrate_one_fresh_postgresql(postgres_cluster: PostgresCl
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
     assert [out.strip() for out, _ in results] == [schema.head_revision()] * 2
     assert _tables(postgres_url) == TABLES | {"alembic_version"}
+
+
+def test_database_url_scheme_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"database\.url.*sqlite:///.*postgresql\+psycopg://"
+                       ) as err:
+        load_settings(None, overrides={"database.url": "mysql://cxr:secret@db/cxr"}, environ={})
+    assert "secret" not in str(err.value)
+    plain = load_settings(None, overrides={"database.url": "postgresql://cxr@db:5432/cxr"},
+                          environ={})
+    assert plain.database_url == "postgresql+psycopg://cxr@db:5432/cxr"
+    default = load_settings(None, overrides={"storage.data_dir": str(tmp_path)}, environ={})
+    assert default.database_url == f"sqlite:///{tmp_path / 'node.db'}"
