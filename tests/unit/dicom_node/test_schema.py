@@ -15,6 +15,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from conftest import free_port
+from helpers import postgres
 from helpers.postgres import PostgresCluster
 from sqlalchemy import create_engine, inspect, select, text
 
@@ -163,3 +164,19 @@ def test_database_url_scheme_is_checked(tmp_path: Path) -> None:
     assert plain.database_url == "postgresql+psycopg://cxr@db:5432/cxr"
     default = load_settings(None, overrides={"storage.data_dir": str(tmp_path)}, environ={})
     assert default.database_url == f"sqlite:///{tmp_path / 'node.db'}"
+
+
+def test_the_legacy_step_matches_the_first_revision() -> None:
+    """``db._upgrade_legacy`` brings a pre-migration database to revision 0001 with today's
+    tables: exact only while head is 0001. A new revision must make that step build the first
+    revision's tables instead (then change this test)."""
+    assert schema.head_revision() == schema.FIRST_REVISION, (
+        "a revision after 0001 exists: make db._upgrade_legacy create revision 0001's tables, "
+        "not today's metadata")
+
+
+def test_missing_postgresql_binaries_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(postgres.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(postgres.glob, "glob", lambda _pattern: [])
+    with pytest.raises(postgres.PostgresUnavailable, match="run `make test`"):
+        postgres.find_bindir()
