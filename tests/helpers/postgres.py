@@ -82,14 +82,24 @@ class PostgresCluster:
     def start(self) -> PostgresCluster:
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.user,
                   "-A", "trust", "-E", "UTF8", "--no-sync", "--no-instructions")
-        options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
-                   f"-c unix_socket_directories={self.root} -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c shared_buffers=16MB "
-                   "-c max_connections=200 -c max_locks_per_transaction=128")
-        self._started = True
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
-                  str(self.root / "server.log"), "-o", options, "-w", "-t", "30", "start")
-        return self
+        for attempt in range(3):  # the free port may be taken between the probe and the bind
+            options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
+                       f"-c unix_socket_directories={self.root} -c fsync=off "
+                       "-c synchronous_commit=off -c full_page_writes=off "
+                       "-c shared_buffers=16MB -c max_connections=200")
+            self._started = True
+            try:
+                self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
+                          str(self.root / "server.log"), "-o", options, "-w", "-t", "30",
+                          "start")
+                return self
+            except PostgresUnavailable as exc:
+                log = self.root / "server.log"
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                if attempt == 2:
+                    raise PostgresUnavailable(f"{exc}\nserver.log: {tail}") from exc
+                self.port = _free_port()
+        raise AssertionError("unreachable")
 
     def stop(self) -> None:
         if self._started:
