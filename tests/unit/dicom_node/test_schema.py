@@ -18,6 +18,7 @@ from conftest import free_port
 from helpers import postgres
 from helpers.postgres import PostgresCluster
 from sqlalchemy import create_engine, inspect, select, text
+from sqlalchemy.exc import IntegrityError
 
 from dicom_node.config import load_settings
 from dicom_node.errors import ConfigError, SchemaTooNewError
@@ -67,7 +68,7 @@ def test_the_migrated_schema_is_the_metadata(empty_db_url: str) -> None:
             conn.execute(ins.values(state="succeeded"))
             conn.execute(ins.values(state="succeeded"))
             conn.execute(ins.values(state="running"))
-        with pytest.raises(Exception, match="(?i)unique"), engine.begin() as conn:
+        with pytest.raises(IntegrityError, match="(?i)unique"), engine.begin() as conn:
             conn.execute(ins.values(state="running"))
     finally:
         engine.dispose()
