@@ -33,3 +33,11 @@ class SchemaTooNewError(NodeError, RuntimeError):
     Running older code on a newer schema could write rows the newer code misreads, so the
     node refuses to start; the message names the revision and what to do.
     """
+
+
+class DatabaseUnavailableError(NodeError, ConnectionError):
+    """The database could not be reached at start-up (server down, wrong host or password).
+
+    Reported as a message without a traceback; a supervisor (systemd, compose) restarts the
+    node, which tries again.
+    """

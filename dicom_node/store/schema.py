@@ -34,8 +34,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, MetaData, inspect, text
+from sqlalchemy.exc import OperationalError
 
-from dicom_node.errors import SchemaTooNewError
+from dicom_node.errors import DatabaseUnavailableError, SchemaTooNewError
 
 logger = logging.getLogger(__name__)
 # Alembic logs "Context impl ..." at INFO on every start; the node logs what changed itself
@@ -75,7 +76,13 @@ def migrate(engine: Engine, metadata: MetaData,
     ``upgrade_legacy`` brings a database made before the migrations to the first revision
     (``dicom_node.store.db`` passes its create-missing-tables-and-columns step).
     """
-    with engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE, the writer lock
+    try:
+        conn = engine.connect()
+    except OperationalError as exc:  # refused, unknown host, authentication failed, ...
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        raise DatabaseUnavailableError(
+            f"cannot connect to the database {_where(engine)}: {reason}") from exc
+    with conn, conn.begin():  # SQLite: BEGIN IMMEDIATE, the writer lock
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                          {"key": MIGRATION_LOCK_KEY})

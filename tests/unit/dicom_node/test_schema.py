@@ -20,6 +20,7 @@ from helpers.postgres import PostgresCluster
 from sqlalchemy import create_engine, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
+from dicom_node.cli import main as cli_main
 from dicom_node.config import load_settings
 from dicom_node.errors import ConfigError, SchemaTooNewError
 from dicom_node.store import db, schema
@@ -181,3 +182,15 @@ def test_missing_postgresql_binaries_name_the_fix(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(postgres.glob, "glob", lambda _pattern: [])
     with pytest.raises(postgres.PostgresUnavailable, match="run `make test`"):
         postgres.find_bindir()
+
+
+def test_serve_without_its_database_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listens on the port: a message naming the database (password hidden)."""
+    monkeypatch.setenv("CXR_NODE__DATABASE__URL",
+                       f"postgresql+psycopg://cxr:secret@127.0.0.1:{free_port()}/cxr")
+    assert cli_main(["serve", "--data-dir", str(tmp_path), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dicom-node: error: cannot connect to the database "
+                          "postgresql+psycopg://cxr:***@127.0.0.1:"), err
+    assert "secret" not in err and "Traceback" not in err
