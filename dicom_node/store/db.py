@@ -2,7 +2,9 @@
 
 SQLite (WAL, synchronous=FULL, one writer at a time via BEGIN IMMEDIATE) is the embedded
 default; a PostgreSQL URL works unchanged (job and delivery claims use
-``FOR UPDATE SKIP LOCKED`` there). Timestamps are UNIX seconds (float, UTC).
+``FOR UPDATE SKIP LOCKED`` there). Timestamps are UNIX seconds (float, UTC). The tables
+below are today's schema; Alembic revisions (:mod:`dicom_node.store.schema`) create and
+migrate it, and a test keeps the two equal on both engines.
 """
 
 from __future__ import annotations
