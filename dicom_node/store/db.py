@@ -136,6 +136,9 @@ jobs = Table(
     # result version of the study this job produces (1, then 2 when a late image
     # supersedes the first result, ...)
     Column("version", Integer, nullable=False, default=1, server_default="1"),
+    # bumped by every claim and lease renewal: a claimer takes an expired lease over only
+    # after seeing the same number for lease_s of its own monotonic time (dicom_node.clock)
+    Column("lease_seq", Integer, nullable=False, default=0, server_default="0"),
 )
 Index("ix_jobs_state", jobs.c.state, jobs.c.id)
 
@@ -204,6 +207,8 @@ deliveries = Table(
     Column("commit_transaction_uid", UID, nullable=True),
     Column("commit_requested_at", Float, nullable=True),
     Column("committed_at", Float, nullable=True),
+    # bumped by every claim (see jobs.lease_seq and dicom_node.clock)
+    Column("lease_seq", Integer, nullable=False, default=0, server_default="0"),
     UniqueConstraint("output_id", "destination", name="uq_deliveries_output_dest"),
 )
 Index("ix_deliveries_state", deliveries.c.state, deliveries.c.next_attempt_at)
