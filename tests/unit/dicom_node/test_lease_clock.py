@@ -8,6 +8,7 @@ Two consumers, each with its own JobQueue (as two processes or hosts would), cla
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import Counter
@@ -15,9 +16,11 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_until
-from helpers.clocks import JumpingClock
-from sqlalchemy import Engine, select
+from helpers.clocks import JumpingClock, ManualClock
+from sqlalchemy import Engine, insert, select
 
+from dicom_node.config import SenderSettings
+from dicom_node.delivery.ledger import Ledger, add_delivery
 from dicom_node.jobs import ClaimedJob, JobQueue
 from dicom_node.store import db
 from dicom_node.store.states import JobState
@@ -137,3 +140,29 @@ def test_worker_that_stops_renewing_is_taken_over_despite_the_jump(engine: Engin
     assert taken_over_after >= LEASE_S
     with engine.connect() as conn:  # the frozen worker's late completion is fenced
         assert not dead_queue.still_owned(conn, dead)
+
+
+def test_claimed_delivery_survives_a_jump_and_a_dead_senders_is_taken(engine: Engine) -> None:
+    [job_id] = _queue_jobs(engine, 1)
+    with engine.begin() as conn:
+        output_id = conn.execute(insert(db.outputs).values(
+            job_id=job_id, kind="sr", sop_instance_uid="1.2.3.4", sop_class_uid="1.2.3",
+            series_uid="1.2.3.5", study_uid="1.2.3.6", path="results/x.dcm",
+            created_at=1000.0)).inserted_primary_key[0]
+        add_delivery(conn, output_id, "PACS", 1000.0)
+    settings = SenderSettings(timeout_s=10)
+    clock_a, clock_b = ManualClock(), ManualClock()
+    a = Ledger(engine, settings, random.Random(0), clock_a)
+    b = Ledger(engine, settings, random.Random(1), clock_b)
+    [claimed] = a.claim()  # sender A is sending it
+    assert a.lease_s == 100
+    clock_b.jump(3600)  # the database's clock, as B reads it, jumps an hour ahead
+    assert b.claim() == []  # expired on that clock, but first seen now: watched
+    clock_b.advance(a.lease_s - 1)
+    assert b.claim() == []  # not yet stale for a whole lease of B's own time
+    clock_b.advance(1)
+    [again] = b.claim()  # A sent nothing more (no claim, no outcome): B takes it over
+    assert again.id == claimed.id
+    with engine.connect() as conn:
+        row = conn.execute(select(db.deliveries)).one()
+    assert row.state == "sending" and row.lease_seq == 2
