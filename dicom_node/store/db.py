@@ -140,6 +140,9 @@ jobs = Table(
     # result version of the study this job produces (1, then 2 when a late image
     # supersedes the first result, ...)
     Column("version", Integer, nullable=False, default=1, server_default="1"),
+    # bumped by every claim and lease renewal: a claimer takes an expired lease over only
+    # after seeing the same number for lease_s of its own monotonic time (dicom_node.clock)
+    Column("lease_seq", Integer, nullable=False, default=0, server_default="0"),
 )
 Index("ix_jobs_state", jobs.c.state, jobs.c.id)
 
@@ -208,6 +211,8 @@ deliveries = Table(
     Column("commit_transaction_uid", UID, nullable=True),
     Column("commit_requested_at", Float, nullable=True),
     Column("committed_at", Float, nullable=True),
+    # bumped by every claim (see jobs.lease_seq and dicom_node.clock)
+    Column("lease_seq", Integer, nullable=False, default=0, server_default="0"),
     UniqueConstraint("output_id", "destination", name="uq_deliveries_output_dest"),
 )
 Index("ix_deliveries_state", deliveries.c.state, deliveries.c.next_attempt_at)
@@ -281,17 +286,16 @@ def make_engine(url: str) -> Engine:
 
 
 def _upgrade_legacy(conn: Connection) -> None:
-    """A database made before the migrations: to the first revision (its tables and columns).
-
-    Exact while the metadata is the first revision's schema; once a later revision changes a
-    table, this step must create the first revision's tables instead of today's.
-    """
-    metadata.create_all(conn)
-    add_missing_columns(conn)
+    """A database made before the migrations: to the first revision's tables and columns
+    (not today's: the later revisions then run on it as on any database at 0001)."""
+    first = schema.first_revision_metadata()
+    first.create_all(conn)
+    add_missing_columns(conn, first)
 
 
-def add_missing_columns(bind: Engine | Connection) -> list[str]:
-    """Bring a database made by an earlier version up to the current tables.
+def add_missing_columns(bind: Engine | Connection, tables: MetaData | None = None) -> list[str]:
+    """Bring a database made by an earlier version up to ``tables`` (default: the current
+    tables).
 
     ``create_all`` creates missing tables but never alters existing ones; columns added
     since (all nullable or with a server default) are added here. Returns ``table.column``
@@ -299,11 +303,11 @@ def add_missing_columns(bind: Engine | Connection) -> list[str]:
     """
     if isinstance(bind, Engine):
         with bind.begin() as conn:
-            return add_missing_columns(conn)
+            return add_missing_columns(conn, tables)
     added = []
     inspector = inspect(bind)
     existing_tables = set(inspector.get_table_names())
-    for table in metadata.sorted_tables:
+    for table in (tables or metadata).sorted_tables:
         if table.name not in existing_tables:
             continue
         have = {c["name"] for c in inspector.get_columns(table.name)}

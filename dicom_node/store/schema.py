@@ -33,7 +33,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, MetaData, inspect, text
+from sqlalchemy import Connection, Engine, MetaData, create_engine, inspect, text
 from sqlalchemy.exc import OperationalError
 
 from dicom_node.errors import DatabaseUnavailableError, SchemaTooNewError
@@ -64,6 +64,22 @@ def head_revision() -> str:
     return head
 
 
+def first_revision_metadata() -> MetaData:
+    """The tables of revision 0001, as the migration creates them (run on an in-memory
+    SQLite and reflected): what a database made before the migrations is brought to before
+    it is stamped, whatever later revisions changed in ``dicom_node.store.db``."""
+    engine = create_engine("sqlite://")
+    try:
+        with engine.begin() as conn:
+            command.upgrade(config(conn, MetaData()), FIRST_REVISION)
+            frozen = MetaData()
+            frozen.reflect(conn)
+        frozen.remove(frozen.tables["alembic_version"])
+        return frozen
+    finally:
+        engine.dispose()
+
+
 def current_revision(conn: Connection) -> str | None:
     """The revision the database is stamped with (None: not under migrations yet)."""
     return MigrationContext.configure(conn).get_current_revision()
@@ -74,7 +90,8 @@ def migrate(engine: Engine, metadata: MetaData,
     """Bring the database to head (see the module doc); one locked transaction.
 
     ``upgrade_legacy`` brings a database made before the migrations to the first revision
-    (``dicom_node.store.db`` passes its create-missing-tables-and-columns step).
+    (``dicom_node.store.db`` passes its create-missing-tables-and-columns step, run with
+    :func:`first_revision_metadata`).
     """
     try:
         conn = engine.connect()

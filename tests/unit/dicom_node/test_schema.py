@@ -78,10 +78,12 @@ def test_the_migrated_schema_is_the_metadata(empty_db_url: str) -> None:
 def test_a_database_from_before_the_migrations_is_upgraded_and_stamped(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old.db'}"
     raw = create_engine(url)
-    old_tables = [t for t in db.metadata.sorted_tables if t.name != "confirmed_labels"]
-    db.metadata.create_all(raw, tables=old_tables)
+    first = schema.first_revision_metadata()  # what versions before the migrations made
+    first.create_all(raw, tables=[t for t in first.sorted_tables
+                                  if t.name != "confirmed_labels"])
     with raw.begin() as conn:
-        conn.execute(db.jobs.insert().values(study_uid="1.2.3", state="done", created_at=1.0))
+        conn.execute(first.tables["jobs"].insert().values(study_uid="1.2.3", state="done",
+                                                          attempts=0, created_at=1.0))
         conn.exec_driver_sql("ALTER TABLE instances DROP COLUMN selection")
     raw.dispose()
     assert "alembic_version" not in _tables(url)
@@ -108,7 +110,7 @@ def test_a_newer_schema_is_refused(empty_db_url: str) -> None:
     _stamp_unknown(empty_db_url)
     with pytest.raises(SchemaTooNewError, match="9999_from_the_future") as err:
         db.make_engine(empty_db_url)
-    assert "newer version" in str(err.value) and "0001" in str(err.value)
+    assert "newer version" in str(err.value) and repr(schema.head_revision()) in str(err.value)
 
 
 def test_serve_refuses_a_newer_schema_and_exits(tmp_path: Path) -> None:
@@ -168,13 +170,13 @@ def test_database_url_scheme_is_checked(tmp_path: Path) -> None:
     assert default.database_url == f"sqlite:///{tmp_path / 'node.db'}"
 
 
-def test_the_legacy_step_matches_the_first_revision() -> None:
-    """``db._upgrade_legacy`` brings a pre-migration database to revision 0001 with today's
-    tables: exact only while head is 0001. A new revision must make that step build the first
-    revision's tables instead (then change this test)."""
-    assert schema.head_revision() == schema.FIRST_REVISION, (
-        "a revision after 0001 exists: make db._upgrade_legacy create revision 0001's tables, "
-        "not today's metadata")
+def test_the_legacy_step_builds_the_first_revision_not_today() -> None:
+    """What a pre-migration database is brought to before its stamp is revision 0001's
+    schema, so the later revisions (0002 adds ``lease_seq``) then apply to it cleanly."""
+    first = schema.first_revision_metadata()
+    assert set(first.tables) == TABLES
+    assert "lease_seq" not in first.tables["jobs"].c and "lease_seq" in db.jobs.c
+    assert schema.head_revision() != schema.FIRST_REVISION
 
 
 def test_missing_postgresql_binaries_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
