@@ -1,5 +1,5 @@
 """Exactly one scheduler per database: two real ``dicom-node serve --role scheduler``
-processes on one SQLite file; one takes the lock and runs the evaluation schedule, the other
+processes on one database (PostgreSQL: the advisory lock; SQLite: the file lock); one takes the lock and runs the evaluation schedule, the other
 waits; after kill -9 of the first the second takes over and the scheduled runs go on."""
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ def _spawn(config: Path, log: Path) -> subprocess.Popen:
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def test_second_scheduler_waits_then_takes_over_after_kill9(tmp_path: Path) -> None:
+def test_second_scheduler_waits_then_takes_over_after_kill9(tmp_path: Path,
+                                                             db_url: str) -> None:
     settings = node_settings(tmp_path / "node", **{
+        "database.url": db_url,
         "evaluation.jobs": [{"name": "confirmed", "kind": "confirmed",
                              "schedule": {"interval_s": 1}}]})
     config = write_config(settings, tmp_path / "node.yaml")
