@@ -156,8 +156,9 @@ def _fmt(value: Any) -> str:
 def cmd_serve(settings: Settings, roles: frozenset[str] = ALL) -> int:
     from dicom_node.service import Node, run_forever
 
-    run_forever(Node(settings, roles=roles))
-    return 0
+    node = Node(settings, roles=roles)
+    run_forever(node)
+    return node.exit_status
 
 
 def cmd_status(settings: Settings) -> int:

@@ -51,6 +51,8 @@ from dicom_node.worker_process import DeployedModels, WorkerPool
 
 logger = logging.getLogger(__name__)
 
+LOCK_CHECK_S = 2.0  # how often a scheduler checks that its PostgreSQL lock session lives
+
 
 class Node:
     """The running service. ``start()`` returns once the listener is up."""
@@ -98,6 +100,7 @@ class Node:
             model_error=lambda: self.model_error, stop_event=self.stop_event)
         self.scheduler: EvaluationScheduler | None = None
         self.scheduler_lock: SchedulerLock | None = None
+        self.exit_status = 0  # 1: stopped on its own (the scheduler lock was lost)
         # worker processes (workers.mode "process"): an injected analyzer_factory (tests'
         # fakes, which need not survive pickling) keeps the workers as threads
         self.workers: WorkerPool | None = None
@@ -176,6 +179,21 @@ class Node:
         if scheduler is not None:
             self.scheduler = scheduler
             self.extras.append(scheduler.shutdown)
+        lock = self.scheduler_lock
+        if lock is not None and lock.path is None:  # PostgreSQL: the session may end
+            self._thread("scheduler-lock-watch", lambda: self._watch_lock(lock))
+
+    def _watch_lock(self, lock: SchedulerLock) -> None:
+        """An advisory lock lives as long as its database session: when that ends (the
+        server restarted, the connection was cut) another scheduler may take over, so this
+        one stops at once (exit status 1: the service manager starts it again, waiting)."""
+        while not self.stop_event.wait(LOCK_CHECK_S):
+            if not lock.held():
+                logger.error("scheduler lock lost (its database session ended): stopping "
+                             "this process so that two schedulers never run at once")
+                self.exit_status = 1
+                self.stop_event.set()
+                return
 
     def _thread(self, name: str, target: Callable[[], None]) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)

@@ -63,3 +63,28 @@ def test_second_scheduler_waits_then_takes_over_after_kill9(tmp_path: Path,
             if p.poll() is None:
                 p.terminate()
                 p.wait(20)
+
+
+def test_scheduler_stops_when_its_postgresql_lock_session_ends(tmp_path: Path,
+                                                               postgres_url: str) -> None:
+    """The advisory lock dies with its session (server restart, cut connection): the
+    scheduler must not go on beside the one that may now take over; it exits with 1."""
+    import psycopg
+
+    settings = node_settings(tmp_path / "node", **{"database.url": postgres_url})
+    config = write_config(settings, tmp_path / "node.yaml")
+    log = tmp_path / "scheduler.log"
+    proc = _spawn(config, log)
+    try:
+        wait_until(lambda: TAKEN in log.read_text(), 60, what="the scheduler lock")
+        url = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(url, autocommit=True) as conn:
+            ended = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_locks "
+                                 "WHERE locktype = 'advisory'").fetchall()
+        assert ended == [(True,)]
+        assert proc.wait(30) == 1
+        assert "scheduler lock lost" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
