@@ -11,8 +11,9 @@ the database, so a PACS can send while the model loads (or the demo bundle is bu
 
 The loops of the result path hand over through :mod:`dicom_node.wakeups`: a release wakes
 the assembler (now and at the end of its grace), a new job a worker, committed outputs the
-sender; their poll intervals are only the safety net. Between processes (roles apart) the
-poll intervals are the hand-over.
+sender; their poll intervals are only the safety net. Between processes (roles apart) on
+PostgreSQL the same hand-overs travel as notifications (:mod:`dicom_node.notify`); on SQLite
+the poll intervals are the hand-over.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from ai.types import Analyzer, ModelIdentity
-from dicom_node import disk, node_events
+from dicom_node import disk, node_events, notify
 from dicom_node.analysis import ensure_demo_bundle, load_analyzer
 from dicom_node.audit_forward import SyslogForwarder
 from dicom_node.config import Settings
@@ -101,6 +102,7 @@ class Node:
         self.scheduler: EvaluationScheduler | None = None
         self.scheduler_lock: SchedulerLock | None = None
         self.exit_status = 0  # 1: stopped on its own (the scheduler lock was lost)
+        self.listener: notify.Listener | None = None  # PostgreSQL notifications, roles apart
         # worker processes (workers.mode "process"): an injected analyzer_factory (tests'
         # fakes, which need not survive pickling) keeps the workers as threads
         self.workers: WorkerPool | None = None
@@ -108,7 +110,7 @@ class Node:
                 and analyzer_factory is load_analyzer):
             self.workers = WorkerPool(settings, self.node_id, self.queue,
                                       on_ready=self._models_ready, on_error=self._model_failed,
-                                      on_committed=self.wakeups.sender.set)
+                                      on_committed=self._outputs_committed)
             self.extras.append(self.workers.stop)
         # the spool filesystem's use (watermarks, retention, /readyz, /metrics); tests may
         # replace it
@@ -150,6 +152,7 @@ class Node:
             self._start_scheduler_duties()
         if "worker" in roles:
             self._thread("model-loader", self._load_model_then_work)
+        self._start_listener()
         self.extras.append(self.evaluation.close)
         if "web" in roles and (self.settings.web.enabled or roles != ALL):
             from dicom_node.web.server import start_web_server  # Flask only when enabled
@@ -241,10 +244,37 @@ class Node:
                    self.wakeups.sender)
 
     def _job_created(self) -> None:
-        """The assembler queued a job: wake the worker threads or processes."""
+        """The assembler queued a job: wake the worker threads or processes (those of
+        other processes through the database)."""
+        self._wake_workers()
+        if self.roles != ALL and notify.supported(self.engine):
+            notify.notify(self.engine, notify.JOBS)
+
+    def _wake_workers(self) -> None:
         self.wakeups.worker.set()
         if self.workers is not None:
             self.workers.wake()
+
+    def _outputs_committed(self) -> None:
+        """A worker committed results: their deliveries are due now."""
+        self.wakeups.sender.set()
+        if self.roles != ALL and notify.supported(self.engine):
+            notify.notify(self.engine, notify.DELIVERIES)
+
+    def _start_listener(self) -> None:
+        """PostgreSQL, roles apart: the hand-overs of other processes wake this one's
+        loops (a worker's when a receiver queued a job, a sender's when a worker committed
+        results)."""
+        if self.roles == ALL or not notify.supported(self.engine):
+            return
+        handlers: dict[str, Callable[[], None]] = {}
+        if "worker" in self.roles:
+            handlers[notify.JOBS] = self._wake_workers
+        if "sender" in self.roles:
+            handlers[notify.DELIVERIES] = self.wakeups.sender.set
+        if handlers:
+            self.listener = notify.Listener(self.engine, handlers, self.stop_event)
+            self._thread("notifications", self.listener.run)
 
     def _work_one(self, worker: AnalysisWorker, owner: str) -> object:
         """One batch of jobs; committed outputs wake the sender (their deliveries are due
@@ -252,7 +282,7 @@ class Node:
         w = self.settings.workers
         outcomes = worker.process_batch(owner, w.batch_jobs, w.batch_wait_s, self.stop_event)
         if any(outcome.outputs for outcome in outcomes):
-            self.wakeups.sender.set()
+            self._outputs_committed()
         return outcomes
 
     def _load_model_then_work(self) -> None:
