@@ -2,7 +2,7 @@
 database and one spool, exactly once through kill -9.
 
 Two receivers on different ports, three workers, one sender and one scheduler; a real DCMTK
-``storescp`` destination; ``storescu`` sends 100 studies (one of 30 images, the others of
+``storescp`` destination; ``storescu`` sends 100 studies (one of 40 images, the others of
 one) split across both receivers. On PostgreSQL (a throw-away cluster, the issue's proof)
 and on SQLite (several processes on one host; 30 studies). A worker holding a job and the sender in the middle of an association are killed
 with kill -9 and restarted. No process but the workers loads torch. Then every acknowledged
@@ -38,9 +38,9 @@ from dicom_node.store.states import DeliveryState, JobState
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STUDIES = {"postgresql": 100, "sqlite": 30}  # the issue's proof on PostgreSQL; SQLite: one host
-LONG_STUDY = 30  # images of the first study: its job runs longer than the lease
-LEASE_S = 4.0  # short, but an SQLite write lock under load can hold a renewal ~2 s
-HEARTBEAT_S = 0.4
+LONG_STUDY = 40  # images of the first study: its job runs longer than the lease
+LEASE_S = 3.0  # short, but an SQLite write lock under load can hold a renewal ~2 s
+HEARTBEAT_S = 0.3
 
 
 class Roles:
@@ -83,12 +83,15 @@ def _count(settings: Any, table: Any, *where: Any) -> int:
 
 
 def _studies(folder: Path, n: int) -> list[Path]:
-    """``n`` studies, the first of ``LONG_STUDY`` images, the others of one: one small
-    phantom rendered, then copied under new UIDs (the renderer is the slow part)."""
-    base = pydicom.dcmread(write_phantom_study(folder / "base", 1, seed=1, rows=128,
-                                               cols=128)[1][0])
+    """``n`` studies, the first of ``LONG_STUDY`` larger images, the others of one small
+    image: two phantoms rendered, then copied under new UIDs (the renderer is the slow
+    part)."""
+    small, large = (pydicom.dcmread(write_phantom_study(folder / f"base{size}", 1, seed=1,
+                                                        rows=size, cols=size)[1][0])
+                    for size in (128, 384))
     files = []
     for i in range(n):
+        base = large if i == 0 else small
         base.StudyInstanceUID, base.SeriesInstanceUID = generate_uid(), generate_uid()
         for k in range(LONG_STUDY if i == 0 else 1):
             base.SOPInstanceUID = base.file_meta.MediaStorageSOPInstanceUID = generate_uid()
