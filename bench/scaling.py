@@ -1,11 +1,11 @@
 """Scale-out of analysis: studies/s with 1, 2 and 3 worker processes, and the ratio to 1.
 
-Layout (issue 13): one ``dicom-node serve --role receiver`` process receives the same
-one-image studies (``storescu``) and assembles them into queued jobs; then N ``dicom-node
+Layout (issue 13): one ``dicom-node serve --role receiver`` process and N ``dicom-node
 serve --role worker`` processes (one worker thread and one torch thread each, the node's
-own code) claim and analyse them from the shared SQLite database and spool. Throughput is
-studies / (last job finished - first job started), from the node's own ``jobs`` rows, so
-model loading before the first claim is not counted. No destination: delivery is the
+own code) on one SQLite database and spool. Once every worker has loaded its model, the
+same one-image studies are sent over one association (``storescu``); its release makes them
+all ready together and the workers claim and analyse them. Throughput is studies / (last
+job finished - first job started), from the node's own ``jobs`` rows. No destination: delivery is the
 sender's role and is not measured here.
 
 Model: a random-weight DenseNet121 at 224 px (the demo classifier's size; weights are
@@ -75,14 +75,19 @@ def measure(workers: int, files: list[Path], bundle: Path, work: Path) -> dict[s
     config = data / "node.yaml"
     config.write_text(yaml.safe_dump(settings.model_dump(mode="json")), encoding="utf-8")
     port, db = c.free_port(), data / "node.db"
-    procs = [_spawn(config, data / "receiver.log", "receiver", "--port", str(port))]
+    logs = [data / f"worker{n}.log" for n in range(workers)]
+    procs = [_spawn(config, data / "receiver.log", "receiver", "--port", str(port)),
+             *(_spawn(config, log, "worker") for log in logs)]
     try:
         c.wait_for_port(port, timeout=120)
+        _wait(lambda: all(log.exists() and "models loaded" in log.read_text()
+                          for log in logs), 600, "every worker's model")
+        # one association: its release (+ studies.release_grace_s) makes every study
+        # ready at once, so all workers start together on a full queue
         subprocess.run(c.storescu_cmd(port, files, called=settings.dicom.ae_title),
                        check=True, capture_output=True, timeout=600)
-        _wait(lambda: len(_jobs(db)) == len(files), 300, "every study queued")
-        procs += [_spawn(config, data / f"worker{n}.log", "worker") for n in range(workers)]
-        _wait(lambda: all(r[0] == "done" for r in _jobs(db)), 1800, "every job done")
+        _wait(lambda: len(_jobs(db)) == len(files)
+              and all(r[0] == "done" for r in _jobs(db)), 1800, "every job done")
     finally:
         _stop(procs)
     rows = _jobs(db)
