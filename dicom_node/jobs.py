@@ -224,6 +224,13 @@ class JobQueue:
                                        lease_seq=db.jobs.c.lease_seq + 1))
         return res.rowcount == 1
 
+    def ended(self, job: ClaimedJob) -> bool:
+        """The job is done or failed (not running elsewhere, not queued again)."""
+        with self.engine.connect() as conn:
+            state = conn.execute(select(db.jobs.c.state)
+                                 .where(db.jobs.c.id == job.id)).scalar_one_or_none()
+        return state in (JobState.DONE, JobState.FAILED)
+
     @contextmanager
     def lease(self, job: ClaimedJob) -> Iterator[Heartbeat]:
         """Hold ``job`` while the block runs: heartbeat renewals, no in-process takeover."""
@@ -297,7 +304,8 @@ class Heartbeat:
                                type(exc).__name__)
                 continue
             if not owned:
-                if not self._stop.is_set():
+                # a renewal racing the job's own commit finds it done: that is no loss
+                if not self._stop.is_set() and not self.queue.ended(self.job):
                     logger.warning("job %d lost its lease (taken over or cancelled); its "
                                    "results will be discarded", self.job.id)
                 self.lost.set()

@@ -71,7 +71,8 @@ class Sender:
 
     def __init__(self, engine: Any, spool: Spool, destinations: Sequence[AnyDestination],
                  settings: SenderSettings, calling_ae: str, *, seed: int | None = None,
-                 sc_syntax: str | None = None, clock: Clock | None = None) -> None:
+                 sc_syntax: str | None = None, clock: Clock | None = None,
+                 owner: str | None = None) -> None:
         self.engine = engine
         self.sc_syntax = sc_syntax
         self.spool = spool
@@ -82,7 +83,7 @@ class Sender:
                 _warn_about_transport(dest)
         self.settings = settings
         self.calling_ae = calling_ae
-        self.ledger = Ledger(engine, settings, random.Random(seed), clock)
+        self.ledger = Ledger(engine, settings, random.Random(seed), clock, owner)
         # N-EVENT-REPORT handler for the sender's associations and the node's listener
         self.reports = CommitmentReports(self.ledger, settings)
 

@@ -87,7 +87,8 @@ class Node:
                                         on_job=self._job_created)
         self.sender = Sender(self.engine, self.spool, settings.destinations, settings.sender,
                              settings.dicom.ae_title,
-                             sc_syntax=str(settings.outputs.sc_transfer_syntax))
+                             sc_syntax=str(settings.outputs.sc_transfer_syntax),
+                             owner=f"{self.node_id}:sender")
         self.analyzer: Analyzer | None = None
         self.model_error: str | None = None
         self.stop_event = threading.Event()

@@ -81,8 +81,11 @@ def add_delivery(conn: Connection, output_id: int, destination: str, now: float)
 
 class Ledger:
     def __init__(self, engine: Engine, settings: SenderSettings, rng: random.Random,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, owner: str | None = None) -> None:
         self.engine = engine
+        # this sender's claims carry it, so a restart recovers its own batch only (several
+        # senders on one database); None: the only sender, it recovers every mid-send row
+        self.owner = owner
         self.settings = settings
         self.rng = rng
         self.clock = clock or Clock(engine)
@@ -93,10 +96,16 @@ class Ledger:
     # -- claiming --------------------------------------------------------------------------
 
     def recover(self) -> int:
-        """Start-up: deliveries caught mid-send by a crash are due again."""
+        """Start-up: deliveries this sender was sending when it crashed are due again (its
+        own claims, and unowned ones from before owners were recorded). Another live
+        sender's batch is left to it; a dead one's is taken over when its lease runs out."""
+        mine = (_d.state == DeliveryState.SENDING if self.owner is None else
+                and_(_d.state == DeliveryState.SENDING,
+                     or_(_d.lease_owner == self.owner, _d.lease_owner.is_(None))))
         with self.engine.begin() as conn:
-            res = conn.execute(update(db.deliveries).where(_d.state == DeliveryState.SENDING)
-                               .values(state=DeliveryState.PENDING, lease_expires_at=None))
+            res = conn.execute(update(db.deliveries).where(mine)
+                               .values(state=DeliveryState.PENDING, lease_expires_at=None,
+                                       lease_owner=None))
         return res.rowcount
 
     def claim(self, now: float | None = None) -> list[Delivery]:
@@ -120,6 +129,7 @@ class Ledger:
                 conn.execute(update(db.deliveries).where(_d.id.in_([r.id for r in rows]))
                              .values(state=DeliveryState.SENDING,
                                      lease_expires_at=now + self.lease_s,
+                                     lease_owner=self.owner,
                                      lease_seq=_d.lease_seq + 1))
         return [_delivery(r) for r in rows]
 

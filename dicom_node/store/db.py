@@ -211,6 +211,8 @@ deliveries = Table(
     Column("commit_transaction_uid", UID, nullable=True),
     Column("commit_requested_at", Float, nullable=True),
     Column("committed_at", Float, nullable=True),
+    # the sender process holding a ``sending`` row (dicom_node.service's node id + ":sender")
+    Column("lease_owner", String(200), nullable=True),
     # bumped by every claim (see jobs.lease_seq and dicom_node.clock)
     Column("lease_seq", Integer, nullable=False, default=0, server_default="0"),
     UniqueConstraint("output_id", "destination", name="uq_deliveries_output_dest"),
