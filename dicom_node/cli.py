@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from dicom_node import logs
 from dicom_node.config import ConfigError, Destination, Settings, load_settings
 from dicom_node.errors import NodeError
+from dicom_node.roles import ALL, ROLES, parse_roles
 from dicom_node.store import db
 from dicom_node.store.states import DeliveryState
 
@@ -32,6 +33,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="YAML settings file (default: config/node.yaml when present)")
     p.add_argument("--data-dir", type=Path, help="override storage.data_dir")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _roles(text: str) -> frozenset[str]:
+    try:
+        return parse_roles(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--destination", action="append", default=[], metavar="AE@HOST:PORT",
                    help="add a destination for results (repeatable)")
     p.add_argument("--web-port", type=int, help="override web.port")
+    p.add_argument("--role", type=_roles, default=ALL, metavar="ROLES",
+                   help="what this process runs: all (default) or a comma list of "
+                   f"{', '.join(ROLES)} (e.g. receiver,web); every role shares the database "
+                   "and storage.data_dir (the spool)")
 
     p = sub.add_parser("check-config", help="validate the configuration and print it")
     _add_common(p)
@@ -141,11 +153,12 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def cmd_serve(settings: Settings) -> int:
+def cmd_serve(settings: Settings, roles: frozenset[str] = ALL) -> int:
     from dicom_node.service import Node, run_forever
 
-    run_forever(Node(settings))
-    return 0
+    node = Node(settings, roles=roles)
+    run_forever(node)
+    return node.exit_status
 
 
 def cmd_status(settings: Settings) -> int:
@@ -283,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "serve":
-        return cmd_serve(settings)
+        return cmd_serve(settings, args.role)
     if args.command == "check-config":
         print(json.dumps(settings.model_dump(mode="json"), indent=2))
         return 0

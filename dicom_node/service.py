@@ -1,19 +1,25 @@
 """Wiring of the running node: listener, assembler, workers, sender (and web, scheduler).
 
+A process runs the roles it is given (:mod:`dicom_node.roles`, default all of them): the
+receiver's listener and assembler, the workers, the sender loop, the web server and the
+scheduler's duties (the evaluation schedule, retention, audit forwarding; only while this
+process holds the scheduler lock of :mod:`dicom_node.singleton`). Several processes, on one
+host or many, share one database and one spool directory.
+
 Start-up order puts the DICOM listener first: acknowledging images needs only the spool and
 the database, so a PACS can send while the model loads (or the demo bundle is built).
 
 The loops of the result path hand over through :mod:`dicom_node.wakeups`: a release wakes
 the assembler (now and at the end of its grace), a new job a worker, committed outputs the
-sender; their poll intervals are only the safety net.
+sender; their poll intervals are only the safety net. Between processes (roles apart) on
+PostgreSQL the same hand-overs travel as notifications (:mod:`dicom_node.notify`); on SQLite
+the poll intervals are the hand-over.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +29,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from ai.types import Analyzer, ModelIdentity
-from dicom_node import disk, node_events
+from dicom_node import disk, node_events, notify
 from dicom_node.analysis import ensure_demo_bundle, load_analyzer
 from dicom_node.audit_forward import SyslogForwarder
 from dicom_node.config import Settings
@@ -32,9 +38,11 @@ from dicom_node.evaluation.service import EvaluationService
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import JobQueue
 from dicom_node.retention import Retention
+from dicom_node.roles import ALL, ROLES, claim_identity
 from dicom_node.scheduler import EvaluationScheduler, start_evaluation_scheduler
 from dicom_node.scp import StudyRelease, start_scp
 from dicom_node.sender import Sender
+from dicom_node.singleton import SchedulerLock
 from dicom_node.spool import Spool, Watermarks
 from dicom_node.store.db import make_engine
 from dicom_node.studies import StudyAssembler
@@ -44,22 +52,23 @@ from dicom_node.worker_process import DeployedModels, WorkerPool
 
 logger = logging.getLogger(__name__)
 
-
-def node_id(settings: Settings) -> str:
-    """Stable per host and data directory: the prefix of every lease this node takes."""
-    digest = hashlib.sha256(str(settings.storage.data_dir.resolve()).encode()).hexdigest()[:8]
-    return f"{socket.gethostname()}:{digest}"
+LOCK_CHECK_S = 2.0  # how often a scheduler checks that its PostgreSQL lock session lives
 
 
 class Node:
     """The running service. ``start()`` returns once the listener is up."""
 
     def __init__(self, settings: Settings,
-                 analyzer_factory: Callable[[Settings], Analyzer] = load_analyzer) -> None:
+                 analyzer_factory: Callable[[Settings], Analyzer] = load_analyzer, *,
+                 roles: frozenset[str] = ALL) -> None:
         self.settings = settings
         self.analyzer_factory = analyzer_factory
+        self.roles = roles
         data_dir = settings.storage.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
+        # the prefix of every lease this process takes, unique among live processes
+        self.identity = claim_identity(data_dir, roles)
+        self.node_id = self.identity.node_id
         self.engine: Engine = make_engine(settings.database_url)
         storage = settings.storage
         self.spool = Spool(data_dir / "spool", min_free_bytes=storage.min_free_bytes,
@@ -78,8 +87,8 @@ class Node:
                                         on_job=self._job_created)
         self.sender = Sender(self.engine, self.spool, settings.destinations, settings.sender,
                              settings.dicom.ae_title,
-                             sc_syntax=str(settings.outputs.sc_transfer_syntax))
-        self.node_id = node_id(settings)
+                             sc_syntax=str(settings.outputs.sc_transfer_syntax),
+                             owner=f"{self.node_id}:sender")
         self.analyzer: Analyzer | None = None
         self.model_error: str | None = None
         self.stop_event = threading.Event()
@@ -92,13 +101,17 @@ class Node:
             self.engine, settings, deployed=lambda: self.analyzer,
             model_error=lambda: self.model_error, stop_event=self.stop_event)
         self.scheduler: EvaluationScheduler | None = None
+        self.scheduler_lock: SchedulerLock | None = None
+        self.exit_status = 0  # 1: stopped on its own (the scheduler lock was lost)
+        self.listener: notify.Listener | None = None  # PostgreSQL notifications, roles apart
         # worker processes (workers.mode "process"): an injected analyzer_factory (tests'
         # fakes, which need not survive pickling) keeps the workers as threads
         self.workers: WorkerPool | None = None
-        if settings.workers.mode == "process" and analyzer_factory is load_analyzer:
+        if ("worker" in roles and settings.workers.mode == "process"
+                and analyzer_factory is load_analyzer):
             self.workers = WorkerPool(settings, self.node_id, self.queue,
                                       on_ready=self._models_ready, on_error=self._model_failed,
-                                      on_committed=self.wakeups.sender.set)
+                                      on_committed=self._outputs_committed)
             self.extras.append(self.workers.stop)
         # the spool filesystem's use (watermarks, retention, /readyz, /metrics); tests may
         # replace it
@@ -114,28 +127,77 @@ class Node:
         return bool(self.servers) and self.analyzer is not None
 
     def start(self) -> None:
+        roles = self.roles
+        logger.info("process %s (pid %d): roles %s", self.node_id, os.getpid(),
+                    ", ".join(r for r in ROLES if r in roles))
         node_events.record_started(self.engine, self.settings, self.node_id)
-        self.spool.clean_tmp()
-        self.queue.requeue_owned_by(self.node_id)
-        self.sender.recover()
-        grace = self.settings.studies.release_grace_s
-        release = None if grace is None else StudyRelease(grace, self.wakeups.assembler)
-        self.servers = start_scp(self.settings.dicom, self.ingestor,
-                                 commitment=self.sender.reports, release=release)
-        self._thread("assembler", self._assembler_loop)
-        if self.settings.destinations:
+        if "worker" in roles:  # this slot's previous holder is dead: its jobs are ours
+            self.queue.requeue_owned_by(f"{self.node_id}:")
+        if "sender" in roles:
+            self.sender.recover()
+        if "receiver" in roles:
+            # alone on the spool (all roles) every partial write is a crash's; with roles
+            # apart, only those older than any association or result write can be
+            self.spool.clean_tmp(0.0 if roles == ALL
+                                 else self.settings.dicom.association_deadline_s)
+            grace = self.settings.studies.release_grace_s
+            release = None if grace is None else StudyRelease(grace, self.wakeups.assembler)
+            # N-EVENT-REPORTs on a new association arrive here and go to the ledger (the
+            # database), whichever process sends
+            self.servers = start_scp(self.settings.dicom, self.ingestor,
+                                     commitment=self.sender.reports, release=release)
+            self._thread("assembler", self._assembler_loop)
+        if "sender" in roles and self.settings.destinations:
             self._thread("sender", self._sender_loop)
-        self._start_housekeeping()
-        self._thread("model-loader", self._load_model_then_work)
-        self.scheduler = start_evaluation_scheduler(self.evaluation, self.settings.evaluation)
-        if self.scheduler is not None:
-            self.extras.append(self.scheduler.shutdown)
+        if "scheduler" in roles:
+            self._start_scheduler_duties()
+        if "worker" in roles:
+            self._thread("model-loader", self._load_model_then_work)
+        self._start_listener()
         self.extras.append(self.evaluation.close)
-        if self.settings.web.enabled:
+        if "web" in roles and (self.settings.web.enabled or roles != ALL):
             from dicom_node.web.server import start_web_server  # Flask only when enabled
 
             self.web = start_web_server(self)
             self.extras.insert(0, self.web.stop)  # stop serving before what it reads stops
+
+    def _start_scheduler_duties(self) -> None:
+        """The scheduled duties run only while this process holds the scheduler lock: at
+        once when it is free, else from a thread that waits for the holder to go."""
+        lock = self.scheduler_lock = SchedulerLock(self.engine)
+        if lock.try_acquire():
+            self._scheduled_duties()
+            return
+
+        def wait_then_run() -> None:
+            if lock.acquire(self.stop_event):
+                self._scheduled_duties()
+
+        self._thread("scheduler-lock", wait_then_run)
+
+    def _scheduled_duties(self) -> None:
+        logger.info("scheduler lock taken (pid %d): evaluation schedule, retention and "
+                    "audit forwarding run in this process", os.getpid())
+        self._start_housekeeping()
+        scheduler = start_evaluation_scheduler(self.evaluation, self.settings.evaluation)
+        if scheduler is not None:
+            self.scheduler = scheduler
+            self.extras.append(scheduler.shutdown)
+        lock = self.scheduler_lock
+        if lock is not None and lock.path is None:  # PostgreSQL: the session may end
+            self._thread("scheduler-lock-watch", lambda: self._watch_lock(lock))
+
+    def _watch_lock(self, lock: SchedulerLock) -> None:
+        """An advisory lock lives as long as its database session: when that ends (the
+        server restarted, the connection was cut) another scheduler may take over, so this
+        one stops at once (exit status 1: the service manager starts it again, waiting)."""
+        while not self.stop_event.wait(LOCK_CHECK_S):
+            if not lock.held():
+                logger.error("scheduler lock lost (its database session ended): stopping "
+                             "this process so that two schedulers never run at once")
+                self.exit_status = 1
+                self.stop_event.set()
+                return
 
     def _thread(self, name: str, target: Callable[[], None]) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -183,10 +245,37 @@ class Node:
                    self.wakeups.sender)
 
     def _job_created(self) -> None:
-        """The assembler queued a job: wake the worker threads or processes."""
+        """The assembler queued a job: wake the worker threads or processes (those of
+        other processes through the database)."""
+        self._wake_workers()
+        if self.roles != ALL and notify.supported(self.engine):
+            notify.notify(self.engine, notify.JOBS)
+
+    def _wake_workers(self) -> None:
         self.wakeups.worker.set()
         if self.workers is not None:
             self.workers.wake()
+
+    def _outputs_committed(self) -> None:
+        """A worker committed results: their deliveries are due now."""
+        self.wakeups.sender.set()
+        if self.roles != ALL and notify.supported(self.engine):
+            notify.notify(self.engine, notify.DELIVERIES)
+
+    def _start_listener(self) -> None:
+        """PostgreSQL, roles apart: the hand-overs of other processes wake this one's
+        loops (a worker's when a receiver queued a job, a sender's when a worker committed
+        results)."""
+        if self.roles == ALL or not notify.supported(self.engine):
+            return
+        handlers: dict[str, Callable[[], None]] = {}
+        if "worker" in self.roles:
+            handlers[notify.JOBS] = self._wake_workers
+        if "sender" in self.roles:
+            handlers[notify.DELIVERIES] = self.wakeups.sender.set
+        if handlers:
+            self.listener = notify.Listener(self.engine, handlers, self.stop_event)
+            self._thread("notifications", self.listener.run)
 
     def _work_one(self, worker: AnalysisWorker, owner: str) -> object:
         """One batch of jobs; committed outputs wake the sender (their deliveries are due
@@ -194,7 +283,7 @@ class Node:
         w = self.settings.workers
         outcomes = worker.process_batch(owner, w.batch_jobs, w.batch_wait_s, self.stop_event)
         if any(outcome.outputs for outcome in outcomes):
-            self.wakeups.sender.set()
+            self._outputs_committed()
         return outcomes
 
     def _load_model_then_work(self) -> None:
@@ -252,7 +341,10 @@ class Node:
             t.join(max(0.0, deadline - time.monotonic()))
         self.sender.close()
         node_events.record_stopped(self.engine, self.node_id)
+        if self.scheduler_lock is not None:
+            self.scheduler_lock.release()
         self.engine.dispose()
+        self.identity.release()
 
 
 def run_forever(node: Node) -> None:

@@ -135,8 +135,13 @@ class StudyAssembler:
         verdicts = {row.id: self._classify(row) for row in pending}
         selected = [i for i, reason in verdicts.items() if reason is None]
         with self.engine.begin() as conn:
-            study = conn.execute(select(db.studies).where(db.studies.c.study_uid == study_uid)
-                                 ).one()
+            # the study's row is the claim between assemblers (receivers) of several
+            # processes: on PostgreSQL a second one waits here and then finds it no longer
+            # receiving; SQLite's BEGIN IMMEDIATE already serialises the whole transaction
+            claim = select(db.studies).where(db.studies.c.study_uid == study_uid)
+            if not db.is_sqlite(self.engine):
+                claim = claim.with_for_update()
+            study = conn.execute(claim).one()
             why = self._why_ready(study, now) if study.state == StudyState.RECEIVING else None
             if why is None or self._pending_ids(conn, study_uid) != set(verdicts):
                 return None  # more arrived meanwhile, or another assembler took it

@@ -246,7 +246,7 @@ class AnalysisWorker:
     def _commit(self, job: ClaimedJob, analysed: list[tuple[int, pydicom.Dataset, ImageResult]],
                 bad: dict[int, str], stored: list[tuple[OutputObject, str]],
                 prior: list[PriorOutput], duration: float) -> None:
-        now = time.time()
+        now = self.queue.clock.now()  # next_attempt_at is compared on the database's clock
         with self.engine.begin() as conn:
             if not self.queue.still_owned(conn, job):
                 logger.warning("job %d lost its lease before commit; results discarded", job.id)

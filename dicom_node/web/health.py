@@ -1,6 +1,7 @@
 """Liveness and readiness, without authentication (for load balancers and systemd).
 
-``/readyz`` is 200 only when the DICOM listener is up, the model is loaded, the database
+``/readyz`` is 200 only when the DICOM listener is up, the model is loaded (each checked
+only in a process that runs the receiver or worker role), the database
 answers and the spool's filesystem is not fuller than ``storage.high_watermark_pct``;
 otherwise 503 with the reasons (no identifiers, no stack traces). Its body also carries the
 spool's disk figures.
@@ -14,6 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.disk import DiskUsage, measure
+from dicom_node.roles import ALL
 from dicom_node.web.context import WebContext, web_context
 from dicom_node.web.validation import query_params
 
@@ -37,18 +39,21 @@ def readyz() -> ResponseReturnValue:
         checks["listener"] = checks["model"] = "absent"
         reasons.append("no DICOM node runs in this process")
     else:
-        listening = node.server is not None and not node.stop_event.is_set()
-        checks["listener"] = "up" if listening else "down"
-        if not listening:
-            reasons.append("DICOM listener is not running")
-        if node.analyzer is not None:
-            checks["model"] = "loaded"
-        elif node.model_error:
-            checks["model"] = "failed"
-            reasons.append("model could not be loaded (see the node log)")
-        else:
-            checks["model"] = "loading"
-            reasons.append("model is loading")
+        roles = getattr(node, "roles", ALL)  # a process of some roles checks only theirs
+        if "receiver" in roles:
+            listening = node.server is not None and not node.stop_event.is_set()
+            checks["listener"] = "up" if listening else "down"
+            if not listening:
+                reasons.append("DICOM listener is not running")
+        if "worker" in roles:
+            if node.analyzer is not None:
+                checks["model"] = "loaded"
+            elif node.model_error:
+                checks["model"] = "failed"
+                reasons.append("model could not be loaded (see the node log)")
+            else:
+                checks["model"] = "loading"
+                reasons.append("model is loading")
     try:
         with ctx.engine.connect() as conn:
             conn.execute(text("SELECT 1"))

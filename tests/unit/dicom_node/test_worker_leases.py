@@ -24,9 +24,9 @@ from dicom_node.worker import AnalysisWorker, JobOutcome
 
 
 @pytest.fixture
-def queued(tmp_path: Path) -> tuple[Engine, Spool]:
-    """A real SQLite file with one queued job over two images."""
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+def queued(tmp_path: Path, db_url: str) -> tuple[Engine, Spool]:
+    """A real SQLite file (and a PostgreSQL database) with one queued job over two images."""
+    engine = db.make_engine(db_url)
     spool = Spool(tmp_path / "spool")
     ingestor = Ingestor(engine, spool, max_instance_bytes=50_000_000)
     first = make_image()
@@ -55,7 +55,9 @@ def test_heartbeat_renews_while_owned_and_notices_a_lost_lease(queued) -> None: 
         wait_until(beat.lost.is_set, 10, interval=0.02, what="lease loss noticed")
         wait_until(lambda: not beat.is_alive(), 10, interval=0.02, what="heartbeat ended")
         assert q.renew(job) is False and _job(engine).lease_owner == "other:9:0"
-    assert q.claim("w:1:1", now=time.time() + 5) is not None  # expired: claimable again
+    # expired, and its lease_seq unchanged for lease_s of this queue's own time: taken over
+    assert wait_until(lambda: q.claim("w:1:1", now=time.time() + 5), 10, interval=0.05,
+                      what="takeover of the expired lease")
 
 
 def test_long_job_is_not_taken_over_by_a_second_worker(queued) -> None:  # type: ignore[no-untyped-def]
@@ -85,3 +87,20 @@ def test_long_job_is_not_taken_over_by_a_second_worker(queued) -> None:  # type:
     with engine.connect() as conn:
         kinds = sorted(o.kind for o in conn.execute(select(db.outputs)).all())
     assert kinds == ["gsps", "sc", "sc", "sr"]  # exactly one result set
+
+
+def test_a_renewal_racing_the_jobs_own_end_is_no_lost_lease(  # type: ignore[no-untyped-def]
+        queued, caplog: pytest.LogCaptureFixture) -> None:
+    """A heartbeat that fires between the job's commit and the end of its lease block finds
+    the job done: no "lost its lease" warning (it warned after every job on a busy node)."""
+    engine, _ = queued
+    q = JobQueue(engine, lease_s=1.0, max_attempts=3, heartbeat_s=0.05)
+    job = q.claim("w:1:0")
+    assert job is not None
+    with caplog.at_level("WARNING", logger="dicom_node.jobs"), q.lease(job) as beat:
+        with engine.begin() as conn:  # the worker's commit: done, owner cleared
+            conn.execute(update(db.jobs).values(state="done", lease_owner=None,
+                                                lease_expires_at=None))
+        wait_until(beat.lost.is_set, 10, interval=0.02, what="the renewal after the commit")
+    assert q.ended(job)
+    assert "lost its lease" not in caplog.text
