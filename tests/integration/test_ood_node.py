@@ -75,7 +75,7 @@ def test_real_radiograph_is_withheld_and_every_output_says_so(
         (verdict,) = study["ood"]
         assert verdict["out_of_distribution"] is True and verdict["score"] > verdict["threshold"]
         assert study["findings"] == []
-        page = requests.get(f"{base}/studies/{study['key']}", headers=auth, timeout=5)
+        page = requests.get(f"{base}/dashboard/studies/{study['key']}", headers=auth, timeout=5)
         assert page.status_code == 200 and "Out of distribution for tiny-gated" in page.text
         metrics = requests.get(f"{base}/metrics", headers=auth, timeout=5).text
         assert 'cxr_ood_withheld_total{model="tiny-gated-classifier 0.0.1"} 1' in metrics
