@@ -24,7 +24,8 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ai.bundle.architectures import default_gradcam_layer
 from ai.bundle.load import save_bundle
 from ai.bundle.metadata import BundleMetadata, InputSpec, LabelSpec, NetworkSpec
 from ai.codes import default_code
 from ai.networks import build_network
-from ai.pixels import PreprocessParams, preprocess, preprocess_image
+from ai.pixels import Letterbox, PreprocessParams, preprocess, preprocess_image
+from ai.reference.labels import normalise_path
+from ai.reference.localisation import TOLERANCE_MODEL_PX, ImageLocations, read_locations
 from ai.reference.metrics import auroc_estimate, binary_metrics_at, youden_threshold
 from ai.types import CodedConcept
+from training.localisation import localise
 from training.phantoms import FINDINGS, render_phantom
 from training.synth import synthesize
 
@@ -195,6 +200,11 @@ class Scored:
     scores: np.ndarray  # (N, labels)
     truth: np.ndarray  # (N, labels) 0/1
     patients: list[str]
+    # for the Grad-CAM localisation figures: the model inputs, their letterboxes and where
+    # each image's findings and lungs are (synth's locations.json)
+    inputs: torch.Tensor | None = None
+    letterboxes: list[Letterbox] = field(default_factory=list)
+    locations: list[ImageLocations | None] = field(default_factory=list)
 
 
 def score_dicom(
@@ -208,15 +218,18 @@ def score_dicom(
         )
     with summary.labels_csv.open(newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    tensors = []
+    tensors, letterboxes = [], []
     for row in tqdm(rows, desc=f"{label}validation: read DICOM", disable=not progress):
-        tensor, _ = preprocess(pydicom.dcmread(folder / row["path"]), params)
+        tensor, letterbox = preprocess(pydicom.dcmread(folder / row["path"]), params)
         tensors.append(tensor)
+        letterboxes.append(letterbox)
     batch = torch.from_numpy(np.stack(tensors))
     with torch.inference_mode():
         scores = torch.cat([torch.sigmoid(model(chunk)) for chunk in batch.split(32)])
     truth = np.asarray([[int(row[name]) for name in FINDINGS] for row in rows])
-    return Scored(scores.numpy(), truth, [row["patient_id"] for row in rows])
+    where = read_locations(summary.locations_json)
+    return Scored(scores.numpy(), truth, [row["patient_id"] for row in rows], batch,
+                  letterboxes, [where.get(normalise_path(row["path"])) for row in rows])
 
 
 def _patient_halves(patients: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -245,7 +258,8 @@ def _label_metrics(truth: np.ndarray, scores: np.ndarray, threshold: float) -> d
 
 
 def calibrate(scored: Scored, seed: int) -> tuple[list[float], dict[str, Any]]:
-    """Youden thresholds on the calibration half; metrics on the held-out half."""
+    """Youden thresholds on the calibration half; metrics on the held-out half (the
+    localisation figures are added by :func:`add_localisation`)."""
     cal, test = _patient_halves(scored.patients, seed)
     thresholds: list[float] = []
     per_label: dict[str, Any] = {}
@@ -268,6 +282,24 @@ def calibrate(scored: Scored, seed: int) -> tuple[list[float], dict[str, Any]]:
         "per_label": per_label,
     }
     return thresholds, summary
+
+
+def add_localisation(model: nn.Module, scored: Scored, thresholds: Sequence[float], seed: int,
+                     metrics: dict[str, Any]) -> None:
+    """Grad-CAM pointing game and lung energy per label on the held-out half's true
+    positives, into ``metrics["per_label"][label]["localisation"]`` (None: no such image)."""
+    if scored.inputs is None:
+        return
+    _, test = _patient_halves(scored.patients, seed)
+    wanted = (scored.truth == 1) & (scored.scores >= np.asarray(thresholds)[None, :])
+    found = localise(model, default_gradcam_layer(DEMO_NETWORK.name), scored.inputs,
+                     scored.letterboxes, scored.locations, FINDINGS, wanted & test[:, None])
+    for name, entry in metrics["per_label"].items():
+        entry["localisation"] = found.get(name)
+    metrics["localisation_method"] = (
+        f"Grad-CAM ({default_gradcam_layer(DEMO_NETWORK.name)}) on held-out true positives: "
+        f"pointing game against the phantom's finding box, {TOLERANCE_MODEL_PX:.0f} px "
+        f"tolerance at {DEMO_INPUT.size} px; mean fraction of map energy in the lung mask")
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,9 +333,12 @@ def build_demo_bundle(
     with tempfile.TemporaryDirectory(prefix="cxr-demo-val-") as tmp:
         scored = score_dicom(model, Path(tmp), plan, seed + 1, params, progress, label)
     thresholds, metrics = calibrate(scored, seed)
+    localised = time.perf_counter()
+    add_localisation(model, scored, thresholds, seed, metrics)
     phases = {
         "render_seconds": round(rendered - started, 1),
-        "validation_seconds": round(time.perf_counter() - trained, 1),
+        "validation_seconds": round(localised - trained, 1),
+        "localisation_seconds": round(time.perf_counter() - localised, 1),
         "torch_threads": torch.get_num_threads(),
     }
     metadata = BundleMetadata(
@@ -357,14 +392,19 @@ def classifier_figures(meta: BundleMetadata) -> list[str]:
     rows = []
     for label, entry in v.get("per_label", {}).items():
         test = entry.get("test", {})
+        where = entry.get("localisation") or {}
         rows.append([label, f"{entry.get('threshold', float('nan')):.2f}",
                      f"{test.get('n_positive', 0)}/{test.get('n_negative', 0)}",
                      _ci(test.get("sensitivity")), _ci(test.get("specificity")),
-                     _ci(test.get("auroc"))])
+                     _ci(test.get("auroc")),
+                     f"{_ci(where.get('hit_rate'))} [{where.get('tp_images', 0)}]",
+                     _num(where.get("lung_energy"))])
     head = (f"held-out DICOM phantoms: {v.get('test_images', '?')} images (thresholds: "
-            f"Youden J on the other {v.get('calibration_images', '?')})")
+            f"Youden J on the other {v.get('calibration_images', '?')}); Grad-CAM on the "
+            "true positives [n]: pointing-game hit rate, energy in the lungs")
     return [head, *text_table(("label", "threshold", "pos/neg", "sensitivity (95% CI)",
-                               "specificity (95% CI)", "AUROC (95% CI)"), rows)]
+                               "specificity (95% CI)", "AUROC (95% CI)",
+                               "hit rate (95% CI) [n]", "lung energy"), rows)]
 
 
 def detector_figures(meta: BundleMetadata) -> list[str]:

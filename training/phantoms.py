@@ -87,6 +87,9 @@ class Phantom:
     boxes: tuple[Box, ...]
     pixel_spacing_mm: float
     cardiothoracic_ratio: float
+    # bool (rows, columns): the lung fields as drawn (frontal views; None for a lateral),
+    # the reference for "how much of a heatmap lies in the lungs"
+    lungs: np.ndarray | None = None
 
     def labels(self) -> list[int]:
         return [int(self.findings[name]) for name in FINDINGS]
@@ -512,8 +515,8 @@ def _frontal(
     frng: np.random.Generator,
     findings: dict[str, bool],
     mm_px: float,
-) -> tuple[np.ndarray, list[Box], float]:
-    """Attenuation map of a PA/AP chest, the finding boxes and the CTR."""
+) -> tuple[np.ndarray, list[Box], float, np.ndarray]:
+    """Attenuation map of a PA/AP chest, the finding boxes, the CTR and the lung mask."""
     an = _anatomy(geom, findings["cardiomegaly"])
     x, y = c.grid()
     body = _body(c, an)
@@ -567,7 +570,7 @@ def _frontal(
     if geom.random() < 0.6:  # gastric air bubble under the left hemidiaphragm
         bubble = ((x - 0.25) / 0.07) ** 2 + ((y - an.dome[1] - 0.09) / 0.035) ** 2 < 1
         att -= 0.4 * _blur(bubble.astype(np.float32), 1.5)
-    return att, boxes, an.ctr
+    return att, boxes, an.ctr, (lungs[-1] | lungs[1]).astype(bool)
 
 
 def _lateral(c: _Canvas, geom: np.random.Generator) -> np.ndarray:
@@ -748,12 +751,15 @@ def render_phantom(
     fov = geom.uniform(380.0, 430.0)
     spacing = pixel_spacing_mm if pixel_spacing_mm else fov / max(rows, columns)
     canvas, mm_px = _canvas(geom, rows, columns, spacing, view)
+    lungs: np.ndarray | None = None
     if view == "LL":
         att, boxes, ctr = _lateral(canvas, geom), [], 0.0
     else:
-        att, boxes, ctr = _frontal(canvas, geom, frng, wanted, mm_px)
+        att, boxes, ctr, work_lungs = _frontal(canvas, geom, frng, wanted, mm_px)
+        lungs = cv2.resize(work_lungs.astype(np.uint8), (columns, rows),
+                           interpolation=cv2.INTER_NEAREST).astype(bool)
     image = _finish(att, canvas, 0.85, rows, columns, noise, view)
-    return Phantom(image, view, wanted, tuple(boxes), float(spacing), float(ctr))
+    return Phantom(image, view, wanted, tuple(boxes), float(spacing), float(ctr), lungs)
 
 
 def render_ct_slice(seed: Seed, rows: int, columns: int) -> np.ndarray:
