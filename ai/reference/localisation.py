@@ -23,7 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ import numpy as np
 from ai.codes import normalise_label
 from ai.reference.labels import normalise_path
 from ai.reference.metrics import Estimate, wilson_interval
-from ai.types import AnalysisError
+from ai.types import AnalysisError, ImageResult
 
 LOCATIONS_FORMAT = "cxr-locations/1"
 LOCATIONS_FILE = "locations.json"
@@ -238,3 +238,35 @@ def measure(heatmap: np.ndarray, where: ImageLocations, label: str,
     tol = tolerance_for(heatmap.shape) if tolerance_px is None else tolerance_px
     energy = None if where.lungs is None else energy_inside(heatmap, where.lungs)
     return pointing_hit(heatmap, regions, tol), energy
+
+
+class LocalisationCollector:
+    """Tallies per (model device UID, label) from the node's :class:`ai.types.ImageResult`
+    (``finding_heatmaps`` at source resolution): the true positives of classification
+    models, i.e. a positive finding whose reference truth is 1 and whose image has a region
+    for it. ``training evaluate`` and the node's evaluation jobs both feed results here."""
+
+    def __init__(self) -> None:
+        self.tallies: dict[tuple[str, str], LocalisationTally] = {}
+
+    def add(self, result: ImageResult, where: ImageLocations | None,
+            truth: Callable[[str], int | None]) -> None:
+        """Measure every true-positive finding of ``result`` that has its own heatmap."""
+        if where is None:
+            return
+        for finding in result.findings:
+            model = finding.model
+            if model.task != "classification" or not finding.positive:
+                continue
+            heat = result.finding_heatmaps.get((model.device_uid, finding.label))
+            if heat is None or truth(finding.label) != 1:
+                continue
+            found = measure(heat, where, finding.label)
+            if found is not None:
+                key = (model.device_uid, finding.label)
+                self.tallies.setdefault(key, LocalisationTally()).add(*found)
+
+    def figures(self, device_uid: str) -> dict[str, dict[str, Any]]:
+        """``{label: LocalisationTally.as_dict()}`` of one model."""
+        return summarise({label: t for (uid, label), t in self.tallies.items()
+                          if uid == device_uid})
