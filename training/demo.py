@@ -81,7 +81,7 @@ class DemoPlan:
     prevalence: float = 0.35
 
 
-FULL = DemoPlan(1000, 220, 32, 4e-3, 160, (560, 480), (320, 400))
+FULL = DemoPlan(1000, 300, 32, 4e-3, 160, (560, 480), (320, 400))
 QUICK = DemoPlan(64, 8, 8, 3e-3, 12, (320, 288), (256, 288))
 
 

@@ -244,7 +244,11 @@ class LocalisationCollector:
     """Tallies per (model device UID, label) from the node's :class:`ai.types.ImageResult`
     (``finding_heatmaps`` at source resolution): the true positives of classification
     models, i.e. a positive finding whose reference truth is 1 and whose image has a region
-    for it. ``training evaluate`` and the node's evaluation jobs both feed results here."""
+    for it. ``training evaluate`` and the node's evaluation jobs both feed results here.
+
+    Without per-finding maps (the node makes them only when its SEG output is on) the
+    combined ``heatmap`` is used where it is exactly one finding's map: on images with a
+    single positive classification finding; other images are then not counted."""
 
     def __init__(self) -> None:
         self.tallies: dict[tuple[str, str], LocalisationTally] = {}
@@ -254,11 +258,12 @@ class LocalisationCollector:
         """Measure every true-positive finding of ``result`` that has its own heatmap."""
         if where is None:
             return
-        for finding in result.findings:
+        positives = [f for f in result.findings
+                     if f.positive and f.model.task == "classification"]
+        only = result.heatmap if len(positives) == 1 else None
+        for finding in positives:
             model = finding.model
-            if model.task != "classification" or not finding.positive:
-                continue
-            heat = result.finding_heatmaps.get((model.device_uid, finding.label))
+            heat = result.finding_heatmaps.get((model.device_uid, finding.label), only)
             if heat is None or truth(finding.label) != 1:
                 continue
             found = measure(heat, where, finding.label)
