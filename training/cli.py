@@ -149,6 +149,7 @@ def _run_synth(args: argparse.Namespace) -> int:
     print(
         f"wrote {summary.images} images in {summary.studies} studies of {summary.patients} patients "
         f"to {summary.out_dir}\npositives: {positives}\nlabels: {summary.labels_csv}  boxes: {summary.boxes_json}"
+        f"  locations: {summary.locations_json}"
     )
     return EXIT_OK
 
