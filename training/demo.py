@@ -433,7 +433,9 @@ def detector_figures(meta: BundleMetadata) -> list[str]:
     image = meta.validation_metrics.get("image_level")
     if image:
         notes.append(f"image-level nodule finding on {image['images']} fresh DICOM phantoms "
-                     f"({image['n_positive']}/{image['n_negative']} pos/neg): sensitivity "
+                     f"({image['n_positive']}/{image['n_negative']} pos/neg; threshold "
+                     f"{image.get('threshold', float('nan')):.2f}: Youden J on the other "
+                     f"{image.get('calibration_images', '?')}): sensitivity "
                      f"{_ci(image['sensitivity'])}, specificity {_ci(image['specificity'])}, "
                      f"AUROC {_ci(image['auroc'])}")
     return [*notes, *text_table(("class", "split", "images", "instances", "P", "R", "AP50",

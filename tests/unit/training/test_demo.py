@@ -103,10 +103,13 @@ def test_quick_bundles_carry_the_localisation_and_image_level_figures(quick_buil
         assert entry["hit_rate"]["value"] == pytest.approx(entry["hits"] / entry["tp_images"])
         assert 0.0 <= entry["lung_energy"] <= 1.0 and entry["tolerance_model_px"] == 15.0
     assert meta.training["localisation_seconds"] >= 0
-    image = load_bundle(quick_build.out / "cxr-demo-detector").metadata.validation_metrics[
-        "image_level"]
+    detector = load_bundle(quick_build.out / "cxr-demo-detector").metadata
+    image = detector.validation_metrics["image_level"]
     assert image["images"] == image["n_positive"] + image["n_negative"] > 0
     assert {"sensitivity", "specificity", "auroc"} <= set(image)
+    # the node's nodule finding (a box >= the label threshold) uses the image-level threshold
+    assert detector.labels[0].threshold == image["threshold"]
+    assert detector.validation_metrics["per_label"]["nodule"]["threshold"] == image["threshold"]
 
 
 def test_quick_bundle_runs_in_the_analyzer(quick_bundle: Path, realdicom: Path) -> None:
