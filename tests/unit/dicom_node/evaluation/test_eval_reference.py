@@ -28,6 +28,7 @@ from ai.reference.localisation import image_entry, write_locations
 from ai.types import ImageResult
 from dicom_node.evaluation.errors import EvaluationError
 from dicom_node.evaluation.reference import read_reference_labels
+from dicom_node.evaluation.report import format_run
 from dicom_node.evaluation.service import EvaluationService
 from dicom_node.store import db
 
@@ -223,6 +224,10 @@ def test_localisation_figures_with_a_locations_sidecar(engine: Engine, tmp_path:
     assert loc["hit_rate"]["value"] == pytest.approx(2 / 3)
     assert loc["lung_energy"] == pytest.approx(0.5)
     assert figs["cardiomegaly"].localisation is None  # no true positive to point with
+    text = format_run(detail)  # `dicom-node evaluate --now` prints it under the table
+    assert "  nodule: Grad-CAM pointing-game hit rate 0.667 (2/3 true positives), energy in " \
+           "the lungs 0.500" in text
+    assert "cardiomegaly: Grad-CAM" not in text
     with engine.connect() as conn:
         rows = {r.label: r for r in conn.execute(select(db.evaluation_metrics)).all()}
     assert json.loads(rows["nodule"].localisation)["hits"] == 2
