@@ -137,8 +137,25 @@ class StorageSettings(_Model):
         return self
 
 
+DATABASE_SCHEMES = ("sqlite:///", "postgresql+psycopg://")
+
+
 class DatabaseSettings(_Model):
     url: str | None = None  # default: sqlite:///<data_dir>/node.db
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, url: str | None) -> str | None:
+        """The two engines the node is tested on; ``postgresql://`` means psycopg 3 (the
+        driver installed with the node), as SQLAlchemy would otherwise look for psycopg2."""
+        if url is None:
+            return None
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+        if not url.startswith(DATABASE_SCHEMES):
+            raise ValueError("must start with sqlite:/// (a file) or postgresql+psycopg:// "
+                             "(user:password@host:port/dbname)")
+        return url
 
 
 def _checked_keywords(keywords: list[str]) -> list[str]:

@@ -25,3 +25,19 @@ class InvalidInstanceError(NodeError, ValueError):
 
 class DeliveryError(NodeError, RuntimeError):
     """A result could not be delivered to a destination (transient unless said otherwise)."""
+
+
+class SchemaTooNewError(NodeError, RuntimeError):
+    """The database was migrated by a newer version of the node than this one.
+
+    Running older code on a newer schema could write rows the newer code misreads, so the
+    node refuses to start; the message names the revision and what to do.
+    """
+
+
+class DatabaseUnavailableError(NodeError, ConnectionError):
+    """The database could not be reached at start-up (server down, wrong host or password).
+
+    Reported as a message without a traceback; a supervisor (systemd, compose) restarts the
+    node, which tries again.
+    """

@@ -16,6 +16,13 @@ all associations are written by one thread, one transaction (one fsync) per batc
 C-STORE is answered once ITS batch is durable. The duplicate check is the insert itself
 (``ON CONFLICT DO NOTHING``); only a duplicate reads the first version's hash.
 
+Two receipts of one SOP Instance UID (two receivers, or one UID sent with other bytes)
+race safely: before its row is inserted, each file is renamed to an instance name of its
+own (:meth:`dicom_node.spool.Spool.place`, a random token in the name), so no rename can
+replace an acknowledged file; the row stores that name, and the insert decides atomically
+which receipt won. The loser's file leaves the instance folder: quarantined when its bytes
+differ, removed when they are the same.
+
 Statuses: Out of Resources (0xA700) for what may succeed later (spool above its watermark
 or below its free-space floor, an instance over ``storage.max_instance_bytes``); failures
 for what never will (unreadable header, invalid UIDs: 0xC000; a deflate bomb: 0xC100).
@@ -34,7 +41,8 @@ import enum
 import io
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pydicom
@@ -58,7 +66,7 @@ from dicom_node.errors import InvalidInstanceError, SpoolError
 from dicom_node.inflate import InflateLimitError, inflate_bounded
 from dicom_node.phi import remember_phi
 from dicom_node.receipts import Receipts
-from dicom_node.spool import Spool, Tap, file_sha256
+from dicom_node.spool import Spool, StoredFile, Tap, file_sha256
 from dicom_node.store import db
 from dicom_node.store.group_commit import Announcement, Batch, GroupCommit
 from dicom_node.store.transitions import add_instance_if_new, touch_study
@@ -236,6 +244,9 @@ class Ingestor:
         self.receipts = Receipts()  # per association: one INFO line when it closes
         # one writer for the rows of every association: one transaction per batch
         self.writer = GroupCommit(engine, name="ingest-writer")
+        # called with each file placed under its instance name, before its row is inserted
+        # (tests hold two receivers of one UID there)
+        self.placed_hook: Callable[[StoredFile], None] | None = None
 
     def ingest(self, rec: Received) -> StoreStatus:
         """An in-memory data set: written under ``tmp/``, then ingested as a file."""
@@ -298,16 +309,14 @@ class Ingestor:
             return self._quarantine(rec, str(exc), StoreStatus.CANNOT_UNDERSTAND)
         digest = tap.sha256 if tap is not None else file_sha256(rec.path)
         self.spool.sync_received(rec.path)  # the file's fsync, in this thread
-        try:
-            outcome = self.writer.run(
-                lambda conn, batch: self._write_row(conn, batch, rec, header, digest, size),
-                timeout_s=self.commit_timeout_s, announcement=announcement)
-        except OSError as exc:  # a directory fsync of the batch
-            raise SpoolError(f"cannot make the spool durable: {exc.strerror}") from exc
+        placed, dirs = self.spool.place(rec.path, rec.sop_instance_uid, digest, size)
+        outcome = self._insert(rec, header, placed, dirs, announcement)
         if outcome is _Outcome.CONFLICTING_DUPLICATE:
-            return self._quarantine(rec, "conflicting duplicate: same SOP Instance UID, "
+            return self._quarantine(replace(rec, path=self.spool.unplace(placed.relpath)),
+                                    "conflicting duplicate: same SOP Instance UID, "
                                     "different bytes", StoreStatus.SUCCESS)
         if outcome is _Outcome.IDENTICAL_DUPLICATE:
+            self.spool.path(placed.relpath).unlink(missing_ok=True)  # its own name only
             logger.debug("duplicate %s with identical bytes: acknowledged",
                          rec.sop_instance_uid)
             self.receipts.duplicate(rec.peer, rec.calling_ae, header.study_uid)
@@ -317,31 +326,49 @@ class Ingestor:
             self.receipts.stored(rec.peer, rec.calling_ae, header.study_uid)
         return StoreStatus.SUCCESS
 
+    def _insert(self, rec: ReceivedFile, header: Header, placed: StoredFile,
+                dirs: list[Path], announcement: Announcement) -> _Outcome:
+        """The placed file's row through the group commit. When no row can have been written
+        (the work or the COMMIT failed) the file is removed: it belongs to no row. After a
+        timeout the batch may still commit, so the file stays."""
+        try:
+            if self.placed_hook is not None:
+                self.placed_hook(placed)
+            return self.writer.run(
+                lambda conn, batch: self._write_row(conn, batch, rec, header, placed, dirs),
+                timeout_s=self.commit_timeout_s, announcement=announcement)
+        except TimeoutError:
+            raise
+        except Exception as exc:
+            self.spool.path(placed.relpath).unlink(missing_ok=True)
+            if isinstance(exc, OSError) and not isinstance(exc, SpoolError):
+                # a directory fsync of the batch
+                raise SpoolError(f"cannot make the spool durable: {exc.strerror}") from exc
+            raise
+
     def _write_row(self, conn: Connection, batch: Batch, rec: ReceivedFile, header: Header,
-                   digest: str, size: int) -> _Outcome:
-        """In the writer's transaction: the row (unless a duplicate), the file renamed to
-        its instance name (its directory fsynced before the batch commits), the study and
-        the audit event."""
+                   placed: StoredFile, dirs: list[Path]) -> _Outcome:
+        """In the writer's transaction: the row naming the placed file, unless the UID has
+        one (a duplicate: the file is not this row's); else the file's directory fsynced
+        before the batch commits, the study and the audit event."""
         now = time.time()
-        relpath = str(self.spool.instance_path(rec.sop_instance_uid)
-                      .relative_to(self.spool.root))
         if not add_instance_if_new(
                 conn, sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
                 study_uid=header.study_uid, series_uid=header.series_uid,
                 transfer_syntax=rec.transfer_syntax, modality=header.modality,
-                path=relpath, size=size, sha256=digest, calling_ae=rec.calling_ae,
-                received_at=now, selection=dump_selection(header.selection)):
+                path=placed.relpath, size=placed.size, sha256=placed.sha256,
+                calling_ae=rec.calling_ae, received_at=now,
+                selection=dump_selection(header.selection)):
             first = conn.execute(select(db.instances.c.sha256).where(
                 db.instances.c.sop_instance_uid == rec.sop_instance_uid)).scalar_one()
-            return (_Outcome.IDENTICAL_DUPLICATE if first == digest
+            return (_Outcome.IDENTICAL_DUPLICATE if first == placed.sha256
                     else _Outcome.CONFLICTING_DUPLICATE)
-        _stored, dirs = self.spool.place(rec.path, rec.sop_instance_uid, digest, size)
         for d in dirs:
             batch.fsync_dir(d)
         touch_study(conn, header.study_uid, now)
         record(conn, AuditKind.INSTANCE_RECEIVED, actor=rec.calling_ae, peer=rec.peer,
                subject=rec.sop_instance_uid, at=now,
-               detail=f"study {header.study_uid}, {size} B")
+               detail=f"study {header.study_uid}, {placed.size} B")
         return _Outcome.STORED
 
     def _quarantine(self, rec: ReceivedFile, reason: str, status: StoreStatus) -> StoreStatus:

@@ -12,9 +12,14 @@ Jobs of one study run one after the other (a later job waits for the earlier one
 produces the next *version* of the study's result (``jobs.version``, set at claim), see
 ``dicom_node.versions``.
 
-Persisted deadlines are UNIX seconds; in-process intervals (the heartbeat) are monotonic.
-On PostgreSQL the claim uses ``FOR UPDATE SKIP LOCKED`` so several processes or hosts can
-share the queue.
+Persisted deadlines are UNIX seconds on the database's clock (:class:`dicom_node.clock.Clock`);
+in-process intervals (the heartbeat) are monotonic. Every claim and renewal bumps the job's
+``lease_seq``; an expired lease is taken over only once this queue has seen the same
+``lease_seq`` for ``lease_s`` of its own monotonic time (:class:`dicom_node.clock.LeaseWatch`),
+so a clock that jumps forward takes no live job away from its worker, and a dead worker's
+job is taken over up to about ``2 x lease_s`` after its last renewal. The owner's
+completion stays fenced by :meth:`JobQueue.still_owned`. On PostgreSQL the claim uses
+``FOR UPDATE SKIP LOCKED`` so several processes or hosts can share the queue.
 """
 
 from __future__ import annotations
@@ -22,16 +27,16 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, exists, func, or_, select, update
+from sqlalchemy import Connection, Engine, and_, exists, false, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.backoff import backoff_delay
+from dicom_node.clock import Clock, LeaseWatch
 from dicom_node.config import WorkerSettings
 from dicom_node.phi import redact
 from dicom_node.store import db
@@ -74,9 +79,11 @@ class RetryPolicy:
 class JobQueue:
     def __init__(self, engine: Engine, *, lease_s: float, max_attempts: int,
                  heartbeat_s: float | None = None, retry: RetryPolicy | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, clock: Clock | None = None) -> None:
         self.engine = engine
         self.lease_s = lease_s
+        self.clock = clock or Clock(engine)
+        self.watch = LeaseWatch(lease_s, self.clock)
         self.heartbeat_s = heartbeat_s or lease_s / 3.0
         self.retry = replace(retry or RetryPolicy(), max_attempts=max_attempts)
         self.rng = rng or random.Random()
@@ -84,11 +91,12 @@ class JobQueue:
         self._held_lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, engine: Engine, settings: WorkerSettings) -> JobQueue:
+    def from_settings(cls, engine: Engine, settings: WorkerSettings,
+                      clock: Clock | None = None) -> JobQueue:
         retry = RetryPolicy(settings.max_attempts, settings.backoff_initial_s,
                             settings.backoff_max_s, settings.jitter)
         return cls(engine, lease_s=settings.lease_s, max_attempts=settings.max_attempts,
-                   heartbeat_s=settings.heartbeat_interval_s, retry=retry)
+                   heartbeat_s=settings.heartbeat_interval_s, retry=retry, clock=clock)
 
     @property
     def max_attempts(self) -> int:
@@ -104,7 +112,7 @@ class JobQueue:
         job that kills the process every time ends failed instead of looping. Returns how
         many jobs were recovered (re-queued or failed).
         """
-        now = time.time() if now is None else now
+        now = self.clock.now() if now is None else now
         with self.engine.begin() as conn:
             rows = conn.execute(select(db.jobs.c.id, db.jobs.c.study_uid, db.jobs.c.attempts)
                                 .where(db.jobs.c.state == JobState.RUNNING)
@@ -123,21 +131,35 @@ class JobQueue:
 
     # -- claim ----------------------------------------------------------------------------
 
-    def _claimable(self, now: float) -> Any:
+    def _held_ids(self) -> list[int]:
+        with self._held_lock:
+            return sorted(self._held)
+
+    def _stale(self, conn: Connection, now: float) -> dict[int, int]:
+        """Running jobs whose lease expired on the database's clock AND whose ``lease_seq``
+        this queue has seen unchanged for ``lease_s`` of its monotonic time: id -> seq."""
+        query = (select(db.jobs.c.id, db.jobs.c.lease_seq)
+                 .where(db.jobs.c.state == JobState.RUNNING)
+                 .where(db.jobs.c.lease_expires_at < now))
+        held = self._held_ids()
+        if held:  # a thread of this process runs it: never taken over, whatever the clock
+            query = query.where(db.jobs.c.id.not_in(held))
+        return self.watch.ripe({r.id: r.lease_seq for r in conn.execute(query)})
+
+    def _claimable(self, now: float, stale: dict[int, int]) -> Any:
         earlier = db.jobs.alias("earlier")
         earlier_active = exists().where(earlier.c.study_uid == db.jobs.c.study_uid,
                                         earlier.c.id < db.jobs.c.id,
                                         earlier.c.state.in_(ACTIVE_JOBS))
         due = or_(db.jobs.c.next_attempt_at.is_(None), db.jobs.c.next_attempt_at <= now)
+        # a stale lease is taken only with the lease_seq that was watched (re-checked under
+        # the row lock on PostgreSQL: a renewal since then keeps the job with its owner)
+        taken_over = [and_(db.jobs.c.id == job_id, db.jobs.c.lease_seq == seq)
+                      for job_id, seq in stale.items()]
         query = (select(db.jobs.c.id, db.jobs.c.study_uid, db.jobs.c.attempts, db.jobs.c.state)
                  .where(or_(and_(db.jobs.c.state == JobState.QUEUED, due),
-                            and_(db.jobs.c.state == JobState.RUNNING,
-                                 db.jobs.c.lease_expires_at < now)))
+                            and_(db.jobs.c.state == JobState.RUNNING, or_(false(), *taken_over))))
                  .where(~earlier_active).order_by(db.jobs.c.id).limit(1))
-        with self._held_lock:
-            held = sorted(self._held)
-        if held:  # a thread of this process runs it: never taken over, whatever the clock
-            query = query.where(db.jobs.c.id.not_in(held))
         if not db.is_sqlite(self.engine):
             query = query.with_for_update(skip_locked=True, of=db.jobs)
         return query
@@ -154,15 +176,17 @@ class JobQueue:
         Only jobs already due are taken: this never waits for more to arrive. A later job of
         a study whose earlier job is taken here stays queued (jobs of one study run in order:
         the claim just made is active, so the next query no longer finds it)."""
-        now = time.time() if now is None else now
+        now = self.clock.now() if now is None else now
         taken: list[ClaimedJob] = []
         with self.engine.begin() as conn:
+            stale = self._stale(conn, now)
             for _ in range(_MAX_GIVE_UPS_PER_CLAIM + limit):
                 if len(taken) >= limit:
                     break
-                row = conn.execute(self._claimable(now)).first()
+                row = conn.execute(self._claimable(now, stale)).first()
                 if row is None:
                     break
+                stale.pop(row.id, None)
                 if row.state == JobState.RUNNING and row.attempts >= self.max_attempts:
                     give_up(conn, row.id, row.study_uid,
                             f"lease expired on attempt {row.attempts}: its worker stopped "
@@ -178,6 +202,8 @@ class JobQueue:
                                     .where(db.jobs.c.state == JobState.DONE)).scalar() or 0)
         start_job(conn, row.id, row.study_uid, attempts=attempts, owner=owner,
                   lease_expires_at=now + self.lease_s, version=version, now=now)
+        conn.execute(update(db.jobs).where(db.jobs.c.id == row.id)
+                     .values(lease_seq=db.jobs.c.lease_seq + 1))  # a new lease
         return ClaimedJob(row.id, row.study_uid, attempts, owner, version)
 
     # -- ownership and lease ----------------------------------------------------------------
@@ -189,12 +215,13 @@ class JobQueue:
 
     def renew(self, job: ClaimedJob, now: float | None = None) -> bool:
         """Push the lease forward; False once the job is no longer running under ``job.owner``."""
-        now = time.time() if now is None else now
+        now = self.clock.now() if now is None else now
         with self.engine.begin() as conn:
             res = conn.execute(update(db.jobs).where(db.jobs.c.id == job.id)
                                .where(db.jobs.c.state == JobState.RUNNING)
                                .where(db.jobs.c.lease_owner == job.owner)
-                               .values(lease_expires_at=now + self.lease_s))
+                               .values(lease_expires_at=now + self.lease_s,
+                                       lease_seq=db.jobs.c.lease_seq + 1))
         return res.rowcount == 1
 
     @contextmanager
@@ -219,7 +246,7 @@ class JobQueue:
         failed (dead letter) with the reason on the job and the study. Returns the new state,
         or ``lost`` when the job was no longer ours."""
         error = redact(error) or ""  # an exception message can quote a header value
-        now = time.time() if now is None else now
+        now = self.clock.now() if now is None else now
         dead = permanent or job.attempts >= self.max_attempts
         delay = 0.0 if dead else self.retry.delay(job.attempts, self.rng)
         with self.engine.begin() as conn:

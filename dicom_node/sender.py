@@ -24,7 +24,6 @@ import io
 import logging
 import random
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -38,6 +37,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 
+from dicom_node.clock import Clock
 from dicom_node.config import AnyDestination, Destination, SenderSettings, StowRsDestination
 from dicom_node.delivery import stow
 from dicom_node.delivery.commitment import CommitmentReports
@@ -71,7 +71,7 @@ class Sender:
 
     def __init__(self, engine: Any, spool: Spool, destinations: Sequence[AnyDestination],
                  settings: SenderSettings, calling_ae: str, *, seed: int | None = None,
-                 sc_syntax: str | None = None) -> None:
+                 sc_syntax: str | None = None, clock: Clock | None = None) -> None:
         self.engine = engine
         self.sc_syntax = sc_syntax
         self.spool = spool
@@ -82,7 +82,7 @@ class Sender:
                 _warn_about_transport(dest)
         self.settings = settings
         self.calling_ae = calling_ae
-        self.ledger = Ledger(engine, settings, random.Random(seed))
+        self.ledger = Ledger(engine, settings, random.Random(seed), clock)
         # N-EVENT-REPORT handler for the sender's associations and the node's listener
         self.reports = CommitmentReports(self.ledger, settings)
 
@@ -93,7 +93,7 @@ class Sender:
     def run_once(self, now: float | None = None) -> int:
         """Re-queue overdue commitments, then send everything due; returns how many
         objects the destinations stored."""
-        now = time.time() if now is None else now
+        now = self.ledger.clock.now() if now is None else now
         for dest in self.destinations.values():
             if dest.storage_commitment:
                 self.ledger.commitments_overdue(dest.name, dest.commitment_timeout_s, now)

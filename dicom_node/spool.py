@@ -5,7 +5,12 @@ Layout under ``<data_dir>/spool``::
     tmp/                  partial writes and C-STORE data sets in transfer (pynetdicom
                           streams each received data set here, so adopting it is a rename
                           on the same filesystem); removed at start-up
-    instances/ab/<h>.dcm  accepted instances; <h> = sha256 of the SOP Instance UID
+    instances/ab/<h>.<t>.dcm  accepted instances; <h> = sha256 of the SOP Instance UID,
+                          <t> a random token of the receipt, so two receipts of one UID
+                          (two receivers, the same UID with other bytes) never share a
+                          name and none can overwrite an acknowledged file; the row keeps
+                          the name (``instances.path``): older spools' ``<h>.dcm`` rows stay
+                          valid
     quarantine/<h>.dcm    unusable or conflicting input, kept with a reason in the DB
     results/ab/<h>.dcm    result objects (SR, SC, GSPS) waiting for or after delivery
 
@@ -25,6 +30,7 @@ import errno
 import hashlib
 import logging
 import os
+import secrets
 import threading
 import uuid
 from collections.abc import Iterable
@@ -200,13 +206,14 @@ class Spool:
 
     def adopt(self, tmp: Path, sop_instance_uid: str, sha256: str) -> StoredFile:
         """Make a received file under ``tmp/`` a durable instance: fsync, rename, fsync dir."""
-        name = self.name_for(sop_instance_uid)
-        return self._move(tmp, self.root / "instances" / name[:2] / f"{name}.dcm", sha256)
+        return self._move(tmp, self.instance_path(sop_instance_uid), sha256)
 
-    def instance_path(self, sop_instance_uid: str) -> Path:
-        """Where an accepted instance lives (a hash of its UID, never the UID itself)."""
+    def instance_path(self, sop_instance_uid: str, token: str | None = None) -> Path:
+        """Where an instance lives: a hash of its UID (never the UID itself), with the
+        ``token`` of its receipt (see the layout above; None: the name without one)."""
         name = self.name_for(sop_instance_uid)
-        return self.root / "instances" / name[:2] / f"{name}.dcm"
+        leaf = f"{name}.{token}.dcm" if token else f"{name}.dcm"
+        return self.root / "instances" / name[:2] / leaf
 
     def sync_received(self, tmp: Path) -> int:
         """First half of :meth:`adopt`, in the caller's thread: the file under ``tmp/`` is
@@ -233,10 +240,11 @@ class Spool:
 
     def place(self, tmp: Path, sop_instance_uid: str, sha256: str, size: int
               ) -> tuple[StoredFile, list[Path]]:
-        """Rename a file synced by :meth:`sync_received` to its instance name; returns it and
-        the directories the caller must fsync before the file counts as durable (its own,
-        and ``instances/`` when that directory was new)."""
-        final = self.instance_path(sop_instance_uid)
+        """Rename a file synced by :meth:`sync_received` to a new instance name of its own
+        (a fresh token: it cannot replace any other file, an acknowledged one least of
+        all); returns it and the directories the caller must fsync before the file counts
+        as durable (its own, and ``instances/`` when that directory was new)."""
+        final = self.instance_path(sop_instance_uid, secrets.token_hex(8))
         dirs = [final.parent]
         try:
             if not final.parent.is_dir():
@@ -246,6 +254,16 @@ class Spool:
         except OSError as exc:
             raise self._error(exc, final.name) from exc
         return StoredFile(str(final.relative_to(self.root)), size, sha256), dirs
+
+    def unplace(self, relpath: str) -> Path:
+        """Take a placed instance file whose row was never written (its receipt lost the
+        insert) back under ``tmp/``, to be quarantined or removed from there."""
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        try:
+            os.replace(self.path(relpath), tmp)
+        except OSError as exc:
+            raise self._error(exc, tmp.name) from exc
+        return tmp
 
     def quarantine_file(self, tmp: Path) -> StoredFile:
         """Keep an unusable received file (under ``tmp/``) for inspection, durably."""

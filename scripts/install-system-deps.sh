@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the node, its demo and its tests use, only when missing.
 # Usage: scripts/install-system-deps.sh [--test]   (--test adds the browser, Orthanc's DICOMweb
-# plugin and npm for the dashboard and viewer tests)
+# plugin and npm for the dashboard and viewer tests, PostgreSQL for the PostgreSQL tests)
 set -euo pipefail
 
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
+# initdb and pg_ctl live under /usr/lib/postgresql/<major>/bin on Debian, not on PATH
+pg_bindir_ok() { have initdb || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; }
 have storescu  || need+=(dcmtk)
 have dciodvfy  || need+=(dicom3tools)
 have Orthanc   || [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
@@ -15,6 +17,8 @@ if [ "${1:-}" = "--test" ]; then
   # OHIF (npm @ohif/app) over Orthanc's DICOMweb plugin: the viewer tests and `make viewer`
   [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
   have npm || need+=(npm)
+  # a throw-away PostgreSQL cluster (initdb/pg_ctl, no service) for the PostgreSQL tests
+  pg_bindir_ok || need+=(postgresql)
 fi
 
 if [ ${#need[@]} -eq 0 ]; then

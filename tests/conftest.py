@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 # Fixture modules of sub-suites are plugins, not conftest.py files: test modules import this
 # file's helpers as ``conftest``, and a second conftest.py would shadow that module name.
 sys.path.insert(0, str(ROOT / "tests" / "unit" / "dicom_node" / "outputs"))
-pytest_plugins = ["outputs_fixtures"]
+pytest_plugins = ["outputs_fixtures", "helpers.db_fixtures"]
 
 GPU_SKIP_REASON = ("needs CUDA: torch.cuda.is_available() is False here; "
                    "run `pytest -m gpu` on a machine with an NVIDIA GPU")

@@ -135,7 +135,7 @@ class CommitmentReports:
             self.ledger.note(deliveries, f"storage commitment not accepted by {destination}")
             return
         transaction = generate_uid(prefix=None)
-        self.ledger.commit_requested(deliveries, transaction, time.time())
+        self.ledger.commit_requested(deliveries, transaction, self.ledger.clock.now())
         status, _ = assoc.send_n_action(action_information(transaction, deliveries),
                                         REQUEST_COMMITMENT, StorageCommitmentPushModel,
                                         StorageCommitmentPushModelInstance)

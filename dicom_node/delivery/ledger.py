@@ -5,21 +5,28 @@ commands change deliveries only through here, so the state machine of
 :class:`~dicom_node.store.states.DeliveryState` has one owner. ``attempts`` counts tries (a
 try is one decision about one object: stored, not accepted, failed); the dead letter comes
 after ``sender.max_attempts`` of them.
+
+Deadlines (``next_attempt_at``, the claim's ``lease_expires_at``) and the times they are
+compared with are the database's clock (:class:`dicom_node.clock.Clock`). A claim bumps
+``lease_seq``; a ``sending`` delivery whose sender died is claimed again only once its lease
+expired AND this ledger saw the same ``lease_seq`` for the lease's length of its own
+monotonic time (:class:`dicom_node.clock.LeaseWatch`), so a clock jump re-sends nothing that
+a live sender is still sending.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, and_, false, func, insert, or_, select, update
 
 from dicom_node import backoff
 from dicom_node.audit import AuditKind, Outcome, record
+from dicom_node.clock import Clock, LeaseWatch
 from dicom_node.config import SenderSettings
 from dicom_node.store import db
 from dicom_node.store.states import DELIVERY_DUE, DeliveryState
@@ -73,10 +80,15 @@ def add_delivery(conn: Connection, output_id: int, destination: str, now: float)
 
 
 class Ledger:
-    def __init__(self, engine: Engine, settings: SenderSettings, rng: random.Random) -> None:
+    def __init__(self, engine: Engine, settings: SenderSettings, rng: random.Random,
+                 clock: Clock | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.rng = rng
+        self.clock = clock or Clock(engine)
+        # a claim holds its batch this long (no renewal: a batch ends well within it)
+        self.lease_s = settings.timeout_s * 4 + 60
+        self.watch = LeaseWatch(self.lease_s, self.clock)
 
     # -- claiming --------------------------------------------------------------------------
 
@@ -87,20 +99,28 @@ class Ledger:
                                .values(state=DeliveryState.PENDING, lease_expires_at=None))
         return res.rowcount
 
-    def claim(self, now: float) -> list[Delivery]:
+    def claim(self, now: float | None = None) -> list[Delivery]:
         """Due deliveries (and those whose sender died mid-send) become ``sending``."""
-        lease = now + self.settings.timeout_s * 4 + 60
-        due = or_(and_(_d.state.in_(DELIVERY_DUE), _d.next_attempt_at <= now),
-                  and_(_d.state == DeliveryState.SENDING, _d.lease_expires_at < now))
-        query = (select(*_CLAIM_COLUMNS).join(db.outputs, _o.id == _d.output_id)
-                 .where(due).order_by(_d.id).limit(CLAIM_LIMIT))
-        if not db.is_sqlite(self.engine):
-            query = query.with_for_update(skip_locked=True, of=db.deliveries)
+        now = self.clock.now() if now is None else now
         with self.engine.begin() as conn:
+            expired = conn.execute(select(_d.id, _d.lease_seq)
+                                   .where(_d.state == DeliveryState.SENDING)
+                                   .where(_d.lease_expires_at < now)).all()
+            stale = self.watch.ripe({r.id: r.lease_seq for r in expired})
+            # taken over only with the lease_seq watched (re-checked under the row lock)
+            taken_over = [and_(_d.id == i, _d.lease_seq == seq) for i, seq in stale.items()]
+            due = or_(and_(_d.state.in_(DELIVERY_DUE), _d.next_attempt_at <= now),
+                      and_(_d.state == DeliveryState.SENDING, or_(false(), *taken_over)))
+            query = (select(*_CLAIM_COLUMNS).join(db.outputs, _o.id == _d.output_id)
+                     .where(due).order_by(_d.id).limit(CLAIM_LIMIT))
+            if not db.is_sqlite(self.engine):
+                query = query.with_for_update(skip_locked=True, of=db.deliveries)
             rows = conn.execute(query).all()
             if rows:
                 conn.execute(update(db.deliveries).where(_d.id.in_([r.id for r in rows]))
-                             .values(state=DeliveryState.SENDING, lease_expires_at=lease))
+                             .values(state=DeliveryState.SENDING,
+                                     lease_expires_at=now + self.lease_s,
+                                     lease_seq=_d.lease_seq + 1))
         return [_delivery(r) for r in rows]
 
     # -- outcomes of one try ---------------------------------------------------------------
@@ -109,7 +129,7 @@ class Ledger:
         """Stored (Success or Warning status)."""
         with self.engine.begin() as conn:
             self._set(conn, d.id, state=DeliveryState.SENT, attempts=d.attempts + 1,
-                      sent_at=time.time(), last_status=code, last_error=warning,
+                      sent_at=self.clock.now(), last_status=code, last_error=warning,
                       transfer_syntax=syntax, commit_transaction_uid=None,
                       commit_requested_at=None, committed_at=None)
             record(conn, AuditKind.DELIVERED, Outcome.WARNING if warning else Outcome.SUCCESS,
@@ -179,7 +199,7 @@ class Ledger:
     def committed(self, transaction_uid: str, sop_uids: Iterable[str],
                   peer: str | None = None) -> int:
         """The PACS confirmed these objects of the transaction (N-EVENT-REPORT)."""
-        now = time.time()
+        now = self.clock.now()
         with self.engine.begin() as conn:
             rows = self._by_transaction(conn, transaction_uid, sop_uids)
             for r in rows:
@@ -235,7 +255,7 @@ class Ledger:
         delay = backoff_delay(attempts, self.settings, self.rng)
         self._set(conn, delivery_id, state=DeliveryState.RETRYING, attempts=attempts,
                   last_error=reason[:1000], last_status=code,
-                  next_attempt_at=time.time() + delay)
+                  next_attempt_at=self.clock.now() + delay)
         logger.warning("delivery %d to %s failed (attempt %d, retry in %.1f s): %s",
                        delivery_id, destination, attempts, delay, reason)
         return DeliveryState.RETRYING
@@ -251,7 +271,8 @@ class Ledger:
 
 
 def resubmit(engine: Engine, *, delivery_ids: list[int] | None = None,
-             destination: str | None = None, actor: str = "operator") -> int:
+             destination: str | None = None, actor: str = "operator",
+             clock: Clock | None = None) -> int:
     """Put dead and not-accepted deliveries back in the queue (all, some ids, or one
     destination's): same object, same SOP Instance UID, attempts from zero."""
     query = select(_d.id, _d.destination, _d.state, _o.sop_instance_uid).join(
@@ -260,7 +281,7 @@ def resubmit(engine: Engine, *, delivery_ids: list[int] | None = None,
         query = query.where(_d.id.in_(delivery_ids))
     if destination:
         query = query.where(_d.destination == destination)
-    now = time.time()
+    now = (clock or Clock(engine)).now()
     with engine.begin() as conn:
         rows = conn.execute(query).all()
         for r in rows:

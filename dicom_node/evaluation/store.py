@@ -151,16 +151,12 @@ class RunStore:
         self.ensure_schema()
 
     def ensure_schema(self) -> None:
-        """Bring a database created before the run owner/summary and the metrics'
-        localisation columns up to date."""
+        """Bring a database created before the run owner/summary columns up to date."""
         have = {c["name"] for c in inspect(self.engine).get_columns("evaluation_runs")}
         with self.engine.begin() as conn:
             for name, sql_type in (("owner", "VARCHAR(200)"), ("summary", "TEXT")):
                 if name not in have:
                     conn.execute(text(f"ALTER TABLE evaluation_runs ADD COLUMN {name} {sql_type}"))
-            metric_columns = {c["name"] for c in inspect(conn).get_columns("evaluation_metrics")}
-            if "localisation" not in metric_columns:
-                conn.execute(text("ALTER TABLE evaluation_metrics ADD COLUMN localisation TEXT"))
         index = next(i for i in db.evaluation_runs.indexes
                      if i.name == "uq_evaluation_runs_running")
         assert isinstance(index, Index)

@@ -1,5 +1,7 @@
-"""The node's database: tables and engine (:mod:`.db`), the state machines (:mod:`.states`)
-and the one place that writes study, instance and job states (:mod:`.transitions`).
+"""The node's database: tables and engine (:mod:`.db`), the schema's revisions and the
+migration on start-up (:mod:`.schema`, Alembic scripts in ``migrations/``), the state machines
+(:mod:`.states`) and the one place that writes study, instance and job states
+(:mod:`.transitions`).
 
 Delivery states keep their one writer in :mod:`dicom_node.delivery.ledger`: the ledger is
 more than state writes (leases, backoff, storage commitment, resubmission, the audit events

@@ -2,7 +2,9 @@
 
 SQLite (WAL, synchronous=FULL, one writer at a time via BEGIN IMMEDIATE) is the embedded
 default; a PostgreSQL URL works unchanged (job and delivery claims use
-``FOR UPDATE SKIP LOCKED`` there). Timestamps are UNIX seconds (float, UTC).
+``FOR UPDATE SKIP LOCKED`` there). Timestamps are UNIX seconds (float, UTC). The tables
+below are today's schema; Alembic revisions (:mod:`dicom_node.store.schema`) create and
+migrate it, and a test keeps the two equal on both engines.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from sqlalchemy import (
     Boolean,
     Column,
+    Connection,
     Engine,
     Float,
     ForeignKey,
@@ -31,6 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.types import TypeDecorator
 
 from dicom_node.phi import redact
+from dicom_node.store import schema
 from dicom_node.store.states import InstanceState, RunState
 
 logger = logging.getLogger(__name__)
@@ -136,6 +140,9 @@ jobs = Table(
     # result version of the study this job produces (1, then 2 when a late image
     # supersedes the first result, ...)
     Column("version", Integer, nullable=False, default=1, server_default="1"),
+    # bumped by every claim and lease renewal: a claimer takes an expired lease over only
+    # after seeing the same number for lease_s of its own monotonic time (dicom_node.clock)
+    Column("lease_seq", Integer, nullable=False, default=0, server_default="0"),
 )
 Index("ix_jobs_state", jobs.c.state, jobs.c.id)
 
@@ -204,6 +211,8 @@ deliveries = Table(
     Column("commit_transaction_uid", UID, nullable=True),
     Column("commit_requested_at", Float, nullable=True),
     Column("committed_at", Float, nullable=True),
+    # bumped by every claim (see jobs.lease_seq and dicom_node.clock)
+    Column("lease_seq", Integer, nullable=False, default=0, server_default="0"),
     UniqueConstraint("output_id", "destination", name="uq_deliveries_output_dest"),
 )
 Index("ix_deliveries_state", deliveries.c.state, deliveries.c.next_attempt_at)
@@ -255,7 +264,12 @@ def _sqlite_begin(conn: Any) -> None:
 
 
 def make_engine(url: str) -> Engine:
-    """Create the engine and the tables (idempotent)."""
+    """Create the engine and bring the database's schema to this code's revision.
+
+    ``sqlite:///<path>`` (the embedded default) or ``postgresql+psycopg://...``; see
+    :mod:`dicom_node.store.schema` for the migration on start-up and when it refuses
+    (:class:`dicom_node.errors.SchemaTooNewError`).
+    """
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -263,36 +277,50 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "begin", _sqlite_begin)
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    metadata.create_all(engine)
-    add_missing_columns(engine)
+    try:
+        schema.migrate(engine, metadata, upgrade_legacy=_upgrade_legacy)
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
 
 
-def add_missing_columns(engine: Engine) -> list[str]:
-    """Bring a database made by an earlier version up to the current tables.
+def _upgrade_legacy(conn: Connection) -> None:
+    """A database made before the migrations: to the first revision's tables and columns
+    (not today's: the later revisions then run on it as on any database at 0001)."""
+    first = schema.first_revision_metadata()
+    first.create_all(conn)
+    add_missing_columns(conn, first)
+
+
+def add_missing_columns(bind: Engine | Connection, tables: MetaData | None = None) -> list[str]:
+    """Bring a database made by an earlier version up to ``tables`` (default: the current
+    tables).
 
     ``create_all`` creates missing tables but never alters existing ones; columns added
     since (all nullable or with a server default) are added here. Returns ``table.column``
     for each column added.
     """
+    if isinstance(bind, Engine):
+        with bind.begin() as conn:
+            return add_missing_columns(conn, tables)
     added = []
-    with engine.begin() as conn:
-        inspector = inspect(conn)
-        existing_tables = set(inspector.get_table_names())
-        for table in metadata.sorted_tables:
-            if table.name not in existing_tables:
+    inspector = inspect(bind)
+    existing_tables = set(inspector.get_table_names())
+    for table in (tables or metadata).sorted_tables:
+        if table.name not in existing_tables:
+            continue
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
                 continue
-            have = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in have:
-                    continue
-                ddl = column.type.compile(dialect=engine.dialect)
-                default = (f" DEFAULT {column.server_default.arg}"
-                           if column.server_default is not None else "")
-                nullable = "" if column.nullable or default else " NOT NULL"
-                conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" '
-                                     f"{ddl}{default}{nullable}")
-                added.append(f"{table.name}.{column.name}")
+            ddl = column.type.compile(dialect=bind.dialect)
+            default = (f" DEFAULT {column.server_default.arg}"
+                       if column.server_default is not None else "")
+            nullable = "" if column.nullable or default else " NOT NULL"
+            bind.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" '
+                                 f"{ddl}{default}{nullable}")
+            added.append(f"{table.name}.{column.name}")
     if added:
         logger.info("database upgraded: added column(s) %s", ", ".join(added))
     return added

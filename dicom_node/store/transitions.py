@@ -33,7 +33,9 @@ def add_instance_if_new(conn: Connection, **columns: object) -> bool:
     written) when its SOP Instance UID has a row already.
 
     ``INSERT ... ON CONFLICT DO NOTHING``: the duplicate check is the insert itself, so a new
-    instance (the common case) costs no SELECT first.
+    instance (the common case) costs no SELECT first. Whether a row was written is read from
+    ``RETURNING``, not ``rowcount``: with psycopg, SQLAlchemy's implicit RETURNING leaves
+    ``rowcount`` at -1 for an insert that did write its row.
     """
     dialect_insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}.get(
         conn.dialect.name)
@@ -41,8 +43,9 @@ def add_instance_if_new(conn: Connection, **columns: object) -> bool:
         raise NotImplementedError(f"no ON CONFLICT insert for {conn.dialect.name}")
     stmt = (dialect_insert(db.instances)
             .values(**columns, analysis_state=InstanceState.PENDING)
-            .on_conflict_do_nothing(index_elements=[db.instances.c.sop_instance_uid]))
-    return conn.execute(stmt).rowcount == 1
+            .on_conflict_do_nothing(index_elements=[db.instances.c.sop_instance_uid])
+            .returning(db.instances.c.id))
+    return conn.execute(stmt).first() is not None
 
 
 def ignore_instance(conn: Connection, instance_id: int, reason: str) -> None:

@@ -32,10 +32,11 @@ SENDER_DEFAULTS: dict[str, Any] = {"max_attempts": 3, "backoff_initial_s": 0.1,
 
 class ResultBench:
     def __init__(self, root: Path, destinations: list[dict[str, Any]],
-                 output_settings: OutputSettings | None = None) -> None:
+                 output_settings: OutputSettings | None = None,
+                 db_url: str | None = None) -> None:
         # C-STORE (no ``type``) or ``type: stow-rs`` mappings, validated as the config does
         self.destinations = [_DESTINATION.validate_python(d) for d in destinations]
-        self.engine = db.make_engine(f"sqlite:///{root / 'node.db'}")
+        self.engine = db.make_engine(db_url or f"sqlite:///{root / 'node.db'}")
         self._senders: list[Sender] = []
         self.spool = Spool(root / "spool")
         self.ingestor = Ingestor(self.engine, self.spool, max_instance_bytes=50_000_000)

@@ -45,18 +45,18 @@ def pacs_factory() -> Iterator:  # type: ignore[type-arg]
 
 
 def _bench(tmp_path: Path, pacs: TestPACS, output_settings: OutputSettings | None = None,  # type: ignore[no-untyped-def]
-           **dest) -> ResultBench:
-    return ResultBench(tmp_path, [{**pacs.destination, **dest}], output_settings)
+           db_url: str | None = None, **dest) -> ResultBench:
+    return ResultBench(tmp_path, [{**pacs.destination, **dest}], output_settings, db_url)
 
 
 def _states(bench: ResultBench, study: str | None = None) -> dict[str, str]:
     return {kind: row.state for kind, row in bench.deliveries(study).items()}
 
 
-def test_unaccepted_sop_class_is_not_accepted_and_blocks_nothing(tmp_path: Path,
+def test_unaccepted_sop_class_is_not_accepted_and_blocks_nothing(tmp_path: Path, db_url: str,
                                                                   pacs_factory) -> None:  # type: ignore[no-untyped-def]
     pacs = pacs_factory(accept=SC_ONLY)
-    bench = _bench(tmp_path, pacs)
+    bench = _bench(tmp_path, pacs, db_url=db_url)
     first = bench.study(seed=1)
     sender = bench.sender()
     assert sender.run_once() == 1
@@ -159,8 +159,8 @@ def test_missing_or_broken_result_file_is_dead_at_once(tmp_path: Path, pacs_fact
     assert len(bench.audit("dead_lettered")) == 2
 
 
-def test_an_exception_in_one_object_touches_no_other(tmp_path: Path, pacs_factory,  # type: ignore[no-untyped-def]
-                                                     monkeypatch) -> None:
+def test_an_exception_in_one_object_touches_no_other(tmp_path: Path, db_url: str,  # type: ignore[no-untyped-def]
+                                                     pacs_factory, monkeypatch) -> None:
     import dicom_node.sender as sender_module
 
     real = sender_module.convert
@@ -180,7 +180,7 @@ def test_an_exception_in_one_object_touches_no_other(tmp_path: Path, pacs_factor
     monkeypatch.setattr(sender_module, "convert", flaky)
     monkeypatch.setattr(sender_module, "decide", decide)
     pacs = pacs_factory()
-    bench = _bench(tmp_path, pacs)
+    bench = _bench(tmp_path, pacs, db_url=db_url)
     study = bench.study()
     assert bench.sender().run_once() == 1
     rows = bench.deliveries(study)

@@ -33,15 +33,16 @@ def started() -> Iterator[list]:  # type: ignore[type-arg]
         (thing.stop if hasattr(thing, "stop") else thing.shutdown)()
 
 
-def _committing(tmp_path: Path, pacs: TestPACS, timeout_s: float = 600) -> ResultBench:
+def _committing(tmp_path: Path, pacs: TestPACS, db_url: str, timeout_s: float = 600
+                ) -> ResultBench:
     return ResultBench(tmp_path, [{**pacs.destination, "storage_commitment": True,
-                                   "commitment_timeout_s": timeout_s}])
+                                   "commitment_timeout_s": timeout_s}], db_url=db_url)
 
 
-def test_report_on_the_same_association(tmp_path: Path, started) -> None:  # type: ignore[no-untyped-def]
+def test_report_on_the_same_association(tmp_path: Path, db_url: str, started) -> None:  # type: ignore[no-untyped-def]
     pacs = TestPACS(commitment="same").start()
     started.append(pacs)
-    bench = _committing(tmp_path, pacs)
+    bench = _committing(tmp_path, pacs, db_url)
     study = bench.study()
     assert bench.sender().run_once() == 3
     rows = bench.deliveries(study)
@@ -57,7 +58,7 @@ def test_report_on_the_same_association(tmp_path: Path, started) -> None:  # typ
         r.sop_instance_uid for r in rows.values())
 
 
-def test_release_waits_for_the_report_response(tmp_path: Path, started,  # type: ignore[no-untyped-def]
+def test_release_waits_for_the_report_response(tmp_path: Path, db_url: str, started,  # type: ignore[no-untyped-def]
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The ledger shows the report before pynetdicom has sent its response: a response held
     back 0.5 s on its way out must still reach the PACS before the node's A-RELEASE."""
@@ -70,7 +71,7 @@ def test_release_waits_for_the_report_response(tmp_path: Path, started,  # type:
         lambda self: [*plain(self), (evt.EVT_DIMSE_SENT, slow_response)]))
     pacs = TestPACS(commitment="same").start()
     started.append(pacs)
-    bench = _committing(tmp_path, pacs)
+    bench = _committing(tmp_path, pacs, db_url)
     study = bench.study()
     assert bench.sender().run_once() == 3
     assert {r.state for r in bench.deliveries(study).values()} == {"committed"}
@@ -78,11 +79,11 @@ def test_release_waits_for_the_report_response(tmp_path: Path, started,  # type:
     assert pacs.reports_sent == [0x0000]
 
 
-def test_report_on_an_association_the_pacs_opens(tmp_path: Path, started) -> None:  # type: ignore[no-untyped-def]
+def test_report_on_an_association_the_pacs_opens(tmp_path: Path, db_url: str, started) -> None:  # type: ignore[no-untyped-def]
     listener = DicomSettings(ae_title="CXR_AI", port=free_port())
     pacs = TestPACS(commitment="new", node=("127.0.0.1", listener.port, "CXR_AI")).start()
     started.append(pacs)
-    bench = _committing(tmp_path, pacs)
+    bench = _committing(tmp_path, pacs, db_url)
     sender = bench.sender()
     started.extend(start_scp(listener, bench.ingestor, commitment=sender.reports))
     study = bench.study()
@@ -93,11 +94,11 @@ def test_report_on_an_association_the_pacs_opens(tmp_path: Path, started) -> Non
     assert {e.peer.split(":")[0] for e in bench.audit("committed")} == {"127.0.0.1"}
 
 
-def test_failed_references_are_re_sent(tmp_path: Path, started) -> None:  # type: ignore[no-untyped-def]
+def test_failed_references_are_re_sent(tmp_path: Path, db_url: str, started) -> None:  # type: ignore[no-untyped-def]
     refused: set[str] = set()
     pacs = TestPACS(commitment="same", fail_commit=lambda uid: uid in refused).start()
     started.append(pacs)
-    bench = _committing(tmp_path, pacs)
+    bench = _committing(tmp_path, pacs, db_url)
     study = bench.study()
     refused.add(bench.deliveries(study)["sr"].sop_instance_uid)
     sender = bench.sender()
@@ -114,10 +115,10 @@ def test_failed_references_are_re_sent(tmp_path: Path, started) -> None:  # type
         rows["sr"].sop_instance_uid]
 
 
-def test_unconfirmed_commitment_is_re_sent_then_dead(tmp_path: Path, started) -> None:  # type: ignore[no-untyped-def]
+def test_unconfirmed_commitment_is_re_sent_then_dead(tmp_path: Path, db_url: str, started) -> None:  # type: ignore[no-untyped-def]
     pacs = TestPACS(commitment="never").start()
     started.append(pacs)
-    bench = _committing(tmp_path, pacs, timeout_s=1)
+    bench = _committing(tmp_path, pacs, db_url, timeout_s=1)
     study = bench.study()
     sender = bench.sender(max_attempts=3, commitment_wait_s=0.2)
     t0 = time.time()

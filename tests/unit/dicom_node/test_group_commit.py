@@ -30,8 +30,9 @@ def _quarantine_row(conn: Connection, reason: str) -> int:
     ).inserted_primary_key[0]
 
 
-def test_callers_share_commits_and_a_failure_is_rolled_back_alone(tmp_path: Path) -> None:
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+def test_callers_share_commits_and_a_failure_is_rolled_back_alone(tmp_path: Path,
+                                                                   db_url: str) -> None:
+    engine = db.make_engine(db_url)
     writer = GroupCommit(engine, linger_s=0.05)
     commits: list[int] = []
     event.listen(engine, "commit", lambda _conn: commits.append(1))
@@ -69,8 +70,8 @@ def test_callers_share_commits_and_a_failure_is_rolled_back_alone(tmp_path: Path
 
 
 def test_same_uid_different_bytes_at_once_stores_one_quarantines_the_other(
-        tmp_path: Path) -> None:
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+        tmp_path: Path, db_url: str) -> None:
+    engine = db.make_engine(db_url)
     ing = Ingestor(engine, Spool(tmp_path / "spool"), max_instance_bytes=10_000_000)
     first = make_image(seed=1)
     second = make_image(seed=2)
@@ -109,9 +110,10 @@ def test_header_longer_than_the_tap_is_read_from_the_file(tmp_path: Path,
     assert row.study_uid == ds.StudyInstanceUID and row.selection
 
 
-def test_a_data_set_file_closed_or_dropped_withdraws_its_announcement(tmp_path: Path) -> None:
+def test_a_data_set_file_closed_or_dropped_withdraws_its_announcement(tmp_path: Path,
+                                                                     db_url: str) -> None:
     """An association that ends mid-transfer never leaves the writer waiting for it."""
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    engine = db.make_engine(db_url)
     writer = GroupCommit(engine)
     closed = TappedFile(tempfile.NamedTemporaryFile(dir=tmp_path), writer.announce())
     dropped = TappedFile(tempfile.NamedTemporaryFile(dir=tmp_path), writer.announce())

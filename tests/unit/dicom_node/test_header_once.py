@@ -140,9 +140,8 @@ def test_the_stored_keywords_are_the_ones_the_rules_read() -> None:
     assert read == set(SELECTION_KEYWORDS)
 
 
-def test_an_older_database_gets_the_column(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'node.db'}"
-    engine = db.make_engine(url)
+def test_an_older_database_gets_the_column(db_url: str) -> None:
+    engine = db.make_engine(db_url)
     with engine.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE instances DROP COLUMN selection")
     assert db.add_missing_columns(engine) == ["instances.selection"]

@@ -32,8 +32,8 @@ def _received(ds: pydicom.Dataset, *, sop_uid: str | None = None) -> Received:
 
 
 @pytest.fixture
-def ingestor(tmp_path: Path) -> Ingestor:
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+def ingestor(tmp_path: Path, db_url: str) -> Ingestor:
+    engine = db.make_engine(db_url)
     return Ingestor(engine, Spool(tmp_path / "spool"), max_instance_bytes=10_000_000)
 
 
@@ -107,8 +107,8 @@ def test_missing_study_uid_is_quarantined(ingestor: Ingestor) -> None:
     assert "StudyInstanceUID" in _rows(ingestor, db.quarantine)[0].reason
 
 
-def test_disk_full_answers_out_of_resources_then_recovers(tmp_path: Path) -> None:
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+def test_disk_full_answers_out_of_resources_then_recovers(tmp_path: Path, db_url: str) -> None:
+    engine = db.make_engine(db_url)
     spool = Spool(tmp_path / "spool", min_free_bytes=10**18)  # simulate: never enough space
     ing = Ingestor(engine, spool, max_instance_bytes=10_000_000)
     rec = _received(make_image())
@@ -134,7 +134,7 @@ def test_enospc_during_write_is_out_of_resources(ingestor: Ingestor, monkeypatch
     assert _rows(ingestor, db.instances) == []
 
 
-def test_oversized_instance_refused(tmp_path: Path) -> None:
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+def test_oversized_instance_refused(tmp_path: Path, db_url: str) -> None:
+    engine = db.make_engine(db_url)
     ing = Ingestor(engine, Spool(tmp_path / "spool"), max_instance_bytes=1000)
     assert ing.ingest(_received(make_image())) == StoreStatus.OUT_OF_RESOURCES

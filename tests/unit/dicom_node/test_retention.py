@@ -34,9 +34,9 @@ class Study:
 class Builder:
     """Rows and files as the node writes them (ingest's spool layout, worker's outputs)."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, db_url: str) -> None:
         self.spool = Spool(tmp / "spool")
-        self.engine: Engine = db.make_engine(f"sqlite:///{tmp / 'node.db'}")
+        self.engine: Engine = db.make_engine(db_url)
         self.n = 0
 
     def _uid(self) -> str:
@@ -91,8 +91,8 @@ class Builder:
 
 
 @pytest.fixture
-def build(tmp_path: Path):  # type: ignore[no-untyped-def]
-    b = Builder(tmp_path)
+def build(tmp_path: Path, db_url: str):  # type: ignore[no-untyped-def]
+    b = Builder(tmp_path, db_url)
     yield b
     b.engine.dispose()
 

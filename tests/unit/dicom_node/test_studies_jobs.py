@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from helpers.clocks import ManualClock
 from helpers.dicomfiles import CT, DX, make_image
 from sqlalchemy import select, update
 from test_ingest import _received
@@ -25,8 +26,8 @@ from dicom_node.studies import StudyAssembler
 
 
 @pytest.fixture
-def env(tmp_path: Path):  # type: ignore[no-untyped-def]
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+def env(tmp_path: Path, db_url: str):  # type: ignore[no-untyped-def]
+    engine = db.make_engine(db_url)
     spool = Spool(tmp_path / "spool")
     ing = Ingestor(engine, spool, max_instance_bytes=50_000_000)
     asm = StudyAssembler(engine, spool, SelectionSettings(), quiet_period_s=10)
@@ -100,11 +101,14 @@ def test_job_lease_claim_expiry_and_requeue(env) -> None:  # type: ignore[no-unt
     ds = make_image()
     _send(ing, ds)
     [job_id] = asm.run_once(now=_state(engine, ds.StudyInstanceUID).last_received_at + 60)
-    q = JobQueue(engine, lease_s=30, max_attempts=2)
+    clock = ManualClock()  # the claimer's own monotonic time
+    q = JobQueue(engine, lease_s=30, max_attempts=2, clock=clock)
     job = q.claim("hostA:1:0", now=1000.0)
     assert job is not None and job.id == job_id and job.attempts == 1
     assert q.claim("hostA:1:1", now=1010.0) is None  # leased
-    again = q.claim("hostB:9:0", now=1031.0)  # lease expired: another worker re-runs it
+    assert q.claim("hostB:9:0", now=1031.0) is None  # expired: watched for lease_s first
+    clock.advance(30)  # no renewal for lease_s of the claimer's own time: its worker died
+    again = q.claim("hostB:9:0", now=1061.0)  # another worker re-runs it
     assert again is not None and again.attempts == 2
     assert q.fail(job, "late failure of the first owner", permanent=False) == "lost"
     assert q.fail(again, "boom", permanent=False) == "failed"  # attempts exhausted
@@ -222,10 +226,15 @@ def test_interrupted_job_keeps_its_attempts_and_poison_pill_ends_failed(env) -> 
 def test_expired_lease_with_attempts_exhausted_is_failed_not_rerun(env) -> None:  # type: ignore[no-untyped-def]
     engine = env[0]
     study = _queued_study(env)
-    q = JobQueue(engine, lease_s=30, max_attempts=2)
+    clock = ManualClock()
+    q = JobQueue(engine, lease_s=30, max_attempts=2, clock=clock)
     assert q.claim("hostA:1:0", now=1000.0) is not None
-    assert q.claim("hostB:1:0", now=1031.0) is not None  # A died: B takes over (attempt 2)
-    assert q.claim("hostC:1:0", now=1062.0) is None  # B died too: attempts exhausted
+    assert q.claim("hostB:1:0", now=1031.0) is None  # expired: watched for lease_s
+    clock.advance(30)
+    assert q.claim("hostB:1:0", now=1061.0) is not None  # A died: B takes over (attempt 2)
+    assert q.claim("hostC:1:0", now=1092.0) is None  # B's lease expired: watched
+    clock.advance(30)
+    assert q.claim("hostC:1:0", now=1122.0) is None  # B died too: attempts exhausted
     row = _job(engine)
     assert row.state == "failed" and "lease expired on attempt 2" in row.error
     assert _state(engine, study).state == "failed"
@@ -371,8 +380,9 @@ def test_release_grace_off_ignores_releases(env) -> None:  # type: ignore[no-unt
     assert asm.run_once(now=last + 5) == [] and len(asm.run_once(now=last + 10)) == 1
 
 
-def test_an_older_database_gets_released_at_and_keeps_working(tmp_path: Path) -> None:
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+def test_an_older_database_gets_released_at_and_keeps_working(tmp_path: Path,
+                                                              db_url: str) -> None:
+    engine = db.make_engine(db_url)
     with engine.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE studies DROP COLUMN released_at")
     assert db.add_missing_columns(engine) == ["studies.released_at"]

@@ -24,10 +24,10 @@ from dicom_node.studies import StudyAssembler
 from dicom_node.worker import AnalysisWorker
 
 
-def _queue_studies(tmp_path: Path, images: list[list[pydicom.Dataset]]
+def _queue_studies(tmp_path: Path, images: list[list[pydicom.Dataset]], db_url: str
                    ) -> tuple[Engine, Spool]:
-    """A real SQLite file with one queued job per study of ``images``."""
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    """A real SQLite file (or a PostgreSQL database): one queued job per study of ``images``."""
+    engine = db.make_engine(db_url)
     spool = Spool(tmp_path / "spool")
     ingestor = Ingestor(engine, spool, max_instance_bytes=50_000_000)
     for study in images:
@@ -45,9 +45,9 @@ def _study(seed: int, n: int = 1) -> list[pydicom.Dataset]:
 
 
 def test_three_queued_jobs_are_claimed_at_once_and_each_gets_its_own_outputs(
-        tmp_path: Path) -> None:
+        tmp_path: Path, db_url: str) -> None:
     studies = [_study(1, 2), _study(2), _study(3)]
-    engine, spool = _queue_studies(tmp_path, studies)
+    engine, spool = _queue_studies(tmp_path, studies, db_url)
     analyzer = FakeAnalyzer()
     queue = JobQueue(engine, lease_s=60, max_attempts=3)
     worker = AnalysisWorker(engine, spool, queue, analyzer, OutputSettings(gsps=False), [])
@@ -68,18 +68,18 @@ def test_three_queued_jobs_are_claimed_at_once_and_each_gets_its_own_outputs(
 
 
 def test_claim_many_takes_only_what_is_due_and_keeps_a_studys_jobs_in_order(
-        tmp_path: Path) -> None:
-    engine, _ = _queue_studies(tmp_path, [_study(1), _study(2)])
+        tmp_path: Path, db_url: str) -> None:
+    engine, _ = _queue_studies(tmp_path, [_study(1), _study(2)], db_url)
     queue = JobQueue(engine, lease_s=60, max_attempts=3)
     taken = queue.claim_many("w:1:0", 4)
     assert len(taken) == 2 and len({j.study_uid for j in taken}) == 2
     assert queue.claim_many("w:1:1", 4) == []  # both running under a live lease
 
 
-def test_one_jobs_unusable_study_fails_alone_in_a_batch(tmp_path: Path) -> None:
+def test_one_jobs_unusable_study_fails_alone_in_a_batch(tmp_path: Path, db_url: str) -> None:
     bad = _study(2)
     del bad[0].PixelData  # the fake analyzer refuses an image without pixel data
-    engine, spool = _queue_studies(tmp_path, [_study(1), bad, _study(3)])
+    engine, spool = _queue_studies(tmp_path, [_study(1), bad, _study(3)], db_url)
     analyzer = FakeAnalyzer()
     worker = AnalysisWorker(engine, spool, JobQueue(engine, lease_s=60, max_attempts=3),
                             analyzer, OutputSettings(gsps=False), [])
@@ -91,8 +91,8 @@ def test_one_jobs_unusable_study_fails_alone_in_a_batch(tmp_path: Path) -> None:
 
 
 def test_batch_wait_takes_a_job_queued_during_the_wait_into_the_same_call(
-        tmp_path: Path) -> None:
-    engine, spool = _queue_studies(tmp_path, [_study(1)])
+        tmp_path: Path, db_url: str) -> None:
+    engine, spool = _queue_studies(tmp_path, [_study(1)], db_url)
     analyzer = FakeAnalyzer()
     worker = AnalysisWorker(engine, spool, JobQueue(engine, lease_s=60, max_attempts=3),
                             analyzer, OutputSettings(gsps=False), [])

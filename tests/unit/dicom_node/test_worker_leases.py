@@ -24,9 +24,9 @@ from dicom_node.worker import AnalysisWorker, JobOutcome
 
 
 @pytest.fixture
-def queued(tmp_path: Path) -> tuple[Engine, Spool]:
-    """A real SQLite file with one queued job over two images."""
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+def queued(tmp_path: Path, db_url: str) -> tuple[Engine, Spool]:
+    """A real SQLite file (and a PostgreSQL database) with one queued job over two images."""
+    engine = db.make_engine(db_url)
     spool = Spool(tmp_path / "spool")
     ingestor = Ingestor(engine, spool, max_instance_bytes=50_000_000)
     first = make_image()
@@ -55,7 +55,9 @@ def test_heartbeat_renews_while_owned_and_notices_a_lost_lease(queued) -> None: 
         wait_until(beat.lost.is_set, 10, interval=0.02, what="lease loss noticed")
         wait_until(lambda: not beat.is_alive(), 10, interval=0.02, what="heartbeat ended")
         assert q.renew(job) is False and _job(engine).lease_owner == "other:9:0"
-    assert q.claim("w:1:1", now=time.time() + 5) is not None  # expired: claimable again
+    # expired, and its lease_seq unchanged for lease_s of this queue's own time: taken over
+    assert wait_until(lambda: q.claim("w:1:1", now=time.time() + 5), 10, interval=0.05,
+                      what="takeover of the expired lease")
 
 
 def test_long_job_is_not_taken_over_by_a_second_worker(queued) -> None:  # type: ignore[no-untyped-def]

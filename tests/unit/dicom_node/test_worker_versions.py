@@ -50,8 +50,8 @@ class Env:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Env:
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+def env(tmp_path: Path, db_url: str) -> Env:
+    engine = db.make_engine(db_url)
     spool = Spool(tmp_path / "spool")
     analyzer = FakeAnalyzer()
     worker = AnalysisWorker(engine, spool, JobQueue(engine, lease_s=60, max_attempts=2),

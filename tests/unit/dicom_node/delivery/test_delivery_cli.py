@@ -17,8 +17,9 @@ DEST = {"ae_title": "PACS", "host": "127.0.0.1", "port": 11104}
 
 
 @pytest.fixture
-def bench(tmp_path: Path):  # type: ignore[no-untyped-def]
-    bench = ResultBench(tmp_path, [DEST])
+def bench(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("CXR_NODE__DATABASE__URL", db_url)  # the CLI's database
+    bench = ResultBench(tmp_path, [DEST], db_url=db_url)
     bench.study(seed=1)
     bench.study(seed=2)
     states = ["sent", "committed", "not_accepted", "retrying", "dead", "pending"]

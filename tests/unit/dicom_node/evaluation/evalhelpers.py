@@ -161,9 +161,9 @@ def add_analysed(engine: Engine, study_uid: str, images: dict[str, dict[str, flo
 
 
 
-def temp_engine(tmp_path: Path) -> Iterator[Engine]:
+def temp_engine(tmp_path: Path, db_url: str | None = None) -> Iterator[Engine]:
     """The body of each module's ``engine`` fixture (no conftest.py here: it would replace
     the root ``conftest`` module that other test files import helpers from)."""
-    eng = db.make_engine(f"sqlite:///{tmp_path / 'data' / 'node.db'}")
+    eng = db.make_engine(db_url or f"sqlite:///{tmp_path / 'data' / 'node.db'}")
     yield eng
     eng.dispose()

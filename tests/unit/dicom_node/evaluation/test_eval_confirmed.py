@@ -24,8 +24,8 @@ SOP = "1.2.826.0.1.3680043.8.498.11"
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    yield from temp_engine(tmp_path)
+def engine(tmp_path: Path, db_url: str) -> Iterator[Engine]:
+    yield from temp_engine(tmp_path, db_url)
 
 
 def _service(engine: Engine, tmp_path: Path, **evaluation: object) -> EvaluationService:

@@ -34,8 +34,8 @@ from dicom_node.store import db
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    yield from temp_engine(tmp_path)
+def engine(tmp_path: Path, db_url: str) -> Iterator[Engine]:
+    yield from temp_engine(tmp_path, db_url)
 
 
 @pytest.fixture(scope="module")

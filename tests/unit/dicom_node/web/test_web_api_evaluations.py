@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import pytest
+from helpers.db_fixtures import ENGINES
 from sqlalchemy import select
 from webdata import WebEnv
 
@@ -14,6 +15,12 @@ from dicom_node.evaluation.service import EvaluationService
 from dicom_node.store import db
 
 pytest_plugins = ["webfixtures"]
+
+
+@pytest.fixture(params=ENGINES)
+def web_db(request: pytest.FixtureRequest) -> str:
+    """The API's reads and writes of this module run on SQLite and on PostgreSQL."""
+    return str(request.param)
 
 JOB = "nightly-reference"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from helpers.db_fixtures import ENGINES
 from helpers.fakes import FakeAnalyzer
 from sqlalchemy import func, select
 from webdata import DEST, WebEnv
@@ -18,6 +19,12 @@ from dicom_node.store import db
 from dicom_node.worker import AnalysisWorker
 
 pytest_plugins = ["webfixtures"]
+
+
+@pytest.fixture(params=ENGINES)
+def web_db(request: pytest.FixtureRequest) -> str:
+    """The API's reads and writes of this module run on SQLite and on PostgreSQL."""
+    return str(request.param)
 
 
 def uids(resp: object) -> set[str]:
