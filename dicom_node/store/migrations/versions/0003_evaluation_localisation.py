@@ -1,28 +1,20 @@
-"""Grad-CAM localisation per evaluation figure: ``evaluation_metrics.localisation``.
-
-A JSON object (pointing-game hit rate with its interval, energy inside the lungs, counts;
-:mod:`ai.reference.localisation`) for classification labels of reference runs whose
-reference set has a ``locations.json``; null otherwise.
-
-Revision ID: 0003
-Revises: 0002
-Create Date: 2026-12-05
-"""
+"""Revision 0003 (after 0002, 2026-12-05): ``evaluation_metrics.localisation``, the Grad-CAM
+localisation of a figure as JSON (pointing-game hit rate with its interval, energy inside the
+lungs, counts; :mod:`ai.reference.localisation`) for classification labels of reference runs
+whose reference set has a ``locations.json``; null otherwise."""
 
 from __future__ import annotations
 
-import sqlalchemy as sa
 from alembic import op
+from sqlalchemy import Column, Text
 
-revision = "0003"
-down_revision: str | None = "0002"
-branch_labels: str | None = None
-depends_on: str | None = None
+revision, down_revision = "0003", "0002"
+branch_labels = depends_on = None
 
 
 def upgrade() -> None:
     with op.batch_alter_table("evaluation_metrics") as batch:
-        batch.add_column(sa.Column("localisation", sa.Text(), nullable=True))
+        batch.add_column(Column("localisation", Text(), nullable=True))
 
 
 def downgrade() -> None:
