@@ -149,6 +149,7 @@ def _run_synth(args: argparse.Namespace) -> int:
     print(
         f"wrote {summary.images} images in {summary.studies} studies of {summary.patients} patients "
         f"to {summary.out_dir}\npositives: {positives}\nlabels: {summary.labels_csv}  boxes: {summary.boxes_json}"
+        f"  locations: {summary.locations_json}"
     )
     return EXIT_OK
 
@@ -197,6 +198,9 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
     _add_labelled_data(parser)
     parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
     parser.add_argument("--boxes", type=Path, help="YOLO JSON box truth (detection bundles)")
+    parser.add_argument("--locations", type=Path,
+                        help="finding boxes and lung masks per image for the Grad-CAM "
+                        "localisation figures (default: locations.json beside --labels)")
     parser.add_argument("--bootstrap", type=_positive_int, default=2000,
                         help="bootstrap resamples for the AUROC / F1 / AP intervals")  # fmt: skip
     parser.add_argument("--seed", type=_seed, default=0, help="bootstrap seed")
@@ -208,8 +212,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from training.report import (
         CLASSIFICATION_HEADERS,
         DETECTION_HEADERS,
+        LOCALISATION_HEADERS,
         classification_rows,
         detection_rows,
+        localisation_rows,
         markdown_table,
     )
 
@@ -218,7 +224,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             args.bundle, args.data, args.labels, args.out, boxes_json=args.boxes,
             device=args.device, batch_size=args.batch_size, all_images=args.all_images,
             n_boot=args.bootstrap, seed=args.seed, curves=not args.no_curves,
-            progress=_progress(args),
+            progress=_progress(args), locations_json=args.locations,
         )  # fmt: skip
     except _failures() as exc:
         raise CommandFailed(str(exc)) from exc
@@ -228,6 +234,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             print(markdown_table(DETECTION_HEADERS, detection_rows(model.detection)))
         if model.labels or model.detection is None:
             print(markdown_table(CLASSIFICATION_HEADERS, classification_rows(model.labels)))
+        if model.localisation is not None:
+            print("Grad-CAM localisation on true positives:")
+            print(markdown_table(LOCALISATION_HEADERS, localisation_rows(model.localisation)))
         nih_labels = {m.label: {"evaluated": {"auroc": m.auroc.as_dict()}}
                       for m in model.labels if m.label in CHEXNET_AUROC}  # fmt: skip
         if nih_labels:  # ChestX-ray14 labels: also the CheXNet paper's table

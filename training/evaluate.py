@@ -40,7 +40,13 @@ from ai.bundle.metadata import BundleMetadata, read_metadata
 from ai.codes import normalise_label
 from ai.reference.dicom_files import index_dicom_tree
 from ai.reference.evaluate import label_metrics
-from ai.reference.labels import read_classification_labels
+from ai.reference.labels import normalise_path, read_classification_labels
+from ai.reference.localisation import (
+    LocalisationCollector,
+    LocationsError,
+    locations_beside,
+    read_locations,
+)
 from ai.reference.matching import match_labels
 from ai.selection import screening_reason
 from ai.types import Analyzer, ImageResult, ModelIdentity, PixelDataError
@@ -182,12 +188,15 @@ def predict(
     all_images: bool = False,
     progress: Callable[[int], None] | None = None,
     reader: Callable[[LabelledImage], Dataset] | None = None,
+    on_result: Callable[[LabelledImage, ImageResult], None] | None = None,
 ) -> PredictionSet:
     """Run ``analyzer`` on ``images`` in batches; returns the per-label predictions.
 
     Images the node would not analyse (lateral, CT, ...) are skipped and counted unless
     ``all_images``; unreadable or undecodable files are skipped and counted. ``reader``
     (default: ``pydicom.dcmread`` of ``image.path``) is for tests without files.
+    ``on_result`` sees each result while its heatmaps are alive (the localisation figures);
+    they are dropped afterwards, so a large set does not keep a source-size map per finding.
     """
     read = reader or _read
     skipped: Counter[str] = Counter()
@@ -204,7 +213,12 @@ def predict(
         else:
             chunk.append((image, ds))
         if len(chunk) >= batch_size or (index == len(images) - 1 and chunk):
-            results.extend(_analyse_chunk(analyzer, chunk, skipped))
+            done = _analyse_chunk(analyzer, chunk, skipped)
+            for image, result in done if on_result else ():
+                on_result(image, result)  # type: ignore[misc]
+                result.finding_heatmaps.clear()
+                result.heatmap = None
+            results.extend(done)
             chunk = []
         if progress:
             progress(1)
@@ -424,10 +438,12 @@ def analyse_labelled_set(
     all_images: bool = False,
     progress: ProgressFactory | None = None,
     analyzer_factory: Callable[..., Analyzer] | None = None,
+    on_result: Callable[[LabelledImage, ImageResult], None] | None = None,
 ) -> tuple[PredictionSet, dict[str, dict[str, Any]], list[ModelIdentity]]:
-    """Load the bundles into the node's Analyzer (no Grad-CAM: it does not change the
-    probabilities) and predict every labelled image; returns predictions, metadata by device
-    UID and the model identities."""
+    """Load the bundles into the node's Analyzer and predict every labelled image; returns
+    predictions, metadata by device UID and the model identities. Grad-CAM (each finding's
+    own map) runs only with ``on_result`` (the localisation figures): it does not change the
+    probabilities."""
     metas = [read_metadata(Path(b)) for b in bundles]
     for meta in metas:
         check_task_supported(meta)
@@ -436,15 +452,17 @@ def analyse_labelled_set(
 
         check_device(device)
         analyzer_factory = ModelAnalyzer
-    analyzer = analyzer_factory(list(bundles), device=device, gradcam=False, batch_size=batch_size)
+    maps = on_result is not None
+    analyzer = analyzer_factory(list(bundles), device=device, gradcam=maps, batch_size=batch_size,
+                                **({"finding_maps": True} if maps else {}))
     summaries = {m.device_uid: bundle_summary(Path(b)) for m, b in zip(metas, bundles, strict=True)}
     bar = progress(len(labelled.images), "predict") if progress else None
     if bar is None:
         return predict(analyzer, labelled.images, batch_size=batch_size,
-                       all_images=all_images), summaries, analyzer.models  # fmt: skip
+                       all_images=all_images, on_result=on_result), summaries, analyzer.models  # fmt: skip
     with bar:
         found = predict(analyzer, labelled.images, batch_size=batch_size,
-                        all_images=all_images, progress=bar.update)  # fmt: skip
+                        all_images=all_images, progress=bar.update, on_result=on_result)  # fmt: skip
     return found, summaries, analyzer.models
 
 
@@ -472,21 +490,61 @@ def run_evaluation(
     seed: int = 0,
     curves: bool = True,
     progress: ProgressFactory | None = None,
+    locations_json: Path | None = None,
 ) -> tuple[EvaluationReport, dict[str, Any]]:
-    """``training evaluate`` end to end; returns the report and the files written."""
+    """``training evaluate`` end to end; returns the report and the files written.
+
+    With a locations sidecar (``locations_json``, else ``locations.json`` beside the labels
+    CSV, as :mod:`training.synth` writes it) each classification model also gets its Grad-CAM
+    localisation per label (:mod:`ai.reference.localisation`).
+    """
     labelled = load_labelled_set_with_progress(data_dir, labels_csv, progress)
     boxes = _read_boxes(boxes_json) if boxes_json else None
     box_classes = _box_classes(boxes_json) if boxes_json else None
+    sidecar = locations_json or locations_beside(labels_csv)
+    localiser = Localiser(Path(data_dir), sidecar) if sidecar else None
     found, summaries, models = analyse_labelled_set(
         bundles, labelled, device=device, batch_size=batch_size, all_images=all_images,
-        progress=progress,
+        progress=progress, on_result=localiser.add if localiser else None,
     )  # fmt: skip
     report = evaluate_predictions(found, labelled, summaries, models=models, boxes=boxes,
                                   n_boot=n_boot, seed=seed, box_classes=box_classes)  # fmt: skip
+    if localiser is not None:
+        localiser.attach(report)
     files = write_evaluation(Path(out_dir), report, curves=curves)
     if curves:
         files["curves"].extend(plot_froc_curves(Path(out_dir), report))
     return report, files
+
+
+class Localiser:
+    """Grad-CAM localisation of the classification models against a locations sidecar."""
+
+    def __init__(self, data_dir: Path, locations_json: Path) -> None:
+        try:
+            self.where = read_locations(Path(locations_json))
+        except LocationsError as exc:
+            raise EvaluateError(str(exc)) from exc
+        self.data_dir = Path(data_dir).resolve()
+        self.collector = LocalisationCollector()
+        self.sidecar = Path(locations_json).name
+
+    def add(self, image: LabelledImage, result: ImageResult) -> None:
+        try:
+            rel = Path(image.path).resolve().relative_to(self.data_dir).as_posix()
+        except ValueError:
+            return
+        truth = {normalise_label(k): v for k, v in image.truth.items()}
+        self.collector.add(result, self.where.get(normalise_path(rel)),
+                           lambda label: truth.get(normalise_label(label)))
+
+    def attach(self, report: EvaluationReport) -> None:
+        """Each classification model's figures into its report (an empty dict: the set had
+        no true positive with a region)."""
+        for model in report.models:
+            if model.identity.task == "classification":
+                model.localisation = self.collector.figures(model.identity.device_uid)
+        report.data["locations_file"] = self.sidecar
 
 
 def _box_classes(boxes_json: Path) -> list[str] | None:

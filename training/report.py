@@ -33,6 +33,8 @@ CLASSIFICATION_HEADERS = (
 )  # fmt: skip
 CONFUSION_HEADERS = ("Label", "Threshold", "TP", "FP", "TN", "FN", "PPV [95% CI]", "NPV [95% CI]")
 DETECTION_HEADERS = ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
+LOCALISATION_HEADERS = ("Label", "TP images", "Pointing-game hit rate [95% CI]",
+                        "Grad-CAM energy in lungs")
 PREDICTION_COLUMNS = (
     "sop_instance_uid", "model", "model_version", "device_uid", "label", "probability",
     "threshold", "positive", "truth",
@@ -147,6 +149,17 @@ def detection_rows(detection: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def localisation_rows(localisation: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """Rows of the Grad-CAM localisation table (true-positive images per label)."""
+    rows = []
+    for label, row in localisation.items():
+        rate = row.get("hit_rate") or {}
+        ci = (f"{fmt(rate.get('value'))} [{fmt(rate.get('lower'))}–{fmt(rate.get('upper'))}]"
+              if rate else "—")
+        rows.append([label, str(row.get("tp_images", 0)), ci, fmt(row.get("lung_energy"))])
+    return rows
+
+
 def _model_section(model: ModelReport) -> list[str]:
     ident = model.identity
     demo = " — DEMO, not for clinical use" if ident.demo else ""
@@ -160,6 +173,11 @@ def _model_section(model: ModelReport) -> list[str]:
         out += ["Operating point (the bundle's thresholds, positive = probability >= "
                 "threshold):", "",
                 markdown_table(CONFUSION_HEADERS, confusion_rows(model.labels)), ""]  # fmt: skip
+    if model.localisation is not None:
+        out += ["Grad-CAM localisation on true positives (pointing game: the map's maximum "
+                "within 15 px at 224 px of the finding's region; energy: the map's mass in "
+                "the lungs):", "",
+                markdown_table(LOCALISATION_HEADERS, localisation_rows(model.localisation)), ""]
     for label, reason in model.not_evaluated.items():
         out.append(f"- `{label}` not evaluated: {reason}")
     if model.not_evaluated:

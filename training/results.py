@@ -39,6 +39,8 @@ class ModelReport:
     labels: list[LabelMetrics]
     not_evaluated: dict[str, str] = field(default_factory=dict)
     detection: dict[str, Any] | None = None
+    # Grad-CAM localisation per label (ai.reference.localisation), None without locations
+    localisation: dict[str, dict[str, Any]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +49,7 @@ class ModelReport:
             "metrics": {m.label: m.as_dict() for m in self.labels},
             "not_evaluated": dict(self.not_evaluated),
             **({"detection": self.detection} if self.detection is not None else {}),
+            **({"localisation": self.localisation} if self.localisation is not None else {}),
         }
 
 

@@ -5,7 +5,8 @@ DX for presentation / for processing, CT), photometric interpretation, bits
 stored, modality LUT (rescale), VOI (window, LUT sequence, none), transfer
 syntax and view.  :func:`make_dataset` builds one instance;
 :func:`synthesize` writes whole patients/studies plus labels
-(``labels.csv``, YOLO-style ``boxes.json``, ``classes.txt``).
+(``labels.csv``, YOLO-style ``boxes.json``, ``classes.txt``, and ``locations.json``: each
+finding's box and the lung mask, what Grad-CAM localisation is measured against).
 
 All identifiers and UIDs are derived from the seed
 (:func:`pydicom.uid.generate_uid` with entropy sources), so a seed always
@@ -41,6 +42,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from ai.reference.localisation import LOCATIONS_FILE, image_entry, write_locations
 from training import jpeg_lossless
 from training.errors import TrainingError
 from training.phantoms import FINDINGS, Phantom, render_ct_slice, render_phantom
@@ -507,6 +509,7 @@ class SynthSummary:
     labels_csv: Path
     boxes_json: Path
     classes_txt: Path
+    locations_json: Path
     positives: dict[str, int]
     variants: dict[str, int]
 
@@ -544,8 +547,8 @@ def synthesize(
     """Write ``count`` studies of phantoms with labels under ``out_dir``.
 
     Layout: ``<patient>/<study>/<sop>.dcm`` plus ``labels.csv``, ``boxes.json``
-    (YOLO lines per relative path, empty list for negatives) and
-    ``classes.txt``.  About a quarter of the studies get a second image
+    (YOLO lines per relative path, empty list for negatives),
+    ``classes.txt`` and ``locations.json`` (:mod:`ai.reference.localisation`).  About a quarter of the studies get a second image
     (same study, new series) and about a quarter reuse an earlier patient, so
     patient-level splits have something to do.  Each finding is present
     independently with probability ``prevalence`` (same findings for all the
@@ -571,6 +574,7 @@ def synthesize(
     patients: list[Patient] = []
     rows: list[dict[str, str | int]] = []
     boxes: dict[str, list[str]] = {}
+    locations: dict[str, dict] = {}
     used: dict[str, int] = {}
     for index in range(count):
         study_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
@@ -597,9 +601,14 @@ def synthesize(
             rel = _write(out_dir, img)
             rows.append(_label_row(img, rel))
             boxes[rel] = [b.yolo() for b in img.phantom.boxes] if img.phantom else []
+            if img.phantom is not None:
+                locations[rel] = image_entry(
+                    [(b.label, (b.x0, b.y0, b.x1, b.y1)) for b in img.phantom.boxes],
+                    img.phantom.lungs)
             used[var.name] = used.get(var.name, 0) + 1
         if progress:
             progress(1)
+    write_locations(out_dir / LOCATIONS_FILE, locations)
     return _write_labels(out_dir, rows, boxes, count, len(patients), used)
 
 
@@ -650,6 +659,5 @@ def _write_labels(
     classes_txt.write_text("\n".join(FINDINGS) + "\n", encoding="utf-8")
     positives = {name: sum(int(r[name]) for r in rows) for name in FINDINGS}
     logger.info("synthesized %d images in %d studies under %s", len(rows), studies, out_dir)
-    return SynthSummary(
-        out_dir, len(rows), studies, patients, labels_csv, boxes_json, classes_txt, positives, used
-    )
+    return SynthSummary(out_dir, len(rows), studies, patients, labels_csv, boxes_json,
+                        classes_txt, out_dir / LOCATIONS_FILE, positives, used)

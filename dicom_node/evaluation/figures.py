@@ -71,6 +71,9 @@ class LabelFigures:
     roc: list[tuple[float, float]] = field(default_factory=list)  # (fpr, tpr)
     ap50: float | None = None  # detection only
     froc: list[tuple[float, float]] | None = None  # detection only: (FP per image, sens)
+    # Grad-CAM on true positives (classification, references with locations.json):
+    # {"hit_rate": {value, lower, upper}, "lung_energy", "tp_images", "hits", ...}
+    localisation: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (NaN -> None), as the API and the dashboard show it."""
@@ -81,6 +84,7 @@ class LabelFigures:
             out[name] = getattr(self, name).as_dict()
         out["roc"] = [list(p) for p in self.roc]
         out["froc"] = None if self.froc is None else [list(p) for p in self.froc]
+        out["localisation"] = self.localisation
         return out
 
 

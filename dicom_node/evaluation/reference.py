@@ -28,6 +28,13 @@ from ai.batches import analyse_isolating
 from ai.codes import normalise_label
 from ai.reference.dicom_files import looks_like_dicom
 from ai.reference.labels import LabelError, normalise_path, read_classification_labels
+from ai.reference.localisation import (
+    ImageLocations,
+    LocalisationCollector,
+    LocationsError,
+    locations_beside,
+    read_locations,
+)
 from ai.selection import rejection_reason
 from ai.types import Analyzer, ImageResult, PixelDataError
 from dicom_node.config import SelectionSettings
@@ -135,6 +142,9 @@ class ReferenceOutcome:
     # the analysed images: (SOP Instance UID, path relative to dicom_dir, rows, columns),
     # as :func:`~dicom_node.evaluation.figures.reference_boxes` takes them
     images: list[tuple[str, str, int, int]] = field(default_factory=list)
+    # Grad-CAM localisation per (model name, version, label), when the reference has a
+    # locations.json beside its labels (ai.reference.localisation); empty otherwise
+    localisation: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
 
 
 def evaluate_reference(dicom_dir: Path, labels_csv: Path, analyzer: Analyzer,
@@ -142,6 +152,8 @@ def evaluate_reference(dicom_dir: Path, labels_csv: Path, analyzer: Analyzer,
                        ) -> ReferenceOutcome:
     """Run ``analyzer`` over the reference set and pair every finding with its truth."""
     labels = read_reference_labels(labels_csv)
+    locations = _read_locations(labels_csv)
+    collector = LocalisationCollector()
     scan = scan_reference(dicom_dir, labels, rules, stop)
     image_cases: list[tuple[str, Case]] = []
     results: list[ImageResult] = []
@@ -165,6 +177,10 @@ def evaluate_reference(dicom_dir: Path, labels_csv: Path, analyzer: Analyzer,
             images.append((result.sop_instance_uid, path.relative_to(dicom_dir).as_posix(),
                            int(result.rows), int(result.columns)))
             image_cases.extend((study, case) for case in _cases(result, key, labels))
+            if locations is not None:
+                rel = normalise_path(path.relative_to(dicom_dir).as_posix())
+                collector.add(result, locations.get(rel),
+                              lambda label, key=key: labels.truth(key, label))
     if not results:
         raise EvaluationError(
             f"reference set has no analysable labelled image ({scan.files} DICOM file(s); "
@@ -186,7 +202,23 @@ def evaluate_reference(dicom_dir: Path, labels_csv: Path, analyzer: Analyzer,
     logger.info("reference set: %d file(s), %d analysed, %d excluded, %d without labels",
                 scan.files, len(results), sum(scan.excluded.values()),
                 scan.images_without_labels)
-    return ReferenceOutcome(cases, results, summary, images)
+    localisation = {}
+    if locations is not None:
+        for model in {f.model for r in results for f in r.findings}:
+            for label, figures in collector.figures(model.device_uid).items():
+                localisation[(model.name, model.version, label)] = figures
+    return ReferenceOutcome(cases, results, summary, images, localisation)
+
+
+def _read_locations(labels_csv: Path) -> dict[str, ImageLocations] | None:
+    """The reference's ``locations.json`` (beside the labels), or None without one."""
+    sidecar = locations_beside(labels_csv)
+    if sidecar is None:
+        return None
+    try:
+        return read_locations(sidecar)
+    except LocationsError as exc:
+        raise EvaluationError(f"reference {exc}") from exc
 
 
 def _cases(result: ImageResult, key: str, labels: ReferenceLabels) -> list[Case]:

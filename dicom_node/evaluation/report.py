@@ -51,6 +51,15 @@ def _detection_line(f: LabelFigures) -> str:
     return f"  {f.label}: AP50 {_num(f.ap50)}; FROC sensitivity at FP/image {points or '-'}"
 
 
+def _localisation_line(f: LabelFigures) -> str:
+    """Grad-CAM localisation of a classification label on its true positives."""
+    loc = f.localisation or {}
+    rate = (loc.get("hit_rate") or {}).get("value")
+    return (f"  {f.label}: Grad-CAM pointing-game hit rate {_num(rate)} "
+            f"({loc.get('hits', 0)}/{loc.get('tp_images', 0)} true positives), energy in the "
+            f"lungs {_num(loc.get('lung_energy'))}")
+
+
 def format_run(detail: RunDetail) -> str:
     """The per-label table of each model, then the exclusions and alerts."""
     run = detail.run
@@ -69,6 +78,7 @@ def format_run(detail: RunDetail) -> str:
                 if (f.model_name, f.model_version) == (model["name"], model["version"])]
         lines += _table(figures_rows(figs), COLUMNS) if figs else ["(no labelled case)"]
         lines += [_detection_line(f) for f in figs if f.ap50 is not None]
+        lines += [_localisation_line(f) for f in figs if f.localisation]
     summary = run.summary or {}
     if summary.get("excluded"):
         lines.append("")

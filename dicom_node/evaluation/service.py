@@ -15,7 +15,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -299,7 +299,9 @@ class EvaluationService:
         box_map = _read_box_map(ref.boxes_json, ref.classes_path) if detection else None
         result = evaluate_reference(ref.dicom_dir, ref.labels_csv, analyzer,
                                     self.settings.studies.selection, self.stop_event)
-        figures = compute_figures(result.cases)
+        figures = [replace(f, localisation=result.localisation.get(
+                       (f.model_name, f.model_version, f.label)) if result.localisation else None)
+                   for f in compute_figures(result.cases)]
         summary = result.summary
         if box_map is not None:
             doc, classes = box_map

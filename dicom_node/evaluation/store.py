@@ -122,7 +122,8 @@ def figures_from_row(r: Any) -> LabelFigures:
         sensitivity=_estimate(r, "sensitivity"), specificity=_estimate(r, "specificity"),
         ppv=_estimate(r, "ppv"), npv=_estimate(r, "npv"), f1=r.f1, auroc=_estimate(r, "auroc"),
         roc=[tuple(p) for p in json.loads(r.roc or "[]")], ap50=r.ap50,
-        froc=[tuple(p) for p in json.loads(r.froc)] if r.froc else None)
+        froc=[tuple(p) for p in json.loads(r.froc)] if r.froc else None,
+        localisation=json.loads(r.localisation) if getattr(r, "localisation", None) else None)
 
 
 def _metrics_values(run_id: int, f: LabelFigures) -> dict[str, Any]:
@@ -131,7 +132,8 @@ def _metrics_values(run_id: int, f: LabelFigures) -> dict[str, Any]:
         "label": f.label, "threshold": f.threshold, "n_pos": f.n_pos, "n_neg": f.n_neg,
         "tp": f.tp, "fp": f.fp, "tn": f.tn, "fn": f.fn, "f1": _nan_none(f.f1),
         "ap50": _nan_none(f.ap50), "roc": _json([list(p) for p in f.roc]),
-        "froc": None if f.froc is None else _json([list(p) for p in f.froc])}
+        "froc": None if f.froc is None else _json([list(p) for p in f.froc]),
+        "localisation": None if f.localisation is None else _json(f.localisation)}
     for name in ("sensitivity", "specificity", "ppv", "npv", "auroc"):
         est: Estimate = getattr(f, name)
         values[name] = _nan_none(est.value)

@@ -400,6 +400,9 @@ evaluation_metrics = Table(
     Column("ap50", Float, nullable=True),  # detection only
     Column("froc", Text, nullable=True),  # JSON [[fp_per_image, sensitivity], ...]
     Column("roc", Text, nullable=True),  # JSON [[fpr, tpr], ...] for the plots
+    # JSON Grad-CAM localisation on true positives (ai.reference.localisation): hit_rate,
+    # lung_energy, tp_images, hits; null for references without locations.json
+    Column("localisation", Text, nullable=True),
 )
 Index("ix_evaluation_metrics_run", evaluation_metrics.c.run_id)
 

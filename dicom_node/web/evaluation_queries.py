@@ -43,7 +43,8 @@ def metric_dict(r: Any) -> dict[str, Any]:
         "n_pos": r.n_pos, "n_neg": r.n_neg, "tp": r.tp, "fp": r.fp, "tn": r.tn, "fn": r.fn,
     }
     out.update({name: figure(r, name) for name in FIGURES})
-    out.update({"f1": r.f1, "ap50": r.ap50, "froc": _json(r.froc), "roc": _json(r.roc)})
+    out.update({"f1": r.f1, "ap50": r.ap50, "froc": _json(r.froc), "roc": _json(r.roc),
+                "localisation": _json(getattr(r, "localisation", None))})
     return out
 
 

@@ -79,15 +79,37 @@ def test_quick_bundle_metadata(quick_bundle: Path) -> None:
     meta = loaded.metadata
     assert meta.name == "cxr-demo-classifier" and meta.demo and loaded.identity.demo
     assert "DEMO" in loaded.identity.display_name
-    assert meta.label_names == list(FINDINGS)
-    assert meta.labels[1].code == DEFAULT_CODES["cardiomegaly"]
+    assert meta.label_names == list(demo.DEMO_LABELS) == [n for n in FINDINGS if n != "nodule"]
+    assert meta.labels[0].code == DEFAULT_CODES["cardiomegaly"]
     assert all(0.0 <= label.threshold <= 1.0 for label in meta.labels)
     assert meta.multi_label and meta.input.size == 224
     assert meta.network.name == "densenet"
     assert meta.training["quick"] is True and meta.training["seed"] == 0
     per_label = meta.validation_metrics["per_label"]
-    assert set(per_label) == set(FINDINGS)
-    assert {"sensitivity", "specificity", "auroc"} <= set(per_label["nodule"]["test"])
+    assert set(per_label) == set(demo.DEMO_LABELS)
+    assert {"sensitivity", "specificity", "auroc"} <= set(per_label["cardiomegaly"]["test"])
+
+
+def test_quick_bundles_carry_the_localisation_and_image_level_figures(quick_build: Build) -> None:
+    """Grad-CAM pointing game and lung energy per label (None where the held-out half had
+    no true positive), and the detector's image-level nodule figures."""
+    meta = load_bundle(quick_build.out / "cxr-demo-classifier").metadata
+    v = meta.validation_metrics
+    assert "pointing game" in v["localisation_method"]
+    measured = {k: e["localisation"] for k, e in v["per_label"].items() if e["localisation"]}
+    assert set(v["per_label"]) == set(demo.DEMO_LABELS) and measured  # quick: 3 of 4 measured
+    for entry in measured.values():
+        assert 1 <= entry["tp_images"] and 0 <= entry["hits"] <= entry["tp_images"]
+        assert entry["hit_rate"]["value"] == pytest.approx(entry["hits"] / entry["tp_images"])
+        assert 0.0 <= entry["lung_energy"] <= 1.0 and entry["tolerance_model_px"] == 15.0
+    assert meta.training["localisation_seconds"] >= 0
+    detector = load_bundle(quick_build.out / "cxr-demo-detector").metadata
+    image = detector.validation_metrics["image_level"]
+    assert image["images"] == image["n_positive"] + image["n_negative"] > 0
+    assert {"sensitivity", "specificity", "auroc"} <= set(image)
+    # the node's nodule finding (a box >= the label threshold) uses the image-level threshold
+    assert detector.labels[0].threshold == image["threshold"]
+    assert detector.validation_metrics["per_label"]["nodule"]["threshold"] == image["threshold"]
 
 
 def test_quick_bundle_runs_in_the_analyzer(quick_bundle: Path, realdicom: Path) -> None:
@@ -98,7 +120,7 @@ def test_quick_bundle_runs_in_the_analyzer(quick_bundle: Path, realdicom: Path) 
     assert real.findings == [] and real.ood[0].out_of_distribution  # phantom-trained: gated
     ds = make_dataset("dx_mono2_explicit", seed=3, rows=1024, columns=1024)
     (result,) = analyzer.analyze([ds])
-    assert [f.label for f in result.findings] == list(FINDINGS)
+    assert [f.label for f in result.findings] == list(demo.DEMO_LABELS)
     assert all(f.model.demo for f in result.findings)
     if result.abnormal:
         assert result.heatmap is not None and result.heatmap.shape == (1024, 1024)
@@ -127,14 +149,16 @@ def test_build_says_what_it_builds_and_what_each_bundle_reached(quick_build: Bui
     assert "\r" not in out  # stage lines and figures only: a log file reads them as lines
     lines = out.splitlines()
     assert lines[0].startswith("Building the DEMO bundles") and "quick build, 2 stages" in lines[0]
-    assert re.search(r"^\[1/2\] demo classifier \(DenseNet, 224 px, 5 labels\): 64 rendered "
+    assert re.search(r"^\[1/2\] demo classifier \(DenseNet, 224 px, 4 labels\): 64 rendered "
                      r"phantoms, 8 training steps", out, re.MULTILINE), out
     assert re.search(r"^\[2/2\] demo nodule detector \(RetinaNet, .*128 px\): 16 DICOM "
                      r"phantom studies, 1 epoch", out, re.MULTILINE), out
     figure = r"(\d\.\d\d \(\d\.\d\d-\d\.\d\d\)|n/a)"
-    for label in FINDINGS:  # threshold, pos/neg, sensitivity, specificity, AUROC per label
-        assert re.search(rf"^ +{label} +\d\.\d\d +\d+/\d+ +{figure} +{figure} +{figure}$",
-                         out, re.MULTILINE), (label, out)
+    for label in demo.DEMO_LABELS:  # threshold, pos/neg, sens, spec, AUROC, hit rate, energy
+        assert re.search(rf"^ +{label} +\d\.\d\d +\d+/\d+ +{figure} +{figure} +{figure} "
+                         rf"+{figure} \[\d+\] +(\d\.\d\d|n/a)$", out, re.MULTILINE), (label, out)
+    assert "nodule" not in out.split("[2/2]")[0].split("validation:")[1]
+    assert re.search(r"image-level nodule finding on \d+ fresh DICOM phantoms", out), out
     assert re.search(r"^ +class +split +images +instances +P +R +AP50 +AP50-95$", out,
                      re.MULTILINE), out
     for split in ("val", "test"):

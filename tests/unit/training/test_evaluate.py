@@ -231,6 +231,40 @@ def test_evaluate_gives_the_node_predictions(evaluated: Path, phantoms: Path,
     assert compared == len(written) > 0
 
 
+def test_localisation_figures_from_the_locations_sidecar(evaluated: Path, phantoms: Path,
+                                                         tiny_bundle: Path) -> None:
+    """synth's locations.json beside labels.csv turns on Grad-CAM: the tiny bundle calls
+    every image nodule-positive (threshold 0), so each nodule-positive phantom is a true
+    positive; its hit is recomputed here from boxes.json and the node's own map."""
+    doc = json.loads((evaluated / "metrics.json").read_text())
+    (model,) = doc["models"]
+    assert doc["data"]["locations_file"] == "locations.json"
+    with (phantoms / "labels.csv").open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["nodule"] == "1"]
+    nodule = model["localisation"]["nodule"]
+    assert nodule["tp_images"] == len(rows) > 0
+    assert "pneumothorax" not in model["localisation"]  # threshold 1.0: no true positive
+    assert 0.0 <= nodule["lung_energy"] <= 1.0
+    assert set(nodule["hit_rate"]) == {"value", "lower", "upper"}
+    boxes = json.loads((phantoms / "boxes.json").read_text())
+    node = Analyzer([tiny_bundle], device="cpu", finding_maps=True)
+    hits = 0
+    for row in rows:
+        (result,) = node.analyze([pydicom.dcmread(phantoms / row["path"])])
+        heat = result.finding_heatmaps[(result.findings[0].model.device_uid, "nodule")]
+        r, c = divmod(int(heat.argmax()), heat.shape[1])
+        tol = 15.0 * max(heat.shape) / 224
+        for line in boxes[row["path"]]:
+            k, xc, yc, w, h = (float(v) for v in line.split())
+            if int(k) == 0:  # class 0 is nodule (classes.txt)
+                dx = max((xc - w / 2) * heat.shape[1] - c - 0.5, 0, c + 0.5 - (xc + w / 2) * heat.shape[1])
+                dy = max((yc - h / 2) * heat.shape[0] - r - 0.5, 0, r + 0.5 - (yc + h / 2) * heat.shape[0])
+                hits += math.hypot(dx, dy) <= tol
+    assert nodule["hits"] == hits
+    report = (evaluated / "report.md").read_text()
+    assert "| Label | TP images | Pointing-game hit rate [95% CI] | Grad-CAM energy in lungs |" in report
+
+
 def test_labels_keyed_by_study_and_path(phantoms: Path, tmp_path: Path) -> None:
     with (phantoms / "labels.csv").open() as fh:
         rows = list(csv.DictReader(fh))

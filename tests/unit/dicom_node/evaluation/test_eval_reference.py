@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
 from evalhelpers import (
+    NODULE_TRUTH,
     FixedAnalyzer,
     ReferenceSet,
     eval_settings,
@@ -21,8 +24,11 @@ from evalhelpers import (
 from helpers.dicomfiles import write
 from sqlalchemy import Engine, select
 
+from ai.reference.localisation import image_entry, write_locations
+from ai.types import ImageResult
 from dicom_node.evaluation.errors import EvaluationError
 from dicom_node.evaluation.reference import read_reference_labels
+from dicom_node.evaluation.report import format_run
 from dicom_node.evaluation.service import EvaluationService
 from dicom_node.store import db
 
@@ -174,3 +180,62 @@ def test_synth_label_file_is_read(tmp_path: Path) -> None:
                              "consolidation")
     assert labels.truth("1.2.3", "pneumothorax") == 1 and labels.truth("1.2.3", "view") is None
     assert labels.truth("1.2.3", "Pleural Effusion") == 0  # names match as training does
+
+
+class MapAnalyzer(FixedAnalyzer):
+    """FixedAnalyzer plus a Grad-CAM map per positive finding: its maximum on the nodule box
+    for the images in ``on_box``, far from it otherwise; a quarter of the mass in the lungs
+    (the left half of the image)."""
+
+    def __init__(self, probs: dict[str, dict[str, float]], on_box: set[str]) -> None:
+        super().__init__(probs)
+        self.on_box = on_box
+
+    def analyze(self, datasets: Sequence[pydicom.Dataset]) -> list[ImageResult]:
+        results = super().analyze(datasets)
+        for result in results:
+            for f in result.findings:
+                if f.positive:
+                    heat = np.zeros((result.rows, result.columns), np.float32)
+                    heat[100:102, 20:22] = 0.25  # 1.0 in the lungs
+                    peak = (160, 160) if result.sop_instance_uid in self.on_box else (10, 200)
+                    heat[peak] = 1.0  # 1.0 outside them, on the box or far from it
+                    result.finding_heatmaps[(f.model.device_uid, f.label)] = heat
+        return results
+
+
+def test_localisation_figures_with_a_locations_sidecar(engine: Engine, tmp_path: Path) -> None:
+    """A locations.json beside the labels: per label the pointing-game hit rate and the
+    lung energy of the true positives (nodule cases 0-2; case 3 is a false negative), in
+    the run's figures and the metrics row; labels without a true positive stay null."""
+    ref = make_reference_set(tmp_path / "loc")
+    lungs = np.zeros((64, 64), bool)
+    lungs[:, :32] = True
+    write_locations(ref.dicom_dir / "locations.json", {
+        f"case{i:02d}/{sop}.dcm": image_entry(
+            [("nodule", (0.5, 0.5, 0.75, 0.75))] if truth else [], lungs)
+        for i, (sop, truth) in enumerate(zip(ref.sop_uids, NODULE_TRUTH, strict=True))})
+    analyzer = MapAnalyzer(ref.probs, on_box=set(ref.sop_uids[:2]))
+    detail = _service(engine, tmp_path, [reference_job(ref)], analyzer).run_now("ref")
+    assert detail.run.state == "succeeded", detail.run.error
+    figs = {f.label: f for f in detail.figures}
+    loc = figs["nodule"].localisation
+    assert loc is not None and (loc["tp_images"], loc["hits"]) == (3, 2)
+    assert loc["hit_rate"]["value"] == pytest.approx(2 / 3)
+    assert loc["lung_energy"] == pytest.approx(0.5)
+    assert figs["cardiomegaly"].localisation is None  # no true positive to point with
+    text = format_run(detail)  # `dicom-node evaluate --now` prints it under the table
+    assert "  nodule: Grad-CAM pointing-game hit rate 0.667 (2/3 true positives), energy in " \
+           "the lungs 0.500" in text
+    assert "cardiomegaly: Grad-CAM" not in text
+    with engine.connect() as conn:
+        rows = {r.label: r for r in conn.execute(select(db.evaluation_metrics)).all()}
+    assert json.loads(rows["nodule"].localisation)["hits"] == 2
+    assert rows["cardiomegaly"].localisation is None
+
+
+def test_no_locations_no_localisation(engine: Engine, tmp_path: Path,
+                                      refset: ReferenceSet) -> None:
+    detail = _service(engine, tmp_path, [reference_job(refset)],
+                      MapAnalyzer(refset.probs, set(refset.sop_uids))).run_now("ref")
+    assert all(f.localisation is None for f in detail.figures)

@@ -162,6 +162,8 @@ def test_dashboard_actions(session: WebEnv) -> None:
 def test_evaluation_page_and_plots(session: WebEnv) -> None:
     page = session.client.get("/dashboard/evaluation").text
     assert 'class="confusion"' in page and "sens ≥ 0.8" in page
+    assert "Grad-CAM hit rate / in lungs" in page  # null for labels without locations
+    assert re.search(r'class="num localisation">0\.89 \(16/18\) / 0\.71<', page), page
     assert page.count('class="history"') == 2 and 'class="roc"' in page
     assert "reference dicom_dir missing" in page  # the failed run and why
     history = png(session.client.get("/dashboard/evaluation/history.png?label=nodule&"

@@ -161,13 +161,17 @@ def _metrics_row(run_id: int, name: str, version: str, label: str, sens: float,
                               "label": label, "threshold": 0.5, "n_pos": 20, "n_neg": 20,
                               "tp": round(20 * sens), "fn": 20 - round(20 * sens),
                               "tn": round(20 * spec), "fp": 20 - round(20 * spec), "f1": 0.8,
-                              "ap50": None, "froc": None}
+                              "ap50": None, "froc": None, "localisation": None}
     for figure, value in (("sensitivity", sens), ("specificity", spec), ("ppv", 0.8),
                           ("npv", 0.8), ("auroc", 0.88)):
         for suffix, v in _figure(value, 0.12).items():
             values[f"{figure}{suffix}"] = v
     roc = [[0.0, 0.0], [0.1, 0.5], [1 - spec, sens], [0.6, 0.95], [1.0, 1.0]]
     values["roc"] = json.dumps(sorted(roc))
+    if label == "nodule":  # Grad-CAM localisation (a reference with locations.json)
+        values["localisation"] = json.dumps({
+            "tp_images": 18, "hits": 16, "lung_energy": 0.71, "tolerance_model_px": 15.0,
+            "hit_rate": {"value": 16 / 18, "lower": 0.67, "upper": 0.97}})
     return values
 
 
