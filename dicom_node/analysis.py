@@ -14,6 +14,7 @@ issue 9 moves it to ``ai.types``).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import subprocess
 import sys
@@ -69,6 +70,15 @@ def ensure_demo_bundle(settings: Settings) -> list[Path]:
     if not settings.models.build_demo_if_missing:
         raise NodeError(f"no demo bundle under {target} and models.build_demo_if_missing "
                         "is false; configure models.bundles")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # several worker processes on one data dir start together: one builds, the others wait
+    # for it and find its bundles (the kernel drops the lock if the builder dies)
+    with open(target.parent / f".{target.name}.build-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return settings.bundle_dirs or _build_demo_bundles(settings, target)
+
+
+def _build_demo_bundles(settings: Settings, target: Path) -> list[Path]:
     logger.warning("no model configured: building the DEMO bundles (trained on synthetic "
                    "images, not for clinical use) into %s; this takes a few minutes once",
                    target)
