@@ -158,6 +158,9 @@ def evaluate_reference(dicom_dir: Path, labels_csv: Path, analyzer: Analyzer,
     image_cases: list[tuple[str, Case]] = []
     results: list[ImageResult] = []
     images: list[tuple[str, str, int, int]] = []
+    # images a model's gate withheld: no findings, so no case for that model (they would
+    # otherwise count as negatives); counted so the figures say what they leave out
+    withheld: Counter[str] = Counter()
     for study, items in scan.to_analyse.items():
         if stop is not None and stop.is_set():
             raise EvaluationInterrupted("interrupted: the node is stopping")
@@ -174,6 +177,7 @@ def evaluate_reference(dicom_dir: Path, labels_csv: Path, analyzer: Analyzer,
             if result is None:
                 continue
             results.append(result)
+            withheld.update(v.model.display_name for v in result.withheld)
             images.append((result.sop_instance_uid, path.relative_to(dicom_dir).as_posix(),
                            int(result.rows), int(result.columns)))
             image_cases.extend((study, case) for case in _cases(result, key, labels))
@@ -198,6 +202,7 @@ def evaluate_reference(dicom_dir: Path, labels_csv: Path, analyzer: Analyzer,
         "labels_not_in_reference": sorted(label for label in model_labels
                                           if normalise_label(label) not in labels.labels),
         "cases": len(cases),
+        "withheld_out_of_distribution": dict(sorted(withheld.items())),
     }
     logger.info("reference set: %d file(s), %d analysed, %d excluded, %d without labels",
                 scan.files, len(results), sum(scan.excluded.values()),

@@ -84,6 +84,11 @@ def format_run(detail: RunDetail) -> str:
         lines.append("")
         lines.append("not analysed (selection rules / unreadable):")
         lines += [f"  {n:5d}  {reason}" for reason, n in summary["excluded"].items()]
+    if summary.get("withheld_out_of_distribution"):
+        lines.append("")
+        lines.append("withheld by a model's out-of-distribution gate (not in its figures):")
+        lines += [f"  {n:5d}  {model}"
+                  for model, n in summary["withheld_out_of_distribution"].items()]
     for key in ("images_without_labels", "labels_without_images", "note"):
         if summary.get(key):
             lines.append(f"{key.replace('_', ' ')}: {summary[key]}")

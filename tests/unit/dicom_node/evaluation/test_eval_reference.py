@@ -25,7 +25,7 @@ from helpers.dicomfiles import write
 from sqlalchemy import Engine, select
 
 from ai.reference.localisation import image_entry, write_locations
-from ai.types import ImageResult
+from ai.types import ImageResult, OodVerdict
 from dicom_node.evaluation.errors import EvaluationError
 from dicom_node.evaluation.reference import read_reference_labels
 from dicom_node.evaluation.report import format_run
@@ -239,3 +239,37 @@ def test_no_locations_no_localisation(engine: Engine, tmp_path: Path,
     detail = _service(engine, tmp_path, [reference_job(refset)],
                       MapAnalyzer(refset.probs, set(refset.sop_uids))).run_now("ref")
     assert all(f.localisation is None for f in detail.figures)
+
+
+class GatedAnalyzer(FixedAnalyzer):
+    """FixedAnalyzer whose gate withholds one image: no findings, an out-of-range verdict."""
+
+    def __init__(self, probs: dict[str, dict[str, float]], withheld_uid: str) -> None:
+        super().__init__(probs)
+        self.withheld_uid = withheld_uid
+
+    def analyze(self, datasets: Sequence[pydicom.Dataset]) -> list[ImageResult]:
+        out = super().analyze(datasets)
+        for result in out:
+            if result.sop_instance_uid == self.withheld_uid:
+                result.findings = []
+                result.ood = [OodVerdict(result.models[0], score=30.0, threshold=9.0)]
+        return out
+
+
+def test_images_withheld_by_the_gate_are_left_out_and_counted(
+        engine: Engine, tmp_path: Path, refset: ReferenceSet) -> None:
+    """A withheld image is not a negative: the model's figures leave it out, the run's
+    summary counts it per model."""
+    uid = sorted(refset.probs)[0]
+    service = _service(engine, tmp_path, [reference_job(refset)],
+                       GatedAnalyzer(refset.probs, uid))
+    detail = service.run_now("ref")
+    assert detail.run.state == "succeeded", detail.run.error
+    n = {f.label: f for f in detail.figures}["nodule"]
+    assert n.n_pos + n.n_neg == 9  # 10 labelled images, one withheld
+    assert detail.run.summary["withheld_out_of_distribution"] == {"fixed-model 2.0": 1}
+    assert "out-of-distribution gate (not in its figures):\n      1  fixed-model 2.0" in (
+        format_run(detail))
+    plain = _service(engine, tmp_path, [reference_job(refset)], FixedAnalyzer(refset.probs))
+    assert plain.run_now("ref").run.summary["withheld_out_of_distribution"] == {}
