@@ -32,11 +32,17 @@ TimeSource = Callable[[], float]
 _POSTGRES_NOW = text("SELECT EXTRACT(EPOCH FROM clock_timestamp())")
 
 
+def _host_time() -> float:
+    """``time.time`` looked up at each call, so a stepped host clock (or a test that patches
+    it) is what the node sees, as it would see PostgreSQL's."""
+    return time.time()
+
+
 def database_time(engine: Engine) -> TimeSource:
     """The database's clock as UNIX seconds: PostgreSQL asked each time (one round trip),
     SQLite (one host by construction) the host's ``time.time``."""
     if engine.dialect.name != "postgresql":
-        return time.time
+        return _host_time
 
     def postgres_now() -> float:
         with engine.connect() as conn:

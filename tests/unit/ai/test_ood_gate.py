@@ -19,6 +19,7 @@ from ai.bundle.load import load_bundle, save_bundle
 from ai.bundle.metadata import METADATA_PATH
 from ai.inference import Analyzer
 from ai.types import BundleError
+from training.demo import DEMO_LABELS
 from training.ood import features, read_inputs
 
 Gated = tuple[Path, list[Path], list[Path]]
@@ -78,8 +79,8 @@ def test_threshold_is_honoured(gated_bundle: Gated, held_out: list[Path], tmp_pa
         if withheld:  # no findings at all, so no positives, no boxes, no heatmap
             assert result.findings == [] and result.heatmap is None
             assert result.withheld == [verdict] and not result.abnormal
-        else:  # "nodule" has threshold 0: always positive
-            assert result.withheld == [] and len(result.findings) == 5
+        else:  # ALWAYS_POSITIVE has threshold 0: always positive
+            assert result.withheld == [] and len(result.findings) == len(DEMO_LABELS)
             assert any(f.positive for f in result.findings)
 
 

@@ -263,7 +263,8 @@ def test_labels_and_report_follow_the_new_tree(tree: dict[str, object],
     assert all((out / rel).is_file() for rel in boxes)
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["files"]["refused: BurnedInAnnotation YES"] == 1
-    assert report["files"]["not DICOM (not copied)"] == 3  # labels.csv, boxes.json, classes.txt
+    # labels.csv, boxes.json, classes.txt, locations.json
+    assert report["files"]["not DICOM (not copied)"] == 4
     assert report["instances"] == tree["labelled"] + 1  # + the derived image
     assert report["actions"]["private removed"] > 0 and report["salt"].startswith("given")
 
