@@ -66,9 +66,10 @@ def image_level_validation(bundle_dir: Path, studies: int, size: tuple[int, int]
         with summary.labels_csv.open(newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
         analyzer = Analyzer([bundle_dir], device="cpu", gradcam=False)
-        scores = []
+        scores, withheld = [], 0
         for row in rows:
             (result,) = analyzer.analyze([pydicom.dcmread(Path(tmp) / row["path"])])
+            withheld += bool(result.withheld)
             scores.append(max((f.probability for f in result.findings if f.label == "nodule"),
                               default=0.0))
     truth, best = np.asarray([int(row["nodule"]) for row in rows]), np.asarray(scores)
@@ -81,7 +82,7 @@ def image_level_validation(bundle_dir: Path, studies: int, size: tuple[int, int]
     m = binary_metrics(test_truth, (test_scores >= threshold).astype(int))
     return {"images": int((~cal).sum()), "calibration_images": int(cal.sum()),
             "n_positive": int(test_truth.sum()), "n_negative": int((1 - test_truth).sum()),
-            "threshold": threshold,
+            "threshold": threshold, "withheld_out_of_distribution": withheld,
             "rule": "positive when a nodule box scores >= the threshold (Youden J on the "
                     "image-level calibration half; figures on the other half)",
             "sensitivity": m.sensitivity.as_dict(), "specificity": m.specificity.as_dict(),
@@ -130,18 +131,21 @@ def build_demo_detector(out_dir: Path, *, seed: int = 0, progress: bool = True,
         result = fit_detection(config)
         if result.bundle_dir is None:
             raise RuntimeError("the detection run wrote no bundle")
-        image_level = image_level_validation(
-            result.bundle_dir, plan["image_val"], plan["image_val_size"], seed + 5, progress,
-            label)
+        # the gate the node will use first: the image-level figures go through it, as the
+        # node's findings do (the fit run's gate, fitted at one size, withholds other sizes)
         loaded = load_bundle(result.bundle_dir)
-        meta = _with_image_threshold(loaded.metadata, image_level)
-        meta = replace(meta, demo=True, device_uid="", weights_sha256="",
-                       training={**loaded.metadata.training, "demo_data":
-                                 f"{plan['count']} phantom studies at {plan['size']} px",
-                                 "total_seconds": round(time.perf_counter() - started, 1)})
         staging = Path(tmp) / "bundle"
-        save_bundle(staging, meta, loaded.model, gate=loaded.gate)
+        save_bundle(staging, replace(loaded.metadata, demo=True, device_uid="",
+                                     weights_sha256=""), loaded.model, gate=loaded.gate)
         gate_on_phantoms(staging, quick=quick, size=plan["size"], seed=seed + 9)
+        image_level = image_level_validation(
+            staging, plan["image_val"], plan["image_val_size"], seed + 5, progress, label)
+        gated = load_bundle(staging)
+        meta = _with_image_threshold(gated.metadata, image_level)
+        meta = replace(meta, training={**gated.metadata.training, "demo_data":
+                                       f"{plan['count']} phantom studies at {plan['size']} px",
+                                       "total_seconds": round(time.perf_counter() - started, 1)})
+        save_bundle(staging, meta, gated.model, gate=gated.gate)
         out_dir = Path(out_dir)
         if out_dir.exists():
             shutil.rmtree(out_dir)

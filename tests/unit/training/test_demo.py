@@ -107,6 +107,9 @@ def test_quick_bundles_carry_the_localisation_and_image_level_figures(quick_buil
     image = detector.validation_metrics["image_level"]
     assert image["images"] == image["n_positive"] + image["n_negative"] > 0
     assert {"sensitivity", "specificity", "auroc"} <= set(image)
+    # through the bundle's own (phantom-fitted) gate: in-distribution images are not withheld
+    # (the fit run's one-size gate withheld every one: all scores 0, AUROC 0.5)
+    assert image["withheld_out_of_distribution"] <= 1
     # the node's nodule finding (a box >= the label threshold) uses the image-level threshold
     assert detector.labels[0].threshold == image["threshold"]
     assert detector.validation_metrics["per_label"]["nodule"]["threshold"] == image["threshold"]
