@@ -219,20 +219,29 @@ def steady_run(node: n.NodeProcess, probe: Probe, tmpl: dict[str, Path], mode: s
 
 
 def forward_s(bundle_root: Path, repeats: int = 10) -> float:
-    """Raw forward of every demo network at batch 1 (summed), best of ``repeats`` seconds."""
+    """Raw forward of every demo network at batch 1 (summed), best of ``repeats`` seconds, on
+    the device the node's ``models.device: auto`` picks (CUDA when present), so the floor is
+    the one the node could reach on this machine."""
     import torch
 
     from ai.bundle.load import load_bundle
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     total = 0.0
     for d in sorted(p for p in bundle_root.iterdir() if (p / "configs").is_dir()):
-        loaded = load_bundle(d, device=torch.device("cpu"))
+        loaded = load_bundle(d, device=device)
         size = loaded.metadata.input.size
-        x = torch.rand(1, 1, size, size)
+        x = torch.rand(1, 1, size, size, device=device)
+
+        def once(m: Any = loaded.model, x: Any = x) -> None:
+            m(x)
+            sync()
+
         with torch.inference_mode():
             for _ in range(2):
-                loaded.model(x)
-            total += min(c.best_of(lambda m=loaded.model, x=x: m(x), repeats))
+                once()
+            total += min(c.best_of(once, repeats))
     return total
 
 
@@ -254,6 +263,34 @@ def floor_send_s(files: list[Path], repeats: int = 3) -> float:
                                check=True, capture_output=True, env=c.DCMTK_ENV)
             times.append(time.perf_counter() - t)
     return c.median(times)
+
+
+def send_floors(tmpl: dict[str, Path], studies: list[Study], dest: n.Destination, *,
+                skip: bool) -> dict[str, float]:
+    """The DCMTK part of each syntax's floor; NaN (and a line saying why) where it cannot be
+    measured: ``--no-floor``, no ``storescu``/``storescp`` on this machine (a bare GPU box), or
+    a peer that fails, so the latencies measured before are never lost to the floor."""
+    nan = float("nan")
+    missing = [t for t in ("storescu", "storescp") if shutil.which(t) is None
+               and not Path(f"/usr/sbin/{t}").exists()]
+    if skip or missing:
+        why = "--no-floor" if skip else f"{' and '.join(missing)} not installed (DCMTK)"
+        print(f"floor: DCMTK send part not measured ({why}); the floor column is NaN")
+        return {syntax: nan for syntax in tmpl}
+    floors = {}
+    for syntax in tmpl:
+        first = next(s for s in studies if s.syntax == syntax and s.uid in dest.keep)
+        files = [dest.files[sop] for sop, _ in dest.received[first.uid]]
+        try:
+            floors[syntax] = floor_send_s(files)
+        except subprocess.CalledProcessError as exc:  # keep the measured latencies
+            print(f"floor for {syntax} not measured: storescu -> storescp failed: "
+                  f"{exc.stderr.decode(errors='replace')[-300:]}")
+            floors[syntax] = nan
+        except (OSError, TimeoutError) as exc:  # storescp did not start or listen
+            print(f"floor for {syntax} not measured: {type(exc).__name__}: {exc}")
+            floors[syntax] = nan
+    return floors
 
 
 def breakdown(studies: list[Study], key_from: str, key_to: str) -> float:
@@ -317,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--syntaxes", nargs="*", default=list(SYNTAXES), choices=list(SYNTAXES))
     p.add_argument("--rows", type=int, default=SIZE["rows"])
     p.add_argument("--columns", type=int, default=SIZE["columns"])
+    p.add_argument("--no-floor", action="store_true",
+                   help="skip the storescu -> storescp part of the floor (no DCMTK here)")
     args = p.parse_args(argv)
     quick = args.quick
     busy = {"start": c.busy_warning()}
@@ -338,16 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                                 keep=k == len(args.modes) - 1)
     finally:
         dest.stop()
-    floors = {}
-    for syntax in tmpl:
-        first = next(s for s in studies if s.syntax == syntax and s.uid in dest.keep)
-        files = [dest.files[sop] for sop, _ in dest.received[first.uid]]
-        try:
-            floors[syntax] = floor_send_s(files)
-        except subprocess.CalledProcessError as exc:  # keep the measured latencies
-            print(f"floor for {syntax} not measured: storescu -> storescp failed: "
-                  f"{exc.stderr.decode(errors='replace')[-300:]}")
-            floors[syntax] = float("nan")
+    floors = send_floors(tmpl, studies, dest, skip=args.no_floor)
     fwd = forward_s(root)
     rows = report(studies, floors, fwd, args.interval, target)
     print(f"floor = raw storescu -> storescp of the study's result files + raw forward of the "
