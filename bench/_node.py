@@ -77,7 +77,10 @@ class NodeProcess:
         unknown = [k for k in values if not settings_has(k)]
         if unknown:
             raise SystemExit(f"main's node has no configuration key {unknown}")
-        env = {**os.environ, "PYTHONPATH": str(c.ROOT), **env_for(values)}
+        # the checkout first, then whatever PYTHONPATH this process had (packages installed
+        # with pip --target, as on a bare GPU machine, must reach the node too)
+        path = os.pathsep.join([str(c.ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+        env = {**os.environ, "PYTHONPATH": path, **env_for(values)}
         cmd = [sys.executable, "-m", "dicom_node", "serve", "--config", str(NODE_CONFIG),
                "--data-dir", str(data_dir), "--port", str(self.port)]
         if destination:
