@@ -214,3 +214,19 @@ def test_gpu_dry_run_cell_runs_inference_and_a_training_step_on_cpu() -> None:
     r = gpu.cell(model, "classification", 32, 2, "amp+channels_last", torch.device("cpu"),
                  iters=1, warmup=0)
     assert r["inference_images_per_s"] > 0 and r["training_images_per_s"] > 0
+
+
+def test_latency_floor_is_nan_without_dcmtk_or_with_no_floor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bare GPU machine has no DCMTK: the floor's send part is NaN with the reason printed,
+    instead of a SystemExit that would throw away the latencies measured before it."""
+    lat = bench("latency")
+    tmpl = {"uncompressed": tmp_path / "a.dcm", "RLE": tmp_path / "b.dcm"}
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither storescu nor storescp on it
+    floors = lat.send_floors(tmpl, [], None, skip=False)
+    assert list(floors) == list(tmpl) and all(v != v for v in floors.values())  # NaN
+    assert "storescu and storescp not installed" in capsys.readouterr().out
+    monkeypatch.undo()
+    floors = lat.send_floors(tmpl, [], None, skip=True)
+    assert all(v != v for v in floors.values())
+    assert "--no-floor" in capsys.readouterr().out
