@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,6 +45,12 @@ RUN_FIT_CAP = 2000
 """At most this many images of a split go into the gate (enough for D = 1024)."""
 MIN_IMAGES = 4
 """Fewer fit or validation images than this cannot give a meaningful gate."""
+RANDOM_SIDE_MIN = 320
+"""The smallest long side of a random gate size: no radiograph is smaller; the build's own
+(smaller) training size is in the gate's sizes anyway."""
+RANDOM_SIZES = {True: 46, False: 95}
+"""Random image sizes of :func:`phantom_sizes` (quick, full): with :data:`DEMO_GATE_STUDIES`
+about three and four phantom studies per size."""
 
 
 class OodFitError(TrainingError, ValueError):
@@ -91,14 +98,16 @@ def features(loaded: LoadedBundle, tensors: np.ndarray, layer: str, batch_size: 
 
 
 def fit_gate(loaded: LoadedBundle, fit: np.ndarray, val: np.ndarray, *,
-             quantile: float = DEFAULT_QUANTILE, fitted_on: str = "") -> OodGate:
-    """The gate of ``loaded`` from fit and validation model inputs (N, C, S, S)."""
+             quantile: float = DEFAULT_QUANTILE, fitted_on: str = "",
+             layer: str = "") -> OodGate:
+    """The gate of ``loaded`` from fit and validation model inputs (N, C, S, S), on the
+    pooled output of ``layer`` (default :func:`ai.ood.feature_layer`)."""
     if not QUANTILE_RANGE[0] <= quantile <= QUANTILE_RANGE[1]:
         raise OodFitError(f"quantile {quantile} must lie in {list(QUANTILE_RANGE)}")
     if len(fit) < MIN_IMAGES or len(val) < MIN_IMAGES:
         raise OodFitError(f"the gate needs at least {MIN_IMAGES} fit and {MIN_IMAGES} "
                           f"validation images, got {len(fit)} and {len(val)}")  # fmt: skip
-    layer = feature_layer(loaded.metadata)
+    layer = layer or feature_layer(loaded.metadata)
     mean, cov, shrinkage = ledoit_wolf(features(loaded, fit, layer))
     precision = np.linalg.inv(cov)
     precision = (precision + precision.T) / 2
@@ -129,8 +138,14 @@ def read_inputs(loaded: LoadedBundle, files: Sequence[Path]) -> np.ndarray:
 
 
 def split_files(files: Sequence[Path], val_fraction: float = 0.4, seed: int = 0) -> tuple[list[Path], list[Path]]:
-    """(fit, val) split of ``files`` by a hash of the path (stable, no shared file)."""
-    ranked = sorted(files, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+    """(fit, val) split of ``files`` by a hash of each path relative to the files' common
+    folder: stable wherever that folder is (a temporary one included), no shared file."""
+    root = Path(os.path.commonpath([Path(p).parent for p in files])) if files else Path()
+
+    def key(path: Path) -> str:
+        return hashlib.sha256(f"{seed}:{Path(path).relative_to(root)}".encode()).hexdigest()
+
+    ranked = sorted(files, key=key)
     cut = int(round(len(ranked) * (1 - val_fraction)))
     return ranked[:cut], ranked[cut:]
 
@@ -152,11 +167,12 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def gate_bundle(bundle_dir: Path, fit_files: Sequence[Path], val_files: Sequence[Path], *,
-                quantile: float = DEFAULT_QUANTILE, fitted_on: str = "") -> OodGate:
+                quantile: float = DEFAULT_QUANTILE, fitted_on: str = "",
+                layer: str = "") -> OodGate:
     """Fit the gate of the bundle at ``bundle_dir`` and write it into the bundle."""
     loaded = load_bundle(bundle_dir)
     gate = fit_gate(loaded, read_inputs(loaded, fit_files), read_inputs(loaded, val_files),
-                    quantile=quantile, fitted_on=fitted_on)  # fmt: skip
+                    quantile=quantile, fitted_on=fitted_on, layer=layer)  # fmt: skip
     save_bundle(bundle_dir, loaded.metadata, loaded.model, gate=gate)
     return gate
 
@@ -189,44 +205,62 @@ def frontal_files(labels_csv: Path) -> list[Path]:
     return [labels_csv.parent / r["path"] for r in rows]
 
 
-def phantom_sizes(size: int | tuple[int, int], quick: bool = False) -> list[tuple[int, int] | None]:
-    """The image sizes a demo gate is fitted on: the node scales every image to the model
-    input, and what that leaves (noise texture, letterbox padding) depends on the source's
-    size and aspect, so the gate sees the build's own size in three aspects, the sizes
-    between it and a detector plate (``scripts/demo.py`` sends 1024 x 896), and synth's
-    realistic detector sizes (None). ``quick`` (test builds) stops at 1024 x 896: the
-    plate sizes cost most of a quick build's time."""
+def phantom_sizes(size: int | tuple[int, int], quick: bool = False,
+                  seed: int = 0) -> list[tuple[int, int] | None]:
+    """The image sizes a demo gate is fitted on. The node scales every image to the model
+    input, and what that leaves (noise texture, letterbox padding, where the content falls
+    on the network's stride grid) depends on the source's size and aspect, sharply for the
+    detector: fitted at a few sizes, its gate withheld every phantom of some sizes between
+    them (704 x 768: 14 of 14) and passed its neighbours. So the gate sees the build's own
+    size in three aspects, ``scripts/demo.py``'s 1024 x 896, and :data:`RANDOM_SIZES` sizes
+    drawn at random (long side log-uniform from :data:`RANDOM_SIDE_MIN` or the build's size
+    to 1024 px quick or 2048 px full, short / long side uniform in 0.75..1, portrait or landscape), a few studies each;
+    full builds add synth's realistic plate sizes (None). ``quick`` (test builds) stops at
+    1024 px: the plate sizes cost most of a quick build's time."""
     rows, cols = (size, size) if isinstance(size, int) else size
     side = max(rows, cols)
     narrow = max(64, int(side * 0.8))
     sizes: list[tuple[int, int] | None] = [(rows, cols), (side, narrow), (narrow, side),
-                                           (448, 512), (1024, 896)]
-    return sizes if quick else [*sizes, (1280, 1536), None]
+                                           (1024, 896)]
+    rng = np.random.default_rng(seed)
+    low, top = max(side, RANDOM_SIDE_MIN), 1024 if quick else 2048
+    for _ in range(RANDOM_SIZES[quick]):
+        long = int(round(low * (top / low) ** rng.uniform(0, 1)))
+        short = int(round(long * rng.uniform(0.75, 1.0)))
+        sizes.append((long, short) if rng.uniform() < 0.5 else (short, long))
+    return sizes if quick else [*sizes, None]
 
 
 def phantom_files_of_sizes(folder: Path, studies: int, seed: int,
                            sizes: Sequence[tuple[int, int] | None]) -> list[Path]:
-    """Frontal DICOM phantoms, ``studies`` spread over ``sizes`` (one synth run each)."""
-    from training.synth import synthesize
+    """Frontal DICOM phantoms, ``studies`` spread over ``sizes`` (one synth run each). synth
+    uses its variants in turn from the first, so each run starts where the last one stopped:
+    with a few studies per size, every run starting afresh would only ever write the first
+    few variants (the gate then withheld the others)."""
+    from training.synth import ANALYSABLE_VARIANTS, synthesize
 
+    names, done = list(ANALYSABLE_VARIANTS), 0
     files: list[Path] = []
     for k, size in enumerate(sizes):
         count = studies // len(sizes) + (1 if k < studies % len(sizes) else 0)
         if count:
-            summary = synthesize(folder / f"size{k}", count, seed + 1000 * k, size=size)
+            turn = done % len(names)
+            summary = synthesize(folder / f"size{k}", count, seed + 1000 * k, size=size,
+                                 variants=names[turn:] + names[:turn])
             files += frontal_files(summary.labels_csv)
+            done += count
     return files
 
 
 def gate_on_phantoms(bundle_dir: Path, *, quick: bool, size: int | tuple[int, int],
-                     seed: int, quantile: float = DEFAULT_QUANTILE) -> OodGate:
+                     seed: int, quantile: float = DEFAULT_QUANTILE, layer: str = "") -> OodGate:
     """The demo bundles' gate: DICOM phantoms written by :mod:`training.synth` (every
     variant the node reads, the sizes of :func:`phantom_sizes`), split into fit and
-    validation images."""
-    sizes, studies = phantom_sizes(size, quick), DEMO_GATE_STUDIES[quick]
+    validation images; ``layer`` as :func:`fit_gate`."""
+    sizes, studies = phantom_sizes(size, quick, seed), DEMO_GATE_STUDIES[quick]
     with tempfile.TemporaryDirectory(prefix="cxr-ood-") as tmp:
         files = phantom_files_of_sizes(Path(tmp), studies, seed, sizes)
         fit, val = split_files(files, 0.4, seed)
-        return gate_bundle(bundle_dir, fit, val, quantile=quantile,
+        return gate_bundle(bundle_dir, fit, val, quantile=quantile, layer=layer,
                            fitted_on=f"{studies} DICOM phantom studies (training.synth) "
                            f"at {len(sizes)} sizes, seed {seed}")  # fmt: skip

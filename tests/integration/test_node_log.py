@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import StoreSCP, free_port, storescu, wait_for_port, wait_until
+from helpers.dicomfiles import write_phantom_study
 from helpers.node import node_settings, query, spawn_node, write_config
 from sqlalchemy import select
 
@@ -41,22 +42,6 @@ RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<level>[A-Z]+) +(
 OWN_LOGGERS = ("dicom_node", "ai", "training", "__main__")
 
 
-def _study_files(folder: Path, index: int) -> tuple[str, list[Path]]:
-    from training.synth import StudyContext, make_dataset
-
-    seed = 7100 + index
-    study = StudyContext.from_seed(seed)
-    files = []
-    for i in range(IMAGES_PER_STUDY):
-        ds = make_dataset(VARIANTS[index], seed=seed * 10 + i, rows=384, columns=320,
-                          study=study)
-        path = folder / f"s{index}_{i}.dcm"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return study.study_instance_uid, files
-
-
 def _run_node(tmp_path: Path) -> tuple[str, list[str]]:
     dest = StoreSCP(tmp_path / "dest", free_port())
     settings = node_settings(
@@ -70,7 +55,9 @@ def _run_node(tmp_path: Path) -> tuple[str, list[str]]:
     try:
         wait_for_port(settings.dicom.port, timeout=60)
         for index in range(STUDIES):
-            uid, files = _study_files(tmp_path / "in", index)
+            uid, files = write_phantom_study(tmp_path / "in" / f"s{index}", IMAGES_PER_STUDY,
+                                             seed=7100 + index, rows=384, cols=320,
+                                             variant=VARIANTS[index], seed_step=10)
             uids.append(uid)
             assert storescu(settings.dicom.port, files).returncode == 0
         wait_until(lambda: len(query(settings, select(db.jobs).where(

@@ -12,7 +12,7 @@ from conftest import REALDICOM
 from ai.inference import Analyzer
 from training.demo import build_demo_bundle
 from training.demo_detector import build_demo_detector
-from training.ood import phantom_files_of_sizes
+from training.ood import phantom_files_of_sizes, phantom_sizes
 
 REAL = ["cr_chest_pa_philips_j2k.dcm", "dx_chest_nih_cxr14_sc.dcm"]
 
@@ -26,9 +26,12 @@ def analyzer(tmp_path_factory: pytest.TempPathFactory) -> Analyzer:
 
 
 def test_quick_demo_bundles_pass_held_out_phantoms(analyzer: Analyzer, tmp_path: Path) -> None:
-    """40 frontal phantoms from a seed no build used, at sizes both gates were fitted on
-    (scripts/demo.py's 1024 x 896 among them)."""
-    sizes = [(448, 512), (1024, 896)]  # the sizes both quick gates saw beside their own
+    """40 frontal phantoms from a seed no build used, at sizes neither gate was fitted on
+    (between the rungs of training.ood.phantom_sizes: a gate fitted at a few sizes only
+    withheld most phantoms of the sizes between them)."""
+    sizes = [(560, 480), (704, 768)]
+    for seen in (phantom_sizes(128, quick=True), phantom_sizes(224, quick=True)):
+        assert not set(sizes) & set(seen)
     files = phantom_files_of_sizes(tmp_path, 36, 777, sizes)[:40]
     assert len(files) == 40
     results = analyzer.analyze([pydicom.dcmread(f) for f in files])
