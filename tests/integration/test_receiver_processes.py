@@ -2,7 +2,7 @@
 SO_REUSEPORT): real sockets, real ``storescu``, a real SQLite file.
 
 * two receiver processes of one node on one port take 16 parallel ``storescu``
-  associations: every acknowledged instance is stored exactly once (one row, one spool
+  associations (SQLite and PostgreSQL): every acknowledged instance is stored exactly once (one row, one spool
   file), both processes received associations (the audit trail names the receiving process),
   a release in a child completes its study in the parent's assembler, no child loads torch;
 * kill -9 of one receiver while associations arrive: what was acknowledged is durable, the
@@ -29,7 +29,7 @@ from helpers.acks import acked_uids, storescu_async
 from helpers.dicomfiles import make_image, write
 from helpers.fakes import FakeAnalyzer
 from helpers.node import node_settings, query, studies
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from dicom_node.audit import AuditKind
 from dicom_node.config import Settings
@@ -88,8 +88,10 @@ def _check_stored_once(settings: Settings, node: Node, uids: set[str]) -> None:
     assert {_uid(node.spool.path(r.path)) for r in rows} == uids
 
 
-def test_two_receiver_processes_on_one_port_store_every_instance_once(tmp_path: Path) -> None:
-    settings = _settings(tmp_path)
+def test_two_receiver_processes_on_one_port_store_every_instance_once(tmp_path: Path,
+                                                                      db_url: str) -> None:
+    """On SQLite (a real file) and PostgreSQL (the throw-away cluster)."""
+    settings = _settings(tmp_path, **{"database.url": db_url})
     groups = _studies_of(tmp_path / "in", ASSOCIATIONS, 3)
     node = _start(settings)
     try:
@@ -127,23 +129,32 @@ def test_two_receiver_processes_on_one_port_store_every_instance_once(tmp_path: 
 def test_kill9_of_one_receiver_the_other_keeps_accepting_and_it_is_restarted(
         tmp_path: Path) -> None:
     settings = _settings(tmp_path)
-    groups = _studies_of(tmp_path / "in", 12, 4)
+    groups = _studies_of(tmp_path / "in", 8, 10) + _studies_of(tmp_path / "later", 4, 4)
     node = _start(settings)
     pool = node.receivers
     assert pool is not None
     try:
-        victim, survivor = pool.pids()
-        # traffic in flight: 8 verbose senders; the victim dies once it has accepted an
-        # association and some rows are durable, before every instance is
+        # traffic in flight: 8 verbose senders; a receiver dies once it has accepted one of
+        # them and some rows are durable, before every instance is
         running = [storescu_async(settings.dicom.port, g) for g in groups[:8]]
         total = sum(len(g) for g in groups[:8])
+        engine = db.make_engine(settings.database_url)
 
-        def victim_mid_traffic() -> bool:
-            served = _receivers_of_associations(settings)
-            stored = len(query(settings, select(db.instances)))
-            return (any(s.endswith(f":{victim}") for s in served) and 4 <= stored < total)
+        def receiver_mid_traffic() -> int | None:
+            e = db.audit_events.c
+            with engine.connect() as conn:
+                stored = conn.execute(select(func.count()).select_from(db.instances)).scalar()
+                served = {int(s.rsplit(":", 1)[1]) for s in conn.execute(select(e.subject).where(
+                    e.kind == str(AuditKind.ASSOCIATION_ACCEPTED))).scalars()}
+            busy = sorted(served & set(pool.pids()))
+            return busy[0] if busy and 4 <= (stored or 0) < total else None
 
-        wait_until(victim_mid_traffic, 60, interval=0.02, what="the victim mid-traffic")
+        try:
+            victim = wait_until(receiver_mid_traffic, 60, interval=0.01,
+                                what="a receiver process mid-traffic")
+        finally:
+            engine.dispose()
+        (survivor,) = set(pool.pids()) - {victim}
         os.kill(victim, signal.SIGKILL)
         acked: set[str] = set()
         failed = 0
