@@ -36,6 +36,7 @@ from dicom_node.config import Settings
 from dicom_node.roles import ALL
 from dicom_node.service import Node
 from dicom_node.store import db
+from dicom_node.web import create_app
 
 pytestmark = pytest.mark.integration
 
@@ -97,6 +98,9 @@ def test_two_receiver_processes_on_one_port_store_every_instance_once(tmp_path: 
     try:
         pids = node.receivers.pids()  # type: ignore[union-attr]
         assert len(pids) == 2 and node.server is None and node.listening
+        wait_until(lambda: node.ready, 30, what="the fake model loaded")
+        readyz = create_app(settings, node, testing=True).test_client().get("/readyz")
+        assert readyz.status_code == 200 and readyz.get_json()["checks"]["listener"] == "up"
         results: list[subprocess.CompletedProcess] = []
         threads = [threading.Thread(target=lambda g=g: results.append(
             storescu(settings.dicom.port, g, timeout=120))) for g in groups]
