@@ -2,9 +2,10 @@
 SO_REUSEPORT): real sockets, real ``storescu``, a real SQLite file.
 
 * two receiver processes of one node on one port take 16 parallel ``storescu``
-  associations (SQLite and PostgreSQL): every acknowledged instance is stored exactly once (one row, one spool
-  file), both processes received associations (the audit trail names the receiving process),
-  a release in a child completes its study in the parent's assembler, no child loads torch;
+  associations (SQLite and PostgreSQL): every acknowledged instance is stored exactly once
+  (one row, one spool file), both processes received associations (the audit trail names
+  the receiving process), a release in a child wakes the parent's assembler over the pipe,
+  no child loads torch;
 * kill -9 of one receiver while associations arrive: what was acknowledged is durable, the
   other keeps accepting on the port, and the pool restarts the killed one;
 * two receivers started apart on one port both bind when both reuse it; without reuse the
@@ -92,7 +93,8 @@ def _check_stored_once(settings: Settings, node: Node, uids: set[str]) -> None:
 def test_two_receiver_processes_on_one_port_store_every_instance_once(tmp_path: Path,
                                                                       db_url: str) -> None:
     """On SQLite (a real file) and PostgreSQL (the throw-away cluster)."""
-    settings = _settings(tmp_path, **{"database.url": db_url})
+    # the assembler polls every 30 s: only a release's wake-up completes a study sooner
+    settings = _settings(tmp_path, **{"database.url": db_url, "studies.poll_interval_s": 30})
     groups = _studies_of(tmp_path / "in", ASSOCIATIONS, 3)
     node = _start(settings)
     try:
@@ -120,9 +122,10 @@ def test_two_receiver_processes_on_one_port_store_every_instance_once(tmp_path: 
         assert all(owners), per_process  # owner id (receiver slot) and pid
         assert {int(m.group(2)) for m in owners if m} == set(pids)
         assert len({m.group(1) for m in owners if m}) == 2  # a slot each
-        # a release in a child woke the parent's assembler: done long before the quiet hour
-        # (each then ignored: 64 px images are below the selection's minimum size)
-        wait_until(lambda: {s.state for s in studies(settings).values()} == {"ignored"}, 60,
+        # a release in a child woke the parent's assembler over the pipe: every study done
+        # within its poll interval, long before the quiet hour (each then ignored: 64 px
+        # images are below the selection's minimum size)
+        wait_until(lambda: {s.state for s in studies(settings).values()} == {"ignored"}, 20,
                    what="every study completed by its association's release")
         assert all(_no_torch(pid) for pid in pids)
     finally:
