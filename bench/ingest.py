@@ -23,6 +23,13 @@ Peer and setup (QUALITY.md, Performance 1):
   sides). Fresh, empty data directory / output directory for every run; peers alternate
   order between repeats; the median of the repeats is reported.
 
+A third layout of the node, **2 receiver processes behind one port**
+(``dicom.receiver_processes: 2``, SO_REUSEPORT; worker idle), is measured for the
+4-association cells of both corpora (``--receivers N`` changes the count, 1 skips them): the
+kernel spreads the 4 ``storescu`` connections over the two processes, each with its own GIL
+and group commit, against the same ``storescp --fork`` in the same run. Rows labelled
+``idle, 2 receivers``.
+
 A third column, **bare pynetdicom** (pynetdicom's documented store-to-disk handler: file
 meta + raw bytes, no fsync, no database, threaded server), separates the framework's cost
 from the node's own (durability, database row, header check, logging). The durability
@@ -59,15 +66,18 @@ class Worker:
     """The node's worker during a run: idle (no model) or busy analysing a queue."""
 
     def __init__(self, busy: bool, bundle: Path | None = None,
-                 queue: list[Path] | None = None) -> None:
+                 queue: list[Path] | None = None, receivers: int = 1) -> None:
         self.busy, self.bundle, self.queue = busy, bundle, queue or []
-        self.name = "busy" if busy else "idle"
+        self.receivers = receivers  # receiver processes behind the node's one port
+        self.name = ("busy" if busy else "idle") + (
+            f", {receivers} receivers" if receivers > 1 else "")
         self.busy_throughout: list[bool] = []
         self.commits: list[int | None] = []  # None: one per instance (no group commit)
         self.pdu: int | None = None
 
     def settings(self, data: Path) -> Any:
-        extra: dict[str, Any] = {"dicom.max_associations": 16}
+        extra: dict[str, Any] = {"dicom.max_associations": 16,
+                                 "dicom.receiver_processes": self.receivers}
         if self.pdu:
             extra["dicom.maximum_pdu_size"] = self.pdu
         if not self.busy:
@@ -89,6 +99,8 @@ class Worker:
 
     @staticmethod
     def commits_so_far(node: Any) -> int | None:
+        if getattr(node, "receivers", None) is not None:
+            return None  # the receiver processes commit: not counted from here
         writer = getattr(node.ingestor, "writer", None)  # absent before the group commit
         return writer.commits if writer is not None else None
 
@@ -222,7 +234,8 @@ def measure(name: str, files: list[Path], parallel: int, repeats: int,
             times[peer].append(runners[peer](files, parallel))
     cell: dict[str, Any] = {"corpus": name, "instances": len(files), "bytes": total_bytes,
                             "parallel": parallel, "repeats": repeats, "times_s": times,
-                            "worker": worker.name, "busy_throughout": worker.busy_throughout,
+                            "worker": worker.name, "receiver_processes": worker.receivers,
+                            "busy_throughout": worker.busy_throughout,
                             "node_sqlite_commits": worker.commits,
                             "maximum_pdu_size": worker.pdu}
     for peer, ts in times.items():
@@ -251,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pdu", type=int, help="the node's dicom.maximum_pdu_size (default: "
                    "the configuration's default)")
     p.add_argument("--corpora", default="small,large", help="small, large or both (default)")
+    p.add_argument("--receivers", type=int, default=2,
+                   help="receiver processes behind one port for the extra 4-association "
+                        "rows (default 2; 1: no such rows)")
     args = p.parse_args(argv)
     busy_note = c.busy_warning()
     n_small = args.small or (200 if args.quick else 1000)
@@ -260,11 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     corpora = {name: corpus(name, *sizes_by_name[name]) for name in args.corpora.split(",")}
     workers = [busy_worker(args) if w == "busy" else Worker(False)
                for w in args.workers.split(",")]
+    layouts = [(w, (1, 4)) for w in workers]
+    if args.receivers > 1:  # several receiver processes: the parallel case only
+        layouts.append((Worker(False, receivers=args.receivers), (4,)))
     cells = []
-    for worker in workers:
+    for worker, parallels in layouts:
         worker.pdu = args.pdu
         for name, files in corpora.items():
-            for parallel in (1, 4):
+            for parallel in parallels:
                 cells.append(measure(name, files, parallel, repeats, worker))
                 shutil_cleanup()
     sizes = {k: v[0].stat().st_size for k, v in corpora.items()}

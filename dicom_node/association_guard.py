@@ -190,9 +190,13 @@ class AssociationGuard:
     """Flows of the listener's associations, their limits, the watchdog and the audit."""
 
     def __init__(self, limits: GuardLimits, engine: Engine | None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *,
+                 receiver: str | None = None) -> None:
         self.limits = limits
         self.engine = engine
+        # the audit subject of association events: which process received it (owner id
+        # and pid; several receiver processes may share one port)
+        self.receiver = receiver
         self.clock = clock
         self._flows: dict[Association, Flow] = {}
         self._lock = threading.Lock()
@@ -319,7 +323,7 @@ class AssociationGuard:
             return
         detail = f"called AE {flow.called_ae}" + (f"; {reason}" if reason else "")
         record_now(self.engine, kind, outcome, actor=flow.calling_ae, peer=flow.peer,
-                   detail=detail)
+                   subject=self.receiver, detail=detail)
 
 
 def _holds_slot(assoc: Association, calling_ae: str) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -99,6 +100,13 @@ class DicomSettings(_Model):
     min_transfer_rate_bps: int = Field(16384, ge=0)
     transfer_rate_window_s: float = Field(30.0, gt=0)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    # receiver processes behind the port(s) of one node process (role all or receiver):
+    # each binds them with SO_REUSEPORT and the kernel spreads the connections; more than 1
+    # for many parallel associations (one process's GIL caps what it can receive)
+    receiver_processes: int = Field(1, ge=1, le=64)
+    # bind with SO_REUSEPORT, so that other processes may listen on the same port (None:
+    # on when receiver_processes > 1); two `serve --role receiver` on one port both need it
+    reuse_port: bool | None = None
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
@@ -106,6 +114,23 @@ class DicomSettings(_Model):
     @classmethod
     def _aes(cls, v: list[str]) -> list[str]:
         return [_check_ae(x) for x in v]
+
+    @model_validator(mode="after")
+    def _reuse(self) -> DicomSettings:
+        if self.receiver_processes > 1 and self.reuse_port is False:
+            raise ValueError(f"dicom.receiver_processes {self.receiver_processes} needs "
+                             "dicom.reuse_port (the processes bind one port); set it true "
+                             "or leave it null")
+        if self.reuses_port and not hasattr(socket, "SO_REUSEPORT"):
+            raise ValueError("dicom.reuse_port needs SO_REUSEPORT, which this platform "
+                             "lacks (Linux has it)")
+        return self
+
+    @property
+    def reuses_port(self) -> bool:
+        """Whether the listeners bind with SO_REUSEPORT."""
+        return (self.reuse_port if self.reuse_port is not None
+                else self.receiver_processes > 1)
 
 
 class RetentionSettings(_Model):

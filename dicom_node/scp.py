@@ -17,7 +17,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom.uid import (
     JPEG2000,
@@ -46,7 +46,6 @@ from dicom_node.net import set_nodelay
 from dicom_node.receipts import Receipts
 from dicom_node.store.transitions import release_studies
 from dicom_node.transport import start_guarded_server
-from dicom_node.wakeups import Wakeup
 
 logger = logging.getLogger(__name__)
 
@@ -105,12 +104,19 @@ def _log_receipts(event: Any, receipts: Receipts) -> None:
     receipts.close(f"{peer.address}:{peer.port}")
 
 
+class GraceWakeup(Protocol):
+    """Wakes the assembler at the end of a release's grace: a :class:`~dicom_node.wakeups.
+    Wakeup` in one process, the pipe to the parent in a receiver process."""
+
+    def set_after(self, delay_s: float) -> None: ...
+
+
 @dataclass(frozen=True)
 class StudyRelease:
     """Release-driven study completion (``studies.release_grace_s``): what a release needs."""
 
     grace_s: float
-    assembler: Wakeup | None = None  # woken at the release and at the end of its grace
+    assembler: GraceWakeup | None = None  # woken at the release and at the end of its grace
 
 
 def _record_release(event: Any, ingestor: Ingestor, release: StudyRelease) -> None:
@@ -175,13 +181,18 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext:
 
 def start_scp(settings: DicomSettings, ingestor: Ingestor,
               commitment: CommitmentReports | None = None,
-              release: StudyRelease | None = None) -> list[ThreadedAssociationServer]:
+              release: StudyRelease | None = None,
+              receiver: str | None = None) -> list[ThreadedAssociationServer]:
     """Start the listener(s) in background threads: plain, and TLS when configured.
 
-    With ``release``, an association's release completes the studies it delivered."""
+    With ``release``, an association's release completes the studies it delivered.
+    ``receiver`` names this process in the audit of its associations (owner id and pid).
+    With ``settings.reuses_port`` the ports are bound with SO_REUSEPORT (shared with other
+    receiver processes)."""
     ae = build_ae(settings)
     guard = AssociationGuard(GuardLimits.from_settings(
-        settings, max_instance_bytes=ingestor.max_instance_bytes), ingestor.engine)
+        settings, max_instance_bytes=ingestor.max_instance_bytes), ingestor.engine,
+        receiver=receiver)
     handlers = [
         (evt.EVT_C_STORE, handle_store, [ingestor, guard]),
         (evt.EVT_ABORTED, _log_event),
@@ -194,15 +205,18 @@ def start_scp(settings: DicomSettings, ingestor: Ingestor,
     ]
     tmp_dir = ingestor.spool.tmp_dir  # received data sets stream here (same filesystem)
     announce = ingestor.writer.announce  # a data set starts: the group commit may wait for it
+    reuse = settings.reuses_port
     servers = [start_guarded_server(ae, (settings.host, settings.port), evt_handlers=handlers,
-                                    guard=guard, tmp_dir=tmp_dir, announce=announce)]
+                                    guard=guard, tmp_dir=tmp_dir, announce=announce,
+                                    reuse_port=reuse)]
     logger.info("DICOM SCP %r listening on %s:%d", settings.ae_title, settings.host,
                 settings.port)
     if settings.tls.enabled:
         servers.append(start_guarded_server(ae, (settings.host, settings.tls.port),
                                             evt_handlers=handlers, guard=guard,
                                             tmp_dir=tmp_dir, announce=announce,
-                                            ssl_context=tls_context(settings.tls)))
+                                            ssl_context=tls_context(settings.tls),
+                                            reuse_port=reuse))
         logger.info("DICOM SCP %r listening with TLS on %s:%d", settings.ae_title,
                     settings.host, settings.tls.port)
     guard.start()

@@ -35,15 +35,14 @@ from dicom_node.audit_forward import SyslogForwarder
 from dicom_node.config import Settings
 from dicom_node.disk import DiskUsageSource
 from dicom_node.evaluation.service import EvaluationService
-from dicom_node.ingest import Ingestor
 from dicom_node.jobs import JobQueue
+from dicom_node.receiver_process import ReceiverPool, receiving
 from dicom_node.retention import Retention
 from dicom_node.roles import ALL, ROLES, claim_identity
 from dicom_node.scheduler import EvaluationScheduler, start_evaluation_scheduler
 from dicom_node.scp import StudyRelease, start_scp
 from dicom_node.sender import Sender
 from dicom_node.singleton import SchedulerLock
-from dicom_node.spool import Spool, Watermarks
 from dicom_node.store.db import make_engine
 from dicom_node.studies import StudyAssembler
 from dicom_node.wakeups import Wakeup, Wakeups
@@ -53,6 +52,7 @@ from dicom_node.worker_process import DeployedModels, WorkerPool
 logger = logging.getLogger(__name__)
 
 LOCK_CHECK_S = 2.0  # how often a scheduler checks that its PostgreSQL lock session lives
+RECEIVERS_START_S = 60.0  # receiver processes must all listen within this (spawned: ~1-3 s)
 
 
 class Node:
@@ -70,14 +70,9 @@ class Node:
         self.identity = claim_identity(data_dir, roles)
         self.node_id = self.identity.node_id
         self.engine: Engine = make_engine(settings.database_url)
-        storage = settings.storage
-        self.spool = Spool(data_dir / "spool", min_free_bytes=storage.min_free_bytes,
-                           watermarks=Watermarks(storage.high_watermark_pct,
-                                                 storage.low_watermark_pct),
-                           disk_usage=lambda: self.disk_usage())  # the one below
-        self.ingestor = Ingestor(self.engine, self.spool,
-                                 max_instance_bytes=storage.max_instance_bytes,
-                                 max_inflated_bytes=storage.max_inflated_bytes)
+        self.ingestor = receiving(settings, self.engine,
+                                  disk_usage=lambda: self.disk_usage())  # the one below
+        self.spool = self.ingestor.spool
         self.queue = JobQueue.from_settings(self.engine, settings.workers)
         self.wakeups = Wakeups()
         studies = settings.studies
@@ -113,6 +108,13 @@ class Node:
                                       on_ready=self._models_ready, on_error=self._model_failed,
                                       on_committed=self._outputs_committed)
             self.extras.append(self.workers.stop)
+        # receiver processes behind one port (dicom.receiver_processes > 1): the listener
+        # runs in them, assembly stays here (their releases wake it over their pipes)
+        self.receivers: ReceiverPool | None = None
+        if "receiver" in roles and settings.dicom.receiver_processes > 1:
+            self.receivers = ReceiverPool(settings,
+                                          on_release=self.wakeups.assembler.set_after)
+            self.extras.append(self.receivers.stop)
         # the spool filesystem's use (watermarks, retention, /readyz, /metrics); tests may
         # replace it
         self.disk_usage: DiskUsageSource = lambda: disk.measure(self.spool.root)
@@ -123,8 +125,14 @@ class Node:
         return self.servers[0] if self.servers else None
 
     @property
+    def listening(self) -> bool:
+        """The DICOM listener is up: in this process, or in a receiver process."""
+        return bool(self.servers) or (self.receivers is not None
+                                      and self.receivers.listening() > 0)
+
+    @property
     def ready(self) -> bool:
-        return bool(self.servers) and self.analyzer is not None
+        return self.listening and self.analyzer is not None
 
     def start(self) -> None:
         roles = self.roles
@@ -142,10 +150,14 @@ class Node:
                                  else self.settings.dicom.association_deadline_s)
             grace = self.settings.studies.release_grace_s
             release = None if grace is None else StudyRelease(grace, self.wakeups.assembler)
-            # N-EVENT-REPORTs on a new association arrive here and go to the ledger (the
-            # database), whichever process sends
-            self.servers = start_scp(self.settings.dicom, self.ingestor,
-                                     commitment=self.sender.reports, release=release)
+            if self.receivers is not None:
+                self._start_receiver_processes(self.receivers)
+            else:
+                # N-EVENT-REPORTs on a new association arrive here and go to the ledger
+                # (the database), whichever process sends
+                self.servers = start_scp(self.settings.dicom, self.ingestor,
+                                         commitment=self.sender.reports, release=release,
+                                         receiver=f"{self.node_id}:{os.getpid()}")
             self._thread("assembler", self._assembler_loop)
         if "sender" in roles and self.settings.destinations:
             self._thread("sender", self._sender_loop)
@@ -160,6 +172,19 @@ class Node:
 
             self.web = start_web_server(self)
             self.extras.insert(0, self.web.stop)  # stop serving before what it reads stops
+
+    def _start_receiver_processes(self, pool: ReceiverPool) -> None:
+        """Start the receiver processes and return once each listens; OSError (a port in
+        use, a start that hangs) stops them and ends the node's start."""
+        pool.start()
+        try:
+            pool.wait_listening(RECEIVERS_START_S)
+        except OSError:
+            pool.stop()
+            raise
+        logger.info("DICOM SCP %r: %d receiver processes listening on %s:%d (SO_REUSEPORT)",
+                    self.settings.dicom.ae_title, len(pool.slots), self.settings.dicom.host,
+                    self.settings.dicom.port)
 
     def _start_scheduler_duties(self) -> None:
         """The scheduled duties run only while this process holds the scheduler lock: at

@@ -31,6 +31,7 @@ connection's own thread, bounded by the ACSE timeout.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import ssl
@@ -177,13 +178,33 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                  contexts: list[Any], ssl_context: ssl.SSLContext | None = None,
                  evt_handlers: list[Any] | None = None, *, guard: _Guard, tmp_dir: Path,
                  handshake_timeout_s: float,
-                 announce: Callable[[], Announcement] | None = None) -> None:
+                 announce: Callable[[], Announcement] | None = None,
+                 reuse_port: bool = False) -> None:
         self.guard = guard
+        self.reuse_port = reuse_port  # SO_REUSEPORT: other processes may bind the port too
         self.tmp_dir = Path(tmp_dir)
         self.announce = announce  # called as each C-STORE data set starts to arrive
         self.handshake_timeout_s = handshake_timeout_s
         super().__init__(ae, address, ae_title, contexts, ssl_context,
                          evt_handlers=evt_handlers, request_handler=GuardedRequestHandler)
+
+    def server_bind(self) -> None:
+        """pynetdicom's bind (it ignores socketserver's ``allow_reuse_port``), with
+        SO_REUSEPORT set first when asked: then several processes listen on one port and
+        Linux spreads the connections over them. A port in use says so and how to share it."""
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            super().server_bind()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            host, port = self.server_address[:2]
+            share = ("the process listening there does not set it too" if self.reuse_port
+                     else "several receivers on one port need dicom.reuse_port: true in "
+                     "each of them")
+            raise OSError(exc.errno, f"DICOM port {host}:{port} is already in use by another "
+                          f"process ({share})") from exc
 
     def get_request(self) -> tuple[socket.socket, Any]:
         client, address = self.socket.accept()
@@ -200,14 +221,14 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 def start_guarded_server(ae: ApplicationEntity, address: tuple[str, int], *,
                          evt_handlers: list[Any], guard: _Guard, tmp_dir: Path,
                          ssl_context: ssl.SSLContext | None = None,
-                         announce: Callable[[], Announcement] | None = None
-                         ) -> GuardedAssociationServer:
+                         announce: Callable[[], Announcement] | None = None,
+                         reuse_port: bool = False) -> GuardedAssociationServer:
     """``ae.start_server(..., block=False)`` with a :class:`GuardedAssociationServer`."""
     install()
     server = ae.make_server(address, evt_handlers=evt_handlers, ssl_context=ssl_context,
                             server_class=GuardedAssociationServer, guard=guard,
                             tmp_dir=tmp_dir, handshake_timeout_s=ae.acse_timeout or 30.0,
-                            announce=announce)
+                            announce=announce, reuse_port=reuse_port)
     assert isinstance(server, GuardedAssociationServer)
     threading.Thread(target=server.serve_forever, daemon=True,
                      name=f"AcceptorServer@{address[1]}").start()

@@ -8,7 +8,9 @@ at once (or at a deadline, the end of a release's grace), and the poll stays as 
 net for what the process cannot see (a restart, other processes on the same database,
 backoff timers).
 
-In-process only: worker processes and other hosts poll the database.
+In-process only: worker processes and other hosts poll the database (or, on PostgreSQL, hear
+its notifications); a receiver process of the node's own (``dicom.receiver_processes``)
+sends its releases over its pipe to the parent, which sets the assembler's wake-up.
 """
 
 from __future__ import annotations

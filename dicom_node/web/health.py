@@ -41,7 +41,10 @@ def readyz() -> ResponseReturnValue:
     else:
         roles = getattr(node, "roles", ALL)  # a process of some roles checks only theirs
         if "receiver" in roles:
-            listening = node.server is not None and not node.stop_event.is_set()
+            # a Node says whether it (or its receiver processes) listens; else its server
+            up = getattr(node, "listening", None)
+            listening = ((node.server is not None if up is None else bool(up))
+                         and not node.stop_event.is_set())
             checks["listener"] = "up" if listening else "down"
             if not listening:
                 reasons.append("DICOM listener is not running")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import StoreSCP, free_port, require_tool, storescu, wait_for_port, wait_until
+from helpers.acks import acked_uids, storescu_async
 from helpers.dicomfiles import make_image, write, write_phantom_study
 from helpers.node import node_settings, query, spawn_fake_node, spawn_node, studies, write_config
 from sqlalchemy import select
@@ -176,29 +177,6 @@ def test_restart_inside_quiet_period_gives_one_job_with_every_image(tmp_path: Pa
         dest.stop()
 
 
-def _acked_uids(out_lines: list[str]) -> set[str]:
-    """SOP Instance UIDs storescu -v saw answered with Success."""
-    acked, current = set(), None
-    for line in out_lines:
-        m = re.search(r"Sending file: (\S+)", line)
-        if m:
-            current = m.group(1)
-        elif "Received Store Response (Success)" in line and current:
-            acked.add(str(pydicom.dcmread(current, stop_before_pixels=True).SOPInstanceUID))
-    return acked
-
-
-def _storescu_async(port: int, files: list[Path]) -> tuple[subprocess.Popen, list[str],
-                                                             threading.Thread]:
-    cmd = [require_tool("storescu"), "-v", "-aec", "CXR_AI", "-aet", "PACS", "-to", "10",
-           "127.0.0.1", str(port), *map(str, files)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []))
-    reader.start()
-    return proc, lines, reader
-
-
 def test_kill9_at_ten_random_points_while_storescu_sends_200_images(tmp_path: Path,
                                                                      tiny_bundle: Path) -> None:
     """QUALITY P0 1: 200 images in 10 studies, the node killed at 10 random moments (while
@@ -225,14 +203,14 @@ def test_kill9_at_ten_random_points_while_storescu_sends_200_images(tmp_path: Pa
     try:
         while kills < 10 or set(uid_of.values()) - acked:
             remaining = [f for f in files if uid_of[f] not in acked]
-            sender, lines, reader = _storescu_async(settings.dicom.port, remaining or files[:1])
+            sender, lines, reader = storescu_async(settings.dicom.port, remaining or files[:1])
             if kills < 10:
                 time.sleep(rng.uniform(0.2, 3.0))  # a random moment, not a condition
                 _kill9(proc)
                 kills += 1
             sender.wait(120)
             reader.join(10)
-            acked |= _acked_uids(lines)
+            acked |= acked_uids(lines)
             stored = {r.sop_instance_uid for r in query(settings, select(db.instances))}
             assert acked <= stored, f"kill {kills}: acknowledged but not durable"
             _check_spool_integrity(settings)

@@ -147,3 +147,13 @@ def test_abort_connection_unblocks_a_read_stuck_mid_pdu(tmp_path: Path) -> None:
         wait_until(lambda: not scp.active_associations, 5, what="association ended")
     finally:
         server.shutdown()
+
+
+def test_pynetdicom_binds_itself_so_reuse_port_is_set_in_our_server_bind() -> None:
+    """socketserver's ``allow_reuse_port`` is ignored: pynetdicom overrides ``server_bind``
+    (SO_REUSEADDR, then bind), so GuardedAssociationServer sets SO_REUSEPORT before it."""
+    from pynetdicom.transport import AssociationServer
+
+    src = inspect.getsource(AssociationServer.server_bind)
+    assert "self.socket.bind(self.server_address)" in src and "allow_reuse_port" not in src
+    assert transport.GuardedAssociationServer.server_bind is not AssociationServer.server_bind
