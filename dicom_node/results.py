@@ -123,11 +123,12 @@ def results_document(conn: Connection, *, study: str | None = None, limit: int |
     studies = []
     for job in jobs:
         items = [_finding(r, demo) for r in findings[job.id]]
+        ood = verdicts_of(conn, [job.id])
+        # an image whose findings every model withheld has no finding row, only verdicts
+        analysed = {x["sop_instance_uid"] for x in items} | {v["sop_instance_uid"] for v in ood}
         studies.append({
             "study_uid": job.study_uid, "state": job.study_state, "job_id": job.id,
             "version": job.version, "analysed_at": _iso(job.finished_at),
-            "images": len({x["sop_instance_uid"] for x in items}),
-            "positive": sum(x["positive"] for x in items),
-            "findings": items, "results": outputs.get(job.study_uid, []),
-            "ood": verdicts_of(conn, [job.id])})
+            "images": len(analysed), "positive": sum(x["positive"] for x in items),
+            "findings": items, "results": outputs.get(job.study_uid, []), "ood": ood})
     return {"schema_version": SCHEMA_VERSION, "studies": studies}

@@ -89,3 +89,4 @@ def test_real_radiograph_is_withheld_and_every_output_says_so(
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "OUT OF DISTRIBUTION for tiny-gated-classifier 0.0.1 (DEMO" in out.stdout, out.stdout
+    assert ": 1 image(s), 0 positive finding(s)" in out.stdout, out.stdout  # withheld, analysed
