@@ -82,7 +82,9 @@ def _size(text: str) -> tuple[int, int]:
     try:
         numbers = [int(p) for p in parts]
     except ValueError:
-        numbers = []  # the same message as a wrong count
+        raise argparse.ArgumentTypeError(
+            f'"{text}" is not N or ROWSxCOLUMNS (e.g. 1024 or 2500x2048)'
+        ) from None
     if len(numbers) not in (1, 2):
         raise argparse.ArgumentTypeError(
             f'"{text}" is not N or ROWSxCOLUMNS (e.g. 1024 or 2500x2048)'

@@ -46,7 +46,13 @@ from training.errors import FitError
 from training.fit import checkpoint
 from training.fit.distributed import DistInfo, unwrap
 from training.fit.engine import FitResult, Run, RunConfig, run_fit, run_split
-from training.fit.guidance import Guidance, GuidedDataset, load_allowed, sidecar_for
+from training.fit.guidance import (
+    AllowedRegion,
+    Guidance,
+    GuidedDataset,
+    load_allowed,
+    sidecar_for,
+)
 from training.fit.optimisation import OPTIMIZERS, SCHEDULES, Optimisation, optimizer_step
 from training.losses import LOSSES, ClassificationLoss
 from training.sampling import SAMPLER_MODES, EpochSampler
@@ -285,7 +291,7 @@ class ClassificationRun(Run):
     loss_fn: nn.Module = field(init=False)
     _val_loader: Any = field(init=False, default=None)
     guidance: Guidance | None = field(init=False, default=None)
-    _allowed: dict[str, np.ndarray] = field(init=False, default_factory=dict)
+    _allowed: dict[str, AllowedRegion] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         config = self.config
@@ -434,17 +440,20 @@ class ClassificationRun(Run):
         config = self.config
         schedule = ("linear warm-up + cosine" if config.schedule == "cosine"
                     else "LR / 10 on validation-loss plateau")  # fmt: skip
-        return {
+        record = {
             "loss": config.loss, "sampler": config.sampler,
             "optimizer": {"adamw": "AdamW", "adam": "Adam"}[config.optimizer],
             "learning_rate": config.lr, "schedule": schedule, "preset": config.preset or None,
             "batch_size": config.batch_size, "augment": config.augment,
-            "gradcam_guidance": None if self.guidance is None else {
-                "weight": config.gradcam_guidance, "layer": default_gradcam_layer(config.network),
+        }  # fmt: skip
+        if self.guidance is not None:  # off: the record of a plain fit, unchanged
+            record["gradcam_guidance"] = {
+                "weight": config.gradcam_guidance,
+                "layer": default_gradcam_layer(config.network),
                 "region": "lung mask + the label's own boxes (locations.json)",
                 "train_images_with_mask": len(self._allowed),
-            },
-        }  # fmt: skip
+            }
+        return record
 
     def metadata(self, labels: tuple[LabelSpec, ...], training: dict[str, Any],
                  metrics: dict[str, Any]) -> BundleMetadata:  # fmt: skip

@@ -85,35 +85,59 @@ def _source_shape(path: Path) -> tuple[int, int]:
     return int(ds.Rows), int(ds.Columns)
 
 
-def allowed_masks(where: ImageLocations, box: Letterbox,
-                  labels: Sequence[str]) -> np.ndarray | None:  # fmt: skip
-    """(labels, size, size) float32 allowed region per label in model space (lungs plus
-    the label's boxes), or None without a lung mask (a lateral view)."""
+@dataclass(frozen=True)
+class AllowedRegion:
+    """One image's allowed regions in model space, kept small: the (S, S) lung mask and
+    the labels' boxes as (label index, row0, row1, col0, col1) pixel ranges."""
+
+    lungs: np.ndarray  # float16 (S, S), 0..1 (bilinear edges)
+    boxes: tuple[tuple[int, int, int, int, int], ...]
+
+    def masks(self, labels: int) -> np.ndarray:
+        """(labels, S, S) float32: the lungs, plus each label's own boxes."""
+        out = np.repeat(self.lungs.astype(np.float32)[None], labels, axis=0)
+        for k, r0, r1, c0, c1 in self.boxes:
+            out[k, r0:r1, c0:c1] = 1.0
+        return out
+
+
+def allowed_region(where: ImageLocations, box: Letterbox,
+                   labels: Sequence[str]) -> AllowedRegion | None:  # fmt: skip
+    """The allowed region of ``where`` in the model input ``box`` maps the image into, or
+    None without a lung mask (a lateral view). The lung grid covers the whole image, so
+    it is stretched onto the letterbox's content; boxes cover every pixel they touch."""
     if where.lungs is None:
         return None
     lungs = cv2.resize(where.lungs.astype(np.float32), (box.new_width, box.new_height),
                        interpolation=cv2.INTER_LINEAR)  # fmt: skip
-    base = box.pad(np.clip(lungs, 0.0, 1.0))
-    out = np.repeat(base[None], len(labels), axis=0)
+    rects = []
     for k, label in enumerate(labels):
         for x0, y0, x1, y1 in where.regions(label):
             c0, c1 = box.offset_x + x0 * box.new_width, box.offset_x + x1 * box.new_width
             r0, r1 = box.offset_y + y0 * box.new_height, box.offset_y + y1 * box.new_height
-            out[k, int(r0) : max(math.ceil(r1), int(r0) + 1),
-                int(c0) : max(math.ceil(c1), int(c0) + 1)] = 1.0  # fmt: skip
-    return out
+            rects.append((k, int(r0), max(math.ceil(r1), int(r0) + 1),
+                          int(c0), max(math.ceil(c1), int(c0) + 1)))  # fmt: skip
+    return AllowedRegion(box.pad(np.clip(lungs, 0.0, 1.0)).astype(np.float16), tuple(rects))
+
+
+def allowed_masks(where: ImageLocations, box: Letterbox,
+                  labels: Sequence[str]) -> np.ndarray | None:  # fmt: skip
+    """(labels, size, size) float32 allowed region per label in model space (lungs plus
+    the label's boxes), or None without a lung mask (a lateral view)."""
+    region = allowed_region(where, box, labels)
+    return None if region is None else region.masks(len(labels))
 
 
 def load_allowed(data_dir: Path, labels_csv: Path, items: Sequence[ImageItem],
-                 labels: Sequence[str], size: int) -> dict[str, np.ndarray]:  # fmt: skip
-    """``{sop_instance_uid: allowed masks}`` for the items with a lung mask in the sidecar
+                 labels: Sequence[str], size: int) -> dict[str, AllowedRegion]:  # fmt: skip
+    """``{sop_instance_uid: allowed region}`` for the items with a lung mask in the sidecar
     (keyed, as ``training evaluate`` keys it, by the path relative to ``--data``)."""
     try:
         where = read_locations(sidecar_for(labels_csv))
     except LocationsError as exc:
         raise FitError(str(exc)) from exc
     root = Path(data_dir).resolve()
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, AllowedRegion] = {}
     for item in items:
         try:
             rel = normalise_path(Path(item.path).resolve().relative_to(root).as_posix())
@@ -123,9 +147,9 @@ def load_allowed(data_dir: Path, labels_csv: Path, items: Sequence[ImageItem],
         if entry is None or entry.lungs is None:
             continue
         rows, columns = _source_shape(Path(item.path))
-        masks = allowed_masks(entry, Letterbox(rows, columns, size), labels)
-        if masks is not None:
-            out[item.sop_instance_uid] = masks
+        region = allowed_region(entry, Letterbox(rows, columns, size), labels)
+        if region is not None:
+            out[item.sop_instance_uid] = region
     return out
 
 
@@ -134,7 +158,7 @@ class GuidedDataset(ClassificationDataset):
     ``has_mask`` (0/1): the allowed regions, moved by the image's own random affine."""
 
     def __init__(self, items: Sequence[ImageItem], cache: ImageCache,
-                 allowed: dict[str, np.ndarray], *, augment: bool = False,
+                 allowed: dict[str, AllowedRegion], *, augment: bool = False,
                  seed: int = 0) -> None:  # fmt: skip
         super().__init__(items, cache, augment=augment, seed=seed)
         self.allowed = allowed
@@ -144,7 +168,8 @@ class GuidedDataset(ClassificationDataset):
         index, epoch = (key, 0) if isinstance(key, int | np.integer) else key
         item = self.items[int(index)]
         size = self.cache.params.size
-        masks = self.allowed.get(item.sop_instance_uid)
+        region = self.allowed.get(item.sop_instance_uid)
+        masks = None if region is None else region.masks(self.labels)
         if self.transform is None or masks is None:
             out = super().__getitem__(key)
         else:  # the same draws as the plain dataset: affine on image + masks, the rest on image
