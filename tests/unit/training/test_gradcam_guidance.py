@@ -187,7 +187,8 @@ def _fit_args(data: Path, out: Path, labels: Path | None = None, *extra: str) ->
             "--split", "0.6,0.2,0.2", "--epochs", "1", "--max-steps", "2", *extra]  # fmt: skip
 
 
-def test_cli_fit_records_the_weight(data: Path, tmp_path: Path) -> None:
+def test_cli_fit_records_the_weight(data: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     assert main(_fit_args(data, tmp_path / "guided", None, "--gradcam-guidance", "1.0")) == 0
     meta = json.loads((tmp_path / "guided/bundle/configs/metadata.json").read_text())
     record = meta["training"]["gradcam_guidance"]
@@ -196,7 +197,13 @@ def test_cli_fit_records_the_weight(data: Path, tmp_path: Path) -> None:
     history = json.loads((tmp_path / "guided/metrics.json").read_text())["history"]
     assert 0.0 <= history[0]["gradcam_outside"] <= 1.0
     saved = json.loads((tmp_path / "guided/run_config.json").read_text())["args"]
-    assert saved["gradcam_guidance"] == 1.0  # --resume keeps it
+    assert saved["gradcam_guidance"] == 1.0
+    resume = ["-q", "fit", "--resume", str(tmp_path / "guided"), "--epochs", "2", "--max-steps", "4"]
+    assert main([*resume, "--gradcam-guidance", "0"]) == 1
+    assert "cannot change: ['gradcam_guidance']" in capsys.readouterr().err
+    assert main(resume) == 0  # continues guided
+    history = json.loads((tmp_path / "guided/metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2] and 0.0 <= history[1]["gradcam_outside"] <= 1.0
 
     assert main(_fit_args(data, tmp_path / "plain")) == 0  # off: a plain fit's records
     meta = json.loads((tmp_path / "plain/bundle/configs/metadata.json").read_text())
