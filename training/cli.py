@@ -551,6 +551,8 @@ def _add_fit(parser: argparse.ArgumentParser) -> None:
         "(options given explicitly win)")
     add("--focal-gamma", type=float, default=S, help="focal loss gamma (2.0)")
     add("--focal-alpha", type=_probability, default=S, help="focal loss alpha (off)")
+    add("--gradcam-guidance", type=float, default=S, metavar="WEIGHT", help="add WEIGHT x the "
+        "Grad-CAM energy share outside the lungs (locations.json beside --labels) to the loss")
     add("--sampler", choices=["uniform", "weighted", "oversample"], default=S,
         help="class imbalance: uniform, weighted (inverse frequency) or oversample (repeat rare)")
     add("--no-augment", dest="augment", action="store_false", default=S, help="no augmentation")
@@ -588,7 +590,7 @@ def _add_fit(parser: argparse.ArgumentParser) -> None:
 
 
 _CLASSIFICATION_ONLY = ("labels_key", "loss", "focal_gamma", "focal_alpha", "sampler",
-                        "split_lists", "preset")
+                        "split_lists", "preset", "gradcam_guidance")
 _DETECTION_ONLY = ("classes", "train_crop", "unlabelled_as_negative", "threshold_method",
                    "target_sensitivity")
 

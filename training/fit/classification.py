@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from ai.bundle.architectures import network_names
+from ai.bundle.architectures import default_gradcam_layer, network_names
 from ai.bundle.metadata import BundleMetadata, LabelSpec, NetworkSpec
 from ai.networks import build_network
 from ai.reference.dicom_files import index_dicom_tree
@@ -44,8 +44,15 @@ from training import nih
 from training.datasets import ClassificationDataset, ImageItem
 from training.errors import FitError
 from training.fit import checkpoint
-from training.fit.distributed import DistInfo
+from training.fit.distributed import DistInfo, unwrap
 from training.fit.engine import FitResult, Run, RunConfig, run_fit, run_split
+from training.fit.guidance import (
+    AllowedRegion,
+    Guidance,
+    GuidedDataset,
+    load_allowed,
+    sidecar_for,
+)
 from training.fit.optimisation import OPTIMIZERS, SCHEDULES, Optimisation, optimizer_step
 from training.losses import LOSSES, ClassificationLoss
 from training.sampling import SAMPLER_MODES, EpochSampler
@@ -79,6 +86,7 @@ class FitConfig(RunConfig):
     sampler: str = "uniform"
     split_lists: Path | None = None  # NIH train_val_list.txt / test_list.txt folder
     preset: str = ""  # recorded only: the CLI expands a preset into the fields above
+    gradcam_guidance: float = 0.0  # weight of the Grad-CAM outside-the-lungs term (0: off)
 
     def __post_init__(self) -> None:
         checks = [
@@ -94,6 +102,8 @@ class FitConfig(RunConfig):
             (self.schedule in SCHEDULES, f'schedule "{self.schedule}" must be one of {list(SCHEDULES)}'),
             (self.num_workers >= 0 and self.threads >= 0, "workers and threads must be >= 0"),
             (0.0 <= self.min_lr_ratio <= 1.0, f"min LR ratio {self.min_lr_ratio} must be in [0, 1]"),
+            (math.isfinite(self.gradcam_guidance) and self.gradcam_guidance >= 0,
+             f"--gradcam-guidance {self.gradcam_guidance} must be a finite weight >= 0"),
             (len(self.split) == 3 and abs(sum(self.split) - 1) < 1e-6 and self.split[1] > 0,
              f"split {list(self.split)} must be train,val,test fractions summing to 1, val > 0"),
         ]  # fmt: skip
@@ -280,6 +290,8 @@ class ClassificationRun(Run):
     metrics_method = "thresholds: Youden J on the validation split; test: held-out patients"
     loss_fn: nn.Module = field(init=False)
     _val_loader: Any = field(init=False, default=None)
+    guidance: Guidance | None = field(init=False, default=None)
+    _allowed: dict[str, AllowedRegion] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         config = self.config
@@ -291,11 +303,30 @@ class ClassificationRun(Run):
         self.loss_fn = ClassificationLoss(self.data.multi_label, config.loss,
                                           gamma=config.focal_gamma, alpha=config.focal_alpha,
                                           positive_fraction=fraction)  # fmt: skip
+        if config.gradcam_guidance > 0:
+            self._guide()
+
+    def _guide(self) -> None:
+        """``--gradcam-guidance``: the training images' allowed regions and the hook (see
+        :mod:`training.fit.guidance`)."""
+        config, train = self.config, self.data.subset("train")
+        if self.info.world_size > 1:
+            raise FitError("--gradcam-guidance needs torch.autograd.grad, which "
+                           "DistributedDataParallel does not support: train in one process")  # fmt: skip
+        self._allowed = load_allowed(config.data, config.labels, train, self.data.label_names,
+                                     config.image_size)  # fmt: skip
+        if not self._allowed:
+            raise FitError(f"--gradcam-guidance: none of the {len(train)} training images has "
+                           f"a lung mask in {sidecar_for(config.labels).name}")  # fmt: skip
+        layer = default_gradcam_layer(config.network)
+        self.guidance = Guidance.attach(unwrap(self.model), layer, config.gradcam_guidance)
 
     @classmethod
     def check_labels(cls, config: Any) -> None:
         if not Path(config.labels).is_file():
             raise FitError(f'--labels "{config.labels}" is not a file')
+        if config.gradcam_guidance > 0:
+            sidecar_for(config.labels)  # before any work: the masks must exist
 
     @classmethod
     def prepare(cls, config: Any, *, resume: bool, progress: bool) -> tuple[Any, PatientSplit]:
@@ -320,7 +351,11 @@ class ClassificationRun(Run):
 
     def train_parts(self) -> tuple[ClassificationDataset, EpochSampler]:
         config, info = self.config, self.info
-        train_ds = self.dataset("train", augment=config.augment)
+        if self.guidance is None:
+            train_ds = self.dataset("train", augment=config.augment)
+        else:
+            train_ds = GuidedDataset(self.data.subset("train"), self.cache, self._allowed,
+                                     augment=config.augment, seed=config.seed)  # fmt: skip
         sampler = EpochSampler(len(train_ds), mode=config.sampler, targets=train_ds.targets,
                                multi_label=self.data.multi_label, num_replicas=info.world_size,
                                rank=info.rank, seed=config.seed)  # fmt: skip
@@ -338,8 +373,11 @@ class ClassificationRun(Run):
                 writer.add_scalar("train/lr", lr, state.step)
 
         _, train_loss = train_steps(self.model, loader, self.loss_fn, opt, self.device,
-                                    max_steps=budget, on_step=on_step, progress=bar)  # fmt: skip
-        return {"train_loss": train_loss}
+                                    max_steps=budget, on_step=on_step, progress=bar,
+                                    guidance=self.guidance)  # fmt: skip
+        if self.guidance is None:
+            return {"train_loss": train_loss}
+        return {"train_loss": train_loss, "gradcam_outside": self.guidance.epoch_mean()}
 
     def validate(self, opt: Optimisation) -> tuple[float, dict[str, Any]]:
         if self._val_loader is None:
@@ -402,12 +440,20 @@ class ClassificationRun(Run):
         config = self.config
         schedule = ("linear warm-up + cosine" if config.schedule == "cosine"
                     else "LR / 10 on validation-loss plateau")  # fmt: skip
-        return {
+        record = {
             "loss": config.loss, "sampler": config.sampler,
             "optimizer": {"adamw": "AdamW", "adam": "Adam"}[config.optimizer],
             "learning_rate": config.lr, "schedule": schedule, "preset": config.preset or None,
             "batch_size": config.batch_size, "augment": config.augment,
         }  # fmt: skip
+        if self.guidance is not None:  # off: the record of a plain fit, unchanged
+            record["gradcam_guidance"] = {
+                "weight": config.gradcam_guidance,
+                "layer": default_gradcam_layer(config.network),
+                "region": "lung mask + the label's own boxes (locations.json)",
+                "train_images_with_mask": len(self._allowed),
+            }
+        return record
 
     def metadata(self, labels: tuple[LabelSpec, ...], training: dict[str, Any],
                  metrics: dict[str, Any]) -> BundleMetadata:  # fmt: skip
@@ -436,10 +482,12 @@ def train_steps(
     max_steps: int,
     on_step: Any = None,
     progress: tqdm | None = None,
+    guidance: Guidance | None = None,
 ) -> tuple[int, float]:
     """Train until ``loader`` ends or ``max_steps`` steps were taken in this call.
 
     Returns (steps taken, mean training loss). ``on_step(loss, lr)`` runs after each step.
+    ``guidance`` adds the Grad-CAM term (:mod:`training.fit.guidance`) to the loss.
     """
     model.train()
     steps, total = 0, 0.0
@@ -451,6 +499,8 @@ def train_steps(
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=opt.amp):
             logits = model(images)
         loss = loss_fn(logits.float(), targets)
+        if guidance is not None:
+            loss = loss + guidance.term(logits, batch, device)
         optimizer_step(opt, model, loss)
         value = float(loss.detach())
         steps, total = steps + 1, total + value
