@@ -1,12 +1,14 @@
 """`training fit` learns, not only runs: phantom findings become sensitive AND specific.
 
 About 290 phantom radiographs (240 studies, 128 px, every analysable DICOM variant) go
-through the node's preprocessing at 64 px into a small DenseNet for 40 epochs (360 AdamW
+through the node's preprocessing at 64 px into a small DenseNet for 60 epochs (540 AdamW
 steps of 16) on one CPU thread. Thresholds come from the validation patients (Youden J);
 the assertion is on the held-out test patients, with the figures the run itself wrote.
-Cardiomegaly (heart width) is the most learnable finding; pleural effusion usually passes
-as well. Checked over synth/fit seeds 1-6 while tuning: cardiomegaly test sensitivity
-0.91-1.00 and specificity 0.93-1.00 on each.
+Cardiomegaly (heart width) and pleural effusion are the most learnable findings. Since
+consolidation is rendered at airspace density (synth draws one more random number, so every
+phantom after it changed), 40 epochs left seed 1 just short (cardiomegaly test sensitivity
+0.89, 24 of 27); at 60 epochs seeds 1-3 each reach >= 0.9 on both figures for cardiomegaly
+or effusion (seed 1: cardiomegaly 1.00 / 1.00; 2: effusion 1.00 / 0.98; 3: both).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def test_fit_reaches_sensitivity_and_specificity_on_held_out_patients(
                  "--size", "128", "--prevalence", "0.4"]) == 0  # fmt: skip
     assert main(["-q", "fit", "--data", str(data), "--labels", str(data / "labels.csv"),
                  "--out", str(out), "--network", "densenet", "--network-args", json.dumps(NETWORK),
-                 "--image-size", "64", "--epochs", "40", "--batch-size", "16", "--lr", "3e-3",
+                 "--image-size", "64", "--epochs", "60", "--batch-size", "16", "--lr", "3e-3",
                  "--split", "0.5,0.25,0.25", "--patience", "0", "--threads", "1",
                  "--seed", str(SEED)]) == 0  # fmt: skip
     seconds = time.monotonic() - started
