@@ -43,6 +43,7 @@ import numpy as np
 import pydicom
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from ai.networks import find_layer
@@ -76,11 +77,13 @@ def sidecar_for(labels: Path) -> Path:
 
 def _source_shape(path: Path) -> tuple[int, int]:
     """(rows, columns) of the stored image, from its header only."""
-    if is_image_file(path):
-        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if image is None:
-            raise FitError(f'cannot read the image size of "{path.name}"')
-        return int(image.shape[0]), int(image.shape[1])
+    if is_image_file(path):  # PNG / JPEG: Pillow reads the size without decoding pixels
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (OSError, ValueError):
+            raise FitError(f'cannot read the image size of "{path.name}"') from None
+        return int(height), int(width)
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     return int(ds.Rows), int(ds.Columns)
 
