@@ -42,7 +42,7 @@ BENCH_ARGS ?=
 bench: setup
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
-# Not part of `make test` (a 3-minute run of the same script is): SOAK_MINUTES=30 by default.
+# Not part of `make test` (a 2-minute run of the same script is): SOAK_MINUTES=30 by default.
 soak: SYSTEM_DEPS_FLAGS = --test
 soak: setup
 	SOAK_MINUTES=$${SOAK_MINUTES:-30} $(BIN)/python scripts/soak.py

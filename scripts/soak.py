@@ -458,19 +458,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     node.start()
     log(f"node up (port {port}); traffic for {args.minutes} min; work dir {work}")
 
+    # the chaos schedule has a generator of its own: the traffic thread's draws do not shift
+    # it, so a seed gives the same kills and outages at the same moments every run
+    chaos_rng = random.Random(f"chaos-{args.seed}")
+
     def chaos() -> None:  # kill -9 the node, and take the flaky destination down now and then
         mean = max(15.0, min(90.0, args.minutes * 60.0 / 8))
-        while not stop.wait(rng.uniform(0.5 * mean, 1.5 * mean)):
-            if rng.random() < 0.7:
+        while not stop.wait(chaos_rng.uniform(0.5 * mean, 1.5 * mean)):
+            if chaos_rng.random() < 0.7:
                 node.kill9()
                 log(f"kill -9 #{node.kills}")
-                time.sleep(rng.uniform(0.2, 2.0))
+                time.sleep(chaos_rng.uniform(0.2, 2.0))
                 node.start()
             else:
                 peers.flaky.stop()
                 peers.outages += 1
                 log(f"destination FLAKY down (outage #{peers.outages})")
-                stop.wait(rng.uniform(5, 20))
+                stop.wait(chaos_rng.uniform(5, 20))
                 peers.flaky.start()
 
     def monitor() -> None:

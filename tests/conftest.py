@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -26,6 +27,9 @@ pytest_plugins = ["outputs_fixtures", "helpers.db_fixtures"]
 
 GPU_SKIP_REASON = ("needs CUDA: torch.cuda.is_available() is False here; "
                    "run `pytest -m gpu` on a machine with an NVIDIA GPU")
+
+if TYPE_CHECKING:
+    from helpers.demo_build import Build
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -173,6 +177,15 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from helpers.bundles import make_tiny_bundle
 
     return make_tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def quick_demo_build(tmp_path_factory: pytest.TempPathFactory) -> Build:
+    """The quick demo bundles, built once by ``training demo-bundles --quick`` (a process, as
+    the node runs it); tests read them, none changes them (helpers/demo_build.py)."""
+    from helpers.demo_build import run_quick_build
+
+    return run_quick_build(tmp_path_factory.mktemp("demo") / "bundles", ROOT)
 
 
 @pytest.fixture(scope="session")

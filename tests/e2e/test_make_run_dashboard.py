@@ -8,7 +8,9 @@ Two things differ from `make run`, through the environment (never the config fil
 * ``CXR_NODE__DICOM__PORT`` / ``CXR_NODE__WEB__PORT``: free ports, because 11112 and 8080
   may be taken on a test machine (a running node, a parallel test);
 * ``CXR_NODE__MODELS__DEMO_BUILD=quick``: the same two demo bundles (classifier and nodule
-  detector), trained in seconds instead of minutes.
+  detector), trained in seconds instead of minutes; and they are already in ``var``, as on
+  every start after the first (the session's quick build, copied: the first start's build is
+  tests/e2e/test_readme_path.py's and test_make_demo.py's).
 The working directory is a fresh folder holding a copy of config/ (the code comes from this
 checkout through PYTHONPATH), so ``var`` is relative to it, as it is to the checkout for
 `make run`, and nothing is left in the checkout.
@@ -36,6 +38,7 @@ import pytest
 import requests
 from conftest import ROOT, free_port, storescu, wait_for_port, wait_until
 from helpers.browser import all_images_loaded, browser, loaded, shoot
+from helpers.demo_build import Build
 
 from dicom_node.store import db
 
@@ -147,9 +150,10 @@ def _browse(driver: Any, base: str, token: str, series: list[tuple[str, str]]) -
     shoot(driver, "make-run-evaluation")
 
 
-def test_make_run_then_the_dashboard_in_chromium(tmp_path: Path) -> None:
+def test_make_run_then_the_dashboard_in_chromium(tmp_path: Path, quick_demo_build: Build) -> None:
     work = tmp_path / "checkout"
     shutil.copytree(ROOT / "config", work / "config")
+    shutil.copytree(quick_demo_build.out, work / "var" / "models" / "demo")
     port, web = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_NODE__")}
     env.update({"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",

@@ -5,22 +5,13 @@ them only on a terminal, and prints the validation figures each bundle reached."
 from __future__ import annotations
 
 import argparse
-import fcntl
-import os
-import pty
 import re
-import struct
-import subprocess
-import sys
-import termios
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from conftest import ROOT
+from helpers.demo_build import Build
 
 from ai.bundle.load import load_bundle
 from ai.codes import DEFAULT_CODES
@@ -29,44 +20,10 @@ from training import demo
 from training.phantoms import FINDINGS
 
 
-@dataclass(frozen=True)
-class Build:
-    out: Path
-    stdout: str  # a pipe, as when the node runs the build with its output in its log
-    terminal: str  # stderr on a pseudo-terminal: where the progress bars go
-
-
-def _read_all(fd: int, into: list[bytes]) -> None:
-    while True:
-        try:
-            data = os.read(fd, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            return
-        if not data:
-            return
-        into.append(data)
-
-
 @pytest.fixture(scope="module")
-def quick_build(tmp_path_factory: pytest.TempPathFactory) -> Build:
+def quick_build(quick_demo_build: Build) -> Build:
     """``training demo-bundles --quick`` as a process: stdout a pipe, stderr a terminal."""
-    out = tmp_path_factory.mktemp("demo") / "bundles"
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # 160 columns
-    chunks: list[bytes] = []
-    reader = threading.Thread(target=_read_all, args=(master, chunks), daemon=True)
-    try:
-        proc = subprocess.Popen([sys.executable, "-m", "training", "demo-bundles", "--quick",
-                                 "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=slave, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        os.close(slave)
-        reader.start()
-        stdout, _ = proc.communicate(timeout=300)
-        reader.join(30)
-    finally:
-        os.close(master)
-    assert proc.returncode == 0, stdout.decode() + b"".join(chunks).decode(errors="replace")
-    return Build(out, stdout.decode(), b"".join(chunks).decode("utf-8", errors="replace"))
+    return quick_demo_build
 
 
 @pytest.fixture(scope="module")

@@ -8,20 +8,18 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import REALDICOM
+from helpers.demo_build import Build
 
 from ai.inference import Analyzer
-from training.demo import build_demo_bundle
-from training.demo_detector import build_demo_detector
 from training.ood import phantom_files_of_sizes, phantom_sizes
 
 REAL = ["cr_chest_pa_philips_j2k.dcm", "dx_chest_nih_cxr14_sc.dcm"]
 
 
 @pytest.fixture(scope="module")
-def analyzer(tmp_path_factory: pytest.TempPathFactory) -> Analyzer:
-    out = tmp_path_factory.mktemp("demo-ood")
-    bundles = [build_demo_bundle(out / "classifier", quick=True, progress=False),
-               build_demo_detector(out / "detector", quick=True, progress=False)]
+def analyzer(quick_demo_build: Build) -> Analyzer:
+    """The quick demo bundles as ``training demo-bundles --quick`` builds them (once)."""
+    bundles = [quick_demo_build.out / n for n in ("cxr-demo-classifier", "cxr-demo-detector")]
     return Analyzer(bundles, device="cpu", gradcam=False)
 
 
