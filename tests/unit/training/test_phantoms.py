@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
 import pytest
 
+from training import phantoms
 from training.phantoms import (
     ENLARGED_CTR,
     FINDINGS,
@@ -173,3 +175,32 @@ def test_bad_requests_raise(kwargs: dict, match: str) -> None:
     args = {"seed": 0, "rows": 128, "columns": 128} | kwargs
     with pytest.raises(PhantomError, match=match):
         render_phantom(args.pop("seed"), args.pop("rows"), args.pop("columns"), **args)
+
+
+def _branch_with_numpy(layer: np.ndarray, canvas: phantoms._Canvas, rng: np.random.Generator,
+                       start: np.ndarray, angle: float, length: float, width: float,
+                       depth: int) -> None:
+    """The vessel tree as first written, with the canvas's numpy mapping and _stroke: the
+    reference the float-only _branch must match pixel for pixel."""
+    end = start + length * np.array([math.cos(angle), math.sin(angle)])
+    thick_px = width * canvas.scale
+    phantoms._stroke(layer, canvas, np.stack([start, end]), width,
+                     min(1.0, 0.15 + thick_px / 3))
+    if depth == 0:
+        return
+    for sign in (-1, 1):
+        child = angle + sign * math.radians(rng.uniform(12, 32))
+        _branch_with_numpy(layer, canvas, rng, end, child, length * rng.uniform(0.65, 0.85),
+                           width * 0.72, depth - 1)
+
+
+@pytest.mark.parametrize("h, w", [(224, 224), (517, 449), (1536, 1280)])
+def test_vessel_trees_are_the_pixels_of_the_numpy_formulation(h: int, w: int) -> None:
+    canvas = phantoms._Canvas(h=h, w=w, cx=w / 2 + 0.37, top=h * 0.08, scale=w / 1.31)
+    ours, ref = (np.zeros((h, w), np.float32) for _ in range(2))
+    for k in range(6):
+        start = np.array([0.13 * (-1) ** k, 0.45])
+        angle, length = -1.2 + 0.5 * k, 0.08 + 0.01 * k
+        phantoms._branch(ours, canvas, np.random.default_rng(k), start, angle, length, 0.016, 4)
+        _branch_with_numpy(ref, canvas, np.random.default_rng(k), start, angle, length, 0.016, 4)
+    assert ours.any() and np.array_equal(ours, ref)
