@@ -181,8 +181,15 @@ def _stroke(
     layer: np.ndarray, canvas: _Canvas, pts: np.ndarray, width: float, value: float
 ) -> None:
     """Draw a polyline (thorax units) of ``width`` thorax units into ``layer``."""
+    _polyline(layer, canvas, np.round(canvas.px(pts) * 16).astype(np.int32), width, value)
+
+
+def _polyline(
+    layer: np.ndarray, canvas: _Canvas, poly: np.ndarray, width: float, value: float
+) -> None:
+    """Draw ``poly`` (int32 pixels in 1/16 px, as cv2's ``shift=4`` reads them), ``width``
+    thorax units wide, anti-aliased."""
     thick = max(int(round(width * canvas.scale)), 1)
-    poly = np.round(canvas.px(pts) * 16).astype(np.int32)
     cv2.polylines(layer, [poly], False, float(value), thick, cv2.LINE_AA, shift=4)
 
 
@@ -390,9 +397,7 @@ def _branch_from(
         ),
         np.int32,
     )
-    value = min(1.0, 0.15 + thick_px / 3)
-    thick = max(int(round(width * scale)), 1)
-    cv2.polylines(layer, [poly], False, float(value), thick, cv2.LINE_AA, shift=4)
+    _polyline(layer, canvas, poly, width, min(1.0, 0.15 + thick_px / 3))
     if depth == 0:
         return
     for sign in (-1, 1):

@@ -21,14 +21,8 @@ from training.phantoms import FINDINGS
 
 
 @pytest.fixture(scope="module")
-def quick_build(quick_demo_build: Build) -> Build:
-    """``training demo-bundles --quick`` as a process: stdout a pipe, stderr a terminal."""
-    return quick_demo_build
-
-
-@pytest.fixture(scope="module")
-def quick_bundle(quick_build: Build) -> Path:
-    return quick_build.out / "cxr-demo-classifier"
+def quick_bundle(quick_demo_build: Build) -> Path:
+    return quick_demo_build.out / "cxr-demo-classifier"
 
 
 def test_quick_bundle_metadata(quick_bundle: Path) -> None:
@@ -47,10 +41,10 @@ def test_quick_bundle_metadata(quick_bundle: Path) -> None:
     assert {"sensitivity", "specificity", "auroc"} <= set(per_label["cardiomegaly"]["test"])
 
 
-def test_quick_bundles_carry_the_localisation_and_image_level_figures(quick_build: Build) -> None:
+def test_quick_bundles_carry_the_localisation_and_image_level_figures(quick_demo_build: Build) -> None:
     """Grad-CAM pointing game and lung energy per label (None where the held-out half had
     no true positive), and the detector's image-level nodule figures."""
-    meta = load_bundle(quick_build.out / "cxr-demo-classifier").metadata
+    meta = load_bundle(quick_demo_build.out / "cxr-demo-classifier").metadata
     v = meta.validation_metrics
     assert "pointing game" in v["localisation_method"]
     measured = {k: e["localisation"] for k, e in v["per_label"].items() if e["localisation"]}
@@ -60,7 +54,7 @@ def test_quick_bundles_carry_the_localisation_and_image_level_figures(quick_buil
         assert entry["hit_rate"]["value"] == pytest.approx(entry["hits"] / entry["tp_images"])
         assert 0.0 <= entry["lung_energy"] <= 1.0 and entry["tolerance_model_px"] == 15.0
     assert meta.training["localisation_seconds"] >= 0
-    detector = load_bundle(quick_build.out / "cxr-demo-detector").metadata
+    detector = load_bundle(quick_demo_build.out / "cxr-demo-detector").metadata
     image = detector.validation_metrics["image_level"]
     assert image["images"] == image["n_positive"] + image["n_negative"] > 0
     assert {"sensitivity", "specificity", "auroc"} <= set(image)
@@ -104,8 +98,8 @@ def test_display_like_stays_in_range() -> None:
         assert 0.0 <= out.min() and out.max() <= 1.0
 
 
-def test_build_says_what_it_builds_and_what_each_bundle_reached(quick_build: Build) -> None:
-    out = quick_build.stdout
+def test_build_says_what_it_builds_and_what_each_bundle_reached(quick_demo_build: Build) -> None:
+    out = quick_demo_build.stdout
     assert "\r" not in out  # stage lines and figures only: a log file reads them as lines
     lines = out.splitlines()
     assert lines[0].startswith("Building the DEMO bundles") and "quick build, 2 stages" in lines[0]
@@ -126,12 +120,12 @@ def test_build_says_what_it_builds_and_what_each_bundle_reached(quick_build: Bui
                          out, re.MULTILINE), (split, out)
     assert re.search(r"^DEMO bundles ready in \d+ s under ", lines[-1]), out
     for name in ("cxr-demo-classifier", "cxr-demo-detector"):
-        assert (quick_build.out / name / "configs" / "metadata.json").is_file()
+        assert (quick_demo_build.out / name / "configs" / "metadata.json").is_file()
         assert re.search(rf"{name} 1\.0\.0-quick written to .*{name} in \d+ s", out), out
 
 
-def test_progress_bars_are_labelled_on_a_terminal(quick_build: Build) -> None:
-    bars = quick_build.terminal
+def test_progress_bars_are_labelled_on_a_terminal(quick_demo_build: Build) -> None:
+    bars = quick_demo_build.terminal
     assert "\r" in bars  # drawn: stderr is a terminal
     for desc in ("[1/2] render phantoms", "[1/2] train", "[1/2] validation: write DICOM",
                  "[2/2] phantoms", "[2/2] preprocess", "[2/2] epoch 1/1"):
