@@ -66,10 +66,11 @@ from dicom_node.errors import InvalidInstanceError, SpoolError
 from dicom_node.inflate import InflateLimitError, inflate_bounded
 from dicom_node.phi import remember_phi
 from dicom_node.receipts import Receipts
-from dicom_node.spool import Spool, StoredFile, Tap, file_sha256
+from dicom_node.spool import Spool, StoredFile, file_sha256
 from dicom_node.store import db
 from dicom_node.store.group_commit import Announcement, Batch, GroupCommit
 from dicom_node.store.transitions import add_instance_if_new, touch_study
+from dicom_node.tap import Tap
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ tests fake a full disk.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import logging
@@ -41,6 +42,7 @@ from pathlib import Path
 from dicom_node import disk
 from dicom_node.disk import DiskUsage, DiskUsageSource
 from dicom_node.errors import SpoolError, SpoolFullError
+from dicom_node.tap import Tap
 
 logger = logging.getLogger(__name__)
 
@@ -77,40 +79,6 @@ class Watermarks:
             return self.refusing
 
 
-# a received file's first bytes kept in memory as it is written (the preamble, file meta
-# and the start of the data set: the header the node files it under, as a rule)
-TAP_BYTES = 64 * 1024
-
-
-class Tap:
-    """What went through a file's writes: its first ``keep`` bytes, its size and sha256.
-
-    Fed as a received data set is written (:mod:`dicom_node.transport`), so ingest parses the
-    header from memory and never reads the file back to hash it.
-    """
-
-    def __init__(self, keep: int = TAP_BYTES) -> None:
-        self.keep = keep
-        self.head = bytearray()
-        self.size = 0
-        self._digest = hashlib.sha256()
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if len(self.head) < self.keep:
-            self.head += data[:self.keep - len(self.head)]
-        self.size += len(data)
-        self._digest.update(data)
-
-    @property
-    def complete(self) -> bool:
-        """The head holds the whole file."""
-        return self.size == len(self.head)
-
-    @property
-    def sha256(self) -> str:
-        return self._digest.hexdigest()
-
-
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -126,6 +94,34 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Linux sync_file_range(2): start writing a range of a file back without waiting for it
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range() -> object | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux: no early writeback
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range_fn = _sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> bool:
+    """Ask the kernel to start writing ``length`` bytes of ``fd`` from ``offset`` to disk,
+    without waiting (``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so the fsync that makes
+    the file durable later finds little left to write. Durability is still that fsync's:
+    this only moves the disk's work earlier. False where it is unavailable or refused."""
+    fn = _sync_file_range_fn
+    if fn is None or length <= 0:
+        return False
+    return fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0  # type: ignore[operator]
 
 
 class Spool:

@@ -18,9 +18,10 @@ from sqlalchemy import Connection, event, insert, select
 
 from dicom_node import ingest
 from dicom_node.ingest import Ingestor, StoreStatus
-from dicom_node.spool import TAP_BYTES, Spool
+from dicom_node.spool import Spool
 from dicom_node.store import db
 from dicom_node.store.group_commit import Batch, GroupCommit
+from dicom_node.tap import TAP_BYTES
 from dicom_node.transport import TappedFile
 
 
