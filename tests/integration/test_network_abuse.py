@@ -98,6 +98,9 @@ def test_aborted_mid_store_keeps_earlier_and_leaves_nothing_partial(node, tmp_pa
     rows = query(node.settings, select(db.instances))
     assert [r.size < 500_000 for r in rows] == [True]  # only the small, complete one
     assert not any((node.spool.root / "tmp").iterdir())
+    # the big image (4.5 MB) had its own hashing thread when the transfer broke: it ended
+    wait_until(lambda: not any(t.name == "tap-hash" for t in threading.enumerate()), 10,
+               what="the aborted data set's hashing thread to end")
     assert query(node.settings, select(db.quarantine)) == []
     assert storescu(node.settings.dicom.port, [big]).returncode == 0  # node still serves
 
