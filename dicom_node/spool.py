@@ -35,7 +35,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,14 +100,14 @@ def fsync_dir(path: Path) -> None:
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def _sync_file_range() -> object | None:
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
     try:
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):  # not Linux: no early writeback
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     fn.restype = ctypes.c_int
-    return fn
+    return fn  # type: ignore[no-any-return]
 
 
 _sync_file_range_fn = _sync_file_range()
@@ -121,7 +121,7 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
     fn = _sync_file_range_fn
     if fn is None or length <= 0:
         return False
-    return fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0  # type: ignore[operator]
+    return fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0
 
 
 class Spool:

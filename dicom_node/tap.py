@@ -43,6 +43,7 @@ class Tap:
         self.size = 0
         self._background_after = background_after
         self._digest = hashlib.sha256()
+        # set together while a hashing thread runs (see _start_hasher / _finish)
         self._chunks: queue.Queue[bytes | None] | None = None
         self._hasher: threading.Thread | None = None
         self._finishing = threading.Lock()
@@ -90,9 +91,8 @@ class Tap:
 
     def _finish(self) -> None:
         with self._finishing:
-            hasher, chunks = self._hasher, self._chunks
-            if hasher is None or chunks is None:
+            if self._hasher is None or self._chunks is None:
                 return
-            chunks.put(_END)
-            hasher.join()
+            self._chunks.put(_END)
+            self._hasher.join()
             self._hasher = self._chunks = None
