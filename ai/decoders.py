@@ -162,16 +162,29 @@ def j2k_reduce_level(ds: Dataset, min_short_side: int) -> int:
     component of at most 16 bits whose precision and sign agree with the header (so the
     reduced path returns what the full one would), and the codestream has the levels.
     """
+    short, levels = _j2k_levels(ds)
+    return max((level for level in levels if -(-short // 2**level) >= min_short_side),
+               default=0)
+
+
+def j2k_decodes_at(ds: Dataset, level: int) -> bool:
+    """Whether :func:`decode_j2k_reduced` is trusted at ``level`` for ``ds`` (see
+    :func:`j2k_reduce_level`); False for any other syntax."""
+    return level in _j2k_levels(ds)[1]
+
+
+def _j2k_levels(ds: Dataset) -> tuple[int, list[int]]:
+    """The codestream's short side and the reduce levels trusted for it (none: [])."""
     if (
         transfer_syntax(ds) not in REDUCIBLE_SYNTAXES
         or "PixelData" not in ds
         or int(ds.get("SamplesPerPixel", 1) or 1) != 1
     ):
-        return 0
+        return 0, []
     try:
         header = j2k_header(first_frame_bytes(ds))
     except PixelDataError:
-        return 0
+        return 0, []
     if (
         header is None
         or header.components != 1
@@ -180,16 +193,12 @@ def j2k_reduce_level(ds: Dataset, min_short_side: int) -> int:
         or header.precision != int(ds.get("BitsStored", 0) or 0)
         or header.signed != bool(int(ds.get("PixelRepresentation", 0) or 0))
     ):
-        return 0
-    short = min(header.rows, header.columns)
-    fitting = [
+        return 0, []
+    return min(header.rows, header.columns), [
         level
         for level in range(1, min(header.levels, MAX_REDUCE_LEVEL) + 1)
-        if -(-short // 2**level) >= min_short_side
-        and _pillow_sizes_agree(header.rows, level)
-        and _pillow_sizes_agree(header.columns, level)
+        if _pillow_sizes_agree(header.rows, level) and _pillow_sizes_agree(header.columns, level)
     ]
-    return max(fitting, default=0)
 
 
 def _pillow_sizes_agree(length: int, level: int) -> bool:

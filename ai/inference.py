@@ -4,9 +4,10 @@
 into :class:`~ai.types.ImageResult` objects (plain Python and NumPy, source pixel
 coordinates). Several bundles run on the same images and their findings are merged. Each
 image is decoded once per call whatever the number of bundles: the display image (one per
-percentile window) is resized for each bundle's input size. A JPEG 2000 image much larger
-than every model input is decoded at a reduced resolution level (:mod:`ai.decoders`); the
-letterbox maps model coordinates back to source pixels all the same.
+percentile window) is resized for each bundle's input size. An image much larger than every
+model input and the overlay need is analysed at a reduced resolution level
+(:func:`ai.pixels.display_level`: a JPEG 2000 decoded at that level, any other syntax shrunk
+after its decode); the letterbox maps model coordinates back to source pixels all the same.
 
 Classification bundles give one finding per label; a positive finding gets a Grad-CAM map
 and a box around the map's largest hot region (>= half its peak), so viewers can show where.
@@ -35,7 +36,6 @@ import torch
 from pydicom.dataset import Dataset
 
 from ai.bundle.load import LoadedBundle, load_bundle
-from ai.decoders import j2k_reduce_level
 from ai.detection import Detections, detect
 from ai.gradcam import GradCAM
 from ai.ood import FeatureTap, verdicts, withheld_mask
@@ -44,6 +44,7 @@ from ai.pixels import (
     DEFAULT_PERCENTILE_WINDOW,
     Letterbox,
     PreprocessParams,
+    display_level,
     load_display_images,
     preprocess_image,
 )
@@ -63,7 +64,8 @@ logger = logging.getLogger(__name__)
 CAM_BOX_THRESHOLD = 0.5
 """A positive finding's box encloses the largest region where its CAM >= this x its peak."""
 DEFAULT_DISPLAY_MIN_SIDE = 1024
-"""Short side (px) a reduced JPEG 2000 decode keeps, so the SC overlay stays readable."""
+"""Short side (px) an image analysed at a reduced level keeps, so the SC overlay stays
+readable (a 3000 x 2500 radiograph: 1500 x 1250)."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -298,10 +300,12 @@ class Analyzer:
         gradcam: compute Grad-CAM maps and boxes for positive findings.
         max_pixels: refuse images with more samples than this (before decoding).
         batch_size: images per forward pass.
-        display_min_side: a JPEG 2000 image is decoded at a reduced level only as far as
-            its short side keeps this many pixels, because the reduced image is also
+        display_min_side: an image is analysed at a reduced level (a JPEG 2000 decoded
+            smaller, any other image shrunk after decoding) only as far as its short side
+            keeps this many pixels, because the reduced image is also
             ``ImageResult.display``, the overlay's background (0: as small as the models
-            allow). The models always get at least twice their input size.
+            allow; None: never reduced, the overlay at the source's size). The models always
+            get at least twice their input size.
         finding_maps: keep each positive finding's own source-size Grad-CAM in
             ``ImageResult.finding_heatmaps`` (only the SEG output reads them; 16 MB each at
             2000 x 2000). The combined ``heatmap`` is made either way.
@@ -315,14 +319,14 @@ class Analyzer:
         gradcam: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         batch_size: int = 8,
-        display_min_side: int = DEFAULT_DISPLAY_MIN_SIDE,
+        display_min_side: int | None = DEFAULT_DISPLAY_MIN_SIDE,
         finding_maps: bool = False,
     ) -> None:
         if not bundle_dirs:
             raise BundleError("Analyzer needs at least one bundle directory")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if display_min_side < 0:
+        if display_min_side is not None and display_min_side < 0:
             raise ValueError(f"display_min_side must be >= 0, got {display_min_side}")
         self.device = resolve_device(device)
         self.max_pixels = max_pixels
@@ -346,10 +350,13 @@ class Analyzer:
         return [runner.identity for runner in self._runners]
 
     def reduce_level(self, ds: Dataset) -> int:
-        """The resolution level ``ds`` is decoded at: > 0 only for a JPEG 2000 image whose
-        short side stays >= twice the largest model input and >= ``display_min_side``."""
+        """The resolution level ``ds`` is analysed at (:func:`ai.pixels.display_level`):
+        its short side stays >= twice the largest model input and >= ``display_min_side``
+        (0 when that is None)."""
+        if self.display_min_side is None:
+            return 0
         need = max(2 * max(p.size for p in self._params), self.display_min_side)
-        return j2k_reduce_level(ds, need)
+        return display_level(ds, need)
 
     def _prepare_image(self, ds: Dataset, result: ImageResult) -> dict[PreprocessParams, _Prepared]:
         """Decode ``ds`` once; one display image per window; one model input per params."""

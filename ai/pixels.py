@@ -33,9 +33,11 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from ai.decoders import (
     J2K_SYNTAXES,
-    REDUCIBLE_SYNTAXES,
+    MAX_REDUCE_LEVEL,
     decode_j2k_reduced,
     decoder_for,
+    j2k_decodes_at,
+    j2k_reduce_level,
     transfer_syntax,
 )
 from ai.types import BoundingBox, PixelDataError
@@ -183,19 +185,65 @@ def _jpeg_size(head: bytes) -> tuple[int, int, int] | None:
 # Decoding and the grayscale pipeline
 
 
+def display_level(ds: Dataset, min_short_side: int) -> int:
+    """The resolution level ``ds`` is analysed and shown at: ``1 / 2**level`` of its rows
+    and columns (rounded up), the deepest that keeps ``min_short_side`` px on the short side.
+
+    A JPEG 2000 image whose codestream decodes at a reduced level directly gets that level
+    (:func:`ai.decoders.j2k_reduce_level`); any other single grey frame gets the level of the
+    same size, reached by shrinking the full decode (:func:`shrink`), so an image shows the
+    same size and the models see the same picture whatever the transfer syntax. Colour and
+    palette images stay at full size (averaging palette indices would mix colours).
+    """
+    level = j2k_reduce_level(ds, min_short_side)
+    if level or not _single_grey_frame(ds):
+        return level
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    short = min(rows, columns)
+    return max((n for n in range(1, MAX_REDUCE_LEVEL + 1)
+                if -(-short // 2**n) >= max(min_short_side, 1)), default=0)
+
+
+def _single_grey_frame(ds: Dataset) -> bool:
+    return (int(ds.get("SamplesPerPixel", 1) or 1) == 1
+            and str(ds.get("PhotometricInterpretation", "")).strip().upper() in _GREY)
+
+
+def shrink(arr: np.ndarray, level: int) -> np.ndarray:
+    """A decoded grey frame at ``1 / 2**level`` of its size, rows and columns rounded up as
+    a reduced JPEG 2000 decode returns them: each output sample the mean of the
+    ``2**level`` x ``2**level`` stored values it covers (the last row and column of an odd
+    size repeated to fill their block), rounded back to the input's type."""
+    if level <= 0:
+        return arr
+    if arr.ndim != 2:
+        raise PixelDataError(f"Expected one grey frame, got an array of shape {arr.shape}")
+    native = arr.dtype in (np.uint8, np.uint16, np.int16, np.float32, np.float64)
+    work = arr if native else arr.astype(np.float64)
+    factor = 2**level
+    pad_rows, pad_columns = -work.shape[0] % factor, -work.shape[1] % factor
+    if pad_rows or pad_columns:
+        work = cv2.copyMakeBorder(work, 0, pad_rows, 0, pad_columns, cv2.BORDER_REPLICATE)
+    size = (work.shape[1] // factor, work.shape[0] // factor)  # (width, height)
+    out = cv2.resize(work, size, interpolation=cv2.INTER_AREA)  # whole blocks: their means
+    if native:
+        return out
+    return np.rint(out).astype(arr.dtype) if arr.dtype.kind in "iub" else out.astype(arr.dtype)
+
+
 def decode_frame(
     ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS, *, reduce: int = 0
 ) -> np.ndarray:
     """Decode the first frame as stored (after colour conversion to RGB where applicable).
 
     The one decode entry point of the model side (the tests count its calls). ``reduce``
-    > 0 asks for a JPEG 2000 image at ``1 / 2**reduce`` resolution (see
-    :func:`ai.decoders.j2k_reduce_level`); the result's shape says what was decoded, and a
-    codestream that refuses the reduced decode is decoded in full instead.
+    > 0 asks for the image at ``1 / 2**reduce`` resolution (see :func:`display_level`): a
+    JPEG 2000 codestream decoded at that level directly, any other image (or a codestream
+    that refuses the reduced decode) decoded in full and shrunk (:func:`shrink`).
     """
     check_pixel_size(ds, max_pixels)
     tsyntax = transfer_syntax(ds)
-    if reduce > 0 and tsyntax in REDUCIBLE_SYNTAXES:
+    if reduce > 0 and j2k_decodes_at(ds, reduce):
         try:
             return decode_j2k_reduced(ds, reduce)
         except PixelDataError as exc:
@@ -209,7 +257,7 @@ def decode_frame(
         ) from exc
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         logger.info("Multi-frame image: analysing its first frame only")
-    return arr
+    return shrink(arr, reduce)
 
 
 def _lut_view(ds: Dataset) -> Dataset:

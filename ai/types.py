@@ -137,8 +137,9 @@ class ImageResult:
     ``display``: uint8 grey rendering of the source as the models saw it (modality LUT,
     VOI, MONOCHROME1 inversion; before letterboxing), so the overlay can be drawn without
     decoding the image a second time; None when not computed. Its shape is (rows, columns)
-    or, for a JPEG 2000 image decoded at a reduced resolution level, smaller with the same
-    aspect (about (rows, columns) / 2**level, rounded up; the Analyzer's
+    or, for an image analysed at a reduced resolution level (a large image: see
+    :func:`ai.pixels.display_level`), smaller with the same aspect ((rows, columns) /
+    2**level, rounded up; the Analyzer's
     ``display_min_side`` bounds its short side from below). Contract for renderers: a
     source point (x, y) lands on display pixel (x * display.shape[1] / columns,
     y * display.shape[0] / rows); every coordinate in here stays in source pixels.

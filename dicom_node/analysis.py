@@ -48,7 +48,8 @@ class LockedAnalyzer:
 
 
 def build_analyzer(settings: Settings, bundle_dirs: Sequence[Path]) -> Analyzer:
-    """The model side for ``bundle_dirs`` with the node's device, Grad-CAM and size settings.
+    """The model side for ``bundle_dirs`` with the node's device, Grad-CAM and size settings
+    (the resolution images are analysed and overlaid at: ``outputs.sc_min_side``).
 
     Per-finding Grad-CAM maps (``ImageResult.finding_heatmaps``, megabytes each) are made
     only when the SEG output, their one reader, is on.
@@ -58,6 +59,7 @@ def build_analyzer(settings: Settings, bundle_dirs: Sequence[Path]) -> Analyzer:
     m = settings.models
     return LockedAnalyzer(ModelAnalyzer(list(bundle_dirs), device=m.device, gradcam=m.gradcam,
                                         max_pixels=m.max_pixels,
+                                        display_min_side=settings.outputs.sc_min_side,
                                         finding_maps=settings.outputs.seg))
 
 

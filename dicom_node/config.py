@@ -328,6 +328,11 @@ class OutputSettingsModel(_Model):
     # installed encoder: JPEG-LS, else RLE, else uncompressed); a destination that does not
     # take it gets the SC decompressed by the sender
     sc_transfer_syntax: str | None = Field(None, validate_default=True)
+    # the SC's short side keeps at least this many pixels: a larger image is analysed and
+    # overlaid at the deepest halving of its size that keeps them (a JPEG 2000 decoded at
+    # that resolution level, any other syntax shrunk right after its decode: faster, the same
+    # size whatever the syntax); null: at the source's full size
+    sc_min_side: int | None = Field(1024, ge=256)
     # the SC's longest side in pixels (null: the display image's size)
     sc_max_side: int | None = Field(None, ge=256)
 

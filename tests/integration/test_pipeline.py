@@ -136,3 +136,46 @@ def test_destination_down_then_up_delivers_once_with_same_uids(tmp_path: Path,
         node.stop()
         if dest:
             dest.stop()
+
+
+def test_large_images_get_the_same_overlay_whatever_the_syntax(tmp_path: Path,
+                                                               tiny_bundle: Path) -> None:
+    """A 2304 x 2048 radiograph sent uncompressed, RLE, JPEG Lossless and JPEG 2000: each is
+    analysed at 1152 x 1024 (the JPEG 2000 decoded at level 1, the others shrunk after one
+    decode), so every SC has that size, while the SR and the GSPS stay in source pixels."""
+    from training.synth import make_dataset
+
+    dest = StoreSCP(tmp_path / "dest", free_port())
+    settings = node_settings(tmp_path / "node", destinations=[dest.destination], quiet=0.5,
+                             **{"models.bundles": [str(tiny_bundle)], "models.device": "cpu"})
+    node = start_node(settings, load_analyzer)
+    variants = ["dx_mono2_explicit", "dx_mono2_rle", "cr_mono1_jpeg_lossless", "dx_mono1_j2k"]
+    try:
+        sources: dict[str, pydicom.Dataset] = {}
+        for i, variant in enumerate(variants):
+            ds = make_dataset(variant, seed=300 + i, rows=2304, columns=2048)
+            path = tmp_path / "in" / f"{variant}.dcm"
+            path.parent.mkdir(exist_ok=True)
+            ds.save_as(path, enforce_file_format=True)
+            assert storescu(settings.dicom.port, [path]).returncode == 0, variant
+            sources[variant] = pydicom.dcmread(path, stop_before_pixels=True)
+        want = {str(s.StudyInstanceUID) for s in sources.values()}
+        got = wait_until(lambda: (r := _received_by_study(dest)) and all(
+            len(r.get(u, [])) == 3 for u in want) and r, 240, interval=0.5,
+            what="SR, SC and GSPS for every syntax")
+        for variant, src in sources.items():
+            objs = {str(o.SOPClassUID): o for o in got[str(src.StudyInstanceUID)]}
+            sc = objs[SC]
+            assert (sc.Rows, sc.Columns) == (1152, 1024), variant
+            assert sc.pixel_array.shape == (1152, 1024, 3), variant
+            gsps = objs[GSPS]
+            for area in gsps.DisplayedAreaSelectionSequence:
+                assert tuple(area.DisplayedAreaBottomRightHandCorner) == (2048, 2304), variant
+            points = [float(v) for item in gsps.get("GraphicAnnotationSequence", [])
+                      for obj in item.get("GraphicObjectSequence", [])
+                      for v in obj.GraphicData]
+            assert all(0 <= v <= 2304 for v in points), variant
+            assert dciodvfy_errors(Path(sc.filename)) == [], variant
+    finally:
+        node.stop()
+        dest.stop()

@@ -2,7 +2,8 @@
 
 Each instance is decoded once per ``analyze`` call however many bundles (of different input
 sizes and windows) run; a large JPEG 2000 image is decoded at a reduced resolution level
-when the models are small, and every result still lands in source pixels; per-finding
+when the models are small, a large image of any other syntax is shrunk to the same size
+right after its decode, and every result still lands in source pixels; per-finding
 Grad-CAM maps are made only when asked for (the SEG output).
 """
 
@@ -19,11 +20,12 @@ from aihelpers import LABELS, grey_dataset, make_bundle
 from helpers.bundles import make_detector_bundle
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000Lossless
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 import ai.pixels
 from ai.decoders import decode_j2k_reduced, first_frame_bytes, j2k_header, j2k_reduce_level
 from ai.inference import Analyzer
+from ai.pixels import display_level, shrink
 from ai.types import PixelDataError
 
 SIDE = 2048
@@ -48,14 +50,20 @@ def _j2k(pixels: np.ndarray, bits_stored: int, **attributes: object) -> Dataset:
 
 
 @pytest.fixture(scope="module")
-def j2k_phantom() -> Dataset:
-    """2048 x 2048 12-bit JPEG 2000 lossless: a textured background and one bright box."""
+def phantom_pixels() -> np.ndarray:
+    """2048 x 2048 12-bit: a textured background and one bright box."""
     rng = np.random.default_rng(7)
     yy, xx = np.mgrid[0:SIDE, 0:SIDE]
     pixels = 500 + (xx + yy) // 8 + rng.integers(0, 200, (SIDE, SIDE))
     x0, y0, x1, y1 = RECT
     pixels[y0:y1, x0:x1] = 4000
-    return _j2k(pixels.astype(np.uint16), 12)
+    return pixels.astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def j2k_phantom(phantom_pixels: np.ndarray) -> Dataset:
+    """The phantom as JPEG 2000 lossless."""
+    return _j2k(phantom_pixels, 12)
 
 
 @pytest.fixture
@@ -152,6 +160,101 @@ def test_box_on_a_reduced_decode_maps_to_the_same_source_box(
     reduced_edges = (box_reduced.x0, box_reduced.y0, box_reduced.x1, box_reduced.y1)
     assert reduced_edges == pytest.approx(full_edges, abs=2.0)
     assert reduced_edges == pytest.approx(RECT, abs=SIDE / 256)  # within one model pixel
+
+
+@pytest.fixture(scope="module")
+def phantom_syntaxes(phantom_pixels: np.ndarray, j2k_phantom: Dataset) -> dict[str, Dataset]:
+    """The same phantom in four transfer syntaxes (each a dataset of its own UID)."""
+    out = {"JPEG 2000": j2k_phantom, "uncompressed": grey_dataset(phantom_pixels, bits_stored=12)}
+    for name, uid, plugin in (("RLE", RLELossless, "pylibjpeg"),
+                              ("JPEG-LS", JPEGLSLossless, "pyjpegls")):
+        ds = grey_dataset(phantom_pixels, bits_stored=12)
+        ds.compress(uid, phantom_pixels, encoding_plugin=plugin)
+        out[name] = ds
+    return out
+
+
+def test_large_image_of_any_syntax_analysed_at_the_reduced_jpeg2000_size(
+    bundles: dict[str, Path], phantom_syntaxes: dict[str, Dataset], decodes: list
+) -> None:
+    """Models 224/256, display_min_side 1024: a 2048 px image is analysed at 1024 px whatever
+    its syntax (JPEG 2000 decoded at level 1, the others decoded once and shrunk), so the
+    overlay is the same size and the models see the same picture; results in source pixels."""
+    analyzer = Analyzer([bundles["cls224"], bundles["det256"]], device="cpu")
+    names = list(phantom_syntaxes)
+    results = dict(zip(names, analyzer.analyze(list(phantom_syntaxes.values())), strict=True))
+    assert [(uid, level, shape) for uid, level, shape in decodes] == [
+        (str(ds.SOPInstanceUID), 1, (1024, 1024)) for ds in phantom_syntaxes.values()]
+    reference = results["JPEG 2000"]
+    assert reference.display is not None
+    for name, result in results.items():
+        assert result.display is not None and result.display.shape == (1024, 1024), name
+        assert result.heatmap is not None and result.heatmap.shape == (SIDE, SIDE), name
+        # the wavelet's low-pass band and the 2 x 2 mean of the same pixels: the same picture
+        # (they filter the phantom's per-pixel noise differently: about 2 of 255 levels)
+        diff = np.abs(result.display.astype(int) - reference.display.astype(int))
+        assert float(diff.mean()) < 0.01 * 255 and np.percentile(diff, 99) <= 8, name
+        probabilities = {f.label: f.probability for f in result.findings
+                         if f.model.name == "cls-224"}
+        expected = {f.label: f.probability for f in reference.findings
+                    if f.model.name == "cls-224"}
+        assert probabilities == pytest.approx(expected, abs=0.01), name
+        for f in result.findings:
+            if f.box is not None:
+                assert 0 <= f.box.x0 < f.box.x1 <= SIDE and 0 <= f.box.y0 < f.box.y1 <= SIDE
+    # the lossless syntaxes decode to the same stored values: identical results
+    for name in ("RLE", "JPEG-LS"):
+        np.testing.assert_array_equal(results[name].display, results["uncompressed"].display)
+
+
+def test_box_on_a_shrunk_decode_maps_to_the_same_source_box(
+    bundles: dict[str, Path], phantom_syntaxes: dict[str, Dataset], decodes: list,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ds = phantom_syntaxes["uncompressed"]
+    full = Analyzer([bundles["cls256"]], device="cpu", display_min_side=SIDE)
+    reduced = Analyzer([bundles["cls256"]], device="cpu", display_min_side=0)  # level 2
+    box_full = _cam_is_input_box(full, ds, monkeypatch)
+    box_reduced = _cam_is_input_box(reduced, ds, monkeypatch)
+    assert [(level, shape) for _, level, shape in decodes] == [(0, (SIDE, SIDE)),
+                                                                (2, (512, 512))]
+    assert box_full is not None and box_reduced is not None
+    assert (box_reduced.x0, box_reduced.y0, box_reduced.x1, box_reduced.y1) == pytest.approx(
+        (box_full.x0, box_full.y0, box_full.x1, box_full.y1), abs=2.0)
+    assert (box_reduced.x0, box_reduced.y0, box_reduced.x1, box_reduced.y1) == pytest.approx(
+        RECT, abs=SIDE / 256)
+
+
+def test_display_level_per_image_kind() -> None:
+    """Grey frames of any syntax get the deepest level keeping the short side; colour and
+    palette images stay whole (averaging palette indices would mix colours)."""
+    grey = grey_dataset(np.zeros((3000, 2500), np.uint16), bits_stored=12)
+    assert display_level(grey, 1024) == 1  # 1500 x 1250
+    assert display_level(grey, 512) == 2  # 750 x 625
+    assert display_level(grey, 1251) == 0
+    assert display_level(grey_dataset(np.zeros((2046, 3000), np.uint16)), 1024) == 0
+    assert display_level(grey_dataset(np.zeros((2048, 2048), np.uint8)), 1024) == 1
+    assert display_level(grey_dataset(np.zeros((2048, 2048, 3), np.uint8),
+                                      photometric="RGB"), 256) == 0
+    palette = grey_dataset(np.zeros((2048, 2048), np.uint8), photometric="PALETTE COLOR")
+    assert display_level(palette, 256) == 0
+
+
+@pytest.mark.parametrize("dtype", ["u1", "u2", "i2", "i4", "f4"])
+def test_shrink_means_the_covered_values_and_rounds_sizes_up(dtype: str) -> None:
+    """Sizes as a reduced JPEG 2000 decode rounds them; a flat block keeps its exact value,
+    a 2 x 2 block becomes its mean; the stored type is kept."""
+    pixels = np.full((1025, 999), 7, dtype=dtype)
+    pixels[0:2, 0:2] = np.array([[10, 20], [30, 40]], dtype=dtype)
+    for level, shape in ((1, (513, 500)), (2, (257, 250)), (3, (129, 125))):
+        out = shrink(pixels, level)
+        assert out.dtype == pixels.dtype and out.shape == shape
+        assert out[-1, -1] == pytest.approx(7, abs=1e-5)
+        assert out[shape[0] // 2, shape[1] // 2] == pytest.approx(7, abs=1e-5)
+    assert shrink(pixels, 1)[0, 0] == pytest.approx(25, abs=1e-4)
+    assert shrink(pixels, 0) is pixels
+    with pytest.raises(PixelDataError):
+        shrink(np.zeros((8, 8, 3), np.uint8), 1)
 
 
 @pytest.mark.parametrize("bits, signed", [(12, True), (8, False), (16, False)])
