@@ -2,9 +2,10 @@
 
 pydicom 3 tries its installed plugins in a fixed order, which is not the fastest order for
 every syntax: JPEG-LS goes to pylibjpeg (377 ms at 2048 x 2048) before pyjpegls (95 ms).
-:data:`PREFERRED_DECODERS` names the plugin measured fastest per syntax (``bench/decode.py``
-prints the same rows, labelled by the plugin the node really uses); a plugin that is not
-installed falls back to pydicom's own choice.
+:data:`PREFERRED_DECODERS` names the plugins measured fastest per syntax, the first
+installed one used (``bench/decode.py`` prints the same rows, labelled by the plugin the node
+really uses; JPEG Lossless gets libjpeg-turbo 3 through :mod:`ai.jpeg_lossless`); without
+any of them pydicom makes its own choice.
 
 JPEG 2000 stores the image as a wavelet pyramid: decoding with OpenJPEG's ``reduce = r``
 (through Pillow's JPEG 2000 plugin, the one installed binding that exposes it) skips the
@@ -30,9 +31,11 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder
 
+from ai import jpeg_lossless
 from ai.types import PixelDataError
 
 logger = logging.getLogger(__name__)
+jpeg_lossless.register()
 
 J2K_SYNTAXES = frozenset(
     {
@@ -49,19 +52,21 @@ J2K_SYNTAXES = frozenset(
 # encoder is installed to test .201-.203 with; part 2 .92/.93 may be multi-component).
 REDUCIBLE_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
 
-PREFERRED_DECODERS: dict[str, str] = {
-    # bench/decode.py, 2048 x 2048 12-bit phantoms, 2-core machine:
-    "1.2.840.10008.1.2.4.50": "pillow",  # JPEG Baseline: libjpeg-turbo 41 ms vs 230 ms
-    "1.2.840.10008.1.2.4.57": "pylibjpeg",  # JPEG Lossless: the only installed decoder
-    "1.2.840.10008.1.2.4.70": "pylibjpeg",  # (pylibjpeg-libjpeg, 170 ms)
-    "1.2.840.10008.1.2.4.80": "pyjpegls",  # JPEG-LS: 95 ms vs pylibjpeg 377 ms
-    "1.2.840.10008.1.2.4.81": "pyjpegls",
-    "1.2.840.10008.1.2.4.90": "pylibjpeg",  # JPEG 2000 full: openjpeg, 515 ms = pillow's
-    "1.2.840.10008.1.2.4.91": "pylibjpeg",
-    "1.2.840.10008.1.2.4.201": "pylibjpeg",
-    "1.2.840.10008.1.2.4.202": "pylibjpeg",
-    "1.2.840.10008.1.2.4.203": "pylibjpeg",
-    "1.2.840.10008.1.2.5": "pylibjpeg",  # RLE: pylibjpeg-rle 12 ms vs pydicom's 142 ms
+PREFERRED_DECODERS: dict[str, tuple[str, ...]] = {
+    # bench/decode.py, 2048 x 2048 12-bit phantoms, 2-core machine; the first installed wins:
+    "1.2.840.10008.1.2.4.50": ("pillow",),  # JPEG Baseline: libjpeg-turbo 41 ms vs 230 ms
+    # JPEG Lossless: libjpeg-turbo 3 (ai.jpeg_lossless) 65 ms vs pylibjpeg-libjpeg 431 ms at
+    # 3000 x 2500, the same samples
+    "1.2.840.10008.1.2.4.57": (jpeg_lossless.LABEL, "pylibjpeg"),
+    "1.2.840.10008.1.2.4.70": (jpeg_lossless.LABEL, "pylibjpeg"),
+    "1.2.840.10008.1.2.4.80": ("pyjpegls",),  # JPEG-LS: 95 ms vs pylibjpeg 377 ms
+    "1.2.840.10008.1.2.4.81": ("pyjpegls",),
+    "1.2.840.10008.1.2.4.90": ("pylibjpeg",),  # JPEG 2000 full: openjpeg, 515 ms = pillow's
+    "1.2.840.10008.1.2.4.91": ("pylibjpeg",),
+    "1.2.840.10008.1.2.4.201": ("pylibjpeg",),
+    "1.2.840.10008.1.2.4.202": ("pylibjpeg",),
+    "1.2.840.10008.1.2.4.203": ("pylibjpeg",),
+    "1.2.840.10008.1.2.5": ("pylibjpeg",),  # RLE: pylibjpeg-rle 12 ms vs pydicom's 142 ms
 }
 REDUCED_J2K_DECODER = "pillow"
 """The plugin label of the reduced JPEG 2000 decode (Pillow's OpenJPEG with ``reduce``)."""
@@ -73,14 +78,14 @@ MAX_REDUCE_LEVEL = 5
 def decoder_for(tsyntax: str) -> str:
     """The plugin the node names for ``tsyntax``: the preferred one when installed,
     else "" (pydicom picks among what is installed)."""
-    wanted = PREFERRED_DECODERS.get(tsyntax, "")
+    wanted = PREFERRED_DECODERS.get(tsyntax, ())
     if not wanted:
         return ""
     try:
         available = get_decoder(tsyntax).available_plugins
     except (NotImplementedError, ValueError):
         return ""
-    return wanted if wanted in available else ""
+    return next((plugin for plugin in wanted if plugin in available), "")
 
 
 def decoder_label(tsyntax: str) -> str:
