@@ -8,9 +8,11 @@ default. Rows per syntax:
 - each installed pydicom plugin named explicitly (``pixel_array(decoding_plugin=...)``);
 - ``node``: ``ai.pixels.decode_frame``, labelled by the decoder it really runs
   (``ai.decoders.decoder_for``: the node names its plugin, pydicom's order is not used);
-- JPEG 2000 only, ``node reduce=N``: the reduced-resolution decode (Pillow's OpenJPEG,
-  ``1 / 2**N`` of each side); ``*`` marks the level the Analyzer picks for the demo pair
-  (inputs 224 and 256 px, ``display_min_side`` 1024).
+- ``node reduce=N``: what the Analyzer runs for a large image, ``1 / 2**N`` of each side:
+  for JPEG 2000 the reduced-resolution decode (Pillow's OpenJPEG; levels 1-3), for the
+  other syntaxes the full decode and its shrink (``ai.pixels.shrink``); ``*`` marks the
+  level the Analyzer picks for the demo pair (inputs 224 and 256 px, ``display_min_side``
+  1024).
 
 Peer: the uncompressed Explicit VR phantom of the same size read the same way. One timed
 call = parse the Part 10 bytes from memory + decode; median of the repeats, all cases
@@ -96,8 +98,9 @@ def cases(rows: int, cols: int) -> list[dict[str, Any]]:
     import pydicom
     from pydicom.pixels import get_decoder
 
-    from ai.decoders import REDUCED_J2K_DECODER, decoder_label, j2k_reduce_level
+    from ai.decoders import REDUCED_J2K_DECODER, decoder_label
     from ai.inference import DEFAULT_DISPLAY_MIN_SIDE
+    from ai.pixels import display_level
 
     out = []
     for label, variant in [*CODECS.items(), ("JPEG Baseline 8-bit (lossy)", "")]:
@@ -113,8 +116,12 @@ def cases(rows: int, cols: int) -> list[dict[str, Any]]:
                            "fn": _node_decoder(0)})
         for plugin in get_decoder(ts).available_plugins:
             out.append(base | {"decoder": plugin, "node": False, "fn": _plugin_decoder(plugin)})
+        chosen = display_level(ds, max(2 * max(DEMO_INPUTS), DEFAULT_DISPLAY_MIN_SIDE))
+        if chosen and not label.startswith("JPEG 2000"):  # one full decode, then the shrink
+            out.append(base | {"decoder": f"node reduce={chosen}: {decoder_label(ts)} + shrink *",
+                               "node": True, "reduce": chosen, "chosen": True,
+                               "fn": _node_decoder(chosen)})
         if label.startswith("JPEG 2000"):
-            chosen = j2k_reduce_level(ds, max(2 * max(DEMO_INPUTS), DEFAULT_DISPLAY_MIN_SIDE))
             for level in (1, 2, 3):
                 mark = " *" if level == chosen else ""
                 out.append(base | {"decoder": f"node reduce={level}: {REDUCED_J2K_DECODER}{mark}",
