@@ -48,6 +48,7 @@ def _decode_frame(src: bytes, runner: base.DecodeRunner) -> bytes | bytearray:
 def register() -> None:
     """Add the plugin to pydicom's JPEG Lossless decoders (once; later calls do nothing)."""
     for tsyntax in SYNTAXES:
-        decoder = base.get_decoder(tsyntax)
-        if LABEL not in decoder.available_plugins and LABEL not in decoder._unavailable:
-            decoder.add_plugin(LABEL, (__name__, "_decode_frame"))
+        try:
+            base.get_decoder(tsyntax).add_plugin(LABEL, (__name__, "_decode_frame"))
+        except ValueError:  # "already has a plugin named ...": registered before
+            continue

@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 from aihelpers import grey_dataset
+from pydicom.pixels import get_decoder
 from pydicom.uid import JPEGLossless, JPEGLosslessSV1
 
 import ai.pixels
@@ -51,6 +52,9 @@ def test_the_node_decodes_jpeg_lossless_with_libjpeg_turbo() -> None:
         assert decoder_for(tsyntax) == decoder_label(tsyntax) == jpeg_lossless.LABEL
         assert jpeg_lossless.is_available(tsyntax)
     assert not jpeg_lossless.is_available("1.2.840.10008.1.2.4.50")  # lossy: not ours
+    jpeg_lossless.register()  # again (ai.decoders did at import): nothing changes
+    for tsyntax in (JPEGLossless, JPEGLosslessSV1):
+        assert get_decoder(tsyntax).available_plugins.count(jpeg_lossless.LABEL) == 1
 
 
 @pytest.mark.parametrize("bits, signed", [(8, False), (10, False), (12, False), (12, True),
