@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 
@@ -168,8 +169,15 @@ def j2k_reduce_level(ds: Dataset, min_short_side: int) -> int:
     reduced path returns what the full one would), and the codestream has the levels.
     """
     short, levels = _j2k_levels(ds)
-    return max((level for level in levels if -(-short // 2**level) >= min_short_side),
-               default=0)
+    return deepest_level(short, min_short_side, levels)
+
+
+def deepest_level(short_side: int, min_short_side: int,
+                  levels: Iterable[int] = range(1, MAX_REDUCE_LEVEL + 1)) -> int:
+    """The deepest of ``levels`` whose ``ceil(short_side / 2**level)`` keeps
+    ``min_short_side`` (and at least 1) pixels; 0 when none does."""
+    need = max(min_short_side, 1)
+    return max((level for level in levels if -(-short_side // 2**level) >= need), default=0)
 
 
 def j2k_decodes_at(ds: Dataset, level: int) -> bool:

@@ -33,9 +33,9 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from ai.decoders import (
     J2K_SYNTAXES,
-    MAX_REDUCE_LEVEL,
     decode_j2k_reduced,
     decoder_for,
+    deepest_level,
     j2k_decodes_at,
     j2k_reduce_level,
     transfer_syntax,
@@ -199,9 +199,7 @@ def display_level(ds: Dataset, min_short_side: int) -> int:
     if level or not _single_grey_frame(ds):
         return level
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    short = min(rows, columns)
-    return max((n for n in range(1, MAX_REDUCE_LEVEL + 1)
-                if -(-short // 2**n) >= max(min_short_side, 1)), default=0)
+    return deepest_level(min(rows, columns), min_short_side)
 
 
 def _single_grey_frame(ds: Dataset) -> bool:
