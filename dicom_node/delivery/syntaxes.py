@@ -3,7 +3,8 @@
 Only lossless syntaxes are allowed: a result object is evidence and must reach the PACS
 exactly as the node made it (the secondary capture decodes to the same pixels). The
 compressed ones need a pydicom encoder installed: RLE Lossless (pylibjpeg-rle or numpy),
-JPEG-LS Lossless (pyjpegls), JPEG 2000 Lossless (pylibjpeg-openjpeg).
+JPEG-LS Lossless (imagecodecs' CharLS through :mod:`dicom_node.delivery.jpegls`, else
+pyjpegls), JPEG 2000 Lossless (pylibjpeg-openjpeg).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import pydicom.uid as uids
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder, get_encoder
 from pydicom.uid import UID
+
+from dicom_node.delivery import jpegls
 
 UNCOMPRESSED = (uids.ExplicitVRLittleEndian, uids.ImplicitVRLittleEndian)
 
@@ -23,29 +26,33 @@ _LOSSLESS_ELSEWHERE = frozenset({uids.JPEGLossless, uids.JPEGLosslessSV1,
                                  uids.ExplicitVRBigEndian})
 
 
-# The fastest installed plugin per syntax, where pydicom's default order picks a slower one
-# (measured on 2 cores, 1955 x 1841 RGB overlay of a real CR): JPEG-LS decodes in 118 ms with
-# pyjpegls, 554 ms with pylibjpeg; RLE encodes 3000 x 2500 RGB in about 0.4 s with
-# pylibjpeg-rle, 4.7 s with pydicom's own encoder.
-_FASTEST = {uids.JPEGLSLossless: "pyjpegls", uids.RLELossless: "pylibjpeg"}
+# The fastest installed plugins per syntax, in order, where pydicom's default order picks a
+# slower one (measured on 2 cores, 1955 x 1841 RGB overlay of a real CR): JPEG-LS decodes in
+# 118 ms with pyjpegls, 554 ms with pylibjpeg, and encodes as fast with imagecodecs as with
+# pyjpegls (both CharLS) but with the GIL released (``jpegls``); RLE encodes 3000 x 2500 RGB
+# in about 0.4 s with pylibjpeg-rle, 4.7 s with pydicom's own encoder.
+jpegls.register()
+_FASTEST_ENCODERS = {uids.JPEGLSLossless: (jpegls.LABEL, "pyjpegls"),
+                     uids.RLELossless: ("pylibjpeg",)}
+_FASTEST_DECODERS = {uids.JPEGLSLossless: ("pyjpegls",), uids.RLELossless: ("pylibjpeg",)}
 
 
-def _plugin(uid: UID, available: list[str]) -> str:
-    name = _FASTEST.get(uid, "")
-    return name if name in available else ""  # "": pydicom's own choice
+def _plugin(preferred: dict[UID, tuple[str, ...]], uid: UID, available: list[str]) -> str:
+    """The first preferred plugin installed, else "" (pydicom's own choice)."""
+    return next((name for name in preferred.get(uid, ()) if name in available), "")
 
 
 def compress(ds: Dataset, target: UID) -> None:
     """Compress ``ds`` in place into ``target`` with the fastest installed encoder; the SOP
     Instance UID stays (the same object, re-encoded)."""
-    plugin = _plugin(target, list(get_encoder(target).available_plugins))
+    plugin = _plugin(_FASTEST_ENCODERS, target, list(get_encoder(target).available_plugins))
     ds.compress(target, encoding_plugin=plugin, generate_instance_uid=False)
 
 
 def decompress(ds: Dataset) -> None:
     """Decompress ``ds`` in place with the fastest installed decoder."""
     current = UID(ds.file_meta.TransferSyntaxUID)
-    plugin = _plugin(current, list(get_decoder(current).available_plugins))
+    plugin = _plugin(_FASTEST_DECODERS, current, list(get_decoder(current).available_plugins))
     ds.decompress(decoding_plugin=plugin, generate_instance_uid=False)
 
 
@@ -105,7 +112,7 @@ def convert(ds: Dataset, target: UID) -> Dataset:
 def fastest_lossless() -> UID:
     """The lossless syntax the SC is written in by default: the fastest installed encoder.
 
-    Measured on a 3000 x 2500 RGB overlay (2 cores): JPEG-LS (pyjpegls) 130-530 ms and 2-20x
+    Measured on a 3000 x 2500 RGB overlay (2 cores): JPEG-LS (CharLS) 130-530 ms and 2-20x
     smaller; RLE 280-440 ms with pylibjpeg-rle (4.7 s with pydicom's own encoder) and no
     smaller once the image is noisy. Uncompressed when neither encoder is installed.
     """

