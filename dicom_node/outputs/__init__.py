@@ -14,11 +14,13 @@ re-analysis of a delivered study rebuilds the same UIDs and does not send them a
 (``dicom_node.web.actions``), so the destination keeps the first dates and the node's copy
 has the later ones. A caller that needs byte-identical re-runs passes ``created``.
 
-The SC is built on a thread of its own while the SR and GSPS are built: its drawing (OpenCV)
-and its JPEG-LS encoding (``dicom_node.delivery.jpegls``) run with the GIL released, so on
-a second core they cost the job next to nothing (measured: about 0.1-0.15 s of a 0.6 s
-job of a 3000 x 2500 image). The objects, their order and their UIDs are the same either
-way.
+Each image's SC is drawn here and encoded on a thread of its own (as many threads as
+cores) while the next SC is drawn and the SR and GSPS are built: the JPEG-LS encoding
+(``dicom_node.delivery.jpegls``) runs with the GIL released, one call per image. The
+drawing stays on this thread: its many short OpenCV calls each give the GIL up and wait to
+get it back, which beside the SR's Python made a job slower, not faster (measured). The
+objects, their order and their UIDs are those ``sc.build_sc`` and the others make one
+after the other.
 
 Every object of the set also names each model that produced the results in its
 Contributing Equipment Sequence, the IHE AI Results convention (``equipment``), so a PACS or
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +52,7 @@ from dicom_node.outputs.equipment import add_algorithm_equipment
 from dicom_node.outputs.gsps import build_gsps
 from dicom_node.outputs.heatmap import build_seg
 from dicom_node.outputs.render import render_grey
-from dicom_node.outputs.sc import build_sc
+from dicom_node.outputs.sc import draw_sc, encode_sc
 from dicom_node.outputs.sr import build_sr
 
 logger = logging.getLogger(__name__)
@@ -85,16 +88,15 @@ def build_outputs(
         # Source UIDs kept as received (e.g. "1.2.03.4"): the reference must stay exact.
         warnings.filterwarnings("ignore", message="Invalid value for VR UI")
         sources = prepare_sources(items)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sc") as pool:
-            # the SC thread gets working copies of its own: pydicom datasets are not
-            # thread-safe (an element read is converted and stored back)
-            sc = (pool.submit(build_sc, prepare_sources(items), settings, uid_seed)
-                  if settings.sc else None)
+        threads = max(1, min(len(sources), os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sc") as pool:
+            encoding = [pool.submit(encode_sc, draw_sc(source, index, settings, uid_seed),
+                                    settings)
+                        for index, source in enumerate(sources, start=1)] if settings.sc else []
             if settings.sr:
                 outputs.append(build_sr(sources, settings, uid_seed))
             gsps = build_gsps(sources, settings, uid_seed) if settings.gsps else []
-            if sc is not None:
-                outputs.extend(sc.result())
+            outputs.extend(sc.result() for sc in encoding)
         outputs.extend(gsps)
         if settings.seg:
             outputs.extend(build_seg(sources, settings, uid_seed))

@@ -56,11 +56,28 @@ def build_sc(
     sources: Sequence[Source], settings: OutputSettings, uid_seed: str
 ) -> list[OutputObject]:
     """One RGB SC per source image, all in one new series."""
-    series = series_uid(uid_seed, "sc")
-    return [
-        _build_one(source, index, settings, uid_seed, series)
-        for index, source in enumerate(sources, start=1)
-    ]
+    return [encode_sc(draw_sc(source, index, settings, uid_seed), settings)
+            for index, source in enumerate(sources, start=1)]
+
+
+def draw_sc(
+    source: Source, index: int, settings: OutputSettings, uid_seed: str
+) -> OutputObject:
+    """The SC of one source image, the ``index``-th (from 1) of its series, drawn and not
+    yet encoded (Explicit VR Little Endian): :func:`encode_sc` finishes it."""
+    return _build_one(source, index, settings, uid_seed, series_uid(uid_seed, "sc"))
+
+
+def encode_sc(sc: OutputObject, settings: OutputSettings) -> OutputObject:
+    """``sc`` encoded in place in ``outputs.sc_transfer_syntax`` (the same object back).
+
+    Encoded here rather than by highdicom, which takes pydicom's first plugin (its own RLE
+    encoder is ten times slower than pylibjpeg-rle) and cannot write a deflated SC. The
+    JPEG-LS encoder releases the GIL (``dicom_node.delivery.jpegls``): ``build_outputs``
+    runs this on another thread while it builds the SR and GSPS.
+    """
+    convert(sc.dataset, UID(settings.sc_transfer_syntax))
+    return sc
 
 
 @dataclass(frozen=True)
@@ -208,9 +225,6 @@ def _build_one(
     sc.copy_patient_and_study_information(ref)
     _describe(sc, source)
     restore_person_names(sc, source)
-    # encoded here rather than by highdicom, which takes pydicom's first plugin (its own RLE
-    # encoder is ten times slower than pylibjpeg-rle) and cannot write a deflated SC
-    convert(sc, UID(settings.sc_transfer_syntax))
     logger.debug("Built SC %s for source %s", sop_uid, source.sop_instance_uid)
     return OutputObject("sc", sc, sop_uid, SecondaryCaptureImageStorage)
 

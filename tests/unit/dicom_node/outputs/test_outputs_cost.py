@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime
 import io
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -37,7 +39,7 @@ from dicom_node.outputs.common import (
 from dicom_node.outputs.gsps import build_gsps
 from dicom_node.outputs.heatmap import build_seg
 from dicom_node.outputs.render import BOX_COLOURS, HEAT_THRESHOLD, blend_heatmap, heat_levels
-from dicom_node.outputs.sc import build_sc, render_overlay
+from dicom_node.outputs.sc import build_sc, encode_sc, render_overlay
 from dicom_node.outputs.sr import build_sr
 
 CREATED = datetime.datetime(2026, 1, 2, 3, 4, 5)
@@ -267,28 +269,47 @@ def _roundtrip(ds: Dataset) -> io.BytesIO:
 # -- the SC built beside the SR and GSPS -----------------------------------------------------
 
 
-def test_sc_is_built_on_its_own_thread_with_the_same_objects(
+def _two_images() -> list[tuple[Dataset, object]]:
+    """A PA and a lateral of one study (two SCs)."""
+    items = []
+    for k, (rows, cols) in enumerate([(300, 200), (260, 240)], start=1):
+        ds = make_source(modality="DX", rows=rows, cols=cols,
+                         sop_uid=f"1.2.826.0.1.3680043.8.498.2.{k}")
+        items.append((ds, make_result(ds, box=BoundingBox(20, 100, 120, 200),
+                                      heat_box=(130, 180, 30, 90))))
+    return items
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: the SCs take turns")
+def test_scs_are_built_side_by_side_with_the_same_objects(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``build_outputs`` builds the SC on another thread while the SR and GSPS are built
-    (its drawing and JPEG-LS encoding release the GIL): the set, its order and every
-    element are what the builders make one after the other."""
-    import threading
-
+    """``build_outputs`` encodes each image's SC on a thread of its own while the SR and
+    GSPS are built (the JPEG-LS encoding releases the GIL): both SCs of a two-image study
+    must be encoding at once (a barrier both must reach, else it breaks), and the set, its
+    order and every element are what the builders make one after the other."""
     import dicom_node.outputs as outputs_pkg
 
     threads: list[str] = []
+    both = threading.Barrier(2, timeout=30)
 
-    def recording_build_sc(*args: object, **kwargs: object) -> list[OutputObject]:
+    def recording_encode_sc(*args: object, **kwargs: object) -> OutputObject:
         threads.append(threading.current_thread().name)
-        return build_sc(*args, **kwargs)  # type: ignore[arg-type]
+        both.wait()  # BrokenBarrierError when the two SCs are encoded one after the other
+        return encode_sc(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(outputs_pkg, "build_sc", recording_build_sc)
+    monkeypatch.setattr(outputs_pkg, "encode_sc", recording_encode_sc)
     settings = OutputSettings(seg=True)
-    together = build_outputs(_items(), settings, "seed", created=CREATED)
-    assert len(threads) == 1 and threads[0] != threading.current_thread().name
-    assert threads[0].startswith("sc")
-    one_by_one = [obj for kind in ("sr", "sc", "gsps", "seg") for obj in _built(kind, slim=True)]
+    items = _two_images()
+    together = build_outputs(items, settings, "seed", created=CREATED)
+    assert len(set(threads)) == 2 and threading.current_thread().name not in threads
+    one_by_one = []
+    for kind in ("sr", "sc", "gsps", "seg"):
+        objects = _BUILDERS[kind](prepare_sources(items), settings, "seed")
+        for obj in objects if isinstance(objects, list) else [objects]:
+            stamp_created(obj, CREATED)
+            one_by_one.append(obj)
+    assert [o.kind for o in together].count("sc") == 2
     assert [o.kind for o in together] == [o.kind for o in one_by_one]
     for a, b in zip(together, one_by_one, strict=True):
         assert a.sop_instance_uid == b.sop_instance_uid
@@ -300,9 +321,9 @@ def test_sc_is_built_on_its_own_thread_with_the_same_objects(
 def test_an_sc_that_fails_fails_the_set(monkeypatch: pytest.MonkeyPatch) -> None:
     import dicom_node.outputs as outputs_pkg
 
-    def broken(*_: object, **__: object) -> list[OutputObject]:
+    def broken(*_: object, **__: object) -> OutputObject:
         raise RuntimeError("encoder exploded")
 
-    monkeypatch.setattr(outputs_pkg, "build_sc", broken)
+    monkeypatch.setattr(outputs_pkg, "encode_sc", broken)
     with pytest.raises(RuntimeError, match="encoder exploded"):
         build_outputs(_items(), OutputSettings(), "seed", created=CREATED)
