@@ -10,8 +10,9 @@ wrote it (tested against pyjpegls's and DCMTK's decoders).
 
 A pydicom encoder plugin (:meth:`pydicom.pixels.encoders.base.Encoder.add_plugin`, label
 :data:`LABEL`), so pydicom's own checks of the source and of the options stay as for every
-plugin. 8-bit and 16-bit samples with 1 or 3 samples per pixel; anything else (another
-bit depth, near-lossless) goes to pyjpegls as before.
+plugin. Unsigned 8-bit and 16-bit samples that fill their words, 1 or 3 samples per
+pixel (the SC is 8-bit RGB); anything else (another bit depth, signed, near-lossless) goes
+to pyjpegls as before.
 """
 
 from __future__ import annotations
