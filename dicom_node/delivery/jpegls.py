@@ -59,7 +59,7 @@ def _encode_frame(src: bytes, runner: base.EncodeRunner) -> bytes | bytearray:
 
     # CharLS's size estimate is too small for noise (JPEG-LS then expands a little beyond
     # the raw samples): room for twice the frame, the codestream is returned at its length
-    return bytes(imagecodecs.jpegls_encode(frame, out=2 * frame.nbytes + 65536))
+    return imagecodecs.jpegls_encode(frame, out=2 * frame.nbytes + 65536)
 
 
 def register() -> None:
