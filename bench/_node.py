@@ -87,6 +87,7 @@ class NodeProcess:
             cmd += ["--destination", destination]
         log.parent.mkdir(parents=True, exist_ok=True)
         self._log = log.open("ab")
+        self._log_path, self._log_from = log, log.stat().st_size  # this run's lines only
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      cwd=c.ROOT)
         try:
@@ -107,6 +108,22 @@ class NodeProcess:
             except TimeoutError:
                 continue
         raise TimeoutError(f"the node did not listen within {timeout} s; see {self._log.name}")
+
+    def wait_models(self, timeout: float) -> float:
+        """Wait until the node logs that its models are loaded (after the worker's warm-up,
+        where the node has one); the seconds waited."""
+        start = time.monotonic()
+        while True:
+            with self._log_path.open("rb") as fh:
+                fh.seek(self._log_from)
+                if b"models loaded: " in fh.read():
+                    return time.monotonic() - start
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the node exited with {self.proc.returncode} before its "
+                                   f"models were loaded; see {self._log.name}")
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"no models loaded within {timeout} s; see {self._log.name}")
+            time.sleep(0.1)
 
     @property
     def database_url(self) -> str:

@@ -43,6 +43,11 @@ def run(name: str, full: bool, extra: list[str]) -> tuple[Path | None, float, in
 def latency_rows(doc: dict[str, Any]) -> list[st.Verdict]:
     out = []
     for r in doc["rows"]:
+        if "latency_s" in r:  # the first study after a start: one sample, context
+            out.append(st.Verdict(f"latency {r['mode']}, {r['syntax']}", "(context, n=1)",
+                                  f"{r['latency_s']:.2f} s (the next ones p50 "
+                                  f"{r['next_p50_s']:.2f} s)", None))
+            continue
         lat = r.get("latencies_s", [])
         measured = f"p95 {st.p95_label(lat)}"
         name = f"latency {r['mode']}, {r['syntax']}"

@@ -46,6 +46,7 @@ from dicom_node.singleton import SchedulerLock
 from dicom_node.store.db import make_engine
 from dicom_node.studies import StudyAssembler
 from dicom_node.wakeups import Wakeup, Wakeups
+from dicom_node.warmup import warm_up
 from dicom_node.worker import AnalysisWorker, output_settings
 from dicom_node.worker_process import DeployedModels, WorkerPool
 
@@ -322,6 +323,8 @@ class Node:
             logger.error("model could not be loaded: %s; images are still received and "
                          "queued", self.model_error)
             return
+        if self.settings.workers.warm_up and self.analyzer_factory is load_analyzer:
+            warm_up(analyzer, output_settings(self.settings))  # tests' fakes are not warmed
         names = ", ".join(m.display_name for m in analyzer.models)
         logger.info("models loaded: %s", names)
         worker = AnalysisWorker(self.engine, self.spool, self.queue, analyzer,

@@ -22,10 +22,12 @@ orphan holding leases: the restarted node re-queues the jobs its processes held.
 :func:`run_worker` is meant to be the core of a worker *role* of its own later (issue 13).
 
 Model readiness: each child reports the identities of the models it loaded over a pipe (or
-why loading failed). The parent's ``node.analyzer`` is then a :class:`DeployedModels`: its
-``models`` are the reported ones (the web page's model list; ``/readyz`` says "loaded" once
-a worker process has loaded them), and its ``analyze`` loads the same bundles in the parent
-on first use, which only evaluation jobs do, with torch held to one thread while it runs.
+why loading failed), after its warm-up (:mod:`dicom_node.warmup`, ``workers.warm_up``: one
+synthetic image analysed, so the first study is not slower than the next). The parent's
+``node.analyzer`` is then a :class:`DeployedModels`: its ``models`` are the reported ones
+(the web page's model list; ``/readyz`` says "loaded" once a worker process has loaded
+them), and its ``analyze`` loads the same bundles in the parent on first use, which only
+evaluation jobs do, with torch held to one thread while it runs.
 The demo bundles are built by the parent before any worker starts, once.
 """
 
@@ -53,6 +55,7 @@ from dicom_node.logs import configure_logging
 from dicom_node.process_pool import ProcessPool, Slot, die_with_parent, send_report
 from dicom_node.spool import Spool
 from dicom_node.store.db import make_engine
+from dicom_node.warmup import warm_up
 from dicom_node.worker import AnalysisWorker, output_settings
 
 logger = logging.getLogger(__name__)
@@ -174,6 +177,8 @@ def run_worker(settings: Settings, index: int, node_id: str, parent_pid: int | N
         logger.error("model could not be loaded: %s", error)
         send_report(report, ("error", error))
         raise SystemExit(EXIT_MODEL_FAILED) from None
+    if settings.workers.warm_up:  # SIGTERM meanwhile exits at once: nothing claimed yet
+        warm_up(analyzer, output_settings(settings))
     loading = False
     send_report(report, ("ready", list(analyzer.models)))
     engine = make_engine(settings.database_url)

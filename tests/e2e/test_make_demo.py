@@ -79,6 +79,9 @@ def test_demo_builds_the_bundles_once_on_the_console_then_reuses_them(tmp_path: 
     assert "building the DEMO bundles" not in node_log
     assert "models loaded: cxr-demo-classifier 1.0.0-quick (DEMO, not for clinical use), " \
            "cxr-demo-detector 1.0.0-quick" in node_log, node_log
+    # the worker process warmed its models before it said ready (dicom_node.warmup)
+    warmed = node_log.find("warm-up: a synthetic image analysed and its outputs built in")
+    assert -1 < warmed < node_log.find("models loaded: "), node_log
     assert _stamps(models) == built  # nothing rewritten
     first_result = re.search(r"first result back (\d+\.\d) s after the demo started", out)
     assert first_result, out
