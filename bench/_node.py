@@ -116,8 +116,11 @@ class NodeProcess:
         while True:
             with self._log_path.open("rb") as fh:
                 fh.seek(self._log_from)
-                if b"models loaded: " in fh.read():
-                    return time.monotonic() - start
+                text = fh.read()
+            if b"models loaded: " in text:
+                return time.monotonic() - start
+            if b"model could not be loaded: " in text:  # the node keeps receiving: say it now
+                raise RuntimeError(f"the node could not load its models; see {self._log.name}")
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the node exited with {self.proc.returncode} before its "
                                    f"models were loaded; see {self._log.name}")

@@ -235,3 +235,17 @@ def test_latency_floor_is_nan_without_dcmtk_or_with_no_floor(
     floors = lat.send_floors(tmpl, [], None, skip=True)
     assert all(v != v for v in floors.values())
     assert "--no-floor" in capsys.readouterr().out
+
+
+def test_wait_models_says_at_once_when_the_node_cannot_load_them(tmp_path: Path) -> None:
+    """A bundle folder that is not a bundle: the node keeps receiving and logs why it has no
+    models; the benchmark stops waiting with that instead of running out its timeout."""
+    n = bench("_node")
+    broken = tmp_path / "not-a-bundle"
+    (broken / "configs").mkdir(parents=True)
+    with n.NodeProcess(tmp_path / "node", destination=None, log=tmp_path / "node.log",
+                       overrides={"models.bundles": [str(broken)], "models.device": "cpu"}
+                       ) as node:
+        with pytest.raises(RuntimeError, match="could not load its models"):
+            node.wait_models(120)
+        assert node.proc.poll() is None  # still up, receiving
