@@ -23,14 +23,14 @@ import time
 import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ai.types import Analyzer
 from dicom_node.outputs import OutputSettings, build_outputs
 
 logger = logging.getLogger(__name__)
 
-COMPUTED_RADIOGRAPHY = "1.2.840.10008.5.1.4.1.1.1"
+COMPUTED_RADIOGRAPHY = ComputedRadiographyImageStorage  # pydicom's, not a copy
 WARM_UP_SIDE = 1024  # pixels: the models see their own input size whatever the source's
 
 
