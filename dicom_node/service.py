@@ -80,7 +80,9 @@ class Node:
         self.assembler = StudyAssembler(self.engine, self.spool, studies.selection,
                                         studies.quiet_period_s, max_wait_s=studies.max_wait_s,
                                         release_grace_s=studies.release_grace_s,
-                                        on_job=self._job_created)
+                                        on_job=self._job_created,
+                                        writer=self.ingestor.writer,
+                                        commit_timeout_s=self.ingestor.commit_timeout_s)
         self.sender = Sender(self.engine, self.spool, settings.destinations, settings.sender,
                              settings.dicom.ae_title,
                              sc_syntax=str(settings.outputs.sc_transfer_syntax),

@@ -6,7 +6,9 @@ after the start of its receiving round (``max wait``). Then the selection rules 
 its pending instances into an analysis job and recorded ignores. The rules read the header
 attributes ingest stored on each instance row (its one parse of the header), so assembly
 opens no file; only a row without them (an older database) has its file's header read.
-State writes go through :mod:`dicom_node.store.transitions`.
+State writes go through :mod:`dicom_node.store.transitions`; in the node they run in the
+ingest's group commit (``writer``), and the assembler's reads take no lock
+(:func:`dicom_node.store.db.reading`).
 
 A *round* starts with a study's first image, or with a late image that re-opens a study
 that was already assembled (queued, analysing, done, failed, ignored). A study that never
@@ -29,6 +31,7 @@ from dicom_node.config import SelectionSettings
 from dicom_node.dicomio import load_selection, quiet, read_untrusted
 from dicom_node.spool import Spool
 from dicom_node.store import db
+from dicom_node.store.group_commit import GroupCommit
 from dicom_node.store.states import ACTIVE_JOBS, InstanceState, JobState, StudyState
 from dicom_node.store.transitions import (
     create_job,
@@ -47,8 +50,15 @@ class StudyAssembler:
     def __init__(self, engine: Engine, spool: Spool, rules: SelectionSettings,
                  quiet_period_s: float, max_wait_s: float | None = None, *,
                  release_grace_s: float | None = None,
-                 on_job: Callable[[], None] | None = None) -> None:
+                 on_job: Callable[[], None] | None = None,
+                 writer: GroupCommit | None = None, commit_timeout_s: float = 60.0) -> None:
         self.engine = engine
+        # the ingest's group commit, when there is one in this process: an assembly's write
+        # runs in its next batch, so it never competes with the instance rows for the
+        # database's write lock (on SQLite a writer that finds it taken sleeps 1, 2, 5, 10 ms
+        # and longer between tries) and shares their fsync; None: a transaction of its own
+        self.writer = writer
+        self.commit_timeout_s = commit_timeout_s
         self.spool = spool
         self.rules = rules
         self.quiet_period_s = quiet_period_s
@@ -88,7 +98,7 @@ class StudyAssembler:
 
     def ready_studies(self, now: float) -> list[str]:
         ready = self._ready(now)
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             rows = conn.execute(
                 select(db.studies.c.study_uid)
                 .where(db.studies.c.state == StudyState.RECEIVING).where(ready)
@@ -126,41 +136,58 @@ class StudyAssembler:
                    .scalars())
 
     def assemble(self, study_uid: str, now: float) -> int | None:
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             pending = conn.execute(
                 select(db.instances.c.id, db.instances.c.path, db.instances.c.selection)
                 .where(db.instances.c.study_uid == study_uid)
                 .where(db.instances.c.analysis_state == InstanceState.PENDING)
             ).all()
         verdicts = {row.id: self._classify(row) for row in pending}
-        selected = [i for i, reason in verdicts.items() if reason is None]
-        with self.engine.begin() as conn:
-            # the study's row is the claim between assemblers (receivers) of several
-            # processes: on PostgreSQL a second one waits here and then finds it no longer
-            # receiving; SQLite's BEGIN IMMEDIATE already serialises the whole transaction
-            claim = select(db.studies).where(db.studies.c.study_uid == study_uid)
-            if not db.is_sqlite(self.engine):
-                claim = claim.with_for_update()
-            study = conn.execute(claim).one()
-            why = self._why_ready(study, now) if study.state == StudyState.RECEIVING else None
-            if why is None or self._pending_ids(conn, study_uid) != set(verdicts):
-                return None  # more arrived meanwhile, or another assembler took it
-            for inst_id, reason in verdicts.items():
-                if reason is not None:
-                    ignore_instance(conn, inst_id, reason)
-            job_id = None
-            if selected:
-                job_id = create_job(conn, study_uid, now)
-                select_instances(conn, selected, job_id)
-                set_study_state(conn, study_uid, StudyState.QUEUED, None, now)
-            else:
-                state, reason = self._state_without_job(conn, study_uid, verdicts)
-                set_study_state(conn, study_uid, state, reason, now)
-        started = study.receiving_since or study.first_received_at
-        self._log(study_uid, why, job_id, len(selected), len(verdicts), now - started)
+        if self.writer is not None:
+            decided = self.writer.run(
+                lambda conn, _batch: self._decide(conn, study_uid, verdicts, now),
+                timeout_s=self.commit_timeout_s)
+        else:
+            with self.engine.begin() as conn:
+                decided = self._decide(conn, study_uid, verdicts, now)
+        if decided is None:
+            return None  # more arrived meanwhile, or another assembler took it
+        job_id, why, round_s = decided
+        selected = sum(1 for reason in verdicts.values() if reason is None)
+        self._log(study_uid, why, job_id, selected, len(verdicts), round_s)
         if job_id is not None and self.on_job is not None:
-            self.on_job()
+            self.on_job()  # committed: a worker can claim it
         return job_id
+
+    def _decide(self, conn: Connection, study_uid: str, verdicts: dict[int, str | None],
+                now: float) -> tuple[int | None, str, float] | None:
+        """In one transaction: the study claimed, its pending instances selected (a job)
+        or ignored. Returns (job id or None, why ready, seconds of the round), or None when
+        the study is not (or no longer) this assembler's to assemble."""
+        # the study's row is the claim between assemblers (receivers) of several
+        # processes: on PostgreSQL a second one waits here and then finds it no longer
+        # receiving; SQLite's BEGIN IMMEDIATE already serialises the whole transaction
+        claim = select(db.studies).where(db.studies.c.study_uid == study_uid)
+        if not db.is_sqlite(self.engine):
+            claim = claim.with_for_update()
+        study = conn.execute(claim).one()
+        why = self._why_ready(study, now) if study.state == StudyState.RECEIVING else None
+        if why is None or self._pending_ids(conn, study_uid) != set(verdicts):
+            return None
+        for inst_id, reason in verdicts.items():
+            if reason is not None:
+                ignore_instance(conn, inst_id, reason)
+        selected = [i for i, reason in verdicts.items() if reason is None]
+        job_id = None
+        if selected:
+            job_id = create_job(conn, study_uid, now)
+            select_instances(conn, selected, job_id)
+            set_study_state(conn, study_uid, StudyState.QUEUED, None, now)
+        else:
+            state, reason = self._state_without_job(conn, study_uid, verdicts)
+            set_study_state(conn, study_uid, state, reason, now)
+        started = study.receiving_since or study.first_received_at
+        return job_id, why, now - started
 
     @staticmethod
     def _state_without_job(conn: Connection, study_uid: str,

@@ -1,7 +1,7 @@
 """The node's database: SQLAlchemy Core tables and the engine.
 
-SQLite (WAL, synchronous=FULL, one writer at a time via BEGIN IMMEDIATE) is the embedded
-default; a PostgreSQL URL works unchanged (job and delivery claims use
+SQLite (WAL, synchronous=FULL, one writer at a time via BEGIN IMMEDIATE; the pollers'
+reads through :func:`reading`, deferred, take no lock) is the embedded default; a PostgreSQL URL works unchanged (job and delivery claims use
 ``FOR UPDATE SKIP LOCKED`` there). Timestamps are UNIX seconds (float, UTC). The tables
 below are today's schema; Alembic revisions (:mod:`dicom_node.store.schema`) create and
 migrate it, and a test keeps the two equal on both engines.
@@ -10,6 +10,8 @@ migrate it, and a test keeps the two equal on both engines.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -279,8 +281,29 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cur.close()
 
 
+# execution option of a connection that only reads (see :func:`reading`)
+READ_ONLY = "cxr_read_only"
+
+
 def _sqlite_begin(conn: Any) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # a writer takes the write lock at BEGIN (IMMEDIATE): a deferred transaction that reads
+    # first could not upgrade while another writer is at work; a reader (WAL) needs no lock
+    read_only = conn.get_execution_options().get(READ_ONLY, False)
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """A connection for reads only. On SQLite its transaction is a deferred BEGIN, which in
+    WAL mode takes no lock: it neither waits for a writer nor makes one wait (with BEGIN
+    IMMEDIATE, a poller's reads queued behind the instance rows' writer, and the other way
+    round, through SQLite's busy handler, which sleeps 1, 2, 5, 10 ms and more between
+    tries). Reads only: a write there would have to upgrade the transaction, which SQLite
+    refuses (SQLITE_BUSY) while another writer is at work; writes go through
+    ``engine.begin()``."""
+    with engine.connect() as conn:
+        conn.execution_options(**{READ_ONLY: True})
+        yield conn
 
 
 def make_engine(url: str) -> Engine:

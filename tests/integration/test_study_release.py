@@ -7,6 +7,7 @@ real storescp destination; every wait is on a condition with a bound."""
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from helpers.fakes import FakeAnalyzer
 from helpers.node import node_settings, query, start_node, studies
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from dicom_node.store import db
 
@@ -141,3 +142,25 @@ def test_late_image_after_a_released_result_supersedes_it_at_its_own_release(
         assert {o.superseded_by_job for o in outs if o.job_id == jobs[0].id} == {jobs[1].id}
     finally:
         node.stop()
+
+
+def test_the_nodes_assembler_writes_through_the_ingest_writer(tmp_path: Path) -> None:
+    """The node as `serve` wires it, real storescu associations: every study's job is written
+    by the ingest's group commit, the assembler's own thread only reads (deferred BEGIN on
+    SQLite), so it never queues for the database's write lock against the instance rows."""
+    settings = node_settings(tmp_path / "node", quiet=QUIET_S)
+    node = start_node(settings, lambda s: FakeAnalyzer())
+    begins: list[tuple[str, bool]] = []
+    event.listen(node.engine, "begin", lambda conn: begins.append((
+        threading.current_thread().name, bool(conn.get_execution_options().get(db.READ_ONLY)))))
+    try:
+        assert node.assembler.writer is node.ingestor.writer
+        for seed in range(3):
+            res = storescu(settings.dicom.port, [write(make_image(seed=seed), tmp_path / "in")])
+            assert res.returncode == 0, res.stderr
+        wait_until(lambda: len(_jobs(settings)) == 3, BOUND_S, what="three studies assembled")
+    finally:
+        node.stop()
+    assembler = [read_only for name, read_only in begins if name == "assembler"]
+    assert assembler and all(assembler), begins
+    assert any(name == "ingest-writer" and not read_only for name, read_only in begins)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 
 import pydicom
 import pytest
 from helpers.clocks import ManualClock
 from helpers.dicomfiles import CT, DX, make_image
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 from test_ingest import _received
 
 from ai.selection import rejection_reason
@@ -25,12 +26,15 @@ from dicom_node.store.transitions import settle_study
 from dicom_node.studies import StudyAssembler
 
 
-@pytest.fixture
-def env(tmp_path: Path, db_url: str):  # type: ignore[no-untyped-def]
+@pytest.fixture(params=["own transaction", "ingest writer"])
+def env(request: pytest.FixtureRequest, tmp_path: Path, db_url: str):  # type: ignore[no-untyped-def]
+    """Each assembly test runs both ways: the assembler's writes in transactions of its own
+    and in the ingest's group commit (the node's wiring)."""
     engine = db.make_engine(db_url)
     spool = Spool(tmp_path / "spool")
     ing = Ingestor(engine, spool, max_instance_bytes=50_000_000)
-    asm = StudyAssembler(engine, spool, SelectionSettings(), quiet_period_s=10)
+    writer = ing.writer if request.param == "ingest writer" else None
+    asm = StudyAssembler(engine, spool, SelectionSettings(), quiet_period_s=10, writer=writer)
     return engine, ing, asm
 
 
@@ -394,3 +398,34 @@ def test_an_older_database_gets_released_at_and_keeps_working(tmp_path: Path,
     asm = StudyAssembler(engine, spool, SelectionSettings(), quiet_period_s=10,
                          release_grace_s=1.0)
     assert asm.run_once(now=last + 5) == [] and len(asm.run_once(now=last + 10)) == 1
+
+
+def test_assembly_writes_in_the_ingest_writer_and_only_reads_in_its_own_thread(
+        tmp_path: Path, db_url: str) -> None:
+    """The node's wiring: the job's transaction is a batch of the ingest's group commit (one
+    writer in the process, no wait for SQLite's lock against it); the assembler's own
+    thread only reads, and on SQLite with deferred BEGINs."""
+    engine = db.make_engine(db_url)
+    spool = Spool(tmp_path / "spool")
+    ing = Ingestor(engine, spool, max_instance_bytes=50_000_000)
+    asm = StudyAssembler(engine, spool, SelectionSettings(), quiet_period_s=10,
+                         writer=ing.writer)
+    study = "1.2.3.4.77"
+    for i in range(2):
+        _send(ing, make_image(study_uid=study, seed=i))
+    t0 = _state(engine, study).last_received_at
+    begins: list[tuple[str, bool]] = []
+
+    def on_begin(conn) -> None:  # type: ignore[no-untyped-def]
+        begins.append((threading.current_thread().name,
+                       bool(conn.get_execution_options().get(db.READ_ONLY))))
+
+    commits_before = ing.writer.commits
+    event.listen(engine, "begin", on_begin)
+    jobs = asm.run_once(now=t0 + 11)
+    event.remove(engine, "begin", on_begin)
+    assert len(jobs) == 1 and _state(engine, study).state == "queued"
+    assert ing.writer.commits == commits_before + 1
+    here = threading.current_thread().name
+    assert begins and all(read_only for name, read_only in begins if name == here), begins
+    assert any(name == ing.writer.name and not read_only for name, read_only in begins)
