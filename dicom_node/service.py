@@ -43,7 +43,9 @@ from dicom_node.scheduler import EvaluationScheduler, start_evaluation_scheduler
 from dicom_node.scp import StudyRelease, start_scp
 from dicom_node.sender import Sender
 from dicom_node.singleton import SchedulerLock
+from dicom_node.store import db
 from dicom_node.store.db import make_engine
+from dicom_node.store.group_commit import GroupCommit
 from dicom_node.studies import StudyAssembler
 from dicom_node.wakeups import Wakeup, Wakeups
 from dicom_node.warmup import warm_up
@@ -81,7 +83,7 @@ class Node:
                                         studies.quiet_period_s, max_wait_s=studies.max_wait_s,
                                         release_grace_s=studies.release_grace_s,
                                         on_job=self._job_created,
-                                        writer=self.ingestor.writer,
+                                        writer=self._assembly_writer(),
                                         commit_timeout_s=self.ingestor.commit_timeout_s)
         self.sender = Sender(self.engine, self.spool, settings.destinations, settings.sender,
                              settings.dicom.ae_title,
@@ -121,6 +123,13 @@ class Node:
         # the spool filesystem's use (watermarks, retention, /readyz, /metrics); tests may
         # replace it
         self.disk_usage: DiskUsageSource = lambda: disk.measure(self.spool.root)
+
+    def _assembly_writer(self) -> GroupCommit | None:
+        """SQLite: the ingest's group commit, the one writer of this process, so assembly
+        never waits for the file's write lock against the instance rows. PostgreSQL locks
+        rows and queues waiters without sleeping: there the assembly keeps a transaction of
+        its own, so a batch never holds study rows of two kinds of work."""
+        return self.ingestor.writer if db.is_sqlite(self.engine) else None
 
     @property
     def server(self):  # type: ignore[no-untyped-def]

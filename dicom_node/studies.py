@@ -6,8 +6,8 @@ after the start of its receiving round (``max wait``). Then the selection rules 
 its pending instances into an analysis job and recorded ignores. The rules read the header
 attributes ingest stored on each instance row (its one parse of the header), so assembly
 opens no file; only a row without them (an older database) has its file's header read.
-State writes go through :mod:`dicom_node.store.transitions`; in the node they run in the
-ingest's group commit (``writer``), and the assembler's reads take no lock
+State writes go through :mod:`dicom_node.store.transitions`; in a node on SQLite they run in
+the ingest's group commit (``writer``), and the assembler's reads take no lock
 (:func:`dicom_node.store.db.reading`).
 
 A *round* starts with a study's first image, or with a late image that re-opens a study

@@ -1,7 +1,7 @@
 """Group commit: the instance rows of every association in one transaction, one fsync.
 
-The node's study assembler hands its writes (a study's job) to the same writer, so within a
-process the rows and the assembly never wait for each other's write lock.
+On SQLite the node's study assembler hands its writes (a study's job) to the same writer, so
+within a process the rows and the assembly never wait for each other's write lock.
 
 With SQLite ``synchronous=FULL`` each commit is an fsync of the WAL, the largest single cost
 of a small C-STORE. Callers (the C-STORE handlers of all associations) hand their statements

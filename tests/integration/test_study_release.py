@@ -154,7 +154,7 @@ def test_the_nodes_assembler_writes_through_the_ingest_writer(tmp_path: Path) ->
     event.listen(node.engine, "begin", lambda conn: begins.append((
         threading.current_thread().name, bool(conn.get_execution_options().get(db.READ_ONLY)))))
     try:
-        assert node.assembler.writer is node.ingestor.writer
+        assert node.assembler.writer is node.ingestor.writer  # SQLite: the embedded default
         for seed in range(3):
             res = storescu(settings.dicom.port, [write(make_image(seed=seed), tmp_path / "in")])
             assert res.returncode == 0, res.stderr

@@ -429,3 +429,21 @@ def test_assembly_writes_in_the_ingest_writer_and_only_reads_in_its_own_thread(
     here = threading.current_thread().name
     assert begins and all(read_only for name, read_only in begins if name == here), begins
     assert any(name == ing.writer.name and not read_only for name, read_only in begins)
+
+
+def test_the_node_gives_its_assembler_the_ingest_writer_on_sqlite_only(tmp_path: Path,
+                                                                      db_url: str) -> None:
+    """SQLite has one write lock, waited for by sleeping: there the assembly shares the
+    ingest's writer. PostgreSQL queues row locks: there it keeps its own transactions, so a
+    batch never holds the study rows of ingest and assembly at once."""
+    from helpers.node import node_settings
+
+    from dicom_node.service import Node
+
+    node = Node(node_settings(tmp_path / "node", **{"database.url": db_url}),
+                lambda _s: None)
+    try:
+        expected = node.ingestor.writer if db_url.startswith("sqlite") else None
+        assert node.assembler.writer is expected
+    finally:
+        node.stop()
