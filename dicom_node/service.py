@@ -44,7 +44,6 @@ from dicom_node.scp import StudyRelease, start_scp
 from dicom_node.sender import Sender
 from dicom_node.singleton import SchedulerLock
 from dicom_node.store import db
-from dicom_node.store.db import make_engine
 from dicom_node.store.group_commit import GroupCommit
 from dicom_node.studies import StudyAssembler
 from dicom_node.wakeups import Wakeup, Wakeups
@@ -72,7 +71,7 @@ class Node:
         # the prefix of every lease this process takes, unique among live processes
         self.identity = claim_identity(data_dir, roles)
         self.node_id = self.identity.node_id
-        self.engine: Engine = make_engine(settings.database_url)
+        self.engine: Engine = db.make_engine(settings.database_url)
         self.ingestor = receiving(settings, self.engine,
                                   disk_usage=lambda: self.disk_usage())  # the one below
         self.spool = self.ingestor.spool

@@ -143,24 +143,24 @@ class StudyAssembler:
                 .where(db.instances.c.analysis_state == InstanceState.PENDING)
             ).all()
         verdicts = {row.id: self._classify(row) for row in pending}
+        selected = [i for i, reason in verdicts.items() if reason is None]
         if self.writer is not None:
             decided = self.writer.run(
-                lambda conn, _batch: self._decide(conn, study_uid, verdicts, now),
+                lambda conn, _batch: self._decide(conn, study_uid, verdicts, selected, now),
                 timeout_s=self.commit_timeout_s)
         else:
             with self.engine.begin() as conn:
-                decided = self._decide(conn, study_uid, verdicts, now)
+                decided = self._decide(conn, study_uid, verdicts, selected, now)
         if decided is None:
             return None  # more arrived meanwhile, or another assembler took it
         job_id, why, round_s = decided
-        selected = sum(1 for reason in verdicts.values() if reason is None)
-        self._log(study_uid, why, job_id, selected, len(verdicts), round_s)
+        self._log(study_uid, why, job_id, len(selected), len(verdicts), round_s)
         if job_id is not None and self.on_job is not None:
             self.on_job()  # committed: a worker can claim it
         return job_id
 
     def _decide(self, conn: Connection, study_uid: str, verdicts: dict[int, str | None],
-                now: float) -> tuple[int | None, str, float] | None:
+                selected: list[int], now: float) -> tuple[int | None, str, float] | None:
         """In one transaction: the study claimed, its pending instances selected (a job)
         or ignored. Returns (job id or None, why ready, seconds of the round), or None when
         the study is not (or no longer) this assembler's to assemble."""
@@ -177,7 +177,6 @@ class StudyAssembler:
         for inst_id, reason in verdicts.items():
             if reason is not None:
                 ignore_instance(conn, inst_id, reason)
-        selected = [i for i, reason in verdicts.items() if reason is None]
         job_id = None
         if selected:
             job_id = create_job(conn, study_uid, now)

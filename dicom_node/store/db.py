@@ -1,8 +1,8 @@
 """The node's database: SQLAlchemy Core tables and the engine.
 
-SQLite (WAL, synchronous=FULL, one writer at a time via BEGIN IMMEDIATE; the pollers'
-reads through :func:`reading`, deferred, take no lock) is the embedded default; a PostgreSQL URL works unchanged (job and delivery claims use
-``FOR UPDATE SKIP LOCKED`` there). Timestamps are UNIX seconds (float, UTC). The tables
+SQLite (WAL, synchronous=FULL, one writer at a time via BEGIN IMMEDIATE; reads through
+:func:`reading` begin deferred and take no lock) is the embedded default; a PostgreSQL URL
+works unchanged (job and delivery claims use ``FOR UPDATE SKIP LOCKED`` there). Timestamps are UNIX seconds (float, UTC). The tables
 below are today's schema; Alembic revisions (:mod:`dicom_node.store.schema`) create and
 migrate it, and a test keeps the two equal on both engines.
 """

@@ -4,6 +4,7 @@ reads), they do not time it."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,3 +20,22 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, calls: Counter[str], owner: Any
         return real(*args, **kwargs)
 
     monkeypatch.setattr(owner, name, counted)
+
+
+def record_begins(engine: Any) -> tuple[list[tuple[str, bool]], Callable[[], None]]:
+    """Every transaction begun on ``engine`` from now on, as (thread name, read-only: begun
+    through ``db.reading``); returns the list and a function that stops recording."""
+    import threading
+
+    from sqlalchemy import event
+
+    from dicom_node.store import db
+
+    begins: list[tuple[str, bool]] = []
+
+    def on_begin(conn: Any) -> None:
+        begins.append((threading.current_thread().name,
+                       bool(conn.get_execution_options().get(db.READ_ONLY))))
+
+    event.listen(engine, "begin", on_begin)
+    return begins, lambda: event.remove(engine, "begin", on_begin)

@@ -7,17 +7,17 @@ real storescp destination; every wait is on a condition with a bound."""
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 
 import pytest
 from conftest import StoreSCP, free_port, storescu, wait_until
+from helpers.counting import record_begins
 from helpers.dicomfiles import make_image, write
 from helpers.fakes import FakeAnalyzer
 from helpers.node import node_settings, query, start_node, studies
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from sqlalchemy import event, select
+from sqlalchemy import select
 
 from dicom_node.store import db
 
@@ -150,9 +150,7 @@ def test_the_nodes_assembler_writes_through_the_ingest_writer(tmp_path: Path) ->
     SQLite), so it never queues for the database's write lock against the instance rows."""
     settings = node_settings(tmp_path / "node", quiet=QUIET_S)
     node = start_node(settings, lambda s: FakeAnalyzer())
-    begins: list[tuple[str, bool]] = []
-    event.listen(node.engine, "begin", lambda conn: begins.append((
-        threading.current_thread().name, bool(conn.get_execution_options().get(db.READ_ONLY)))))
+    begins, _ = record_begins(node.engine)
     try:
         assert node.assembler.writer is node.ingestor.writer  # SQLite: the embedded default
         for seed in range(3):

@@ -9,8 +9,9 @@ from pathlib import Path
 import pydicom
 import pytest
 from helpers.clocks import ManualClock
+from helpers.counting import record_begins
 from helpers.dicomfiles import CT, DX, make_image
-from sqlalchemy import event, select, update
+from sqlalchemy import select, update
 from test_ingest import _received
 
 from ai.selection import rejection_reason
@@ -414,16 +415,10 @@ def test_assembly_writes_in_the_ingest_writer_and_only_reads_in_its_own_thread(
     for i in range(2):
         _send(ing, make_image(study_uid=study, seed=i))
     t0 = _state(engine, study).last_received_at
-    begins: list[tuple[str, bool]] = []
-
-    def on_begin(conn) -> None:  # type: ignore[no-untyped-def]
-        begins.append((threading.current_thread().name,
-                       bool(conn.get_execution_options().get(db.READ_ONLY))))
-
     commits_before = ing.writer.commits
-    event.listen(engine, "begin", on_begin)
+    begins, stop = record_begins(engine)
     jobs = asm.run_once(now=t0 + 11)
-    event.remove(engine, "begin", on_begin)
+    stop()
     assert len(jobs) == 1 and _state(engine, study).state == "queued"
     assert ing.writer.commits == commits_before + 1
     here = threading.current_thread().name
