@@ -135,7 +135,7 @@ class SyslogForwarder:
         self._down_since: float | None = None
 
     def cursor(self) -> int:
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             row = conn.execute(sql_select(db.audit_cursors.c.last_id)
                                .where(db.audit_cursors.c.name == CURSOR)).first()
         return int(row.last_id) if row else 0
@@ -149,7 +149,7 @@ class SyslogForwarder:
                 conn.execute(insert(db.audit_cursors).values(name=CURSOR, **values))
 
     def _pending(self, after: int) -> list[Any]:
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             return list(conn.execute(sql_select(db.audit_events)
                                      .where(db.audit_events.c.id > after)
                                      .order_by(db.audit_events.c.id).limit(BATCH)).all())

@@ -133,7 +133,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def _rows(settings: Settings, query: Any) -> list[Any]:
     engine = db.make_engine(settings.database_url)
     try:
-        with engine.connect() as conn:
+        with db.reading(engine) as conn:
             return conn.execute(query).all()
     finally:
         engine.dispose()
@@ -196,7 +196,7 @@ def cmd_results(settings: Settings, args: argparse.Namespace) -> int:
         raise NodeError(f"--limit must be at least 1, got {args.limit}")
     engine = db.make_engine(settings.database_url)
     try:
-        with engine.connect() as conn:
+        with db.reading(engine) as conn:
             doc = results_document(conn, study=args.study, limit=args.limit,
                                    demo=demo_flags(settings.bundle_dirs))
     finally:

@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping
 
 from sqlalchemy import Engine, text
 
+from dicom_node.store import db
+
 TimeSource = Callable[[], float]
 
 _POSTGRES_NOW = text("SELECT EXTRACT(EPOCH FROM clock_timestamp())")
@@ -45,7 +47,7 @@ def database_time(engine: Engine) -> TimeSource:
         return _host_time
 
     def postgres_now() -> float:
-        with engine.connect() as conn:
+        with db.reading(engine) as conn:
             return float(conn.execute(_POSTGRES_NOW).scalar_one())
 
     return postgres_now

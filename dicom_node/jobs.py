@@ -226,7 +226,7 @@ class JobQueue:
 
     def ended(self, job: ClaimedJob) -> bool:
         """The job is done or failed (not running elsewhere, not queued again)."""
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             state = conn.execute(select(db.jobs.c.state)
                                  .where(db.jobs.c.id == job.id)).scalar_one_or_none()
         return state in (JobState.DONE, JobState.FAILED)

@@ -103,7 +103,7 @@ class Retention:
             cond.append(s.updated_at < older_than)
         seen: set[str] = set()
         while True:
-            with self.engine.connect() as conn:
+            with db.reading(self.engine) as conn:
                 uids = [r.study_uid for r in conn.execute(
                     select(s.study_uid).where(*cond)
                     .order_by(s.updated_at, s.study_uid).limit(_PAGE + len(seen)))]
@@ -126,7 +126,9 @@ class Retention:
             for uid in self._candidates(older_than=now - days * 86400):
                 report.add(self.purge_study(uid, f"older than {days:g} d", now))
         limit = self.settings.max_disk_used_pct
-        if limit is not None:
+        # the candidates (every finished study with something left) are searched only when
+        # the disk is above the limit: below it, a round reads nothing
+        if limit is not None and self.disk_usage().used_pct > limit:
             for uid in self._candidates(older_than=None):
                 usage = self.disk_usage()
                 if usage.used_pct <= limit:

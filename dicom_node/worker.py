@@ -193,7 +193,7 @@ class AnalysisWorker:
         earlier jobs took (a later job's result supersedes theirs). Images that retention
         has removed from the spool are no longer there to analyse: the new version covers
         the images still held."""
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             rows = conn.execute(select(db.instances.c.id, db.instances.c.path)
                                 .where(db.instances.c.study_uid == job.study_uid)
                                 .where(db.instances.c.job_id <= job.id)
@@ -227,7 +227,7 @@ class AnalysisWorker:
         seed = uid_seed([str(ds.SOPInstanceUID) for _, ds, _ in analysed], models)
         objects = build_outputs([(ds, r) for _, ds, r in analysed], self.output_settings, seed,
                                 series_seed=series_seed(job.study_uid, models))
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             prior = current_outputs(conn, job.study_uid, other_than_job=job.id)
         link_predecessors(objects, prior)
         stored = [(obj, self._write(obj)) for obj in objects]

@@ -158,7 +158,7 @@ class CommitmentReports:
 
     def _unconfirmed(self, transaction: str) -> int:
         d = db.deliveries.c
-        with self.ledger.engine.connect() as conn:
+        with db.reading(self.ledger.engine) as conn:
             return int(conn.execute(select(func.count()).select_from(db.deliveries).where(
                 d.commit_transaction_uid == transaction,
                 d.state == DeliveryState.SENT)).scalar_one())

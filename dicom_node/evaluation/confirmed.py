@@ -199,7 +199,7 @@ def _rows(engine: Engine, cutoff: float, key_kind: str) -> list[Any]:
          .select_from(f.join(j, f.c.job_id == j.c.id).join(
              c, and_(c.c.key_kind == key_kind, c.c.key_uid == key, c.c.label == f.c.label)))
          .where(j.c.state == JobState.DONE, j.c.finished_at >= cutoff))
-    with engine.connect() as conn:
+    with db.reading(engine) as conn:
         return conn.execute(q).all()
 
 
@@ -238,7 +238,7 @@ def confirmed_cases(engine: Engine, window_s: float, now: float | None = None,
     identities: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
     for r in used:
         identities[(r.model_name, r.model_version, r.device_uid)][r.label] = float(r.threshold)
-    with engine.connect() as conn:
+    with db.reading(engine) as conn:
         total = conn.execute(select(func.count()).select_from(db.confirmed_labels)).scalar_one()
     summary = {"unit": "study/image", "window_days": window_s / 86400.0,
                "studies": len({r.study_uid for r in study_rows}),

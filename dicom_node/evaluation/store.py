@@ -229,7 +229,7 @@ class RunStore:
 
     def running(self, job_name: str) -> RunInfo | None:
         t = db.evaluation_runs
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             r = conn.execute(select(t).where(t.c.job_name == job_name,
                                              t.c.state == RunState.RUNNING)).first()
         return RunInfo.from_row(r) if r else None
@@ -264,7 +264,7 @@ class RunStore:
 
     def last_started(self, job_name: str) -> float | None:
         t = db.evaluation_runs
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             return conn.execute(select(t.c.started_at).where(t.c.job_name == job_name)
                                 .order_by(t.c.started_at.desc()).limit(1)).scalar()
 
@@ -276,12 +276,12 @@ class RunStore:
             q = q.where(t.c.job_name == job_name)
         if state is not None:
             q = q.where(t.c.state == state)
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             return [RunInfo.from_row(r) for r in conn.execute(q).all()]
 
     def get_run(self, run_id: int) -> RunDetail | None:
         t, m = db.evaluation_runs, db.evaluation_metrics
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             r = conn.execute(select(t).where(t.c.id == run_id)).first()
             if r is None:
                 return None
@@ -300,7 +300,7 @@ class RunStore:
             q = q.where(a.c.job_name == job_name)
         if open_only:
             q = q.where(a.c.acknowledged_at.is_(None))
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             return [AlertInfo(r.id, r.run_id, r.job_name, r.model_name, r.label, r.metric,
                               r.value, r.floor, r.created_at, r.acknowledged_at)
                     for r in conn.execute(q).all()]
@@ -314,7 +314,7 @@ class RunStore:
 
     def latest_succeeded(self, job_name: str) -> RunDetail | None:
         t = db.evaluation_runs
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             run_id = conn.execute(select(t.c.id).where(t.c.job_name == job_name,
                                                        t.c.state == RunState.SUCCEEDED)
                                   .order_by(t.c.started_at.desc(), t.c.id.desc())
@@ -331,7 +331,7 @@ class RunStore:
              .order_by(m.c.run_id, m.c.model_name, m.c.label))
         if label is not None:
             q = q.where(m.c.label == label)
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             rows = conn.execute(q).all()
             ids = sorted({r.run_id for r in rows})
             infos = {r.id: RunInfo.from_row(r) for r in conn.execute(

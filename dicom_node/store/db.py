@@ -209,6 +209,9 @@ outputs = Table(
     Column("purged_at", Float, nullable=True),  # retention removed the file
     UniqueConstraint("sop_instance_uid", name="uq_outputs_sop"),
 )
+# a study's results: the worker's earlier outputs of a study, retention's candidates, the
+# dashboard's delivery summary (a scan of every result per study without it)
+Index("ix_outputs_study", outputs.c.study_uid)
 
 deliveries = Table(
     "deliveries",
@@ -294,16 +297,35 @@ def _sqlite_begin(conn: Any) -> None:
 
 @contextmanager
 def reading(engine: Engine) -> Iterator[Connection]:
-    """A connection for reads only. On SQLite its transaction is a deferred BEGIN, which in
-    WAL mode takes no lock: it neither waits for a writer nor makes one wait (with BEGIN
-    IMMEDIATE, a poller's reads queued behind the instance rows' writer, and the other way
-    round, through SQLite's busy handler, which sleeps 1, 2, 5, 10 ms and more between
-    tries). Reads only: a write there would have to upgrade the transaction, which SQLite
-    refuses (SQLITE_BUSY) while another writer is at work; writes go through
-    ``engine.begin()``."""
+    """A connection for reads only: every poller, page and report that writes nothing.
+
+    On SQLite its transaction is a deferred BEGIN, which in WAL mode takes no lock: it
+    neither waits for a writer nor makes one wait (with BEGIN IMMEDIATE, a reader queued
+    behind the instance rows' writer, and the other way round, through SQLite's busy handler,
+    which sleeps 1, 2, 5, 10 ms and more between tries; a dashboard's counts held the lock
+    for as long as they ran). The connection is read-only while lent (SQLite ``PRAGMA
+    query_only``, PostgreSQL ``READ ONLY`` transactions), so a write here fails at once and
+    the same way every time, not only when another writer happens to hold the lock (a
+    deferred transaction cannot upgrade then). Writes go through ``engine.begin()``."""
     with engine.connect() as conn:
         conn.execution_options(**{READ_ONLY: True})
-        yield conn
+        if conn.dialect.name != "sqlite":
+            conn.execution_options(postgresql_readonly=True)  # reset when returned to the pool
+            yield conn
+            return
+        raw = conn.connection.driver_connection  # no statement yet: no transaction begun
+        raw.execute("PRAGMA query_only=ON")
+        try:
+            yield conn
+        finally:
+            try:
+                if conn.in_transaction():
+                    conn.rollback()
+                raw.execute("PRAGMA query_only=OFF")
+            except Exception as exc:  # noqa: BLE001 - never back to the pool read-only
+                logger.warning("read-only connection not reset (%s): discarded",
+                               type(exc).__name__)
+                conn.invalidate()
 
 
 def make_engine(url: str) -> Engine:

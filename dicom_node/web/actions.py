@@ -58,7 +58,7 @@ def reanalyse(ctx: WebContext, study_uid: str) -> dict[str, Any]:
     logger.info("re-analysis of study %s requested: %d instance(s) pending again", study_uid,
                 reset)
     job_id = ctx.assembler().assemble(study_uid, time.time())
-    with ctx.engine.connect() as conn:
+    with db.reading(ctx.engine) as conn:
         current = conn.execute(select(db.studies.c.state)
                                .where(db.studies.c.study_uid == study_uid)).scalar_one()
         if job_id is None:  # the background assembler may have been first
@@ -70,7 +70,7 @@ def reanalyse(ctx: WebContext, study_uid: str) -> dict[str, Any]:
 
 
 def resubmit_one(ctx: WebContext, delivery_id: int, actor: str = "api") -> dict[str, Any]:
-    with ctx.engine.connect() as conn:
+    with db.reading(ctx.engine) as conn:
         state = conn.execute(select(db.deliveries.c.state)
                              .where(db.deliveries.c.id == delivery_id)).scalar_one_or_none()
     if state is None:

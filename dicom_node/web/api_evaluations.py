@@ -73,7 +73,7 @@ def _next_runs(service: EvaluationService | None) -> dict[str, float | None]:
 def jobs() -> ResponseReturnValue:
     ctx = web_context()
     next_run = _next_runs(ctx.evaluation_service())
-    with ctx.engine.connect() as conn:
+    with db.reading(ctx.engine) as conn:
         return jsonify({"items": eq.evaluation_jobs(conn, ctx.settings.evaluation.jobs,
                                                     next_run)})
 
@@ -86,7 +86,7 @@ def list_runs() -> ResponseReturnValue:
     job = job_arg()
     kind = enum_arg("kind", eq.RUN_KINDS)
     state = enum_arg("state", eq.RUN_STATES)
-    with web_context().engine.connect() as conn:
+    with db.reading(web_context().engine) as conn:
         items, total = eq.list_runs(conn, job=job, kind=kind, state=state, started_from=lo,
                                     started_to=hi, limit=p.limit, offset=p.offset)
     return jsonify(page(items, total, p.limit, p.offset))
@@ -108,7 +108,7 @@ def trigger_run() -> ResponseReturnValue:
 @bp.get(f"/runs/<{ID}:run_id>")
 @query_params()
 def get_run(run_id: int) -> ResponseReturnValue:
-    with web_context().engine.connect() as conn:
+    with db.reading(web_context().engine) as conn:
         run = eq.get_run(conn, run_id)
     if run is None:
         raise ApiError(404, "evaluation run not found")
@@ -124,7 +124,7 @@ def label_history(label: str) -> ResponseReturnValue:
     model = text_arg("model")
     limit = int_arg("limit", 100, 1, 1000)
     assert limit is not None
-    with web_context().engine.connect() as conn:
+    with db.reading(web_context().engine) as conn:
         points = eq.label_history(conn, label, job=job, model=model, started_from=lo,
                                   started_to=hi, limit=limit)
     return jsonify({"label": label, "items": points})
@@ -137,7 +137,7 @@ def list_alerts() -> ResponseReturnValue:
     active = bool_arg("active")
     job = job_arg()
     label = text_arg("label", 64)
-    with web_context().engine.connect() as conn:
+    with db.reading(web_context().engine) as conn:
         items, total = eq.list_alerts(conn, active=active, job=job, label=label,
                                       limit=p.limit, offset=p.offset)
     return jsonify(page(items, total, p.limit, p.offset))

@@ -8,6 +8,7 @@ from typing import Any
 from flask import Blueprint, jsonify
 from flask.typing import ResponseReturnValue
 
+from dicom_node.store import db
 from dicom_node.web import actions, queries
 from dicom_node.web.context import web_context
 from dicom_node.web.errors import ApiError, bad_request
@@ -42,7 +43,7 @@ def list_studies() -> ResponseReturnValue:
     f = queries.StudyFilter(state=enum_arg("state", queries.STUDY_STATES), received_from=lo,
                             received_to=hi, modality=modality.upper() if modality else None)
     ctx = web_context()
-    with ctx.engine.connect() as conn:
+    with db.reading(ctx.engine) as conn:
         items, total = queries.list_studies(conn, f, p.limit, p.offset)
         redact = Redactor(conn, ctx.spool)
         redact.prefetch(s["study_uid"] for s in items if s["reason"])
@@ -56,7 +57,7 @@ def list_studies() -> ResponseReturnValue:
 def get_study(study_uid: str) -> ResponseReturnValue:
     check_uid(study_uid, "study_uid")
     ctx = web_context()
-    with ctx.engine.connect() as conn:
+    with db.reading(ctx.engine) as conn:
         study = queries.get_study(conn, study_uid, Redactor(conn, ctx.spool))
     if study is None:
         raise ApiError(404, "study not found")
@@ -82,7 +83,7 @@ def list_jobs() -> ResponseReturnValue:
     state = enum_arg("state", queries.JOB_STATES)
     study_uid = uid_arg("study_uid")
     ctx = web_context()
-    with ctx.engine.connect() as conn:
+    with db.reading(ctx.engine) as conn:
         items, total = queries.list_jobs(conn, Redactor(conn, ctx.spool), state=state,
                                          study_uid=study_uid, created_from=lo, created_to=hi,
                                          limit=p.limit, offset=p.offset)
@@ -93,7 +94,7 @@ def list_jobs() -> ResponseReturnValue:
 @query_params()
 def get_job(job_id: int) -> ResponseReturnValue:
     ctx = web_context()
-    with ctx.engine.connect() as conn:
+    with db.reading(ctx.engine) as conn:
         job = queries.get_job(conn, job_id, Redactor(conn, ctx.spool))
     if job is None:
         raise ApiError(404, "job not found")
@@ -107,7 +108,7 @@ def list_deliveries() -> ResponseReturnValue:
     state = enum_arg("state", queries.DELIVERY_STATES)
     destination = text_arg("destination")
     study_uid = uid_arg("study_uid")
-    with web_context().engine.connect() as conn:
+    with db.reading(web_context().engine) as conn:
         items, total = queries.list_deliveries(conn, state=state, destination=destination,
                                                study_uid=study_uid, limit=p.limit,
                                                offset=p.offset)

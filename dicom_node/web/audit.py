@@ -80,7 +80,7 @@ def list_events(conn: Connection, f: AuditFilter, limit: int, offset: int
 def api_list() -> ResponseReturnValue:
     p = page_args()
     f = AuditFilter.from_request()
-    with web_context().engine.connect() as conn:
+    with db.reading(web_context().engine) as conn:
         items, total = list_events(conn, f, p.limit, p.offset)
     return jsonify({"items": items, "total": total, "limit": p.limit, "offset": p.offset})
 
@@ -91,7 +91,7 @@ def page() -> ResponseReturnValue:
     g.empty_means_absent = _FILTERS  # the filter form sends its empty fields
     p = page_args(PAGE_SIZE)
     f = AuditFilter.from_request()
-    with web_context().engine.connect() as conn:
+    with db.reading(web_context().engine) as conn:
         items, total = list_events(conn, f, p.limit, p.offset)
     args = {k: v for k, v in request.args.items() if k not in ("offset", "limit") and v}
     return render_template("audit.html", items=items, total=total, limit=p.limit,

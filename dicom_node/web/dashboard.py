@@ -78,7 +78,7 @@ def overview() -> ResponseReturnValue:
     ctx = web_context()
     now = time.time()
     j, d, s = db.jobs.c, db.deliveries.c, db.studies.c
-    with ctx.engine.connect() as conn:
+    with db.reading(ctx.engine) as conn:
         stats = {"hour": _throughput(conn, now - 3600), "day": _throughput(conn, now - 86400)}
         queue = {"receiving": queries.count(conn, db.studies, s.state == StudyState.RECEIVING),
                  "queued": queries.count(conn, db.jobs, j.state == JobState.QUEUED),
@@ -108,7 +108,7 @@ def studies() -> ResponseReturnValue:
     modality = name_arg("modality", 16)
     f = queries.StudyFilter(state=enum_arg("state", queries.STUDY_STATES), received_from=lo,
                             received_to=hi, modality=modality.upper() if modality else None)
-    with web_context().engine.connect() as conn:
+    with db.reading(web_context().engine) as conn:
         items, total = queries.list_studies(conn, f, p.limit, p.offset)
         patients = _patients(conn, [x["study_uid"] for x in items])
     args = {k: v for k, v in request.args.items() if k not in ("offset", "limit") and v}
@@ -118,7 +118,7 @@ def studies() -> ResponseReturnValue:
 
 
 def _study_uid(key: int) -> str:
-    with web_context().engine.connect() as conn:
+    with db.reading(web_context().engine) as conn:
         uid = queries.study_uid_for_key(conn, key)
     if uid is None:
         raise ApiError(404, "study not found")
@@ -135,7 +135,7 @@ def _key_for(conn: Connection, study_uid: str) -> int | None:
 def study(study_key: int) -> ResponseReturnValue:
     ctx = web_context()
     uid = _study_uid(study_key)
-    with ctx.engine.connect() as conn:
+    with db.reading(ctx.engine) as conn:
         detail = queries.get_study(conn, uid, Redactor(conn, ctx.spool))
         patient = _patients(conn, [uid]).get(uid)
     assert detail is not None
@@ -185,7 +185,7 @@ def reanalyse(study_key: int) -> ResponseReturnValue:
 @query_params()
 def resubmit(delivery_id: int) -> ResponseReturnValue:
     ctx = web_context()
-    with ctx.engine.connect() as conn:
+    with db.reading(ctx.engine) as conn:
         study_uid = conn.execute(select(db.outputs.c.study_uid).join(
             db.deliveries, db.deliveries.c.output_id == db.outputs.c.id)
             .where(db.deliveries.c.id == delivery_id)).scalar_one_or_none()
@@ -233,7 +233,7 @@ def _runs(conn: Connection, job: str, state: str | None, limit: int) -> list[dic
 @query_params("job")
 def evaluation() -> ResponseReturnValue:
     ctx = web_context()
-    with ctx.engine.connect() as conn:
+    with db.reading(ctx.engine) as conn:
         jobs = eq.evaluation_jobs(conn, ctx.settings.evaluation.jobs, {})
         names = [j["job_name"] for j in jobs]
         asked = job_arg()
@@ -280,7 +280,7 @@ def history_plot() -> ResponseReturnValue:
     if label is None:
         raise ApiError(400, "label: is required", code="invalid_parameter", field="label")
     model = name_arg("model", 128)
-    with web_context().engine.connect() as conn:
+    with db.reading(web_context().engine) as conn:
         points = eq.label_history(conn, label, job=job, model=model, started_from=None,
                                   started_to=None, limit=200)
     png = plots.history_png(label, points, _floors(job, label))
@@ -290,7 +290,7 @@ def history_plot() -> ResponseReturnValue:
 @bp.get(f"/evaluation/runs/<{ID}:run_id>/roc.png")
 @query_params()
 def roc_plot(run_id: int) -> ResponseReturnValue:
-    with web_context().engine.connect() as conn:
+    with db.reading(web_context().engine) as conn:
         run = eq.get_run(conn, run_id)
     if run is None:
         raise ApiError(404, "evaluation run not found")

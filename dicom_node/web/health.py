@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.disk import DiskUsage, measure
 from dicom_node.roles import ALL
+from dicom_node.store import db
 from dicom_node.web.context import WebContext, web_context
 from dicom_node.web.validation import query_params
 
@@ -58,7 +59,7 @@ def readyz() -> ResponseReturnValue:
                 checks["model"] = "loading"
                 reasons.append("model is loading")
     try:
-        with ctx.engine.connect() as conn:
+        with db.reading(ctx.engine) as conn:
             conn.execute(text("SELECT 1"))
         checks["database"] = "up"
     except SQLAlchemyError:

@@ -64,7 +64,7 @@ def _cached(ctx: WebContext, name: str, render: object) -> Path:
 
 
 def instance_thumbnail(ctx: WebContext, instance_id: int) -> Path:
-    with ctx.engine.connect() as conn:
+    with db.reading(ctx.engine) as conn:
         relpath = conn.execute(select(db.instances.c.path)
                                .where(db.instances.c.id == instance_id)).scalar_one_or_none()
     if relpath is None:
@@ -79,7 +79,7 @@ def instance_thumbnail(ctx: WebContext, instance_id: int) -> Path:
 
 
 def output_thumbnail(ctx: WebContext, output_id: int) -> Path:
-    with ctx.engine.connect() as conn:
+    with db.reading(ctx.engine) as conn:
         row = conn.execute(select(db.outputs.c.kind, db.outputs.c.path)
                            .where(db.outputs.c.id == output_id)).first()
     if row is None or row.kind != "sc":
@@ -102,7 +102,7 @@ def output_thumbnail(ctx: WebContext, output_id: int) -> Path:
 def sc_sources(ctx: WebContext, outputs: list[dict[str, object]]) -> dict[int, str]:
     """SC output id -> the SOP Instance UID of the image it overlays."""
     out: dict[int, str] = {}
-    with ctx.engine.connect() as conn:
+    with db.reading(ctx.engine) as conn:
         ids = [int(o["id"]) for o in outputs if o["kind"] == "sc"]  # type: ignore[call-overload]
         rows = conn.execute(select(db.outputs.c.id, db.outputs.c.path)
                             .where(db.outputs.c.id.in_(ids))).all() if ids else []

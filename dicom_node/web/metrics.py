@@ -245,7 +245,7 @@ def _eval_labels(x: object) -> dict[str, str]:
 
 def render(ctx: WebContext) -> str:
     exp = Exposition()
-    with ctx.engine.connect() as conn:
+    with db.reading(ctx.engine) as conn:
         _pipeline(exp, conn, ctx)
         _deliveries(exp, conn, ctx)
         cumulative, total, total_sum = duration_histogram(conn, LATENCY_BUCKETS)

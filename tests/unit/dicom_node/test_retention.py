@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, event, insert, select
 
 from dicom_node.config import Destination, RetentionSettings
 from dicom_node.disk import DiskUsage
@@ -205,3 +205,20 @@ def test_disabled_retention_does_nothing(build: Builder) -> None:
     assert Retention(build.engine, build.spool, settings, [], lambda: DiskUsage(1, 1, 0)
                      ).run_once(time.time()).studies == 0
     assert all(p.exists() for p in study.instances)
+
+
+def test_a_round_below_the_disk_limit_reads_no_candidates(build: Builder) -> None:
+    """Below the limit the disk mode does not search the candidates (every finished study
+    with something left: a scan of the studies, their images and results that grows with
+    the database); above it, it does."""
+    for d in (5, 1):
+        build.output(build.study("done", age_days=d), "sr", [SENT])
+    statements: list[str] = []
+    event.listen(build.engine, "before_cursor_execute",
+                 lambda _c, _cur, stmt, *_a: statements.append(stmt))
+    below = retention(build, days=None, disk_pct=80, disk=lambda: DiskUsage(100, 50, 50))
+    assert below.run_once(NOW).studies == 0
+    assert not [s for s in statements if "FROM studies" in s]
+    above = retention(build, days=None, disk_pct=80, disk=lambda: DiskUsage(100, 90, 10))
+    assert above.run_once(NOW).studies == 2  # the usage never drops in this fake: all go
+    assert [s for s in statements if "FROM studies" in s]

@@ -6,10 +6,13 @@ measured with 4 associations) and delayed its commits in turn."""
 
 from __future__ import annotations
 
+import ast
 import threading
 from pathlib import Path
 
-from sqlalchemy import event, insert, select
+import pytest
+from sqlalchemy import event, func, insert, select
+from sqlalchemy.exc import DBAPIError
 
 from dicom_node.store import db
 
@@ -101,3 +104,62 @@ def test_only_reading_connections_begin_deferred(tmp_path: Path) -> None:
     with engine.connect() as conn:  # a plain connection may write: it takes the lock
         conn.execute(select(db.quarantine)).all()
     assert statements == ["BEGIN", "BEGIN IMMEDIATE", "BEGIN IMMEDIATE"]
+
+
+def test_a_write_through_reading_fails_at_once_on_both_engines(db_url: str) -> None:
+    """A write placed in a reading block by mistake fails every time (read-only connection),
+    not only when another writer holds SQLite's lock (a deferred transaction cannot upgrade
+    then) — so a test finds it; the rows stay as they were."""
+    engine = db.make_engine(db_url)
+    try:
+        with pytest.raises(DBAPIError, match="(?i)read.?only"):
+            with db.reading(engine) as conn:
+                _quarantine_row(conn, "written through a reader")
+        with db.reading(engine) as conn:
+            assert conn.execute(select(func.count()).select_from(db.quarantine)).scalar_one() == 0
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("raises", [False, True], ids=["block ends", "block raises"])
+def test_a_reading_connection_goes_back_to_the_pool_writable(db_url: str, raises: bool) -> None:
+    engine = db.make_engine(db_url)
+    try:
+        for i in range(engine.pool.size() + 2):  # every pooled connection has been lent to a reader
+            try:
+                with db.reading(engine) as conn:
+                    conn.execute(select(db.quarantine)).all()
+                    if raises:
+                        raise LookupError("the reader's own error")
+            except LookupError:
+                pass
+            with engine.begin() as conn:
+                _quarantine_row(conn, f"write {i} after a reader")
+        with db.reading(engine) as conn:
+            assert conn.execute(select(func.count()).select_from(db.quarantine)).scalar_one() \
+                == engine.pool.size() + 2
+    finally:
+        engine.dispose()
+
+
+# the modules that may open a plain connection: the reading helper itself, the PostgreSQL
+# session lock (committed on that connection) and the schema migration
+PLAIN_CONNECTIONS_ALLOWED = {"dicom_node/store/db.py", "dicom_node/singleton.py",
+                             "dicom_node/store/schema.py"}
+
+
+def test_reads_go_through_reading_everywhere_in_the_node() -> None:
+    """``engine.connect()`` begins IMMEDIATE on SQLite like a write: every place that only
+    reads (web pages, pollers, the worker's loads, reports, the CLI) uses ``db.reading``;
+    writes use ``engine.begin()``. An ast scan of the node's source."""
+    root = Path(__file__).resolve().parents[3]
+    found = []
+    for path in sorted((root / "dicom_node").rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(), rel)):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "connect" and not node.args
+                    and "engine" in ast.unparse(node.func.value)):
+                found.append(f"{rel}:{node.lineno}")
+    assert found, "the scan finds the allowed connections: it works"
+    assert [f for f in found if f.split(":")[0] not in PLAIN_CONNECTIONS_ALLOWED] == []
