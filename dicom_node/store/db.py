@@ -147,6 +147,9 @@ jobs = Table(
     Column("lease_seq", Integer, nullable=False, default=0, server_default="0"),
 )
 Index("ix_jobs_state", jobs.c.state, jobs.c.id)
+# a study's jobs (its latest, its done versions, its active ones): a lookup, not a scan of
+# the whole table or of every job in a state
+Index("ix_jobs_study", jobs.c.study_uid, jobs.c.state)
 
 findings = Table(
     "findings",
