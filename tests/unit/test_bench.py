@@ -249,3 +249,44 @@ def test_wait_models_says_at_once_when_the_node_cannot_load_them(tmp_path: Path)
         with pytest.raises(RuntimeError, match="could not load its models"):
             node.wait_models(120)
         assert node.proc.poll() is None  # still up, receiving
+
+
+def test_readers_grown_database_links_every_row_to_its_study(tmp_path: Path) -> None:
+    """``bench/readers.py`` grows a database as a node that ran for a while has it: each
+    finished study with 2 images and a done job, an SR, SC and GSPS sent once, two audit
+    events; the rows of one study point at each other across the insert batches; the files of
+    studies older than the shipped retention's 30 days are marked purged."""
+    from sqlalchemy import func, select
+
+    from dicom_node.store import db
+
+    readers = bench("readers")
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    readers.grow(url, 30, batch=7)
+    readers.grow(url, 5, batch=7)  # a second call appends: ids continue
+    engine = db.make_engine(url)
+    try:
+        with db.reading(engine) as conn:
+            def n(stmt: Any) -> int:
+                return int(conn.execute(stmt).scalar_one())
+
+            counts = {t.name: n(select(func.count()).select_from(t)) for t in (
+                db.studies, db.instances, db.jobs, db.outputs, db.deliveries, db.audit_events)}
+            i, j, o, d = db.instances.c, db.jobs.c, db.outputs.c, db.deliveries.c
+            linked_images = n(select(func.count()).select_from(
+                db.instances.join(db.jobs, j.id == i.job_id)).where(j.study_uid == i.study_uid))
+            linked_results = n(select(func.count()).select_from(
+                db.deliveries.join(db.outputs, o.id == d.output_id)
+                .join(db.jobs, j.id == o.job_id)).where(j.study_uid == o.study_uid))
+            done = n(select(func.count()).select_from(db.studies)
+                     .where(db.studies.c.state == "done"))
+            # received over a year; the files of those older than 30 days purged (30 studies:
+            # 0, 12 and 24 days old kept; 5: only the newest)
+            kept = (n(select(func.count()).select_from(db.instances).where(i.purged_at.is_(None))),
+                    n(select(func.count()).select_from(db.outputs).where(o.purged_at.is_(None))))
+    finally:
+        engine.dispose()
+    assert counts == {"studies": 35, "instances": 70, "jobs": 35, "outputs": 105,
+                      "deliveries": 105, "audit_events": 70}
+    assert (linked_images, linked_results, done) == (70, 105, 35)
+    assert kept == (2 * 4, 3 * 4)
