@@ -37,6 +37,7 @@ from typing import Any
 
 import _common as c
 import ingest
+from sqlalchemy import event
 
 TOKEN = "bench-readers-token-0123456789"
 PAGES = ("/dashboard/", "/api/v1/studies", "/metrics", "/readyz")
@@ -116,10 +117,7 @@ class WriterWaits:
     """The ingest writer's ``BEGIN IMMEDIATE`` durations on ``engine`` while attached."""
 
     def __init__(self, engine: Any) -> None:
-        from sqlalchemy import event
-
         self.engine, self.waits, self._t0 = engine, [], {}
-        self._event = event
 
     def _before(self, _conn: Any, _cur: Any, statement: str, *_a: Any) -> None:
         if statement == "BEGIN IMMEDIATE" and threading.current_thread().name == "ingest-writer":
@@ -131,13 +129,24 @@ class WriterWaits:
             self.waits.append(time.perf_counter() - t0)
 
     def __enter__(self) -> WriterWaits:
-        self._event.listen(self.engine, "before_cursor_execute", self._before)
-        self._event.listen(self.engine, "after_cursor_execute", self._after)
+        event.listen(self.engine, "before_cursor_execute", self._before)
+        event.listen(self.engine, "after_cursor_execute", self._after)
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        self._event.remove(self.engine, "before_cursor_execute", self._before)
-        self._event.remove(self.engine, "after_cursor_execute", self._after)
+        event.remove(self.engine, "before_cursor_execute", self._before)
+        event.remove(self.engine, "after_cursor_execute", self._after)
+
+
+def _figures(instances: int, elapsed: float, waits: list[float], page_s: list[float],
+             errors: list[str], failure: str | None) -> dict[str, Any]:
+    """One run's figures (``elapsed`` NaN and no waits when it failed)."""
+    w = sorted(waits)
+    return {"instances_per_s": instances / elapsed, "failure": failure, "pages": len(page_s),
+            "page_errors": errors, "page_median_s": c.median(page_s) if page_s else None,
+            "begin_p50_ms": 1000 * c.percentile(w, 50), "begin_p99_ms": 1000 * c.percentile(w, 99),
+            "begin_max_ms": 1000 * max(w) if w else float("nan"),
+            "begin_total_ms": 1000 * sum(w), "begins": len(w)}
 
 
 def run(files: list[Path], data: Path, rate: float) -> dict[str, Any]:
@@ -163,12 +172,9 @@ def run(files: list[Path], data: Path, rate: float) -> dict[str, Any]:
             node.stop()  # what did start stops, so it runs beside no later cell
         except Exception:  # noqa: BLE001, S110 - a half-started node may not stop cleanly
             pass
-        return {"instances_per_s": float("nan"), "pages": 0, "page_errors": [],
-                "page_median_s": None, "begin_p50_ms": float("nan"),
-                "begin_p99_ms": float("nan"), "begin_max_ms": float("nan"),
-                "begin_total_ms": float("nan"), "begins": 0,
-                "failure": f"the node did not start: {type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:200]}"}
+        return _figures(len(files), float("nan"), [], [], [],
+                        f"the node did not start: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]}")
     stop, page_s, errors = threading.Event(), [], []
 
     def fetch() -> None:
@@ -209,12 +215,8 @@ def run(files: list[Path], data: Path, rate: float) -> dict[str, Any]:
     finally:
         release.set()
         node.stop()
-    w = sorted(waits.waits)
-    return {"instances_per_s": len(files) / elapsed, "failure": failure, "pages": len(page_s),
-            "page_errors": errors, "page_median_s": c.median(page_s) if page_s else None,
-            "begin_p50_ms": 1000 * c.percentile(w, 50), "begin_p99_ms": 1000 * c.percentile(w, 99),
-            "begin_max_ms": 1000 * max(w) if w else float("nan"),
-            "begin_total_ms": 1000 * sum(w), "begins": len(w)}
+    return _figures(len(files), elapsed, waits.waits, page_s, errors, failure)
+
 
 
 def main(argv: list[str] | None = None) -> int:
